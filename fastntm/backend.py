@@ -1,0 +1,66 @@
+"""The one place that decides whether an op runs the Triton kernels or the reference.
+
+``backend="auto"`` takes the kernels for CUDA tensors when Triton imports, and the
+reference otherwise. ``FASTNTM_BACKEND`` (auto | reference | triton) overrides
+``"auto"``; an explicit ``backend=`` argument overrides both. ``"triton"`` on CPU
+tensors runs the kernels only under ``TRITON_INTERPRET=1``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from types import ModuleType
+
+import torch
+
+BACKENDS = ("auto", "reference", "triton")
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels() -> ModuleType | None:
+    try:
+        from . import kernels
+    except ImportError:
+        return None
+    return kernels if kernels.AVAILABLE else None
+
+
+def _reference() -> ModuleType:
+    from . import reference
+
+    return reference
+
+
+def resolve(backend: str, device: torch.device) -> str:
+    """Name the backend that an op with tensors on ``device`` runs: "reference" or "triton"."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = os.environ.get("FASTNTM_BACKEND", "auto")
+        if backend not in BACKENDS:
+            raise ValueError(f"FASTNTM_BACKEND must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        on_gpu = device.type == "cuda" or (device.type == "cpu" and interpreting())
+        return "triton" if on_gpu and _kernels() is not None else "reference"
+    if backend == "triton":
+        if _kernels() is None:
+            raise RuntimeError(
+                "backend='triton' needs the fastntm Triton kernels, which did not import "
+                "(is triton installed?); use backend='reference' or 'auto'"
+            )
+        if device.type != "cuda" and not interpreting():
+            raise RuntimeError(
+                f"backend='triton' runs on CUDA tensors, got tensors on {device}; "
+                "set TRITON_INTERPRET=1 before importing fastntm to run the kernels on CPU"
+            )
+    return backend
+
+
+def implementation(backend: str, device: torch.device) -> ModuleType:
+    """The module holding ``address``, ``read``, ``write`` and ``memory_step`` for this call."""
+    return _kernels() if resolve(backend, device) == "triton" else _reference()

@@ -1,0 +1,67 @@
+"""The NTM memory ops, as users and the model call them.
+
+Each op checks its inputs (``fastntm.validation``), then runs the implementation
+that ``fastntm.backend`` picks: the fused Triton kernels or the reference path.
+The equations are those of SPEC.md and ``fastntm.reference``.
+
+Example::
+
+    import torch, fastntm.functional as F
+    B, N, M, R, W = 2, 128, 20, 1, 1
+    H = R + W
+    mem = torch.randn(B, N, M)
+    w, r, new_mem = F.memory_step(
+        mem, torch.randn(B, H, M), torch.rand(B, H) * 10, torch.rand(B, H),
+        torch.softmax(torch.randn(B, H, 3), -1), 1 + torch.rand(B, H),
+        torch.softmax(torch.randn(B, H, N), -1), torch.rand(B, W, M), torch.randn(B, W, M),
+        num_reads=R)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import validation
+from .backend import implementation
+
+__all__ = ["address", "read", "write", "memory_step"]
+
+
+def address(mem, k, beta, g, s, gamma, w_prev, *, backend: str = "auto") -> torch.Tensor:
+    """Weightings of all heads on ``mem``, shape (B, H, N).
+
+    ``K = cos(k, mem[n])``; ``wc = softmax(beta K)``; ``wg = g wc + (1 - g) w_prev``;
+    ``ws[n] = sum_j wg[(n - j) mod N] s[j + K]``; ``w = ws^gamma / (sum ws^gamma + 1e-16)``.
+
+    Args: ``mem`` (B, N, M); ``k`` (B, H, M); ``beta`` >= 0, ``g`` in [0, 1] and
+    ``gamma`` >= 1, each (B, H); ``s`` (B, H, S), S odd; ``w_prev`` (B, H, N).
+    """
+    validation.check_addressing(mem, k, beta, g, s, gamma, w_prev)
+    return implementation(backend, mem.device).address(mem, k, beta, g, s, gamma, w_prev)
+
+
+def read(mem, w, *, backend: str = "auto") -> torch.Tensor:
+    """Reads ``r[b, h] = sum_n w[b, h, n] mem[b, n]``: ``mem`` (B, N, M), ``w`` (B, R, N) -> (B, R, M)."""
+    validation.check_read(mem, w)
+    return implementation(backend, mem.device).read(mem, w)
+
+
+def write(mem, w, e, a, *, backend: str = "auto") -> torch.Tensor:
+    """Erase then add, all write heads at once, -> (B, N, M).
+
+    ``M_t[n] = M[n] * prod_h (1 - w_h[n] e_h) + sum_h w_h[n] a_h``, with ``w`` (B, W, N),
+    ``e`` in [0, 1] and ``a`` each (B, W, M).
+    """
+    validation.check_write(mem, w, e, a)
+    return implementation(backend, mem.device).write(mem, w, e, a)
+
+
+def memory_step(mem, k, beta, g, s, gamma, w_prev, e, a, *, num_reads: int, backend: str = "auto"):
+    """One NTM memory step: address all H heads on ``mem``, read with the first
+    ``num_reads`` heads, write with the other ``W = H - num_reads``.
+
+    Returns ``(w, r, new_mem)``: (B, H, N), (B, num_reads, M), (B, N, M). Reads see
+    the memory before the write. Arguments as in ``address`` and ``write``.
+    """
+    validation.check_memory_step(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads)
+    return implementation(backend, mem.device).memory_step(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads)

@@ -1,0 +1,141 @@
+"""Input checks for the functional ops: every rule raises before any work is done.
+
+Shapes, dtypes and devices are always checked. Value ranges (``beta >= 0``,
+``g`` and ``e`` in [0, 1], ``gamma >= 1``, ``s`` and ``w_prev`` >= 0) need the
+values, which on a GPU costs a device synchronisation, so they are checked for
+CPU tensors always and for CUDA tensors only when ``FASTNTM_CHECK_VALUES=1``.
+Nothing is value-checked while ``torch.compile`` traces.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def _shape(t: torch.Tensor) -> tuple[int, ...]:
+    return tuple(t.shape)
+
+
+def check_tensor(name: str, t, ndim: int) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must have a floating dtype (float32, float64, bfloat16, float16), got {t.dtype}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {_shape(t)}")
+
+
+def check_shape(name: str, t: torch.Tensor, expected: tuple[int, ...], meaning: str) -> None:
+    if _shape(t) != expected:
+        raise ValueError(f"{name} must have shape {meaning} = {expected}, got {_shape(t)}")
+
+
+def check_same_device(named: dict[str, torch.Tensor]) -> torch.device:
+    items = list(named.items())
+    first_name, first = items[0]
+    for name, t in items[1:]:
+        if t.device != first.device:
+            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}; all must share one device")
+    return first.device
+
+
+def check_same_dtype(named: dict[str, torch.Tensor]) -> None:
+    items = list(named.items())
+    first_name, first = items[0]
+    for name, t in items[1:]:
+        if t.dtype != first.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but {first_name} has {first.dtype}; head parameters must share one dtype")
+
+
+def _values_checked(t: torch.Tensor) -> bool:
+    if torch.compiler.is_compiling():
+        return False
+    return t.device.type == "cpu" or os.environ.get("FASTNTM_CHECK_VALUES", "0") == "1"
+
+
+def check_range(name: str, t: torch.Tensor, low: float | None, high: float | None) -> None:
+    if t.numel() == 0 or not _values_checked(t):
+        return
+    lo, hi = torch.aminmax(t.detach())
+    lo, hi = float(lo), float(hi)
+    if lo != lo or hi != hi:
+        raise ValueError(f"{name} contains NaN")
+    if (low is not None and lo < low) or (high is not None and hi > high):
+        interval = f"[{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
+        raise ValueError(f"{name} must lie in {interval}, got values in [{lo:g}, {hi:g}]")
+
+
+def check_mem(mem) -> tuple[int, int, int]:
+    check_tensor("mem", mem, 3)
+    return _shape(mem)
+
+
+def check_addressing(mem, k, beta, g, s, gamma, w_prev) -> tuple[int, int, int, int]:
+    """Check the addressing inputs; return (B, N, M, H)."""
+    B, N, M = check_mem(mem)
+    for name, t, nd in (("k", k, 3), ("beta", beta, 2), ("g", g, 2), ("s", s, 3), ("gamma", gamma, 2), ("w_prev", w_prev, 3)):
+        check_tensor(name, t, nd)
+    H = k.shape[1]
+    if H < 1:
+        raise ValueError(f"k must address at least one head: shape (B, H, M) with H >= 1, got {_shape(k)}")
+    check_shape("k", k, (B, H, M), "(B, H, M)")
+    check_shape("beta", beta, (B, H), "(B, H)")
+    check_shape("g", g, (B, H), "(B, H)")
+    check_shape("gamma", gamma, (B, H), "(B, H)")
+    check_shape("w_prev", w_prev, (B, H, N), "(B, H, N)")
+    S = s.shape[-1]
+    if s.shape[:2] != (B, H) or S % 2 == 0:
+        raise ValueError(f"s must have shape (B, H, S) = ({B}, {H}, S) with S = 2K+1 odd, got {_shape(s)}")
+    named = {"mem": mem, "k": k, "beta": beta, "g": g, "s": s, "gamma": gamma, "w_prev": w_prev}
+    check_same_device(named)
+    check_same_dtype({n: t for n, t in named.items() if n != "mem"})
+    check_range("beta", beta, 0.0, None)
+    check_range("g", g, 0.0, 1.0)
+    check_range("s", s, 0.0, None)
+    check_range("gamma", gamma, 1.0, None)
+    check_range("w_prev", w_prev, 0.0, None)
+    return B, N, M, H
+
+
+def check_read(mem, w) -> None:
+    B, N, M = check_mem(mem)
+    check_tensor("w", w, 3)
+    check_shape("w", w, (B, w.shape[1], N), "(B, R, N)")
+    check_same_device({"mem": mem, "w": w})
+
+
+def check_write(mem, w, e, a) -> None:
+    B, N, M = check_mem(mem)
+    check_tensor("w", w, 3)
+    W = w.shape[1]
+    check_shape("w", w, (B, W, N), "(B, W, N)")
+    check_tensor("e", e, 3)
+    check_tensor("a", a, 3)
+    check_shape("e", e, (B, W, M), "(B, W, M)")
+    check_shape("a", a, (B, W, M), "(B, W, M)")
+    check_same_device({"mem": mem, "w": w, "e": e, "a": a})
+    check_same_dtype({"w": w, "e": e, "a": a})
+    check_range("w", w, 0.0, None)
+    check_range("e", e, 0.0, 1.0)
+
+
+def check_num_reads(num_reads, H: int) -> None:
+    if isinstance(num_reads, bool) or not isinstance(num_reads, int):
+        raise TypeError(f"num_reads must be an int, got {type(num_reads).__name__}")
+    if not 0 <= num_reads <= H:
+        raise ValueError(f"num_reads must lie in [0, H] = [0, {H}], got {num_reads}")
+
+
+def check_memory_step(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads) -> None:
+    B, N, M, H = check_addressing(mem, k, beta, g, s, gamma, w_prev)
+    check_num_reads(num_reads, H)
+    W = H - num_reads
+    check_tensor("e", e, 3)
+    check_tensor("a", a, 3)
+    check_shape("e", e, (B, W, M), f"(B, H - num_reads, M) with H = {H}, num_reads = {num_reads}")
+    check_shape("a", a, (B, W, M), f"(B, H - num_reads, M) with H = {H}, num_reads = {num_reads}")
+    check_same_device({"mem": mem, "e": e, "a": a})
+    check_same_dtype({"k": k, "e": e, "a": a})
+    check_range("e", e, 0.0, 1.0)

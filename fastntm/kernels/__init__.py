@@ -2,7 +2,63 @@
 
 Only ``fastntm.backend`` imports this package. It exposes ``address``, ``read``,
 ``write`` and ``memory_step`` with the signatures of ``fastntm.reference``, and
-``AVAILABLE``, true when the kernels can run here.
+``AVAILABLE``, true when the kernels can run here (Triton imports, and CUDA is
+available or ``TRITON_INTERPRET=1`` was set before this import).
+
+Inputs the kernels do not take (float64, or slots wider than
+``_config.MAX_BM``, or zero heads for ``read``/``write``) run the reference path.
 """
 
-AVAILABLE = False
+import os
+
+import torch
+
+try:
+    import triton  # noqa: F401
+except ImportError:  # pragma: no cover - triton is a Linux dependency
+    AVAILABLE = False
+else:
+    INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    AVAILABLE = INTERPRETING or torch.cuda.is_available()
+
+if AVAILABLE:
+    from .. import reference as _reference
+    from . import _config
+    from .address import address as _address
+    from .memory_step import memory_step as _memory_step
+    from .read import read as _read
+    from .write import write as _write
+
+__all__ = ["AVAILABLE", "address", "read", "write", "memory_step"]
+
+
+def _kernel_ok(mem, *tensors) -> bool:
+    return _config.supported(mem.shape[-1]) and all(t.dtype != torch.float64 for t in (mem, *tensors))
+
+
+def address(mem, k, beta, g, s, gamma, w_prev):
+    """Weightings (B, H, N) of all heads; see ``fastntm.reference.address``."""
+    if not _kernel_ok(mem, k):
+        return _reference.address(mem, k, beta, g, s, gamma, w_prev)
+    return _address(mem, k, beta, g, s, gamma, w_prev)
+
+
+def read(mem, w):
+    """Reads (B, R, M); see ``fastntm.reference.read``."""
+    if not _kernel_ok(mem, w) or w.shape[1] == 0:
+        return _reference.read(mem, w)
+    return _read(mem, w)
+
+
+def write(mem, w, e, a):
+    """New memory (B, N, M); see ``fastntm.reference.write``."""
+    if not _kernel_ok(mem, w) or w.shape[1] == 0:
+        return _reference.write(mem, w, e, a)
+    return _write(mem, w, e, a)
+
+
+def memory_step(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads):
+    """``(w, r, new_mem)`` of one fused step; see ``fastntm.reference.memory_step``."""
+    if not _kernel_ok(mem, k):
+        return _reference.memory_step(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads)
+    return _memory_step(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads)

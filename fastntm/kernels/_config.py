@@ -1,0 +1,104 @@
+"""Block sizes, regime choice and debug switches shared by the kernel files.
+
+Regimes: *on-chip* when a batch item's whole memory block (next_pow2(N) x
+next_pow2(M) fp32) fits one program without spilling, else *large memory*, N
+split into blocks of ``BN`` rows across programs.
+
+``FASTNTM_BLOCK_N`` (environment, read at every call) or :func:`force_block_n`
+forces the large-memory regime with that ``BN``; tests use it to run the
+multi-block reductions and the shift's halo at small N.
+``FASTNTM_POISON=1`` or :func:`poison` fills every buffer the kernels allocate
+with NaN, so an element a kernel forgets to write shows up in the result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+
+ONCHIP_MAX_ELEMENTS = 4096
+"""Largest next_pow2(N) * next_pow2(M) that one program holds (checked spill-free by ptxas)."""
+BLOCK_ELEMENTS = 4096
+"""Target BN * BM of a large-memory program."""
+MAX_BM = 256
+"""Widest slot the kernels take (BM = next_pow2(M)); wider slots use the reference."""
+
+_forced_block_n: int | None = None
+_poison: bool = False
+
+
+@dataclass(frozen=True)
+class Blocks:
+    onchip: bool
+    BN: int
+    BM: int
+    num_warps: int
+
+
+def n_blocks(N: int, BN: int) -> int:
+    return triton.cdiv(N, BN)
+
+
+def forced_block_n() -> int | None:
+    env = os.environ.get("FASTNTM_BLOCK_N")
+    if env:
+        return int(env)
+    return _forced_block_n
+
+
+@contextlib.contextmanager
+def force_block_n(bn: int | None):
+    """Within the block, run the large-memory regime with ``BN = bn`` (a power of two >= 16)."""
+    global _forced_block_n
+    if bn is not None and (bn < 16 or bn & (bn - 1)):
+        raise ValueError(f"block size must be a power of two >= 16, got {bn}")
+    old, _forced_block_n = _forced_block_n, bn
+    try:
+        yield
+    finally:
+        _forced_block_n = old
+
+
+@contextlib.contextmanager
+def poison(on: bool = True):
+    """Within the block, fill every kernel-allocated buffer with NaN."""
+    global _poison
+    old, _poison = _poison, on
+    try:
+        yield
+    finally:
+        _poison = old
+
+
+def empty(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if _poison or os.environ.get("FASTNTM_POISON") == "1":
+        out.fill_(float("nan"))
+    return out
+
+
+def block_m(M: int) -> int:
+    return max(16, triton.next_power_of_2(M))
+
+
+def large_block_n(BM: int) -> int:
+    return max(16, BLOCK_ELEMENTS // BM)
+
+
+def choose(N: int, M: int) -> Blocks:
+    """The regime and block sizes for a memory of N slots of width M."""
+    BM = block_m(M)
+    forced = forced_block_n()
+    full = max(16, triton.next_power_of_2(N))
+    if forced is None and full * BM <= ONCHIP_MAX_ELEMENTS:
+        return Blocks(True, full, BM, 4 if full * BM <= 2048 else 8)
+    BN = forced if forced is not None else large_block_n(BM)
+    return Blocks(False, BN, BM, 4)
+
+
+def supported(M: int) -> bool:
+    return block_m(M) <= MAX_BM

@@ -1,0 +1,548 @@
+"""The fused NTM memory step (SPEC.md): address all heads, read, write; forward and backward.
+
+Forward, two regimes (``_config.choose``):
+
+* on-chip: one program per batch item holds its whole memory (N x M) in registers
+  and does every head's addressing, the reads and the write in one launch;
+* large memory: N split in blocks of BN rows, three passes:
+  1. ``_similarity_kernel``: cosine logits ``K`` (stored, fp32) and per-block
+     max / sum-exp partials of ``beta * K``;
+  2. ``_shift_sharpen_kernel``: the shift needs ``wg`` at rows of the
+     neighbouring blocks (the halo); ``wg[n] = g exp(beta K[n] - max) / sumexp
+     + (1 - g) w_prev[n]`` is recomputed at any row from the stored logits, so
+     no block waits for another. Stores ``ws^gamma`` and per-block sums;
+  3. ``_read_write_kernel``: normalise ``w``, per-block read partials, write.
+  Partials are reduced on the host with torch (a fixed order: bit-identical run
+  to run; no atomics anywhere).
+
+Backward recomputes from small saved vectors (the logits ``K`` and the softmax
+and sharpening sums), never from a saved memory:
+
+* ``_read_write_bwd_kernel`` (one pass over mem and dnew): dL/dw from the reads
+  and the write, per-block partials of dL/de and dL/da;
+* the addressing chain backward on (B, H, N) vectors (``_address_bwd``, torch);
+* ``_mem_bwd_kernel`` (one pass): dL/dmem from the write, the reads and the
+  cosine similarity, and per-block partials of dL/dk.
+
+Compute is fp32; loads and stores are in each tensor's dtype. The (B, H, N),
+(B, H, M) and (B, H) tensors are made contiguous and indexed from their shapes;
+the memory tensors' batch and row strides are passed explicitly.
+"""
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _config
+
+COSINE_EPS = 1e-8
+SHARPEN_EPS = 1e-16
+SHARPEN_FLOOR = 1e-30
+
+
+# ----------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------
+
+
+@triton.jit
+def _cosine(b_mem, b_mn, p_k, o_m, m_m):
+    """``K[n] = dot(k, mem[n]) / (max(|k|, eps) max(|mem[n]|, eps))`` for the rows of ``b_mem``."""
+    b_k = tl.load(p_k + o_m, mask=m_m, other=0.0).to(tl.float32)
+    b_kn = tl.maximum(tl.sqrt(tl.sum(b_k * b_k, 0)), 1e-8)
+    return tl.sum(b_mem * b_k[None, :], 1) / (b_kn * b_mn)
+
+
+@triton.jit
+def _shift_sharpen(p_K, p_wp, p_s, b_beta, b_g, b_gamma, b_max, b_sum, o_n, m_n, N, S, BN: tl.constexpr):
+    """``max(ws, 1e-30)^gamma`` at rows ``o_n`` of one head, 0 on masked rows.
+
+    ``ws[n] = sum_j s[j + K] wg[(n - j) mod N]``, with ``wg`` recomputed at each
+    source row from the stored logits (so rows of other blocks cost one load).
+    """
+    b_ws = tl.zeros([BN], dtype=tl.float32)
+    half = (S - 1) // 2
+    for j in range(S):
+        o_src = ((o_n - (j - half)) % N + N) % N
+        b_Kj = tl.load(p_K + o_src, mask=m_n, other=0.0)
+        b_wp = tl.load(p_wp + o_src, mask=m_n, other=0.0).to(tl.float32)
+        b_wg = b_g * (tl.exp(b_beta * b_Kj - b_max) / b_sum) + (1.0 - b_g) * b_wp
+        b_ws += tl.load(p_s + j).to(tl.float32) * b_wg
+    return tl.where(m_n, tl.exp(b_gamma * tl.log(tl.maximum(b_ws, 1e-30))), 0.0)
+
+
+@triton.jit
+def _onchip_address(b_mem, b_mn, p_k, p_beta, p_g, p_s, p_gamma, p_wp, p_w, p_K, p_max, p_sum, p_P,
+                    i_bh, o_n, o_m, m_n, m_m, N, M, S, BN: tl.constexpr):
+    """One head's weighting over the whole memory; returns it rounded to w's dtype (as the reference reads with it)."""
+    b_K = _cosine(b_mem, b_mn, p_k + i_bh * M, o_m, m_m)
+    tl.store(p_K + i_bh * N + o_n, b_K, mask=m_n)
+    b_beta = tl.load(p_beta + i_bh).to(tl.float32)
+    b_z = tl.where(m_n, b_beta * b_K, float("-inf"))
+    b_max = tl.max(b_z, 0)
+    b_sum = tl.sum(tl.exp(b_z - b_max), 0)
+    tl.store(p_max + i_bh, b_max)
+    tl.store(p_sum + i_bh, b_sum)
+    # The shift reads logits stored by other threads of this program.
+    tl.debug_barrier()
+    b_g = tl.load(p_g + i_bh).to(tl.float32)
+    b_gamma = tl.load(p_gamma + i_bh).to(tl.float32)
+    b_p = _shift_sharpen(p_K + i_bh * N, p_wp + i_bh * N, p_s + i_bh * S, b_beta, b_g, b_gamma,
+                         b_max, b_sum, o_n, m_n, N, S, BN)
+    b_P = tl.sum(b_p, 0)
+    tl.store(p_P + i_bh, b_P)
+    b_w = (b_p / (b_P + 1e-16)).to(p_w.dtype.element_ty)
+    tl.store(p_w + i_bh * N + o_n, b_w, mask=m_n)
+    return b_w.to(tl.float32)
+
+
+@triton.jit
+def _memory_step_onchip_kernel(p_mem, p_k, p_beta, p_g, p_s, p_gamma, p_wp, p_e, p_a,
+                               p_w, p_r, p_new, p_K, p_max, p_sum, p_P,
+                               s_mem_b, s_mem_n, s_new_b, s_new_n, N, M, H, R, S,
+                               RW: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr):
+    """Whole step for batch item ``i_b``: heads [0, R) read, [R, H) write. ``RW=False``: address only (R = H)."""
+    i_b = tl.program_id(0).to(tl.int64)
+    o_n = tl.arange(0, BN)
+    o_m = tl.arange(0, BM)
+    m_n = o_n < N
+    m_m = o_m < M
+    m_nm = m_n[:, None] & m_m[None, :]
+    b_mem = tl.load(p_mem + i_b * s_mem_b + o_n[:, None] * s_mem_n + o_m[None, :], mask=m_nm, other=0.0).to(tl.float32)
+    b_mn = tl.maximum(tl.sqrt(tl.sum(b_mem * b_mem, 1)), 1e-8)
+    for h in range(R):
+        b_w = _onchip_address(b_mem, b_mn, p_k, p_beta, p_g, p_s, p_gamma, p_wp, p_w, p_K, p_max, p_sum, p_P,
+                              i_b * H + h, o_n, o_m, m_n, m_m, N, M, S, BN)
+        if RW:
+            b_r = tl.sum(b_w[:, None] * b_mem, 0)
+            tl.store(p_r + (i_b * R + h) * M + o_m, b_r.to(p_r.dtype.element_ty), mask=m_m)
+    if RW:
+        b_keep = tl.full([BN, BM], 1.0, dtype=tl.float32)
+        b_add = tl.zeros([BN, BM], dtype=tl.float32)
+        for h in range(R, H):
+            b_w = _onchip_address(b_mem, b_mn, p_k, p_beta, p_g, p_s, p_gamma, p_wp, p_w, p_K, p_max, p_sum, p_P,
+                                  i_b * H + h, o_n, o_m, m_n, m_m, N, M, S, BN)
+            o_hw = (i_b * (H - R) + h - R) * M
+            b_e = tl.load(p_e + o_hw + o_m, mask=m_m, other=0.0).to(tl.float32)
+            b_a = tl.load(p_a + o_hw + o_m, mask=m_m, other=0.0).to(tl.float32)
+            b_keep *= 1.0 - b_w[:, None] * b_e[None, :]
+            b_add += b_w[:, None] * b_a[None, :]
+        b_new = b_mem * b_keep + b_add
+        tl.store(p_new + i_b * s_new_b + o_n[:, None] * s_new_n + o_m[None, :],
+                 b_new.to(p_new.dtype.element_ty), mask=m_nm)
+
+
+@triton.jit
+def _similarity_kernel(p_mem, p_k, p_beta, p_K, p_pmax, p_psum, s_mem_b, s_mem_n, N, M, H, NB,
+                       BN: tl.constexpr, BM: tl.constexpr):
+    """Large memory, pass 1: logits of every head on rows of block ``i_n``; max and sum-exp partials."""
+    i_n = tl.program_id(0).to(tl.int64)
+    i_b = tl.program_id(1).to(tl.int64)
+    o_n = i_n * BN + tl.arange(0, BN)
+    o_m = tl.arange(0, BM)
+    m_n = o_n < N
+    m_m = o_m < M
+    b_mem = tl.load(p_mem + i_b * s_mem_b + o_n[:, None] * s_mem_n + o_m[None, :],
+                    mask=m_n[:, None] & m_m[None, :], other=0.0).to(tl.float32)
+    b_mn = tl.maximum(tl.sqrt(tl.sum(b_mem * b_mem, 1)), 1e-8)
+    for h in range(H):
+        i_bh = i_b * H + h
+        b_K = _cosine(b_mem, b_mn, p_k + i_bh * M, o_m, m_m)
+        tl.store(p_K + i_bh * N + o_n, b_K, mask=m_n)
+        b_z = tl.where(m_n, tl.load(p_beta + i_bh).to(tl.float32) * b_K, float("-inf"))
+        b_max = tl.max(b_z, 0)
+        tl.store(p_pmax + i_bh * NB + i_n, b_max)
+        tl.store(p_psum + i_bh * NB + i_n, tl.sum(tl.exp(b_z - b_max), 0))
+
+
+@triton.jit
+def _shift_sharpen_kernel(p_K, p_wp, p_beta, p_g, p_s, p_gamma, p_max, p_sum, p_pw, p_pP, N, S, NB,
+                          BN: tl.constexpr):
+    """Large memory, pass 2: ``ws^gamma`` of head ``i_bh`` on block ``i_n`` (fp32) and its block sum."""
+    i_n = tl.program_id(0).to(tl.int64)
+    i_bh = tl.program_id(1).to(tl.int64)
+    o_n = i_n * BN + tl.arange(0, BN)
+    m_n = o_n < N
+    b_p = _shift_sharpen(p_K + i_bh * N, p_wp + i_bh * N, p_s + i_bh * S,
+                         tl.load(p_beta + i_bh).to(tl.float32), tl.load(p_g + i_bh).to(tl.float32),
+                         tl.load(p_gamma + i_bh).to(tl.float32), tl.load(p_max + i_bh), tl.load(p_sum + i_bh),
+                         o_n, m_n, N, S, BN)
+    tl.store(p_pw + i_bh * N + o_n, b_p, mask=m_n)
+    tl.store(p_pP + i_bh * NB + i_n, tl.sum(b_p, 0))
+
+
+@triton.jit
+def _load_w(p_w, p_P, p_wout, i_bh, o_n, m_n, N, NORMALIZE: tl.constexpr):
+    """A head's weighting on a block: given (``p_w``), or ``ws^gamma / (P + eps)`` stored to ``p_wout``."""
+    if NORMALIZE:
+        b_w = tl.load(p_w + i_bh * N + o_n, mask=m_n, other=0.0) / (tl.load(p_P + i_bh) + 1e-16)
+        b_w = b_w.to(p_wout.dtype.element_ty)
+        tl.store(p_wout + i_bh * N + o_n, b_w, mask=m_n)
+    else:
+        b_w = tl.load(p_w + i_bh * N + o_n, mask=m_n, other=0.0)
+    return b_w.to(tl.float32)
+
+
+@triton.jit
+def _read_write_kernel(p_mem, p_w, p_P, p_e, p_a, p_wout, p_rpart, p_new,
+                       s_mem_b, s_mem_n, s_new_b, s_new_n, N, M, R, W, NB,
+                       NORMALIZE: tl.constexpr, WRITE: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr):
+    """Reads of heads [0, R) as per-block partials ``(B, NB, R, M)``; write of heads [R, R + W) on block ``i_n``."""
+    i_n = tl.program_id(0).to(tl.int64)
+    i_b = tl.program_id(1).to(tl.int64)
+    o_n = i_n * BN + tl.arange(0, BN)
+    o_m = tl.arange(0, BM)
+    m_n = o_n < N
+    m_m = o_m < M
+    m_nm = m_n[:, None] & m_m[None, :]
+    b_mem = tl.load(p_mem + i_b * s_mem_b + o_n[:, None] * s_mem_n + o_m[None, :], mask=m_nm, other=0.0).to(tl.float32)
+    H = R + W
+    for h in range(R):
+        b_w = _load_w(p_w, p_P, p_wout, i_b * H + h, o_n, m_n, N, NORMALIZE)
+        b_r = tl.sum(b_w[:, None] * b_mem, 0)
+        tl.store(p_rpart + ((i_b * NB + i_n) * R + h) * M + o_m, b_r, mask=m_m)
+    if WRITE:
+        b_keep = tl.full([BN, BM], 1.0, dtype=tl.float32)
+        b_add = tl.zeros([BN, BM], dtype=tl.float32)
+        for h in range(R, H):
+            b_w = _load_w(p_w, p_P, p_wout, i_b * H + h, o_n, m_n, N, NORMALIZE)
+            o_hw = (i_b * W + h - R) * M
+            b_e = tl.load(p_e + o_hw + o_m, mask=m_m, other=0.0).to(tl.float32)
+            b_a = tl.load(p_a + o_hw + o_m, mask=m_m, other=0.0).to(tl.float32)
+            b_keep *= 1.0 - b_w[:, None] * b_e[None, :]
+            b_add += b_w[:, None] * b_a[None, :]
+        b_new = b_mem * b_keep + b_add
+        tl.store(p_new + i_b * s_new_b + o_n[:, None] * s_new_n + o_m[None, :],
+                 b_new.to(p_new.dtype.element_ty), mask=m_nm)
+
+
+@triton.jit
+def _read_write_bwd_kernel(p_mem, p_w, p_e, p_a, p_dr, p_dnew, p_dw, p_depart, p_dapart,
+                           s_mem_b, s_mem_n, s_dnew_b, s_dnew_n, N, M, R, W, NB,
+                           HAS_DR: tl.constexpr, HAS_DNEW: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr):
+    """dL/dw (fp32, all R + W heads) from the reads and the write; dL/de, dL/da as per-block partials (B, NB, W, M).
+
+    The erase product without head h is rebuilt from the other heads, never by
+    dividing by ``1 - w e`` (unstable where it is near zero).
+    """
+    i_n = tl.program_id(0).to(tl.int64)
+    i_b = tl.program_id(1).to(tl.int64)
+    o_n = i_n * BN + tl.arange(0, BN)
+    o_m = tl.arange(0, BM)
+    m_n = o_n < N
+    m_m = o_m < M
+    m_nm = m_n[:, None] & m_m[None, :]
+    H = R + W
+    b_mem = tl.load(p_mem + i_b * s_mem_b + o_n[:, None] * s_mem_n + o_m[None, :], mask=m_nm, other=0.0).to(tl.float32)
+    if HAS_DR:
+        for h in range(R):
+            b_dr = tl.load(p_dr + (i_b * R + h) * M + o_m, mask=m_m, other=0.0).to(tl.float32)
+            tl.store(p_dw + (i_b * H + h) * N + o_n, tl.sum(b_mem * b_dr[None, :], 1), mask=m_n)
+    if HAS_DNEW:
+        b_dnew = tl.load(p_dnew + i_b * s_dnew_b + o_n[:, None] * s_dnew_n + o_m[None, :],
+                         mask=m_nm, other=0.0).to(tl.float32)
+        for hw in range(W):
+            b_others = tl.full([BN, BM], 1.0, dtype=tl.float32)
+            for h2 in range(W):
+                b_w2 = tl.load(p_w + (i_b * H + R + h2) * N + o_n, mask=m_n, other=0.0).to(tl.float32)
+                b_e2 = tl.load(p_e + (i_b * W + h2) * M + o_m, mask=m_m, other=0.0).to(tl.float32)
+                b_others *= tl.where(h2 == hw, 1.0, 1.0 - b_w2[:, None] * b_e2[None, :])
+            b_w = tl.load(p_w + (i_b * H + R + hw) * N + o_n, mask=m_n, other=0.0).to(tl.float32)
+            b_e = tl.load(p_e + (i_b * W + hw) * M + o_m, mask=m_m, other=0.0).to(tl.float32)
+            b_a = tl.load(p_a + (i_b * W + hw) * M + o_m, mask=m_m, other=0.0).to(tl.float32)
+            b_derase = b_dnew * b_mem * b_others
+            b_dw = tl.sum(b_dnew * b_a[None, :] - b_derase * b_e[None, :], 1)
+            tl.store(p_dw + (i_b * H + R + hw) * N + o_n, b_dw, mask=m_n)
+            o_part = ((i_b * NB + i_n) * W + hw) * M + o_m
+            tl.store(p_depart + o_part, -tl.sum(b_derase * b_w[:, None], 0), mask=m_m)
+            tl.store(p_dapart + o_part, tl.sum(b_dnew * b_w[:, None], 0), mask=m_m)
+
+
+@triton.jit
+def _mem_bwd_kernel(p_mem, p_w, p_e, p_dr, p_dnew, p_k, p_K, p_dK, p_dmem, p_dkpart,
+                    s_mem_b, s_mem_n, s_dnew_b, s_dnew_n, s_dmem_b, s_dmem_n, N, M, R, W, HK, NB,
+                    HAS_DR: tl.constexpr, HAS_DNEW: tl.constexpr, HAS_DK: tl.constexpr,
+                    BN: tl.constexpr, BM: tl.constexpr):
+    """dL/dmem on block ``i_n``: write (``dnew * keep``), reads (``sum_h w_h dr_h``), cosine of the HK addressing
+    heads; per-block partials (B, NB, HK, M) of ``sum_n dK[n] mem[n] / (|k| |mem[n]|)`` for dL/dk."""
+    i_n = tl.program_id(0).to(tl.int64)
+    i_b = tl.program_id(1).to(tl.int64)
+    o_n = i_n * BN + tl.arange(0, BN)
+    o_m = tl.arange(0, BM)
+    m_n = o_n < N
+    m_m = o_m < M
+    m_nm = m_n[:, None] & m_m[None, :]
+    H = R + W
+    b_dmem = tl.zeros([BN, BM], dtype=tl.float32)
+    if HAS_DNEW:
+        b_keep = tl.full([BN, BM], 1.0, dtype=tl.float32)
+        for h in range(W):
+            b_w = tl.load(p_w + (i_b * H + R + h) * N + o_n, mask=m_n, other=0.0).to(tl.float32)
+            b_e = tl.load(p_e + (i_b * W + h) * M + o_m, mask=m_m, other=0.0).to(tl.float32)
+            b_keep *= 1.0 - b_w[:, None] * b_e[None, :]
+        b_dnew = tl.load(p_dnew + i_b * s_dnew_b + o_n[:, None] * s_dnew_n + o_m[None, :],
+                         mask=m_nm, other=0.0).to(tl.float32)
+        b_dmem += b_dnew * b_keep
+    if HAS_DR:
+        for h in range(R):
+            b_w = tl.load(p_w + (i_b * H + h) * N + o_n, mask=m_n, other=0.0).to(tl.float32)
+            b_dr = tl.load(p_dr + (i_b * R + h) * M + o_m, mask=m_m, other=0.0).to(tl.float32)
+            b_dmem += b_w[:, None] * b_dr[None, :]
+    if HAS_DK:
+        b_mem = tl.load(p_mem + i_b * s_mem_b + o_n[:, None] * s_mem_n + o_m[None, :],
+                        mask=m_nm, other=0.0).to(tl.float32)
+        b_norm = tl.sqrt(tl.sum(b_mem * b_mem, 1))
+        b_mn = tl.maximum(b_norm, 1e-8)
+        for h in range(HK):
+            i_bh = i_b * HK + h
+            b_k = tl.load(p_k + i_bh * M + o_m, mask=m_m, other=0.0).to(tl.float32)
+            b_kn = tl.maximum(tl.sqrt(tl.sum(b_k * b_k, 0)), 1e-8)
+            b_dK = tl.load(p_dK + i_bh * N + o_n, mask=m_n, other=0.0)
+            b_K = tl.load(p_K + i_bh * N + o_n, mask=m_n, other=0.0)
+            b_c = b_dK / (b_kn * b_mn)
+            # |mem[n]| below eps is clamped: no gradient through the norm there.
+            b_cn = tl.where(b_norm >= 1e-8, b_dK * b_K / (b_mn * b_mn), 0.0)
+            b_dmem += b_c[:, None] * b_k[None, :] - b_cn[:, None] * b_mem
+            tl.store(p_dkpart + ((i_b * NB + i_n) * HK + h) * M + o_m, tl.sum(b_c[:, None] * b_mem, 0), mask=m_m)
+    tl.store(p_dmem + i_b * s_dmem_b + o_n[:, None] * s_dmem_n + o_m[None, :],
+             b_dmem.to(p_dmem.dtype.element_ty), mask=m_nm)
+
+
+# ----------------------------------------------------------------------------
+# Host functions: allocate, choose blocks, launch
+# ----------------------------------------------------------------------------
+
+
+def _nz(t, fallback):
+    """``t``, or ``fallback`` where ``t`` is empty: a kernel never reads it, but it gets a real pointer."""
+    return fallback if t is None or t.numel() == 0 else t
+
+
+def _read_write(mem, w, P, e, a, R: int, W: int, normalize: bool, wout, write: bool):
+    """Launch ``_read_write_kernel`` over blocks of mem; returns (r in w's dtype, new_mem or None)."""
+    B, N, M = mem.shape
+    blk = _config.choose(N, M)
+    NB = _config.n_blocks(N, blk.BN)
+    rpart = _config.empty((B, NB, R, M), torch.float32, mem.device)
+    new = _config.empty((B, N, M), mem.dtype, mem.device) if write else mem
+    _read_write_kernel[(NB, B)](
+        mem, w, _nz(P, w), _nz(e, mem), _nz(a, mem), _nz(wout, w), _nz(rpart, mem), new,
+        mem.stride(0), mem.stride(1), new.stride(0), new.stride(1), N, M, R, W, NB,
+        NORMALIZE=normalize, WRITE=write, BN=blk.BN, BM=blk.BM, num_warps=blk.num_warps)
+    out_dtype = wout.dtype if wout is not None else w.dtype
+    r = rpart[:, 0] if NB == 1 else rpart.sum(1)
+    return r.to(out_dtype), (new if write else None)
+
+
+def _forward(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads: int, rw: bool):
+    """(w, r, new_mem, K, max, sumexp, P); with ``rw=False`` only the addressing (r, new_mem empty)."""
+    B, N, M = mem.shape
+    H, S = k.shape[1], s.shape[2]
+    R = num_reads if rw else H
+    W = H - R
+    dev = mem.device
+    blk = _config.choose(N, M)
+    w = _config.empty((B, H, N), k.dtype, dev)
+    K = _config.empty((B, H, N), torch.float32, dev)
+    mx = _config.empty((B, H), torch.float32, dev)
+    se = _config.empty((B, H), torch.float32, dev)
+    P = _config.empty((B, H), torch.float32, dev)
+    if blk.onchip:
+        r = _config.empty((B, R if rw else 0, M), k.dtype, dev)
+        new = _config.empty((B, N, M) if rw else (0,), mem.dtype, dev)
+        _memory_step_onchip_kernel[(B,)](
+            mem, k, beta, g, s, gamma, w_prev, _nz(e, mem), _nz(a, mem), w, _nz(r, w), _nz(new, mem),
+            K, mx, se, P,
+            mem.stride(0), mem.stride(1), new.stride(0) if rw else 0, new.stride(1) if rw else 0,
+            N, M, H, R, S, RW=rw, BN=blk.BN, BM=blk.BM, num_warps=blk.num_warps)
+        return w, r, new, K, mx, se, P
+    NB = _config.n_blocks(N, blk.BN)
+    pmax = _config.empty((B, H, NB), torch.float32, dev)
+    psum = _config.empty((B, H, NB), torch.float32, dev)
+    _similarity_kernel[(NB, B)](mem, k, beta, K, pmax, psum, mem.stride(0), mem.stride(1), N, M, H, NB,
+                                BN=blk.BN, BM=blk.BM, num_warps=blk.num_warps)
+    torch.amax(pmax, dim=-1, out=mx)
+    torch.sum(psum * torch.exp(pmax - mx[..., None]), dim=-1, out=se)
+    pw = _config.empty((B, H, N), torch.float32, dev)
+    pP = _config.empty((B, H, NB), torch.float32, dev)
+    _shift_sharpen_kernel[(NB, B * H)](K, w_prev, beta, g, s, gamma, mx, se, pw, pP, N, S, NB,
+                                       BN=blk.BN, num_warps=blk.num_warps)
+    torch.sum(pP, dim=-1, out=P)
+    if not rw:
+        w.copy_(pw / (P[..., None] + SHARPEN_EPS))
+        return w, mem.new_empty((B, 0, M), dtype=k.dtype), mem.new_empty((0,)), K, mx, se, P
+    r, new = _read_write(mem, pw, P, e, a, R, W, normalize=True, wout=w, write=True)
+    return w, r, new, K, mx, se, P
+
+
+def _address_bwd(k, beta, g, s, gamma, w_prev, K, mx, se, dw):
+    """The addressing chain backward on (B, H, N) fp32 vectors: from dL/dw to dL/dK and the head parameters.
+
+    Recomputes ``wc``, ``wg``, ``ws`` and ``ws^gamma`` from the saved logits and sums.
+    """
+    f32 = torch.float32
+    beta_, g_, gamma_ = beta.to(f32)[..., None], g.to(f32)[..., None], gamma.to(f32)[..., None]
+    s_, wp = s.to(f32), w_prev.to(f32)
+    half = (s.shape[-1] - 1) // 2
+    wc = torch.exp(beta_ * K - mx[..., None]) / se[..., None]
+    wg = g_ * wc + (1 - g_) * wp
+    ws = sum(s_[..., j + half, None] * torch.roll(wg, j, -1) for j in range(-half, half + 1))
+    c = ws.clamp_min(SHARPEN_FLOOR)
+    log_c = torch.log(c)
+    p = torch.exp(gamma_ * log_c)
+    Pe = p.sum(-1, keepdim=True) + SHARPEN_EPS
+    w = p / Pe
+    dp = (dw - (dw * w).sum(-1, keepdim=True)) / Pe
+    dgamma = (dp * p * log_c).sum(-1)
+    dws = torch.where(ws >= SHARPEN_FLOOR, dp * gamma_ * torch.exp((gamma_ - 1) * log_c), 0.0)
+    dwg = sum(s_[..., j + half, None] * torch.roll(dws, -j, -1) for j in range(-half, half + 1))
+    ds = torch.stack([(dws * torch.roll(wg, j, -1)).sum(-1) for j in range(-half, half + 1)], -1)
+    dg = (dwg * (wc - wp)).sum(-1)
+    dwp = (1 - g_) * dwg
+    dwc = g_ * dwg
+    dz = wc * (dwc - (dwc * wc).sum(-1, keepdim=True))
+    dbeta = (dz * K).sum(-1)
+    dK = dz * beta_
+    return dK, dbeta, dg, ds, dgamma, dwp
+
+
+def _read_write_bwd(mem, w, e, a, dr, dnew, R: int, W: int):
+    """dL/dw (fp32, B, R + W, N), dL/de, dL/da (fp32) from the reads and the write."""
+    B, N, M = mem.shape
+    blk = _config.choose(N, M)
+    NB = _config.n_blocks(N, blk.BN)
+    has_dr, has_dnew = dr is not None and R > 0, dnew is not None and W > 0
+    full = (has_dr or R == 0) and (has_dnew or W == 0)
+    alloc = _config.empty if full else (lambda shape, dtype, dev: torch.zeros(shape, dtype=dtype, device=dev))
+    dw = alloc((B, R + W, N), torch.float32, mem.device)
+    depart = _config.empty((B, NB, W, M), torch.float32, mem.device)
+    dapart = _config.empty((B, NB, W, M), torch.float32, mem.device)
+    if has_dr or has_dnew:
+        dn = dnew if has_dnew else mem
+        _read_write_bwd_kernel[(NB, B)](
+            mem, w, _nz(e, mem), _nz(a, mem), dr if has_dr else mem, dn, dw, _nz(depart, mem), _nz(dapart, mem),
+            mem.stride(0), mem.stride(1), dn.stride(0), dn.stride(1), N, M, R, W, NB,
+            HAS_DR=has_dr, HAS_DNEW=has_dnew, BN=blk.BN, BM=blk.BM, num_warps=blk.num_warps)
+    if not has_dnew:
+        return dw, depart.new_zeros((B, W, M)), dapart.new_zeros((B, W, M))
+    return dw, depart.sum(1), dapart.sum(1)
+
+
+def _mem_bwd(mem, w, e, dr, dnew, k, K, dK, R: int, W: int):
+    """dL/dmem (mem's dtype) and the per-row part of dL/dk (fp32, or None without ``dK``)."""
+    B, N, M = mem.shape
+    blk = _config.choose(N, M)
+    NB = _config.n_blocks(N, blk.BN)
+    # With W = 0 the step still returns new_mem = mem, so dnew flows to dmem.
+    has_dr, has_dnew, has_dk = dr is not None and R > 0, dnew is not None, dK is not None
+    HK = k.shape[1] if has_dk else 0
+    dmem = _config.empty((B, N, M), mem.dtype, mem.device)
+    dkpart = _config.empty((B, NB, HK, M), torch.float32, mem.device)
+    dn = dnew if has_dnew else mem
+    _mem_bwd_kernel[(NB, B)](
+        mem, w, _nz(e, mem), dr if has_dr else mem, dn, k if has_dk else mem, K if has_dk else mem,
+        dK if has_dk else mem, dmem, _nz(dkpart, mem),
+        mem.stride(0), mem.stride(1), dn.stride(0), dn.stride(1), dmem.stride(0), dmem.stride(1),
+        N, M, R, W, HK, NB, HAS_DR=has_dr, HAS_DNEW=has_dnew, HAS_DK=has_dk,
+        BN=blk.BN, BM=blk.BM, num_warps=blk.num_warps)
+    return dmem, (dkpart.sum(1) if has_dk else None)
+
+
+def _backward(mem, k, beta, g, s, gamma, w_prev, e, a, w, K, mx, se, dw, dr, dnew, num_reads: int):
+    """Gradients of (mem, k, beta, g, s, gamma, w_prev, e, a) given any of dw, dr, dnew (None = zero)."""
+    H = k.shape[1]
+    R, W = num_reads, H - num_reads
+    dw_rw, de, da = _read_write_bwd(mem, w, e, a, dr, dnew, R, W)
+    dw_tot = dw_rw if dw is None else dw_rw + dw.to(torch.float32)
+    dK, dbeta, dg, ds, dgamma, dwp = _address_bwd(k, beta, g, s, gamma, w_prev, K, mx, se, dw_tot)
+    dmem, dk_rows = _mem_bwd(mem, w, e, dr, dnew, k, K, dK, R, W)
+    k32 = k.to(torch.float32)
+    k_norm = torch.linalg.vector_norm(k32, dim=-1, keepdim=True)
+    kn = k_norm.clamp_min(COSINE_EPS)
+    dk = dk_rows - torch.where(k_norm >= COSINE_EPS, (dK * K).sum(-1, keepdim=True) * k32 / (kn * kn), 0.0)
+    pd = k.dtype
+    return (dmem, dk.to(pd), dbeta.to(pd), dg.to(pd), ds.to(pd), dgamma.to(pd), dwp.to(pd), de.to(pd), da.to(pd))
+
+
+# ----------------------------------------------------------------------------
+# torch.library registrations (opaque to torch.compile, no graph breaks)
+# ----------------------------------------------------------------------------
+
+T = torch.Tensor
+
+
+@torch.library.custom_op("fastntm::memory_step_fwd", mutates_args=())
+def memory_step_fwd(mem: T, k: T, beta: T, g: T, s: T, gamma: T, w_prev: T, e: T, a: T,
+                    num_reads: int, rw: bool) -> tuple[T, T, T, T, T, T, T]:
+    return _forward(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads, rw)
+
+
+@memory_step_fwd.register_fake
+def _(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads, rw):
+    B, N, M = mem.shape
+    H = k.shape[1]
+    f32 = torch.float32
+    r = k.new_empty((B, num_reads if rw else 0, M))
+    new = mem.new_empty((B, N, M) if rw else (0,))
+    return (k.new_empty((B, H, N)), r, new, mem.new_empty((B, H, N), dtype=f32),
+            mem.new_empty((B, H), dtype=f32), mem.new_empty((B, H), dtype=f32), mem.new_empty((B, H), dtype=f32))
+
+
+@torch.library.custom_op("fastntm::memory_step_bwd", mutates_args=())
+def memory_step_bwd(mem: T, k: T, beta: T, g: T, s: T, gamma: T, w_prev: T, e: T, a: T, w: T, K: T,
+                    mx: T, se: T, dw: Optional[T], dr: Optional[T], dnew: Optional[T],
+                    num_reads: int) -> tuple[T, T, T, T, T, T, T, T, T]:
+    return _backward(mem, k, beta, g, s, gamma, w_prev, e, a, w, K, mx, se, dw, dr, dnew, num_reads)
+
+
+@memory_step_bwd.register_fake
+def _(mem, k, beta, g, s, gamma, w_prev, e, a, w, K, mx, se, dw, dr, dnew, num_reads):
+    return tuple(torch.empty_like(t) for t in (mem, k, beta, g, s, gamma, w_prev, e, a))
+
+
+# ----------------------------------------------------------------------------
+# autograd
+# ----------------------------------------------------------------------------
+
+
+class MemoryStep(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, mem, k, beta, g, s, gamma, w_prev, e, a, num_reads):
+        args = [t.contiguous() for t in (mem, k, beta, g, s, gamma, w_prev, e, a)]
+        w, r, new, K, mx, se, _ = memory_step_fwd(*args, num_reads, True)
+        ctx.save_for_backward(*args, w, K, mx, se)
+        ctx.num_reads = num_reads
+        ctx.set_materialize_grads(False)
+        return w, r, new
+
+    @staticmethod
+    def backward(ctx, dw, dr, dnew):
+        grads = memory_step_bwd(*ctx.saved_tensors, _contig(dw), _contig(dr), _contig(dnew), ctx.num_reads)
+        return (*grads, None)
+
+
+def _contig(t):
+    return None if t is None else t.contiguous()
+
+
+# ----------------------------------------------------------------------------
+# Public function
+# ----------------------------------------------------------------------------
+
+
+def memory_step(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads):
+    """One NTM memory step, fused: address all H heads on ``mem``, read with the first
+    ``num_reads``, write with the rest (SPEC.md; same signature as ``fastntm.reference``).
+
+    Shapes: ``mem`` (B, N, M); ``k`` (B, H, M); ``beta``, ``g``, ``gamma`` (B, H);
+    ``s`` (B, H, S); ``w_prev`` (B, H, N); ``e``, ``a`` (B, H - num_reads, M).
+    Returns ``(w, r, new_mem)``: (B, H, N) and (B, num_reads, M) in the parameters'
+    dtype, (B, N, M) in mem's dtype. Differentiable in every tensor input.
+
+    Example::
+
+        w, r, new_mem = memory_step(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads=1)
+    """
+    return MemoryStep.apply(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads)

@@ -1,0 +1,389 @@
+"""The Neural Turing Machine as ``nn.Module``s: ``NTMState``, ``NTMCell`` and ``FastNTM``.
+
+The model knows only the functional ops (``fastntm.functional``); which
+implementation runs them is decided there.
+
+One step (SPEC.md, read-then-write)::
+
+    h_t    = controller([x_t, r_{t-1}], state)
+    params = heads(h_t)                      # k, beta, g, s, gamma, e, a
+    w_t, r_t, M_t = memory_step(M_{t-1}, params, w_{t-1})
+    y_t    = output([h_t, r_t])
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import functional
+from .backend import BACKENDS
+
+MEMORY_INITS = ("constant", "learned", "random")
+CONTROLLERS = ("lstm", "mlp")
+CONSTANT_MEMORY_VALUE = 1e-6
+
+
+@dataclasses.dataclass
+class NTMState:
+    """Everything one step hands to the next.
+
+    ``memory`` (B, N, M); ``weights`` (B, H, N), read heads first; ``reads``
+    (B, R, M); ``controller``: the controller's own state, ``(h, c)`` each
+    (layers, B, controller_size) for the LSTM, empty for the MLP.
+    """
+
+    memory: torch.Tensor
+    weights: torch.Tensor
+    reads: torch.Tensor
+    controller: tuple[torch.Tensor, ...] = ()
+
+    def _map(self, fn) -> "NTMState":
+        return NTMState(fn(self.memory), fn(self.weights), fn(self.reads), tuple(fn(t) for t in self.controller))
+
+    def detach(self) -> "NTMState":
+        """The same values cut from the graph, for truncated backprop through time."""
+        return self._map(torch.Tensor.detach)
+
+    def to(self, *args, **kwargs) -> "NTMState":
+        """Move or cast every tensor, as ``torch.Tensor.to``."""
+        return self._map(lambda t: t.to(*args, **kwargs))
+
+    @property
+    def batch_size(self) -> int:
+        return self.memory.shape[0]
+
+
+@dataclasses.dataclass
+class Trace:
+    """Weightings recorded by ``FastNTM.record()``: ``weights`` (T, B, H, N), read heads first."""
+
+    num_reads: int
+    steps: list[torch.Tensor] = dataclasses.field(default_factory=list)
+
+    @property
+    def weights(self) -> torch.Tensor:
+        return torch.stack(self.steps)
+
+    @property
+    def read_weights(self) -> torch.Tensor:
+        return self.weights[:, :, : self.num_reads]
+
+    @property
+    def write_weights(self) -> torch.Tensor:
+        return self.weights[:, :, self.num_reads :]
+
+
+class LSTMController(nn.Module):
+    """A stack of ``nn.LSTMCell``s; state ``(h, c)``, each (layers, B, hidden)."""
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        sizes = [input_size] + [hidden_size] * (num_layers - 1)
+        self.cells = nn.ModuleList(nn.LSTMCell(n, hidden_size) for n in sizes)
+
+    def initial_state(self, batch_size: int, device, dtype) -> tuple[torch.Tensor, ...]:
+        zeros = torch.zeros(self.num_layers, batch_size, self.hidden_size, device=device, dtype=dtype)
+        return zeros, zeros
+
+    def forward(self, x: torch.Tensor, state: tuple[torch.Tensor, ...]):
+        h_prev, c_prev = state
+        hs, cs = [], []
+        for layer, cell in enumerate(self.cells):
+            x, c = cell(x, (h_prev[layer], c_prev[layer]))
+            hs.append(x)
+            cs.append(c)
+        return x, (torch.stack(hs), torch.stack(cs))
+
+
+class MLPController(nn.Module):
+    """Feed-forward layers with ReLU; no state of its own."""
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int):
+        super().__init__()
+        self.hidden_size = hidden_size
+        sizes = [input_size] + [hidden_size] * num_layers
+        self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(sizes[:-1], sizes[1:]))
+
+    def initial_state(self, batch_size: int, device, dtype) -> tuple[torch.Tensor, ...]:
+        return ()
+
+    def forward(self, x: torch.Tensor, state: tuple[torch.Tensor, ...]):
+        for layer in self.layers:
+            x = torch.relu(layer(x))
+        return x, ()
+
+
+class NTMCell(nn.Module):
+    """One NTM step: ``(x_t, state) -> (y_t, new_state)``.
+
+    ``y_t`` is (B, output_size), or the features ``[h_t, r_t]`` (B, controller_size
+    + num_reads * memory_width) when ``output_size`` is None. Arguments as in
+    ``FastNTM``.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int | None,
+        *,
+        memory_slots: int = 128,
+        memory_width: int = 20,
+        controller: str = "lstm",
+        controller_size: int = 100,
+        controller_layers: int = 1,
+        num_reads: int = 1,
+        num_writes: int = 1,
+        shift_range: int = 1,
+        memory_init: str = "constant",
+        backend: str = "auto",
+    ):
+        super().__init__()
+        _check_positive_int("input_size", input_size)
+        if output_size is not None:
+            _check_positive_int("output_size", output_size)
+        _check_positive_int("memory_slots", memory_slots)
+        _check_positive_int("memory_width", memory_width)
+        _check_positive_int("controller_size", controller_size)
+        _check_positive_int("controller_layers", controller_layers)
+        _check_nonnegative_int("num_reads", num_reads)
+        _check_nonnegative_int("num_writes", num_writes)
+        _check_nonnegative_int("shift_range", shift_range)
+        if num_reads + num_writes < 1:
+            raise ValueError(f"num_reads + num_writes must be at least 1, got {num_reads} + {num_writes}")
+        _check_choice("controller", controller, CONTROLLERS)
+        _check_choice("memory_init", memory_init, MEMORY_INITS)
+        _check_choice("backend", backend, BACKENDS)
+
+        self.input_size = input_size
+        self.output_size = output_size
+        self.memory_slots = memory_slots
+        self.memory_width = memory_width
+        self.controller_kind = controller
+        self.controller_size = controller_size
+        self.num_reads = num_reads
+        self.num_writes = num_writes
+        self.num_heads = num_reads + num_writes
+        self.shift_range = shift_range
+        self.memory_init = memory_init
+        self.backend = backend
+
+        N, M, R, H = memory_slots, memory_width, num_reads, self.num_heads
+        controller_cls = LSTMController if controller == "lstm" else MLPController
+        self.controller = controller_cls(input_size + R * M, controller_size, controller_layers)
+        self.head_sizes = (M, 1, 1, 2 * shift_range + 1, 1)
+        self.heads = nn.Linear(controller_size, H * sum(self.head_sizes) + num_writes * 2 * M)
+        self.feature_size = controller_size + R * M
+        self.output = nn.Linear(self.feature_size, output_size) if output_size is not None else None
+
+        self.initial_weight_logits = nn.Parameter(torch.empty(H, N))
+        self.initial_reads = nn.Parameter(torch.empty(R, M))
+        if memory_init == "learned":
+            self.initial_memory = nn.Parameter(torch.empty(N, M))
+        else:
+            self.register_buffer("initial_memory", torch.empty(N, M))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Controller and layers as PyTorch initialises them; memory as ``memory_init`` says;
+        initial weightings focused on slot 0 (so that content-free starts are not all
+        alike), initial reads zero."""
+        for module in self.modules():
+            if module is not self and hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+        N, M = self.memory_slots, self.memory_width
+        with torch.no_grad():
+            self.initial_weight_logits.zero_()
+            self.initial_weight_logits[:, 0] = 2 * math.log(N)
+            self.initial_reads.zero_()
+            if self.memory_init == "constant":
+                self.initial_memory.fill_(CONSTANT_MEMORY_VALUE)
+            else:
+                bound = 1 / math.sqrt(N + M)
+                self.initial_memory.uniform_(-bound, bound)
+
+    def extra_repr(self) -> str:
+        return (
+            f"input_size={self.input_size}, output_size={self.output_size}, memory_slots={self.memory_slots}, "
+            f"memory_width={self.memory_width}, controller={self.controller_kind!r}, num_reads={self.num_reads}, "
+            f"num_writes={self.num_writes}, shift_range={self.shift_range}, memory_init={self.memory_init!r}"
+        )
+
+    def initial_state(self, batch_size: int, device=None, dtype=None) -> NTMState:
+        """The state before the first step, for ``batch_size`` sequences."""
+        _check_positive_int("batch_size", batch_size)
+        device = device if device is not None else self.initial_memory.device
+        dtype = dtype if dtype is not None else self.initial_memory.dtype
+        B, R, H, N, M = batch_size, self.num_reads, self.num_heads, self.memory_slots, self.memory_width
+        return NTMState(
+            memory=self.initial_memory.to(device, dtype).expand(B, N, M),
+            weights=torch.softmax(self.initial_weight_logits, dim=-1).to(device, dtype).expand(B, H, N),
+            reads=self.initial_reads.to(device, dtype).expand(B, R, M),
+            controller=self.controller.initial_state(B, device, dtype),
+        )
+
+    def head_parameters(self, h: torch.Tensor):
+        """``k, beta, g, s, gamma, e, a`` from the controller output, activations as in SPEC.md."""
+        B, H, W, M = h.shape[0], self.num_heads, self.num_writes, self.memory_width
+        raw = self.heads(h)
+        addressing, writing = raw[:, : H * sum(self.head_sizes)], raw[:, H * sum(self.head_sizes) :]
+        k, beta, g, s, gamma = addressing.view(B, H, -1).split(self.head_sizes, dim=-1)
+        e, a = writing.view(B, W, 2 * M).split(M, dim=-1)
+        return (
+            k,
+            F.softplus(beta.squeeze(-1)),
+            torch.sigmoid(g.squeeze(-1)),
+            torch.softmax(s, dim=-1),
+            1 + F.softplus(gamma.squeeze(-1)),
+            torch.sigmoid(e),
+            a,
+        )
+
+    def forward(self, x: torch.Tensor, state: NTMState) -> tuple[torch.Tensor, NTMState]:
+        B = x.shape[0]
+        controller_in = torch.cat([x, state.reads.reshape(B, -1)], dim=-1)
+        h, controller_state = self.controller(controller_in, state.controller)
+        k, beta, g, s, gamma, e, a = self.head_parameters(h)
+        w, r, memory = functional.memory_step(
+            state.memory, k, beta, g, s, gamma, state.weights, e, a, num_reads=self.num_reads, backend=self.backend
+        )
+        features = torch.cat([h, r.reshape(B, -1)], dim=-1)
+        y = self.output(features) if self.output is not None else features
+        return y, NTMState(memory, w, r, controller_state)
+
+
+class FastNTM(nn.Module):
+    """A Neural Turing Machine over whole sequences, called like ``nn.LSTM``.
+
+    ``forward(x, state=None) -> (y, state)``: ``x`` is (T, B, input_size), or
+    (B, T, input_size) with ``batch_first``; ``y`` is (T, B, output_size) raw
+    logits (batch first likewise), or the features ``[h_t, r_t]`` when
+    ``output_size`` is None. Pass the returned ``NTMState`` back in to continue a
+    sequence (``state.detach()`` for truncated backprop).
+
+    Example::
+
+        ntm = FastNTM(9, 8)                       # the copy task's sizes
+        y, state = ntm(torch.rand(21, 32, 9))     # (21, 32, 8)
+        with ntm.record() as trace:               # weightings for plots
+            ntm(x)
+        trace.read_weights                        # (T, B, R, N)
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int | None,
+        *,
+        memory_slots: int = 128,
+        memory_width: int = 20,
+        controller: str = "lstm",
+        controller_size: int = 100,
+        controller_layers: int = 1,
+        num_reads: int = 1,
+        num_writes: int = 1,
+        shift_range: int = 1,
+        memory_init: str = "constant",
+        batch_first: bool = False,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        self.cell = NTMCell(
+            input_size,
+            output_size,
+            memory_slots=memory_slots,
+            memory_width=memory_width,
+            controller=controller,
+            controller_size=controller_size,
+            controller_layers=controller_layers,
+            num_reads=num_reads,
+            num_writes=num_writes,
+            shift_range=shift_range,
+            memory_init=memory_init,
+            backend=backend,
+        )
+        self.batch_first = batch_first
+        self._trace: Trace | None = None
+
+    def extra_repr(self) -> str:
+        return f"batch_first={self.batch_first}"
+
+    def reset_parameters(self) -> None:
+        self.cell.reset_parameters()
+
+    def initial_state(self, batch_size: int, device=None, dtype=None) -> NTMState:
+        return self.cell.initial_state(batch_size, device, dtype)
+
+    @contextlib.contextmanager
+    def record(self) -> Iterator[Trace]:
+        """Record every step's weightings (detached) while the block runs."""
+        self._trace = Trace(self.cell.num_reads)
+        try:
+            yield self._trace
+        finally:
+            self._trace = None
+
+    def forward(self, x: torch.Tensor, state: NTMState | None = None) -> tuple[torch.Tensor, NTMState]:
+        self._check_input(x, state)
+        if self.batch_first:
+            x = x.transpose(0, 1)
+        if state is None:
+            state = self.initial_state(x.shape[1], x.device, x.dtype)
+        outputs = []
+        for x_t in x:
+            y_t, state = self.cell(x_t, state)
+            outputs.append(y_t)
+            if self._trace is not None:
+                self._trace.steps.append(state.weights.detach())
+        y = torch.stack(outputs)
+        return (y.transpose(0, 1) if self.batch_first else y), state
+
+    def _check_input(self, x, state: NTMState | None) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        layout = "(B, T, input_size)" if self.batch_first else "(T, B, input_size)"
+        if x.dim() != 3 or x.shape[-1] != self.cell.input_size:
+            raise ValueError(f"x must have shape {layout} with input_size = {self.cell.input_size}, got {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"x must have a floating dtype, got {x.dtype}")
+        if x.shape[0] == 0 or x.shape[1] == 0:
+            raise ValueError(f"x must have at least one step and one sequence, got shape {tuple(x.shape)}")
+        if state is None:
+            return
+        if not isinstance(state, NTMState):
+            raise TypeError(f"state must be an NTMState or None, got {type(state).__name__}")
+        B = x.shape[0] if self.batch_first else x.shape[1]
+        c = self.cell
+        expected = {
+            "state.memory": (state.memory, (B, c.memory_slots, c.memory_width)),
+            "state.weights": (state.weights, (B, c.num_heads, c.memory_slots)),
+            "state.reads": (state.reads, (B, c.num_reads, c.memory_width)),
+        }
+        for name, (t, shape) in expected.items():
+            if tuple(t.shape) != shape:
+                raise ValueError(f"{name} must have shape {shape} for this model and batch {B}, got {tuple(t.shape)}")
+            if t.device != x.device:
+                raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+
+
+def _check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _check_nonnegative_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+
+
+def _check_choice(name: str, value, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")

@@ -1,0 +1,249 @@
+"""The Triton kernels against the reference, on CPU through the Triton interpreter.
+
+Run as its own pytest invocation with the interpreter switched on before anything
+imports fastntm (Triton reads it when kernels are defined)::
+
+    TRITON_INTERPRET=1 pytest tests/test_kernels.py
+
+Without it (or when fastntm.kernels was already imported without it in this
+process) every test here is skipped with the reason.
+"""
+
+import os
+
+import pytest
+import torch
+
+import fastntm.functional as F
+from fastntm import kernels, reference
+from fastntm.kernels import _config
+
+pytestmark = [
+    pytest.mark.skipif(
+        not getattr(kernels, "INTERPRETING", False),
+        reason="needs TRITON_INTERPRET=1 set before fastntm.kernels is imported: "
+        "run `TRITON_INTERPRET=1 pytest tests/test_kernels.py` as its own invocation",
+    ),
+    # The interpreter's own use of numpy, not ours.
+    pytest.mark.filterwarnings("ignore::DeprecationWarning:triton.runtime.interpreter"),
+]
+
+# ||ref - out|| / ||ref||, per dtype of the head parameters (interpreter: exact fp32 arithmetic order aside).
+TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def assert_close(out, ref, tol, what):
+    assert out.dtype == ref.dtype, f"{what}: dtype {out.dtype}, reference {ref.dtype}"
+    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)}, reference {tuple(ref.shape)}"
+    assert torch.isfinite(out).all(), f"{what}: not finite"
+    err = rel_err(out, ref)
+    abs_err = (out.double() - ref.double()).abs().max().item() if out.numel() else 0.0
+    assert err <= tol or abs_err <= 1e-5, f"{what}: relative error {err:.2e} > {tol:.0e}"
+
+
+def make_inputs(B, N, M, H, R, S, dtype=torch.float32, mem_dtype=None, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    W = H - R
+
+    def rand(*shape):
+        return torch.rand(*shape, generator=gen)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen)
+
+    x = dict(
+        mem=randn(B, N, M),
+        k=randn(B, H, M),
+        beta=rand(B, H) * 5,
+        g=rand(B, H),
+        s=torch.softmax(randn(B, H, S) * 2, -1),
+        gamma=1 + rand(B, H) * 3,
+        w_prev=torch.softmax(randn(B, H, N) * 3, -1),
+        e=rand(B, W, M),
+        a=randn(B, W, M),
+    )
+    out = {n: t.to(dtype) for n, t in x.items()}
+    out["mem"] = x["mem"].to(mem_dtype or dtype)
+    return out
+
+
+NAMES = ("mem", "k", "beta", "g", "s", "gamma", "w_prev", "e", "a")
+
+
+def check_op(op, ref_op, inputs: dict, extra=(), tol=None, used=None):
+    """Outputs and every input gradient of ``op`` vs ``ref_op`` under NaN-poisoned buffers.
+
+    ``used``: indices of the outputs the loss depends on (the others get no gradient).
+    """
+    tol = tol or TOL[inputs.get("k", inputs.get("w")).dtype]
+    xk = {n: t.clone().requires_grad_() for n, t in inputs.items()}
+    xr = {n: t.clone().requires_grad_() for n, t in inputs.items()}
+    with _config.poison():
+        out = op(*xk.values(), *extra)
+    ref = ref_op(*xr.values(), *extra)
+    out = out if isinstance(out, tuple) else (out,)
+    ref = ref if isinstance(ref, tuple) else (ref,)
+    for i, (o, r) in enumerate(zip(out, ref)):
+        assert_close(o, r, tol, f"output {i}")
+    used = range(len(ref)) if used is None else used
+    gen = torch.Generator().manual_seed(1)
+    pairs = [(out[i], ref[i], torch.randn(ref[i].shape, generator=gen).to(ref[i].dtype)) for i in used]
+    pairs = [p for p in pairs if p[1].numel()]
+    with _config.poison():
+        gk = torch.autograd.grad([p[0] for p in pairs], list(xk.values()), [p[2] for p in pairs], allow_unused=True)
+    gr = torch.autograd.grad([p[1] for p in pairs], list(xr.values()), [p[2] for p in pairs], allow_unused=True)
+    for name, a, b in zip(xk, gk, gr):
+        if b is None:
+            assert a is None or not a.any(), f"grad {name}: reference has none"
+            continue
+        assert a is not None, f"grad {name}: missing"
+        assert_close(a, b, tol, f"grad {name}")
+
+
+def step_id(c):
+    B, N, M, H, R, S, BN = c
+    return f"B{B}-N{N}-M{M}-H{H}-R{R}-S{S}-" + (f"BN{BN}" if BN else "auto")
+
+
+# (B, N, M, H, R, S, forced BN or None for the dispatch's own choice)
+STEP_CASES = [
+    (3, 37, 13, 3, 2, 3, None),  # on-chip
+    (3, 37, 13, 3, 2, 3, 16),  # 3 blocks, halo
+    (1, 37, 20, 1, 0, 5, None),  # write only (R = 0)
+    (1, 37, 20, 5, 5, 5, 16),  # read only (W = 0)
+    (3, 130, 20, 5, 4, 5, None),  # large memory by shape (BN = 128, 2 blocks)
+    (1, 130, 13, 3, 1, 3, 32),  # 5 blocks, last one ragged; two write heads
+    (3, 130, 13, 1, 1, 3, None),  # one read head, W = 0
+]
+
+
+@pytest.mark.parametrize("case", STEP_CASES, ids=step_id)
+def test_memory_step_matches_reference(case):
+    B, N, M, H, R, S, BN = case
+    with _config.force_block_n(BN):
+        check_op(kernels.memory_step, reference.memory_step, make_inputs(B, N, M, H, R, S), extra=(R,))
+
+
+@pytest.mark.parametrize("BN", [None, 16], ids=["auto", "BN16"])
+@pytest.mark.parametrize("used", [(0,), (1,), (2,), (1, 2)], ids=["w", "r", "new_mem", "r+new_mem"])
+def test_memory_step_partial_gradients(used, BN):
+    with _config.force_block_n(BN):
+        check_op(kernels.memory_step, reference.memory_step, make_inputs(2, 37, 13, 3, 1, 3), extra=(1,), used=used)
+
+
+@pytest.mark.parametrize("BN", [None, 16], ids=["auto", "BN16"])
+@pytest.mark.parametrize("shape", [(3, 37, 13, 3, 5), (1, 130, 20, 1, 3)], ids=["B3-N37-M13-H3-S5", "B1-N130-M20-H1-S3"])
+def test_address_matches_reference(shape, BN):
+    B, N, M, H, S = shape
+    x = make_inputs(B, N, M, H, H, S)
+    del x["e"], x["a"]
+    with _config.force_block_n(BN):
+        check_op(kernels.address, reference.address, x)
+
+
+@pytest.mark.parametrize("BN", [None, 16], ids=["auto", "BN16"])
+@pytest.mark.parametrize("R", [1, 3], ids=["R1", "R3"])
+def test_read_matches_reference(R, BN):
+    x = make_inputs(3, 37, 13, R, R, 3)
+    with _config.force_block_n(BN):
+        check_op(kernels.read, reference.read, {"mem": x["mem"], "w": x["w_prev"]})
+
+
+@pytest.mark.parametrize("BN", [None, 16], ids=["auto", "BN16"])
+@pytest.mark.parametrize("W", [1, 3], ids=["W1", "W3"])
+def test_write_matches_reference(W, BN):
+    x = make_inputs(3, 37, 13, W, 0, 3)
+    with _config.force_block_n(BN):
+        check_op(kernels.write, reference.write, {"mem": x["mem"], "w": x["w_prev"], "e": x["e"], "a": x["a"]})
+
+
+@pytest.mark.parametrize("BN", [None, 16], ids=["auto", "BN16"])
+def test_shift_wider_than_memory_wraps(BN):
+    # S = 7 > N = 5: shifts wrap more than once around the memory.
+    with _config.force_block_n(BN):
+        check_op(kernels.memory_step, reference.memory_step, make_inputs(2, 5, 13, 2, 1, 7), extra=(1,))
+
+
+@pytest.mark.parametrize("BN", [None, 16], ids=["auto", "BN16"])
+def test_shift_moves_focus_forward(BN):
+    # One-hot w_prev, g = 0 (ignore content), s puts all weight on shift +1: focus n -> n + 1 (mod N).
+    B, N, H = 2, 37, 2
+    x = make_inputs(B, N, 13, H, 1, 3)
+    x["g"] = torch.zeros(B, H)
+    x["s"] = torch.tensor([0.0, 0.0, 1.0]).expand(B, H, 3).clone()
+    x["w_prev"] = torch.zeros(B, H, N)
+    x["w_prev"][:, 0, N - 1] = 1
+    x["w_prev"][:, 1, 20] = 1
+    with _config.force_block_n(BN):
+        check_op(kernels.memory_step, reference.memory_step, x, extra=(1,))
+        w = kernels.memory_step(*x.values(), 1)[0]
+    assert w[:, 0].argmax(-1).tolist() == [0, 0] and w[:, 1].argmax(-1).tolist() == [21, 21]
+
+
+@pytest.mark.parametrize("BN", [None, 16], ids=["auto", "BN16"])
+def test_edge_cases_finite_and_match(BN):
+    # Zero memory rows (cosine eps), zero key, huge beta, gamma 50: values and gradients finite.
+    B, N, M, H = 2, 37, 13, 3
+    x = make_inputs(B, N, M, H, 2, 3)
+    x["mem"][:, ::5] = 0
+    x["k"][1, 2] = 0
+    x["beta"][0] = 1e4
+    x["gamma"][:, 1] = 50
+    with _config.force_block_n(BN):
+        check_op(kernels.memory_step, reference.memory_step, x, extra=(2,), tol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "dtype,mem_dtype",
+    [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16), (torch.float32, torch.bfloat16)],
+    ids=["bf16", "fp16", "fp32-params-bf16-mem"],
+)
+@pytest.mark.parametrize("BN", [None, 16], ids=["auto", "BN16"])
+def test_low_precision_dtypes(dtype, mem_dtype, BN):
+    x = make_inputs(3, 37, 20, 3, 2, 3, dtype=dtype, mem_dtype=mem_dtype)
+    tol = max(TOL[dtype], TOL[mem_dtype])
+    with _config.force_block_n(BN):
+        check_op(kernels.memory_step, reference.memory_step, x, extra=(2,), tol=tol)
+
+
+def test_bit_identical_run_to_run():
+    x = make_inputs(2, 130, 13, 3, 2, 3)
+    runs = []
+    for _ in range(2):
+        xs = [t.clone().requires_grad_() for t in x.values()]
+        with _config.force_block_n(32):
+            out = kernels.memory_step(*xs, 2)
+            grads = torch.autograd.grad(out, xs, [torch.ones_like(o) for o in out])
+        runs.append([t.detach() for t in (*out, *grads)])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_functional_dispatches_to_kernels_on_cpu_under_interpreter(monkeypatch):
+    calls = []
+    monkeypatch.setattr(kernels, "_memory_step", lambda *a: calls.append(1) or reference.memory_step(*a))
+    x = make_inputs(1, 37, 13, 2, 1, 3)
+    F.memory_step(*x.values(), num_reads=1, backend="triton")
+    F.memory_step(*x.values(), num_reads=1)
+    assert calls == [1, 1]
+
+
+def test_torch_compile_traces_without_graph_breaks():
+    x = make_inputs(1, 37, 13, 2, 1, 3)
+    xs = [t.clone().requires_grad_() for t in x.values()]
+    fn = torch.compile(lambda *a: kernels.memory_step(*a, 1), fullgraph=True, backend="aot_eager")
+    out = fn(*xs)
+    ref = reference.memory_step(*x.values(), 1)
+    for o, r in zip(out, ref):
+        assert_close(o, r, TOL[torch.float32], "compiled output")
+    sum(o.sum() for o in out).backward()
+    assert all(t.grad is not None for t in xs)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(pytest.main([__file__, *os.sys.argv[1:]]))

@@ -54,15 +54,15 @@ def resolve(backend: str, device: torch.device) -> str:
         on_gpu = device.type == "cuda" or (device.type == "cpu" and interpreting())
         return "triton" if on_gpu and _kernels() is not None else "reference"
     if backend == "triton":
-        if _kernels() is None:
-            raise RuntimeError(
-                "backend='triton' needs the fastntm Triton kernels, which did not import "
-                "(is triton installed?); use backend='reference' or 'auto'"
-            )
         if device.type != "cuda" and not interpreting():
             raise RuntimeError(
                 f"backend='triton' runs on CUDA tensors, got tensors on {device}; "
-                "set TRITON_INTERPRET=1 before importing fastntm to run the kernels on CPU"
+                "set TRITON_INTERPRET=1 before importing fastntm to run the kernels on the CPU"
+            )
+        if _kernels() is None:
+            raise RuntimeError(
+                "backend='triton' needs the fastntm Triton kernels, which could not be loaded "
+                "(is triton installed?); use backend='reference' or 'auto'"
             )
     return backend
 

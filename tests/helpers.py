@@ -1,0 +1,53 @@
+"""Shared test inputs and comparisons."""
+
+from __future__ import annotations
+
+import torch
+
+NAMES = ("mem", "k", "beta", "g", "s", "gamma", "w_prev", "e", "a")
+
+# ||ref - out|| / ||ref|| allowed, by dtype of the compared tensors.
+RELATIVE_TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+
+
+def step_inputs(B=3, N=37, M=13, R=1, W=2, S=5, dtype=torch.float64, seed=0, requires_grad=True) -> dict[str, torch.Tensor]:
+    """Random valid inputs of ``memory_step``, keyed by SPEC.md's names."""
+    gen = torch.Generator().manual_seed(seed)
+    H = R + W
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, dtype=dtype)
+
+    def rand(*shape):
+        return torch.rand(*shape, generator=gen, dtype=dtype)
+
+    inputs = {
+        "mem": randn(B, N, M),
+        "k": randn(B, H, M),
+        "beta": rand(B, H) * 5,
+        "g": rand(B, H),
+        "s": torch.softmax(randn(B, H, S), dim=-1),
+        "gamma": 1 + 3 * rand(B, H),
+        "w_prev": torch.softmax(randn(B, H, N), dim=-1),
+        "e": rand(B, W, M),
+        "a": randn(B, W, M),
+    }
+    return {n: t.requires_grad_(requires_grad) for n, t in inputs.items()}
+
+
+def relative_error(ref: torch.Tensor, out: torch.Tensor) -> float:
+    ref, out = ref.detach().double(), out.detach().double()
+    return float((ref - out).norm() / ref.norm().clamp_min(1e-30))
+
+
+def assert_close(ref: torch.Tensor, out: torch.Tensor, name: str, dtype: torch.dtype | None = None) -> None:
+    assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    assert torch.isfinite(out).all(), f"{name}: not finite"
+    tol = RELATIVE_TOLERANCE[dtype or out.dtype]
+    err = relative_error(ref, out)
+    assert err <= tol, f"{name}: relative error {err:.3g} > {tol:g}"
+
+
+def grads(outputs, inputs: dict[str, torch.Tensor], cotangents) -> dict[str, torch.Tensor]:
+    got = torch.autograd.grad(outputs, list(inputs.values()), cotangents, allow_unused=True)
+    return {n: torch.zeros_like(t) if g is None else g for (n, t), g in zip(inputs.items(), got)}

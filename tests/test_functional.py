@@ -1,0 +1,337 @@
+"""The functional ops on the reference path: hand-derived cases, gradients, edges, bad input."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+import fastntm.functional as F
+from fastntm import backend, fused_reference, reference
+
+from helpers import NAMES, assert_close, grads, step_inputs
+
+
+def one_hot(index, size, dtype=torch.float64):
+    t = torch.zeros(size, dtype=dtype)
+    t[index] = 1
+    return t
+
+
+def focused_inputs(N=8, M=4, S=3, focus=3, shift=+1, dtype=torch.float64):
+    """One head, focus on ``focus``, gate closed (g = 0), shift weighting one-hot on ``shift``."""
+    K = (S - 1) // 2
+    t = step_inputs(B=1, N=N, M=M, R=1, W=0, S=S, dtype=dtype, requires_grad=False)
+    t["g"] = torch.zeros(1, 1, dtype=dtype)
+    t["w_prev"] = one_hot(focus, N, dtype)[None, None]
+    t["s"] = one_hot(K + shift, S, dtype)[None, None]
+    t["gamma"] = torch.ones(1, 1, dtype=dtype)
+    return t
+
+
+def addressing(t):
+    return {n: t[n] for n in ("mem", "k", "beta", "g", "s", "gamma", "w_prev")}
+
+
+@pytest.mark.parametrize("shift", [+1, -1, 0])
+def test_shift_moves_focus_by_one_slot_in_the_documented_direction(shift):
+    w = F.address(**addressing(focused_inputs(focus=3, shift=shift)))
+    assert w[0, 0].argmax() == 3 + shift
+    torch.testing.assert_close(w[0, 0], one_hot(3 + shift, 8), atol=1e-12, rtol=0)
+
+
+def test_shift_wraps_around_the_last_slot():
+    w = F.address(**addressing(focused_inputs(N=8, focus=7, shift=+1)))
+    assert w[0, 0].argmax() == 0
+
+
+def test_shift_wider_than_memory_wraps_more_than_once():
+    # N = 3, S = 9: shift +4 is +1 mod 3.
+    w = F.address(**addressing(focused_inputs(N=3, S=9, focus=0, shift=+4)))
+    torch.testing.assert_close(w[0, 0], one_hot(1, 3), atol=1e-12, rtol=0)
+
+
+def test_gamma_one_leaves_the_shifted_weighting_unchanged():
+    t = step_inputs(B=2, N=11, M=5, R=2, W=0, requires_grad=False)
+    t["gamma"] = torch.ones_like(t["gamma"])
+    wc = reference.content_weighting(t["mem"], t["k"], t["beta"])
+    ws = reference.circular_shift(reference.interpolate(wc, t["w_prev"], t["g"]), t["s"])
+    torch.testing.assert_close(F.address(**addressing(t)), ws, rtol=1e-12, atol=1e-15)
+
+
+def test_content_addressing_focuses_on_the_most_similar_row():
+    t = step_inputs(B=1, N=9, M=6, R=1, W=0, requires_grad=False)
+    t["k"] = 2.5 * t["mem"][:, 4:5]
+    t["beta"] = torch.full((1, 1), 1e4, dtype=torch.float64)
+    t["g"] = torch.ones(1, 1, dtype=torch.float64)
+    t["s"] = one_hot(2, 5)[None, None]
+    w = F.address(**addressing(t))
+    assert w[0, 0, 4] > 0.999
+
+
+def test_read_is_the_weighted_sum_of_rows():
+    mem = torch.arange(12.0).view(1, 4, 3)
+    w = torch.tensor([[[0.5, 0.0, 0.5, 0.0]]])
+    torch.testing.assert_close(F.read(mem, w), ((mem[0, 0] + mem[0, 2]) / 2)[None, None])
+
+
+def test_full_erase_with_one_hot_weighting_clears_exactly_that_row():
+    mem = torch.randn(2, 6, 4, dtype=torch.float64)
+    w = one_hot(2, 6)[None, None].expand(2, 1, 6)
+    e = torch.ones(2, 1, 4, dtype=torch.float64)
+    a = torch.zeros(2, 1, 4, dtype=torch.float64)
+    new = F.write(mem, w, e, a)
+    assert (new[:, 2] == 0).all()
+    rest = [n for n in range(6) if n != 2]
+    torch.testing.assert_close(new[:, rest], mem[:, rest], rtol=0, atol=0)
+
+
+def test_several_write_heads_erase_multiplicatively_then_add():
+    mem = torch.randn(1, 5, 3, dtype=torch.float64)
+    w = torch.softmax(torch.randn(1, 2, 5, dtype=torch.float64), -1)
+    e = torch.rand(1, 2, 3, dtype=torch.float64)
+    a = torch.randn(1, 2, 3, dtype=torch.float64)
+    expected = torch.empty_like(mem)
+    for n in range(5):
+        for m in range(3):
+            keep = (1 - w[0, 0, n] * e[0, 0, m]) * (1 - w[0, 1, n] * e[0, 1, m])
+            expected[0, n, m] = mem[0, n, m] * keep + w[0, 0, n] * a[0, 0, m] + w[0, 1, n] * a[0, 1, m]
+    torch.testing.assert_close(F.write(mem, w, e, a), expected)
+
+
+def test_memory_step_reads_the_memory_before_the_write():
+    t = step_inputs(B=2, N=10, M=4, R=1, W=1, requires_grad=False)
+    w, r, new_mem = F.memory_step(*t.values(), num_reads=1)
+    torch.testing.assert_close(r, F.read(t["mem"], w[:, :1]))
+    torch.testing.assert_close(new_mem, F.write(t["mem"], w[:, 1:], t["e"], t["a"]))
+    torch.testing.assert_close(w, F.address(*list(t.values())[:7]))
+
+
+SHAPES = [
+    pytest.param(dict(B=3, N=7, M=5, R=1, W=2, S=5), id="B3-N7-M5-R1-W2-S5"),
+    pytest.param(dict(B=2, N=5, M=3, R=2, W=0, S=3), id="B2-N5-M3-R2-W0-S3"),
+    pytest.param(dict(B=1, N=4, M=3, R=0, W=3, S=7), id="B1-N4-M3-R0-W3-S7"),
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_gradcheck_every_op_in_float64(shape):
+    t = step_inputs(**shape)
+    R = shape["R"]
+    mem, k, beta, g, s, gamma, w_prev, e, a = t.values()
+    assert torch.autograd.gradcheck(lambda *x: F.address(*x), (mem, k, beta, g, s, gamma, w_prev))
+    assert torch.autograd.gradcheck(lambda m, w: F.read(m, w), (mem, w_prev[:, :R]))
+    w_write = w_prev[:, R:].detach().requires_grad_()
+    assert torch.autograd.gradcheck(lambda *x: F.write(*x), (mem, w_write, e, a))
+    assert torch.autograd.gradcheck(lambda *x: F.memory_step(*x, num_reads=R), tuple(t.values()))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_hand_derived_backward_matches_autograd_of_the_literal_spec(shape, dtype):
+    t = step_inputs(**shape, dtype=dtype)
+    R = shape["R"]
+    literal = reference.memory_step(*t.values(), R)
+    fused = fused_reference.memory_step(*t.values(), R)
+    cotangents = [torch.randn_like(o) for o in literal]
+    for name, ref, out in zip(("w", "r", "new_mem"), literal, fused):
+        assert_close(ref, out, name)
+    expected, got = grads(literal, t, cotangents), grads(fused, t, cotangents)
+    for name in NAMES:
+        assert_close(expected[name], got[name], f"d{name}", dtype)
+
+
+@pytest.mark.parametrize("missing", ["w", "r", "new_mem"])
+def test_backward_with_one_output_unused(missing):
+    t = step_inputs(B=2, N=6, M=3, R=1, W=1, S=3)
+    outputs = dict(zip(("w", "r", "new_mem"), fused_reference.memory_step(*t.values(), 1)))
+    literal = dict(zip(("w", "r", "new_mem"), reference.memory_step(*t.values(), 1)))
+    used = [n for n in outputs if n != missing]
+    cot = [torch.randn_like(outputs[n]) for n in used]
+    expected = grads([literal[n] for n in used], t, cot)
+    got = grads([outputs[n] for n in used], t, cot)
+    for name in NAMES:
+        assert_close(expected[name], got[name], f"d{name}")
+
+
+def edge_inputs(case: str, dtype=torch.float32) -> dict[str, torch.Tensor]:
+    t = step_inputs(B=2, N=9, M=4, R=1, W=1, S=3, dtype=dtype, requires_grad=False)
+    if case == "zero-memory-rows":
+        t["mem"][:, ::2] = 0
+    elif case == "all-zero-memory":
+        t["mem"].zero_()
+    elif case == "one-hot-focus":
+        t["w_prev"] = torch.zeros_like(t["w_prev"])
+        t["w_prev"][..., 4] = 1
+        t["g"] = torch.zeros_like(t["g"])
+        t["s"] = torch.zeros_like(t["s"])
+        t["s"][..., 1] = 1
+    elif case == "huge-beta":
+        t["beta"] = torch.full_like(t["beta"], 1e4)
+    elif case == "huge-gamma":
+        t["gamma"] = torch.full_like(t["gamma"], 50.0)
+    elif case == "zero-key":
+        t["k"] = torch.zeros_like(t["k"])
+    elif case == "everything":
+        t["mem"][:, ::2] = 0
+        t["w_prev"] = torch.zeros_like(t["w_prev"])
+        t["w_prev"][..., 4] = 1
+        t["g"] = torch.zeros_like(t["g"])
+        t["s"] = torch.zeros_like(t["s"])
+        t["s"][..., 1] = 1
+        t["beta"] = torch.full_like(t["beta"], 1e4)
+        t["gamma"] = torch.full_like(t["gamma"], 50.0)
+    return {n: v.requires_grad_() for n, v in t.items()}
+
+
+EDGE_CASES = ["zero-memory-rows", "all-zero-memory", "one-hot-focus", "huge-beta", "huge-gamma", "zero-key", "everything"]
+
+
+@pytest.mark.parametrize("case", EDGE_CASES)
+@pytest.mark.parametrize("path", ["literal", "hand-derived"])
+def test_edge_cases_stay_finite_in_values_and_gradients(case, path):
+    t = edge_inputs(case)
+    step = reference.memory_step if path == "literal" else fused_reference.memory_step
+    outputs = step(*t.values(), 1)
+    for name, out in zip(("w", "r", "new_mem"), outputs):
+        assert torch.isfinite(out).all(), name
+    got = grads(outputs, t, [torch.randn_like(o) for o in outputs])
+    for name, g in got.items():
+        assert torch.isfinite(g).all(), f"d{name}"
+
+
+@pytest.mark.parametrize("case", EDGE_CASES)
+def test_edge_cases_hand_derived_backward_matches_literal(case):
+    t = edge_inputs(case, dtype=torch.float64)
+    literal, fused = reference.memory_step(*t.values(), 1), fused_reference.memory_step(*t.values(), 1)
+    cotangents = [torch.randn_like(o) for o in literal]
+    for name, ref, out in zip(("w", "r", "new_mem"), literal, fused):
+        assert_close(ref, out, name)
+    expected, got = grads(literal, t, cotangents), grads(fused, t, cotangents)
+    for name in NAMES:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-6, atol=1e-9, msg=f"d{name}")
+
+
+def test_one_hot_focus_stays_one_hot_under_sharpening():
+    t = edge_inputs("one-hot-focus")
+    w, _, _ = reference.memory_step(*t.values(), 1)
+    torch.testing.assert_close(w.detach()[..., 4], torch.ones(2, 2))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_low_precision_inputs_compute_in_float32_and_keep_their_dtype(dtype):
+    t = step_inputs(B=2, N=16, M=8, R=1, W=1, dtype=torch.float32, requires_grad=False)
+    low = {n: v.to(dtype) for n, v in t.items()}
+    w, r, new_mem = F.memory_step(*low.values(), num_reads=1)
+    assert (w.dtype, r.dtype, new_mem.dtype) == (dtype, dtype, dtype)
+    ref = reference.memory_step(*(v.float() for v in low.values()), 1)
+    for name, expected, out in zip(("w", "r", "new_mem"), ref, (w, r, new_mem)):
+        assert_close(expected, out.float(), name, dtype)
+
+
+def test_bf16_memory_with_fp32_parameters():
+    t = step_inputs(B=2, N=16, M=8, R=1, W=1, dtype=torch.float32, requires_grad=False)
+    t["mem"] = t["mem"].bfloat16().requires_grad_()
+    w, r, new_mem = F.memory_step(*t.values(), num_reads=1)
+    assert (w.dtype, r.dtype, new_mem.dtype) == (torch.float32, torch.float32, torch.bfloat16)
+    (w.sum() + r.sum() + new_mem.float().sum()).backward()
+    assert t["mem"].grad.dtype == torch.bfloat16
+
+
+# Bad input: every rule names the argument and what was expected, before any work.
+
+BAD_INPUTS = [
+    pytest.param(lambda t: t.update(mem=t["mem"][0]), ValueError, "mem must have 3 dimensions", id="mem-2d"),
+    pytest.param(lambda t: t.update(mem=t["mem"].long()), TypeError, "mem must have a floating dtype", id="mem-int"),
+    pytest.param(lambda t: t.update(k=t["k"][:, :, :-1]), ValueError, "k must have shape (B, H, M)", id="k-width"),
+    pytest.param(lambda t: t.update(k=t["k"][:1]), ValueError, "k must have shape", id="k-batch"),
+    pytest.param(lambda t: t.update(beta=t["beta"][:, :1]), ValueError, "beta must have shape (B, H)", id="beta-heads"),
+    pytest.param(lambda t: t.update(g=t["g"][..., None]), ValueError, "g must have 2 dimensions", id="g-3d"),
+    pytest.param(lambda t: t.update(s=t["s"][..., :4]), ValueError, "S = 2K+1 odd", id="s-even"),
+    pytest.param(lambda t: t.update(gamma=t["gamma"][:, :1]), ValueError, "gamma must have shape", id="gamma-heads"),
+    pytest.param(lambda t: t.update(w_prev=t["w_prev"][..., :-1]), ValueError, "w_prev must have shape (B, H, N)", id="w_prev-slots"),
+    pytest.param(lambda t: t.update(e=t["e"][:, :1]), ValueError, "e must have shape (B, H - num_reads, M)", id="e-heads"),
+    pytest.param(lambda t: t.update(a=t["a"][..., :2]), ValueError, "a must have shape", id="a-width"),
+    pytest.param(lambda t: t.update(beta=t["beta"].double()), TypeError, "beta has dtype torch.float64", id="beta-dtype"),
+    pytest.param(lambda t: t.update(a=t["a"].double()), TypeError, "a has dtype", id="a-dtype"),
+    pytest.param(lambda t: t.update(k=torch.zeros(3, 3, 13, device="meta")), ValueError, "is on meta", id="k-device"),
+    pytest.param(lambda t: t.update(beta=-t["beta"]), ValueError, "beta must lie in [0.0, inf]", id="beta-negative"),
+    pytest.param(lambda t: t.update(g=t["g"] + 1.5), ValueError, "g must lie in [0.0, 1.0]", id="g-above-one"),
+    pytest.param(lambda t: t.update(gamma=t["gamma"] * 0.5), ValueError, "gamma must lie in [1.0, inf]", id="gamma-below-one"),
+    pytest.param(lambda t: t.update(s=-t["s"]), ValueError, "s must lie in", id="s-negative"),
+    pytest.param(lambda t: t.update(w_prev=-t["w_prev"]), ValueError, "w_prev must lie in", id="w_prev-negative"),
+    pytest.param(lambda t: t.update(e=t["e"] + 2), ValueError, "e must lie in [0.0, 1.0]", id="e-above-one"),
+    pytest.param(lambda t: t.update(beta=t["beta"] * float("nan")), ValueError, "beta contains NaN", id="beta-nan"),
+    pytest.param(lambda t: t.update(k="key"), TypeError, "k must be a torch.Tensor", id="k-not-tensor"),
+]
+
+
+@pytest.mark.parametrize("corrupt, error, message", BAD_INPUTS)
+def test_memory_step_rejects_bad_input_naming_the_argument(corrupt, error, message):
+    t = step_inputs(B=3, N=37, M=13, R=1, W=2, dtype=torch.float32, requires_grad=False)
+    corrupt(t)
+    with pytest.raises(error, match=re.escape(message)):
+        F.memory_step(*t.values(), num_reads=1)
+
+
+@pytest.mark.parametrize("num_reads, error", [(4, ValueError), (-1, ValueError), (1.0, TypeError), (True, TypeError)])
+def test_memory_step_rejects_bad_num_reads(num_reads, error):
+    t = step_inputs(B=1, N=5, M=3, R=1, W=2, requires_grad=False)
+    with pytest.raises(error, match="num_reads"):
+        F.memory_step(*t.values(), num_reads=num_reads)
+
+
+def test_zero_heads_are_rejected():
+    t = step_inputs(B=1, N=5, M=3, R=1, W=0, requires_grad=False)
+    t = {n: (v[:, :0] if n in ("k", "beta", "g", "s", "gamma", "w_prev") else v) for n, v in t.items()}
+    with pytest.raises(ValueError, match="H >= 1"):
+        F.address(*list(t.values())[:7])
+
+
+def test_read_and_write_reject_mismatched_shapes():
+    mem = torch.randn(2, 5, 3)
+    with pytest.raises(ValueError, match=r"w must have shape \(B, R, N\)"):
+        F.read(mem, torch.rand(2, 1, 4))
+    w = torch.rand(2, 1, 5)
+    with pytest.raises(ValueError, match=r"e must have shape \(B, W, M\)"):
+        F.write(mem, w, torch.rand(2, 2, 3), torch.rand(2, 1, 3))
+    with pytest.raises(ValueError, match=r"e must lie in \[0.0, 1.0\]"):
+        F.write(mem, w, torch.rand(2, 1, 3) - 2, torch.rand(2, 1, 3))
+
+
+def test_failed_checks_leave_inputs_untouched():
+    t = step_inputs(B=2, N=5, M=3, R=1, W=1, requires_grad=False)
+    before = {n: v.clone() for n, v in t.items()}
+    t["gamma"] = t["gamma"] - 5
+    before["gamma"] = t["gamma"].clone()
+    with pytest.raises(ValueError):
+        F.memory_step(*t.values(), num_reads=1)
+    for name in NAMES:
+        assert torch.equal(t[name], before[name]), name
+
+
+def test_backend_argument_is_checked():
+    t = step_inputs(B=1, N=5, M=3, R=1, W=1, requires_grad=False)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        F.memory_step(*t.values(), num_reads=1, backend="cuda")
+
+
+def test_backend_environment_variable_is_honoured_and_checked(monkeypatch):
+    monkeypatch.setenv("FASTNTM_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="FASTNTM_BACKEND must be one of"):
+        backend.resolve("auto", torch.device("cpu"))
+    monkeypatch.setenv("FASTNTM_BACKEND", "reference")
+    assert backend.resolve("auto", torch.device("cpu")) == "reference"
+
+
+def test_triton_backend_on_cpu_without_the_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        backend.resolve("triton", torch.device("cpu"))
+
+
+def test_auto_backend_runs_the_reference_on_cpu(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv("FASTNTM_BACKEND", raising=False)
+    assert backend.resolve("auto", torch.device("cpu")) == "reference"

@@ -1,0 +1,179 @@
+"""FastNTM, NTMCell and NTMState: shapes, layouts, state carry, recording, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastntm import FastNTM, NTMCell, NTMState
+
+SMALL = dict(memory_slots=13, memory_width=5, controller_size=16)
+
+
+def make(**kwargs) -> FastNTM:
+    torch.manual_seed(0)
+    return FastNTM(3, 2, **{**SMALL, **kwargs})
+
+
+CONFIGS = [
+    pytest.param({}, id="lstm-R1-W1"),
+    pytest.param(dict(controller="mlp", controller_layers=2), id="mlp-2layers"),
+    pytest.param(dict(num_reads=2, num_writes=2, shift_range=2, controller_layers=2), id="lstm2-R2-W2-K2"),
+    pytest.param(dict(num_reads=0, num_writes=1), id="write-only"),
+    pytest.param(dict(num_reads=3, num_writes=0, memory_init="learned"), id="read-only-learned"),
+    pytest.param(dict(memory_init="random"), id="random-init"),
+]
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_output_shapes_and_every_parameter_gets_a_gradient(config):
+    ntm = make(**config)
+    y, state = ntm(torch.rand(6, 4, 3))
+    assert y.shape == (6, 4, 2)
+    c = ntm.cell
+    assert state.memory.shape == (4, c.memory_slots, c.memory_width)
+    assert state.weights.shape == (4, c.num_heads, c.memory_slots)
+    assert state.reads.shape == (4, c.num_reads, c.memory_width)
+    y.square().sum().backward()
+    for name, p in ntm.named_parameters():
+        if name.startswith("cell.initial_") and c.num_reads == 0:
+            continue  # with no read head the output never sees memory
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, name
+
+
+def test_batch_first_matches_time_major():
+    ntm = make()
+    x = torch.rand(7, 3, 3)
+    y_time, _ = ntm(x)
+    ntm.batch_first = True
+    y_batch, _ = ntm(x.transpose(0, 1))
+    torch.testing.assert_close(y_batch.transpose(0, 1), y_time)
+
+
+def test_running_in_two_halves_with_the_state_carried_equals_one_pass():
+    ntm = make(num_reads=2, controller_layers=2)
+    x = torch.rand(10, 3, 3)
+    y_full, s_full = ntm(x)
+    y1, s1 = ntm(x[:4])
+    y2, s2 = ntm(x[4:], s1)
+    torch.testing.assert_close(torch.cat([y1, y2]), y_full)
+    for a, b in zip((s2.memory, s2.weights, s2.reads, *s2.controller), (s_full.memory, s_full.weights, s_full.reads, *s_full.controller)):
+        torch.testing.assert_close(a, b)
+
+
+def test_detached_state_continues_the_sequence_without_the_graph():
+    ntm = make()
+    x = torch.rand(8, 2, 3)
+    y_full, _ = ntm(x)
+    _, s1 = ntm(x[:5])
+    s1 = s1.detach()
+    assert not s1.memory.requires_grad and all(not t.requires_grad for t in s1.controller)
+    y2, _ = ntm(x[5:], s1)
+    torch.testing.assert_close(y2, y_full[5:])
+    y2.sum().backward()
+
+
+def test_state_moves_and_casts_like_a_tensor():
+    ntm = make()
+    _, state = ntm(torch.rand(2, 2, 3))
+    moved = state.to(torch.float64)
+    assert moved.memory.dtype == torch.float64 and moved.controller[0].dtype == torch.float64
+    assert moved.batch_size == 2
+
+
+def test_feature_mode_returns_controller_output_and_reads():
+    ntm = FastNTM(3, None, **SMALL, num_reads=2)
+    y, _ = ntm(torch.rand(5, 2, 3))
+    assert y.shape == (5, 2, 16 + 2 * 5)
+    assert ntm.cell.feature_size == 16 + 2 * 5
+
+
+def test_cell_does_one_step_of_the_module():
+    ntm = make()
+    x = torch.rand(3, 2, 3)
+    y, _ = ntm(x)
+    state = ntm.initial_state(2)
+    steps = []
+    for x_t in x:
+        y_t, state = ntm.cell(x_t, state)
+        steps.append(y_t)
+    torch.testing.assert_close(torch.stack(steps), y)
+
+
+def test_record_returns_every_steps_weightings_and_is_off_by_default():
+    ntm = make(num_reads=2, num_writes=1)
+    x = torch.rand(6, 2, 3)
+    with ntm.record() as trace:
+        _, state = ntm(x)
+    assert trace.weights.shape == (6, 2, 3, 13)
+    assert trace.read_weights.shape == (6, 2, 2, 13)
+    assert trace.write_weights.shape == (6, 2, 1, 13)
+    torch.testing.assert_close(trace.weights[-1], state.weights.detach())
+    torch.testing.assert_close(trace.weights.sum(-1), torch.ones(6, 2, 3))
+    ntm(x)
+    assert len(trace.steps) == 6
+
+
+def test_constant_memory_init_and_focused_initial_weighting():
+    state = make().initial_state(3)
+    assert torch.all(state.memory == 1e-6)
+    assert state.weights[..., 0].min() > 0.9
+    torch.testing.assert_close(state.weights.sum(-1), torch.ones(3, 2))
+
+
+def test_reset_parameters_is_deterministic_under_a_seed():
+    a, b = make(), make()
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(p, q), n
+    assert "memory_slots=13" in repr(a) and "batch_first=False" in repr(a)
+
+
+def test_float64_model_runs_in_float64():
+    ntm = make().double()
+    y, state = ntm(torch.rand(3, 2, 3, dtype=torch.float64))
+    assert y.dtype == torch.float64 and state.memory.dtype == torch.float64
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(memory_slots=0), "memory_slots must be a positive int"),
+        (dict(memory_width=2.5), "memory_width must be a positive int"),
+        (dict(num_reads=-1), "num_reads must be a non-negative int"),
+        (dict(num_reads=0, num_writes=0), r"num_reads \+ num_writes must be at least 1"),
+        (dict(controller="gru"), "controller must be one of"),
+        (dict(memory_init="zeros"), "memory_init must be one of"),
+        (dict(backend="cuda"), "backend must be one of"),
+        (dict(shift_range=-1), "shift_range must be a non-negative int"),
+    ],
+)
+def test_constructor_rejects_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        make(**kwargs)
+
+
+def test_forward_rejects_bad_input():
+    ntm = make()
+    with pytest.raises(ValueError, match=r"x must have shape \(T, B, input_size\) with input_size = 3"):
+        ntm(torch.rand(4, 2, 5))
+    with pytest.raises(TypeError, match="floating dtype"):
+        ntm(torch.ones(4, 2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="at least one step"):
+        ntm(torch.rand(0, 2, 3))
+    _, state = ntm(torch.rand(2, 2, 3))
+    with pytest.raises(ValueError, match=r"state.memory must have shape \(3, 13, 5\)"):
+        ntm(torch.rand(2, 3, 3), state)
+    with pytest.raises(TypeError, match="state must be an NTMState"):
+        ntm(torch.rand(2, 2, 3), (state.memory,))
+    ntm.batch_first = True
+    with pytest.raises(ValueError, match=r"\(B, T, input_size\)"):
+        ntm(torch.rand(4, 2, 5))
+
+
+def test_cell_is_exported_and_usable_alone():
+    cell = NTMCell(3, 2, **SMALL)
+    state = cell.initial_state(2)
+    assert isinstance(state, NTMState)
+    y, state = cell(torch.rand(2, 3), state)
+    assert y.shape == (2, 2)

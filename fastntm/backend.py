@@ -1,9 +1,10 @@
 """The one place that decides whether an op runs the Triton kernels or the reference.
 
 ``backend="auto"`` takes the kernels for CUDA tensors when Triton imports, and the
-reference otherwise. ``FASTNTM_BACKEND`` (auto | reference | triton) overrides
-``"auto"``; an explicit ``backend=`` argument overrides both. ``"triton"`` on CPU
-tensors runs the kernels only under ``TRITON_INTERPRET=1``.
+reference otherwise (CPU tensors included, even under ``TRITON_INTERPRET=1``).
+``FASTNTM_BACKEND`` (auto | reference | triton) overrides ``"auto"``; an explicit
+``backend=`` argument overrides both. ``"triton"`` on CPU tensors runs the
+kernels through the Triton interpreter, so only under ``TRITON_INTERPRET=1``.
 """
 
 from __future__ import annotations
@@ -51,8 +52,7 @@ def resolve(backend: str, device: torch.device) -> str:
         if backend not in BACKENDS:
             raise ValueError(f"FASTNTM_BACKEND must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        on_gpu = device.type == "cuda" or (device.type == "cpu" and interpreting())
-        return "triton" if on_gpu and _kernels() is not None else "reference"
+        return "triton" if device.type == "cuda" and _kernels() is not None else "reference"
     if backend == "triton":
         if device.type != "cuda" and not interpreting():
             raise RuntimeError(

@@ -20,6 +20,7 @@ from typing import Iterator
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from . import functional
@@ -144,6 +145,7 @@ class NTMCell(nn.Module):
         num_writes: int = 1,
         shift_range: int = 1,
         memory_init: str = "constant",
+        memory_dtype: torch.dtype | None = None,
         backend: str = "auto",
     ):
         super().__init__()
@@ -162,6 +164,8 @@ class NTMCell(nn.Module):
         _check_choice("controller", controller, CONTROLLERS)
         _check_choice("memory_init", memory_init, MEMORY_INITS)
         _check_choice("backend", backend, BACKENDS)
+        if memory_dtype is not None and not (isinstance(memory_dtype, torch.dtype) and memory_dtype.is_floating_point):
+            raise TypeError(f"memory_dtype must be a floating torch.dtype or None, got {memory_dtype!r}")
 
         self.input_size = input_size
         self.output_size = output_size
@@ -174,6 +178,7 @@ class NTMCell(nn.Module):
         self.num_heads = num_reads + num_writes
         self.shift_range = shift_range
         self.memory_init = memory_init
+        self.memory_dtype = memory_dtype
         self.backend = backend
 
         N, M, R, H = memory_slots, memory_width, num_reads, self.num_heads
@@ -215,16 +220,18 @@ class NTMCell(nn.Module):
             f"input_size={self.input_size}, output_size={self.output_size}, memory_slots={self.memory_slots}, "
             f"memory_width={self.memory_width}, controller={self.controller_kind!r}, num_reads={self.num_reads}, "
             f"num_writes={self.num_writes}, shift_range={self.shift_range}, memory_init={self.memory_init!r}"
+            + (f", memory_dtype={self.memory_dtype}" if self.memory_dtype is not None else "")
         )
 
     def initial_state(self, batch_size: int, device=None, dtype=None) -> NTMState:
-        """The state before the first step, for ``batch_size`` sequences."""
+        """The state before the first step, for ``batch_size`` sequences; memory in
+        ``memory_dtype`` when one was given (bf16 storage, fp32 arithmetic)."""
         _check_positive_int("batch_size", batch_size)
         device = device if device is not None else self.initial_memory.device
         dtype = dtype if dtype is not None else self.initial_memory.dtype
         B, R, H, N, M = batch_size, self.num_reads, self.num_heads, self.memory_slots, self.memory_width
         return NTMState(
-            memory=self.initial_memory.to(device, dtype).expand(B, N, M),
+            memory=self.initial_memory.to(device, self.memory_dtype or dtype).expand(B, N, M),
             weights=torch.softmax(self.initial_weight_logits, dim=-1).to(device, dtype).expand(B, H, N),
             reads=self.initial_reads.to(device, dtype).expand(B, R, M),
             controller=self.controller.initial_state(B, device, dtype),
@@ -260,6 +267,60 @@ class NTMCell(nn.Module):
         return y, NTMState(memory, w, r, controller_state)
 
 
+def default_checkpoint_every(steps: int, state: NTMState) -> int:
+    """``checkpoint_every="auto"``: about sqrt(T) steps a segment, or 0 (store every
+    step) when every step's memory together takes at most ``AUTO_STORE_BYTES``, where
+    recomputing would cost time and save nothing that matters."""
+    memory = state.memory
+    stored = steps * memory.shape[0] * memory.shape[1] * memory.shape[2] * memory.element_size()
+    return 0 if stored <= AUTO_STORE_BYTES else max(1, math.isqrt(steps - 1) + 1)
+
+
+AUTO_STORE_BYTES = 64 * 2**20
+
+
+def unroll(cell: NTMCell, x: torch.Tensor, state: NTMState, checkpoint_every: int = 0, trace: "Trace | None" = None):
+    """Run ``cell`` over ``x`` (T, B, input_size) from ``state``: ``(y (T, B, ...), final state)``.
+
+    With ``checkpoint_every = C > 0`` and gradients on, the forward pass keeps the
+    state only at every C-th step (and each step's output); backward recomputes
+    each segment from its first state. Gradients equal the store-everything path
+    (C = 0) to rounding. Memory for T steps falls from T copies of the memory to
+    about T / C + C.
+    """
+    segment = checkpoint_every if checkpoint_every > 0 and torch.is_grad_enabled() else x.shape[0]
+    outputs = []
+    for start in range(0, x.shape[0], segment):
+        x_segment = x[start : start + segment]
+        if segment < x.shape[0]:
+            flat = (state.memory, state.weights, state.reads, *state.controller)
+            y, weights, flat = torch.utils.checkpoint.checkpoint(
+                _run_segment, cell, x_segment, trace is not None, *flat, use_reentrant=False
+            )
+            state = NTMState(flat[0], flat[1], flat[2], tuple(flat[3:]))
+        else:
+            y, weights, state = _run_steps(cell, x_segment, state, trace is not None)
+        outputs.append(y)
+        if trace is not None:
+            trace.steps.extend(weights.detach().unbind(0))
+    return torch.cat(outputs) if len(outputs) > 1 else outputs[0], state
+
+
+def _run_steps(cell: NTMCell, x: torch.Tensor, state: NTMState, keep_weights: bool):
+    outputs, weights = [], []
+    for x_t in x:
+        y_t, state = cell(x_t, state)
+        outputs.append(y_t)
+        if keep_weights:
+            weights.append(state.weights)
+    return torch.stack(outputs), (torch.stack(weights) if keep_weights else None), state
+
+
+def _run_segment(cell: NTMCell, x: torch.Tensor, keep_weights: bool, memory, weights, reads, *controller):
+    y, step_weights, state = _run_steps(cell, x, NTMState(memory, weights, reads, tuple(controller)), keep_weights)
+    return y, step_weights, (state.memory, state.weights, state.reads, *state.controller)
+
+
 class FastNTM(nn.Module):
     """A Neural Turing Machine over whole sequences, called like ``nn.LSTM``.
 
@@ -267,7 +328,16 @@ class FastNTM(nn.Module):
     (B, T, input_size) with ``batch_first``; ``y`` is (T, B, output_size) raw
     logits (batch first likewise), or the features ``[h_t, r_t]`` when
     ``output_size`` is None. Pass the returned ``NTMState`` back in to continue a
-    sequence (``state.detach()`` for truncated backprop).
+    sequence (``state.detach()`` for truncated backprop); ``step(x_t, state)``
+    runs one step, for streams.
+
+    Args beyond ``NTMCell``'s:
+        checkpoint_every: keep the state only every C steps in training and
+            recompute segments in backward; 0 stores every step; "auto" (the
+            default) takes about sqrt(T) when storing every step would take more
+            than 64 MiB, else 0.
+        memory_dtype: store memory in this dtype (``torch.bfloat16`` halves its
+            traffic); every op still computes in float32.
 
     Example::
 
@@ -292,10 +362,14 @@ class FastNTM(nn.Module):
         num_writes: int = 1,
         shift_range: int = 1,
         memory_init: str = "constant",
+        memory_dtype: torch.dtype | None = None,
+        checkpoint_every: int | str = "auto",
         batch_first: bool = False,
         backend: str = "auto",
     ):
         super().__init__()
+        if checkpoint_every != "auto":
+            _check_nonnegative_int("checkpoint_every", checkpoint_every)
         self.cell = NTMCell(
             input_size,
             output_size,
@@ -308,13 +382,15 @@ class FastNTM(nn.Module):
             num_writes=num_writes,
             shift_range=shift_range,
             memory_init=memory_init,
+            memory_dtype=memory_dtype,
             backend=backend,
         )
+        self.checkpoint_every = checkpoint_every
         self.batch_first = batch_first
         self._trace: Trace | None = None
 
     def extra_repr(self) -> str:
-        return f"batch_first={self.batch_first}"
+        return f"checkpoint_every={self.checkpoint_every!r}, batch_first={self.batch_first}"
 
     def reset_parameters(self) -> None:
         self.cell.reset_parameters()
@@ -332,26 +408,34 @@ class FastNTM(nn.Module):
             self._trace = None
 
     def forward(self, x: torch.Tensor, state: NTMState | None = None) -> tuple[torch.Tensor, NTMState]:
-        self._check_input(x, state)
+        self._check_input(x, state, layout="(B, T, input_size)" if self.batch_first else "(T, B, input_size)")
         if self.batch_first:
             x = x.transpose(0, 1)
         if state is None:
             state = self.initial_state(x.shape[1], x.device, x.dtype)
-        outputs = []
-        for x_t in x:
-            y_t, state = self.cell(x_t, state)
-            outputs.append(y_t)
-            if self._trace is not None:
-                self._trace.steps.append(state.weights.detach())
-        y = torch.stack(outputs)
+        every = self.checkpoint_every
+        if every == "auto":
+            every = default_checkpoint_every(x.shape[0], state)
+        y, state = unroll(self.cell, x, state, every, self._trace)
         return (y.transpose(0, 1) if self.batch_first else y), state
 
-    def _check_input(self, x, state: NTMState | None) -> None:
+    def step(self, x_t: torch.Tensor, state: NTMState | None = None) -> tuple[torch.Tensor, NTMState]:
+        """One step for streams: ``x_t`` (B, input_size) -> ``(y_t, state)``, the same as
+        the matching step of ``forward``."""
+        self._check_input(x_t[None] if isinstance(x_t, torch.Tensor) and x_t.dim() == 2 else x_t, state, "(B, input_size)")
+        if state is None:
+            state = self.initial_state(x_t.shape[0], x_t.device, x_t.dtype)
+        y_t, state = self.cell(x_t, state)
+        if self._trace is not None:
+            self._trace.steps.append(state.weights.detach())
+        return y_t, state
+
+    def _check_input(self, x, state: NTMState | None, layout: str) -> None:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        layout = "(B, T, input_size)" if self.batch_first else "(T, B, input_size)"
         if x.dim() != 3 or x.shape[-1] != self.cell.input_size:
-            raise ValueError(f"x must have shape {layout} with input_size = {self.cell.input_size}, got {tuple(x.shape)}")
+            shape = tuple(x.shape) if layout != "(B, input_size)" else tuple(x.shape[1:])
+            raise ValueError(f"x must have shape {layout} with input_size = {self.cell.input_size}, got {shape}")
         if not x.is_floating_point():
             raise TypeError(f"x must have a floating dtype, got {x.dtype}")
         if x.shape[0] == 0 or x.shape[1] == 0:
@@ -360,7 +444,7 @@ class FastNTM(nn.Module):
             return
         if not isinstance(state, NTMState):
             raise TypeError(f"state must be an NTMState or None, got {type(state).__name__}")
-        B = x.shape[0] if self.batch_first else x.shape[1]
+        B = x.shape[0] if self.batch_first and layout != "(B, input_size)" else x.shape[1]
         c = self.cell
         expected = {
             "state.memory": (state.memory, (B, c.memory_slots, c.memory_width)),

@@ -254,7 +254,8 @@ class NTMCell(nn.Module):
             a,
         )
 
-    def forward(self, x: torch.Tensor, state: NTMState) -> tuple[torch.Tensor, NTMState]:
+    def features(self, x: torch.Tensor, state: NTMState) -> tuple[torch.Tensor, NTMState]:
+        """One step up to the output layer: ``([h_t, r_t], new_state)``."""
         B = x.shape[0]
         controller_in = torch.cat([x, state.reads.reshape(B, -1)], dim=-1)
         h, controller_state = self.controller(controller_in, state.controller)
@@ -262,9 +263,15 @@ class NTMCell(nn.Module):
         w, r, memory = functional.memory_step(
             state.memory, k, beta, g, s, gamma, state.weights, e, a, num_reads=self.num_reads, backend=self.backend
         )
-        features = torch.cat([h, r.reshape(B, -1)], dim=-1)
-        y = self.output(features) if self.output is not None else features
-        return y, NTMState(memory, w, r, controller_state)
+        return torch.cat([h, r.reshape(B, -1)], dim=-1), NTMState(memory, w, r, controller_state)
+
+    def readout(self, features: torch.Tensor) -> torch.Tensor:
+        """The output layer on features of any leading shape (identity without one)."""
+        return self.output(features) if self.output is not None else features
+
+    def forward(self, x: torch.Tensor, state: NTMState) -> tuple[torch.Tensor, NTMState]:
+        features, state = self.features(x, state)
+        return self.readout(features), state
 
 
 def default_checkpoint_every(steps: int, state: NTMState) -> int:
@@ -303,13 +310,16 @@ def unroll(cell: NTMCell, x: torch.Tensor, state: NTMState, checkpoint_every: in
         outputs.append(y)
         if trace is not None:
             trace.steps.extend(weights.detach().unbind(0))
-    return torch.cat(outputs) if len(outputs) > 1 else outputs[0], state
+    features = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+    return cell.readout(features), state
 
 
 def _run_steps(cell: NTMCell, x: torch.Tensor, state: NTMState, keep_weights: bool):
+    """Features (T, B, F) of every step (the output layer runs once, outside), the
+    weightings (T, B, H, N) if asked for, and the last state."""
     outputs, weights = [], []
     for x_t in x:
-        y_t, state = cell(x_t, state)
+        y_t, state = cell.features(x_t, state)
         outputs.append(y_t)
         if keep_weights:
             weights.append(state.weights)

@@ -24,7 +24,7 @@ ONCHIP_MAX_ELEMENTS = 4096
 """Largest next_pow2(N) * next_pow2(M) that one program holds (checked spill-free by ptxas)."""
 BLOCK_ELEMENTS = 4096
 """Target BN * BM of a large-memory program."""
-MAX_BM = 256
+MAX_BM = 128
 """Widest slot the kernels take (BM = next_pow2(M)); wider slots use the reference."""
 
 _forced_block_n: int | None = None
@@ -93,7 +93,8 @@ def choose(N: int, M: int) -> Blocks:
     """The regime and block sizes for a memory of N slots of width M."""
     BM = block_m(M)
     forced = forced_block_n()
-    full = max(16, triton.next_power_of_2(N))
+    # At least 64 rows on-chip: fewer configurations to build and check, at the cost of masked rows for tiny N.
+    full = max(64, triton.next_power_of_2(N))
     if forced is None and full * BM <= ONCHIP_MAX_ELEMENTS:
         return Blocks(True, full, BM, 4 if full * BM <= 2048 else 8)
     BN = forced if forced is not None else large_block_n(BM)

@@ -220,12 +220,13 @@ def _read_write_kernel(p_mem, p_w, p_P, p_e, p_a, p_wout, p_rpart, p_new,
 
 @triton.jit
 def _read_write_bwd_kernel(p_mem, p_w, p_e, p_a, p_dr, p_dnew, p_dw, p_depart, p_dapart,
-                           s_mem_b, s_mem_n, s_dnew_b, s_dnew_n, N, M, R, W, NB,
-                           HAS_DR: tl.constexpr, HAS_DNEW: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr):
+                           s_mem_b, s_mem_n, s_dnew_b, s_dnew_n, N, M, R, W, NB, RD, WD,
+                           BN: tl.constexpr, BM: tl.constexpr):
     """dL/dw (fp32, all R + W heads) from the reads and the write; dL/de, dL/da as per-block partials (B, NB, W, M).
 
-    The erase product without head h is rebuilt from the other heads, never by
-    dividing by ``1 - w e`` (unstable where it is near zero).
+    ``RD`` (R or 0) and ``WD`` (W or 0) say whether dL/dr and dL/dnew_mem were given. The
+    erase product without head h is rebuilt from the other heads, never by dividing by
+    ``1 - w e`` (unstable where it is near zero).
     """
     i_n = tl.program_id(0).to(tl.int64)
     i_b = tl.program_id(1).to(tl.int64)
@@ -236,37 +237,37 @@ def _read_write_bwd_kernel(p_mem, p_w, p_e, p_a, p_dr, p_dnew, p_dw, p_depart, p
     m_nm = m_n[:, None] & m_m[None, :]
     H = R + W
     b_mem = tl.load(p_mem + i_b * s_mem_b + o_n[:, None] * s_mem_n + o_m[None, :], mask=m_nm, other=0.0).to(tl.float32)
-    if HAS_DR:
-        for h in range(R):
-            b_dr = tl.load(p_dr + (i_b * R + h) * M + o_m, mask=m_m, other=0.0).to(tl.float32)
-            tl.store(p_dw + (i_b * H + h) * N + o_n, tl.sum(b_mem * b_dr[None, :], 1), mask=m_n)
-    if HAS_DNEW:
+    for h in range(RD):
+        b_dr = tl.load(p_dr + (i_b * R + h) * M + o_m, mask=m_m, other=0.0).to(tl.float32)
+        tl.store(p_dw + (i_b * H + h) * N + o_n, tl.sum(b_mem * b_dr[None, :], 1), mask=m_n)
+    for hw in range(WD):
         b_dnew = tl.load(p_dnew + i_b * s_dnew_b + o_n[:, None] * s_dnew_n + o_m[None, :],
                          mask=m_nm, other=0.0).to(tl.float32)
-        for hw in range(W):
-            b_others = tl.full([BN, BM], 1.0, dtype=tl.float32)
-            for h2 in range(W):
-                b_w2 = tl.load(p_w + (i_b * H + R + h2) * N + o_n, mask=m_n, other=0.0).to(tl.float32)
-                b_e2 = tl.load(p_e + (i_b * W + h2) * M + o_m, mask=m_m, other=0.0).to(tl.float32)
-                b_others *= tl.where(h2 == hw, 1.0, 1.0 - b_w2[:, None] * b_e2[None, :])
-            b_w = tl.load(p_w + (i_b * H + R + hw) * N + o_n, mask=m_n, other=0.0).to(tl.float32)
-            b_e = tl.load(p_e + (i_b * W + hw) * M + o_m, mask=m_m, other=0.0).to(tl.float32)
-            b_a = tl.load(p_a + (i_b * W + hw) * M + o_m, mask=m_m, other=0.0).to(tl.float32)
-            b_derase = b_dnew * b_mem * b_others
-            b_dw = tl.sum(b_dnew * b_a[None, :] - b_derase * b_e[None, :], 1)
-            tl.store(p_dw + (i_b * H + R + hw) * N + o_n, b_dw, mask=m_n)
-            o_part = ((i_b * NB + i_n) * W + hw) * M + o_m
-            tl.store(p_depart + o_part, -tl.sum(b_derase * b_w[:, None], 0), mask=m_m)
-            tl.store(p_dapart + o_part, tl.sum(b_dnew * b_w[:, None], 0), mask=m_m)
+        b_others = tl.full([BN, BM], 1.0, dtype=tl.float32)
+        for h2 in range(W):
+            b_w2 = tl.load(p_w + (i_b * H + R + h2) * N + o_n, mask=m_n, other=0.0).to(tl.float32)
+            b_e2 = tl.load(p_e + (i_b * W + h2) * M + o_m, mask=m_m, other=0.0).to(tl.float32)
+            b_others *= tl.where(h2 == hw, 1.0, 1.0 - b_w2[:, None] * b_e2[None, :])
+        b_w = tl.load(p_w + (i_b * H + R + hw) * N + o_n, mask=m_n, other=0.0).to(tl.float32)
+        b_e = tl.load(p_e + (i_b * W + hw) * M + o_m, mask=m_m, other=0.0).to(tl.float32)
+        b_a = tl.load(p_a + (i_b * W + hw) * M + o_m, mask=m_m, other=0.0).to(tl.float32)
+        b_derase = b_dnew * b_mem * b_others
+        b_dw = tl.sum(b_dnew * b_a[None, :] - b_derase * b_e[None, :], 1)
+        tl.store(p_dw + (i_b * H + R + hw) * N + o_n, b_dw, mask=m_n)
+        o_part = ((i_b * NB + i_n) * W + hw) * M + o_m
+        tl.store(p_depart + o_part, -tl.sum(b_derase * b_w[:, None], 0), mask=m_m)
+        tl.store(p_dapart + o_part, tl.sum(b_dnew * b_w[:, None], 0), mask=m_m)
 
 
 @triton.jit
 def _mem_bwd_kernel(p_mem, p_w, p_e, p_dr, p_dnew, p_k, p_K, p_dK, p_dmem, p_dkpart,
-                    s_mem_b, s_mem_n, s_dnew_b, s_dnew_n, s_dmem_b, s_dmem_n, N, M, R, W, HK, NB,
-                    HAS_DR: tl.constexpr, HAS_DNEW: tl.constexpr, HAS_DK: tl.constexpr,
-                    BN: tl.constexpr, BM: tl.constexpr):
+                    s_mem_b, s_mem_n, s_dnew_b, s_dnew_n, s_dmem_b, s_dmem_n, N, M, R, W, HK, NB, RD, HAS_DNEW,
+                    HAS_DK: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr):
     """dL/dmem on block ``i_n``: write (``dnew * keep``), reads (``sum_h w_h dr_h``), cosine of the HK addressing
-    heads; per-block partials (B, NB, HK, M) of ``sum_n dK[n] mem[n] / (|k| |mem[n]|)`` for dL/dk."""
+    heads; per-block partials (B, NB, HK, M) of ``sum_n dK[n] mem[n] / (|k| |mem[n]|)`` for dL/dk.
+
+    ``RD`` (R or 0) and ``HAS_DNEW`` (0 or 1) say whether dL/dr and dL/dnew_mem were given: runtime
+    values, so that one compiled kernel serves every combination (a masked-off load moves no data)."""
     i_n = tl.program_id(0).to(tl.int64)
     i_b = tl.program_id(1).to(tl.int64)
     o_n = i_n * BN + tl.arange(0, BN)
@@ -276,20 +277,17 @@ def _mem_bwd_kernel(p_mem, p_w, p_e, p_dr, p_dnew, p_k, p_K, p_dK, p_dmem, p_dkp
     m_nm = m_n[:, None] & m_m[None, :]
     H = R + W
     b_dmem = tl.zeros([BN, BM], dtype=tl.float32)
-    if HAS_DNEW:
-        b_keep = tl.full([BN, BM], 1.0, dtype=tl.float32)
-        for h in range(W):
-            b_w = tl.load(p_w + (i_b * H + R + h) * N + o_n, mask=m_n, other=0.0).to(tl.float32)
-            b_e = tl.load(p_e + (i_b * W + h) * M + o_m, mask=m_m, other=0.0).to(tl.float32)
-            b_keep *= 1.0 - b_w[:, None] * b_e[None, :]
-        b_dnew = tl.load(p_dnew + i_b * s_dnew_b + o_n[:, None] * s_dnew_n + o_m[None, :],
-                         mask=m_nm, other=0.0).to(tl.float32)
-        b_dmem += b_dnew * b_keep
-    if HAS_DR:
-        for h in range(R):
-            b_w = tl.load(p_w + (i_b * H + h) * N + o_n, mask=m_n, other=0.0).to(tl.float32)
-            b_dr = tl.load(p_dr + (i_b * R + h) * M + o_m, mask=m_m, other=0.0).to(tl.float32)
-            b_dmem += b_w[:, None] * b_dr[None, :]
+    b_dnew = tl.load(p_dnew + i_b * s_dnew_b + o_n[:, None] * s_dnew_n + o_m[None, :],
+                     mask=m_nm & (HAS_DNEW != 0), other=0.0).to(tl.float32)
+    for h in range(W * HAS_DNEW):
+        b_w = tl.load(p_w + (i_b * H + R + h) * N + o_n, mask=m_n, other=0.0).to(tl.float32)
+        b_e = tl.load(p_e + (i_b * W + h) * M + o_m, mask=m_m, other=0.0).to(tl.float32)
+        b_dnew *= 1.0 - b_w[:, None] * b_e[None, :]
+    b_dmem += b_dnew
+    for h in range(RD):
+        b_w = tl.load(p_w + (i_b * H + h) * N + o_n, mask=m_n, other=0.0).to(tl.float32)
+        b_dr = tl.load(p_dr + (i_b * R + h) * M + o_m, mask=m_m, other=0.0).to(tl.float32)
+        b_dmem += b_w[:, None] * b_dr[None, :]
     if HAS_DK:
         b_mem = tl.load(p_mem + i_b * s_mem_b + o_n[:, None] * s_mem_n + o_m[None, :],
                         mask=m_nm, other=0.0).to(tl.float32)
@@ -424,7 +422,7 @@ def _read_write_bwd(mem, w, e, a, dr, dnew, R: int, W: int):
         _read_write_bwd_kernel[(NB, B)](
             mem, w, _nz(e, mem), _nz(a, mem), dr if has_dr else mem, dn, dw, _nz(depart, mem), _nz(dapart, mem),
             mem.stride(0), mem.stride(1), dn.stride(0), dn.stride(1), N, M, R, W, NB,
-            HAS_DR=has_dr, HAS_DNEW=has_dnew, BN=blk.BN, BM=blk.BM, num_warps=blk.num_warps)
+            R if has_dr else 0, W if has_dnew else 0, BN=blk.BN, BM=blk.BM, num_warps=blk.num_warps)
     if not has_dnew:
         return dw, depart.new_zeros((B, W, M)), dapart.new_zeros((B, W, M))
     return dw, depart.sum(1), dapart.sum(1)
@@ -445,7 +443,7 @@ def _mem_bwd(mem, w, e, dr, dnew, k, K, dK, R: int, W: int):
         mem, w, _nz(e, mem), dr if has_dr else mem, dn, k if has_dk else mem, K if has_dk else mem,
         dK if has_dk else mem, dmem, _nz(dkpart, mem),
         mem.stride(0), mem.stride(1), dn.stride(0), dn.stride(1), dmem.stride(0), dmem.stride(1),
-        N, M, R, W, HK, NB, HAS_DR=has_dr, HAS_DNEW=has_dnew, HAS_DK=has_dk,
+        N, M, R, W, HK, NB, R if has_dr else 0, int(has_dnew), HAS_DK=has_dk,
         BN=blk.BN, BM=blk.BM, num_warps=blk.num_warps)
     return dmem, (dkpart.sum(1) if has_dk else None)
 

@@ -1,0 +1,187 @@
+"""Benchmark of the fused memory-step kernels against the reference path, on one CUDA GPU.
+
+    python -m benchmarks.bench_kernels --out results/        # writes results/bench_kernels.json
+
+For each shape of ``SHAPES``: check the kernels against the reference (outputs and
+every gradient), then time ``memory_step`` forward and forward+backward for both
+providers with ``triton.testing.do_bench`` (p50, p20, p80 in microseconds). A
+device-to-device copy of the memory measured in the same run gives the bandwidth
+the byte model is held against.
+
+Byte model (minimal traffic, the (B, H, N) vectors left out):
+  forward       3 x |mem|: read mem for the similarity, read it again for the
+                reads and the write (the softmax and sharpening sums over all of
+                N come between), write new_mem;
+  fwd+bwd       6 x |mem|: the forward's 3, plus read mem, read dL/dnew_mem,
+                write dL/dmem.
+The kernels' own traffic is higher in the backward (two passes over mem and
+dL/dnew_mem: 5 x |mem|, so 8 x |mem| in all); the fraction reported is of the
+minimal model.  Finishes in well under 3 minutes on an H100.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import torch
+
+SHAPES = {
+    "paper": dict(B=32, N=128, M=20, R=1, W=1, S=3),
+    "large": dict(B=16, N=65536, M=64, R=4, W=1, S=3),
+}
+
+
+def make_inputs(B, N, M, R, W, S, device, dtype=torch.float32, seed=0):
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    H = R + W
+
+    def rand(*shape):
+        return torch.rand(*shape, generator=gen).to(device, dtype)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen).to(device, dtype)
+
+    return dict(
+        mem=randn(B, N, M), k=randn(B, H, M), beta=rand(B, H) * 5, g=rand(B, H),
+        s=torch.softmax(randn(B, H, S), -1), gamma=1 + rand(B, H) * 3,
+        w_prev=torch.softmax(randn(B, H, N), -1), e=rand(B, W, M), a=randn(B, W, M),
+    )
+
+
+def rel_err(out, ref):
+    return ((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
+
+
+def check(impl, ref, x, R):
+    """Largest relative error over outputs and gradients."""
+    xk = [t.clone().requires_grad_() for t in x.values()]
+    xr = [t.clone().requires_grad_() for t in x.values()]
+    ok, orf = impl(*xk, R), ref(*xr, R)
+    gen = torch.Generator().manual_seed(2)
+    cot = [torch.randn(o.shape, generator=gen).to(o.device, o.dtype) for o in orf]
+    gk = torch.autograd.grad(ok, xk, cot)
+    gr = torch.autograd.grad(orf, xr, cot)
+    errs = {f"out{i}": rel_err(a, b) for i, (a, b) in enumerate(zip(ok, orf))}
+    errs.update({f"d{n}": rel_err(a, b) for n, a, b in zip(x, gk, gr)})
+    return errs
+
+
+def bench(fn):
+    from triton.testing import do_bench
+
+    p50, p20, p80 = do_bench(fn, quantiles=[0.5, 0.2, 0.8], warmup=25, rep=100)
+    return dict(p50_us=p50 * 1e3, p20_us=p20 * 1e3, p80_us=p80 * 1e3)
+
+
+def bench_graph(fn):
+    """p50/p20/p80 with the calls replayed from a CUDA graph (host launch overhead removed), or None."""
+    from triton.testing import do_bench_cudagraph
+
+    try:
+        torch.cuda.synchronize()
+        p50, p20, p80 = do_bench_cudagraph(fn, rep=50, quantiles=[0.5, 0.2, 0.8])
+    except Exception as exc:  # a provider that cannot be captured still gets its eager figure
+        return dict(error=f"{type(exc).__name__}: {exc}"[:200])
+    return dict(p50_us=p50 * 1e3, p20_us=p20 * 1e3, p80_us=p80 * 1e3)
+
+
+def copy_bandwidth(nbytes, device):
+    """Device-to-device copy bandwidth (bytes read + written per second) for a buffer of ``nbytes``."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    t = bench(lambda: dst.copy_(src))["p50_us"] * 1e-6
+    return 2 * src.numel() * 4 / t
+
+
+def commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=os.environ.get("OUT", "runs/bench"), help="folder for bench_kernels.json")
+    ap.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated names from SHAPES")
+    args = ap.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "bench_kernels.json")
+    if not torch.cuda.is_available():
+        print("bench_kernels: no CUDA device; nothing measured")
+        with open(path, "w") as f:
+            json.dump(dict(skipped="no CUDA device"), f)
+        return 0
+
+    import triton
+
+    from fastntm import kernels, reference
+
+    device = torch.device("cuda")
+    providers = {"triton": kernels.memory_step, "reference": reference.memory_step}
+    result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                  python=platform.python_version(), commit=commit(), shapes={})
+    t_start = time.time()
+    for name in args.shapes.split(","):
+        shp = SHAPES[name]
+        R = shp["R"]
+        x = make_inputs(**shp, device=device)
+        mem_bytes = x["mem"].numel() * x["mem"].element_size()
+        row = dict(shape=shp, mem_bytes=mem_bytes, errors=check(kernels.memory_step, reference.memory_step, x, R))
+        row["correct"] = max(row["errors"].values()) < 1e-3
+        row["copy_GBps"] = copy_bandwidth(max(mem_bytes, 1 << 26), device) / 1e9
+        xg = [t.clone().requires_grad_() for t in x.values()]
+        gen = torch.Generator().manual_seed(1)
+        cot = [torch.randn(o.shape, generator=gen).to(device, o.dtype) for o in reference.memory_step(*x.values(), R)]
+        for prov, fn in providers.items():
+            fwd = bench(lambda: fn(*x.values(), R))
+
+            def fwd_bwd(fn=fn):
+                torch.autograd.grad(fn(*xg, R), xg, cot)
+
+            both = bench(fwd_bwd)
+            row[prov] = dict(fwd=fwd, fwd_bwd=both)
+            if mem_bytes < (1 << 26):  # launch-bound sizes: also without host overhead
+                row[prov]["fwd_graph"] = bench_graph(lambda: fn(*x.values(), R))
+                row[prov]["fwd_bwd_graph"] = bench_graph(fwd_bwd)
+            row[prov]["fwd_GBps"] = 3 * mem_bytes / (fwd["p50_us"] * 1e-6) / 1e9
+            row[prov]["fwd_bwd_GBps"] = 6 * mem_bytes / (both["p50_us"] * 1e-6) / 1e9
+        for key in ("fwd", "fwd_bwd"):
+            row[f"speedup_{key}"] = row["reference"][key]["p50_us"] / row["triton"][key]["p50_us"]
+            row[f"triton_{key}_frac_copy"] = row["triton"][f"{key}_GBps"] / row["copy_GBps"]
+        result["shapes"][name] = row
+        torch.cuda.empty_cache()
+    result["wall_s"] = time.time() - t_start
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+
+    print(f"\nbench_kernels on {result['device']} (torch {result['torch']}, triton {result['triton']})")
+    print(f"{'shape':6} {'ok':3} {'max err':>8} {'copy GB/s':>9} | {'prov':9} {'fwd p50 us':>10} {'(p20-p80)':>15} "
+          f"{'fwd+bwd p50 us':>14} {'(p20-p80)':>15} {'fwd frac':>8} {'f+b frac':>8}")
+    for name, row in result["shapes"].items():
+        for prov in providers:
+            r = row[prov]
+            f, b = r["fwd"], r["fwd_bwd"]
+            print(f"{name:6} {'yes' if row['correct'] else 'NO':3} {max(row['errors'].values()):8.1e} "
+                  f"{row['copy_GBps']:9.0f} | {prov:9} {f['p50_us']:10.1f} {f['p20_us']:7.1f}-{f['p80_us']:<7.1f} "
+                  f"{b['p50_us']:14.1f} {b['p20_us']:7.1f}-{b['p80_us']:<7.1f} "
+                  f"{r['fwd_GBps'] / row['copy_GBps']:8.2f} {r['fwd_bwd_GBps'] / row['copy_GBps']:8.2f}")
+            for key in ("fwd_graph", "fwd_bwd_graph"):
+                if "p50_us" in row[prov].get(key, {}):
+                    print(f"{name:6} {prov:9} {key} (CUDA graph) p50 {row[prov][key]['p50_us']:.1f} us")
+                elif key in row[prov]:
+                    print(f"{name:6} {prov:9} {key} (CUDA graph) failed: {row[prov][key]['error']}")
+        print(f"{name:6} speedup vs reference: fwd {row['speedup_fwd']:.1f}x, fwd+bwd {row['speedup_fwd_bwd']:.1f}x")
+    print(f"written {path} ({result['wall_s']:.0f} s)")
+    return 0 if all(r["correct"] for r in result["shapes"].values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

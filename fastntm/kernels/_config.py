@@ -22,7 +22,7 @@ import triton
 
 ONCHIP_MAX_ELEMENTS = 4096
 """Largest next_pow2(N) * next_pow2(M) that one program holds (checked spill-free by ptxas)."""
-BLOCK_ELEMENTS = 4096
+BLOCK_ELEMENTS = 2048
 """Target BN * BM of a large-memory program."""
 MAX_BM = 128
 """Widest slot the kernels take (BM = next_pow2(M)); wider slots use the reference."""

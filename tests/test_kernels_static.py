@@ -1,0 +1,124 @@
+"""Every kernel at every block configuration the dispatch can choose builds for sm_80 and sm_90,
+and none spills registers (``ptxas -v``). No GPU and no interpreter needed::
+
+    TRITON_INTERPRET=0 pytest tests/test_kernels_static.py -s   # -s prints the register table
+
+Set ``FASTNTM_STATIC_TABLE=path`` to also write the table to a file. Must run
+with the interpreter off (it replaces the compiler); ``tests/conftest.py`` turns
+it on by default without a GPU, hence ``TRITON_INTERPRET=0``.
+"""
+
+import importlib
+import os
+import re
+import subprocess
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+
+import pytest
+
+triton = pytest.importorskip("triton")
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from fastntm.kernels import _config  # noqa: E402
+
+ms = importlib.import_module("fastntm.kernels.memory_step")
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") == "1", reason="AOT compilation needs the interpreter off: run `TRITON_INTERPRET=0 pytest tests/test_kernels_static.py`"
+)
+
+PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+ARCHS = (80, 90)
+
+# Triton launches of one forward / forward+backward step, by regime (plus small torch ops on (B, H, *) vectors:
+# large-memory forward 4 (max, sum-exp combine, sharpening sum, read partial sum); backward ~40 on (B, H, N)).
+LAUNCHES = {True: "fwd 1, bwd 2", False: "fwd 3, bwd 2"}
+
+
+def dispatch_blocks():
+    """Every ``Blocks`` the dispatch returns, over all slot widths it takes and N up to 2^20."""
+    seen = set()
+    BM = 16
+    while BM <= _config.MAX_BM:
+        for log_n in range(0, 21):
+            seen.add(_config.choose(2**log_n, BM))
+        BM *= 2
+    return sorted(seen, key=lambda b: (not b.onchip, b.BM, b.BN))
+
+
+def kernel_configs():
+    """(kernel name, constexprs, num_warps) for every launch the host code can make."""
+    out = []
+    for blk in dispatch_blocks():
+        nw, bm = blk.num_warps, dict(BN=blk.BN, BM=blk.BM)
+        if blk.onchip:
+            for rw in (True, False):
+                out.append(("_memory_step_onchip_kernel", dict(RW=rw, **bm), nw))
+        else:
+            out.append(("_similarity_kernel", bm, nw))
+            out.append(("_shift_sharpen_kernel", dict(BN=blk.BN), nw))
+            out.append(("_read_write_kernel", dict(NORMALIZE=True, WRITE=True, **bm), nw))
+        # Standalone read and write use the read/write kernel in both regimes.
+        for write in (True, False):
+            out.append(("_read_write_kernel", dict(NORMALIZE=False, WRITE=write, **bm), nw))
+        out.append(("_read_write_bwd_kernel", bm, nw))
+        for has_dk in (True, False):
+            out.append(("_mem_bwd_kernel", dict(HAS_DK=has_dk, **bm), nw))
+    return out
+
+
+def compile_one(job):
+    name, consts, num_warps, arch = job
+    fn = getattr(ms, name)
+    signature = {
+        n: "constexpr" if n in consts else ("*fp32" if n.startswith("p_") else "i32") for n in fn.arg_names
+    }
+    compiled = triton.compile(
+        ASTSource(fn=fn, signature=signature, constexprs=consts),
+        target=GPUTarget("cuda", arch, 32),
+        options=dict(num_warps=num_warps),
+    )
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(compiled.asm["ptx"])
+    try:
+        gpu = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
+        log = subprocess.run([PTXAS, "-v", f"--gpu-name={gpu}", f.name, "-o", os.devnull],
+                             capture_output=True, text=True, check=True).stderr
+    finally:
+        os.unlink(f.name)
+    regs = int(re.search(r"Used (\d+) registers", log).group(1))
+    spill_st, spill_ld = map(int, re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log).groups())
+    return dict(kernel=name, consts=consts, num_warps=num_warps, arch=arch, regs=regs,
+                spill=spill_st + spill_ld, shared=compiled.metadata.shared)
+
+
+@pytest.fixture(scope="module")
+def results():
+    jobs = [(name, consts, nw, arch) for name, consts, nw in kernel_configs() for arch in ARCHS]
+    with ProcessPoolExecutor(max_workers=min(2, os.cpu_count() or 1)) as pool:
+        rows = list(pool.map(compile_one, jobs))
+    lines = [f"{'kernel':28} {'config':52} {'warps':>5} {'sm':>3} {'regs':>4} {'spill B':>7} {'smem B':>6}"]
+    for r in rows:
+        cfg = " ".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in r["consts"].items())
+        lines.append(f"{r['kernel']:28} {cfg:52} {r['num_warps']:>5} {r['arch']:>3} {r['regs']:>4} "
+                     f"{r['spill']:>7} {r['shared']:>6}")
+    lines.append("Triton launches per step: on-chip " + LAUNCHES[True] + "; large memory " + LAUNCHES[False])
+    table = "\n".join(lines)
+    print("\n" + table)
+    if os.environ.get("FASTNTM_STATIC_TABLE"):
+        with open(os.environ["FASTNTM_STATIC_TABLE"], "w") as f:
+            f.write(table + "\n")
+    return rows
+
+
+def test_every_config_compiles_for_sm80_and_sm90(results):
+    assert {r["arch"] for r in results} == set(ARCHS)
+    assert len(results) == 2 * len(kernel_configs())
+
+
+def test_no_config_spills_registers(results):
+    spilling = [r for r in results if r["spill"]]
+    assert not spilling, "spills: " + "; ".join(
+        f"{r['kernel']} {r['consts']} warps={r['num_warps']} sm_{r['arch']}: {r['spill']} B" for r in spilling)

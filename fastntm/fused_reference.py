@@ -76,8 +76,12 @@ class MemoryStep(torch.autograd.Function):
 
         w_read, w_write = w[:, :num_reads], w[:, num_reads:]
         r = torch.bmm(w_read, mem)
-        erase_factors = 1 - w_write.unsqueeze(-1) * e.unsqueeze(-2)
-        keep = erase_factors.squeeze(1) if erase_factors.shape[1] == 1 else erase_factors.prod(dim=1)
+        if w_write.shape[1] == 1:
+            erase_factors = None
+            keep = torch.baddbmm(mem.new_ones(1, 1, 1), w_write.transpose(1, 2), e, alpha=-1)
+        else:
+            erase_factors = 1 - w_write.unsqueeze(-1) * e.unsqueeze(-2)
+            keep = erase_factors.prod(dim=1)
         new_mem = torch.baddbmm(mem * keep, w_write.transpose(1, 2), a)
 
         ctx.num_reads = num_reads
@@ -104,17 +108,19 @@ class MemoryStep(torch.autograd.Function):
             dmem = dnew * keep
             if W > 0:
                 w_write = w[:, R:]
-                others = _exclusive_products(erase_factors) if W > 1 else None
-                d_erase = (dnew * mem).unsqueeze(1)
-                d_erase = d_erase if others is None else d_erase * others
-                dw[:, R:] += (dnew.unsqueeze(1) * a.unsqueeze(-2) - d_erase * e.unsqueeze(-2)).sum(dim=-1)
-                de = -(w_write.unsqueeze(-1) * d_erase).sum(dim=-2)
+                d_keep = dnew * mem
+                if W == 1:
+                    dw[:, R:] += torch.bmm(a, dnew.transpose(1, 2)) - torch.bmm(e, d_keep.transpose(1, 2))
+                    de = -torch.bmm(w_write, d_keep)
+                else:
+                    d_erase = d_keep.unsqueeze(1) * _exclusive_products(erase_factors)
+                    dw[:, R:] += torch.bmm(a, dnew.transpose(1, 2)) - torch.matmul(d_erase, e.unsqueeze(-1)).squeeze(-1)
+                    de = -torch.matmul(w_write.unsqueeze(-2), d_erase).squeeze(-2)
                 da = torch.bmm(w_write, dnew)
 
         if dr is not None and R > 0:
             dr = dr.to(dtype)
             dw[:, :R] += torch.bmm(dr, mem.transpose(1, 2))
-            dmem.baddbmm_(w[:, :R].transpose(1, 2), dr)
 
         dp = (dw - (dw * w).sum(dim=-1, keepdim=True)).div_(Z)
         dp_p = dp * p
@@ -138,7 +144,12 @@ class MemoryStep(torch.autograd.Function):
         mem_scale = torch.where(
             mem_norm >= COSINE_EPS, dsim_sim.sum(dim=1, keepdim=True) / mem_norm.clamp_min(COSINE_EPS).square(), 0
         )
-        dmem.baddbmm_(ddot.transpose(1, 2), k).sub_(mem_scale.transpose(1, 2) * mem)
+        # The reads' and the similarity's terms of dmem in one pass: [w_R; ddot]^T [dr; k].
+        if dr is not None and R > 0:
+            dmem.baddbmm_(torch.cat([w[:, :R], ddot], dim=1).transpose(1, 2), torch.cat([dr, k], dim=1))
+        else:
+            dmem.baddbmm_(ddot.transpose(1, 2), k)
+        dmem.addcmul_(mem, mem_scale.transpose(1, 2), value=-1)
 
         mem_dtype, out_dtype = ctx.dtypes
         grads = (dk, dbeta, dg, ds, dgamma, dw_prev, de, da)

@@ -58,7 +58,6 @@ def kernel_configs():
                 out.append(("_memory_step_onchip_kernel", dict(RW=rw, **bm), nw))
         else:
             out.append(("_similarity_kernel", bm, nw))
-            out.append(("_shift_sharpen_kernel", dict(BN=blk.BN), nw))
             out.append(("_read_write_kernel", dict(NORMALIZE=True, WRITE=True, **bm), nw))
         # Standalone read and write use the read/write kernel in both regimes.
         for write in (True, False):
@@ -66,6 +65,10 @@ def kernel_configs():
         out.append(("_read_write_bwd_kernel", bm, nw))
         for has_dk in (True, False):
             out.append(("_mem_bwd_kernel", dict(HAS_DK=has_dk, **bm), nw))
+    for log_n in range(4, 21):
+        bv = dict(BN=_config.vector_block(2**log_n))
+        if ("_shift_sharpen_kernel", bv, 4) not in out:
+            out.append(("_shift_sharpen_kernel", bv, 4))
     return out
 
 

@@ -101,5 +101,15 @@ def choose(N: int, M: int) -> Blocks:
     return Blocks(False, BN, BM, 4)
 
 
+VECTOR_BLOCK = 1024
+"""Rows of one (B, H, N)-vector program (the shift-sharpen pass): no memory rows held, so many more."""
+
+
+def vector_block(N: int) -> int:
+    """Block of the vector pass: the forced BN if any (tests), else up to ``VECTOR_BLOCK``."""
+    forced = forced_block_n()
+    return forced if forced is not None else min(VECTOR_BLOCK, max(16, triton.next_power_of_2(N)))
+
+
 def supported(M: int) -> bool:
     return block_m(M) <= MAX_BM

@@ -363,10 +363,12 @@ def _forward(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads: int, rw: bool):
                                 BN=blk.BN, BM=blk.BM, num_warps=blk.num_warps)
     torch.amax(pmax, dim=-1, out=mx)
     torch.sum(psum * torch.exp(pmax - mx[..., None]), dim=-1, out=se)
+    BV = _config.vector_block(N)
+    NBV = _config.n_blocks(N, BV)
     pw = _config.empty((B, H, N), torch.float32, dev)
-    pP = _config.empty((B, H, NB), torch.float32, dev)
-    _shift_sharpen_kernel[(NB, B * H)](K, w_prev, beta, g, s, gamma, mx, se, pw, pP, N, S, NB,
-                                       BN=blk.BN, num_warps=blk.num_warps)
+    pP = _config.empty((B, H, NBV), torch.float32, dev)
+    _shift_sharpen_kernel[(NBV, B * H)](K, w_prev, beta, g, s, gamma, mx, se, pw, pP, N, S, NBV,
+                                        BN=BV, num_warps=4)
     torch.sum(pP, dim=-1, out=P)
     if not rw:
         w.copy_(pw / (P[..., None] + SHARPEN_EPS))

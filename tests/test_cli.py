@@ -1,0 +1,182 @@
+"""The ``fastntm`` command and the training loop behind it, on tiny models (the whole file runs in seconds)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fastntm.cli import main
+from fastntm.tasks import TASKS, make_task
+from fastntm.training import TrainConfig, Trainer, evaluate, load_model, masked_bce
+
+TINY = {"memory_slots": 8, "memory_width": 4, "controller_size": 8}
+TINY_FLAGS = ["--memory-slots", "8", "--memory-width", "4", "--controller-size", "8"]
+FAST = ["--eval-every", "2", "--eval-batches", "1", "--eval-batch-size", "2", "--batch-size", "2", "--no-progress"]
+
+
+def tiny_config(**kwargs) -> TrainConfig:
+    defaults = dict(task="copy", task_args={"max_len": 6}, model_args=TINY, batch_size=3, eval_every=2,
+                    eval_batches=1, eval_batch_size=2, device="cpu")
+    return TrainConfig(**{**defaults, **kwargs})
+
+
+@pytest.fixture
+def trained(tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", "copy", "--steps", "3", "--out", str(out), "--max-len", "5", *TINY_FLAGS, *FAST]) == 0
+    return out
+
+
+def test_train_smoke_writes_checkpoint_and_log(trained, capsys):
+    assert {"model.safetensors", "config.json", "trainer_state.pt", "log.csv"} <= {p.name for p in trained.iterdir()}
+    saved = json.loads((trained / "config.json").read_text())
+    assert saved["model"]["memory_slots"] == 8 and saved["model"]["input_size"] == 9
+    assert saved["task"] == {"name": "copy", "args": {"bits": 8, "min_len": 1, "max_len": 5}}
+    assert saved["training"]["steps"] == 3 and saved["step"] == 3
+    rows = (trained / "log.csv").read_text().splitlines()
+    assert rows[0] == "step,sequences,loss,cost,eval_cost,curriculum,elapsed_s"
+    assert rows[1].startswith("2,4,")
+    assert not list(trained.glob(".*.tmp"))
+
+
+def test_checkpoint_round_trip_gives_the_same_outputs(tmp_path):
+    trainer = Trainer(tiny_config(steps=2), tmp_path, progress=False)
+    trainer.fit()
+    model, task, saved = load_model(tmp_path / "model.safetensors")
+    assert saved["task"]["name"] == "copy"
+    for name, value in trainer.model.state_dict().items():
+        assert torch.equal(model.state_dict()[name], value), name
+    batch = task.batch(2, torch.Generator().manual_seed(0))
+    assert torch.equal(model(batch.inputs)[0], trainer.model.eval()(batch.inputs)[0])
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "rmsprop"])
+def test_resume_continues_exactly(tmp_path, optimizer):
+    # Curriculum threshold high so that the curriculum grows mid-run; the split at step 3
+    # falls inside an eval window, so the window sums must survive the checkpoint too.
+    config = dict(optimizer=optimizer, curriculum=True, curriculum_start=2, curriculum_step=2, curriculum_threshold=1e9)
+    Trainer(tiny_config(steps=6, **config), tmp_path / "whole", progress=False).fit()
+    Trainer(tiny_config(steps=3, **config), tmp_path / "split", progress=False).fit()
+    resumed = Trainer.resume(tmp_path / "split", progress=False, steps=6)
+    assert resumed.step == 3
+    resumed.fit()
+    whole = load_file(tmp_path / "whole" / "model.safetensors")
+    split = load_file(tmp_path / "split" / "model.safetensors")
+    for name in whole:
+        assert torch.equal(whole[name], split[name]), name
+    a = torch.load(tmp_path / "whole" / "trainer_state.pt", weights_only=False)
+    b = torch.load(tmp_path / "split" / "trainer_state.pt", weights_only=False)
+    assert a["curriculum_max"] == b["curriculum_max"] == 6
+    assert torch.equal(a["data_rng"], b["data_rng"])
+    drop_time = lambda p: [r.rsplit(",", 1)[0] for r in p.read_text().splitlines()]  # noqa: E731
+    assert drop_time(tmp_path / "whole" / "log.csv") == drop_time(tmp_path / "split" / "log.csv")
+
+
+def test_cli_resume_extends_the_step_count(trained, capsys):
+    assert main(["train", "copy", "--out", str(trained), "--resume", "--steps", "5", "--no-progress"]) == 0
+    assert json.loads((trained / "config.json").read_text())["step"] == 5
+    assert "step 5," in capsys.readouterr().out
+
+
+def test_inconsistent_checkpoint_is_refused(tmp_path):
+    trainer = Trainer(tiny_config(steps=2), tmp_path, progress=False)
+    trainer.fit()
+    state = torch.load(tmp_path / "trainer_state.pt", weights_only=False)
+    state["step"] = 1
+    torch.save(state, tmp_path / "trainer_state.pt")
+    with pytest.raises(RuntimeError, match="inconsistent"):
+        Trainer.resume(tmp_path, progress=False)
+
+
+def test_eval_prints_a_table_and_writes_json(trained, capsys):
+    assert main(["eval", str(trained / "model.safetensors"), "--lengths", "3,7", "--batches", "1",
+                 "--batch-size", "2"]) == 0
+    out = capsys.readouterr().out
+    lines = [line.split() for line in out.splitlines()]
+    assert [line[0] for line in lines if line and line[0] in ("train", "3", "7")] == ["train", "3", "7"]
+    report = json.loads((trained / "eval.json").read_text())
+    assert [row["length"] for row in report["rows"]] == ["train", "3", "7"]
+    assert all(row["cost"] >= 0 for row in report["rows"])
+
+
+def test_eval_of_ngrams_reports_the_optimal_cost(tmp_path, capsys):
+    Trainer(tiny_config(task="ngrams", task_args={"length": 12}, steps=1), tmp_path, progress=False).fit()
+    assert main(["eval", str(tmp_path), "--lengths", "10", "--batches", "1", "--batch-size", "2"]) == 0
+    assert "optimal" in capsys.readouterr().out
+    assert all("optimal_cost" in row for row in json.loads((tmp_path / "eval.json").read_text())["rows"])
+
+
+def test_plot_writes_nonempty_pngs(trained, tmp_path, capsys):
+    assert main(["plot", str(trained), "--length", "4", "--out", str(tmp_path / "plots")]) == 0
+    for name in ("io.png", "weights.png"):
+        data = (tmp_path / "plots" / name).read_bytes()
+        assert data.startswith(b"\x89PNG") and len(data) > 1000
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "nosuchtask"], "invalid choice"),
+        (["train", "copy", "--lr", "-1"], "positive number"),
+        (["train", "copy", "--steps", "0"], "positive integer"),
+        (["train", "copy", "--optimizer", "lbfgs"], "invalid choice"),
+        (["eval", "x", "--lengths", "20,abc"], "comma-separated"),
+    ],
+    ids=["task", "lr", "steps", "optimizer", "lengths"],
+)
+def test_bad_arguments_exit_with_a_message(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_errors_after_parsing_are_one_line(tmp_path, trained, capsys):
+    assert main(["train", "copy", "--min-repeats", "2", "--out", str(tmp_path / "new")]) == 2
+    assert "--min-repeats does not apply to task copy" in capsys.readouterr().err
+    assert main(["train", "copy", "--out", str(trained)]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert main(["train", "copy", "--out", str(trained), "--resume", "--memory-slots", "16"]) == 2
+    assert "cannot change the model" in capsys.readouterr().err
+    assert main(["train", "copy", "--out", str(tmp_path / "none"), "--resume"]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "none")]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_no_arguments_print_help(capsys):
+    assert main([]) == 0
+    assert "usage: fastntm" in capsys.readouterr().out
+
+
+def test_python_dash_m_fastntm_help():
+    done = subprocess.run([sys.executable, "-m", "fastntm", "--help"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0
+    assert "train" in done.stdout and "eval" in done.stdout and "plot" in done.stdout
+
+
+def test_masked_bce_sums_bits_and_scored_steps_and_averages_sequences():
+    task = make_task("copy")
+    batch = task.batch(4, torch.Generator().manual_seed(0), length=3)
+    logits = torch.zeros_like(batch.targets)
+    # Every scored bit costs log 2 at logit 0: 3 steps x 8 bits per sequence.
+    assert masked_bce(logits, batch).item() == pytest.approx(24 * torch.log(torch.tensor(2.0)).item())
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_each_task_trains_a_few_steps(tmp_path, name):
+    small = {"copy": {"max_len": 4}, "repeat_copy": {"max_len": 3, "max_repeats": 2},
+             "associative_recall": {"max_items": 3}, "ngrams": {"length": 12},
+             "priority_sort": {"num_items": 4, "num_outputs": 3}}[name]
+    trainer = Trainer(tiny_config(task=name, task_args=small, steps=2), tmp_path, progress=False)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    result = trainer.fit()
+    assert result.step == 2 and result.eval_cost is not None
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+    cost = evaluate(trainer.model, trainer.task, batches=1, batch_size=2, seed=0)
+    assert cost >= 0

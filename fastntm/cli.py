@@ -282,7 +282,7 @@ def _task_args(task: str, given: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_train(args) -> int:
-    from .training import CONFIG_FILE, STATE_FILE, TrainConfig, Trainer
+    from .training import CONFIG_FILE, STATE_FILE, TrainConfig, Trainer, shutdown_distributed
 
     out = args.out if args.out is not None else Path("runs") / args.task
     model_args = _given(args, "model_")
@@ -303,7 +303,12 @@ def run_train(args) -> int:
             trainer = Trainer(config, out, progress=not args.no_progress)
     except (ValueError, FileNotFoundError, RuntimeError) as error:
         raise CommandError(str(error)) from None
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    finally:
+        shutdown_distributed()
+    if not trainer.dist.is_main:
+        return 0
     status = "reached" if result.reached_target else "did not reach"
     eval_cost = "-" if result.eval_cost is None else f"{result.eval_cost:.4g}"
     print(

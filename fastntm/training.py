@@ -19,6 +19,14 @@ Loss: binary cross-entropy with logits, summed over bits and scored steps (``mas
 averaged over sequences. Cost: ``Task.cost`` (bit errors per sequence, or bits per
 sequence for N-grams).
 
+Several processes: under ``torchrun`` (``WORLD_SIZE`` > 1) the trainer joins a
+process group (gloo on CPU, NCCL on GPU, one GPU per process), wraps the model in
+``DistributedDataParallel`` and gives each rank its own slice of every batch:
+``batch_size`` stays the global batch, every rank draws the same batch from the
+same seeded generator and keeps its shard, so a run on any number of processes
+follows the single-process run on the same batch (to float rounding). Rank 0
+alone writes checkpoints, logs and the progress bar.
+
 Optional length curriculum (copy, repeat copy, associative recall): training starts with a
 short maximum length (``curriculum_start``) and raises it by ``curriculum_step`` each
 time the mean training cost over the last ``eval_every`` steps falls below
@@ -40,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -60,6 +69,10 @@ __all__ = [
     "max_length",
     "load_model",
     "resolve_device",
+    "Distributed",
+    "init_distributed",
+    "shutdown_distributed",
+    "shard",
 ]
 
 OPTIMIZERS = ("adam", "rmsprop", "sgd")
@@ -182,6 +195,40 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+@dataclass(frozen=True)
+class Distributed:
+    """Where this process stands in a ``torchrun`` launch (rank 0 of 1 without one)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: torch.device) -> Distributed:
+    """Join the process group that ``torchrun`` describes in the environment, if any."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return Distributed()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Distributed(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def shutdown_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def shard(batch: Batch, rank: int, world_size: int) -> Batch:
+    """Rank ``rank``'s equal slice of a time-major batch."""
+    size = batch.inputs.shape[1] // world_size
+    return Batch(*(t[:, rank * size : (rank + 1) * size] for t in batch))
+
+
 def masked_bce(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
     """Binary cross-entropy with logits, summed over bits and scored steps, averaged over sequences."""
     nats = F.binary_cross_entropy_with_logits(logits, batch.targets, reduction="none")
@@ -290,12 +337,24 @@ class Trainer:
     def __init__(self, config: TrainConfig, out: str | os.PathLike, *, progress: bool = True):
         self.config = config
         self.out = Path(out)
-        self.progress = progress
         self.device = resolve_device(config.device)
+        self.dist = init_distributed(self.device)
+        if self.device.type == "cuda" and self.dist.world_size > 1:
+            self.device = torch.device("cuda", self.dist.local_rank)
+            torch.cuda.set_device(self.device)
+        if config.batch_size % self.dist.world_size:
+            raise ValueError(
+                f"batch_size ({config.batch_size}) must divide evenly among the {self.dist.world_size} processes"
+            )
+        self.progress = progress and self.dist.is_main
         self.task = make_task(config.task, **config.task_args)
 
         torch.manual_seed(config.seed)
         self.model = build_model(config, self.task).to(self.device)
+        self.network = self.model
+        if self.dist.world_size > 1:
+            device_ids = [self.device] if self.device.type == "cuda" else None
+            self.network = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
         self.optimizer = _make_optimizer(config.optimizer, self.model.parameters(), config.lr)
         self.generator = torch.Generator().manual_seed(config.seed + 1)
 
@@ -342,7 +401,10 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> None:
-        """Write weights, config and trainer state, each atomically; all three name the step."""
+        """Write weights, config and trainer state, each atomically; all three name the step.
+        Only rank 0 writes."""
+        if not self.dist.is_main:
+            return
         self.out.mkdir(parents=True, exist_ok=True)
         weights = {k: v.detach().to("cpu").contiguous() for k, v in self.model.state_dict().items()}
         _atomic_write(self.out / MODEL_FILE, lambda p: save_file(weights, p, metadata={"step": str(self.step)}))
@@ -408,13 +470,15 @@ class Trainer:
     def _truncate_log(self) -> None:
         """Drop log rows written after the checkpoint (a run that died past it)."""
         path = self.out / LOG_FILE
-        if not path.is_file():
+        if not path.is_file() or not self.dist.is_main:
             return
         with open(path, newline="") as f:
             rows = [row for row in csv.DictReader(f) if int(row["step"]) <= self.step]
         self._write_log(rows, mode="w")
 
     def _write_log(self, rows: list[dict[str, Any]], mode: str = "a") -> None:
+        if not self.dist.is_main:
+            return
         path = self.out / LOG_FILE
         header = mode == "w" or not path.is_file()
         with open(path, mode, newline="") as f:
@@ -426,10 +490,13 @@ class Trainer:
     # --- training -------------------------------------------------------------------
 
     def train_step(self) -> tuple[float, float]:
-        """One optimiser step on a fresh batch; returns (loss, cost)."""
-        batch = self.task.batch(self.config.batch_size, self.generator, **self._train_overrides()).to(self.device)
+        """One optimiser step on a fresh batch; returns (loss, cost), averaged over all ranks."""
+        batch = self.task.batch(self.config.batch_size, self.generator, **self._train_overrides())
+        if self.dist.world_size > 1:
+            batch = shard(batch, self.dist.rank, self.dist.world_size)
+        batch = batch.to(self.device)
         self.model.train()
-        logits, _ = self.model(batch.inputs)
+        logits, _ = self.network(batch.inputs)
         loss = masked_bce(logits, batch)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -438,7 +505,12 @@ class Trainer:
         self.optimizer.step()
         self.step += 1
         self.sequences += self.config.batch_size
-        return loss.item(), self.task.cost(logits, batch)
+        figures = (loss.item(), self.task.cost(logits, batch))
+        if self.dist.world_size > 1:
+            figures = torch.tensor(figures, dtype=torch.float64, device=self.device)
+            dist.all_reduce(figures)
+            figures = (figures / self.dist.world_size).tolist()
+        return figures[0], figures[1]
 
     def evaluate(self, **overrides) -> float:
         """Cost on the fixed eval set (``eval_seed``), the task's full distribution unless overridden."""
@@ -450,7 +522,8 @@ class Trainer:
     def fit(self) -> TrainResult:
         """Train until ``config.steps`` or the target cost; checkpoint at the end either way."""
         c = self.config
-        self.out.mkdir(parents=True, exist_ok=True)
+        if self.dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
         reached = self.evals_below_target >= c.target_patience
         bar = None
         if self.progress:
@@ -481,7 +554,7 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
-        if self.step == 0 or not (self.out / STATE_FILE).is_file():
+        if self.dist.is_main and (self.step == 0 or not (self.out / STATE_FILE).is_file()):
             self.save_checkpoint()
         return TrainResult(self.step, self.sequences, self.last_eval_cost, reached, self.elapsed_s)
 

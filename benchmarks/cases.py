@@ -1,0 +1,186 @@
+"""Benchmark cases: one op at one shape under one provider, ready to check and time.
+
+Ops: ``memory_step.fwd`` (no autograd), ``memory_step.fwd_bwd`` (forward, then
+the gradients of every input), ``train_step`` (``FastNTM`` on the copy task:
+forward, masked binary cross-entropy, backward, Adam).
+
+Providers: ``reference`` (the plain PyTorch path, eager, ``backend="reference"``),
+``reference-compile`` (the same under ``torch.compile``; compile time is spent in
+the warm-up, not timed) and ``triton`` (``backend="triton"``, CUDA only).
+
+``Case.prepare()`` builds the inputs and the timed callable, runs it once (the
+warm-up; for ``reference-compile`` the compile) and measures its relative error
+against the literal reference (``fastntm.reference``, or the reference-backed
+model) run in float64 on the same inputs: outputs for ``fwd``; outputs and every
+input's gradient for ``fwd_bwd``; the logits and every parameter's gradient for
+``train_step``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from . import common
+from .shapes import OpShape, TrainShape
+
+OPS = ("memory_step.fwd", "memory_step.fwd_bwd", "train_step")
+PROVIDERS = ("reference", "reference-compile", "triton")
+
+
+def providers_for(device: torch.device) -> tuple[str, ...]:
+    return PROVIDERS if device.type == "cuda" else PROVIDERS[:2]
+
+
+def allow_many_compiles() -> None:
+    """Every shape and grad mode is its own compiled graph; past dynamo's recompile limit
+    (8) it would fall back to eager without a word, and the row would time eager."""
+    import warnings
+
+    import torch._dynamo
+
+    # fused_reference caches its shift indices with lru_cache; dynamo traces through it and says so.
+    warnings.filterwarnings("ignore", message=".*functools.lru_cache.*")
+    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, 256)
+
+
+@dataclasses.dataclass
+class Case:
+    op: str
+    shape: OpShape | TrainShape
+    provider: str
+    device: torch.device
+    fn: Callable[[], object] | None = None
+    rel_err: float | None = None
+    warmup_s: float | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.op}/{self.shape.name}/{self.provider}"
+
+    @property
+    def batch(self) -> int:
+        return self.shape.B
+
+    def bytes_moved(self) -> int | None:
+        if self.op == "train_step":
+            return None
+        return common.op_bytes(self.shape)[self.op.split(".")[1]]
+
+    def prepare(self) -> None:
+        """Build, warm (compile) and check; sets ``fn`` and ``rel_err``. May raise."""
+        if self.provider == "triton" and self.device.type != "cuda":
+            raise RuntimeError("the Triton kernels run on CUDA only")
+        if self.op == "train_step":
+            self.fn, self.rel_err = _train_case(self.shape, self.provider, self.device)
+        else:
+            self.fn, self.rel_err = _op_case(self.op, self.shape, self.provider, self.device)
+        common.synchronize(self.device)
+
+
+def _backend(provider: str) -> str:
+    return "triton" if provider == "triton" else "reference"
+
+
+# ---------------------------------------------------------------- memory_step
+
+
+@functools.lru_cache(maxsize=1)
+def _op_truth(shape: OpShape, device_str: str):
+    """Float64 literal reference at ``shape``: inputs, outputs, cotangents, input gradients."""
+    from fastntm import reference
+
+    device = torch.device(device_str)
+    x = [t.requires_grad_() for t in common.op_inputs(shape, device, torch.float64)]
+    out = reference.memory_step(*x, shape.R)
+    cot = common.cotangents(out)
+    grads = torch.autograd.grad(out, x, cot)
+    return [o.detach() for o in out], [c.float() for c in cot], grads
+
+
+def _op_case(op: str, shape: OpShape, provider: str, device: torch.device):
+    from fastntm import functional
+
+    step = functools.partial(functional.memory_step, num_reads=shape.R, backend=_backend(provider))
+    if provider == "reference-compile":
+        allow_many_compiles()
+        step = torch.compile(step, dynamic=False)
+    out_ref, cot, grads_ref = _op_truth(shape, str(device))
+    x = common.op_inputs(shape, device)
+    if op == "memory_step.fwd":
+
+        def fn():
+            with torch.no_grad():
+                return step(*x)
+
+        err = common.max_rel_err(fn(), out_ref)
+        return fn, err
+
+    xg = [t.requires_grad_() for t in x]
+
+    def fn():
+        return torch.autograd.grad(step(*xg), xg, cot)
+
+    out = step(*xg)
+    grads = torch.autograd.grad(out, xg, cot)
+    return fn, max(common.max_rel_err(out, out_ref), common.max_rel_err(grads, grads_ref))
+
+
+# ---------------------------------------------------------------- training step
+
+
+def copy_batch(shape: TrainShape, device: torch.device, seed: int = 0):
+    from fastntm.tasks import make_task
+
+    task = make_task("copy")
+    return task, task.batch(shape.B, torch.Generator().manual_seed(seed), length=shape.length).to(device)
+
+
+def masked_bce(logits: torch.Tensor, batch) -> torch.Tensor:
+    """Summed over bits and scored steps, averaged over sequences (the paper's cost per sequence)."""
+    bce = F.binary_cross_entropy_with_logits(logits, batch.targets.to(logits.dtype), reduction="none").sum(-1)
+    return (bce * batch.mask.to(logits.dtype)).sum() / batch.mask.shape[1]
+
+
+def _train_case(shape: TrainShape, provider: str, device: torch.device):
+    from fastntm import FastNTM
+
+    task, batch = copy_batch(shape, device)
+    torch.manual_seed(0)
+    model = FastNTM(
+        task.input_size, task.output_size, memory_slots=shape.N, memory_width=shape.M,
+        controller_size=shape.controller_size, num_reads=shape.R, num_writes=shape.W, backend=_backend(provider),
+    ).to(device)
+    truth = copy.deepcopy(model).double()
+    truth.cell.backend = "reference"
+    if provider == "reference-compile":
+        allow_many_compiles()
+        model.cell.compile(dynamic=False)
+
+    params = list(model.parameters())
+    y, _ = model(batch.inputs)
+    grads = torch.autograd.grad(masked_bce(y, batch), params)
+    y_ref, _ = truth(batch.inputs.double())
+    grads_ref = torch.autograd.grad(masked_bce(y_ref, batch), list(truth.parameters()))
+    err = max(common.rel_err(y, y_ref), common.max_rel_err(grads, grads_ref))
+    del truth, grads_ref
+
+    optimiser = torch.optim.Adam(params, lr=1e-4)
+
+    def fn():
+        optimiser.zero_grad(set_to_none=True)
+        logits, _ = model(batch.inputs)
+        loss = masked_bce(logits, batch)
+        loss.backward()
+        optimiser.step()
+        return loss
+
+    fn()
+    return fn, err

@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# GPU check: the GPU tests and the benchmarks, in one run of well under 7 minutes.
+#
+#   OUT=/some/folder bash benchmarks/gpu_check.sh     # else ./gpu_results
+#
+# Runs the package from the working tree (PYTHONPATH=.), installs nothing, reaches
+# no network. Writes $OUT/log (everything printed), $OUT/results.json and
+# $OUT/bench.png (benchmarks.run), $OUT/long_sequence.json,
+# $OUT/bench_kernels.json (when benchmarks/bench_kernels.py exists) and ends with
+# the key figures. Every part runs under `timeout`; one that fails or runs out of
+# time is named at the end and the later parts still run. The limits below add
+# up to 390 s (plus 3 s grace each: 405 s at worst); override them with T_TESTS,
+# T_KERNELS, T_RUN, T_LONG.
+set -u -o pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
+OUT="${OUT:-./gpu_results}"
+mkdir -p "$OUT"
+LOG="$OUT/log"
+: > "$LOG"
+PY="${PYTHON:-python}"
+T_TESTS="${T_TESTS:-85}"
+T_KERNELS="${T_KERNELS:-85}"
+T_RUN="${T_RUN:-115}"
+T_LONG="${T_LONG:-60}"
+START=$(date +%s)
+SUMMARY=()
+
+say() { echo "$*" | tee -a "$LOG"; }
+
+part() {  # part NAME LIMIT_S COMMAND...
+    local name=$1 limit=$2 t0 rc
+    shift 2
+    say "=== $name (limit ${limit} s): $*"
+    t0=$(date +%s)
+    timeout --kill-after=3 "$limit" "$@" 2>&1 | tee -a "$LOG"
+    rc=$?
+    [ "$rc" -eq 124 ] && say "=== $name: TIMED OUT after ${limit} s"
+    say "=== $name: exit $rc in $(( $(date +%s) - t0 )) s"
+    SUMMARY+=("$name: exit $rc in $(( $(date +%s) - t0 )) s")
+}
+
+say "=== gpu_check.sh at $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+if command -v nvidia-smi > /dev/null; then
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 | tee -a "$LOG"
+fi
+part device 45 "$PY" -c "
+import torch, sys
+print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)
+try:
+    import triton; print('triton', triton.__version__)
+except ImportError as e:
+    print('triton: not importable:', e)
+print('GPU:', torch.cuda.get_device_name() if torch.cuda.is_available() else 'NONE (torch.cuda.is_available() is False)')
+"
+
+part gpu-tests "$T_TESTS" "$PY" -m pytest -q -m gpu tests/ -p no:cacheprovider
+
+if [ -f benchmarks/bench_kernels.py ]; then
+    part bench_kernels "$T_KERNELS" "$PY" -m benchmarks.bench_kernels --out "$OUT"
+else
+    say "=== bench_kernels: benchmarks/bench_kernels.py not present, skipped"
+fi
+
+# Budgets a little under the limits, so that each writes its JSON and table itself.
+part benchmarks.run "$T_RUN" "$PY" -m benchmarks.run --device cuda --quick --budget $(( T_RUN - 25 )) --out "$OUT"
+
+part long_sequence "$T_LONG" "$PY" -m benchmarks.long_sequence --device cuda --gpu-large \
+    --budget $(( T_LONG - 10 )) --out "$OUT"
+
+say ""
+say "=== key figures ($(( $(date +%s) - START )) s in all)"
+"$PY" -m benchmarks.summary "$OUT" 2>&1 | tee -a "$LOG"
+for line in "${SUMMARY[@]}"; do say "  $line"; done
+say "log: $LOG"
+for line in "${SUMMARY[@]}"; do
+    case "$line" in *"exit 0 "*) ;; *) exit 1 ;; esac
+done
+exit 0

@@ -1,0 +1,80 @@
+"""The key figures of a results folder, for the end of ``gpu_check.sh``.
+
+    python -m benchmarks.summary gpu_results/
+
+Reads whatever of ``results.json`` (``benchmarks.run``), ``long_sequence.json``
+and ``bench_kernels.json`` is there; a missing or partial file is named, not fatal.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+KEY_SHAPES = ("paper-b1", "paper-b32", "medium", "large", "copy-b1", "copy-b32")
+
+
+def _load(folder: str, name: str):
+    path = os.path.join(folder, name)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as exc:
+        print(f"{name}: not read ({type(exc).__name__})")
+        return None
+
+
+def summarise(folder: str) -> list[str]:
+    lines = []
+    results = _load(folder, "results.json")
+    if results:
+        env, copy = results["environment"], results["copy"]
+        lines.append(f"device: {env['device']}; torch {env['torch']}, triton {env['triton']}, commit {env['commit']}")
+        lines.append(f"copy bandwidth: {copy['copy_GBps']:.0f} GB/s")
+        rows = results["rows"]
+        for r in rows:
+            if r["shape"] not in KEY_SHAPES:
+                continue
+            if r.get("status") != "ok":
+                lines.append(f"  {r['name']:44} {r.get('status')}: {r.get('error', '')[:80]}")
+                continue
+            bw = f", {r['GBps']:.0f} GB/s = {100 * r['frac_copy']:.0f}% of copy" if "GBps" in r else ""
+            per_seq = f", {r['ms_per_sequence']:.3f} ms/seq" if r["op"] == "train_step" else ""
+            lines.append(f"  {r['name']:44} p50 {r['p50_ms']:.3f} ms ({r['p20_ms']:.3f}-{r['p80_ms']:.3f})"
+                         f"{per_seq}{bw}, peak {r['peak_bytes'] / 2**20:.1f} MiB")
+        by_name = {r["name"]: r for r in rows if r.get("status") == "ok"}
+        for r in rows:
+            if r.get("provider") == "triton" and r["name"] in by_name:
+                ref = by_name.get(r["name"].rsplit("/", 1)[0] + "/reference")
+                if ref and r["shape"] in KEY_SHAPES:
+                    lines.append(f"  speedup triton vs reference {r['op']}/{r['shape']}: {ref['p50_ms'] / r['p50_ms']:.1f}x")
+        bad = [r["name"] for r in rows if r.get("status") in ("MISMATCH", "error")]
+        lines.append(f"rows: {len(rows)}, ok {sum(r.get('status') == 'ok' for r in rows)}, "
+                     f"skipped {sum(r.get('status') == 'skipped' for r in rows)}, not ok: {bad or 'none'}")
+    long = _load(folder, "long_sequence.json")
+    if long:
+        for r in long["rows"]:
+            if "error" in r:
+                lines.append(f"  long {r['label']}: error {r['error'][:100]}")
+            else:
+                lines.append(f"  long {r['label']}: peak {r['peak_bytes'] / 2**20:.0f} MiB, step {r['step_s']:.2f} s")
+        for name, v in long.get("ratios", {}).items():
+            lines.append(f"  long {name}: peak x{v['peak']:.3f}, time x{v['time']:.2f}")
+    kernels = _load(folder, "bench_kernels.json")
+    if kernels and "shapes" in kernels:
+        for name, row in kernels["shapes"].items():
+            speed = ", ".join(f"{k} {row[k]:.1f}x" for k in ("speedup_fwd", "speedup_fwd_bwd") if k in row)
+            lines.append(f"  bench_kernels {name}: correct {row.get('correct')}, {speed}")
+    return lines
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    folder = argv[0] if argv else os.environ.get("OUT") or "gpu_results"
+    print("\n".join(summarise(folder)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""Smoke tests of the benchmarks: the runner end to end at toy sizes, and its pieces."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # benchmarks/ is not part of the installed package
+
+from benchmarks import common, run  # noqa: E402
+from benchmarks.cases import Case  # noqa: E402
+from benchmarks.shapes import TINY_OP_SHAPES, OpShape  # noqa: E402
+
+
+def test_tiny_run_writes_every_field(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--tiny", "--device", "cpu", "--providers", "reference",
+         "--out", str(tmp_path)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "p50 ms" in proc.stdout and "copy bandwidth" in proc.stdout
+    result = json.loads((tmp_path / "results.json").read_text())
+    for key in ("device", "torch", "triton", "commit", "python"):
+        assert key in result["environment"]
+    assert result["copy"]["copy_GBps"] > 0
+    rows = result["rows"]
+    assert {r["op"] for r in rows} == {"memory_step.fwd", "memory_step.fwd_bwd", "train_step"}
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert r["rel_err"] <= r["tolerance"]
+        assert 0 < r["p20_ms"] <= r["p50_ms"] <= r["p80_ms"]
+        assert r["peak_bytes"] > 0
+        if r["op"] == "train_step":
+            assert r["ms_per_sequence"] == pytest.approx(r["p50_ms"] / r["batch"])
+        else:
+            assert r["GBps"] > 0 and r["frac_copy"] > 0
+    assert (tmp_path / "bench.png").stat().st_size > 0
+
+
+def test_byte_model_counts_memory_three_and_six_times():
+    shape = OpShape("x", B=2, N=1000, M=10, R=1, W=1, S=3)
+    mem = 2 * 1000 * 10 * 4
+    vectors_in = (2 * 2 * 10 + 3 * 2 * 2 + 2 * 2 * 3 + 2 * 2 * 1000 + 2 * 2 * 1 * 10) * 4
+    vectors_out = (2 * 2 * 1000 + 2 * 1 * 10) * 4
+    got = common.op_bytes(shape)
+    assert got["fwd"] == 3 * mem + vectors_in + vectors_out
+    assert got["fwd_bwd"] == 6 * mem + 3 * (vectors_in + vectors_out)
+
+
+def test_a_provider_that_fails_to_build_is_a_skipped_row():
+    device = torch.device("cpu")
+    case = Case("memory_step.fwd", TINY_OP_SHAPES["tiny-n16"], "triton", device)
+    rows = run.run_cases([case], device, {"copy_GBps": 1.0}, time_per_case_s=0.01, min_reps=1, budget_s=10,
+                         log=lambda *_: None)
+    assert rows[0]["status"] == "skipped" and "CUDA" in rows[0]["error"]
+
+
+def test_a_wrong_provider_gets_no_speed_figure(monkeypatch):
+    device = torch.device("cpu")
+    case = Case("memory_step.fwd", TINY_OP_SHAPES["tiny-n16"], "reference", device)
+
+    def prepare():
+        case.fn, case.rel_err = (lambda: None), 0.5
+
+    monkeypatch.setattr(case, "prepare", prepare)
+    rows = run.run_cases([case], device, {"copy_GBps": 1.0}, time_per_case_s=0.01, min_reps=1, budget_s=10,
+                         log=lambda *_: None)
+    assert rows[0]["status"] == "MISMATCH" and "p50_ms" not in rows[0]
+
+
+def test_quantiles_are_ordered():
+    t = common.time_call(lambda: sum(range(1000)), torch.device("cpu"), budget_s=0.01, min_reps=7)
+    assert t["reps"] >= 7 and t["p20_ms"] <= t["p50_ms"] <= t["p80_ms"]
+
+
+def test_cpu_peak_memory_sees_a_tensor_made_in_the_call():
+    peak = common.peak_memory(lambda: torch.empty(2**20, dtype=torch.float32).fill_(1), torch.device("cpu"))
+    assert peak["peak_bytes"] >= 4 * 2**20
+
+
+def test_long_sequence_ratios_pair_the_right_rows():
+    from benchmarks import long_sequence
+
+    base = dict(B=1, N=8, M=2, R=1, W=1, T=5, device="cpu", steps_timed=1)
+    rows = []
+    for dtype, every, peak, step in (("float32", "auto", 10, 3.0), ("float32", 0, 100, 2.0),
+                                     ("bfloat16", "auto", 6, 3.0)):
+        config = dict(base, memory_dtype=dtype, checkpoint_every=every)
+        rows.append(dict(config=config, label=long_sequence.label(config), peak_bytes=peak, step_s=step))
+    ratios = long_sequence.ratios(rows)
+    auto32 = long_sequence.label(dict(base, memory_dtype="float32", checkpoint_every="auto"))
+    auto16 = long_sequence.label(dict(base, memory_dtype="bfloat16", checkpoint_every="auto"))
+    assert ratios[f"{auto32} vs store-all"] == {"peak": 0.1, "time": 1.5}
+    assert ratios[f"{auto16} vs float32"] == {"peak": 0.6, "time": 1.0}
+    assert len(ratios) == 2

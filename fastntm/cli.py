@@ -49,6 +49,8 @@ MODEL_FLAGS = (
     ("--num-writes", "num_writes", "nonneg", "write heads (default 1)"),
     ("--shift-range", "shift_range", "nonneg", "largest shift of the location addressing (default 1)"),
     ("--memory-init", "memory_init", ("constant", "learned", "random"), "initial memory (default constant)"),
+    ("--memory-dtype", "memory_dtype", ("float32", "bfloat16", "float16"),
+     "store memory in this dtype; ops compute in float32 (default: the model's, float32)"),
 )
 
 

@@ -145,7 +145,7 @@ class NTMCell(nn.Module):
         num_writes: int = 1,
         shift_range: int = 1,
         memory_init: str = "constant",
-        memory_dtype: torch.dtype | None = None,
+        memory_dtype: torch.dtype | str | None = None,
         backend: str = "auto",
     ):
         super().__init__()
@@ -164,8 +164,7 @@ class NTMCell(nn.Module):
         _check_choice("controller", controller, CONTROLLERS)
         _check_choice("memory_init", memory_init, MEMORY_INITS)
         _check_choice("backend", backend, BACKENDS)
-        if memory_dtype is not None and not (isinstance(memory_dtype, torch.dtype) and memory_dtype.is_floating_point):
-            raise TypeError(f"memory_dtype must be a floating torch.dtype or None, got {memory_dtype!r}")
+        memory_dtype = _memory_dtype(memory_dtype)
 
         self.input_size = input_size
         self.output_size = output_size
@@ -346,8 +345,8 @@ class FastNTM(nn.Module):
             recompute segments in backward; 0 stores every step; "auto" (the
             default) takes about sqrt(T) when storing every step would take more
             than 64 MiB, else 0.
-        memory_dtype: store memory in this dtype (``torch.bfloat16`` halves its
-            traffic); every op still computes in float32.
+        memory_dtype: store memory in this dtype (``torch.bfloat16`` or
+            ``"bfloat16"`` halves its traffic); every op still computes in float32.
 
     Example::
 
@@ -372,7 +371,7 @@ class FastNTM(nn.Module):
         num_writes: int = 1,
         shift_range: int = 1,
         memory_init: str = "constant",
-        memory_dtype: torch.dtype | None = None,
+        memory_dtype: torch.dtype | str | None = None,
         checkpoint_every: int | str = "auto",
         batch_first: bool = False,
         backend: str = "auto",
@@ -466,6 +465,14 @@ class FastNTM(nn.Module):
                 raise ValueError(f"{name} must have shape {shape} for this model and batch {B}, got {tuple(t.shape)}")
             if t.device != x.device:
                 raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+
+
+def _memory_dtype(value) -> torch.dtype | None:
+    """A floating ``torch.dtype``, from itself or its name ("bfloat16"), or None."""
+    dtype = getattr(torch, value, None) if isinstance(value, str) else value
+    if value is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"memory_dtype must be a floating torch.dtype (or its name) or None, got {value!r}")
+    return dtype
 
 
 def _check_positive_int(name: str, value) -> None:

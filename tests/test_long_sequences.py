@@ -121,3 +121,9 @@ def test_bad_checkpoint_and_memory_dtype_arguments():
         make(checkpoint_every=-2)
     with pytest.raises(TypeError, match="memory_dtype must be a floating torch.dtype"):
         make(memory_dtype=torch.int8)
+
+
+def test_memory_dtype_by_name_round_trips_through_a_config():
+    ntm = make(memory_dtype="bfloat16")
+    assert ntm.cell.memory_dtype == torch.bfloat16
+    assert ntm.initial_state(2).memory.dtype == torch.bfloat16

@@ -9,6 +9,7 @@ Without it (or when fastntm.kernels was already imported without it in this
 process) every test here is skipped with the reason.
 """
 
+import importlib
 import os
 
 import pytest
@@ -119,6 +120,8 @@ STEP_CASES = [
     (3, 130, 20, 5, 4, 5, None),  # large memory by shape (BN = 128, 2 blocks)
     (1, 130, 13, 3, 1, 3, 32),  # 5 blocks, last one ragged; two write heads
     (3, 130, 13, 1, 1, 3, None),  # one read head, W = 0
+    (2, 37, 13, 4, 1, 3, None),  # on-chip, three write heads
+    (2, 64, 32, 3, 1, 3, None),  # on-chip, N = BN and M = BM: no masked rows or columns
 ]
 
 
@@ -134,6 +137,17 @@ def test_memory_step_matches_reference(case):
 def test_memory_step_partial_gradients(used, BN):
     with _config.force_block_n(BN):
         check_op(kernels.memory_step, reference.memory_step, make_inputs(2, 37, 13, 3, 1, 3), extra=(1,), used=used)
+
+
+def test_onchip_backward_is_one_kernel(monkeypatch):
+    ms = importlib.import_module("fastntm.kernels.memory_step")
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the on-chip backward left its kernel")
+
+    for name in ("_address_bwd", "_read_write_bwd", "_mem_bwd"):
+        monkeypatch.setattr(ms, name, fail)
+    check_op(kernels.memory_step, reference.memory_step, make_inputs(2, 37, 13, 3, 2, 3), extra=(2,))
 
 
 @pytest.mark.parametrize("BN", [None, 16], ids=["auto", "BN16"])

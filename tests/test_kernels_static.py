@@ -29,12 +29,14 @@ pytestmark = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") == "1", reason="AOT compilation needs the interpreter off: run `TRITON_INTERPRET=0 pytest tests/test_kernels_static.py`"
 )
 
+# Compile options the host code passes at launch, beyond num_warps.
+LAUNCH_OPTIONS = {"_memory_step_onchip_bwd_kernel": dict(maxnreg=_config.ONCHIP_BWD_MAXNREG)}
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 ARCHS = (80, 90)
 
-# Triton launches of one forward / forward+backward step, by regime (plus small torch ops on (B, H, *) vectors:
+# Triton launches of one forward / backward step, by regime (plus small torch ops on (B, H, *) vectors:
 # large-memory forward 4 (max, sum-exp combine, sharpening sum, read partial sum); backward ~40 on (B, H, N)).
-LAUNCHES = {True: "fwd 1, bwd 2", False: "fwd 3, bwd 2"}
+LAUNCHES = {True: "fwd 1, bwd 1", False: "fwd 3, bwd 2"}
 
 
 def dispatch_blocks():
@@ -56,12 +58,14 @@ def kernel_configs():
         if blk.onchip:
             for rw in (True, False):
                 out.append(("_memory_step_onchip_kernel", dict(RW=rw, **bm), nw))
+            out.append(("_memory_step_onchip_bwd_kernel", bm, blk.bwd_warps))
         else:
             out.append(("_similarity_kernel", bm, nw))
             out.append(("_read_write_kernel", dict(NORMALIZE=True, WRITE=True, **bm), nw))
         # Standalone read and write use the read/write kernel in both regimes.
         for write in (True, False):
             out.append(("_read_write_kernel", dict(NORMALIZE=False, WRITE=write, **bm), nw))
+        # The two-pass backward: large memory, and standalone read and write in both regimes.
         out.append(("_read_write_bwd_kernel", bm, nw))
         for has_dk in (True, False):
             out.append(("_mem_bwd_kernel", dict(HAS_DK=has_dk, **bm), nw))
@@ -81,7 +85,7 @@ def compile_one(job):
     compiled = triton.compile(
         ASTSource(fn=fn, signature=signature, constexprs=consts),
         target=GPUTarget("cuda", arch, 32),
-        options=dict(num_warps=num_warps),
+        options=dict(num_warps=num_warps, **LAUNCH_OPTIONS.get(name, {})),
     )
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(compiled.asm["ptx"])

@@ -27,6 +27,11 @@ BLOCK_ELEMENTS = 2048
 MAX_BM = 128
 """Widest slot the kernels take (BM = next_pow2(M)); wider slots use the reference."""
 
+ONCHIP_BWD_MAXNREG = 255
+"""Register limit of the on-chip backward. Left to itself, ptxas caps some of its configurations at 128
+registers and spills (seen at BN=64, BM=32, 8 warps, sm_80); with one program per batch item, occupancy
+does not matter there."""
+
 _forced_block_n: int | None = None
 _poison: bool = False
 
@@ -37,6 +42,8 @@ class Blocks:
     BN: int
     BM: int
     num_warps: int
+    bwd_warps: int
+    """Warps of the on-chip backward, which holds more live tiles than the forward (spill-free by ptxas)."""
 
 
 def n_blocks(N: int, BN: int) -> int:
@@ -96,9 +103,9 @@ def choose(N: int, M: int) -> Blocks:
     # At least 64 rows on-chip: fewer configurations to build and check, at the cost of masked rows for tiny N.
     full = max(64, triton.next_power_of_2(N))
     if forced is None and full * BM <= ONCHIP_MAX_ELEMENTS:
-        return Blocks(True, full, BM, 4 if full * BM <= 2048 else 8)
+        return Blocks(True, full, BM, 4 if full * BM <= 2048 else 8, 4 if full * BM <= 1024 else 8)
     BN = forced if forced is not None else large_block_n(BM)
-    return Blocks(False, BN, BM, 4)
+    return Blocks(False, BN, BM, 4, 4)
 
 
 VECTOR_BLOCK = 1024

@@ -16,7 +16,11 @@ Forward, two regimes (``_config.choose``):
   to run; no atomics anywhere).
 
 Backward recomputes from small saved vectors (the logits ``K`` and the softmax
-and sharpening sums), never from a saved memory:
+sums), never from a saved memory. On-chip, one launch of
+``_memory_step_onchip_bwd_kernel``, one program per batch item: dL/dw from the
+reads and the write, every head's addressing chain backward (the shift's
+neighbours through a small scratch buffer and a barrier), then dL/dmem and
+dL/dk. Large memory, two passes over memory with torch ops between:
 
 * ``_read_write_bwd_kernel`` (one pass over mem and dnew): dL/dw from the reads
   and the write, per-block partials of dL/de and dL/da;
@@ -56,6 +60,14 @@ def _cosine(b_mem, b_mn, p_k, o_m, m_m):
 
 
 @triton.jit
+def _wg_at(p_K, p_wp, o_src, m_n, b_beta, b_g, b_max, b_sum):
+    """``wg = g softmax(beta K) + (1 - g) w_prev`` of one head at rows ``o_src``, from the stored logits."""
+    b_K = tl.load(p_K + o_src, mask=m_n, other=0.0)
+    b_wp = tl.load(p_wp + o_src, mask=m_n, other=0.0).to(tl.float32)
+    return b_g * (tl.exp(b_beta * b_K - b_max) / b_sum) + (1.0 - b_g) * b_wp
+
+
+@triton.jit
 def _shift_sharpen(p_K, p_wp, p_s, b_beta, b_g, b_gamma, b_max, b_sum, o_n, m_n, N, S, BN: tl.constexpr):
     """``max(ws, 1e-30)^gamma`` at rows ``o_n`` of one head, 0 on masked rows.
 
@@ -66,10 +78,7 @@ def _shift_sharpen(p_K, p_wp, p_s, b_beta, b_g, b_gamma, b_max, b_sum, o_n, m_n,
     half = (S - 1) // 2
     for j in range(S):
         o_src = ((o_n - (j - half)) % N + N) % N
-        b_Kj = tl.load(p_K + o_src, mask=m_n, other=0.0)
-        b_wp = tl.load(p_wp + o_src, mask=m_n, other=0.0).to(tl.float32)
-        b_wg = b_g * (tl.exp(b_beta * b_Kj - b_max) / b_sum) + (1.0 - b_g) * b_wp
-        b_ws += tl.load(p_s + j).to(tl.float32) * b_wg
+        b_ws += tl.load(p_s + j).to(tl.float32) * _wg_at(p_K, p_wp, o_src, m_n, b_beta, b_g, b_max, b_sum)
     return tl.where(m_n, tl.exp(b_gamma * tl.log(tl.maximum(b_ws, 1e-30))), 0.0)
 
 
@@ -308,6 +317,144 @@ def _mem_bwd_kernel(p_mem, p_w, p_e, p_dr, p_dnew, p_k, p_K, p_dK, p_dmem, p_dkp
              b_dmem.to(p_dmem.dtype.element_ty), mask=m_nm)
 
 
+@triton.jit
+def _onchip_address_bwd(b_dw, p_beta, p_g, p_s, p_gamma, p_wp, p_K, p_max, p_sum, p_scr,
+                        p_dbeta, p_dg, p_ds, p_dgamma, p_dwp, i_bh, o_n, m_n, N, S, BN: tl.constexpr):
+    """One head's addressing chain backward on (N,) vectors, from ``b_dw`` (dL/dw, fp32, 0 on masked rows).
+
+    Recomputes ``wc``, ``wg``, ``ws`` and ``ws^gamma`` from the stored logits and softmax sums; stores
+    dL/dbeta, dL/dg, dL/ds, dL/dgamma, dL/dw_prev of the head, and dL/dK (fp32) to its scratch row
+    ``p_scr + (2 i_bh + 1) N`` (the row ``2 i_bh`` holds dL/dws for the shift).
+    """
+    b_K = tl.load(p_K + i_bh * N + o_n, mask=m_n, other=0.0)
+    b_wp = tl.load(p_wp + i_bh * N + o_n, mask=m_n, other=0.0).to(tl.float32)
+    b_beta = tl.load(p_beta + i_bh).to(tl.float32)
+    b_g = tl.load(p_g + i_bh).to(tl.float32)
+    b_gamma = tl.load(p_gamma + i_bh).to(tl.float32)
+    b_max = tl.load(p_max + i_bh)
+    b_sum = tl.load(p_sum + i_bh)
+    b_wc = tl.where(m_n, tl.exp(b_beta * b_K - b_max) / b_sum, 0.0)
+    # Forward again: shift (wg at the source rows, from the logits) and sharpen.
+    half = (S - 1) // 2
+    b_ws = tl.zeros([BN], dtype=tl.float32)
+    for j in range(S):
+        o_src = ((o_n - (j - half)) % N + N) % N
+        b_ws += tl.load(p_s + i_bh * S + j).to(tl.float32) * _wg_at(p_K + i_bh * N, p_wp + i_bh * N, o_src, m_n,
+                                                                   b_beta, b_g, b_max, b_sum)
+    b_logc = tl.log(tl.maximum(b_ws, 1e-30))
+    b_p = tl.where(m_n, tl.exp(b_gamma * b_logc), 0.0)
+    b_Pe = tl.sum(b_p, 0) + 1e-16
+    # Sharpening backward.
+    b_dp = (b_dw - tl.sum(b_dw * (b_p / b_Pe), 0)) / b_Pe
+    tl.store(p_dgamma + i_bh, tl.sum(b_dp * b_p * b_logc, 0).to(p_dgamma.dtype.element_ty))
+    b_dws = tl.where(m_n & (b_ws >= 1e-30), b_dp * b_gamma * tl.exp((b_gamma - 1.0) * b_logc), 0.0)
+    # Shift backward: dL/dwg[n] = sum_j s[j + K] dL/dws[n + j] reads rows of other threads.
+    tl.store(p_scr + 2 * i_bh * N + o_n, b_dws, mask=m_n)
+    tl.debug_barrier()
+    b_dwg = tl.zeros([BN], dtype=tl.float32)
+    for j in range(S):
+        o_dst = ((o_n + (j - half)) % N + N) % N
+        o_src = ((o_n - (j - half)) % N + N) % N
+        b_dwg += tl.load(p_s + i_bh * S + j).to(tl.float32) * tl.load(p_scr + 2 * i_bh * N + o_dst, mask=m_n, other=0.0)
+        b_wg = _wg_at(p_K + i_bh * N, p_wp + i_bh * N, o_src, m_n, b_beta, b_g, b_max, b_sum)
+        tl.store(p_ds + i_bh * S + j, tl.sum(tl.where(m_n, b_dws * b_wg, 0.0), 0).to(p_ds.dtype.element_ty))
+    # Interpolation and softmax backward.
+    tl.store(p_dg + i_bh, tl.sum(b_dwg * (b_wc - b_wp), 0).to(p_dg.dtype.element_ty))
+    tl.store(p_dwp + i_bh * N + o_n, ((1.0 - b_g) * b_dwg).to(p_dwp.dtype.element_ty), mask=m_n)
+    b_dwc = b_g * b_dwg
+    b_dz = b_wc * (b_dwc - tl.sum(b_dwc * b_wc, 0))
+    tl.store(p_dbeta + i_bh, tl.sum(b_dz * b_K, 0).to(p_dbeta.dtype.element_ty))
+    tl.store(p_scr + (2 * i_bh + 1) * N + o_n, b_dz * b_beta, mask=m_n)
+
+
+@triton.jit
+def _memory_step_onchip_bwd_kernel(p_mem, p_k, p_beta, p_g, p_s, p_gamma, p_wp, p_e, p_a, p_w, p_K, p_max, p_sum,
+                                   p_dw, p_dr, p_dnew, p_dmem, p_dk, p_dbeta, p_dg, p_ds, p_dgamma, p_dwp,
+                                   p_de, p_da, p_scr,
+                                   s_mem_b, s_mem_n, s_dnew_b, s_dnew_n, s_dmem_b, s_dmem_n, N, M, H, R, S,
+                                   HAS_DW, HAS_DR, HAS_DNEW, BN: tl.constexpr, BM: tl.constexpr):
+    """Whole backward of the step for batch item ``i_b``, memory held on-chip: every gradient in one launch.
+
+    Phase 1, head by head: dL/dw from the reads and the write (and dL/de, dL/da), then the addressing
+    chain down to dL/dK. Phase 2: dL/dmem (write, reads, cosine of every head) and dL/dk. Splitting the
+    phases keeps few (N, M) tiles live at once (mem is loaded again in phase 2, from cache).
+    ``HAS_DW``, ``HAS_DR``, ``HAS_DNEW`` (0 or 1) say which of dL/dw, dL/dr, dL/dnew_mem were given:
+    runtime values, so one compiled kernel serves every combination (a masked-off load moves no data).
+    ``p_scr`` is (B, H, 2, N) fp32 scratch: dL/dws and dL/dK of each head. The erase product without
+    head h is rebuilt from the other heads, never by dividing by ``1 - w e`` (unstable near zero).
+    """
+    i_b = tl.program_id(0).to(tl.int64)
+    o_n = tl.arange(0, BN)
+    o_m = tl.arange(0, BM)
+    m_n = o_n < N
+    m_m = o_m < M
+    m_nm = m_n[:, None] & m_m[None, :]
+    W = H - R
+    # Scalar bases and int32 offsets rather than tiles of 64-bit pointers: fewer registers.
+    o_mem = o_n[:, None] * s_mem_n + o_m[None, :]
+    o_dnew = o_n[:, None] * s_dnew_n + o_m[None, :]
+    p_memb = p_mem + i_b * s_mem_b
+    p_dnewb = p_dnew + i_b * s_dnew_b
+    m_dnew = m_nm & (HAS_DNEW != 0)
+    b_mem = tl.load(p_memb + o_mem, mask=m_nm, other=0.0).to(tl.float32)
+    for h in range(R):
+        i_bh = i_b * H + h
+        b_dr = tl.load(p_dr + (i_b * R + h) * M + o_m, mask=m_m & (HAS_DR != 0), other=0.0).to(tl.float32)
+        b_dw = tl.sum(b_mem * b_dr[None, :], 1)
+        b_dw += tl.load(p_dw + i_bh * N + o_n, mask=m_n & (HAS_DW != 0), other=0.0).to(tl.float32)
+        _onchip_address_bwd(b_dw, p_beta, p_g, p_s, p_gamma, p_wp, p_K, p_max, p_sum, p_scr,
+                            p_dbeta, p_dg, p_ds, p_dgamma, p_dwp, i_bh, o_n, m_n, N, S, BN)
+    for hw in range(W):
+        i_bh = i_b * H + R + hw
+        b_dnew = tl.load(p_dnewb + o_dnew, mask=m_dnew, other=0.0).to(tl.float32)
+        b_derase = b_dnew * b_mem
+        for h2 in range(W):
+            b_w2 = tl.load(p_w + (i_b * H + R + h2) * N + o_n, mask=m_n, other=0.0).to(tl.float32)
+            b_e2 = tl.load(p_e + (i_b * W + h2) * M + o_m, mask=m_m, other=0.0).to(tl.float32)
+            b_derase *= tl.where(h2 == hw, 1.0, 1.0 - b_w2[:, None] * b_e2[None, :])
+        b_w = tl.load(p_w + i_bh * N + o_n, mask=m_n, other=0.0).to(tl.float32)
+        b_e = tl.load(p_e + (i_b * W + hw) * M + o_m, mask=m_m, other=0.0).to(tl.float32)
+        b_a = tl.load(p_a + (i_b * W + hw) * M + o_m, mask=m_m, other=0.0).to(tl.float32)
+        o_hw = (i_b * W + hw) * M + o_m
+        tl.store(p_de + o_hw, (-tl.sum(b_derase * b_w[:, None], 0)).to(p_de.dtype.element_ty), mask=m_m)
+        tl.store(p_da + o_hw, tl.sum(b_dnew * b_w[:, None], 0).to(p_da.dtype.element_ty), mask=m_m)
+        b_dw = tl.sum(b_dnew * b_a[None, :] - b_derase * b_e[None, :], 1)
+        b_dw += tl.load(p_dw + i_bh * N + o_n, mask=m_n & (HAS_DW != 0), other=0.0).to(tl.float32)
+        _onchip_address_bwd(b_dw, p_beta, p_g, p_s, p_gamma, p_wp, p_K, p_max, p_sum, p_scr,
+                            p_dbeta, p_dg, p_ds, p_dgamma, p_dwp, i_bh, o_n, m_n, N, S, BN)
+    # Phase 2 reads every head's dL/dK, stored by other threads.
+    tl.debug_barrier()
+    # With W = 0 the step returns new_mem = mem, and dL/dnew_mem flows to dL/dmem unchanged.
+    b_dmem = tl.load(p_dnewb + o_dnew, mask=m_dnew, other=0.0).to(tl.float32)
+    for hw in range(W):
+        b_w = tl.load(p_w + (i_b * H + R + hw) * N + o_n, mask=m_n, other=0.0).to(tl.float32)
+        b_e = tl.load(p_e + (i_b * W + hw) * M + o_m, mask=m_m, other=0.0).to(tl.float32)
+        b_dmem *= 1.0 - b_w[:, None] * b_e[None, :]
+    for h in range(R):
+        b_w = tl.load(p_w + (i_b * H + h) * N + o_n, mask=m_n, other=0.0).to(tl.float32)
+        b_dr = tl.load(p_dr + (i_b * R + h) * M + o_m, mask=m_m & (HAS_DR != 0), other=0.0).to(tl.float32)
+        b_dmem += b_w[:, None] * b_dr[None, :]
+    b_mem = tl.load(p_memb + o_mem, mask=m_nm, other=0.0).to(tl.float32)
+    b_norm = tl.sqrt(tl.sum(b_mem * b_mem, 1))
+    b_mn = tl.maximum(b_norm, 1e-8)
+    for h in range(H):
+        i_bh = i_b * H + h
+        b_k = tl.load(p_k + i_bh * M + o_m, mask=m_m, other=0.0).to(tl.float32)
+        b_knorm = tl.sqrt(tl.sum(b_k * b_k, 0))
+        b_kn = tl.maximum(b_knorm, 1e-8)
+        b_K = tl.load(p_K + i_bh * N + o_n, mask=m_n, other=0.0)
+        b_dK = tl.load(p_scr + (2 * i_bh + 1) * N + o_n, mask=m_n, other=0.0)
+        # A norm below eps is clamped: no gradient through it there.
+        b_c = b_dK / (b_kn * b_mn)
+        b_cn = tl.where(b_norm >= 1e-8, b_dK * b_K / (b_mn * b_mn), 0.0)
+        b_dmem += b_c[:, None] * b_k[None, :] - b_cn[:, None] * b_mem
+        b_ck = tl.where(b_knorm >= 1e-8, tl.sum(b_dK * b_K, 0) / (b_kn * b_kn), 0.0)
+        b_dk = tl.sum(b_c[:, None] * b_mem, 0) - b_ck * b_k
+        tl.store(p_dk + i_bh * M + o_m, b_dk.to(p_dk.dtype.element_ty), mask=m_m)
+    tl.store(p_dmem + i_b * s_dmem_b + o_n[:, None] * s_dmem_n + o_m[None, :],
+             b_dmem.to(p_dmem.dtype.element_ty), mask=m_nm)
+
+
 # ----------------------------------------------------------------------------
 # Host functions: allocate, choose blocks, launch
 # ----------------------------------------------------------------------------
@@ -450,10 +597,39 @@ def _mem_bwd(mem, w, e, dr, dnew, k, K, dK, R: int, W: int):
     return dmem, (dkpart.sum(1) if has_dk else None)
 
 
+def _onchip_bwd(mem, k, beta, g, s, gamma, w_prev, e, a, w, K, mx, se, dw, dr, dnew, R: int, blk):
+    """Every gradient in one launch of ``_memory_step_onchip_bwd_kernel``, one program per batch item."""
+    B, N, M = mem.shape
+    H, S = k.shape[1], s.shape[2]
+    W = H - R
+    dev, pd = mem.device, k.dtype
+    dmem = _config.empty((B, N, M), mem.dtype, dev)
+    dk = _config.empty((B, H, M), pd, dev)
+    dbeta, dg, dgamma = (_config.empty((B, H), pd, dev) for _ in range(3))
+    ds = _config.empty((B, H, S), pd, dev)
+    dwp = _config.empty((B, H, N), pd, dev)
+    de = _config.empty((B, W, M), pd, dev)
+    da = _config.empty((B, W, M), pd, dev)
+    scr = _config.empty((B, H, 2, N), torch.float32, dev)
+    has_dr = dr is not None and R > 0
+    dn = mem if dnew is None else dnew
+    _memory_step_onchip_bwd_kernel[(B,)](
+        mem, k, beta, g, s, gamma, w_prev, _nz(e, mem), _nz(a, mem), w, K, mx, se,
+        w if dw is None else dw, dr if has_dr else mem, dn, dmem, dk, dbeta, dg, ds, dgamma, dwp,
+        _nz(de, dk), _nz(da, dk), scr,
+        mem.stride(0), mem.stride(1), dn.stride(0), dn.stride(1), dmem.stride(0), dmem.stride(1), N, M, H, R, S,
+        int(dw is not None), int(has_dr), int(dnew is not None), BN=blk.BN, BM=blk.BM,
+        num_warps=blk.bwd_warps, maxnreg=_config.ONCHIP_BWD_MAXNREG)
+    return dmem, dk, dbeta, dg, ds, dgamma, dwp, de, da
+
+
 def _backward(mem, k, beta, g, s, gamma, w_prev, e, a, w, K, mx, se, dw, dr, dnew, num_reads: int):
     """Gradients of (mem, k, beta, g, s, gamma, w_prev, e, a) given any of dw, dr, dnew (None = zero)."""
     H = k.shape[1]
     R, W = num_reads, H - num_reads
+    blk = _config.choose(mem.shape[1], mem.shape[2])
+    if blk.onchip:
+        return _onchip_bwd(mem, k, beta, g, s, gamma, w_prev, e, a, w, K, mx, se, dw, dr, dnew, R, blk)
     dw_rw, de, da = _read_write_bwd(mem, w, e, a, dr, dnew, R, W)
     dw_tot = dw_rw if dw is None else dw_rw + dw.to(torch.float32)
     dK, dbeta, dg, ds, dgamma, dwp = _address_bwd(k, beta, g, s, gamma, w_prev, K, mx, se, dw_tot)

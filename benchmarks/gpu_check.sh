@@ -10,7 +10,8 @@
 # the key figures. Every part runs under `timeout`; one that fails or runs out of
 # time is named at the end and the later parts still run. The limits below add
 # up to 390 s (plus 3 s grace each: 405 s at worst); override them with T_TESTS,
-# T_KERNELS, T_RUN, T_LONG.
+# T_KERNELS, T_RUN, T_LONG, and pass extra runner arguments in RUN_ARGS (for
+# example RUN_ARGS="--providers reference,triton --filter 'train_step|paper'").
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
@@ -63,7 +64,8 @@ else
 fi
 
 # Budgets a little under the limits, so that each writes its JSON and table itself.
-part benchmarks.run "$T_RUN" "$PY" -m benchmarks.run --device cuda --quick --budget $(( T_RUN - 25 )) --out "$OUT"
+# shellcheck disable=SC2086  # RUN_ARGS is a list of arguments
+part benchmarks.run "$T_RUN" "$PY" -m benchmarks.run --device cuda --quick --budget $(( T_RUN - 25 )) --out "$OUT" ${RUN_ARGS:-}
 
 part long_sequence "$T_LONG" "$PY" -m benchmarks.long_sequence --device cuda --gpu-large \
     --budget $(( T_LONG - 10 )) --out "$OUT"

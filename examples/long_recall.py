@@ -59,6 +59,7 @@ class TaskConfig:
     num_pairs: int = 4
     num_distractors: int = 8
     distractor: str = "tokens"
+    pair_gap: int = 0
 
     def __post_init__(self):
         if self.distractor not in DISTRACTORS:
@@ -68,6 +69,13 @@ class TaskConfig:
         for name in ("num_keys", "num_values", "num_distractors"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.pair_gap < 0:
+            raise ValueError(f"pair_gap must be non-negative, got {self.pair_gap}")
+
+    @property
+    def prefix_steps(self) -> int:
+        """Steps before the long gap: each pair followed by ``pair_gap`` distractor steps."""
+        return self.num_pairs * (1 + self.pair_gap)
 
     @property
     def input_size(self) -> int:
@@ -87,7 +95,8 @@ class TaskConfig:
 
 
 class Episode(NamedTuple):
-    """One batch of sequences, in parts. ``prefix`` (P, B, I): the pairs; ``query``
+    """One batch of sequences, in parts. ``prefix`` (P * (1 + pair_gap), B, I): the pairs
+    (each followed by ``pair_gap`` distractor steps); ``query``
     (1, B, I); ``target`` (B,) value indices; ``keys``/``values`` (B, P) the pairs;
     ``query_index`` (B,) which pair was queried. The gap is made by ``distractors``."""
 
@@ -108,9 +117,16 @@ def make_episode(task: TaskConfig, batch_size: int, generator: torch.Generator |
     rows = torch.arange(B)
     target = values[rows, query_index]
 
-    prefix = torch.zeros(P, B, I)
-    prefix.scatter_(2, keys.T.unsqueeze(-1), 1.0)
-    prefix.scatter_(2, (task.value_offset + values.T).unsqueeze(-1), 1.0)
+    pairs = torch.zeros(P, B, I)
+    pairs.scatter_(2, keys.T.unsqueeze(-1), 1.0)
+    pairs.scatter_(2, (task.value_offset + values.T).unsqueeze(-1), 1.0)
+    if task.pair_gap:
+        parts = []
+        for p in range(P):
+            parts += [pairs[p : p + 1], distractors(task, task.pair_gap, B, generator)]
+        prefix = torch.cat(parts)
+    else:
+        prefix = pairs
     query = torch.zeros(1, B, I)
     query[0, rows, keys[rows, query_index]] = 1.0
     query[0, :, task.query_channel] = 1.0
@@ -155,7 +171,8 @@ class RecallModel(nn.Module):
     """``FastNTM`` features (``output_size=None``) and a linear readout of the last step."""
 
     def __init__(self, task: TaskConfig, *, memory_slots=32, memory_width=16, controller="lstm",
-                 controller_size=64, memory_init="constant", checkpoint_every="auto", memory_dtype=None):
+                 controller_size=64, memory_init="constant", shift_range=1, head_init="default",
+                 checkpoint_every="auto", memory_dtype=None):
         super().__init__()
         self.ntm = FastNTM(
             task.input_size,
@@ -166,11 +183,38 @@ class RecallModel(nn.Module):
             controller_size=controller_size,
             num_reads=1,
             num_writes=1,
+            shift_range=shift_range,
             memory_init=memory_init,
             checkpoint_every=checkpoint_every,
             memory_dtype=memory_dtype,
         )
         self.readout = nn.Linear(self.ntm.cell.feature_size, task.num_values)
+        if head_init == "copy":
+            self.copy_head_init()
+        elif head_init != "default":
+            raise ValueError(f"head_init must be 'default' or 'copy', got {head_init!r}")
+
+    @torch.no_grad()
+    def copy_head_init(self, bias: float = 6.0) -> None:
+        """Start the heads where a copy-task NTM ends up (biases only; all still trained):
+        the write head location-based (gate g ~ 0), shifting +1 slot every step, sharpened,
+        so that successive pairs land in successive slots starting from slot 1; the read
+        head content-based (g ~ 1, a soft key strength to start)."""
+        cell = self.ntm.cell
+        M, S = cell.memory_width, cell.shift_range
+        per_head = sum(cell.head_sizes)  # k (M), beta, g, s (2S+1), gamma; read heads first
+        b = cell.heads.bias
+        for head in range(cell.num_heads):
+            o = head * per_head
+            if head < cell.num_reads:
+                b[o + M] = 0.0  # beta = softplus(0) ~ 0.7: soft at first, so gradients reach the key
+                b[o + M + 1] = bias  # g ~ 1: content
+            else:
+                b[o + M + 1] = -bias  # g ~ 0: previous weighting
+                if S > 0:
+                    b[o + M + 2 : o + M + 3 + 2 * S] = 0.0
+                    b[o + M + 2 + S + 1] = bias  # shift +1
+                b[o + M + 3 + 2 * S] = bias / 2  # gamma ~ 4
 
     def forward(self, x: torch.Tensor, state: NTMState | None = None) -> tuple[torch.Tensor, NTMState]:
         """Logits for the last step of ``x`` (T, B, I): ``(logits (B, V), state)``."""
@@ -210,14 +254,16 @@ def train(args) -> dict:
     torch.manual_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
-    task = TaskConfig(args.keys, args.values, args.pairs, args.distractors, args.distractor)
+    task = TaskConfig(args.keys, args.values, args.pairs, args.distractors, args.distractor, args.pair_gap)
     model_args = dict(memory_slots=args.slots, memory_width=args.width, controller=args.controller,
-                      controller_size=args.controller_size, memory_init=args.memory_init)
+                      controller_size=args.controller_size, memory_init=args.memory_init,
+                      shift_range=args.shift_range, head_init=args.head_init)
     model = RecallModel(task, **model_args)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     generator = torch.Generator().manual_seed(args.seed)
 
     max_gap = min(args.gap_start, args.gap)
+    max_pairs = min(args.pairs_start or args.pairs, args.pairs)
     start = time.perf_counter()
     seen = 0
     history = []
@@ -226,7 +272,7 @@ def train(args) -> dict:
     done = False
     for step in bar:
         gap = int(torch.randint(args.gap_min, max_gap + 1, (1,), generator=generator))
-        x, target = make_batch(task, args.batch, gap, generator)
+        x, target = make_batch(dataclasses.replace(task, num_pairs=max_pairs), args.batch, gap, generator)
         logits, _ = model(x)
         loss = F.cross_entropy(logits, target)
         optimizer.zero_grad(set_to_none=True)
@@ -237,18 +283,21 @@ def train(args) -> dict:
         acc = (logits.argmax(-1) == target).float().mean().item()
         running_loss = loss.item() if running_loss is None else 0.98 * running_loss + 0.02 * loss.item()
         running_acc = acc if running_acc is None else 0.98 * running_acc + 0.02 * acc
-        bar.set_postfix(loss=f"{running_loss:.3f}", acc=f"{running_acc:.2f}", max_gap=max_gap, refresh=False)
+        bar.set_postfix(loss=f"{running_loss:.3f}", acc=f"{running_acc:.2f}", pairs=max_pairs, max_gap=max_gap,
+                        refresh=False)
 
         if step % args.eval_every == 0 or step == args.steps:
-            val = evaluate(model, task, max_gap, args.val_size, seed=99)
+            val = evaluate(model, dataclasses.replace(task, num_pairs=max_pairs), max_gap, args.val_size, seed=99)
             elapsed = time.perf_counter() - start
-            history.append(dict(step=step, seen=seen, seconds=round(elapsed, 1), max_gap=max_gap, val_acc=val,
-                                loss=round(running_loss, 4)))
-            tqdm.write(f"step {step} seen {seen} {elapsed:.0f}s  max_gap {max_gap}  val@{max_gap} {val:.3f}  "
-                       f"loss {running_loss:.3f}", file=sys.stdout)
-            if max_gap < args.gap and val >= args.advance_at:
+            history.append(dict(step=step, seen=seen, seconds=round(elapsed, 1), max_pairs=max_pairs,
+                                max_gap=max_gap, val_acc=val, loss=round(running_loss, 4)))
+            tqdm.write(f"step {step} seen {seen} {elapsed:.0f}s  pairs {max_pairs} max_gap {max_gap}  "
+                       f"val {val:.3f}  loss {running_loss:.3f}", file=sys.stdout)
+            if max_pairs < args.pairs and val >= args.advance_at:
+                max_pairs = min(args.pairs, 2 * max_pairs)
+            elif max_gap < args.gap and val >= args.advance_at:
                 max_gap = min(args.gap, math.ceil(max_gap * args.gap_growth))
-            elif max_gap >= args.gap and val >= args.target_acc:
+            elif max_pairs >= args.pairs and max_gap >= args.gap and val >= args.target_acc:
                 done = True
             if args.out:
                 save(args.out, model, task, model_args, dict(step=step, seen=seen, seconds=elapsed, history=history))
@@ -290,7 +339,7 @@ def eval_command(args) -> dict:
         t0 = time.perf_counter()
         acc = evaluate(model, task, gap, args.sequences, batch_size=args.batch, chunk=args.chunk)
         results[gap] = acc
-        print(f"gap {gap:6d}  ({task.num_pairs + gap + 1} steps)  accuracy {acc:.4f}  "
+        print(f"gap {gap:6d}  ({task.prefix_steps + gap + 1} steps)  accuracy {acc:.4f}  "
               f"[{args.sequences} sequences, {time.perf_counter() - t0:.0f}s]", flush=True)
     return results
 
@@ -316,6 +365,9 @@ def parse_args(argv=None):
     t.add_argument("--keys", type=int, default=8)
     t.add_argument("--values", type=int, default=8)
     t.add_argument("--pairs", type=int, default=4)
+    t.add_argument("--pairs-start", type=int, default=0,
+                   help="pairs at the start of the curriculum, doubled on each advance up to --pairs (0: --pairs)")
+    t.add_argument("--pair-gap", type=int, default=0, help="distractor steps after each pair, before the next")
     t.add_argument("--distractors", type=int, default=8, help="number of distractor tokens")
     t.add_argument("--distractor", choices=DISTRACTORS, default="tokens")
     t.add_argument("--slots", type=int, default=32)
@@ -323,6 +375,9 @@ def parse_args(argv=None):
     t.add_argument("--controller", choices=("lstm", "mlp"), default="lstm")
     t.add_argument("--controller-size", type=int, default=64)
     t.add_argument("--memory-init", choices=("constant", "learned", "random"), default="constant")
+    t.add_argument("--shift-range", type=int, default=1, help="shifts -S..S of the location addressing")
+    t.add_argument("--head-init", choices=("default", "copy"), default="default",
+                   help="copy: write head starts location-based, moving +1 slot a step; read head content-based")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     e = sub.add_parser("eval", help="accuracy at long gaps, streamed in chunks")

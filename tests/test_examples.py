@@ -95,3 +95,44 @@ def test_train_and_eval_commands(lr, tmp_path, capsys):
     results = lr.main(["eval", str(out), "--gaps", "3,40", "--sequences", "6", "--batch", "4", "--chunk", "16"])
     assert set(results) == {3, 40} and all(0.0 <= a <= 1.0 for a in results.values())
     assert "gap     40" in capsys.readouterr().out
+
+
+def test_pair_gap_layout(lr):
+    task = lr.TaskConfig(num_keys=4, num_values=3, num_pairs=2, num_distractors=2, distractor="tokens", pair_gap=2)
+    ep = lr.make_episode(task, 5, torch.Generator().manual_seed(0))
+    assert ep.prefix.shape[0] == task.prefix_steps == 6
+    for p in range(2):
+        step = ep.prefix[3 * p]
+        assert torch.equal(step[:, :4].argmax(-1), ep.keys[:, p])
+        assert torch.equal(step[:, 4:7].argmax(-1), ep.values[:, p])
+        gap = ep.prefix[3 * p + 1 : 3 * p + 3]
+        assert gap[..., :7].sum() == 0 and gap[..., 7:9].sum() == 2 * 5
+    chunks = list(lr.stream_chunks(task, ep, 5, 4, torch.Generator().manual_seed(1)))
+    assert torch.cat(chunks).shape[0] == 6 + 5 + 1
+
+
+def test_copy_head_init_walks_the_write_head(lr):
+    torch.manual_seed(0)
+    task = lr.TaskConfig(num_pairs=2, distractor="zeros")
+    model = lr.RecallModel(task, memory_slots=8, memory_width=20, controller="mlp", head_init="copy")
+    x, _ = lr.make_batch(task, 3, 9, torch.Generator().manual_seed(0))
+    with torch.no_grad(), model.ntm.record() as trace:
+        model(x)
+    w = trace.write_weights[:, :, 0]  # (T, B, N)
+    assert torch.equal(w.argmax(-1), (torch.arange(1, x.shape[0] + 1) % 8)[:, None].expand(-1, 3))
+    assert w.max(-1).values.min() > 0.9
+    with pytest.raises(ValueError, match="head_init"):
+        lr.RecallModel(task, head_init="nope")
+
+
+def test_pairs_curriculum_advances(lr, tmp_path):
+    info = lr.main(
+        ["train", "--out", str(tmp_path / "c.pt"), "--steps", "4", "--batch", "4", "--gap", "4", "--gap-start", "2",
+         "--eval-every", "1", "--val-size", "4", "--keys", "4", "--values", "3", "--pairs", "4", "--pairs-start", "1",
+         "--advance-at", "0.0", "--pair-gap", "1", "--head-init", "copy", "--distractor", "zeros", "--slots", "6",
+         "--width", "8", "--controller", "mlp", "--controller-size", "8", "--threads", "1"]
+    )
+    stages = [(h["max_pairs"], h["max_gap"]) for h in info["history"]]
+    assert stages == [(1, 2), (2, 2), (4, 2), (4, 4)]
+    model, task, _ = lr.load(tmp_path / "c.pt")
+    assert task.num_pairs == 4 and task.pair_gap == 1

@@ -76,13 +76,15 @@ class MemoryStep(torch.autograd.Function):
 
         w_read, w_write = w[:, :num_reads], w[:, num_reads:]
         r = torch.bmm(w_read, mem)
+        # Outer products by addcmul: on a CPU it beats baddbmm with an inner size of 1.
         if w_write.shape[1] == 1:
             erase_factors = None
-            keep = torch.baddbmm(mem.new_ones(1, 1, 1), w_write.transpose(1, 2), e, alpha=-1)
+            keep = torch.addcmul(mem.new_ones(1, 1, 1), w_write.transpose(1, 2), e, value=-1)
+            new_mem = torch.addcmul(mem * keep, w_write.transpose(1, 2), a)
         else:
             erase_factors = 1 - w_write.unsqueeze(-1) * e.unsqueeze(-2)
             keep = erase_factors.prod(dim=1)
-        new_mem = torch.baddbmm(mem * keep, w_write.transpose(1, 2), a)
+            new_mem = torch.baddbmm(mem * keep, w_write.transpose(1, 2), a)
 
         ctx.num_reads = num_reads
         ctx.save_for_backward(

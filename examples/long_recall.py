@@ -26,6 +26,8 @@ chunk and the whole sequence never exists at once.
 Commands::
 
     python examples/long_recall.py train --out runs/long_recall.pt
+    python examples/long_recall.py train --init-from runs/long_recall.pt --gap-min 1024 --gap-start 3072 --gap 3072 \\
+        --out runs/long_recall_3k.pt   # continue on longer gaps
     python examples/long_recall.py eval runs/long_recall.pt --gaps 100,1000,3000,10000
 """
 
@@ -254,14 +256,28 @@ def train(args) -> dict:
     torch.manual_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
-    task = TaskConfig(args.keys, args.values, args.pairs, args.distractors, args.distractor, args.pair_gap)
-    model_args = dict(memory_slots=args.slots, memory_width=args.width, controller=args.controller,
-                      controller_size=args.controller_size, memory_init=args.memory_init,
-                      shift_range=args.shift_range, head_init=args.head_init)
-    model = RecallModel(task, **model_args)
+    prior = dict(seen=0, seconds=0.0, history=[])
+    if args.init_from:
+        # Continue from a saved model: its task and model sizes are kept (the task and model
+        # flags are ignored); the optimiser starts afresh. Gap, pairs and lr flags apply.
+        model, task, init_info = load(args.init_from)
+        model_args = torch.load(args.init_from, map_location="cpu", weights_only=True)["model_args"]
+        prior = dict(seen=init_info.get("total_seen", init_info.get("seen", 0)),
+                     seconds=init_info.get("total_seconds", init_info.get("seconds", 0.0)),
+                     history=init_info.get("history", []))
+        args.pairs = task.num_pairs
+        print(f"init from {args.init_from}: step {init_info.get('step')}, {prior['seen']} sequences, "
+              f"{prior['seconds']:.0f}s so far; task {dataclasses.asdict(task)}", flush=True)
+    else:
+        task = TaskConfig(args.keys, args.values, args.pairs, args.distractors, args.distractor, args.pair_gap)
+        model_args = dict(memory_slots=args.slots, memory_width=args.width, controller=args.controller,
+                          controller_size=args.controller_size, memory_init=args.memory_init,
+                          shift_range=args.shift_range, head_init=args.head_init)
+        model = RecallModel(task, **model_args)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     generator = torch.Generator().manual_seed(args.seed)
 
+    stage = prior["history"][-1].get("stage", 0) + 1 if prior["history"] else 0  # 0: from scratch
     max_gap = min(args.gap_start, args.gap)
     max_pairs = min(args.pairs_start or args.pairs, args.pairs)
     start = time.perf_counter()
@@ -290,7 +306,8 @@ def train(args) -> dict:
             val = evaluate(model, dataclasses.replace(task, num_pairs=max_pairs), max_gap, args.val_size, seed=99)
             elapsed = time.perf_counter() - start
             history.append(dict(step=step, seen=seen, seconds=round(elapsed, 1), max_pairs=max_pairs,
-                                max_gap=max_gap, val_acc=val, loss=round(running_loss, 4)))
+                                max_gap=max_gap, val_acc=val, loss=round(running_loss, 4),
+                                stage=stage))
             tqdm.write(f"step {step} seen {seen} {elapsed:.0f}s  pairs {max_pairs} max_gap {max_gap}  "
                        f"val {val:.3f}  loss {running_loss:.3f}", file=sys.stdout)
             if max_pairs < args.pairs and val >= args.advance_at:
@@ -300,16 +317,26 @@ def train(args) -> dict:
             elif max_pairs >= args.pairs and max_gap >= args.gap and val >= args.target_acc:
                 done = True
             if args.out:
-                save(args.out, model, task, model_args, dict(step=step, seen=seen, seconds=elapsed, history=history))
+                save(args.out, model, task, model_args, dict(step=step, seen=seen, seconds=elapsed,
+                                                             **_totals(prior, seen, elapsed, history)))
             if done or (args.max_minutes and elapsed > 60 * args.max_minutes):
                 break
     bar.close()
     elapsed = time.perf_counter() - start
-    info = dict(step=step, seen=seen, seconds=round(elapsed, 1), reached_target=done, history=history)
+    info = dict(step=step, seen=seen, seconds=round(elapsed, 1), reached_target=done,
+                **_totals(prior, seen, elapsed, history))
+    if args.init_from:
+        info["init_from"] = str(args.init_from)
     if args.out:
         save(args.out, model, task, model_args, info)
     print(json.dumps({k: v for k, v in info.items() if k != "history"}))
     return info
+
+
+def _totals(prior: dict, seen: int, seconds: float, history: list) -> dict:
+    """Counts over this run and the runs it was initialised from (``--init-from``)."""
+    return dict(total_seen=prior["seen"] + seen, total_seconds=round(prior["seconds"] + seconds, 1),
+                history=prior["history"] + history)
 
 
 def save(path, model: RecallModel, task: TaskConfig, model_args: dict, info: dict) -> None:
@@ -333,7 +360,8 @@ def eval_command(args) -> dict:
         torch.set_num_threads(args.threads)
     model, task, info = load(args.checkpoint, args.distractor)
     results = {}
-    print(f"checkpoint: step {info.get('step')}, {info.get('seen')} sequences, {info.get('seconds', 0):.0f}s; "
+    print(f"checkpoint: step {info.get('step')}, {info.get('total_seen', info.get('seen'))} sequences, "
+          f"{info.get('total_seconds', info.get('seconds', 0)):.0f}s; "
           f"task {dataclasses.asdict(task)}")
     for gap in (int(g) for g in args.gaps.split(",")):
         t0 = time.perf_counter()
@@ -378,6 +406,8 @@ def parse_args(argv=None):
     t.add_argument("--shift-range", type=int, default=1, help="shifts -S..S of the location addressing")
     t.add_argument("--head-init", choices=("default", "copy"), default="default",
                    help="copy: write head starts location-based, moving +1 slot a step; read head content-based")
+    t.add_argument("--init-from", default=None, metavar="CHECKPOINT",
+                   help="continue training a saved model (its task and model sizes; a fresh optimiser)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     e = sub.add_parser("eval", help="accuracy at long gaps, streamed in chunks")

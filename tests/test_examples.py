@@ -136,3 +136,27 @@ def test_pairs_curriculum_advances(lr, tmp_path):
     assert stages == [(1, 2), (2, 2), (4, 2), (4, 4)]
     model, task, _ = lr.load(tmp_path / "c.pt")
     assert task.num_pairs == 4 and task.pair_gap == 1
+
+
+def test_init_from_continues_training(lr, tmp_path):
+    first = tmp_path / "first.pt"
+    lr.main(
+        ["train", "--out", str(first), "--steps", "2", "--batch", "4", "--gap", "3", "--gap-start", "3",
+         "--eval-every", "2", "--val-size", "4", "--keys", "4", "--values", "3", "--pairs", "2", "--distractor",
+         "zeros", "--slots", "6", "--width", "4", "--controller", "mlp", "--controller-size", "8", "--threads", "1"]
+    )
+    model0, task0, _ = lr.load(first)
+    second = tmp_path / "second.pt"
+    # Task and model flags are taken from the checkpoint (these defaults would not fit it).
+    info = lr.main(
+        ["train", "--init-from", str(first), "--out", str(second), "--steps", "3", "--batch", "4", "--gap", "12",
+         "--gap-min", "8", "--gap-start", "12", "--eval-every", "3", "--val-size", "4", "--lr", "0",
+         "--threads", "1"]
+    )
+    assert info["init_from"] == str(first) and info["seen"] == 12 and info["total_seen"] == 8 + 12
+    assert [h["stage"] for h in info["history"]] == [0, 1] and info["history"][-1]["max_gap"] == 12
+    model1, task1, saved = lr.load(second)
+    assert task1 == task0 and saved["total_seen"] == 20
+    # lr 0: the weights are exactly the ones loaded.
+    for (name, p0), p1 in zip(model0.state_dict().items(), model1.state_dict().values()):
+        assert torch.equal(p0, p1), name

@@ -35,6 +35,34 @@ def step_inputs(B=3, N=37, M=13, R=1, W=2, S=5, dtype=torch.float64, seed=0, req
     return {n: t.requires_grad_(requires_grad) for n, t in inputs.items()}
 
 
+def kernel_inputs(B, N, M, H, R, S, dtype=torch.float32, mem_dtype=None, seed=0, device="cpu") -> dict[str, torch.Tensor]:
+    """Random valid inputs of ``memory_step`` in ``dtype`` (memory in ``mem_dtype``), drawn in
+    float32 on the CPU so that every dtype and device sees the same values."""
+    gen = torch.Generator().manual_seed(seed)
+    W = H - R
+
+    def rand(*shape):
+        return torch.rand(*shape, generator=gen)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen)
+
+    x = dict(
+        mem=randn(B, N, M),
+        k=randn(B, H, M),
+        beta=rand(B, H) * 5,
+        g=rand(B, H),
+        s=torch.softmax(randn(B, H, S) * 2, -1),
+        gamma=1 + rand(B, H) * 3,
+        w_prev=torch.softmax(randn(B, H, N) * 3, -1),
+        e=rand(B, W, M),
+        a=randn(B, W, M),
+    )
+    out = {n: t.to(device, dtype) for n, t in x.items()}
+    out["mem"] = x["mem"].to(device, mem_dtype or dtype)
+    return out
+
+
 def relative_error(ref: torch.Tensor, out: torch.Tensor) -> float:
     ref, out = ref.detach().double(), out.detach().double()
     return float((ref - out).norm() / ref.norm().clamp_min(1e-30))

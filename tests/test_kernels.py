@@ -18,6 +18,7 @@ import torch
 import fastntm.functional as F
 from fastntm import kernels, reference
 from fastntm.kernels import _config
+from helpers import NAMES, kernel_inputs, relative_error
 
 pytestmark = [
     pytest.mark.skipif(
@@ -33,47 +34,15 @@ pytestmark = [
 TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
 
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.double(), ref.double()
-    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
-
-
 def assert_close(out, ref, tol, what):
     assert out.dtype == ref.dtype, f"{what}: dtype {out.dtype}, reference {ref.dtype}"
     assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)}, reference {tuple(ref.shape)}"
     assert torch.isfinite(out).all(), f"{what}: not finite"
-    err = rel_err(out, ref)
+    err = relative_error(ref, out)
     abs_err = (out.double() - ref.double()).abs().max().item() if out.numel() else 0.0
     assert err <= tol or abs_err <= 1e-5, f"{what}: relative error {err:.2e} > {tol:.0e}"
 
 
-def make_inputs(B, N, M, H, R, S, dtype=torch.float32, mem_dtype=None, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    W = H - R
-
-    def rand(*shape):
-        return torch.rand(*shape, generator=gen)
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=gen)
-
-    x = dict(
-        mem=randn(B, N, M),
-        k=randn(B, H, M),
-        beta=rand(B, H) * 5,
-        g=rand(B, H),
-        s=torch.softmax(randn(B, H, S) * 2, -1),
-        gamma=1 + rand(B, H) * 3,
-        w_prev=torch.softmax(randn(B, H, N) * 3, -1),
-        e=rand(B, W, M),
-        a=randn(B, W, M),
-    )
-    out = {n: t.to(dtype) for n, t in x.items()}
-    out["mem"] = x["mem"].to(mem_dtype or dtype)
-    return out
-
-
-NAMES = ("mem", "k", "beta", "g", "s", "gamma", "w_prev", "e", "a")
 
 
 def check_op(op, ref_op, inputs: dict, extra=(), tol=None, used=None):
@@ -129,14 +98,14 @@ STEP_CASES = [
 def test_memory_step_matches_reference(case):
     B, N, M, H, R, S, BN = case
     with _config.force_block_n(BN):
-        check_op(kernels.memory_step, reference.memory_step, make_inputs(B, N, M, H, R, S), extra=(R,))
+        check_op(kernels.memory_step, reference.memory_step, kernel_inputs(B, N, M, H, R, S), extra=(R,))
 
 
 @pytest.mark.parametrize("BN", [None, 16], ids=["auto", "BN16"])
 @pytest.mark.parametrize("used", [(0,), (1,), (2,), (1, 2)], ids=["w", "r", "new_mem", "r+new_mem"])
 def test_memory_step_partial_gradients(used, BN):
     with _config.force_block_n(BN):
-        check_op(kernels.memory_step, reference.memory_step, make_inputs(2, 37, 13, 3, 1, 3), extra=(1,), used=used)
+        check_op(kernels.memory_step, reference.memory_step, kernel_inputs(2, 37, 13, 3, 1, 3), extra=(1,), used=used)
 
 
 def test_onchip_backward_is_one_kernel(monkeypatch):
@@ -147,14 +116,14 @@ def test_onchip_backward_is_one_kernel(monkeypatch):
 
     for name in ("_address_bwd", "_read_write_bwd", "_mem_bwd"):
         monkeypatch.setattr(ms, name, fail)
-    check_op(kernels.memory_step, reference.memory_step, make_inputs(2, 37, 13, 3, 2, 3), extra=(2,))
+    check_op(kernels.memory_step, reference.memory_step, kernel_inputs(2, 37, 13, 3, 2, 3), extra=(2,))
 
 
 @pytest.mark.parametrize("BN", [None, 16], ids=["auto", "BN16"])
 @pytest.mark.parametrize("shape", [(3, 37, 13, 3, 5), (1, 130, 20, 1, 3)], ids=["B3-N37-M13-H3-S5", "B1-N130-M20-H1-S3"])
 def test_address_matches_reference(shape, BN):
     B, N, M, H, S = shape
-    x = make_inputs(B, N, M, H, H, S)
+    x = kernel_inputs(B, N, M, H, H, S)
     del x["e"], x["a"]
     with _config.force_block_n(BN):
         check_op(kernels.address, reference.address, x)
@@ -163,7 +132,7 @@ def test_address_matches_reference(shape, BN):
 @pytest.mark.parametrize("BN", [None, 16], ids=["auto", "BN16"])
 @pytest.mark.parametrize("R", [1, 3], ids=["R1", "R3"])
 def test_read_matches_reference(R, BN):
-    x = make_inputs(3, 37, 13, R, R, 3)
+    x = kernel_inputs(3, 37, 13, R, R, 3)
     with _config.force_block_n(BN):
         check_op(kernels.read, reference.read, {"mem": x["mem"], "w": x["w_prev"]})
 
@@ -171,7 +140,7 @@ def test_read_matches_reference(R, BN):
 @pytest.mark.parametrize("BN", [None, 16], ids=["auto", "BN16"])
 @pytest.mark.parametrize("W", [1, 3], ids=["W1", "W3"])
 def test_write_matches_reference(W, BN):
-    x = make_inputs(3, 37, 13, W, 0, 3)
+    x = kernel_inputs(3, 37, 13, W, 0, 3)
     with _config.force_block_n(BN):
         check_op(kernels.write, reference.write, {"mem": x["mem"], "w": x["w_prev"], "e": x["e"], "a": x["a"]})
 
@@ -180,14 +149,14 @@ def test_write_matches_reference(W, BN):
 def test_shift_wider_than_memory_wraps(BN):
     # S = 7 > N = 5: shifts wrap more than once around the memory.
     with _config.force_block_n(BN):
-        check_op(kernels.memory_step, reference.memory_step, make_inputs(2, 5, 13, 2, 1, 7), extra=(1,))
+        check_op(kernels.memory_step, reference.memory_step, kernel_inputs(2, 5, 13, 2, 1, 7), extra=(1,))
 
 
 @pytest.mark.parametrize("BN", [None, 16], ids=["auto", "BN16"])
 def test_shift_moves_focus_forward(BN):
     # One-hot w_prev, g = 0 (ignore content), s puts all weight on shift +1: focus n -> n + 1 (mod N).
     B, N, H = 2, 37, 2
-    x = make_inputs(B, N, 13, H, 1, 3)
+    x = kernel_inputs(B, N, 13, H, 1, 3)
     x["g"] = torch.zeros(B, H)
     x["s"] = torch.tensor([0.0, 0.0, 1.0]).expand(B, H, 3).clone()
     x["w_prev"] = torch.zeros(B, H, N)
@@ -203,7 +172,7 @@ def test_shift_moves_focus_forward(BN):
 def test_edge_cases_finite_and_match(BN):
     # Zero memory rows (cosine eps), zero key, huge beta, gamma 50: values and gradients finite.
     B, N, M, H = 2, 37, 13, 3
-    x = make_inputs(B, N, M, H, 2, 3)
+    x = kernel_inputs(B, N, M, H, 2, 3)
     x["mem"][:, ::5] = 0
     x["k"][1, 2] = 0
     x["beta"][0] = 1e4
@@ -219,14 +188,14 @@ def test_edge_cases_finite_and_match(BN):
 )
 @pytest.mark.parametrize("BN", [None, 16], ids=["auto", "BN16"])
 def test_low_precision_dtypes(dtype, mem_dtype, BN):
-    x = make_inputs(3, 37, 20, 3, 2, 3, dtype=dtype, mem_dtype=mem_dtype)
+    x = kernel_inputs(3, 37, 20, 3, 2, 3, dtype=dtype, mem_dtype=mem_dtype)
     tol = max(TOL[dtype], TOL[mem_dtype])
     with _config.force_block_n(BN):
         check_op(kernels.memory_step, reference.memory_step, x, extra=(2,), tol=tol)
 
 
 def test_bit_identical_run_to_run():
-    x = make_inputs(2, 130, 13, 3, 2, 3)
+    x = kernel_inputs(2, 130, 13, 3, 2, 3)
     runs = []
     for _ in range(2):
         xs = [t.clone().requires_grad_() for t in x.values()]
@@ -241,13 +210,13 @@ def test_bit_identical_run_to_run():
 def test_functional_backend_triton_runs_kernels_on_cpu_under_interpreter(monkeypatch):
     calls = []
     monkeypatch.setattr(kernels, "_memory_step", lambda *a: calls.append(1) or reference.memory_step(*a))
-    x = make_inputs(1, 37, 13, 2, 1, 3)
+    x = kernel_inputs(1, 37, 13, 2, 1, 3)
     F.memory_step(*x.values(), num_reads=1, backend="triton")
     assert calls == [1]
 
 
 def test_torch_compile_traces_without_graph_breaks():
-    x = make_inputs(1, 37, 13, 2, 1, 3)
+    x = kernel_inputs(1, 37, 13, 2, 1, 3)
     xs = [t.clone().requires_grad_() for t in x.values()]
     fn = torch.compile(lambda *a: kernels.memory_step(*a, 1), fullgraph=True, backend="aot_eager")
     out = fn(*xs)

@@ -51,11 +51,25 @@ def _exclusive_products(factors: torch.Tensor) -> torch.Tensor:
     return before * after
 
 
+def _erase_factors(w_write: torch.Tensor, e: torch.Tensor) -> torch.Tensor | None:
+    """``1 - w_h[n] e_h[m]`` of every write head (B, W, N, M); None for one head, whose
+    product ``keep`` is built directly."""
+    return None if w_write.shape[1] == 1 else 1 - w_write.unsqueeze(-1) * e.unsqueeze(-2)
+
+
+def _keep(w_write: torch.Tensor, e: torch.Tensor, erase_factors: torch.Tensor | None) -> torch.Tensor:
+    """``prod_h (1 - w_h[n] e_h[m])``, (B, N, M)."""
+    if erase_factors is None:
+        return torch.addcmul(w_write.new_ones(1, 1, 1), w_write.transpose(1, 2), e, value=-1)
+    return erase_factors.prod(dim=1)
+
+
 class MemoryStep(torch.autograd.Function):
     @staticmethod
     def forward(ctx, mem, k, beta, g, s, gamma, w_prev, e, a, num_reads):
         dtype = compute_dtype(mem, k)
         ctx.dtypes = (mem.dtype, k.dtype)
+        stored_mem = mem  # saved as given: bf16 memory stays bf16 between forward and backward
         if mem.dtype != dtype or k.dtype != dtype:
             mem, k, beta, g, s, gamma, w_prev, e, a = (t.to(dtype) for t in (mem, k, beta, g, s, gamma, w_prev, e, a))
         N, S = mem.shape[1], s.shape[-1]
@@ -76,20 +90,20 @@ class MemoryStep(torch.autograd.Function):
 
         w_read, w_write = w[:, :num_reads], w[:, num_reads:]
         r = torch.bmm(w_read, mem)
+        erase_factors = _erase_factors(w_write, e)
+        keep = _keep(w_write, e, erase_factors)
         # Outer products by addcmul: on a CPU it beats baddbmm with an inner size of 1.
         if w_write.shape[1] == 1:
-            erase_factors = None
-            keep = torch.addcmul(mem.new_ones(1, 1, 1), w_write.transpose(1, 2), e, value=-1)
             new_mem = torch.addcmul(mem * keep, w_write.transpose(1, 2), a)
         else:
-            erase_factors = 1 - w_write.unsqueeze(-1) * e.unsqueeze(-2)
-            keep = erase_factors.prod(dim=1)
             new_mem = torch.baddbmm(mem * keep, w_write.transpose(1, 2), a)
 
         ctx.num_reads = num_reads
+        # With one write head nothing of size (B, N, M) is saved but the input
+        # memory: ``keep`` is recomputed in backward.
         ctx.save_for_backward(
-            mem, k, beta, g, s, gamma, w_prev, e, a, k_norm, mem_norm, denominator, similarity, wc, shifted, ws, log_c, p, Z,
-            w, erase_factors, keep,
+            stored_mem, k, beta, g, s, gamma, w_prev, e, a, k_norm, mem_norm, denominator, similarity, wc, shifted, ws, log_c, p, Z,
+            w, erase_factors,
         )
         return w.to(ctx.dtypes[1]), r.to(ctx.dtypes[1]), new_mem.to(ctx.dtypes[0])
 
@@ -97,8 +111,9 @@ class MemoryStep(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dw, dr, dnew):
         (mem, k, beta, g, s, gamma, w_prev, e, a, k_norm, mem_norm, denominator, similarity, wc, shifted, ws, log_c, p, Z,
-         w, erase_factors, keep) = ctx.saved_tensors
-        R, dtype = ctx.num_reads, mem.dtype
+         w, erase_factors) = ctx.saved_tensors
+        R, dtype = ctx.num_reads, k.dtype
+        mem = mem.to(dtype)
         N, S, W = mem.shape[1], s.shape[-1], e.shape[1]
         dw = torch.zeros_like(w) if dw is None else dw.to(dtype, copy=True)
         de, da = torch.zeros_like(e), torch.zeros_like(a)
@@ -107,7 +122,7 @@ class MemoryStep(torch.autograd.Function):
             dmem = torch.zeros_like(mem)
         else:
             dnew = dnew.to(dtype)
-            dmem = dnew * keep
+            dmem = dnew * _keep(w[:, R:], e, erase_factors) if W > 0 else dnew.clone()
             if W > 0:
                 w_write = w[:, R:]
                 d_keep = dnew * mem

@@ -258,9 +258,13 @@ class NTMCell(nn.Module):
         B = x.shape[0]
         controller_in = torch.cat([x, state.reads.reshape(B, -1)], dim=-1)
         h, controller_state = self.controller(controller_in, state.controller)
-        k, beta, g, s, gamma, e, a = self.head_parameters(h)
+        params = (*self.head_parameters(h), state.weights)
+        # Under autocast the head layer's outputs come out in the low dtype while the
+        # carried weightings do not: run the step in the wider of the two.
+        dtype = torch.promote_types(params[0].dtype, state.weights.dtype)
+        k, beta, g, s, gamma, e, a, w_prev = (p.to(dtype) for p in params)
         w, r, memory = functional.memory_step(
-            state.memory, k, beta, g, s, gamma, state.weights, e, a, num_reads=self.num_reads, backend=self.backend
+            state.memory, k, beta, g, s, gamma, w_prev, e, a, num_reads=self.num_reads, backend=self.backend
         )
         return torch.cat([h, r.reshape(B, -1)], dim=-1), NTMState(memory, w, r, controller_state)
 
@@ -431,7 +435,10 @@ class FastNTM(nn.Module):
     def step(self, x_t: torch.Tensor, state: NTMState | None = None) -> tuple[torch.Tensor, NTMState]:
         """One step for streams: ``x_t`` (B, input_size) -> ``(y_t, state)``, the same as
         the matching step of ``forward``."""
-        self._check_input(x_t[None] if isinstance(x_t, torch.Tensor) and x_t.dim() == 2 else x_t, state, "(B, input_size)")
+        if not isinstance(x_t, torch.Tensor) or x_t.dim() != 2:
+            shape = tuple(x_t.shape) if isinstance(x_t, torch.Tensor) else type(x_t).__name__
+            raise ValueError(f"x_t must have shape (B, input_size) with input_size = {self.cell.input_size}, got {shape}")
+        self._check_input(x_t[None], state, "(B, input_size)")
         if state is None:
             state = self.initial_state(x_t.shape[0], x_t.device, x_t.dtype)
         y_t, state = self.cell(x_t, state)
@@ -460,6 +467,13 @@ class FastNTM(nn.Module):
             "state.weights": (state.weights, (B, c.num_heads, c.memory_slots)),
             "state.reads": (state.reads, (B, c.num_reads, c.memory_width)),
         }
+        controller = c.controller.initial_state(B, "meta", x.dtype)
+        if len(state.controller) != len(controller):
+            raise ValueError(
+                f"state.controller must hold {len(controller)} tensors for this model's {c.controller_kind} controller, "
+                f"got {len(state.controller)}"
+            )
+        expected.update({f"state.controller[{i}]": (t, tuple(ref.shape)) for i, (t, ref) in enumerate(zip(state.controller, controller))})
         for name, (t, shape) in expected.items():
             if tuple(t.shape) != shape:
                 raise ValueError(f"{name} must have shape {shape} for this model and batch {B}, got {tuple(t.shape)}")

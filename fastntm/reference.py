@@ -1,7 +1,7 @@
 """The NTM memory step in plain PyTorch: SPEC.md as code, one equation a function.
 
 This is the executable form of the spec. It is kept literal and readable; speed
-comes from the kernels in ``fastntm.kernels`` and from ``fastntm.fused_cpu``.
+comes from the kernels in ``fastntm.kernels`` and from ``fastntm.fused_reference``.
 Every function computes in float32 (float64 if given float64) and returns
 weightings and reads in the dtype of the head parameters, memory in the dtype of
 ``mem``.

@@ -434,7 +434,8 @@ class Trainer:
             raise FileNotFoundError(f"no trainer state to resume from: {folder / STATE_FILE} is missing")
         saved = json.loads((folder / CONFIG_FILE).read_text())
         training = {**saved["training"], **overrides}
-        for fixed in ("task", "task_args", "model_args"):
+        # The optimiser's saved state only fits the optimiser that made it.
+        for fixed in ("task", "task_args", "model_args", "optimizer"):
             if fixed in overrides and overrides[fixed] != saved["training"][fixed]:
                 raise ValueError(f"cannot change {fixed} when resuming: saved {saved['training'][fixed]!r}")
         trainer = cls(TrainConfig.from_dict(training), folder, progress=progress)

@@ -9,6 +9,7 @@ Nothing is value-checked while ``torch.compile`` traces.
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -62,6 +63,8 @@ def check_range(name: str, t: torch.Tensor, low: float | None, high: float | Non
     lo, hi = float(lo), float(hi)
     if lo != lo or hi != hi:
         raise ValueError(f"{name} contains NaN")
+    if math.isinf(lo) or math.isinf(hi):
+        raise ValueError(f"{name} must be finite, got values in [{lo:g}, {hi:g}]")
     if (low is not None and lo < low) or (high is not None and hi > high):
         interval = f"[{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
         raise ValueError(f"{name} must lie in {interval}, got values in [{lo:g}, {hi:g}]")

@@ -83,6 +83,12 @@ def test_cli_resume_extends_the_step_count(trained, capsys):
     assert "step 5," in capsys.readouterr().out
 
 
+def test_resume_refuses_another_optimizer(trained, capsys):
+    assert main(["train", "copy", "--out", str(trained), "--resume", "--steps", "5", "--optimizer", "adam",
+                 "--no-progress"]) == 2
+    assert "cannot change optimizer when resuming" in capsys.readouterr().err
+
+
 def test_inconsistent_checkpoint_is_refused(tmp_path):
     trainer = Trainer(tiny_config(steps=2), tmp_path, progress=False)
     trainer.fit()

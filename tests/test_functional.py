@@ -263,6 +263,7 @@ BAD_INPUTS = [
     pytest.param(lambda t: t.update(w_prev=-t["w_prev"]), ValueError, "w_prev must lie in", id="w_prev-negative"),
     pytest.param(lambda t: t.update(e=t["e"] + 2), ValueError, "e must lie in [0.0, 1.0]", id="e-above-one"),
     pytest.param(lambda t: t.update(beta=t["beta"] * float("nan")), ValueError, "beta contains NaN", id="beta-nan"),
+    pytest.param(lambda t: t.update(beta=t["beta"] + float("inf")), ValueError, "beta must be finite", id="beta-inf"),
     pytest.param(lambda t: t.update(k="key"), TypeError, "k must be a torch.Tensor", id="k-not-tensor"),
 ]
 

@@ -177,3 +177,28 @@ def test_cell_is_exported_and_usable_alone():
     assert isinstance(state, NTMState)
     y, state = cell(torch.rand(2, 3), state)
     assert y.shape == (2, 2)
+
+
+def test_forward_rejects_a_controller_state_of_the_wrong_shape_or_kind():
+    ntm = make()
+    _, state = ntm(torch.rand(2, 2, 3))
+    bad = NTMState(state.memory, state.weights, state.reads, (state.controller[0][:, :1], state.controller[1]))
+    with pytest.raises(ValueError, match=r"state.controller\[0\] must have shape \(1, 2, 16\)"):
+        ntm(torch.rand(2, 2, 3), bad)
+    with pytest.raises(ValueError, match="state.controller must hold 2 tensors"):
+        ntm(torch.rand(2, 2, 3), NTMState(state.memory, state.weights, state.reads, ()))
+
+
+def test_step_rejects_a_sequence_or_a_vector():
+    ntm = make()
+    for x_t in (torch.rand(4, 2, 3), torch.rand(3)):
+        with pytest.raises(ValueError, match=r"x_t must have shape \(B, input_size\) with input_size = 3"):
+            ntm.step(x_t)
+
+
+def test_forward_runs_under_cpu_autocast():
+    ntm = make()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, state = ntm(torch.rand(4, 2, 3))
+    y.float().sum().backward()
+    assert torch.isfinite(y.float()).all() and state.weights.dtype == torch.float32

@@ -18,7 +18,7 @@ import torch
 import fastntm.functional as F
 from fastntm import kernels, reference
 from fastntm.kernels import _config
-from helpers import NAMES, kernel_inputs, relative_error
+from helpers import kernel_inputs, relative_error
 
 pytestmark = [
     pytest.mark.skipif(

@@ -68,6 +68,21 @@ def _wg_at(p_K, p_wp, o_src, m_n, b_beta, b_g, b_max, b_sum):
 
 
 @triton.jit
+def _erase_add(b_keep, b_add, b_w, p_e, p_a, o_hw, o_m, m_m):
+    """One write head's factor ``1 - w e`` of the erase product and term ``w a`` of the add sum."""
+    b_e = tl.load(p_e + o_hw + o_m, mask=m_m, other=0.0).to(tl.float32)
+    b_a = tl.load(p_a + o_hw + o_m, mask=m_m, other=0.0).to(tl.float32)
+    return b_keep * (1.0 - b_w[:, None] * b_e[None, :]), b_add + b_w[:, None] * b_a[None, :]
+
+
+@triton.jit
+def _store_written(p_new, b_mem, b_keep, b_add, i_b, s_new_b, s_new_n, o_n, o_m, m_nm):
+    """``M_t = M * prod(1 - w e) + sum(w a)`` for the rows ``o_n`` of batch item ``i_b``."""
+    b_new = b_mem * b_keep + b_add
+    tl.store(p_new + i_b * s_new_b + o_n[:, None] * s_new_n + o_m[None, :], b_new.to(p_new.dtype.element_ty), mask=m_nm)
+
+
+@triton.jit
 def _shift_sharpen(p_K, p_wp, p_s, b_beta, b_g, b_gamma, b_max, b_sum, o_n, m_n, N, S, BN: tl.constexpr):
     """``max(ws, 1e-30)^gamma`` at rows ``o_n`` of one head, 0 on masked rows.
 
@@ -133,14 +148,8 @@ def _memory_step_onchip_kernel(p_mem, p_k, p_beta, p_g, p_s, p_gamma, p_wp, p_e,
         for h in range(R, H):
             b_w = _onchip_address(b_mem, b_mn, p_k, p_beta, p_g, p_s, p_gamma, p_wp, p_w, p_K, p_max, p_sum, p_P,
                                   i_b * H + h, o_n, o_m, m_n, m_m, N, M, S, BN)
-            o_hw = (i_b * (H - R) + h - R) * M
-            b_e = tl.load(p_e + o_hw + o_m, mask=m_m, other=0.0).to(tl.float32)
-            b_a = tl.load(p_a + o_hw + o_m, mask=m_m, other=0.0).to(tl.float32)
-            b_keep *= 1.0 - b_w[:, None] * b_e[None, :]
-            b_add += b_w[:, None] * b_a[None, :]
-        b_new = b_mem * b_keep + b_add
-        tl.store(p_new + i_b * s_new_b + o_n[:, None] * s_new_n + o_m[None, :],
-                 b_new.to(p_new.dtype.element_ty), mask=m_nm)
+            b_keep, b_add = _erase_add(b_keep, b_add, b_w, p_e, p_a, (i_b * (H - R) + h - R) * M, o_m, m_m)
+        _store_written(p_new, b_mem, b_keep, b_add, i_b, s_new_b, s_new_n, o_n, o_m, m_nm)
 
 
 @triton.jit
@@ -217,14 +226,8 @@ def _read_write_kernel(p_mem, p_w, p_P, p_e, p_a, p_wout, p_rpart, p_new,
         b_add = tl.zeros([BN, BM], dtype=tl.float32)
         for h in range(R, H):
             b_w = _load_w(p_w, p_P, p_wout, i_b * H + h, o_n, m_n, N, NORMALIZE)
-            o_hw = (i_b * W + h - R) * M
-            b_e = tl.load(p_e + o_hw + o_m, mask=m_m, other=0.0).to(tl.float32)
-            b_a = tl.load(p_a + o_hw + o_m, mask=m_m, other=0.0).to(tl.float32)
-            b_keep *= 1.0 - b_w[:, None] * b_e[None, :]
-            b_add += b_w[:, None] * b_a[None, :]
-        b_new = b_mem * b_keep + b_add
-        tl.store(p_new + i_b * s_new_b + o_n[:, None] * s_new_n + o_m[None, :],
-                 b_new.to(p_new.dtype.element_ty), mask=m_nm)
+            b_keep, b_add = _erase_add(b_keep, b_add, b_w, p_e, p_a, (i_b * W + h - R) * M, o_m, m_m)
+        _store_written(p_new, b_mem, b_keep, b_add, i_b, s_new_b, s_new_n, o_n, o_m, m_nm)
 
 
 @triton.jit

@@ -35,11 +35,28 @@ from .reference import COSINE_EPS, SHARPEN_EPS, SHARPEN_FLOOR, compute_dtype
 
 
 @functools.lru_cache(maxsize=64)
-def _shift_indices(N: int, S: int, sign: int, device: torch.device) -> torch.Tensor:
-    """``idx[j, n] = (n - sign * (j - K)) mod N``, (S, N): ``wg[..., idx][j, n] = wg[n - (j - K)]``."""
-    half = (S - 1) // 2
-    offsets = torch.arange(-half, half + 1, device=device)[:, None]
-    return (torch.arange(N, device=device)[None, :] - sign * offsets) % N
+def _wrap_indices(N: int, K: int, device: torch.device) -> torch.Tensor:
+    """``(i - K) mod N`` for i in [0, N + 2K): pads a length-N circle by K on each side."""
+    return (torch.arange(N + 2 * K, device=device) - K) % N
+
+
+def _circular_windows(x: torch.Tensor, S: int) -> torch.Tensor:
+    """A view (..., S, N) of ``x`` (..., N): ``out[..., i, n] = x[(n + i - K) mod N]``, S = 2K + 1."""
+    N, K = x.shape[-1], (S - 1) // 2
+    if K <= N:
+        padded = torch.cat([x[..., N - K :], x, x[..., :K]], dim=-1)
+    else:  # shifts wider than the circle wrap more than once
+        padded = x[..., _wrap_indices(N, K, x.device)]
+    return padded.unfold(-1, N, 1)
+
+
+def _weighted_windows(coefficients: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
+    """``sum_i coefficients[..., i] windows[..., i, :]``, one tap at a time: S is small, and on
+    a CPU this beats a batched (1 x S) @ (S x N) matmul several times over."""
+    out = coefficients[..., :1] * windows[..., 0, :]
+    for i in range(1, windows.shape[-2]):
+        out.addcmul_(coefficients[..., i : i + 1], windows[..., i, :])
+    return out
 
 
 def _exclusive_products(factors: torch.Tensor) -> torch.Tensor:
@@ -53,15 +70,16 @@ def _exclusive_products(factors: torch.Tensor) -> torch.Tensor:
 
 def _erase_factors(w_write: torch.Tensor, e: torch.Tensor) -> torch.Tensor | None:
     """``1 - w_h[n] e_h[m]`` of every write head (B, W, N, M); None for one head, whose
-    product ``keep`` is built directly."""
+    write and its gradient need no erase factor of size (B, N, M)."""
     return None if w_write.shape[1] == 1 else 1 - w_write.unsqueeze(-1) * e.unsqueeze(-2)
 
 
-def _keep(w_write: torch.Tensor, e: torch.Tensor, erase_factors: torch.Tensor | None) -> torch.Tensor:
-    """``prod_h (1 - w_h[n] e_h[m])``, (B, N, M)."""
+def _write(mem, w_write, e, a, erase_factors):
+    """``M P + sum_h w_h a_h``; one head as ``M + w (a - e M)``, which is the same sum in
+    two (B, N, M) passes instead of four."""
     if erase_factors is None:
-        return torch.addcmul(w_write.new_ones(1, 1, 1), w_write.transpose(1, 2), e, value=-1)
-    return erase_factors.prod(dim=1)
+        return torch.addcmul(mem, w_write.transpose(1, 2), torch.addcmul(a, e, mem, value=-1))
+    return torch.baddbmm(mem * erase_factors.prod(dim=1), w_write.transpose(1, 2), a)
 
 
 class MemoryStep(torch.autograd.Function):
@@ -72,7 +90,7 @@ class MemoryStep(torch.autograd.Function):
         stored_mem = mem  # saved as given: bf16 memory stays bf16 between forward and backward
         if mem.dtype != dtype or k.dtype != dtype:
             mem, k, beta, g, s, gamma, w_prev, e, a = (t.to(dtype) for t in (mem, k, beta, g, s, gamma, w_prev, e, a))
-        N, S = mem.shape[1], s.shape[-1]
+        S = s.shape[-1]
         beta, g, gamma = beta.unsqueeze(-1), g.unsqueeze(-1), gamma.unsqueeze(-1)
 
         k_norm = torch.linalg.vector_norm(k, dim=-1, keepdim=True)
@@ -81,8 +99,8 @@ class MemoryStep(torch.autograd.Function):
         similarity = torch.bmm(k, mem.transpose(1, 2)).div_(denominator)
         wc = torch.softmax(beta * similarity, dim=-1)
         wg = torch.lerp(w_prev, wc, g)
-        shifted = wg[..., _shift_indices(N, S, 1, mem.device)]
-        ws = torch.matmul(s.unsqueeze(-2), shifted).squeeze(-2)
+        # ws[n] = sum_j s[j + K] wg[n - j] = sum_i s[2K - i] windows[i][n], windows[i][n] = wg[n + i - K]
+        ws = _weighted_windows(s.flip(-1), _circular_windows(wg, S))
         log_c = ws.clamp_min(SHARPEN_FLOOR).log_()
         p = torch.exp(gamma * log_c)
         Z = p.sum(dim=-1, keepdim=True).add_(SHARPEN_EPS)
@@ -91,18 +109,12 @@ class MemoryStep(torch.autograd.Function):
         w_read, w_write = w[:, :num_reads], w[:, num_reads:]
         r = torch.bmm(w_read, mem)
         erase_factors = _erase_factors(w_write, e)
-        keep = _keep(w_write, e, erase_factors)
-        # Outer products by addcmul: on a CPU it beats baddbmm with an inner size of 1.
-        if w_write.shape[1] == 1:
-            new_mem = torch.addcmul(mem * keep, w_write.transpose(1, 2), a)
-        else:
-            new_mem = torch.baddbmm(mem * keep, w_write.transpose(1, 2), a)
+        new_mem = _write(mem, w_write, e, a, erase_factors)
 
-        ctx.num_reads = num_reads
-        # With one write head nothing of size (B, N, M) is saved but the input
-        # memory: ``keep`` is recomputed in backward.
+        ctx.num_reads, ctx.device_type = num_reads, mem.device.type
+        # With one write head nothing of size (B, N, M) is saved but the input memory.
         ctx.save_for_backward(
-            stored_mem, k, beta, g, s, gamma, w_prev, e, a, k_norm, mem_norm, denominator, similarity, wc, shifted, ws, log_c, p, Z,
+            stored_mem, k, beta, g, s, gamma, w_prev, e, a, k_norm, mem_norm, denominator, similarity, wc, wg, ws, log_c,
             w, erase_factors,
         )
         return w.to(ctx.dtypes[1]), r.to(ctx.dtypes[1]), new_mem.to(ctx.dtypes[0])
@@ -110,11 +122,16 @@ class MemoryStep(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dw, dr, dnew):
-        (mem, k, beta, g, s, gamma, w_prev, e, a, k_norm, mem_norm, denominator, similarity, wc, shifted, ws, log_c, p, Z,
+        with torch.autocast(ctx.device_type, enabled=False):
+            return MemoryStep._backward(ctx, dw, dr, dnew)
+
+    @staticmethod
+    def _backward(ctx, dw, dr, dnew):
+        (mem, k, beta, g, s, gamma, w_prev, e, a, k_norm, mem_norm, denominator, similarity, wc, wg, ws, log_c,
          w, erase_factors) = ctx.saved_tensors
         R, dtype = ctx.num_reads, k.dtype
         mem = mem.to(dtype)
-        N, S, W = mem.shape[1], s.shape[-1], e.shape[1]
+        S, W = s.shape[-1], e.shape[1]
         dw = torch.zeros_like(w) if dw is None else dw.to(dtype, copy=True)
         de, da = torch.zeros_like(e), torch.zeros_like(a)
 
@@ -122,9 +139,14 @@ class MemoryStep(torch.autograd.Function):
             dmem = torch.zeros_like(mem)
         else:
             dnew = dnew.to(dtype)
-            dmem = dnew * _keep(w[:, R:], e, erase_factors) if W > 0 else dnew.clone()
+            w_write = w[:, R:]
+            if W == 0:
+                dmem = dnew.clone()
+            elif W == 1:  # dnew (1 - w e)
+                dmem = torch.addcmul(dnew, w_write.transpose(1, 2), dnew * e, value=-1)
+            else:
+                dmem = dnew * erase_factors.prod(dim=1)
             if W > 0:
-                w_write = w[:, R:]
                 d_keep = dnew * mem
                 if W == 1:
                     dw[:, R:] += torch.bmm(a, dnew.transpose(1, 2)) - torch.bmm(e, d_keep.transpose(1, 2))
@@ -139,27 +161,30 @@ class MemoryStep(torch.autograd.Function):
             dr = dr.to(dtype)
             dw[:, :R] += torch.bmm(dr, mem.transpose(1, 2))
 
-        dp = (dw - (dw * w).sum(dim=-1, keepdim=True)).div_(Z)
-        dp_p = dp * p
-        dgamma = (dp_p * log_c).sum(dim=-1)
-        dws = torch.where(ws >= SHARPEN_FLOOR, dp_p * gamma / ws.clamp_min(SHARPEN_FLOOR), 0)
+        # dp p = (dw - sum(dw w)) p / Z = (dw - sum(dw w)) w
+        dp_p = (dw - torch.linalg.vecdot(dw, w).unsqueeze(-1)).mul_(w)
+        dgamma = torch.linalg.vecdot(dp_p, log_c)
+        dws = (dp_p * gamma).div_(ws.clamp_min(SHARPEN_FLOOR)).masked_fill_(ws < SHARPEN_FLOOR, 0)
 
-        ds = torch.matmul(shifted, dws.unsqueeze(-1)).squeeze(-1)
-        dwg = torch.matmul(s.unsqueeze(-2), dws[..., _shift_indices(N, S, -1, mem.device)]).squeeze(-2)
+        # ds[j + K] = sum_n dws[n] wg[n - j]; dwg[n] = sum_j s[j + K] dws[n + j] = sum_i s[i] windows[i][n].
+        ds = torch.matmul(_circular_windows(wg, S), dws.unsqueeze(-1)).squeeze(-1).flip(-1)
+        dwg = _weighted_windows(s, _circular_windows(dws, S))
 
         dwc = g * dwg
-        dg = (dwg * (wc - w_prev)).sum(dim=-1)
+        dg = torch.linalg.vecdot(dwg, wc - w_prev)
         dw_prev = dwg - dwc
 
-        dz = wc * (dwc - (dwc * wc).sum(dim=-1, keepdim=True))
-        dbeta = (dz * similarity).sum(dim=-1)
+        dz = (dwc - torch.linalg.vecdot(dwc, wc).unsqueeze(-1)).mul_(wc)
+        dbeta = torch.linalg.vecdot(dz, similarity)
         dsim = beta * dz
         ddot = dsim / denominator
-        dsim_sim = dsim * similarity
-        k_scale = torch.where(k_norm >= COSINE_EPS, dsim_sim.sum(dim=-1, keepdim=True) / k_norm.clamp_min(COSINE_EPS).square(), 0)
-        dk = torch.bmm(ddot, mem).sub_(k_scale * k)
-        mem_scale = torch.where(
-            mem_norm >= COSINE_EPS, dsim_sim.sum(dim=1, keepdim=True) / mem_norm.clamp_min(COSINE_EPS).square(), 0
+        # sum_n dsim K = beta dbeta
+        k_scale = (beta.squeeze(-1) * dbeta).unsqueeze(-1).div_(k_norm.clamp_min(COSINE_EPS).square()).masked_fill_(k_norm < COSINE_EPS, 0)
+        dk = torch.bmm(ddot, mem).addcmul_(k_scale, k, value=-1)
+        mem_scale = (
+            (dsim * similarity).sum(dim=1, keepdim=True)
+            .div_(mem_norm.clamp_min(COSINE_EPS).square())
+            .masked_fill_(mem_norm < COSINE_EPS, 0)
         )
         # The reads' and the similarity's terms of dmem in one pass: [w_R; ddot]^T [dr; k].
         if dr is not None and R > 0:
@@ -175,4 +200,6 @@ class MemoryStep(torch.autograd.Function):
 
 def memory_step(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads):
     """``fastntm.reference.memory_step``, computed as one autograd node (see the module docstring)."""
-    return MemoryStep.apply(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads)
+    # Under autocast, bmm and friends would compute in the low dtype; the step computes in fp32.
+    with torch.autocast(mem.device.type, enabled=False):
+        return MemoryStep.apply(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads)

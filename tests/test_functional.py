@@ -112,6 +112,8 @@ SHAPES = [
     pytest.param(dict(B=3, N=7, M=5, R=1, W=2, S=5), id="B3-N7-M5-R1-W2-S5"),
     pytest.param(dict(B=2, N=5, M=3, R=2, W=0, S=3), id="B2-N5-M3-R2-W0-S3"),
     pytest.param(dict(B=1, N=4, M=3, R=0, W=3, S=7), id="B1-N4-M3-R0-W3-S7"),
+    pytest.param(dict(B=2, N=6, M=4, R=1, W=1, S=3), id="B2-N6-M4-R1-W1-S3"),
+    pytest.param(dict(B=2, N=2, M=3, R=1, W=1, S=7), id="B2-N2-M3-R1-W1-S7"),
 ]
 
 

@@ -97,6 +97,9 @@ class LSTMController(nn.Module):
 
     def forward(self, x: torch.Tensor, state: tuple[torch.Tensor, ...]):
         h_prev, c_prev = state
+        if len(self.cells) == 1:  # views, not copies: this runs every step
+            x, c = self.cells[0](x, (h_prev[0], c_prev[0]))
+            return x, (x.unsqueeze(0), c.unsqueeze(0))
         hs, cs = [], []
         for layer, cell in enumerate(self.cells):
             x, c = cell(x, (h_prev[layer], c_prev[layer]))

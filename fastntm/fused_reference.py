@@ -122,6 +122,8 @@ class MemoryStep(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dw, dr, dnew):
+        if not torch.is_autocast_enabled(ctx.device_type):
+            return MemoryStep._backward(ctx, dw, dr, dnew)
         with torch.autocast(ctx.device_type, enabled=False):
             return MemoryStep._backward(ctx, dw, dr, dnew)
 
@@ -200,6 +202,8 @@ class MemoryStep(torch.autograd.Function):
 
 def memory_step(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads):
     """``fastntm.reference.memory_step``, computed as one autograd node (see the module docstring)."""
+    if not torch.is_autocast_enabled(mem.device.type):
+        return MemoryStep.apply(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads)
     # Under autocast, bmm and friends would compute in the low dtype; the step computes in fp32.
     with torch.autocast(mem.device.type, enabled=False):
         return MemoryStep.apply(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads)

@@ -338,3 +338,17 @@ def test_auto_backend_runs_the_reference_on_cpu(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.delenv("FASTNTM_BACKEND", raising=False)
     assert backend.resolve("auto", torch.device("cpu")) == "reference"
+
+
+def test_memory_step_computes_in_float32_under_autocast():
+    t = step_inputs(B=2, N=16, M=8, R=1, W=1, dtype=torch.float32)
+    expected = reference.memory_step(*t.values(), 1)
+    cotangents = [torch.randn_like(o) for o in expected]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = F.memory_step(*t.values(), num_reads=1)
+        got_grads = grads(got, t, cotangents)
+    for name, ref, out in zip(("w", "r", "new_mem"), expected, got):
+        assert out.dtype == torch.float32
+        assert_close(ref, out, name)
+    for name, ref in grads(expected, t, cotangents).items():
+        assert_close(ref, got_grads[name], f"d{name}")

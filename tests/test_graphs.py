@@ -1,0 +1,231 @@
+"""``CapturedStep``: a training step captured in a CUDA graph and replayed.
+
+Without a GPU: every refusal. With one (``-m gpu``): captured steps against
+the same steps run eagerly.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from fastntm import FastNTM, validation
+from fastntm.graphs import CapturedStep, _restore, _snapshot
+from fastntm.tasks import Batch, make_task
+from fastntm.training import masked_bce
+from helpers import relative_error
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def copy_loss(model, inputs, targets, mask):
+    logits, _ = model(inputs)
+    return masked_bce(logits, Batch(inputs, targets, mask)), logits
+
+
+def tiny_model(device="cpu", **kwargs) -> FastNTM:
+    torch.manual_seed(0)
+    args = dict(memory_slots=8, memory_width=4, controller_size=8)
+    return FastNTM(9, 8, **{**args, **kwargs}).to(device)
+
+
+# ---------------------------------------------------------------- CapturedStep, on any machine
+
+
+def test_a_model_on_the_cpu_is_refused():
+    model = tiny_model()
+    optimizer = torch.optim.Adam(model.parameters(), capturable=True)
+    with pytest.raises(ValueError, match="CapturedStep needs CUDA tensors, got cpu"):
+        CapturedStep(model, optimizer, copy_loss)
+
+
+def test_an_optimizer_without_capturable_is_refused_with_the_fix():
+    model = tiny_model()
+    with pytest.raises(ValueError, match=r"Adam\(params, \.\.\., capturable=True\)"):
+        CapturedStep(model, torch.optim.Adam(model.parameters()), copy_loss)
+
+
+def test_sgd_has_no_capturable_option_and_passes_that_check():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        CapturedStep(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), copy_loss)
+
+
+@pytest.mark.parametrize(
+    "change, error, message",
+    [
+        (dict(model="not a module"), TypeError, "torch.nn.Module"),
+        (dict(optimizer="not an optimizer"), TypeError, "torch.optim.Optimizer"),
+        (dict(loss_fn=3), TypeError, "callable"),
+        (dict(clip=-1.0), ValueError, "clip"),
+        (dict(clip=math.nan), ValueError, "clip"),
+        (dict(clip=True), ValueError, "clip"),
+        (dict(warmup=0), ValueError, "warmup"),
+    ],
+    ids=["model", "optimizer", "loss_fn", "clip-negative", "clip-nan", "clip-bool", "warmup"],
+)
+def test_bad_arguments_are_named(change, error, message):
+    model = tiny_model()
+    args = dict(model=model, optimizer=torch.optim.Adam(model.parameters(), capturable=True), loss_fn=copy_loss)
+    args.update(change)
+    keywords = {k: args.pop(k) for k in ("clip", "warmup") if k in args}
+    with pytest.raises(error, match=message):
+        CapturedStep(args["model"], args["optimizer"], args["loss_fn"], **keywords)
+
+
+def test_value_checks_are_refused_because_they_read_the_gpu_on_the_host(monkeypatch):
+    monkeypatch.setenv("FASTNTM_CHECK_VALUES", "1")
+    model = tiny_model()
+    with pytest.raises(RuntimeError, match="FASTNTM_CHECK_VALUES"):
+        CapturedStep(model, torch.optim.Adam(model.parameters(), capturable=True), copy_loss)
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "rmsprop", "sgd"])
+def test_restoring_a_snapshot_undoes_steps_in_place(optimizer):
+    # What makes the warm-up before a capture leave no trace.
+    model = tiny_model()
+    opt = {"adam": lambda p: torch.optim.Adam(p, lr=0.1),
+           "rmsprop": lambda p: torch.optim.RMSprop(p, lr=0.1, momentum=0.9, centered=True),
+           "sgd": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9)}[optimizer](model.parameters())
+    batch = make_task("copy").batch(2, torch.Generator().manual_seed(0), length=2)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        copy_loss(model, *batch)[0].backward()
+        opt.step()
+
+    step()
+    tensors = [*model.parameters(), *(v for s in opt.state.values() for v in s.values())]
+    before = [t.detach().clone() for t in tensors]
+    saved = _snapshot(model, opt)
+    step()
+    step()
+    assert not all(torch.equal(a, b) for a, b in zip(before, tensors))
+    _restore(opt, saved)
+    now = [*model.parameters(), *(v for s in opt.state.values() for v in s.values())]
+    assert all(a is b for a, b in zip(tensors, now))
+    assert all(torch.equal(a, b) for a, b in zip(before, now))
+
+
+class HostReads(TorchDispatchMode):
+    """Records the ops that, on CUDA tensors, would make the host wait for the GPU's values."""
+
+    OPS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::_unique2", "aten::unique_dim",
+           "aten::unique_consecutive", "aten::equal", "aten::is_nonzero", "aten::repeat_interleave"}
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name
+        bool_index = name.startswith("aten::index") and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for a in args if isinstance(a, (list, tuple))
+            for i in a)
+        if name in self.OPS or bool_index:
+            self.seen.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("model_kwargs", [{}, dict(num_reads=2, num_writes=2, memory_slots=37, memory_width=13),
+                                          dict(checkpoint_every=2), dict(controller="mlp")],
+                         ids=["paper", "R2-W2", "checkpointed", "mlp"])
+def test_the_reference_step_reads_no_value_on_the_host(monkeypatch, model_kwargs):
+    # The CPU stand-in for "capturable": forward, loss, backward and clipping of the
+    # reference path, as they run on CUDA (no value checks), call no op that reads a
+    # tensor's values on the host. The optimiser is PyTorch's capturable one.
+    monkeypatch.setattr(validation, "_values_checked", lambda t: False)
+    with HostReads() as detector:
+        torch.ones(2).sum().item()
+        torch.ones(2)[torch.ones(2) > 0]
+    assert detector.seen == ["aten::_local_scalar_dense", "aten::index"]
+    model = FastNTM(9, 8, backend="reference", controller_size=16, **model_kwargs)
+    batch = make_task("copy").batch(3, torch.Generator().manual_seed(0), length=3)
+    with HostReads() as detector:
+        loss, _ = copy_loss(model, *batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
+    assert detector.seen == []
+
+
+# ---------------------------------------------------------------- CapturedStep, on a GPU
+
+
+def copy_batches(lengths, batch_size=4, seed=0):
+    task, generator = make_task("copy"), torch.Generator().manual_seed(seed)
+    return [task.batch(batch_size, generator, length=n).to("cuda") for n in lengths]
+
+
+def eager_steps(model, optimizer, batches, clip):
+    losses = []
+    for batch in batches:
+        optimizer.zero_grad(set_to_none=True)
+        loss, _ = copy_loss(model, *batch)
+        loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+def assert_same_training(model_kwargs, backend, clip, lengths):
+    batches = copy_batches(lengths)
+    runs = []
+    for captured in (False, True):
+        model = tiny_model("cuda", backend=backend, **model_kwargs)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2, capturable=True)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*capturable=True.*")
+            if captured:
+                step = CapturedStep(model, optimizer, copy_loss, clip=clip)
+                losses = [step(*batch)[0].item() for batch in batches]
+                assert step.num_graphs == len(set(lengths))
+            else:
+                losses = eager_steps(model, optimizer, batches, clip)
+        runs.append((losses, [p.detach().clone() for p in model.parameters()]))
+    (eager_losses, eager_params), (graph_losses, graph_params) = runs
+    assert graph_losses == pytest.approx(eager_losses, rel=1e-5)
+    for (name, _), a, b in zip(model.named_parameters(), eager_params, graph_params):
+        assert relative_error(a, b) <= 1e-5, f"{name}: {relative_error(a, b):.2e}"
+
+
+@pytest.mark.parametrize(
+    "backend, model_kwargs, clip",
+    [
+        ("triton", dict(memory_slots=128, memory_width=20), 1.0),
+        ("triton", dict(memory_slots=1000, memory_width=20, num_reads=2), None),  # the large-memory kernels
+        ("reference", dict(memory_slots=128, memory_width=20), 1.0),
+        ("reference", dict(memory_slots=37, memory_width=13, num_writes=2), None),
+    ],
+    ids=["triton-N128-M20-clip", "triton-N1000-M20-R2", "reference-N128-M20-clip", "reference-N37-M13-W2"],
+)
+@pytest.mark.gpu
+@needs_gpu
+def test_captured_steps_train_as_eager_steps_do(backend, model_kwargs, clip):
+    # Lengths 3 and 5 alternate: the first step is eager (it creates Adam's state), the
+    # next two capture a graph each, the last two replay them after the other one ran.
+    assert_same_training(model_kwargs, backend, clip, lengths=[3, 5, 3, 5, 3])
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_a_checkpointed_model_captures():
+    # Recomputing segments in backward saves and restores the CUDA RNG state, which
+    # PyTorch allows during capture only in recent versions (pytorch/pytorch#162505).
+    assert_same_training(dict(memory_slots=128, memory_width=20, checkpoint_every=2), "triton", 1.0,
+                         lengths=[3, 5, 3])
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_inputs_on_the_cpu_are_refused():
+    model = tiny_model("cuda")
+    step = CapturedStep(model, torch.optim.Adam(model.parameters(), capturable=True), copy_loss)
+    batch = make_task("copy").batch(2, torch.Generator().manual_seed(0), length=2)
+    with pytest.raises(ValueError, match="CapturedStep needs CUDA tensors, got cpu"):
+        step(*batch)

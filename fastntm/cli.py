@@ -159,6 +159,12 @@ def _add_train(commands, common) -> None:
     g.add_argument("--curriculum-threshold", type=nonnegative_float,
                    help=f"grow when the mean training cost over --eval-every steps is below this "
                         f"[{d.curriculum_threshold}]")
+    g.add_argument("--cuda-graph", dest="cuda_graph", action="store_const", const=True,
+                   help="run each training step (forward, loss, backward, clipping, optimiser) as a CUDA graph, "
+                        "captured once per batch shape and replayed, which removes the host's per-op overhead; "
+                        "CUDA only, one process [off]")
+    g.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_const", const=False,
+                   help="turn a resumed run's --cuda-graph off (to resume it on a CPU, say)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     m = p.add_argument_group("model")
     for flag, dest, kind, text in MODEL_FLAGS:
@@ -250,7 +256,7 @@ def _given(args, prefix: str) -> dict[str, Any]:
 def _training_overrides(args) -> dict[str, Any]:
     names = ("steps", "batch_size", "lr", "optimizer", "clip", "seed", "device", "eval_every", "eval_batches",
              "eval_batch_size", "checkpoint_every", "target_cost", "target_patience", "curriculum", "curriculum_start",
-             "curriculum_step", "curriculum_threshold")
+             "curriculum_step", "curriculum_threshold", "cuda_graph")
     return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
 
 

@@ -27,6 +27,12 @@ same seeded generator and keeps its shard, so a run on any number of processes
 follows the single-process run on the same batch (to float rounding). Rank 0
 alone writes checkpoints, logs and the progress bar.
 
+CUDA graphs (``cuda_graph=True``, ``fastntm train --cuda-graph``): each training step
+(forward, loss, backward, clipping, optimiser step) runs as a CUDA graph, one per batch
+shape, through ``fastntm.graphs.CapturedStep``, with the optimiser built
+``capturable=True``. One process, CUDA only. The flag may change on resume: the
+optimiser's saved state loads either way.
+
 Optional length curriculum (copy, repeat copy, associative recall): training starts with a
 short maximum length (``curriculum_start``) and raises it by ``curriculum_step`` each
 time the mean training cost over the last ``eval_every`` steps falls below
@@ -53,6 +59,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from .graphs import CapturedStep
 from .model import FastNTM
 from .tasks import Batch, Task, make_task
 
@@ -120,6 +127,9 @@ class TrainConfig:
     (short sequences alone let the controller solve them without the memory, a
     habit it must then unlearn). A sweep of 14 settings and 15 seeds reached the
     target in 300-900 steps with each; this one in 300-400.
+
+    ``cuda_graph``: run each step as a captured CUDA graph (``CapturedStep``); needs
+    a CUDA device and one process.
     """
 
     task: str = "copy"
@@ -143,6 +153,7 @@ class TrainConfig:
     curriculum_start: int | None = None
     curriculum_step: int | None = None
     curriculum_threshold: float = 0.5
+    cuda_graph: bool = False
 
     def __post_init__(self):
         make_task(self.task, **self.task_args)  # names the bad task or argument
@@ -161,6 +172,8 @@ class TrainConfig:
             raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
         if self.target_cost is not None and not self.target_cost >= 0:
             raise ValueError(f"target_cost must be >= 0, got {self.target_cost!r}")
+        if not isinstance(self.cuda_graph, bool):
+            raise ValueError(f"cuda_graph must be True or False, got {self.cuda_graph!r}")
 
     @property
     def stop_cost(self) -> float:
@@ -316,13 +329,44 @@ def _atomic_write(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
-def _make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
+def _make_optimizer(name: str, params, lr: float, capturable: bool = False) -> torch.optim.Optimizer:
+    """``capturable``: keep the step count on the device, so that a CUDA graph can capture the step
+    (SGD keeps none)."""
     if name == "adam":
-        return torch.optim.Adam(params, lr=lr)
+        return torch.optim.Adam(params, lr=lr, capturable=capturable)
     if name == "rmsprop":
         # The paper's choice; momentum 0.9 as in its experiments.
-        return torch.optim.RMSprop(params, lr=lr, momentum=0.9, alpha=0.95, eps=1e-4)
+        return torch.optim.RMSprop(params, lr=lr, momentum=0.9, alpha=0.95, eps=1e-4, capturable=capturable)
     return torch.optim.SGD(params, lr=lr, momentum=0.9)
+
+
+def _load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
+    """``optimizer.load_state_dict(saved)``, keeping ``optimizer``'s own ``capturable``.
+
+    ``load_state_dict`` takes every group setting from ``saved`` and places each
+    ``step`` count by it (on the device when capturable, else where it was saved), so
+    a run resumed with ``--cuda-graph`` turned on or off would otherwise keep the
+    saved run's choice.
+    """
+    for group, own in zip(saved["param_groups"], optimizer.param_groups):
+        if "capturable" in own:
+            group["capturable"] = own["capturable"]
+    optimizer.load_state_dict(saved)
+
+
+def _check_cuda_graph(device: torch.device) -> None:
+    if device.type != "cuda":
+        raise ValueError(f"--cuda-graph (cuda_graph=True) captures the step in a CUDA graph and needs a CUDA "
+                         f"device, got {device.type}; use --device cuda, or leave the flag out (--no-cuda-graph "
+                         f"when resuming)")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("--cuda-graph (cuda_graph=True) runs in one process, not under torchrun with several")
+
+
+def _graph_loss(model: FastNTM, inputs: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor):
+    """``masked_bce`` of the model's logits, and the logits (for the cost), as ``CapturedStep`` calls it."""
+    logits, _ = model(inputs)
+    return masked_bce(logits, Batch(inputs, targets, mask)), logits
 
 
 class Trainer:
@@ -338,6 +382,8 @@ class Trainer:
         self.config = config
         self.out = Path(out)
         self.device = resolve_device(config.device)
+        if config.cuda_graph:
+            _check_cuda_graph(self.device)
         self.dist = init_distributed(self.device)
         if self.device.type == "cuda" and self.dist.world_size > 1:
             self.device = torch.device("cuda", self.dist.local_rank)
@@ -355,7 +401,10 @@ class Trainer:
         if self.dist.world_size > 1:
             device_ids = [self.device] if self.device.type == "cuda" else None
             self.network = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
-        self.optimizer = _make_optimizer(config.optimizer, self.model.parameters(), config.lr)
+        self.optimizer = _make_optimizer(config.optimizer, self.model.parameters(), config.lr, config.cuda_graph)
+        self.captured = None
+        if config.cuda_graph:
+            self.captured = CapturedStep(self.model, self.optimizer, _graph_loss, clip=config.clip)
         self.generator = torch.Generator().manual_seed(config.seed + 1)
 
         self.step = 0
@@ -448,7 +497,7 @@ class Trainer:
                 f"{state['step']} (a save was interrupted); cannot resume exactly"
             )
         trainer.model.load_state_dict(load_file(folder / MODEL_FILE, device=str(trainer.device)))
-        trainer.optimizer.load_state_dict(state["optimizer"])
+        _load_optimizer_state(trainer.optimizer, state["optimizer"])
         for group in trainer.optimizer.param_groups:
             group["lr"] = trainer.config.lr
         trainer.generator.set_state(state["data_rng"])
@@ -497,13 +546,16 @@ class Trainer:
             batch = shard(batch, self.dist.rank, self.dist.world_size)
         batch = batch.to(self.device)
         self.model.train()
-        logits, _ = self.network(batch.inputs)
-        loss = masked_bce(logits, batch)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.config.clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip)
-        self.optimizer.step()
+        if self.captured is not None:
+            loss, logits = self.captured(*batch)
+        else:
+            logits, _ = self.network(batch.inputs)
+            loss = masked_bce(logits, batch)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.config.clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip)
+            self.optimizer.step()
         self.step += 1
         self.sequences += self.config.batch_size
         figures = (loss.item(), self.task.cost(logits, batch))

@@ -38,6 +38,7 @@ def test_train_smoke_writes_checkpoint_and_log(trained, capsys):
     assert saved["model"]["memory_slots"] == 8 and saved["model"]["input_size"] == 9
     assert saved["task"] == {"name": "copy", "args": {"bits": 8, "min_len": 1, "max_len": 5}}
     assert saved["training"]["steps"] == 3 and saved["step"] == 3
+    assert saved["training"]["cuda_graph"] is False
     rows = (trained / "log.csv").read_text().splitlines()
     assert rows[0] == "step,sequences,loss,cost,eval_cost,curriculum,elapsed_s"
     assert rows[1].startswith("2,4,")
@@ -87,6 +88,30 @@ def test_resume_refuses_another_optimizer(trained, capsys):
     assert main(["train", "copy", "--out", str(trained), "--resume", "--steps", "5", "--optimizer", "adam",
                  "--no-progress"]) == 2
     assert "cannot change optimizer when resuming" in capsys.readouterr().err
+
+
+def test_cuda_graph_is_refused_on_the_cpu(tmp_path, capsys):
+    assert main(["train", "copy", "--cuda-graph", "--device", "cpu", "--out", str(tmp_path / "run"), *FAST]) == 2
+    assert "--cuda-graph (cuda_graph=True) captures the step in a CUDA graph and needs a CUDA device, got cpu" in (
+        capsys.readouterr().err)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_cuda_graph_run_resumes_on_the_cpu_without_the_flag(trained, capsys):
+    # Make the CPU run look like a --cuda-graph run: the flag in its config, its optimiser state capturable.
+    config = json.loads((trained / "config.json").read_text())
+    config["training"]["cuda_graph"] = True
+    (trained / "config.json").write_text(json.dumps(config))
+    state = torch.load(trained / "trainer_state.pt", weights_only=False)
+    for group in state["optimizer"]["param_groups"]:
+        group["capturable"] = True
+    torch.save(state, trained / "trainer_state.pt")
+    assert main(["train", "copy", "--out", str(trained), "--resume", "--steps", "4", "--no-progress"]) == 2
+    assert "--no-cuda-graph" in capsys.readouterr().err
+    assert main(["train", "copy", "--out", str(trained), "--resume", "--steps", "4", "--no-cuda-graph",
+                 "--no-progress"]) == 0
+    saved = json.loads((trained / "config.json").read_text())
+    assert saved["step"] == 4 and saved["training"]["cuda_graph"] is False
 
 
 def test_inconsistent_checkpoint_is_refused(tmp_path):

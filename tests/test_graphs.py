@@ -1,7 +1,8 @@
 """``CapturedStep``: a training step captured in a CUDA graph and replayed.
 
-Without a GPU: every refusal. With one (``-m gpu``): captured steps against
-the same steps run eagerly.
+Without a GPU: every refusal. With one (``-m gpu``):
+captured steps against the same steps run eagerly, and exact resume of a
+``--cuda-graph`` run.
 """
 
 from __future__ import annotations
@@ -11,12 +12,13 @@ import warnings
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastntm import FastNTM, validation
 from fastntm.graphs import CapturedStep, _restore, _snapshot
 from fastntm.tasks import Batch, make_task
-from fastntm.training import masked_bce
+from fastntm.training import TrainConfig, Trainer, _load_optimizer_state, masked_bce
 from helpers import relative_error
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -152,6 +154,45 @@ def test_the_reference_step_reads_no_value_on_the_host(monkeypatch, model_kwargs
     assert detector.seen == []
 
 
+# ---------------------------------------------------------------- the trainer, on any machine
+
+
+def test_the_trainer_refuses_cuda_graph_on_the_cpu(tmp_path):
+    config = TrainConfig(task_args={"max_len": 4}, model_args={"memory_slots": 8, "memory_width": 4,
+                                                              "controller_size": 8}, device="cpu", cuda_graph=True)
+    with pytest.raises(ValueError, match="needs a CUDA device, got cpu"):
+        Trainer(config, tmp_path, progress=False)
+    assert not any(tmp_path.iterdir())
+
+
+def test_cuda_graph_round_trips_through_the_config():
+    config = TrainConfig(cuda_graph=True)
+    assert TrainConfig.from_dict(config.to_dict()) == config
+    saved_before_the_flag = {k: v for k, v in config.to_dict().items() if k != "cuda_graph"}
+    assert TrainConfig.from_dict(saved_before_the_flag).cuda_graph is False
+    with pytest.raises(ValueError, match="cuda_graph"):
+        TrainConfig(cuda_graph="yes")
+
+
+@pytest.mark.parametrize("own_capturable", [True, False], ids=["into-capturable", "into-plain"])
+def test_loading_optimizer_state_keeps_the_optimizers_own_capturable(own_capturable):
+    # A capturable optimiser cannot step on a CPU, so the state saved is a plain one,
+    # labelled the other way from the optimiser that loads it.
+    param = torch.nn.Parameter(torch.ones(3))
+    param.grad = torch.ones(3)
+    saved_by = torch.optim.Adam([param], lr=0.1)
+    saved_by.step()
+    saved = saved_by.state_dict()
+    saved["param_groups"][0]["capturable"] = not own_capturable
+    optimizer = torch.optim.Adam([param], lr=0.1, capturable=own_capturable)
+    _load_optimizer_state(optimizer, saved)
+    assert optimizer.param_groups[0]["capturable"] is own_capturable
+    assert float(optimizer.state[param]["step"]) == 1.0
+    if not own_capturable:
+        optimizer.step()  # a capturable label would make this fail on the CPU
+        assert float(optimizer.state[param]["step"]) == 2.0
+
+
 # ---------------------------------------------------------------- CapturedStep, on a GPU
 
 
@@ -229,3 +270,24 @@ def test_inputs_on_the_cpu_are_refused():
     batch = make_task("copy").batch(2, torch.Generator().manual_seed(0), length=2)
     with pytest.raises(ValueError, match="CapturedStep needs CUDA tensors, got cpu"):
         step(*batch)
+
+
+# ---------------------------------------------------------------- the trainer, on a GPU
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("optimizer", ["adam", "rmsprop"])
+def test_a_cuda_graph_run_resumes_exactly(tmp_path, optimizer):
+    config = dict(task_args={"max_len": 4}, model_args={"memory_slots": 128, "memory_width": 20,
+                                                        "controller_size": 16},
+                  batch_size=4, eval_every=2, eval_batches=1, eval_batch_size=2, device="cuda", cuda_graph=True,
+                  optimizer=optimizer)
+    whole = Trainer(TrainConfig(steps=6, **config), tmp_path / "whole", progress=False)
+    whole.fit()
+    assert whole.captured.num_graphs >= 1
+    Trainer(TrainConfig(steps=3, **config), tmp_path / "split", progress=False).fit()
+    Trainer.resume(tmp_path / "split", progress=False, steps=6).fit()
+    a, b = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "split" / "model.safetensors")
+    for name in a:
+        assert torch.equal(a[name], b[name]), name

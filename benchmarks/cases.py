@@ -6,14 +6,21 @@ forward, masked binary cross-entropy, backward, Adam).
 
 Providers: ``reference`` (the plain PyTorch path, eager, ``backend="reference"``),
 ``reference-compile`` (the same under ``torch.compile``; compile time is spent in
-the warm-up, not timed) and ``triton`` (``backend="triton"``, CUDA only).
+the warm-up, not timed) and ``triton`` (``backend="triton"``, CUDA only). For
+``train_step`` alone, on CUDA alone: ``triton-graph`` and ``reference-graph``, the
+same step through ``fastntm.graphs.CapturedStep`` (captured once in a CUDA
+graph, replayed at every call; Adam with ``capturable=True``). Their peak memory
+is near zero: the graph's memory is allocated at capture, in the warm-up.
 
 ``Case.prepare()`` builds the inputs and the timed callable, runs it once (the
 warm-up; for ``reference-compile`` the compile) and measures its relative error
 against the literal reference (``fastntm.reference``, or the reference-backed
 model) run in float64 on the same inputs: outputs for ``fwd``; outputs and every
 input's gradient for ``fwd_bwd``; the logits and every parameter's gradient for
-``train_step``.
+``train_step``. A graph provider is checked on a replay: after one eager step
+(which creates Adam's state) it captures the step and replays it, and the
+replay's logits and gradients are compared with the float64 model's at the
+parameters the replay started from.
 """
 
 from __future__ import annotations
@@ -31,10 +38,17 @@ from .shapes import OpShape, TrainShape
 
 OPS = ("memory_step.fwd", "memory_step.fwd_bwd", "train_step")
 PROVIDERS = ("reference", "reference-compile", "triton")
+GRAPH_PROVIDERS = ("triton-graph", "reference-graph")
 
 
 def providers_for(device: torch.device) -> tuple[str, ...]:
+    """The providers of every op on ``device``."""
     return PROVIDERS if device.type == "cuda" else PROVIDERS[:2]
+
+
+def graph_providers_for(device: torch.device) -> tuple[str, ...]:
+    """The providers of ``train_step`` alone on ``device``: the whole step replayed from a CUDA graph."""
+    return GRAPH_PROVIDERS if device.type == "cuda" else ()
 
 
 def allow_many_compiles() -> None:
@@ -78,6 +92,11 @@ class Case:
         """Build, warm (compile) and check; sets ``fn`` and ``rel_err``. May raise."""
         if self.provider == "triton" and self.device.type != "cuda":
             raise RuntimeError("the Triton kernels run on CUDA only")
+        if self.provider in GRAPH_PROVIDERS:
+            if self.op != "train_step":
+                raise ValueError(f"{self.provider} times train_step only, not {self.op}")
+            if self.device.type != "cuda":
+                raise RuntimeError("CUDA graphs need a CUDA device")
         if self.op == "train_step":
             self.fn, self.rel_err = _train_case(self.shape, self.provider, self.device)
         else:
@@ -86,7 +105,7 @@ class Case:
 
 
 def _backend(provider: str) -> str:
-    return "triton" if provider == "triton" else "reference"
+    return "triton" if provider.startswith("triton") else "reference"
 
 
 # ---------------------------------------------------------------- memory_step
@@ -149,6 +168,20 @@ def masked_bce(logits: torch.Tensor, batch) -> torch.Tensor:
     return (bce * batch.mask.to(logits.dtype)).sum() / batch.mask.shape[1]
 
 
+def _float64_truth(model):
+    """A float64 copy of ``model`` on the reference path."""
+    truth = copy.deepcopy(model).double()
+    truth.cell.backend = "reference"
+    return truth
+
+
+def _train_error(truth, batch, logits, grads) -> float:
+    """Relative error of a step's ``logits`` and ``grads`` against ``truth``'s on the same batch."""
+    y_ref, _ = truth(batch.inputs.double())
+    grads_ref = torch.autograd.grad(masked_bce(y_ref, batch), list(truth.parameters()))
+    return max(common.rel_err(logits, y_ref), common.max_rel_err(grads, grads_ref))
+
+
 def _train_case(shape: TrainShape, provider: str, device: torch.device):
     from fastntm import FastNTM
 
@@ -158,8 +191,9 @@ def _train_case(shape: TrainShape, provider: str, device: torch.device):
         task.input_size, task.output_size, memory_slots=shape.N, memory_width=shape.M,
         controller_size=shape.controller_size, num_reads=shape.R, num_writes=shape.W, backend=_backend(provider),
     ).to(device)
-    truth = copy.deepcopy(model).double()
-    truth.cell.backend = "reference"
+    if provider in GRAPH_PROVIDERS:
+        return _graph_train_case(model, batch)
+    truth = _float64_truth(model)
     if provider == "reference-compile":
         allow_many_compiles()
         model.cell.compile(dynamic=False)
@@ -167,10 +201,8 @@ def _train_case(shape: TrainShape, provider: str, device: torch.device):
     params = list(model.parameters())
     y, _ = model(batch.inputs)
     grads = torch.autograd.grad(masked_bce(y, batch), params)
-    y_ref, _ = truth(batch.inputs.double())
-    grads_ref = torch.autograd.grad(masked_bce(y_ref, batch), list(truth.parameters()))
-    err = max(common.rel_err(y, y_ref), common.max_rel_err(grads, grads_ref))
-    del truth, grads_ref
+    err = _train_error(truth, batch, y, grads)
+    del truth
 
     optimiser = torch.optim.Adam(params, lr=1e-4)
 
@@ -183,4 +215,25 @@ def _train_case(shape: TrainShape, provider: str, device: torch.device):
         return loss
 
     fn()
+    return fn, err
+
+
+def _graph_train_case(model, batch):
+    from fastntm.graphs import CapturedStep
+    from fastntm.tasks import Batch
+
+    def loss_fn(model, inputs, targets, mask):
+        logits, _ = model(inputs)
+        return masked_bce(logits, Batch(inputs, targets, mask)), logits
+
+    optimiser = torch.optim.Adam(model.parameters(), lr=1e-4, capturable=True)
+    step = CapturedStep(model, optimiser, loss_fn)
+    step(*batch)  # eager: creates Adam's state
+    truth = _float64_truth(model)
+    _, logits = step(*batch)  # captured, then replayed
+    err = _train_error(truth, batch, logits, [p.grad for p in model.parameters()])
+
+    def fn():
+        return step(*batch)[0]
+
     return fn, err

@@ -4,14 +4,17 @@
 #   OUT=/some/folder bash benchmarks/gpu_check.sh     # else ./gpu_results
 #
 # Runs the package from the working tree (PYTHONPATH=.), installs nothing, reaches
-# no network. Writes $OUT/log (everything printed), $OUT/results.json and
+# no network. benchmarks.run times the training step first, eagerly (reference,
+# triton) and replayed from a CUDA graph (triton-graph, reference-graph), in one
+# process. Writes $OUT/log (everything printed), $OUT/results.json and
 # $OUT/bench.png (benchmarks.run), $OUT/long_sequence.json,
 # $OUT/bench_kernels.json (when benchmarks/bench_kernels.py exists) and ends with
 # the key figures. Every part runs under `timeout`; one that fails or runs out of
 # time is named at the end and the later parts still run. The limits below add
 # up to 390 s (plus 3 s grace each: 405 s at worst); override them with T_TESTS,
-# T_KERNELS, T_RUN, T_LONG, and pass extra runner arguments in RUN_ARGS (for
-# example RUN_ARGS="--providers reference,triton --filter 'train_step|paper'").
+# T_KERNELS, T_RUN, T_LONG, and pass extra runner arguments in RUN_ARGS, split at
+# spaces, no quotes inside (for example
+# RUN_ARGS="--providers reference,triton,triton-graph --filter train_step|paper").
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"

@@ -3,6 +3,7 @@
     python -m benchmarks.run --quick                     # CPU, under two minutes
     python -m benchmarks.run --device cuda --out runs/bench
     python -m benchmarks.run --filter 'train_step'       # cases whose name matches
+    python -m benchmarks.run --providers reference,triton-graph --filter train_step
     python -m benchmarks.run --filter long_sequence      # the long-sequence benchmark
 
 Every case (``op/shape/provider``, see ``benchmarks.cases``) is first built,
@@ -33,7 +34,7 @@ import time
 import torch
 
 from . import common
-from .cases import OPS, Case, providers_for
+from .cases import GRAPH_PROVIDERS, OPS, Case, graph_providers_for, providers_for
 from .shapes import OP_SHAPES, QUICK_SKIP, TINY_OP_SHAPES, TINY_TRAIN_SHAPES, TRAIN_SHAPES, in_sweep
 
 # torch.compile takes tens of seconds a graph on a CPU; these shapes keep a run bounded.
@@ -53,7 +54,8 @@ LONG_SEQUENCE = "long_sequence"
 
 
 def build_cases(device: torch.device, mode: str, providers, pattern: str | None) -> list[Case]:
-    """Every case of this run, compiled ones last (so a budget cuts them first)."""
+    """Every case of this run: the training steps first (the figures a short budget must not lose),
+    compiled ones last (so a budget cuts them first)."""
     if mode == "tiny":
         op_shapes, train_shapes = TINY_OP_SHAPES, TINY_TRAIN_SHAPES
     else:
@@ -62,10 +64,12 @@ def build_cases(device: torch.device, mode: str, providers, pattern: str | None)
         train_shapes = TRAIN_SHAPES
     compile_shapes = COMPILE_SHAPES.get((device.type, mode), set(op_shapes) | set(train_shapes))
     cases = []  # shape by shape, so that providers share one float64 reference
-    groups = [(op, shape) for shape in op_shapes.values() for op in OPS if op != "train_step"]
-    groups += [("train_step", shape) for shape in train_shapes.values()]
+    groups = [("train_step", shape) for shape in train_shapes.values()]
+    groups += [(op, shape) for shape in op_shapes.values() for op in OPS if op != "train_step"]
     for op, shape in groups:
         for provider in providers:
+            if provider in GRAPH_PROVIDERS and op != "train_step":
+                continue
             if provider == "reference-compile":
                 if shape.name not in compile_shapes:
                     continue
@@ -220,7 +224,7 @@ def main(argv=None) -> int:
         return 2
     mode = "tiny" if args.tiny else "quick" if args.quick else "full"
     budget = args.budget if args.budget is not None else {"tiny": 60, "quick": 90, "full": 1800}[mode]
-    available = providers_for(device)
+    available = providers_for(device) + graph_providers_for(device)
     providers = args.providers.split(",") if args.providers else list(available)
     unknown = [p for p in providers if p not in available]
     if unknown:

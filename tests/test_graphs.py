@@ -1,6 +1,6 @@
 """``CapturedStep``: a training step captured in a CUDA graph and replayed.
 
-Without a GPU: every refusal. With one (``-m gpu``):
+Without a GPU: every refusal, and the benchmark cases' wiring. With one (``-m gpu``):
 captured steps against the same steps run eagerly, and exact resume of a
 ``--cuda-graph`` run.
 """
@@ -8,7 +8,9 @@ captured steps against the same steps run eagerly, and exact resume of a
 from __future__ import annotations
 
 import math
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +22,12 @@ from fastntm.graphs import CapturedStep, _restore, _snapshot
 from fastntm.tasks import Batch, make_task
 from fastntm.training import TrainConfig, Trainer, _load_optimizer_state, masked_bce
 from helpers import relative_error
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ is not part of the installed package
+
+from benchmarks.cases import GRAPH_PROVIDERS, Case  # noqa: E402
+from benchmarks.run import build_cases  # noqa: E402
+from benchmarks.shapes import TINY_OP_SHAPES, TINY_TRAIN_SHAPES  # noqa: E402
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -191,6 +199,21 @@ def test_loading_optimizer_state_keeps_the_optimizers_own_capturable(own_captura
     if not own_capturable:
         optimizer.step()  # a capturable label would make this fail on the CPU
         assert float(optimizer.state[param]["step"]) == 2.0
+
+
+# ---------------------------------------------------------------- benchmark wiring, on any machine
+
+
+def test_graph_providers_time_the_training_step_on_cuda_only():
+    providers = ["reference", *GRAPH_PROVIDERS]
+    cuda = build_cases(torch.device("cuda"), "tiny", providers, None)
+    assert {(c.op, c.provider) for c in cuda if c.provider in GRAPH_PROVIDERS} == {
+        ("train_step", p) for p in GRAPH_PROVIDERS}
+    assert cuda[0].op == "train_step"
+    with pytest.raises(RuntimeError, match="CUDA graphs need a CUDA device"):
+        Case("train_step", TINY_TRAIN_SHAPES["tiny-copy"], "triton-graph", torch.device("cpu")).prepare()
+    with pytest.raises(ValueError, match="train_step only"):
+        Case("memory_step.fwd", TINY_OP_SHAPES["tiny-n16"], "triton-graph", torch.device("cuda")).prepare()
 
 
 # ---------------------------------------------------------------- CapturedStep, on a GPU

@@ -307,8 +307,10 @@ def unroll(cell: NTMCell, x: torch.Tensor, state: NTMState, checkpoint_every: in
         x_segment = x[start : start + segment]
         if segment < x.shape[0]:
             flat = (state.memory, state.weights, state.reads, *state.controller)
+            # The cell draws no random numbers: no RNG state to save, which also keeps the
+            # segment capturable in a CUDA graph (saving it reads the generator on the host).
             y, weights, flat = torch.utils.checkpoint.checkpoint(
-                _run_segment, cell, x_segment, trace is not None, *flat, use_reentrant=False
+                _run_segment, cell, x_segment, trace is not None, *flat, use_reentrant=False, preserve_rng_state=False
             )
             state = NTMState(flat[0], flat[1], flat[2], tuple(flat[3:]))
         else:

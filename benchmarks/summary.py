@@ -13,6 +13,7 @@ import os
 import sys
 
 KEY_SHAPES = ("paper-b1", "paper-b32", "medium", "large", "copy-b1", "copy-b32")
+FAST_PROVIDERS = ("triton", "triton-graph", "reference-graph", "reference-compile")
 
 
 def _load(folder: str, name: str):
@@ -45,10 +46,11 @@ def summarise(folder: str) -> list[str]:
                          f"{per_seq}{bw}, peak {r['peak_bytes'] / 2**20:.1f} MiB")
         by_name = {r["name"]: r for r in rows if r.get("status") == "ok"}
         for r in rows:
-            if r.get("provider") == "triton" and r["name"] in by_name:
+            if r.get("provider") in FAST_PROVIDERS and r["name"] in by_name and r["shape"] in KEY_SHAPES:
                 ref = by_name.get(r["name"].rsplit("/", 1)[0] + "/reference")
-                if ref and r["shape"] in KEY_SHAPES:
-                    lines.append(f"  speedup triton vs reference {r['op']}/{r['shape']}: {ref['p50_ms'] / r['p50_ms']:.1f}x")
+                if ref:
+                    lines.append(f"  speedup {r['provider']} vs reference (eager) {r['op']}/{r['shape']}: "
+                                 f"{ref['p50_ms'] / r['p50_ms']:.1f}x")
         bad = [r["name"] for r in rows if r.get("status") in ("MISMATCH", "error")]
         lines.append(f"rows: {len(rows)}, ok {sum(r.get('status') == 'ok' for r in rows)}, "
                      f"skipped {sum(r.get('status') == 'skipped' for r in rows)}, not ok: {bad or 'none'}")

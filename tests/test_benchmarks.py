@@ -14,7 +14,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # benchmarks/ is not part of the installed package
 
-from benchmarks import common, run  # noqa: E402
+from benchmarks import common, run, summary  # noqa: E402
 from benchmarks.cases import Case  # noqa: E402
 from benchmarks.shapes import TINY_OP_SHAPES, OpShape  # noqa: E402
 
@@ -103,3 +103,17 @@ def test_long_sequence_ratios_pair_the_right_rows():
     assert ratios[f"{auto32} vs store-all"] == {"peak": 0.1, "time": 1.5}
     assert ratios[f"{auto16} vs float32"] == {"peak": 0.6, "time": 1.0}
     assert len(ratios) == 2
+
+
+def test_summary_gives_each_fast_provider_its_speedup_over_the_eager_reference(tmp_path):
+    rows = [
+        dict(name=f"train_step/copy-b32/{provider}", op="train_step", shape="copy-b32", provider=provider, status="ok",
+             p50_ms=ms, p20_ms=ms, p80_ms=ms, ms_per_sequence=ms / 32, peak_bytes=0)
+        for provider, ms in (("reference", 66.0), ("triton", 50.0), ("triton-graph", 3.0))
+    ]
+    results = dict(environment=dict(device="GPU", torch="2.11", triton="3.6.0", commit="abc"),
+                   copy=dict(copy_GBps=4000.0), rows=rows)
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    lines = summary.summarise(str(tmp_path))
+    assert "  speedup triton vs reference (eager) train_step/copy-b32: 1.3x" in lines
+    assert "  speedup triton-graph vs reference (eager) train_step/copy-b32: 22.0x" in lines

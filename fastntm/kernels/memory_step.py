@@ -282,26 +282,29 @@ def _mem_bwd_kernel(p_mem, p_w, p_e, p_dr, p_dnew, p_k, p_K, p_dK, p_dmem, p_dkp
     values, so that one compiled kernel serves every combination (a masked-off load moves no data)."""
     i_n = tl.program_id(0).to(tl.int64)
     i_b = tl.program_id(1).to(tl.int64)
-    o_n = i_n * BN + tl.arange(0, BN)
+    # Rows as int32 offsets from the block's int64 base: tiles of 64-bit offsets cost registers, and with
+    # bf16 tensors ptxas spilled rather than go past 96 of them (HAS_DK=0, BN * BM = 2048, 4 warps, sm_90).
+    n0 = i_n * BN
+    o_n = tl.arange(0, BN)
     o_m = tl.arange(0, BM)
-    m_n = o_n < N
+    m_n = o_n < N - n0
     m_m = o_m < M
     m_nm = m_n[:, None] & m_m[None, :]
     H = R + W
     b_dmem = tl.zeros([BN, BM], dtype=tl.float32)
-    b_dnew = tl.load(p_dnew + i_b * s_dnew_b + o_n[:, None] * s_dnew_n + o_m[None, :],
+    b_dnew = tl.load(p_dnew + i_b * s_dnew_b + n0 * s_dnew_n + o_n[:, None] * s_dnew_n + o_m[None, :],
                      mask=m_nm & (HAS_DNEW != 0), other=0.0).to(tl.float32)
     for h in range(W * HAS_DNEW):
-        b_w = tl.load(p_w + (i_b * H + R + h) * N + o_n, mask=m_n, other=0.0).to(tl.float32)
+        b_w = tl.load(p_w + (i_b * H + R + h) * N + n0 + o_n, mask=m_n, other=0.0).to(tl.float32)
         b_e = tl.load(p_e + (i_b * W + h) * M + o_m, mask=m_m, other=0.0).to(tl.float32)
         b_dnew *= 1.0 - b_w[:, None] * b_e[None, :]
     b_dmem += b_dnew
     for h in range(RD):
-        b_w = tl.load(p_w + (i_b * H + h) * N + o_n, mask=m_n, other=0.0).to(tl.float32)
+        b_w = tl.load(p_w + (i_b * H + h) * N + n0 + o_n, mask=m_n, other=0.0).to(tl.float32)
         b_dr = tl.load(p_dr + (i_b * R + h) * M + o_m, mask=m_m, other=0.0).to(tl.float32)
         b_dmem += b_w[:, None] * b_dr[None, :]
     if HAS_DK:
-        b_mem = tl.load(p_mem + i_b * s_mem_b + o_n[:, None] * s_mem_n + o_m[None, :],
+        b_mem = tl.load(p_mem + i_b * s_mem_b + n0 * s_mem_n + o_n[:, None] * s_mem_n + o_m[None, :],
                         mask=m_nm, other=0.0).to(tl.float32)
         b_norm = tl.sqrt(tl.sum(b_mem * b_mem, 1))
         b_mn = tl.maximum(b_norm, 1e-8)
@@ -309,14 +312,14 @@ def _mem_bwd_kernel(p_mem, p_w, p_e, p_dr, p_dnew, p_k, p_K, p_dK, p_dmem, p_dkp
             i_bh = i_b * HK + h
             b_k = tl.load(p_k + i_bh * M + o_m, mask=m_m, other=0.0).to(tl.float32)
             b_kn = tl.maximum(tl.sqrt(tl.sum(b_k * b_k, 0)), 1e-8)
-            b_dK = tl.load(p_dK + i_bh * N + o_n, mask=m_n, other=0.0)
-            b_K = tl.load(p_K + i_bh * N + o_n, mask=m_n, other=0.0)
+            b_dK = tl.load(p_dK + i_bh * N + n0 + o_n, mask=m_n, other=0.0)
+            b_K = tl.load(p_K + i_bh * N + n0 + o_n, mask=m_n, other=0.0)
             b_c = b_dK / (b_kn * b_mn)
             # |mem[n]| below eps is clamped: no gradient through the norm there.
             b_cn = tl.where(b_norm >= 1e-8, b_dK * b_K / (b_mn * b_mn), 0.0)
             b_dmem += b_c[:, None] * b_k[None, :] - b_cn[:, None] * b_mem
             tl.store(p_dkpart + ((i_b * NB + i_n) * HK + h) * M + o_m, tl.sum(b_c[:, None] * b_mem, 0), mask=m_m)
-    tl.store(p_dmem + i_b * s_dmem_b + o_n[:, None] * s_dmem_n + o_m[None, :],
+    tl.store(p_dmem + i_b * s_dmem_b + n0 * s_dmem_n + o_n[:, None] * s_dmem_n + o_m[None, :],
              b_dmem.to(p_dmem.dtype.element_ty), mask=m_nm)
 
 

@@ -32,13 +32,13 @@ INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 aot = pytest.mark.skipif(INTERPRETING, reason="AOT compilation needs the interpreter off (run in a subprocess below)")
 
 # Compile options the host code passes at launch, beyond num_warps.
-LAUNCH_OPTIONS = {"_memory_step_onchip_bwd_kernel": dict(maxnreg=_config.ONCHIP_BWD_MAXNREG)}
+LAUNCH_OPTIONS = {"_memory_step_onchip_kernel": dict(maxnreg=_config.ONCHIP_MAXNREG),
+                  "_memory_step_onchip_bwd_kernel": dict(maxnreg=_config.ONCHIP_MAXNREG)}
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 ARCHS = (80, 90)
 BF16_ARCHS = (90,) if os.environ.get("FASTNTM_STATIC_BF16") == "1" else ()
 """Archs at which the bf16-tensor variants are compiled too (``FASTNTM_STATIC_BF16=1``; off by default: they
-double the run, and ptxas caps three of them (on-chip forward BN=64 BM=32, ``_mem_bwd_kernel`` HAS_DK=0 at
-BM=32 and 64) at 168 or 96 registers with 8 bytes of spill, not yet fixed)."""
+double the run)."""
 # Pointers that are fp32 whatever the tensors' dtype: saved logits and sums, scratch, per-block partials.
 FP32_POINTERS = {"p_K", "p_max", "p_sum", "p_P", "p_pmax", "p_psum", "p_pw", "p_pP", "p_rpart", "p_depart",
                  "p_dapart", "p_dkpart", "p_dK", "p_scr"}

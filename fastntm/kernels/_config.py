@@ -27,10 +27,12 @@ BLOCK_ELEMENTS = 2048
 MAX_BM = 128
 """Widest slot the kernels take (BM = next_pow2(M)); wider slots use the reference."""
 
-ONCHIP_BWD_MAXNREG = 255
-"""Register limit of the on-chip backward. Left to itself, ptxas caps some of its configurations at 128
-registers and spills (seen at BN=64, BM=32, 8 warps, sm_80); with one program per batch item, occupancy
-does not matter there."""
+ONCHIP_MAXNREG = 255
+"""Register limit of the on-chip kernels. Left to itself, ptxas caps a configuration at an occupancy step
+(96, 128 or 168 registers) and spills a few bytes to stay there: the backward at BN=64, BM=32, 8 warps, sm_80;
+the forward with bf16 or fp16 tensors at BN=64, BM=32, 4 warps, sm_90 and BN=64, BM=16, 4 warps, sm_80 (a
+packed predicate of the final store's mask). These kernels run one program per batch item, so the occupancy
+lost (at most 2 programs of 4 warps per SM instead of 3 to 5) shows only when B is several times the SM count."""
 
 _forced_block_n: int | None = None
 _poison: bool = False

@@ -507,7 +507,7 @@ def _forward(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads: int, rw: bool):
             mem, k, beta, g, s, gamma, w_prev, _nz(e, mem), _nz(a, mem), w, _nz(r, w), _nz(new, mem),
             K, mx, se, P,
             mem.stride(0), mem.stride(1), new.stride(0) if rw else 0, new.stride(1) if rw else 0,
-            N, M, H, R, S, RW=rw, BN=blk.BN, BM=blk.BM, num_warps=blk.num_warps)
+            N, M, H, R, S, RW=rw, BN=blk.BN, BM=blk.BM, num_warps=blk.num_warps, maxnreg=_config.ONCHIP_MAXNREG)
         return w, r, new, K, mx, se, P
     NB = _config.n_blocks(N, blk.BN)
     pmax = _config.empty((B, H, NB), torch.float32, dev)
@@ -625,7 +625,7 @@ def _onchip_bwd(mem, k, beta, g, s, gamma, w_prev, e, a, w, K, mx, se, dw, dr, d
         _nz(de, dk), _nz(da, dk), scr,
         mem.stride(0), mem.stride(1), dn.stride(0), dn.stride(1), dmem.stride(0), dmem.stride(1), N, M, H, R, S,
         int(dw is not None), int(has_dr), int(dnew is not None), BN=blk.BN, BM=blk.BM,
-        num_warps=blk.bwd_warps, maxnreg=_config.ONCHIP_BWD_MAXNREG)
+        num_warps=blk.bwd_warps, maxnreg=_config.ONCHIP_MAXNREG)
     return dmem, dk, dbeta, dg, ds, dgamma, dwp, de, da
 
 

@@ -14,11 +14,11 @@ with NaN, so an element a kernel forgets to write shows up in the result.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from dataclasses import dataclass
 
 import torch
-import triton
 
 ONCHIP_MAX_ELEMENTS = 4096
 """Largest next_pow2(N) * next_pow2(M) that one program holds (checked spill-free by ptxas)."""
@@ -49,7 +49,7 @@ class Blocks:
 
 
 def n_blocks(N: int, BN: int) -> int:
-    return triton.cdiv(N, BN)
+    return -(-N // BN)
 
 
 def forced_block_n() -> int | None:
@@ -83,15 +83,28 @@ def poison(on: bool = True):
         _poison = old
 
 
-def empty(shape, dtype: torch.dtype, device) -> torch.Tensor:
-    out = torch.empty(shape, dtype=dtype, device=device)
-    if _poison or os.environ.get("FASTNTM_POISON") == "1":
-        out.fill_(float("nan"))
-    return out
+def _empty(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _poisoned(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+def allocator():
+    """``empty(shape, dtype, device)`` for the buffers of one host call: NaN-filled while poisoning.
+    Decided once a call: the environment is slow to read for every buffer."""
+    return _poisoned if _poison or os.environ.get("FASTNTM_POISON") == "1" else _empty
+
+
+def next_pow2(n: int) -> int:
+    """``triton.next_power_of_2`` for n >= 1. Host code calls this and ``n_blocks`` rather than Triton's,
+    which are constexpr functions now and cost microseconds a call."""
+    return 1 << (n - 1).bit_length()
 
 
 def block_m(M: int) -> int:
-    return max(16, triton.next_power_of_2(M))
+    return max(16, next_pow2(M))
 
 
 def large_block_n(BM: int) -> int:
@@ -100,10 +113,14 @@ def large_block_n(BM: int) -> int:
 
 def choose(N: int, M: int) -> Blocks:
     """The regime and block sizes for a memory of N slots of width M."""
+    return _choose(N, M, forced_block_n())
+
+
+@functools.lru_cache(maxsize=256)
+def _choose(N: int, M: int, forced: int | None) -> Blocks:
     BM = block_m(M)
-    forced = forced_block_n()
     # At least 64 rows on-chip: fewer configurations to build and check, at the cost of masked rows for tiny N.
-    full = max(64, triton.next_power_of_2(N))
+    full = max(64, next_pow2(N))
     if forced is None and full * BM <= ONCHIP_MAX_ELEMENTS:
         return Blocks(True, full, BM, 4 if full * BM <= 2048 else 8, 4 if full * BM <= 1024 else 8)
     BN = forced if forced is not None else large_block_n(BM)
@@ -117,7 +134,7 @@ VECTOR_BLOCK = 1024
 def vector_block(N: int) -> int:
     """Block of the vector pass: the forced BN if any (tests), else up to ``VECTOR_BLOCK``."""
     forced = forced_block_n()
-    return forced if forced is not None else min(VECTOR_BLOCK, max(16, triton.next_power_of_2(N)))
+    return forced if forced is not None else min(VECTOR_BLOCK, max(16, next_pow2(N)))
 
 
 def supported(M: int) -> bool:

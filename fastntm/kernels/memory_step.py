@@ -473,11 +473,12 @@ def _nz(t, fallback):
 
 def _read_write(mem, w, P, e, a, R: int, W: int, normalize: bool, wout, write: bool):
     """Launch ``_read_write_kernel`` over blocks of mem; returns (r in w's dtype, new_mem or None)."""
+    empty = _config.allocator()
     B, N, M = mem.shape
     blk = _config.choose(N, M)
     NB = _config.n_blocks(N, blk.BN)
-    rpart = _config.empty((B, NB, R, M), torch.float32, mem.device)
-    new = _config.empty((B, N, M), mem.dtype, mem.device) if write else mem
+    rpart = empty((B, NB, R, M), torch.float32, mem.device)
+    new = empty((B, N, M), mem.dtype, mem.device) if write else mem
     _read_write_kernel[(NB, B)](
         mem, w, _nz(P, w), _nz(e, mem), _nz(a, mem), _nz(wout, w), _nz(rpart, mem), new,
         mem.stride(0), mem.stride(1), new.stride(0), new.stride(1), N, M, R, W, NB,
@@ -489,20 +490,21 @@ def _read_write(mem, w, P, e, a, R: int, W: int, normalize: bool, wout, write: b
 
 def _forward(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads: int, rw: bool):
     """(w, r, new_mem, K, max, sumexp, P); with ``rw=False`` only the addressing (r, new_mem empty)."""
+    empty = _config.allocator()
     B, N, M = mem.shape
     H, S = k.shape[1], s.shape[2]
     R = num_reads if rw else H
     W = H - R
     dev = mem.device
     blk = _config.choose(N, M)
-    w = _config.empty((B, H, N), k.dtype, dev)
-    K = _config.empty((B, H, N), torch.float32, dev)
-    mx = _config.empty((B, H), torch.float32, dev)
-    se = _config.empty((B, H), torch.float32, dev)
-    P = _config.empty((B, H), torch.float32, dev)
+    w = empty((B, H, N), k.dtype, dev)
+    K = empty((B, H, N), torch.float32, dev)
+    mx = empty((B, H), torch.float32, dev)
+    se = empty((B, H), torch.float32, dev)
+    P = empty((B, H), torch.float32, dev)
     if blk.onchip:
-        r = _config.empty((B, R if rw else 0, M), k.dtype, dev)
-        new = _config.empty((B, N, M) if rw else (0,), mem.dtype, dev)
+        r = empty((B, R if rw else 0, M), k.dtype, dev)
+        new = empty((B, N, M) if rw else (0,), mem.dtype, dev)
         _memory_step_onchip_kernel[(B,)](
             mem, k, beta, g, s, gamma, w_prev, _nz(e, mem), _nz(a, mem), w, _nz(r, w), _nz(new, mem),
             K, mx, se, P,
@@ -510,16 +512,16 @@ def _forward(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads: int, rw: bool):
             N, M, H, R, S, RW=rw, BN=blk.BN, BM=blk.BM, num_warps=blk.num_warps, maxnreg=_config.ONCHIP_MAXNREG)
         return w, r, new, K, mx, se, P
     NB = _config.n_blocks(N, blk.BN)
-    pmax = _config.empty((B, H, NB), torch.float32, dev)
-    psum = _config.empty((B, H, NB), torch.float32, dev)
+    pmax = empty((B, H, NB), torch.float32, dev)
+    psum = empty((B, H, NB), torch.float32, dev)
     _similarity_kernel[(NB, B)](mem, k, beta, K, pmax, psum, mem.stride(0), mem.stride(1), N, M, H, NB,
                                 BN=blk.BN, BM=blk.BM, num_warps=blk.num_warps)
     torch.amax(pmax, dim=-1, out=mx)
     torch.sum(psum * torch.exp(pmax - mx[..., None]), dim=-1, out=se)
     BV = _config.vector_block(N)
     NBV = _config.n_blocks(N, BV)
-    pw = _config.empty((B, H, N), torch.float32, dev)
-    pP = _config.empty((B, H, NBV), torch.float32, dev)
+    pw = empty((B, H, N), torch.float32, dev)
+    pP = empty((B, H, NBV), torch.float32, dev)
     _shift_sharpen_kernel[(NBV, B * H)](K, w_prev, beta, g, s, gamma, mx, se, pw, pP, N, S, NBV,
                                         BN=BV, num_warps=4)
     torch.sum(pP, dim=-1, out=P)
@@ -563,15 +565,16 @@ def _address_bwd(k, beta, g, s, gamma, w_prev, K, mx, se, dw):
 
 def _read_write_bwd(mem, w, e, a, dr, dnew, R: int, W: int):
     """dL/dw (fp32, B, R + W, N), dL/de, dL/da (fp32) from the reads and the write."""
+    empty = _config.allocator()
     B, N, M = mem.shape
     blk = _config.choose(N, M)
     NB = _config.n_blocks(N, blk.BN)
     has_dr, has_dnew = dr is not None and R > 0, dnew is not None and W > 0
     full = (has_dr or R == 0) and (has_dnew or W == 0)
-    alloc = _config.empty if full else (lambda shape, dtype, dev: torch.zeros(shape, dtype=dtype, device=dev))
+    alloc = empty if full else (lambda shape, dtype, dev: torch.zeros(shape, dtype=dtype, device=dev))
     dw = alloc((B, R + W, N), torch.float32, mem.device)
-    depart = _config.empty((B, NB, W, M), torch.float32, mem.device)
-    dapart = _config.empty((B, NB, W, M), torch.float32, mem.device)
+    depart = empty((B, NB, W, M), torch.float32, mem.device)
+    dapart = empty((B, NB, W, M), torch.float32, mem.device)
     if has_dr or has_dnew:
         dn = dnew if has_dnew else mem
         _read_write_bwd_kernel[(NB, B)](
@@ -585,14 +588,15 @@ def _read_write_bwd(mem, w, e, a, dr, dnew, R: int, W: int):
 
 def _mem_bwd(mem, w, e, dr, dnew, k, K, dK, R: int, W: int):
     """dL/dmem (mem's dtype) and the per-row part of dL/dk (fp32, or None without ``dK``)."""
+    empty = _config.allocator()
     B, N, M = mem.shape
     blk = _config.choose(N, M)
     NB = _config.n_blocks(N, blk.BN)
     # With W = 0 the step still returns new_mem = mem, so dnew flows to dmem.
     has_dr, has_dnew, has_dk = dr is not None and R > 0, dnew is not None, dK is not None
     HK = k.shape[1] if has_dk else 0
-    dmem = _config.empty((B, N, M), mem.dtype, mem.device)
-    dkpart = _config.empty((B, NB, HK, M), torch.float32, mem.device)
+    dmem = empty((B, N, M), mem.dtype, mem.device)
+    dkpart = empty((B, NB, HK, M), torch.float32, mem.device)
     dn = dnew if has_dnew else mem
     _mem_bwd_kernel[(NB, B)](
         mem, w, _nz(e, mem), dr if has_dr else mem, dn, k if has_dk else mem, K if has_dk else mem,
@@ -605,18 +609,19 @@ def _mem_bwd(mem, w, e, dr, dnew, k, K, dK, R: int, W: int):
 
 def _onchip_bwd(mem, k, beta, g, s, gamma, w_prev, e, a, w, K, mx, se, dw, dr, dnew, R: int, blk):
     """Every gradient in one launch of ``_memory_step_onchip_bwd_kernel``, one program per batch item."""
+    empty = _config.allocator()
     B, N, M = mem.shape
     H, S = k.shape[1], s.shape[2]
     W = H - R
     dev, pd = mem.device, k.dtype
-    dmem = _config.empty((B, N, M), mem.dtype, dev)
-    dk = _config.empty((B, H, M), pd, dev)
-    dbeta, dg, dgamma = (_config.empty((B, H), pd, dev) for _ in range(3))
-    ds = _config.empty((B, H, S), pd, dev)
-    dwp = _config.empty((B, H, N), pd, dev)
-    de = _config.empty((B, W, M), pd, dev)
-    da = _config.empty((B, W, M), pd, dev)
-    scr = _config.empty((B, H, 2, N), torch.float32, dev)
+    dmem = empty((B, N, M), mem.dtype, dev)
+    dk = empty((B, H, M), pd, dev)
+    dbeta, dg, dgamma = (empty((B, H), pd, dev) for _ in range(3))
+    ds = empty((B, H, S), pd, dev)
+    dwp = empty((B, H, N), pd, dev)
+    de = empty((B, W, M), pd, dev)
+    da = empty((B, W, M), pd, dev)
+    scr = empty((B, H, 2, N), torch.float32, dev)
     has_dr = dr is not None and R > 0
     dn = mem if dnew is None else dnew
     _memory_step_onchip_bwd_kernel[(B,)](

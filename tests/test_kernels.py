@@ -11,6 +11,8 @@ process) every test here is skipped with the reason.
 
 import importlib
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -213,6 +215,51 @@ def test_functional_backend_triton_runs_kernels_on_cpu_under_interpreter(monkeyp
     x = kernel_inputs(1, 37, 13, 2, 1, 3)
     F.memory_step(*x.values(), num_reads=1, backend="triton")
     assert calls == [1]
+
+
+def test_eager_calls_skip_the_custom_ops(monkeypatch):
+    ms = importlib.import_module("fastntm.kernels.memory_step")
+
+    def fail(*args, **kwargs):
+        raise AssertionError("an eager call went through the custom op")
+
+    for name in ("memory_step_fwd", "memory_step_bwd"):
+        monkeypatch.setattr(ms, name, fail)
+    check_op(kernels.memory_step, reference.memory_step, kernel_inputs(2, 37, 13, 3, 1, 3), extra=(1,))
+
+
+@pytest.mark.parametrize("BN", [None, 16], ids=["auto", "BN16"])
+def test_no_grad_forward_matches_reference_without_an_autograd_node(BN):
+    x = kernel_inputs(3, 37, 13, 3, 2, 3)
+    with _config.force_block_n(BN), _config.poison(), torch.no_grad():
+        out = kernels.memory_step(*(t.requires_grad_() for t in x.values()), 2)
+    for i, (o, r) in enumerate(zip(out, reference.memory_step(*x.values(), 2))):
+        assert o.grad_fn is None and not o.requires_grad
+        assert_close(o, r.detach(), TOL[torch.float32], f"output {i}")
+
+
+def test_fake_tensors_go_through_the_custom_ops():
+    # Under a dispatch mode the call cannot launch kernels: the custom ops' fake implementations answer.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x = kernel_inputs(2, 37, 13, 3, 1, 3)
+    with FakeTensorMode() as mode:
+        xs = [mode.from_tensor(t).requires_grad_() for t in x.values()]
+        w, r, new = kernels.memory_step(*xs, 1)
+        grads = torch.autograd.grad((w.sum() + r.sum() + new.sum()), xs)
+    assert (w.shape, r.shape, new.shape) == ((2, 3, 37), (2, 1, 13), (2, 37, 13))
+    assert [g.shape for g in grads] == [t.shape for t in x.values()]
+
+
+def test_host_overhead_benchmark_runs():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks import host_overhead
+
+    result = host_overhead.run(calls=20)
+    for column in result["columns"].values():
+        assert set(column["layers_us"]) == set(host_overhead.LAYERS)
+        assert not column["eager_custom_op"]
+    assert "autograd engine" in host_overhead.report(result)
 
 
 def test_torch_compile_traces_without_graph_breaks():

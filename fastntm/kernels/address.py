@@ -7,23 +7,23 @@ shift-sharpen passes and a final normalisation.
 
 import torch
 
-from .memory_step import memory_step_bwd, memory_step_fwd
+from .memory_step import _backward, _contig, _forward, _op, memory_step_bwd, memory_step_fwd
 
 
 class Address(torch.autograd.Function):
     @staticmethod
     def forward(ctx, mem, k, beta, g, s, gamma, w_prev):
-        args = [t.contiguous() for t in (mem, k, beta, g, s, gamma, w_prev)]
+        args = [_contig(t) for t in (mem, k, beta, g, s, gamma, w_prev)]
         none = k.new_empty((k.shape[0], 0, k.shape[2]))
-        w, _, _, K, mx, se, _ = memory_step_fwd(*args, none, none, k.shape[1], False)
+        w, _, _, K, mx, se, _ = _op(memory_step_fwd, _forward)(*args, none, none, k.shape[1], False)
         ctx.save_for_backward(*args, none, w, K, mx, se)
         return w
 
     @staticmethod
     def backward(ctx, dw):
         mem, k, beta, g, s, gamma, w_prev, none, w, K, mx, se = ctx.saved_tensors
-        grads = memory_step_bwd(mem, k, beta, g, s, gamma, w_prev, none, none, w, K, mx, se,
-                                dw.contiguous(), None, None, k.shape[1])
+        grads = _op(memory_step_bwd, _backward)(mem, k, beta, g, s, gamma, w_prev, none, none, w, K, mx, se,
+                                                _contig(dw), None, None, k.shape[1])
         return grads[:7]
 
 

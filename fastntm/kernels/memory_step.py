@@ -654,7 +654,7 @@ def _backward(mem, k, beta, g, s, gamma, w_prev, e, a, w, K, mx, se, dw, dr, dne
 
 
 # ----------------------------------------------------------------------------
-# torch.library registrations (opaque to torch.compile, no graph breaks)
+# torch.library registrations (opaque to torch.compile, no graph breaks; eager calls skip them, see _op)
 # ----------------------------------------------------------------------------
 
 T = torch.Tensor
@@ -694,11 +694,23 @@ def _(mem, k, beta, g, s, gamma, w_prev, e, a, w, K, mx, se, dw, dr, dnew, num_r
 # ----------------------------------------------------------------------------
 
 
+def _op(custom_op, host_fn):
+    """``custom_op`` where something traces the call (torch.compile, export, a dispatch mode such as fake
+    tensors), which sees through the op but not through a launch; else ``host_fn``, the function the op
+    wraps: an eager call skips the op's dispatch, tens of microseconds of host time."""
+    return custom_op if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() else host_fn
+
+
+def _contig(t):
+    """``t.contiguous()``, without its dispatch where ``t`` already is (the common case)."""
+    return t if t is None or t.is_contiguous() else t.contiguous()
+
+
 class MemoryStep(torch.autograd.Function):
     @staticmethod
     def forward(ctx, mem, k, beta, g, s, gamma, w_prev, e, a, num_reads):
-        args = [t.contiguous() for t in (mem, k, beta, g, s, gamma, w_prev, e, a)]
-        w, r, new, K, mx, se, _ = memory_step_fwd(*args, num_reads, True)
+        args = [_contig(t) for t in (mem, k, beta, g, s, gamma, w_prev, e, a)]
+        w, r, new, K, mx, se, _ = _op(memory_step_fwd, _forward)(*args, num_reads, True)
         ctx.save_for_backward(*args, w, K, mx, se)
         ctx.num_reads = num_reads
         ctx.set_materialize_grads(False)
@@ -706,12 +718,9 @@ class MemoryStep(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dw, dr, dnew):
-        grads = memory_step_bwd(*ctx.saved_tensors, _contig(dw), _contig(dr), _contig(dnew), ctx.num_reads)
+        grads = _op(memory_step_bwd, _backward)(*ctx.saved_tensors, _contig(dw), _contig(dr), _contig(dnew),
+                                               ctx.num_reads)
         return (*grads, None)
-
-
-def _contig(t):
-    return None if t is None else t.contiguous()
 
 
 # ----------------------------------------------------------------------------
@@ -732,4 +741,9 @@ def memory_step(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads):
 
         w, r, new_mem = memory_step(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads=1)
     """
-    return MemoryStep.apply(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads)
+    args = (mem, k, beta, g, s, gamma, w_prev, e, a)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in args):
+        return MemoryStep.apply(*args, num_reads)
+    # Nothing to differentiate: no autograd node, whose bookkeeping is a good share of an eager call.
+    w, r, new, *_ = _op(memory_step_fwd, _forward)(*[_contig(t) for t in args], num_reads, True)
+    return w, r, new

@@ -2,25 +2,27 @@
 
 import torch
 
-from .memory_step import T, _mem_bwd, _read_write, _read_write_bwd
+from .memory_step import T, _contig, _mem_bwd, _op, _read_write, _read_write_bwd
 
 
-@torch.library.custom_op("fastntm::read_fwd", mutates_args=())
-def read_fwd(mem: T, w: T) -> T:
+def _read_fwd(mem: T, w: T) -> T:
     return _read_write(mem, w, None, None, None, w.shape[1], 0, normalize=False, wout=None, write=False)[0]
+
+
+def _read_bwd(mem: T, w: T, dr: T) -> tuple[T, T]:
+    R = w.shape[1]
+    dw, _, _ = _read_write_bwd(mem, w, None, None, dr, None, R, 0)
+    dmem, _ = _mem_bwd(mem, w, None, dr, None, w, None, None, R, 0)
+    return dmem, dw.to(w.dtype)
+
+
+read_fwd = torch.library.custom_op("fastntm::read_fwd", _read_fwd, mutates_args=())
+read_bwd = torch.library.custom_op("fastntm::read_bwd", _read_bwd, mutates_args=())
 
 
 @read_fwd.register_fake
 def _(mem, w):
     return w.new_empty((w.shape[0], w.shape[1], mem.shape[2]))
-
-
-@torch.library.custom_op("fastntm::read_bwd", mutates_args=())
-def read_bwd(mem: T, w: T, dr: T) -> tuple[T, T]:
-    R = w.shape[1]
-    dw, _, _ = _read_write_bwd(mem, w, None, None, dr, None, R, 0)
-    dmem, _ = _mem_bwd(mem, w, None, dr, None, w, None, None, R, 0)
-    return dmem, dw.to(w.dtype)
 
 
 @read_bwd.register_fake
@@ -31,13 +33,13 @@ def _(mem, w, dr):
 class Read(torch.autograd.Function):
     @staticmethod
     def forward(ctx, mem, w):
-        mem, w = mem.contiguous(), w.contiguous()
+        mem, w = _contig(mem), _contig(w)
         ctx.save_for_backward(mem, w)
-        return read_fwd(mem, w)
+        return _op(read_fwd, _read_fwd)(mem, w)
 
     @staticmethod
     def backward(ctx, dr):
-        return read_bwd(*ctx.saved_tensors, dr.contiguous())
+        return _op(read_bwd, _read_bwd)(*ctx.saved_tensors, _contig(dr))
 
 
 def read(mem, w):

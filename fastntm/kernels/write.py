@@ -2,25 +2,27 @@
 
 import torch
 
-from .memory_step import T, _mem_bwd, _read_write, _read_write_bwd
+from .memory_step import T, _contig, _mem_bwd, _op, _read_write, _read_write_bwd
 
 
-@torch.library.custom_op("fastntm::write_fwd", mutates_args=())
-def write_fwd(mem: T, w: T, e: T, a: T) -> T:
+def _write_fwd(mem: T, w: T, e: T, a: T) -> T:
     return _read_write(mem, w, None, e, a, 0, w.shape[1], normalize=False, wout=None, write=True)[1]
+
+
+def _write_bwd(mem: T, w: T, e: T, a: T, dnew: T) -> tuple[T, T, T, T]:
+    W = w.shape[1]
+    dw, de, da = _read_write_bwd(mem, w, e, a, None, dnew, 0, W)
+    dmem, _ = _mem_bwd(mem, w, e, None, dnew, w, None, None, 0, W)
+    return dmem, dw.to(w.dtype), de.to(w.dtype), da.to(w.dtype)
+
+
+write_fwd = torch.library.custom_op("fastntm::write_fwd", _write_fwd, mutates_args=())
+write_bwd = torch.library.custom_op("fastntm::write_bwd", _write_bwd, mutates_args=())
 
 
 @write_fwd.register_fake
 def _(mem, w, e, a):
     return torch.empty_like(mem)
-
-
-@torch.library.custom_op("fastntm::write_bwd", mutates_args=())
-def write_bwd(mem: T, w: T, e: T, a: T, dnew: T) -> tuple[T, T, T, T]:
-    W = w.shape[1]
-    dw, de, da = _read_write_bwd(mem, w, e, a, None, dnew, 0, W)
-    dmem, _ = _mem_bwd(mem, w, e, None, dnew, w, None, None, 0, W)
-    return dmem, dw.to(w.dtype), de.to(w.dtype), da.to(w.dtype)
 
 
 @write_bwd.register_fake
@@ -31,13 +33,13 @@ def _(mem, w, e, a, dnew):
 class Write(torch.autograd.Function):
     @staticmethod
     def forward(ctx, mem, w, e, a):
-        args = [t.contiguous() for t in (mem, w, e, a)]
+        args = [_contig(t) for t in (mem, w, e, a)]
         ctx.save_for_backward(*args)
-        return write_fwd(*args)
+        return _op(write_fwd, _write_fwd)(*args)
 
     @staticmethod
     def backward(ctx, dnew):
-        return write_bwd(*ctx.saved_tensors, dnew.contiguous())
+        return _op(write_bwd, _write_bwd)(*ctx.saved_tensors, _contig(dnew))
 
 
 def write(mem, w, e, a):

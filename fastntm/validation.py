@@ -29,38 +29,51 @@ def check_tensor(name: str, t, ndim: int) -> None:
 
 
 def check_shape(name: str, t: torch.Tensor, expected: tuple[int, ...], meaning: str) -> None:
-    if _shape(t) != expected:
+    if t.shape != expected:
         raise ValueError(f"{name} must have shape {meaning} = {expected}, got {_shape(t)}")
 
 
 def check_same_device(named: dict[str, torch.Tensor]) -> torch.device:
-    items = list(named.items())
-    first_name, first = items[0]
-    for name, t in items[1:]:
-        if t.device != first.device:
-            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}; all must share one device")
-    return first.device
+    items = iter(named.items())
+    first_name, first = next(items)
+    device = first.device
+    for name, t in items:
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device} but {first_name} is on {device}; all must share one device")
+    return device
 
 
 def check_same_dtype(named: dict[str, torch.Tensor]) -> None:
-    items = list(named.items())
-    first_name, first = items[0]
-    for name, t in items[1:]:
-        if t.dtype != first.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but {first_name} has {first.dtype}; head parameters must share one dtype")
+    items = iter(named.items())
+    first_name, first = next(items)
+    dtype = first.dtype
+    for name, t in items:
+        if t.dtype != dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but {first_name} has {dtype}; head parameters must share one dtype")
 
 
-def _values_checked(t: torch.Tensor) -> bool:
+def _values_checked(device: torch.device) -> bool:
     if torch.compiler.is_compiling():
         return False
-    return t.device.type == "cpu" or os.environ.get("FASTNTM_CHECK_VALUES", "0") == "1"
+    return device.type == "cpu" or os.environ.get("FASTNTM_CHECK_VALUES", "0") == "1"
 
 
 def check_range(name: str, t: torch.Tensor, low: float | None, high: float | None) -> None:
-    if t.numel() == 0 or not _values_checked(t):
+    check_ranges([(name, t, low, high)])
+
+
+def check_ranges(checks) -> None:
+    """``check_range`` of each ``(name, tensor, low, high)`` in order, the tensors on one device, which
+    decides once whether their values are checked."""
+    if not checks or not _values_checked(checks[0][1].device):
         return
-    lo, hi = torch.aminmax(t.detach())
-    lo, hi = float(lo), float(hi)
+    for name, t, low, high in checks:
+        if t.numel():
+            lo, hi = torch.aminmax(t.detach())
+            _check_bounds(name, float(lo), float(hi), low, high)
+
+
+def _check_bounds(name: str, lo: float, hi: float, low: float | None, high: float | None) -> None:
     if lo != lo or hi != hi:
         raise ValueError(f"{name} contains NaN")
     if math.isinf(lo) or math.isinf(hi):
@@ -75,8 +88,7 @@ def check_mem(mem) -> tuple[int, int, int]:
     return _shape(mem)
 
 
-def check_addressing(mem, k, beta, g, s, gamma, w_prev) -> tuple[int, int, int, int]:
-    """Check the addressing inputs; return (B, N, M, H)."""
+def _check_addressing_structure(mem, k, beta, g, s, gamma, w_prev) -> tuple[int, int, int, int]:
     B, N, M = check_mem(mem)
     for name, t, nd in (("k", k, 3), ("beta", beta, 2), ("g", g, 2), ("s", s, 3), ("gamma", gamma, 2), ("w_prev", w_prev, 3)):
         check_tensor(name, t, nd)
@@ -94,12 +106,19 @@ def check_addressing(mem, k, beta, g, s, gamma, w_prev) -> tuple[int, int, int, 
     named = {"mem": mem, "k": k, "beta": beta, "g": g, "s": s, "gamma": gamma, "w_prev": w_prev}
     check_same_device(named)
     check_same_dtype({n: t for n, t in named.items() if n != "mem"})
-    check_range("beta", beta, 0.0, None)
-    check_range("g", g, 0.0, 1.0)
-    check_range("s", s, 0.0, None)
-    check_range("gamma", gamma, 1.0, None)
-    check_range("w_prev", w_prev, 0.0, None)
     return B, N, M, H
+
+
+def _addressing_ranges(beta, g, s, gamma, w_prev) -> list:
+    return [("beta", beta, 0.0, None), ("g", g, 0.0, 1.0), ("s", s, 0.0, None), ("gamma", gamma, 1.0, None),
+            ("w_prev", w_prev, 0.0, None)]
+
+
+def check_addressing(mem, k, beta, g, s, gamma, w_prev) -> tuple[int, int, int, int]:
+    """Check the addressing inputs; return (B, N, M, H)."""
+    dims = _check_addressing_structure(mem, k, beta, g, s, gamma, w_prev)
+    check_ranges(_addressing_ranges(beta, g, s, gamma, w_prev))
+    return dims
 
 
 def check_read(mem, w) -> None:
@@ -120,8 +139,7 @@ def check_write(mem, w, e, a) -> None:
     check_shape("a", a, (B, W, M), "(B, W, M)")
     check_same_device({"mem": mem, "w": w, "e": e, "a": a})
     check_same_dtype({"w": w, "e": e, "a": a})
-    check_range("w", w, 0.0, None)
-    check_range("e", e, 0.0, 1.0)
+    check_ranges([("w", w, 0.0, None), ("e", e, 0.0, 1.0)])
 
 
 def check_num_reads(num_reads, H: int) -> None:
@@ -132,7 +150,8 @@ def check_num_reads(num_reads, H: int) -> None:
 
 
 def check_memory_step(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads) -> None:
-    B, N, M, H = check_addressing(mem, k, beta, g, s, gamma, w_prev)
+    """Shapes, dtypes and devices of every input first, then the value ranges of all in one pass."""
+    B, N, M, H = _check_addressing_structure(mem, k, beta, g, s, gamma, w_prev)
     check_num_reads(num_reads, H)
     W = H - num_reads
     check_tensor("e", e, 3)
@@ -141,4 +160,4 @@ def check_memory_step(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads) -> Non
     check_shape("a", a, (B, W, M), f"(B, H - num_reads, M) with H = {H}, num_reads = {num_reads}")
     check_same_device({"mem": mem, "e": e, "a": a})
     check_same_dtype({"k": k, "e": e, "a": a})
-    check_range("e", e, 0.0, 1.0)
+    check_ranges([*_addressing_ranges(beta, g, s, gamma, w_prev), ("e", e, 0.0, 1.0)])

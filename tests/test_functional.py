@@ -285,6 +285,16 @@ def test_memory_step_rejects_bad_num_reads(num_reads, error):
         F.memory_step(*t.values(), num_reads=num_reads)
 
 
+def test_shapes_are_checked_before_values_and_values_in_argument_order():
+    t = step_inputs(B=3, N=37, M=13, R=1, W=2, dtype=torch.float32, requires_grad=False)
+    t.update(beta=-t["beta"], e=t["e"] + 2)
+    with pytest.raises(ValueError, match=re.escape("beta must lie in [0.0, inf]")):
+        F.memory_step(*t.values(), num_reads=1)
+    t.update(a=t["a"][..., :2])
+    with pytest.raises(ValueError, match=re.escape("a must have shape")):
+        F.memory_step(*t.values(), num_reads=1)
+
+
 def test_zero_heads_are_rejected():
     t = step_inputs(B=1, N=5, M=3, R=1, W=0, requires_grad=False)
     t = {n: (v[:, :0] if n in ("k", "beta", "g", "s", "gamma", "w_prev") else v) for n, v in t.items()}

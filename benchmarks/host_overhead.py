@@ -8,15 +8,16 @@ and the block choice all run). So it leaves out the Triton launcher's own cost (
 arguments, the specialisation key, the cache lookup, the driver call), which only a GPU shows.
 
 Each call is split into layers by timing, inside the call, the functions where one layer hands
-over to the next (a wrapper around each costs well under a microsecond):
+over to the next (the timing wrappers add about a microsecond each, mostly to ``dispatch``):
 
 * validation: ``validation.check_memory_step``;
 * dispatch: the rest of ``functional.memory_step`` (``backend.implementation``) and the kernels
-  package's gate, down to ``MemoryStep.apply``;
-* autograd.Function: ``MemoryStep.apply`` less what it calls, and ``MemoryStep.backward`` less the op
-  it calls;
+  package's gate, down to ``fastntm.kernels.memory_step.memory_step``;
+* autograd.Function: that function (``MemoryStep.apply``, or a direct call where nothing needs a
+  gradient) less the op or host function it reaches, and ``MemoryStep.backward`` less the same;
 * autograd engine: with backward, ``torch.autograd.grad`` of the 9 inputs less ``MemoryStep.backward``
-  (that call's own entry, about half of it here, is paid once per backward pass, not per step);
+  (mostly that call's own cost, which a training step pays once per backward pass, not per step:
+  a ``grad`` through three trivial nodes costs about as much here);
 * custom_op: the ``torch.library`` ops ``memory_step_fwd`` / ``memory_step_bwd`` less the host
   functions they wrap, where an eager call goes through them (0 where it does not);
 * wrapper: ``_forward`` / ``_backward``: allocations, block choice, the (stubbed) launches.

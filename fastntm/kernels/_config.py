@@ -4,9 +4,17 @@ Regimes: *on-chip* when a batch item's whole memory block (next_pow2(N) x
 next_pow2(M) fp32) fits one program without spilling, else *large memory*, N
 split into blocks of ``BN`` rows across programs.
 
-``FASTNTM_BLOCK_N`` (environment, read at every call) or :func:`force_block_n`
-forces the large-memory regime with that ``BN``; tests use it to run the
-multi-block reductions and the shift's halo at small N.
+:func:`force` (or ``FASTNTM_BLOCKS``, read at every host call) overrides the
+choice, for tests and for block-size sweeps (``benchmarks/sweep_blocks.py``):
+``block_n`` forces the large-memory regime with that ``BN`` (tests use it to run
+the multi-block reductions and the shift's halo at small N); ``num_warps`` sets
+the large-memory kernels' warps, ``onchip_warps`` and ``onchip_bwd_warps`` the
+on-chip forward's (and the standalone read and write's) and backward's,
+``vector_block`` the rows of a vector-pass program. The environment takes them
+as ``FASTNTM_BLOCKS="block_n=32,num_warps=8"``; a setting the context manager
+gives wins over the environment's. One variable, not one per setting: reading
+an unset variable costs over a microsecond, and the host path is counted in
+microseconds.
 ``FASTNTM_POISON=1`` or :func:`poison` fills every buffer the kernels allocate
 with NaN, so an element a kernel forgets to write shows up in the result.
 """
@@ -17,6 +25,7 @@ import contextlib
 import functools
 import os
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -26,6 +35,12 @@ BLOCK_ELEMENTS = 2048
 """Target BN * BM of a large-memory program."""
 MAX_BM = 128
 """Widest slot the kernels take (BM = next_pow2(M)); wider slots use the reference."""
+VECTOR_BLOCK = 1024
+"""Rows of one (B, H, N)-vector program (the shift-sharpen pass): no memory rows held, so many more."""
+
+REGISTERS_PER_SM = 65536
+"""32-bit registers of one SM on sm_80 and sm_90: a program of ``32 * num_warps`` threads gets at most
+``REGISTERS_PER_SM // (32 * num_warps)`` registers a thread, or it cannot launch."""
 
 ONCHIP_MAXNREG = 255
 """Register limit of the on-chip kernels. Left to itself, ptxas caps a configuration at an occupancy step
@@ -35,7 +50,25 @@ packed predicate of the final store's mask). These kernels run one program per b
 lost (2 or 3 programs of 4 warps per SM instead of 3 or 5; 8-warp programs fit one per SM either way) shows
 only when B is several times the SM count."""
 
-_forced_block_n: int | None = None
+ENV = "FASTNTM_BLOCKS"
+
+
+class Overrides(NamedTuple):
+    """Forced parts of the block choice; None leaves a part to the dispatch. A tuple: hashed in the cache key
+    of every :func:`choose`."""
+
+    block_n: int | None = None
+    num_warps: int | None = None
+    onchip_warps: int | None = None
+    onchip_bwd_warps: int | None = None
+    vector_block: int | None = None
+
+
+# (least, largest) of each setting, all powers of two. 32 warps is the most threads (1024) a program has.
+RANGES = {"block_n": (16, 1024), "num_warps": (1, 32), "onchip_warps": (1, 32), "onchip_bwd_warps": (1, 32),
+          "vector_block": (16, 8192)}
+
+_forced = Overrides()
 _poison: bool = False
 
 
@@ -47,30 +80,72 @@ class Blocks:
     num_warps: int
     bwd_warps: int
     """Warps of the on-chip backward, which holds more live tiles than the forward (spill-free by ptxas)."""
+    BV: int
+    """Rows of a vector-pass program (the large-memory forward's shift-sharpen pass)."""
 
 
 def n_blocks(N: int, BN: int) -> int:
     return -(-N // BN)
 
 
-def forced_block_n() -> int | None:
-    env = os.environ.get("FASTNTM_BLOCK_N")
-    if env:
-        return int(env)
-    return _forced_block_n
+def onchip_maxnreg(num_warps: int) -> int:
+    """``ONCHIP_MAXNREG``, or less where a program of ``num_warps`` could not launch with it (over 8 warps)."""
+    return min(ONCHIP_MAXNREG, REGISTERS_PER_SM // (32 * num_warps))
+
+
+def _validated(settings: dict, where: str) -> dict:
+    for name, value in settings.items():
+        if name not in RANGES:
+            raise ValueError(f"{where}unknown setting {name!r}; known: {', '.join(RANGES)}")
+        if value is None:
+            continue
+        lo, hi = RANGES[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value & (value - 1) or not lo <= value <= hi:
+            raise ValueError(f"{where}{name} must be a power of two in [{lo}, {hi}], got {value!r}")
+    return settings
+
+
+@functools.lru_cache(maxsize=16)
+def _parse_env(text: str) -> Overrides:
+    settings = {}
+    for item in text.split(","):
+        name, sep, value = (part.strip() for part in item.partition("="))
+        if not sep:
+            raise ValueError(f"{ENV}: expected comma-separated name=value, got {item!r} in {text!r}")
+        try:
+            settings[name] = int(value)
+        except ValueError:
+            raise ValueError(f"{ENV}: {name} must be an integer, got {value!r}") from None
+    return Overrides(**_validated(settings, f"{ENV}: "))
+
+
+@functools.lru_cache(maxsize=64)
+def _merge(forced: Overrides, env: Overrides) -> Overrides:
+    return Overrides(*(f if f is not None else e for f, e in zip(forced, env)))
+
+
+def overrides() -> Overrides:
+    """What :func:`force` and ``FASTNTM_BLOCKS`` force now (one read of the environment)."""
+    env = os.environ.get(ENV)
+    return _merge(_forced, _parse_env(env)) if env else _forced
 
 
 @contextlib.contextmanager
-def force_block_n(bn: int | None):
-    """Within the block, run the large-memory regime with ``BN = bn`` (a power of two >= 16)."""
-    global _forced_block_n
-    if bn is not None and (bn < 16 or bn & (bn - 1)):
-        raise ValueError(f"block size must be a power of two >= 16, got {bn}")
-    old, _forced_block_n = _forced_block_n, bn
+def force(**settings: int | None):
+    """Within the block, force the named parts of the block choice (see the module docstring): each a power
+    of two within ``RANGES``, or None for the dispatch's own choice. Settings not named keep their value."""
+    global _forced
+    new = _forced._replace(**_validated(settings, ""))
+    old, _forced = _forced, new
     try:
         yield
     finally:
-        _forced_block_n = old
+        _forced = old
+
+
+def force_block_n(bn: int | None):
+    """Within the block, run the large-memory regime with ``BN = bn`` (a power of two >= 16)."""
+    return force(block_n=bn)
 
 
 @contextlib.contextmanager
@@ -112,30 +187,29 @@ def large_block_n(BM: int) -> int:
     return max(16, BLOCK_ELEMENTS // BM)
 
 
+def vector_block(N: int) -> int:
+    """The dispatch's own block of the vector pass: up to ``VECTOR_BLOCK`` rows."""
+    return min(VECTOR_BLOCK, max(16, next_pow2(N)))
+
+
 def choose(N: int, M: int) -> Blocks:
-    """The regime and block sizes for a memory of N slots of width M."""
-    return _choose(N, M, forced_block_n())
+    """The regime and block sizes for a memory of N slots of width M. Host code calls this once a call and
+    passes the result on: each call reads the environment."""
+    return _choose(N, M, overrides())
 
 
 @functools.lru_cache(maxsize=256)
-def _choose(N: int, M: int, forced: int | None) -> Blocks:
+def _choose(N: int, M: int, forced: Overrides) -> Blocks:
     BM = block_m(M)
     # At least 64 rows on-chip: fewer configurations to build and check, at the cost of masked rows for tiny N.
     full = max(64, next_pow2(N))
-    if forced is None and full * BM <= ONCHIP_MAX_ELEMENTS:
-        return Blocks(True, full, BM, 4 if full * BM <= 2048 else 8, 4 if full * BM <= 1024 else 8)
-    BN = forced if forced is not None else large_block_n(BM)
-    return Blocks(False, BN, BM, 4, 4)
-
-
-VECTOR_BLOCK = 1024
-"""Rows of one (B, H, N)-vector program (the shift-sharpen pass): no memory rows held, so many more."""
-
-
-def vector_block(N: int) -> int:
-    """Block of the vector pass: the forced BN if any (tests), else up to ``VECTOR_BLOCK``."""
-    forced = forced_block_n()
-    return forced if forced is not None else min(VECTOR_BLOCK, max(16, next_pow2(N)))
+    if forced.block_n is None and full * BM <= ONCHIP_MAX_ELEMENTS:
+        return Blocks(True, full, BM, forced.onchip_warps or (4 if full * BM <= 2048 else 8),
+                      forced.onchip_bwd_warps or (4 if full * BM <= 1024 else 8), vector_block(N))
+    BN = forced.block_n or large_block_n(BM)
+    warps = forced.num_warps or 4
+    # A forced BN alone forces the vector pass's block too: tests at small N get several vector blocks.
+    return Blocks(False, BN, BM, warps, warps, forced.vector_block or forced.block_n or vector_block(N))
 
 
 def supported(M: int) -> bool:

@@ -471,11 +471,12 @@ def _nz(t, fallback):
     return fallback if t is None or t.numel() == 0 else t
 
 
-def _read_write(mem, w, P, e, a, R: int, W: int, normalize: bool, wout, write: bool):
-    """Launch ``_read_write_kernel`` over blocks of mem; returns (r in w's dtype, new_mem or None)."""
+def _read_write(mem, w, P, e, a, R: int, W: int, normalize: bool, wout, write: bool, blk=None):
+    """Launch ``_read_write_kernel`` over blocks of mem; returns (r in w's dtype, new_mem or None).
+    ``blk``: the caller's block choice, else this call's own."""
     empty = _config.allocator()
     B, N, M = mem.shape
-    blk = _config.choose(N, M)
+    blk = blk or _config.choose(N, M)
     NB = _config.n_blocks(N, blk.BN)
     rpart = empty((B, NB, R, M), torch.float32, mem.device)
     new = empty((B, N, M), mem.dtype, mem.device) if write else mem
@@ -509,7 +510,8 @@ def _forward(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads: int, rw: bool):
             mem, k, beta, g, s, gamma, w_prev, _nz(e, mem), _nz(a, mem), w, _nz(r, w), _nz(new, mem),
             K, mx, se, P,
             mem.stride(0), mem.stride(1), new.stride(0) if rw else 0, new.stride(1) if rw else 0,
-            N, M, H, R, S, RW=rw, BN=blk.BN, BM=blk.BM, num_warps=blk.num_warps, maxnreg=_config.ONCHIP_MAXNREG)
+            N, M, H, R, S, RW=rw, BN=blk.BN, BM=blk.BM, num_warps=blk.num_warps,
+            maxnreg=_config.onchip_maxnreg(blk.num_warps))
         return w, r, new, K, mx, se, P
     NB = _config.n_blocks(N, blk.BN)
     pmax = empty((B, H, NB), torch.float32, dev)
@@ -518,17 +520,16 @@ def _forward(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads: int, rw: bool):
                                 BN=blk.BN, BM=blk.BM, num_warps=blk.num_warps)
     torch.amax(pmax, dim=-1, out=mx)
     torch.sum(psum * torch.exp(pmax - mx[..., None]), dim=-1, out=se)
-    BV = _config.vector_block(N)
-    NBV = _config.n_blocks(N, BV)
+    NBV = _config.n_blocks(N, blk.BV)
     pw = empty((B, H, N), torch.float32, dev)
     pP = empty((B, H, NBV), torch.float32, dev)
     _shift_sharpen_kernel[(NBV, B * H)](K, w_prev, beta, g, s, gamma, mx, se, pw, pP, N, S, NBV,
-                                        BN=BV, num_warps=4)
+                                        BN=blk.BV, num_warps=4)
     torch.sum(pP, dim=-1, out=P)
     if not rw:
         w.copy_(pw / (P[..., None] + SHARPEN_EPS))
         return w, mem.new_empty((B, 0, M), dtype=k.dtype), mem.new_empty((0,)), K, mx, se, P
-    r, new = _read_write(mem, pw, P, e, a, R, W, normalize=True, wout=w, write=True)
+    r, new = _read_write(mem, pw, P, e, a, R, W, normalize=True, wout=w, write=True, blk=blk)
     return w, r, new, K, mx, se, P
 
 
@@ -563,11 +564,11 @@ def _address_bwd(k, beta, g, s, gamma, w_prev, K, mx, se, dw):
     return dK, dbeta, dg, ds, dgamma, dwp
 
 
-def _read_write_bwd(mem, w, e, a, dr, dnew, R: int, W: int):
+def _read_write_bwd(mem, w, e, a, dr, dnew, R: int, W: int, blk=None):
     """dL/dw (fp32, B, R + W, N), dL/de, dL/da (fp32) from the reads and the write."""
     empty = _config.allocator()
     B, N, M = mem.shape
-    blk = _config.choose(N, M)
+    blk = blk or _config.choose(N, M)
     NB = _config.n_blocks(N, blk.BN)
     has_dr, has_dnew = dr is not None and R > 0, dnew is not None and W > 0
     full = (has_dr or R == 0) and (has_dnew or W == 0)
@@ -586,11 +587,11 @@ def _read_write_bwd(mem, w, e, a, dr, dnew, R: int, W: int):
     return dw, depart.sum(1), dapart.sum(1)
 
 
-def _mem_bwd(mem, w, e, dr, dnew, k, K, dK, R: int, W: int):
+def _mem_bwd(mem, w, e, dr, dnew, k, K, dK, R: int, W: int, blk=None):
     """dL/dmem (mem's dtype) and the per-row part of dL/dk (fp32, or None without ``dK``)."""
     empty = _config.allocator()
     B, N, M = mem.shape
-    blk = _config.choose(N, M)
+    blk = blk or _config.choose(N, M)
     NB = _config.n_blocks(N, blk.BN)
     # With W = 0 the step still returns new_mem = mem, so dnew flows to dmem.
     has_dr, has_dnew, has_dk = dr is not None and R > 0, dnew is not None, dK is not None
@@ -630,7 +631,7 @@ def _onchip_bwd(mem, k, beta, g, s, gamma, w_prev, e, a, w, K, mx, se, dw, dr, d
         _nz(de, dk), _nz(da, dk), scr,
         mem.stride(0), mem.stride(1), dn.stride(0), dn.stride(1), dmem.stride(0), dmem.stride(1), N, M, H, R, S,
         int(dw is not None), int(has_dr), int(dnew is not None), BN=blk.BN, BM=blk.BM,
-        num_warps=blk.bwd_warps, maxnreg=_config.ONCHIP_MAXNREG)
+        num_warps=blk.bwd_warps, maxnreg=_config.onchip_maxnreg(blk.bwd_warps))
     return dmem, dk, dbeta, dg, ds, dgamma, dwp, de, da
 
 
@@ -641,10 +642,10 @@ def _backward(mem, k, beta, g, s, gamma, w_prev, e, a, w, K, mx, se, dw, dr, dne
     blk = _config.choose(mem.shape[1], mem.shape[2])
     if blk.onchip:
         return _onchip_bwd(mem, k, beta, g, s, gamma, w_prev, e, a, w, K, mx, se, dw, dr, dnew, R, blk)
-    dw_rw, de, da = _read_write_bwd(mem, w, e, a, dr, dnew, R, W)
+    dw_rw, de, da = _read_write_bwd(mem, w, e, a, dr, dnew, R, W, blk)
     dw_tot = dw_rw if dw is None else dw_rw + dw.to(torch.float32)
     dK, dbeta, dg, ds, dgamma, dwp = _address_bwd(k, beta, g, s, gamma, w_prev, K, mx, se, dw_tot)
-    dmem, dk_rows = _mem_bwd(mem, w, e, dr, dnew, k, K, dK, R, W)
+    dmem, dk_rows = _mem_bwd(mem, w, e, dr, dnew, k, K, dK, R, W, blk)
     k32 = k.to(torch.float32)
     k_norm = torch.linalg.vector_norm(k32, dim=-1, keepdim=True)
     kn = k_norm.clamp_min(COSINE_EPS)

@@ -103,6 +103,27 @@ def test_memory_step_matches_reference(case):
         check_op(kernels.memory_step, reference.memory_step, kernel_inputs(B, N, M, H, R, S), extra=(R,))
 
 
+# (settings forced, (kernel, BN, num_warps, maxnreg) launches expected among those of a forward + backward)
+FORCED_CASES = [
+    (dict(block_n=16, num_warps=2, vector_block=32),
+     {("_similarity_kernel", 16, 2, None), ("_shift_sharpen_kernel", 32, 4, None), ("_read_write_kernel", 16, 2, None),
+      ("_read_write_bwd_kernel", 16, 2, None), ("_mem_bwd_kernel", 16, 2, None)}),
+    (dict(onchip_warps=2, onchip_bwd_warps=16),
+     {("_memory_step_onchip_kernel", 64, 2, 255), ("_memory_step_onchip_bwd_kernel", 64, 16, 128)}),
+]
+
+
+@pytest.mark.parametrize("settings, expected", FORCED_CASES, ids=["large-warps2-BV32", "onchip-warps2-bwd16"])
+def test_memory_step_with_forced_warps_and_vector_block(settings, expected):
+    # The interpreter ignores warps: this holds the host's plumbing of each setting to the launches it makes.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.sweep_blocks import recording_launches
+
+    with _config.force(**settings), recording_launches() as launches:
+        check_op(kernels.memory_step, reference.memory_step, kernel_inputs(3, 37, 13, 3, 2, 3), extra=(2,))
+    assert {(k["kernel"], k["consts"]["BN"], k["num_warps"], k["maxnreg"]) for k in launches} == expected
+
+
 @pytest.mark.parametrize("BN", [None, 16], ids=["auto", "BN16"])
 @pytest.mark.parametrize("used", [(0,), (1,), (2,), (1, 2)], ids=["w", "r", "new_mem", "r+new_mem"])
 def test_memory_step_partial_gradients(used, BN):

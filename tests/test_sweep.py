@@ -1,10 +1,27 @@
-"""Block-configuration overrides (``_config.force``, ``FASTNTM_BLOCKS``): honoured by ``choose()``, validated."""
+"""Block-configuration overrides (``_config.force``, ``FASTNTM_BLOCKS``) and the block-size sweep's core loop,
+on CPU: the sweep's kernels run under the Triton interpreter and a stand-in timer replaces CUDA timing."""
 
 from __future__ import annotations
 
-import pytest
+import json
+import sys
+from pathlib import Path
 
+import pytest
+import torch
+
+from fastntm import kernels
 from fastntm.kernels import _config
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ is not part of the installed package
+
+from benchmarks import common, sweep_blocks  # noqa: E402
+from benchmarks.shapes import OP_SHAPES, OpShape  # noqa: E402
+
+# The interpreter's own use of numpy, not ours.
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:triton.runtime.interpreter")
+interpreted = pytest.mark.skipif(not getattr(kernels, "INTERPRETING", False),
+                                 reason="needs TRITON_INTERPRET=1 set before fastntm.kernels is imported")
 
 
 @pytest.fixture(autouse=True)
@@ -84,3 +101,95 @@ def test_environment_rejects_a_bad_setting_by_name(monkeypatch, text, message):
 
 def test_onchip_register_limit_leaves_every_warp_count_launchable():
     assert [_config.onchip_maxnreg(w) for w in (1, 4, 8, 16, 32)] == [255, 255, 255, 128, 64]
+
+
+# ---------------------------------------------------------------- the sweep
+
+
+def test_candidates_cover_the_requested_grid_default_first():
+    large, paper = OP_SHAPES["large"], OP_SHAPES["paper-b32"]
+    full = sweep_blocks.candidates(large, quick=False)
+    grid = [(c.settings["block_n"], c.settings["num_warps"]) for c in full if c.axis == "grid"]
+    assert full[0].axis == "default" and len(grid) == 12
+    assert set(grid) == {(bn, w) for bn in (16, 32, 64, 128) for w in (2, 4, 8)}
+    per_thread = [bn * 64 / (32 * w) for bn, w in grid]
+    assert per_thread == sorted(per_thread)
+    assert all(c.settings["vector_block"] == 1024 for c in full if c.axis == "grid")
+    assert [c.settings["vector_block"] for c in full if c.axis == "vector"] == list(sweep_blocks.VECTOR_BLOCKS)
+    quick = sweep_blocks.candidates(large, quick=True)
+    assert {c.axis for c in quick} == {"default", "grid"} and len(quick) == 1 + 9
+    assert (128, 2) not in [(c.settings["block_n"], c.settings["num_warps"]) for c in quick[1:]]
+    onchip = sweep_blocks.candidates(paper, quick=True)
+    assert [c.settings for c in onchip if c.axis == "fwd"] == [dict(onchip_warps=w) for w in (1, 2, 4, 8)]
+    assert [c.settings for c in onchip if c.axis == "bwd"] == [dict(onchip_bwd_warps=w) for w in (4, 8, 16)]
+
+
+def test_main_refuses_to_run_without_cuda(capsys, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    assert sweep_blocks.main(["--quick", "--out", str(tmp_path)]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+    assert not (tmp_path / "sweep_blocks.json").exists()
+
+
+TINY = OpShape("tiny", B=2, N=37, M=13, R=1, W=1)
+
+
+def stand_in_timer(fn):
+    """A time that depends on the configuration in force when it is called: fewer warps, faster; more
+    backward warps, much faster (so the best is the combination of two axes)."""
+    blk = _config.choose(TINY.N, TINY.M)
+    return dict(p50_us=1000 / blk.bwd_warps + blk.num_warps, p20_us=0.0, p80_us=0.0)
+
+
+def wrong_at_8_warps(*args):
+    w, r, new = kernels.memory_step(*args)
+    blk = _config.choose(TINY.N, TINY.M)
+    return (w * 1.01 if blk.onchip and blk.num_warps == 8 else w), r, new
+
+
+@interpreted
+def test_sweep_checks_skips_records_and_writes_json(tmp_path):
+    C = sweep_blocks.Candidate
+    cands = [C("default", {}),
+             C("grid", dict(block_n=16, num_warps=2, vector_block=32)),
+             C("fwd", dict(onchip_warps=8)),  # wrong outputs
+             C("fwd", dict(onchip_warps=3)),  # refused by force()
+             C("fwd", dict(onchip_warps=2)),
+             C("fwd", dict(onchip_warps=4)),  # the default's blocks again: no row
+             C("bwd", dict(onchip_bwd_warps=8))]
+    result = dict(shapes={})
+    out = result["shapes"]["tiny"] = {}
+    path = tmp_path / "sweep_blocks.json"
+    sweep_blocks.sweep_shape(TINY, torch.device("cpu"), cands, timer=stand_in_timer, graph_timer=stand_in_timer,
+                             copy_GBps=10.0, out=out, step=wrong_at_8_warps,
+                             on_progress=lambda: common.write_json(str(path), result), log=lambda *_: None)
+    saved = json.loads(path.read_text())["shapes"]["tiny"]
+    rows = {r["label"] if "label" in r else str(r["settings"]): r for r in saved["rows"]}
+    assert [r["status"] for r in saved["rows"]] == ["ok", "ok", "MISMATCH", "failed", "ok", "ok", "ok"]
+    default = rows["on-chip BN 64 warps 4 bwd 4"]
+    assert default["axis"] == "default" and default["rel_err_reference"] < 1e-4
+    mismatch = rows["on-chip BN 64 warps 8 bwd 4"]
+    assert "w differs" in mismatch["note"] and "fwd" not in mismatch
+    assert "onchip_warps must be a power of two" in rows["{'onchip_warps': 3}"]["note"]
+    large = rows["BN 16 warps 2 BV 32"]
+    launched = {(k["kernel"], k["consts"].get("BN"), k["num_warps"]) for k in large["kernels"]}
+    assert {("_similarity_kernel", 16, 2), ("_shift_sharpen_kernel", 32, 4), ("_mem_bwd_kernel", 16, 2)} <= launched
+    assert all(k["n_regs"] is None for k in large["kernels"])  # the interpreter compiles nothing
+    assert large["fwd_bwd_graph"]["p50_us"] == 1000 / 2 + 2 and large["fwd"]["frac_copy"] > 0
+    combined = saved["rows"][-1]
+    assert combined["axis"] == "combined" and combined["settings"] == dict(onchip_warps=2, onchip_bwd_warps=8)
+    best = saved["best"]["fwd_bwd_graph"]
+    assert best["label"] == "on-chip BN 64 warps 2 bwd 8" and best["speedup"] == pytest.approx(254 / 127)
+    text = "\n".join(sweep_blocks.table("tiny", out))
+    assert text.index("warps 2 bwd 8") < text.index("warps 4 bwd 4 *") and "MISMATCH" in text
+
+
+@interpreted
+def test_sweep_out_of_time_leaves_skipped_rows():
+    out = {}
+    cands = [sweep_blocks.Candidate("default", {}), sweep_blocks.Candidate("fwd", dict(onchip_warps=2))]
+    sweep_blocks.sweep_shape(TINY, torch.device("cpu"), cands, timer=stand_in_timer, graph_timer=None,
+                             copy_GBps=10.0, out=out, deadline=0.0, log=lambda *_: None)
+    assert [r["status"] for r in out["rows"]] == ["skipped", "skipped"] and out["stopped"] == "budget"
+    assert out["timings"] == ["fwd", "fwd_bwd"]

@@ -1,0 +1,453 @@
+"""Block-size sweep of the fused memory step on one CUDA GPU: which configuration is fastest.
+
+    python -m benchmarks.sweep_blocks --quick --out runs/sweep      # paper-b32 and large, about 2 minutes
+    python -m benchmarks.sweep_blocks --out runs/sweep              # also medium, and vector-pass blocks
+    python -m benchmarks.sweep_blocks --quick --budget 100          # stops cleanly after 100 s
+
+Each configuration is forced with ``fastntm.kernels._config.force`` (nothing is edited), for the
+shapes of ``benchmarks.shapes``:
+
+* large memory (``large``, ``medium``): ``BN`` in {16, 32, 64, 128} x ``num_warps`` in {2, 4, 8}
+  (one choice for the forward and the backward kernels), the vector pass left at its default. They
+  run in order of the fp32 elements of a BN x BM tile that each thread holds, fewest first, so that
+  a budget cuts the likeliest to spill. ``--quick`` keeps those of at most 32 (9 of 12): compiled
+  ahead of time for sm_90 at BM = 64 (fp32), three of those spill already (48 to 480 bytes: BN 32
+  at 2 warps, BN 64 at 4, BN 128 at 8) and all three left out do (BN 64 at 2 warps, BN 128 at 2
+  and 4: up to 2.9 KB). Without ``--quick``, vector-pass blocks in ``VECTOR_BLOCKS`` at the
+  default BN and warps.
+* on-chip (``paper-b32``): the forward's warps {1, 2, 4, 8} with the backward's at default, the
+  backward's {4, 8, 16} with the forward's at default (the two kernels are timed apart, as the
+  forward alone and in forward + backward), then the best of each together.
+
+Before anything is timed, the default configuration's outputs and gradients are checked against
+``fastntm.reference`` (relative error), then every configuration runs forward + backward once under
+NaN-poisoned buffers and is compared with the default's (``allclose``). A configuration that fails
+(validation, compilation, launch) or mismatches is a row with a note and no time. That first run
+records each kernel it launched with Triton's ``n_regs`` and ``n_spills`` (filled in when a compiled
+kernel is first loaded on the device; ``n_spills`` is its local memory in 4-byte words, so spill
+bytes are 4 x that). Then ``triton.testing.do_bench`` times the forward and forward + backward, and
+``do_bench_cudagraph`` does too where the memory is under 64 MiB (launch-bound sizes: the issue's
+paper-size targets are under CUDA graphs).
+
+Prints per shape a table sorted by time and the best configuration per timing with its speedup over
+the default and its bandwidth: the byte model of ``benchmarks.common.op_bytes`` over p50, and its
+fraction of the device-to-device copy bandwidth measured in the same run. Writes
+``sweep_blocks.json`` into ``--out`` after every configuration, so a run stopped by a time limit
+keeps what it measured.
+
+Run time with ``--quick``, estimated from an ahead-of-time compile of the same kernels for sm_90 on
+two shared CPU cores (no GPU run of this script yet): 32 new large-memory kernels (8 configurations
+of 4) at 0.3-1.6 s, 20 s in all, and 5 new on-chip kernels at 1.8-6.4 s, 16 s (a launch compiles
+the same way, plus a launcher that Triton caches by signature); timing about 1 s per on-chip
+configuration (4 timings, 2 of them with a graph capture) and 0.5 s per large-memory one; 10-15 s to
+start, measure the copy bandwidth and make the large inputs on the host. About 60 s, 120 s if the
+compiles take twice as long. ``--budget`` bounds it: no configuration starts that would not end in
+time at the pace of the one before.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import math
+import os
+import sys
+import time
+from typing import Callable
+
+import torch
+
+from fastntm import kernels, reference
+from fastntm.kernels import _config
+
+from . import common
+from .shapes import OP_SHAPES
+
+LARGE_BLOCK_N = (16, 32, 64, 128)
+LARGE_WARPS = (2, 4, 8)
+QUICK_MAX_PER_THREAD = 32
+"""--quick: the most fp32 elements of a BN x BM tile per thread a large-memory configuration may hold."""
+VECTOR_BLOCKS = (256, 512, 2048, 4096)
+ONCHIP_FWD_WARPS = (1, 2, 4, 8)
+ONCHIP_BWD_WARPS = (4, 8, 16)
+QUICK_SHAPES = ("paper-b32", "large")
+FULL_SHAPES = ("paper-b32", "large", "medium")
+GRAPH_MAX_MEM_BYTES = 1 << 26
+"""Shapes with a smaller memory are also timed under a CUDA graph (as bench_kernels does)."""
+CHECK_RTOL = 1e-3
+CHECK_ATOL = 1e-4
+"""Of the largest magnitude of the default's tensor: a block size changes the order of the fp32 sums."""
+LAUNCH_OPTIONS = ("num_warps", "num_stages", "maxnreg")
+TIMINGS = ("fwd", "fwd_bwd", "fwd_graph", "fwd_bwd_graph")
+
+Timer = Callable[[Callable[[], object]], dict]
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    axis: str
+    """What the configuration varies: default, grid (BN x warps), vector, fwd, bwd or combined."""
+    settings: dict
+
+
+def candidates(shape, quick: bool) -> list[Candidate]:
+    """The configurations to try at ``shape``, the default first (see the module docstring)."""
+    default = _config.choose(shape.N, shape.M)
+    out = [Candidate("default", {})]
+    if default.onchip:
+        out += [Candidate("fwd", dict(onchip_warps=w)) for w in ONCHIP_FWD_WARPS]
+        out += [Candidate("bwd", dict(onchip_bwd_warps=w)) for w in ONCHIP_BWD_WARPS]
+        return out
+    grid = sorted(((bn, w) for bn in LARGE_BLOCK_N for w in LARGE_WARPS),
+                  key=lambda c: (c[0] * default.BM / (32 * c[1]), -c[1]))
+    if quick:
+        grid = [(bn, w) for bn, w in grid if bn * default.BM / (32 * w) <= QUICK_MAX_PER_THREAD]
+    # The vector pass stays at its default: a forced BN alone would force it too.
+    out += [Candidate("grid", dict(block_n=bn, num_warps=w, vector_block=default.BV)) for bn, w in grid]
+    if not quick:
+        out += [Candidate("vector", dict(vector_block=v)) for v in VECTOR_BLOCKS]
+    return out
+
+
+def label(blk) -> str:
+    if blk.onchip:
+        return f"on-chip BN {blk.BN} warps {blk.num_warps} bwd {blk.bwd_warps}"
+    return f"BN {blk.BN} warps {blk.num_warps} BV {blk.BV}"
+
+
+# ---------------------------------------------------------------- kernels launched, registers and spills
+
+
+class _Recording:
+    """Stands in for a ``@triton.jit`` kernel: launches it and records the launch."""
+
+    def __init__(self, name, kernel, launches):
+        self.name, self.kernel, self.launches = name, kernel, launches
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def call(*args, **kwargs):
+            compiled = launch(*args, **kwargs)
+            self.launches.append(dict(
+                kernel=self.name,
+                consts={k: v for k, v in kwargs.items() if k not in LAUNCH_OPTIONS},
+                num_warps=kwargs.get("num_warps"), maxnreg=kwargs.get("maxnreg"),
+                # A CompiledKernel on a GPU; the interpreter returns nothing.
+                n_regs=getattr(compiled, "n_regs", None), n_spills=getattr(compiled, "n_spills", None)))
+            return compiled
+
+        return call
+
+
+class recording_launches:
+    """Within the block, every kernel launch of ``fastntm.kernels.memory_step`` is appended to ``launches``."""
+
+    def __init__(self):
+        self.module = importlib.import_module("fastntm.kernels.memory_step")
+        self.launches: list[dict] = []
+        self.saved = {n: k for n, k in vars(self.module).items() if n.endswith("_kernel")}
+
+    def __enter__(self):
+        for name, kernel in self.saved.items():
+            setattr(self.module, name, _Recording(name, kernel, self.launches))
+        return self.launches
+
+    def __exit__(self, *exc):
+        for name, kernel in self.saved.items():
+            setattr(self.module, name, kernel)
+
+
+def distinct_kernels(launches: list[dict]) -> list[dict]:
+    out = {}
+    for launch in launches:
+        key = (launch["kernel"], tuple(sorted(launch["consts"].items())), launch["num_warps"])
+        out.setdefault(key, launch)
+    return list(out.values())
+
+
+def spill_bytes(kernels: list[dict]) -> int | None:
+    known = [k["n_spills"] for k in kernels if k["n_spills"] is not None]
+    return 4 * max(known) if known else None
+
+
+# ---------------------------------------------------------------- timers
+
+
+def cuda_timer(fn) -> dict:
+    from triton.testing import do_bench
+
+    p50, p20, p80 = do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
+    return dict(p50_us=p50 * 1e3, p20_us=p20 * 1e3, p80_us=p80 * 1e3)
+
+
+def cuda_graph_timer(fn) -> dict:
+    from triton.testing import do_bench_cudagraph
+
+    torch.cuda.synchronize()
+    p50, p20, p80 = do_bench_cudagraph(fn, rep=50, quantiles=[0.5, 0.2, 0.8])
+    return dict(p50_us=p50 * 1e3, p20_us=p20 * 1e3, p80_us=p80 * 1e3)
+
+
+# ---------------------------------------------------------------- the sweep of one shape
+
+
+def _run_step(step, x, R, cot) -> list[torch.Tensor]:
+    """Outputs and every input gradient of one forward + backward."""
+    xs = [t.detach().requires_grad_() for t in x]
+    out = step(*xs, R)
+    return [o.detach() for o in out] + list(torch.autograd.grad(out, xs, cot))
+
+
+def _mismatch(outs, refs) -> str | None:
+    names = ("w", "r", "new_mem", *(f"d{n}" for n in ("mem", "k", "beta", "g", "s", "gamma", "w_prev", "e", "a")))
+    for name, o, r in zip(names, outs, refs):
+        atol = CHECK_ATOL * r.abs().max().item() if r.numel() else 0.0
+        if not torch.allclose(o, r, rtol=CHECK_RTOL, atol=atol):
+            return f"{name} differs from the default's: relative error {common.rel_err(o, r):.1e}"
+    return None
+
+
+def _timed(timer, fn) -> dict:
+    try:
+        return timer(fn)
+    except Exception as exc:  # a capture that fails still leaves the eager figures
+        return dict(error=f"{type(exc).__name__}: {exc}"[:300])
+
+
+def sweep_shape(shape, device, cands: list[Candidate], *, timer: Timer, graph_timer: Timer | None,
+                copy_GBps: float, out: dict, deadline: float = math.inf, step=None,
+                on_progress: Callable[[], None] = lambda: None, log=print) -> dict:
+    """Check and time every candidate at ``shape`` (the default first), filling ``out`` (rows, best, ...) as
+    it goes and calling ``on_progress`` after each row. ``step``: the memory step under test
+    (``fastntm.kernels.memory_step`` by default)."""
+    x = common.op_inputs(shape, device)
+    mem_bytes = x[0].numel() * x[0].element_size()
+    graph = graph_timer is not None and mem_bytes < GRAPH_MAX_MEM_BYTES
+    timings = TIMINGS if graph else TIMINGS[:2]
+    out.update(shape=shape.as_dict(), bytes_model=common.op_bytes(shape), timings=list(timings),
+               primary=timings[-1], rows=[], best={}, stopped=None)
+    cot = common.cotangents(reference.memory_step(*x, shape.R))
+    run = _Run(shape, x, cot, step or kernels.memory_step, timer, graph_timer if graph else None, copy_GBps, out, log)
+    last_s = 0.0
+    pending, combined = list(cands), False
+    while pending:
+        cand = pending.pop(0)
+        if time.perf_counter() + last_s > deadline:
+            out["rows"].append(dict(axis=cand.axis, settings=cand.settings, status="skipped",
+                                    note="time budget spent"))
+            out["stopped"] = "budget"
+            continue
+        t0 = time.perf_counter()
+        row = run.candidate(cand)
+        if row is not None:
+            _best(out)
+            on_progress()
+            if cand.axis == "default" and row["status"] != "ok":
+                out["stopped"] = f"default {row['status']}"
+                log(f"  nothing timed at {shape.name}: the default configuration is {row['status']}")
+                return out
+            last_s = time.perf_counter() - t0
+        if not pending and not combined:
+            pending, combined = _combined(out["rows"], graph), True
+    return out
+
+
+class _Run:
+    """The inputs, the default's results and the timers of one shape's sweep."""
+
+    def __init__(self, shape, x, cot, step, timer, graph_timer, copy_GBps, out, log):
+        self.shape, self.x, self.cot, self.step = shape, x, cot, step
+        self.xg = [t.detach().requires_grad_() for t in x]
+        self.timer, self.graph_timer, self.copy_GBps, self.out, self.log = timer, graph_timer, copy_GBps, out, log
+        self.expected = _run_step(reference.memory_step, x, shape.R, cot)
+        self.default = None
+        self.seen = set()
+
+    def candidate(self, cand: Candidate) -> dict | None:
+        """Check and time one configuration and append its row; None (no row) where an earlier one had the
+        same effective blocks."""
+        row = dict(axis=cand.axis, settings=cand.settings)
+        t0 = time.perf_counter()
+        try:
+            with _config.force(**cand.settings):
+                blk = _config.choose(self.shape.N, self.shape.M)
+                if blk in self.seen:
+                    return None
+                self.seen.add(blk)
+                row.update(label=label(blk), blocks=dataclasses.asdict(blk))
+                with recording_launches() as launches, _config.poison():
+                    outs = _run_step(self.step, self.x, self.shape.R, self.cot)
+        except Exception as exc:  # a configuration that does not build or launch here is a row, not the end
+            return self._add(row, "failed", f"{type(exc).__name__}: {exc}".splitlines()[0][:300])
+        kernels = distinct_kernels(launches)
+        row.update(kernels=kernels, spill_bytes=spill_bytes(kernels),
+                   max_regs=max((k["n_regs"] for k in kernels if k["n_regs"] is not None), default=None))
+        if self.default is None:
+            err = row["rel_err_reference"] = common.max_rel_err(outs, self.expected)
+            if not err <= common.TOLERANCE[torch.float32]:
+                return self._add(row, "MISMATCH", f"differs from the reference: relative error {err:.1e}")
+            self.default = outs
+        else:
+            bad = _mismatch(outs, self.default)
+            if bad:
+                return self._add(row, "MISMATCH", bad)
+        row["check_s"] = time.perf_counter() - t0
+        spilling = [k for k in kernels if k["n_spills"]]
+        if spilling:
+            self.log(f"  {row['label']}: SPILLS " + ", ".join(f"{k['kernel']} {4 * k['n_spills']} B" for k in spilling))
+        step, x, xg, R, cot = self.step, self.x, self.xg, self.shape.R, self.cot
+        timers = {"fwd": (self.timer, lambda: step(*x, R)),
+                  "fwd_bwd": (self.timer, lambda: torch.autograd.grad(step(*xg, R), xg, cot))}
+        if self.graph_timer:
+            timers.update(fwd_graph=(self.graph_timer, timers["fwd"][1]),
+                          fwd_bwd_graph=(self.graph_timer, timers["fwd_bwd"][1]))
+        with _config.force(**cand.settings):
+            for key, (timer, fn) in timers.items():
+                row[key] = _timed(timer, fn)
+                if "p50_us" in row[key]:
+                    gbps = self.out["bytes_model"][key.removesuffix("_graph")] / (row[key]["p50_us"] * 1e-6) / 1e9
+                    row[key].update(GBps=gbps, frac_copy=gbps / self.copy_GBps)
+        row["seconds"] = time.perf_counter() - t0
+        figures = ", ".join(f"{k} {row[k]['p50_us']:.1f} us" if "p50_us" in row[k] else f"{k} {row[k]['error']}"
+                            for k in timers)
+        return self._add(row, "ok", f"{figures} ({row['seconds']:.1f} s)")
+
+    def _add(self, row: dict, status: str, note: str) -> dict:
+        row.update(status=status, note=note)
+        self.out["rows"].append(row)
+        self.log(f"  {row.get('label', row['settings'])}: {'' if status == 'ok' else status + ': '}{note}")
+        return row
+
+
+def _combined(rows: list[dict], graph: bool) -> list[Candidate]:
+    """The best forward-axis settings with the best backward-axis settings, where the axes were swept apart."""
+    best = {}
+    for axis, key in (("fwd", "fwd_graph" if graph else "fwd"), ("bwd", "fwd_bwd_graph" if graph else "fwd_bwd")):
+        timed = [r for r in rows if r["axis"] in (axis, "default") and "p50_us" in r.get(key, {})]
+        if not any(r["axis"] == axis for r in timed):
+            return []
+        best[axis] = min(timed, key=lambda r: r[key]["p50_us"])["settings"]
+    return [Candidate("combined", {**best["fwd"], **best["bwd"]})]
+
+
+def _best(out: dict) -> None:
+    """``out["best"]``: the fastest configuration per timing so far, with its speedup over the default."""
+    rows = [r for r in out["rows"] if r.get("status") == "ok"]
+    default = next((r for r in rows if r["axis"] == "default"), None)
+    for key in out["timings"]:
+        timed = [r for r in rows if "p50_us" in r.get(key, {})]
+        if not timed:
+            continue
+        best = min(timed, key=lambda r: r[key]["p50_us"])
+        entry = dict(label=best["label"], settings=best["settings"], **best[key])
+        if default and "p50_us" in default.get(key, {}):
+            entry.update(default_p50_us=default[key]["p50_us"], speedup=default[key]["p50_us"] / best[key]["p50_us"])
+        out["best"][key] = entry
+
+
+# ---------------------------------------------------------------- report
+
+
+def table(name: str, out: dict) -> list[str]:
+    timings, primary = out["timings"], out["primary"]
+    head = f"{'configuration':38} {'status':8}" + "".join(f" {k + ' us':>16}" for k in timings)
+    head += f" {'fwd frac':>8} {'f+b frac':>8} {'regs':>4} {'spill B':>7} {'check s':>7}"
+    lines = [f"sweep {name} {out['shape']} (sorted by {primary} p50; frac: of the copy bandwidth)", head]
+
+    def order(r):
+        return r.get(primary, {}).get("p50_us", math.inf)
+
+    for r in sorted(out["rows"], key=order):
+        cells = "".join(f" {r[k]['p50_us']:16.1f}" if "p50_us" in r.get(k, {}) else f" {'-':>16}" for k in timings)
+        fracs = "".join(f" {r[k]['frac_copy']:8.3f}" if "frac_copy" in r.get(k, {}) else f" {'-':>8}"
+                        for k in ("fwd", "fwd_bwd"))
+        regs = "-" if r.get("max_regs") is None else r["max_regs"]
+        spill = "-" if r.get("spill_bytes") is None else r["spill_bytes"]
+        check = f"{r['check_s']:7.1f}" if "check_s" in r else f"{'-':>7}"
+        tag = (r.get("label") or str(r["settings"])) + (" *" if r["axis"] == "default" else "")
+        lines.append(f"{tag[:38]:38} {r['status']:8}{cells}{fracs} {regs:>4} {spill:>7} {check}")
+        if r["status"] != "ok":
+            lines.append(f"{'':38}   {r['note']}")
+    lines.append("  * the default configuration")
+    lines += best_lines(name, out)
+    return lines
+
+
+def as_env(settings: dict) -> str:
+    """The settings as ``FASTNTM_BLOCKS`` takes them, to rerun a configuration."""
+    return f"{_config.ENV}=" + ",".join(f"{k}={v}" for k, v in settings.items()) if settings else "the default"
+
+
+def best_lines(name: str, out: dict) -> list[str]:
+    lines = []
+    for key, b in out.get("best", {}).items():
+        speed = f", {b['speedup']:.2f}x the default's {b['default_p50_us']:.1f} us" if "speedup" in b else ""
+        frac = f", {b['GBps']:.0f} GB/s = {100 * b['frac_copy']:.0f}% of copy" if "frac_copy" in b else ""
+        lines.append(f"  best {name} {key}: {b['label']} ({as_env(b['settings'])}): {b['p50_us']:.1f} us{speed}{frac}")
+    if out.get("stopped"):
+        lines.append(f"  {name}: stopped ({out['stopped']})")
+    return lines
+
+
+# ---------------------------------------------------------------- command line
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help=f"shapes {', '.join(QUICK_SHAPES)}; fewer configurations")
+    ap.add_argument("--out", default=os.environ.get("OUT", "runs/sweep"), help="folder for sweep_blocks.json")
+    ap.add_argument("--budget", type=float, default=math.inf, help="seconds; no configuration starts after")
+    ap.add_argument("--shapes", help=f"comma-separated names from benchmarks.shapes.OP_SHAPES (default: "
+                                     f"{','.join(QUICK_SHAPES)} with --quick, else {','.join(FULL_SHAPES)})")
+    args = ap.parse_args(argv)
+    start = time.perf_counter()
+    if not torch.cuda.is_available():
+        print("sweep_blocks: needs a CUDA GPU (torch.cuda.is_available() is False); nothing measured",
+              file=sys.stderr)
+        return 2
+    if os.environ.get(_config.ENV):
+        print(f"sweep_blocks: unset {_config.ENV}: it would change the default configuration the sweep compares "
+              "against", file=sys.stderr)
+        return 2
+    names = args.shapes.split(",") if args.shapes else list(QUICK_SHAPES if args.quick else FULL_SHAPES)
+    unknown = [n for n in names if n not in OP_SHAPES]
+    if unknown:
+        print(f"sweep_blocks: unknown shapes {unknown}; choose from {list(OP_SHAPES)}", file=sys.stderr)
+        return 2
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "sweep_blocks.json")
+    device = torch.device("cuda")
+    copy = common.copy_bandwidth(device)
+    result = dict(environment=common.environment(device), copy=copy, quick=args.quick,
+                  budget_s=None if math.isinf(args.budget) else args.budget, shapes={})
+    print(f"sweep_blocks on {result['environment']['device']}: copy bandwidth {copy['copy_GBps']:.0f} GB/s")
+
+    def save():
+        result["wall_s"] = time.perf_counter() - start
+        common.write_json(path, result)
+
+    for name in names:
+        shape = OP_SHAPES[name]
+        out = result["shapes"][name] = {}
+        if time.perf_counter() >= start + args.budget:
+            out.update(shape=shape.as_dict(), rows=[], best={}, stopped="budget")
+            continue
+        cands = candidates(shape, args.quick)
+        print(f"{name}: {len(cands)} configurations")
+        sweep_shape(shape, device, cands, timer=cuda_timer, graph_timer=cuda_graph_timer,
+                    copy_GBps=copy["copy_GBps"], out=out, deadline=start + args.budget, on_progress=save)
+        print("\n".join(table(name, out)), flush=True)
+        torch.cuda.empty_cache()
+    save()
+    print(f"\nsweep_blocks: best per shape ({result['wall_s']:.0f} s)")
+    for name, out in result["shapes"].items():
+        print("\n".join(best_lines(name, out)))
+    print(f"written {path}")
+    # Configurations that fail are findings; a default that fails or mismatches the reference is not.
+    return 1 if any(str(out.get("stopped")).startswith("default") for out in result["shapes"].values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

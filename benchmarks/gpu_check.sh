@@ -15,6 +15,12 @@
 # T_KERNELS, T_RUN, T_LONG, and pass extra runner arguments in RUN_ARGS, split at
 # spaces, no quotes inside (for example
 # RUN_ARGS="--providers reference,triton,triton-graph --filter train_step|paper").
+#
+# SWEEP=1 also runs the block-size sweep (benchmarks.sweep_blocks --quick, after
+# bench_kernels, whose compiled default kernels it reuses from Triton's cache),
+# writing $OUT/sweep_blocks.json, under its own limit T_SWEEP (default 150 s; its
+# --budget stops it 15 s before). That adds 153 s at worst, 558 s in all: lower
+# T_RUN and T_LONG to keep a margin under the machine's ten minutes.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
@@ -27,6 +33,7 @@ T_TESTS="${T_TESTS:-85}"
 T_KERNELS="${T_KERNELS:-85}"
 T_RUN="${T_RUN:-115}"
 T_LONG="${T_LONG:-60}"
+T_SWEEP="${T_SWEEP:-150}"
 START=$(date +%s)
 SUMMARY=()
 
@@ -64,6 +71,10 @@ if [ -f benchmarks/bench_kernels.py ]; then
     part bench_kernels "$T_KERNELS" "$PY" -m benchmarks.bench_kernels --out "$OUT"
 else
     say "=== bench_kernels: benchmarks/bench_kernels.py not present, skipped"
+fi
+
+if [ "${SWEEP:-0}" = 1 ]; then
+    part sweep_blocks "$T_SWEEP" "$PY" -m benchmarks.sweep_blocks --quick --budget $(( T_SWEEP - 15 )) --out "$OUT"
 fi
 
 # Budgets a little under the limits, so that each writes its JSON and table itself.

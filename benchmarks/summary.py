@@ -4,6 +4,8 @@
 
 Reads whatever of ``results.json`` (``benchmarks.run``), ``long_sequence.json``
 and ``bench_kernels.json`` is there; a missing or partial file is named, not fatal.
+``sweep_blocks.json`` (``benchmarks.sweep_blocks``, run only on request) adds the
+best configuration per shape where it is there, and nothing where it is not.
 """
 
 from __future__ import annotations
@@ -68,6 +70,26 @@ def summarise(folder: str) -> list[str]:
         for name, row in kernels["shapes"].items():
             speed = ", ".join(f"{k} {row[k]:.1f}x" for k in ("speedup_fwd", "speedup_fwd_bwd") if k in row)
             lines.append(f"  bench_kernels {name}: correct {row.get('correct')}, {speed}")
+    if os.path.exists(os.path.join(folder, "sweep_blocks.json")):
+        lines += sweep_lines(_load(folder, "sweep_blocks.json"))
+    return lines
+
+
+def sweep_lines(sweep) -> list[str]:
+    """The best configuration per shape and timing, against the default, and the rows that did not run."""
+    lines = []
+    for name, out in (sweep or {}).get("shapes", {}).items():
+        for key, b in out.get("best", {}).items():
+            speed = f", {b['speedup']:.2f}x the default's {b['default_p50_us']:.1f} us" if "speedup" in b else ""
+            frac = f", {100 * b['frac_copy']:.0f}% of copy" if "frac_copy" in b else ""
+            lines.append(f"  sweep {name} {key}: best {b['label']}: {b['p50_us']:.1f} us{speed}{frac}")
+        rows = out.get("rows", [])
+        spilling = [f"{r['label']} ({r['spill_bytes']} B)" for r in rows if r.get("spill_bytes")]
+        bad = [f"{r.get('label', r.get('settings'))} ({r['status']})" for r in rows
+               if r.get("status") in ("failed", "MISMATCH")]
+        lines.append(f"  sweep {name}: {sum(r.get('status') == 'ok' for r in rows)} of {len(rows)} configurations "
+                     f"timed, {sum(r.get('status') == 'skipped' for r in rows)} left for time; spilling: "
+                     f"{', '.join(spilling) or 'none'}; failed or mismatched: {', '.join(bad) or 'none'}")
     return lines
 
 

@@ -15,7 +15,7 @@ from fastntm.kernels import _config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ is not part of the installed package
 
-from benchmarks import common, sweep_blocks  # noqa: E402
+from benchmarks import common, summary, sweep_blocks  # noqa: E402
 from benchmarks.shapes import OP_SHAPES, OpShape  # noqa: E402
 
 # The interpreter's own use of numpy, not ours.
@@ -183,6 +183,8 @@ def test_sweep_checks_skips_records_and_writes_json(tmp_path):
     assert best["label"] == "on-chip BN 64 warps 2 bwd 8" and best["speedup"] == pytest.approx(254 / 127)
     text = "\n".join(sweep_blocks.table("tiny", out))
     assert text.index("warps 2 bwd 8") < text.index("warps 4 bwd 4 *") and "MISMATCH" in text
+    assert any("sweep tiny fwd_bwd_graph: best on-chip BN 64 warps 2 bwd 8" in line
+               for line in summary.sweep_lines(json.loads(path.read_text())))
 
 
 @interpreted
@@ -193,3 +195,20 @@ def test_sweep_out_of_time_leaves_skipped_rows():
                              copy_GBps=10.0, out=out, deadline=0.0, log=lambda *_: None)
     assert [r["status"] for r in out["rows"]] == ["skipped", "skipped"] and out["stopped"] == "budget"
     assert out["timings"] == ["fwd", "fwd_bwd"]
+
+
+def test_summary_prints_the_sweep_only_when_it_ran(tmp_path):
+    assert not any("sweep" in line for line in summary.summarise(str(tmp_path)))
+    best = dict(label="BN 64 warps 8 BV 1024", settings={}, p50_us=500.0, default_p50_us=640.0, speedup=1.28,
+                GBps=1600.0, frac_copy=0.4)
+    rows = [dict(label="BN 32 warps 4 BV 1024", axis="default", status="ok"),
+            dict(label="BN 64 warps 8 BV 1024", axis="grid", status="ok", spill_bytes=48),
+            dict(label="BN 16 warps 2 BV 1024", axis="grid", status="failed", note="x"),
+            dict(axis="grid", settings={}, status="skipped", note="time budget spent")]
+    (tmp_path / "sweep_blocks.json").write_text(json.dumps(dict(shapes=dict(large=dict(best=dict(fwd=best),
+                                                                                       rows=rows)))))
+    lines = [line for line in summary.summarise(str(tmp_path)) if "sweep" in line]
+    assert lines[0] == ("  sweep large fwd: best BN 64 warps 8 BV 1024: 500.0 us, 1.28x the default's 640.0 us, "
+                        "40% of copy")
+    assert "2 of 4 configurations timed, 1 left for time" in lines[1]
+    assert "BN 64 warps 8 BV 1024 (48 B)" in lines[1] and "BN 16 warps 2 BV 1024 (failed)" in lines[1]

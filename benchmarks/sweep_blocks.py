@@ -11,7 +11,7 @@ shapes of ``benchmarks.shapes``:
   (one choice for the forward and the backward kernels), the vector pass left at its default. They
   run in order of the fp32 elements of a BN x BM tile that each thread holds, fewest first, so that
   a budget cuts the likeliest to spill. ``--quick`` keeps those of at most 32 (9 of 12): compiled
-  ahead of time for sm_90 at BM = 64 (fp32), three of those spill already (48 to 480 bytes: BN 32
+  ahead of time for sm_90 at BM = 64 (fp32), three of those spill already (8 to 480 bytes: BN 32
   at 2 warps, BN 64 at 4, BN 128 at 8) and all three left out do (BN 64 at 2 warps, BN 128 at 2
   and 4: up to 2.9 KB). Without ``--quick``, vector-pass blocks in ``VECTOR_BLOCKS`` at the
   default BN and warps.

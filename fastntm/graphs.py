@@ -48,7 +48,11 @@ Limits:
   step fails at capture, with an error naming these causes. fastntm's value
   checks read CUDA tensors on the host, so ``FASTNTM_CHECK_VALUES=1`` is refused.
 * The graph sees only the tensors: Python values that ``loss_fn`` or the
-  optimiser read (a float learning rate, a flag) are frozen at capture.
+  optimiser read (a float learning rate, a flag) are frozen at capture, and so
+  is whatever fastntm decides in Python when a shape is captured: the backend
+  (``FASTNTM_BACKEND``), block sizes (``FASTNTM_BLOCKS``), ``FASTNTM_POISON``,
+  grad mode and autocast. Change them before the first call, or build a new
+  ``CapturedStep``.
 * One graph, with its own memory, per distinct input shape: the copy task's
   20 lengths make up to 20 graphs, repeat copy's lengths and repeats up to 100.
 * The returned tensors are overwritten by the next call: clone what must be
@@ -90,7 +94,8 @@ class _Graph:
     def replay(self, tensors) -> StepOutput:
         for static, tensor in zip(self.inputs, tensors):
             static.copy_(tensor)
-        self.graph.replay()
+        with torch.cuda.device(self.inputs[0].device):
+            self.graph.replay()
         return self.outputs
 
 
@@ -217,6 +222,12 @@ class CapturedStep:
             return _detached(self._step(tensors))
 
     def _capture(self, tensors) -> _Graph:
+        # torch.cuda.stream() does not make its device current, and a capture on another
+        # device than the current one fails.
+        with torch.cuda.device(self.device):
+            return self._capture_here(tensors)
+
+    def _capture_here(self, tensors) -> _Graph:
         static = [t.detach().clone() for t in tensors]
         saved = _snapshot(self.model, self.optimizer)
         current = torch.cuda.current_stream(self.device)
@@ -255,17 +266,26 @@ def _snapshot(model: nn.Module, optimizer: torch.optim.Optimizer):
 
 @torch.no_grad()
 def _restore(optimizer: torch.optim.Optimizer, saved) -> None:
-    """Put back what ``_snapshot`` copied, in place: a graph captured next must see the same tensors."""
+    """Put back what ``_snapshot`` copied, in place: a graph captured next must see the same tensors.
+
+    State the warm-up created (a parameter's first gradient came in the warm-up) is zeroed
+    in place, not deleted: zero is what a first step starts from (Adam, AdamW, RMSprop, and
+    SGD without dampening), and deleted state would be created inside the capture and
+    created afresh by every replay.
+    """
     kept, state = saved
     for tensor, value in kept:
         tensor.copy_(value)
-    for p, values in state.items():
-        now = optimizer.state[p]
-        for k, v in values.items():
-            if isinstance(v, torch.Tensor) and isinstance(now.get(k), torch.Tensor):
-                now[k].copy_(v)
+    for p, now in optimizer.state.items():
+        before = state.get(p, {})
+        for k, v in now.items():
+            if k not in before:
+                if isinstance(v, torch.Tensor):
+                    v.zero_()
+            elif isinstance(v, torch.Tensor) and isinstance(before[k], torch.Tensor):
+                v.copy_(before[k])
             else:
-                now[k] = v
+                now[k] = before[k]
 
 
 def _optimizer_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:

@@ -362,3 +362,23 @@ def test_memory_step_computes_in_float32_under_autocast():
         assert_close(ref, out, name)
     for name, ref in grads(expected, t, cotangents).items():
         assert_close(ref, got_grads[name], f"d{name}")
+
+
+@pytest.mark.parametrize("op", ["memory_step", "address", "read", "write"])
+def test_triton_backend_refuses_forward_mode_ad_rather_than_dropping_tangents(op):
+    import torch.autograd.forward_ad as fwAD
+
+    t = step_inputs(B=2, N=16, M=8, R=1, W=1, dtype=torch.float32, requires_grad=False)
+    with fwAD.dual_level():
+        mem = fwAD.make_dual(t["mem"], torch.ones_like(t["mem"]))
+        w = t["w_prev"]
+        calls = {
+            "memory_step": lambda: F.memory_step(mem, *list(t.values())[1:], num_reads=1, backend="triton"),
+            "address": lambda: F.address(mem, t["k"], t["beta"], t["g"], t["s"], t["gamma"], w, backend="triton"),
+            "read": lambda: F.read(mem, w[:, :1], backend="triton"),
+            "write": lambda: F.write(mem, w[:, 1:], t["e"], t["a"], backend="triton"),
+        }
+        with pytest.raises(NotImplementedError, match="forward-mode AD"):
+            calls[op]()
+        # without a tangent the kernels run as usual inside a dual level
+        F.read(t["mem"], w[:, :1], backend="triton")

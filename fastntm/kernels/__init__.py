@@ -12,6 +12,7 @@ Inputs the kernels do not take (float64, or slots wider than
 import os
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
 try:
     import triton  # noqa: F401
@@ -36,10 +37,21 @@ def _kernel_ok(mem, *tensors) -> bool:
     return _config.supported(mem.shape[-1]) and all(t.dtype != torch.float64 for t in (mem, *tensors))
 
 
+def _check_no_tangents(op: str, *tensors) -> None:
+    """The kernels have backward formulas only; a dual tensor (forward-mode AD) would lose its
+    tangent without a word, since its ``requires_grad`` is False."""
+    if _forward_ad._current_level >= 0 and any(_forward_ad.unpack_dual(t).tangent is not None for t in tensors):
+        raise NotImplementedError(
+            f"{op}: the Triton kernels have no forward-mode AD (jvp); an input carries a tangent. "
+            "Use backend='reference' for forward-mode AD"
+        )
+
+
 def address(mem, k, beta, g, s, gamma, w_prev):
     """Weightings (B, H, N) of all heads; see ``fastntm.reference.address``."""
     if not _kernel_ok(mem, k):
         return _reference.address(mem, k, beta, g, s, gamma, w_prev)
+    _check_no_tangents("address", mem, k, beta, g, s, gamma, w_prev)
     return _address(mem, k, beta, g, s, gamma, w_prev)
 
 
@@ -47,6 +59,7 @@ def read(mem, w):
     """Reads (B, R, M); see ``fastntm.reference.read``."""
     if not _kernel_ok(mem, w) or w.shape[1] == 0:
         return _reference.read(mem, w)
+    _check_no_tangents("read", mem, w)
     return _read(mem, w)
 
 
@@ -54,6 +67,7 @@ def write(mem, w, e, a):
     """New memory (B, N, M); see ``fastntm.reference.write``."""
     if not _kernel_ok(mem, w) or w.shape[1] == 0:
         return _reference.write(mem, w, e, a)
+    _check_no_tangents("write", mem, w, e, a)
     return _write(mem, w, e, a)
 
 
@@ -61,4 +75,5 @@ def memory_step(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads):
     """``(w, r, new_mem)`` of one fused step; see ``fastntm.reference.memory_step``."""
     if not _kernel_ok(mem, k):
         return _reference.memory_step(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads)
+    _check_no_tangents("memory_step", mem, k, beta, g, s, gamma, w_prev, e, a)
     return _memory_step(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads)

@@ -107,7 +107,9 @@ def test_memory_step_matches_reference(case):
 FORCED_CASES = [
     (dict(block_n=16, num_warps=2, vector_block=32),
      {("_similarity_kernel", 16, 2, None), ("_shift_sharpen_kernel", 32, 4, None), ("_read_write_kernel", 16, 2, None),
-      ("_read_write_bwd_kernel", 16, 2, None), ("_mem_bwd_kernel", 16, 2, None)}),
+      ("_read_write_bwd_kernel", 16, 2, None), ("_sharpen_dot_kernel", 32, 4, None),
+      ("_sharpen_bwd_kernel", 32, 4, None), ("_interp_bwd_kernel", 32, 4, None), ("_softmax_bwd_kernel", 32, 4, None),
+      ("_mem_bwd_kernel", 16, 2, None)}),
     (dict(onchip_warps=2, onchip_bwd_warps=16),
      {("_memory_step_onchip_kernel", 64, 2, 255), ("_memory_step_onchip_bwd_kernel", 64, 16, 128)}),
 ]
@@ -173,6 +175,13 @@ def test_shift_wider_than_memory_wraps(BN):
     # S = 7 > N = 5: shifts wrap more than once around the memory.
     with _config.force_block_n(BN):
         check_op(kernels.memory_step, reference.memory_step, kernel_inputs(2, 5, 13, 2, 1, 7), extra=(1,))
+
+
+def test_shift_wider_than_a_block():
+    # K = 18 > BN = 16: the shift's halo (forward and backward) reaches past the neighbouring block; the last
+    # block of N = 130 is ragged.
+    with _config.force_block_n(16):
+        check_op(kernels.memory_step, reference.memory_step, kernel_inputs(2, 130, 13, 2, 1, 37), extra=(1,))
 
 
 @pytest.mark.parametrize("BN", [None, 16], ids=["auto", "BN16"])

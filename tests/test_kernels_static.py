@@ -41,11 +41,15 @@ DTYPES = tuple(os.environ.get("FASTNTM_STATIC_DTYPES", "fp32,bf16").split(","))
 spilled nowhere when last checked), so it is left out by default to keep the run short."""
 # Pointers that are fp32 whatever the tensors' dtype: saved logits and sums, scratch, per-block partials.
 FP32_POINTERS = {"p_K", "p_max", "p_sum", "p_P", "p_pmax", "p_psum", "p_pw", "p_pP", "p_rpart", "p_depart",
-                 "p_dapart", "p_dkpart", "p_dK", "p_scr"}
+                 "p_dapart", "p_dkpart", "p_dK", "p_scr", "p_dwrw", "p_dot", "p_dws", "p_dwc", "p_pdot", "p_pdgamma",
+                 "p_pds", "p_pdg", "p_pdbeta"}
+# The large-memory backward's passes over (B, H, N) vectors, launched like ``_shift_sharpen_kernel``.
+VECTOR_BWD_KERNELS = ("_sharpen_dot_kernel", "_sharpen_bwd_kernel", "_interp_bwd_kernel", "_softmax_bwd_kernel")
 
-# Triton launches of one forward / backward step, by regime (plus small torch ops on (B, H, *) vectors:
-# large-memory forward 4 (max, sum-exp combine, sharpening sum, read partial sum); backward ~40 on (B, H, N)).
-LAUNCHES = {True: "fwd 1, bwd 1", False: "fwd 3, bwd 2"}
+# Triton launches of one forward / backward step, by regime (plus small torch ops on (B, H, *) vectors and
+# block partials: large-memory forward 4 (max, sum-exp combine, sharpening sum, read partial sum); backward
+# about 12, none over a (B, H, N) vector).
+LAUNCHES = {True: "fwd 1, bwd 1", False: "fwd 3, bwd 6"}
 
 
 def dispatch_blocks():
@@ -79,7 +83,8 @@ def kernel_configs():
         for has_dk in (True, False):
             out.append(("_mem_bwd_kernel", dict(HAS_DK=has_dk, **bm), nw))
     for log_n in range(4, 21):
-        out.append(("_shift_sharpen_kernel", dict(BN=_config.vector_block(2**log_n)), 4))
+        for name in ("_shift_sharpen_kernel", *VECTOR_BWD_KERNELS):
+            out.append((name, dict(BN=_config.vector_block(2**log_n)), 4))
     # Regimes share configurations (on-chip BN=64 BM=32 is also the large-memory block at BM=32).
     distinct = []
     for c in out:

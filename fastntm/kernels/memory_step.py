@@ -20,11 +20,16 @@ sums), never from a saved memory. On-chip, one launch of
 ``_memory_step_onchip_bwd_kernel``, one program per batch item: dL/dw from the
 reads and the write, every head's addressing chain backward (the shift's
 neighbours through a small scratch buffer and a barrier), then dL/dmem and
-dL/dk. Large memory, two passes over memory with torch ops between:
+dL/dk. Large memory, two passes over memory with four over (B, H, N) vectors between:
 
 * ``_read_write_bwd_kernel`` (one pass over mem and dnew): dL/dw from the reads
   and the write, per-block partials of dL/de and dL/da;
-* the addressing chain backward on (B, H, N) vectors (``_address_bwd``, torch);
+* the addressing chain backward (``_address_bwd``), blocks of rows of one head
+  a program, as the forward's shift-sharpen pass: ``_sharpen_dot_kernel`` (the
+  sharpening's sums), ``_sharpen_bwd_kernel`` (dL/dws stored; dL/dgamma, dL/ds),
+  ``_interp_bwd_kernel`` (the shift's halo read from the stored dL/dws; dL/dw_prev,
+  dL/dwc stored; dL/dg), ``_softmax_bwd_kernel`` (dL/dK stored; dL/dbeta); each
+  reduction over N as block partials summed with torch between the launches;
 * ``_mem_bwd_kernel`` (one pass): dL/dmem from the write, the reads and the
   cosine similarity, and per-block partials of dL/dk.
 
@@ -43,7 +48,6 @@ from . import _config
 
 COSINE_EPS = 1e-8
 SHARPEN_EPS = 1e-16
-SHARPEN_FLOOR = 1e-30
 
 
 # ----------------------------------------------------------------------------
@@ -83,17 +87,23 @@ def _store_written(p_new, b_mem, b_keep, b_add, i_b, s_new_b, s_new_n, o_n, o_m,
 
 
 @triton.jit
-def _shift_sharpen(p_K, p_wp, p_s, b_beta, b_g, b_gamma, b_max, b_sum, o_n, m_n, N, S, BN: tl.constexpr):
-    """``max(ws, 1e-30)^gamma`` at rows ``o_n`` of one head, 0 on masked rows.
+def _shift(p_K, p_wp, p_s, b_beta, b_g, b_max, b_sum, o_n, m_n, N, S, BN: tl.constexpr):
+    """``ws[n] = sum_j s[j + K] wg[(n - j) mod N]`` at rows ``o_n`` of one head (not 0 on masked rows).
 
-    ``ws[n] = sum_j s[j + K] wg[(n - j) mod N]``, with ``wg`` recomputed at each
-    source row from the stored logits (so rows of other blocks cost one load).
+    ``wg`` is recomputed at each source row from the stored logits, so rows of other blocks cost one load.
     """
     b_ws = tl.zeros([BN], dtype=tl.float32)
     half = (S - 1) // 2
     for j in range(S):
         o_src = ((o_n - (j - half)) % N + N) % N
         b_ws += tl.load(p_s + j).to(tl.float32) * _wg_at(p_K, p_wp, o_src, m_n, b_beta, b_g, b_max, b_sum)
+    return b_ws
+
+
+@triton.jit
+def _shift_sharpen(p_K, p_wp, p_s, b_beta, b_g, b_gamma, b_max, b_sum, o_n, m_n, N, S, BN: tl.constexpr):
+    """``max(ws, 1e-30)^gamma`` at rows ``o_n`` of one head, 0 on masked rows."""
+    b_ws = _shift(p_K, p_wp, p_s, b_beta, b_g, b_max, b_sum, o_n, m_n, N, S, BN)
     return tl.where(m_n, tl.exp(b_gamma * tl.log(tl.maximum(b_ws, 1e-30))), 0.0)
 
 
@@ -269,6 +279,119 @@ def _read_write_bwd_kernel(p_mem, p_w, p_e, p_a, p_dr, p_dnew, p_dw, p_depart, p
         o_part = ((i_b * NB + i_n) * W + hw) * M + o_m
         tl.store(p_depart + o_part, -tl.sum(b_derase * b_w[:, None], 0), mask=m_m)
         tl.store(p_dapart + o_part, tl.sum(b_dnew * b_w[:, None], 0), mask=m_m)
+
+
+@triton.jit
+def _dw_at(p_dwrw, p_dw, o, m_n, HAS_DW):
+    """dL/dw of the addressing chain at offsets ``o``: from the reads and the write (fp32), plus the given
+    dL/dw where ``HAS_DW`` (a runtime 0 or 1: one compiled kernel either way; a masked-off load moves no data)."""
+    b_dw = tl.load(p_dwrw + o, mask=m_n, other=0.0)
+    return b_dw + tl.load(p_dw + o, mask=m_n & (HAS_DW != 0), other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _sharpen_dot_kernel(p_dwrw, p_dw, p_K, p_wp, p_beta, p_g, p_s, p_gamma, p_max, p_sum, p_pP, p_pdot,
+                        N, S, NB, HAS_DW, BN: tl.constexpr):
+    """Addressing backward, pass 1: block partials (B, H, NB) of ``P = sum_n p[n]`` and ``sum_n dw[n] p[n]``,
+    ``p = max(ws, 1e-30)^gamma`` recomputed as the forward does (so ``P`` is the forward's, bit for bit).
+
+    Not the saved ``w``: in bf16 its rounding, through ``dot1 = sum_n dw w``, spoils dL/dgamma (a difference
+    of nearly equal sums).
+    """
+    i_n = tl.program_id(0).to(tl.int64)
+    i_bh = tl.program_id(1).to(tl.int64)
+    o_n = i_n * BN + tl.arange(0, BN)
+    m_n = o_n < N
+    b_p = _shift_sharpen(p_K + i_bh * N, p_wp + i_bh * N, p_s + i_bh * S,
+                         tl.load(p_beta + i_bh).to(tl.float32), tl.load(p_g + i_bh).to(tl.float32),
+                         tl.load(p_gamma + i_bh).to(tl.float32), tl.load(p_max + i_bh), tl.load(p_sum + i_bh),
+                         o_n, m_n, N, S, BN)
+    b_dw = _dw_at(p_dwrw, p_dw, i_bh * N + o_n, m_n, HAS_DW)
+    tl.store(p_pP + i_bh * NB + i_n, tl.sum(b_p, 0))
+    tl.store(p_pdot + i_bh * NB + i_n, tl.sum(b_dw * b_p, 0))
+
+
+@triton.jit
+def _sharpen_bwd_kernel(p_dwrw, p_dw, p_K, p_wp, p_beta, p_g, p_s, p_gamma, p_max, p_sum, p_P, p_dot,
+                        p_dws, p_pdgamma, p_pds, N, S, NB, HAS_DW, BN: tl.constexpr):
+    """Addressing backward, pass 2, head ``i_bh`` on block ``i_n``: sharpening and the shift's dL/ds.
+
+    With ``c = max(ws, 1e-30)``, ``w = c^gamma / Pe`` (``Pe = P + eps``, given) and ``dot1 = sum_n dw w``
+    (given): ``dL/dp p = (dw - dot1) w``, so ``dgamma = sum_n (dw - dot1) w log c`` and
+    ``dws = (dw - dot1) gamma w / c`` where ``ws >= 1e-30``, else 0 (stored, fp32);
+    ``ds[j + K] = sum_n dws[n] wg[(n - j) mod N]``. ``ws`` and ``wg`` are recomputed as the forward does,
+    the halo from the stored logits. Block partials: dgamma (B, H, NB), ds (B, H, NB, S).
+    """
+    i_n = tl.program_id(0).to(tl.int64)
+    i_bh = tl.program_id(1).to(tl.int64)
+    o_n = i_n * BN + tl.arange(0, BN)
+    m_n = o_n < N
+    p_Kh, p_wph, p_sh = p_K + i_bh * N, p_wp + i_bh * N, p_s + i_bh * S
+    b_beta = tl.load(p_beta + i_bh).to(tl.float32)
+    b_g = tl.load(p_g + i_bh).to(tl.float32)
+    b_gamma = tl.load(p_gamma + i_bh).to(tl.float32)
+    b_max = tl.load(p_max + i_bh)
+    b_sum = tl.load(p_sum + i_bh)
+    b_ws = _shift(p_Kh, p_wph, p_sh, b_beta, b_g, b_max, b_sum, o_n, m_n, N, S, BN)
+    b_c = tl.maximum(b_ws, 1e-30)
+    b_logc = tl.log(b_c)
+    # Masked rows load dw = 0 and get w = 0, so they add nothing below.
+    b_w = tl.where(m_n, tl.exp(b_gamma * b_logc), 0.0) / tl.load(p_P + i_bh)
+    b_dpp = (_dw_at(p_dwrw, p_dw, i_bh * N + o_n, m_n, HAS_DW) - tl.load(p_dot + i_bh)) * b_w
+    tl.store(p_pdgamma + i_bh * NB + i_n, tl.sum(b_dpp * b_logc, 0))
+    b_dws = tl.where(b_ws >= 1e-30, b_dpp * b_gamma / b_c, 0.0)
+    tl.store(p_dws + i_bh * N + o_n, b_dws, mask=m_n)
+    half = (S - 1) // 2
+    for j in range(S):
+        o_src = ((o_n - (j - half)) % N + N) % N
+        b_wg = _wg_at(p_Kh, p_wph, o_src, m_n, b_beta, b_g, b_max, b_sum)
+        tl.store(p_pds + (i_bh * NB + i_n) * S + j, tl.sum(b_dws * b_wg, 0))
+
+
+@triton.jit
+def _interp_bwd_kernel(p_dws, p_K, p_wp, p_beta, p_g, p_s, p_max, p_sum, p_dwp, p_dwc, p_pdg, p_pdot,
+                       N, S, NB, BN: tl.constexpr):
+    """Addressing backward, pass 3, head ``i_bh`` on block ``i_n``: the shift and the interpolation.
+
+    ``dwg[n] = sum_j s[j + K] dws[(n + j) mod N]`` (the halo from the stored dws); ``dw_prev = (1 - g) dwg``
+    (stored in its dtype); ``dwc = g dwg`` (stored, fp32). Block partials (B, H, NB) of
+    ``dg = sum_n dwg (wc - w_prev)`` and ``dot2 = sum_n dwc wc``.
+    """
+    i_n = tl.program_id(0).to(tl.int64)
+    i_bh = tl.program_id(1).to(tl.int64)
+    o_n = i_n * BN + tl.arange(0, BN)
+    m_n = o_n < N
+    half = (S - 1) // 2
+    b_dwg = tl.zeros([BN], dtype=tl.float32)
+    for j in range(S):
+        o_dst = ((o_n + (j - half)) % N + N) % N
+        b_dwg += tl.load(p_s + i_bh * S + j).to(tl.float32) * tl.load(p_dws + i_bh * N + o_dst, mask=m_n, other=0.0)
+    b_g = tl.load(p_g + i_bh).to(tl.float32)
+    b_K = tl.load(p_K + i_bh * N + o_n, mask=m_n, other=0.0)
+    b_wp = tl.load(p_wp + i_bh * N + o_n, mask=m_n, other=0.0).to(tl.float32)
+    b_wc = tl.exp(tl.load(p_beta + i_bh).to(tl.float32) * b_K - tl.load(p_max + i_bh)) / tl.load(p_sum + i_bh)
+    tl.store(p_pdg + i_bh * NB + i_n, tl.sum(b_dwg * (b_wc - b_wp), 0))
+    tl.store(p_dwp + i_bh * N + o_n, ((1.0 - b_g) * b_dwg).to(p_dwp.dtype.element_ty), mask=m_n)
+    b_dwc = b_g * b_dwg
+    tl.store(p_dwc + i_bh * N + o_n, b_dwc, mask=m_n)
+    tl.store(p_pdot + i_bh * NB + i_n, tl.sum(b_dwc * b_wc, 0))
+
+
+@triton.jit
+def _softmax_bwd_kernel(p_dwc, p_K, p_beta, p_max, p_sum, p_dot, p_dK, p_pdbeta, N, NB, BN: tl.constexpr):
+    """Addressing backward, pass 4: ``dz = wc (dwc - dot2)``, ``dK = beta dz`` (fp32; may overwrite ``dwc``,
+    each program reads only the rows it writes), block partials (B, H, NB) of ``dbeta = sum_n dz K``."""
+    i_n = tl.program_id(0).to(tl.int64)
+    i_bh = tl.program_id(1).to(tl.int64)
+    o_n = i_n * BN + tl.arange(0, BN)
+    m_n = o_n < N
+    b_beta = tl.load(p_beta + i_bh).to(tl.float32)
+    b_K = tl.load(p_K + i_bh * N + o_n, mask=m_n, other=0.0)
+    b_wc = tl.exp(b_beta * b_K - tl.load(p_max + i_bh)) / tl.load(p_sum + i_bh)
+    b_dz = b_wc * (tl.load(p_dwc + i_bh * N + o_n, mask=m_n, other=0.0) - tl.load(p_dot + i_bh))
+    b_dz = tl.where(m_n, b_dz, 0.0)
+    tl.store(p_dK + i_bh * N + o_n, b_beta * b_dz, mask=m_n)
+    tl.store(p_pdbeta + i_bh * NB + i_n, tl.sum(b_dz * b_K, 0))
 
 
 @triton.jit
@@ -533,35 +656,44 @@ def _forward(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads: int, rw: bool):
     return w, r, new, K, mx, se, P
 
 
-def _address_bwd(k, beta, g, s, gamma, w_prev, K, mx, se, dw):
-    """The addressing chain backward on (B, H, N) fp32 vectors: from dL/dw to dL/dK and the head parameters.
+def _address_bwd(beta, g, s, gamma, w_prev, K, mx, se, dw_rw, dw, BV: int):
+    """The addressing chain backward, from dL/dw (``dw_rw`` from the reads and the write, fp32, plus ``dw``
+    if given) to dL/dK (fp32) and the head parameters: (dK, dbeta, dg, ds, dgamma, dw_prev), dw_prev in its
+    dtype and the rest fp32.
 
-    Recomputes ``wc``, ``wg``, ``ws`` and ``ws^gamma`` from the saved logits and sums.
+    Four passes over blocks of ``BV`` rows of each head (the sharpening's sums; sharpening and dL/ds; shift
+    and interpolation; softmax), the per-(b, h) sums reduced between them from block partials.
     """
-    f32 = torch.float32
-    beta_, g_, gamma_ = beta.to(f32)[..., None], g.to(f32)[..., None], gamma.to(f32)[..., None]
-    s_, wp = s.to(f32), w_prev.to(f32)
-    half = (s.shape[-1] - 1) // 2
-    wc = torch.exp(beta_ * K - mx[..., None]) / se[..., None]
-    wg = g_ * wc + (1 - g_) * wp
-    ws = sum(s_[..., j + half, None] * torch.roll(wg, j, -1) for j in range(-half, half + 1))
-    c = ws.clamp_min(SHARPEN_FLOOR)
-    log_c = torch.log(c)
-    p = torch.exp(gamma_ * log_c)
-    Pe = p.sum(-1, keepdim=True) + SHARPEN_EPS
-    w = p / Pe
-    dp = (dw - (dw * w).sum(-1, keepdim=True)) / Pe
-    dgamma = (dp * p * log_c).sum(-1)
-    dws = torch.where(ws >= SHARPEN_FLOOR, dp * gamma_ * torch.exp((gamma_ - 1) * log_c), 0.0)
-    dwg = sum(s_[..., j + half, None] * torch.roll(dws, -j, -1) for j in range(-half, half + 1))
-    ds = torch.stack([(dws * torch.roll(wg, j, -1)).sum(-1) for j in range(-half, half + 1)], -1)
-    dg = (dwg * (wc - wp)).sum(-1)
-    dwp = (1 - g_) * dwg
-    dwc = g_ * dwg
-    dz = wc * (dwc - (dwc * wc).sum(-1, keepdim=True))
-    dbeta = (dz * K).sum(-1)
-    dK = dz * beta_
-    return dK, dbeta, dg, ds, dgamma, dwp
+    empty = _config.allocator()
+    B, H, N = K.shape
+    S = s.shape[2]
+    dev = K.device
+    NB = _config.n_blocks(N, BV)
+    grid = (NB, B * H)
+    has_dw = dw is not None
+    # Without a given dL/dw the kernels still get a real pointer, never read.
+    dw = dw if has_dw else dw_rw
+    pP = empty((B, H, NB), torch.float32, dev)
+    pdot = empty((B, H, NB), torch.float32, dev)
+    _sharpen_dot_kernel[grid](dw_rw, dw, K, w_prev, beta, g, s, gamma, mx, se, pP, pdot, N, S, NB, int(has_dw),
+                              BN=BV, num_warps=4)
+    Pe = pP.sum(-1) + SHARPEN_EPS
+    dot = pdot.sum(-1) / Pe
+    dws = empty((B, H, N), torch.float32, dev)
+    pdgamma = empty((B, H, NB), torch.float32, dev)
+    pds = empty((B, H, NB, S), torch.float32, dev)
+    _sharpen_bwd_kernel[grid](dw_rw, dw, K, w_prev, beta, g, s, gamma, mx, se, Pe, dot, dws, pdgamma, pds,
+                              N, S, NB, int(has_dw), BN=BV, num_warps=4)
+    dwp = empty((B, H, N), w_prev.dtype, dev)
+    pdg = empty((B, H, NB), torch.float32, dev)
+    # Not dws's buffer: the shift reads dws at rows of neighbouring blocks, which their programs would overwrite.
+    # dK then overwrites dwc in place (each program of the softmax pass reads only the rows it writes).
+    dwc = empty((B, H, N), torch.float32, dev)
+    _interp_bwd_kernel[grid](dws, K, w_prev, beta, g, s, mx, se, dwp, dwc, pdg, pdot, N, S, NB, BN=BV, num_warps=4)
+    torch.sum(pdot, dim=-1, out=dot)
+    pdbeta = empty((B, H, NB), torch.float32, dev)
+    _softmax_bwd_kernel[grid](dwc, K, beta, mx, se, dot, dwc, pdbeta, N, NB, BN=BV, num_warps=4)
+    return dwc, pdbeta.sum(-1), pdg.sum(-1), pds.sum(2), pdgamma.sum(-1), dwp
 
 
 def _read_write_bwd(mem, w, e, a, dr, dnew, R: int, W: int, blk=None):
@@ -643,13 +775,14 @@ def _backward(mem, k, beta, g, s, gamma, w_prev, e, a, w, K, mx, se, dw, dr, dne
     if blk.onchip:
         return _onchip_bwd(mem, k, beta, g, s, gamma, w_prev, e, a, w, K, mx, se, dw, dr, dnew, R, blk)
     dw_rw, de, da = _read_write_bwd(mem, w, e, a, dr, dnew, R, W, blk)
-    dw_tot = dw_rw if dw is None else dw_rw + dw.to(torch.float32)
-    dK, dbeta, dg, ds, dgamma, dwp = _address_bwd(k, beta, g, s, gamma, w_prev, K, mx, se, dw_tot)
+    dK, dbeta, dg, ds, dgamma, dwp = _address_bwd(beta, g, s, gamma, w_prev, K, mx, se, dw_rw, dw, blk.BV)
     dmem, dk_rows = _mem_bwd(mem, w, e, dr, dnew, k, K, dK, R, W, blk)
     k32 = k.to(torch.float32)
     k_norm = torch.linalg.vector_norm(k32, dim=-1, keepdim=True)
     kn = k_norm.clamp_min(COSINE_EPS)
-    dk = dk_rows - torch.where(k_norm >= COSINE_EPS, (dK * K).sum(-1, keepdim=True) * k32 / (kn * kn), 0.0)
+    # sum_n dK K = beta sum_n dz K = beta dbeta: no pass over the (B, H, N) vectors.
+    dKK = (beta.to(torch.float32) * dbeta)[..., None]
+    dk = dk_rows - torch.where(k_norm >= COSINE_EPS, dKK * k32 / (kn * kn), 0.0)
     pd = k.dtype
     return (dmem, dk.to(pd), dbeta.to(pd), dg.to(pd), ds.to(pd), dgamma.to(pd), dwp.to(pd), de.to(pd), da.to(pd))
 

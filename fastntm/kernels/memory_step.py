@@ -20,7 +20,7 @@ sums), never from a saved memory. On-chip, one launch of
 ``_memory_step_onchip_bwd_kernel``, one program per batch item: dL/dw from the
 reads and the write, every head's addressing chain backward (the shift's
 neighbours through a small scratch buffer and a barrier), then dL/dmem and
-dL/dk. Large memory, two passes over memory with four over (B, H, N) vectors between:
+dL/dk. Large memory, two passes over memory with three over (B, H, N) vectors between:
 
 * ``_read_write_bwd_kernel`` (one pass over mem and dnew): dL/dw from the reads
   and the write, per-block partials of dL/de and dL/da;
@@ -28,10 +28,11 @@ dL/dk. Large memory, two passes over memory with four over (B, H, N) vectors bet
   a program, as the forward's shift-sharpen pass: ``_sharpen_dot_kernel`` (the
   sharpening's sums), ``_sharpen_bwd_kernel`` (dL/dws stored; dL/dgamma, dL/ds),
   ``_interp_bwd_kernel`` (the shift's halo read from the stored dL/dws; dL/dw_prev,
-  dL/dwc stored; dL/dg), ``_softmax_bwd_kernel`` (dL/dK stored; dL/dbeta); each
-  reduction over N as block partials summed with torch between the launches;
-* ``_mem_bwd_kernel`` (one pass): dL/dmem from the write, the reads and the
-  cosine similarity, and per-block partials of dL/dk.
+  dL/dwc stored; dL/dg); each reduction over N as block partials summed with
+  torch between the launches;
+* ``_mem_bwd_kernel`` (one pass): the softmax backward (dL/dK from dL/dwc, and
+  dL/dbeta), dL/dmem from the write, the reads and the cosine similarity, and
+  per-block partials of dL/dk.
 
 Compute is fp32; loads and stores are in each tensor's dtype. The (B, H, N),
 (B, H, M) and (B, H) tensors are made contiguous and indexed from their shapes;
@@ -378,28 +379,15 @@ def _interp_bwd_kernel(p_dws, p_K, p_wp, p_beta, p_g, p_s, p_max, p_sum, p_dwp, 
 
 
 @triton.jit
-def _softmax_bwd_kernel(p_dwc, p_K, p_beta, p_max, p_sum, p_dot, p_dK, p_pdbeta, N, NB, BN: tl.constexpr):
-    """Addressing backward, pass 4: ``dz = wc (dwc - dot2)``, ``dK = beta dz`` (fp32; may overwrite ``dwc``,
-    each program reads only the rows it writes), block partials (B, H, NB) of ``dbeta = sum_n dz K``."""
-    i_n = tl.program_id(0).to(tl.int64)
-    i_bh = tl.program_id(1).to(tl.int64)
-    o_n = i_n * BN + tl.arange(0, BN)
-    m_n = o_n < N
-    b_beta = tl.load(p_beta + i_bh).to(tl.float32)
-    b_K = tl.load(p_K + i_bh * N + o_n, mask=m_n, other=0.0)
-    b_wc = tl.exp(b_beta * b_K - tl.load(p_max + i_bh)) / tl.load(p_sum + i_bh)
-    b_dz = b_wc * (tl.load(p_dwc + i_bh * N + o_n, mask=m_n, other=0.0) - tl.load(p_dot + i_bh))
-    b_dz = tl.where(m_n, b_dz, 0.0)
-    tl.store(p_dK + i_bh * N + o_n, b_beta * b_dz, mask=m_n)
-    tl.store(p_pdbeta + i_bh * NB + i_n, tl.sum(b_dz * b_K, 0))
-
-
-@triton.jit
-def _mem_bwd_kernel(p_mem, p_w, p_e, p_dr, p_dnew, p_k, p_K, p_dK, p_dmem, p_dkpart,
+def _mem_bwd_kernel(p_mem, p_w, p_e, p_dr, p_dnew, p_k, p_K, p_beta, p_max, p_sum, p_dot, p_dwc, p_dmem,
+                    p_dkpart, p_pdbeta,
                     s_mem_b, s_mem_n, s_dnew_b, s_dnew_n, s_dmem_b, s_dmem_n, N, M, R, W, HK, NB, RD, HAS_DNEW,
                     HAS_DK: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr):
     """dL/dmem on block ``i_n``: write (``dnew * keep``), reads (``sum_h w_h dr_h``), cosine of the HK addressing
     heads; per-block partials (B, NB, HK, M) of ``sum_n dK[n] mem[n] / (|k| |mem[n]|)`` for dL/dk.
+
+    The softmax backward of each addressing head on the way, from dL/dwc and ``dot2 = sum_n dwc wc``:
+    ``dz = wc (dwc - dot2)``, ``dK = beta dz``; per-block partials (B, NB, HK) of ``dbeta = sum_n dz K``.
 
     ``RD`` (R or 0) and ``HAS_DNEW`` (0 or 1) say whether dL/dr and dL/dnew_mem were given: runtime
     values, so that one compiled kernel serves every combination (a masked-off load moves no data)."""
@@ -435,8 +423,13 @@ def _mem_bwd_kernel(p_mem, p_w, p_e, p_dr, p_dnew, p_k, p_K, p_dK, p_dmem, p_dkp
             i_bh = i_b * HK + h
             b_k = tl.load(p_k + i_bh * M + o_m, mask=m_m, other=0.0).to(tl.float32)
             b_kn = tl.maximum(tl.sqrt(tl.sum(b_k * b_k, 0)), 1e-8)
-            b_dK = tl.load(p_dK + i_bh * N + n0 + o_n, mask=m_n, other=0.0)
             b_K = tl.load(p_K + i_bh * N + n0 + o_n, mask=m_n, other=0.0)
+            b_beta = tl.load(p_beta + i_bh).to(tl.float32)
+            b_wc = tl.exp(b_beta * b_K - tl.load(p_max + i_bh)) / tl.load(p_sum + i_bh)
+            b_dwc = tl.load(p_dwc + i_bh * N + n0 + o_n, mask=m_n, other=0.0)
+            b_dz = tl.where(m_n, b_wc * (b_dwc - tl.load(p_dot + i_bh)), 0.0)
+            tl.store(p_pdbeta + (i_b * NB + i_n) * HK + h, tl.sum(b_dz * b_K, 0))
+            b_dK = b_beta * b_dz
             b_c = b_dK / (b_kn * b_mn)
             # |mem[n]| below eps is clamped: no gradient through the norm there.
             b_cn = tl.where(b_norm >= 1e-8, b_dK * b_K / (b_mn * b_mn), 0.0)
@@ -657,12 +650,13 @@ def _forward(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads: int, rw: bool):
 
 
 def _address_bwd(beta, g, s, gamma, w_prev, K, mx, se, dw_rw, dw, BV: int):
-    """The addressing chain backward, from dL/dw (``dw_rw`` from the reads and the write, fp32, plus ``dw``
-    if given) to dL/dK (fp32) and the head parameters: (dK, dbeta, dg, ds, dgamma, dw_prev), dw_prev in its
-    dtype and the rest fp32.
+    """The addressing chain backward down to the softmax, from dL/dw (``dw_rw`` from the reads and the write,
+    fp32, plus ``dw`` if given): (dwc, dot2, dg, ds, dgamma, dw_prev), with ``dwc`` = dL/dwc (fp32) and
+    ``dot2 = sum_n dwc wc`` for the softmax backward that ``_mem_bwd_kernel`` does; dw_prev in its dtype,
+    the rest fp32.
 
-    Four passes over blocks of ``BV`` rows of each head (the sharpening's sums; sharpening and dL/ds; shift
-    and interpolation; softmax), the per-(b, h) sums reduced between them from block partials.
+    Three passes over blocks of ``BV`` rows of each head (the sharpening's sums; sharpening and dL/ds; shift
+    and interpolation), the per-(b, h) sums reduced between them from block partials.
     """
     empty = _config.allocator()
     B, H, N = K.shape
@@ -687,13 +681,10 @@ def _address_bwd(beta, g, s, gamma, w_prev, K, mx, se, dw_rw, dw, BV: int):
     dwp = empty((B, H, N), w_prev.dtype, dev)
     pdg = empty((B, H, NB), torch.float32, dev)
     # Not dws's buffer: the shift reads dws at rows of neighbouring blocks, which their programs would overwrite.
-    # dK then overwrites dwc in place (each program of the softmax pass reads only the rows it writes).
     dwc = empty((B, H, N), torch.float32, dev)
     _interp_bwd_kernel[grid](dws, K, w_prev, beta, g, s, mx, se, dwp, dwc, pdg, pdot, N, S, NB, BN=BV, num_warps=4)
     torch.sum(pdot, dim=-1, out=dot)
-    pdbeta = empty((B, H, NB), torch.float32, dev)
-    _softmax_bwd_kernel[grid](dwc, K, beta, mx, se, dot, dwc, pdbeta, N, NB, BN=BV, num_warps=4)
-    return dwc, pdbeta.sum(-1), pdg.sum(-1), pds.sum(2), pdgamma.sum(-1), dwp
+    return dwc, dot, pdg.sum(-1), pds.sum(2), pdgamma.sum(-1), dwp
 
 
 def _read_write_bwd(mem, w, e, a, dr, dnew, R: int, W: int, blk=None):
@@ -719,25 +710,34 @@ def _read_write_bwd(mem, w, e, a, dr, dnew, R: int, W: int, blk=None):
     return dw, depart.sum(1), dapart.sum(1)
 
 
-def _mem_bwd(mem, w, e, dr, dnew, k, K, dK, R: int, W: int, blk=None):
-    """dL/dmem (mem's dtype) and the per-row part of dL/dk (fp32, or None without ``dK``)."""
+def _mem_bwd(mem, w, e, dr, dnew, k, K, addr, R: int, W: int, blk=None):
+    """dL/dmem (mem's dtype) and the per-row part of dL/dk (fp32), or None without ``addr``.
+
+    ``addr``: (beta, max, sumexp, dot2, dwc, dbeta), the softmax backward's inputs (``_address_bwd``) and
+    dL/dbeta (B, H) fp32, written here; or None where no head addresses memory (standalone read and write).
+    """
     empty = _config.allocator()
     B, N, M = mem.shape
     blk = blk or _config.choose(N, M)
     NB = _config.n_blocks(N, blk.BN)
     # With W = 0 the step still returns new_mem = mem, so dnew flows to dmem.
-    has_dr, has_dnew, has_dk = dr is not None and R > 0, dnew is not None, dK is not None
+    has_dr, has_dnew, has_dk = dr is not None and R > 0, dnew is not None, addr is not None
     HK = k.shape[1] if has_dk else 0
+    beta, mx, se, dot, dwc, dbeta = addr if has_dk else (mem,) * 6
     dmem = empty((B, N, M), mem.dtype, mem.device)
     dkpart = empty((B, NB, HK, M), torch.float32, mem.device)
+    pdbeta = empty((B, NB, HK), torch.float32, mem.device)
     dn = dnew if has_dnew else mem
     _mem_bwd_kernel[(NB, B)](
         mem, w, _nz(e, mem), dr if has_dr else mem, dn, k if has_dk else mem, K if has_dk else mem,
-        dK if has_dk else mem, dmem, _nz(dkpart, mem),
+        beta, mx, se, dot, dwc, dmem, _nz(dkpart, mem), _nz(pdbeta, mem),
         mem.stride(0), mem.stride(1), dn.stride(0), dn.stride(1), dmem.stride(0), dmem.stride(1),
         N, M, R, W, HK, NB, R if has_dr else 0, int(has_dnew), HAS_DK=has_dk,
         BN=blk.BN, BM=blk.BM, num_warps=blk.num_warps)
-    return dmem, (dkpart.sum(1) if has_dk else None)
+    if not has_dk:
+        return dmem, None
+    torch.sum(pdbeta, dim=1, out=dbeta)
+    return dmem, dkpart.sum(1)
 
 
 def _onchip_bwd(mem, k, beta, g, s, gamma, w_prev, e, a, w, K, mx, se, dw, dr, dnew, R: int, blk):
@@ -775,8 +775,9 @@ def _backward(mem, k, beta, g, s, gamma, w_prev, e, a, w, K, mx, se, dw, dr, dne
     if blk.onchip:
         return _onchip_bwd(mem, k, beta, g, s, gamma, w_prev, e, a, w, K, mx, se, dw, dr, dnew, R, blk)
     dw_rw, de, da = _read_write_bwd(mem, w, e, a, dr, dnew, R, W, blk)
-    dK, dbeta, dg, ds, dgamma, dwp = _address_bwd(beta, g, s, gamma, w_prev, K, mx, se, dw_rw, dw, blk.BV)
-    dmem, dk_rows = _mem_bwd(mem, w, e, dr, dnew, k, K, dK, R, W, blk)
+    dwc, dot, dg, ds, dgamma, dwp = _address_bwd(beta, g, s, gamma, w_prev, K, mx, se, dw_rw, dw, blk.BV)
+    dbeta = torch.empty_like(dot)
+    dmem, dk_rows = _mem_bwd(mem, w, e, dr, dnew, k, K, (beta, mx, se, dot, dwc, dbeta), R, W, blk)
     k32 = k.to(torch.float32)
     k_norm = torch.linalg.vector_norm(k32, dim=-1, keepdim=True)
     kn = k_norm.clamp_min(COSINE_EPS)

@@ -187,17 +187,24 @@ def _similarity_kernel(p_mem, p_k, p_beta, p_K, p_pmax, p_psum, s_mem_b, s_mem_n
 
 
 @triton.jit
-def _shift_sharpen_kernel(p_K, p_wp, p_beta, p_g, p_s, p_gamma, p_max, p_sum, p_pw, p_pP, N, S, NB,
-                          BN: tl.constexpr):
-    """Large memory, pass 2: ``ws^gamma`` of head ``i_bh`` on block ``i_n`` (fp32) and its block sum."""
-    i_n = tl.program_id(0).to(tl.int64)
-    i_bh = tl.program_id(1).to(tl.int64)
+def _sharpened_block(p_K, p_wp, p_beta, p_g, p_s, p_gamma, p_max, p_sum, i_n, i_bh, N, S, BN: tl.constexpr):
+    """``max(ws, 1e-30)^gamma`` of head ``i_bh`` on block ``i_n`` (0 on masked rows), its rows and their mask."""
     o_n = i_n * BN + tl.arange(0, BN)
     m_n = o_n < N
     b_p = _shift_sharpen(p_K + i_bh * N, p_wp + i_bh * N, p_s + i_bh * S,
                          tl.load(p_beta + i_bh).to(tl.float32), tl.load(p_g + i_bh).to(tl.float32),
                          tl.load(p_gamma + i_bh).to(tl.float32), tl.load(p_max + i_bh), tl.load(p_sum + i_bh),
                          o_n, m_n, N, S, BN)
+    return b_p, o_n, m_n
+
+
+@triton.jit
+def _shift_sharpen_kernel(p_K, p_wp, p_beta, p_g, p_s, p_gamma, p_max, p_sum, p_pw, p_pP, N, S, NB,
+                          BN: tl.constexpr):
+    """Large memory, pass 2: ``ws^gamma`` of head ``i_bh`` on block ``i_n`` (fp32) and its block sum."""
+    i_n = tl.program_id(0).to(tl.int64)
+    i_bh = tl.program_id(1).to(tl.int64)
+    b_p, o_n, m_n = _sharpened_block(p_K, p_wp, p_beta, p_g, p_s, p_gamma, p_max, p_sum, i_n, i_bh, N, S, BN)
     tl.store(p_pw + i_bh * N + o_n, b_p, mask=m_n)
     tl.store(p_pP + i_bh * NB + i_n, tl.sum(b_p, 0))
 
@@ -301,12 +308,7 @@ def _sharpen_dot_kernel(p_dwrw, p_dw, p_K, p_wp, p_beta, p_g, p_s, p_gamma, p_ma
     """
     i_n = tl.program_id(0).to(tl.int64)
     i_bh = tl.program_id(1).to(tl.int64)
-    o_n = i_n * BN + tl.arange(0, BN)
-    m_n = o_n < N
-    b_p = _shift_sharpen(p_K + i_bh * N, p_wp + i_bh * N, p_s + i_bh * S,
-                         tl.load(p_beta + i_bh).to(tl.float32), tl.load(p_g + i_bh).to(tl.float32),
-                         tl.load(p_gamma + i_bh).to(tl.float32), tl.load(p_max + i_bh), tl.load(p_sum + i_bh),
-                         o_n, m_n, N, S, BN)
+    b_p, o_n, m_n = _sharpened_block(p_K, p_wp, p_beta, p_g, p_s, p_gamma, p_max, p_sum, i_n, i_bh, N, S, BN)
     b_dw = _dw_at(p_dwrw, p_dw, i_bh * N + o_n, m_n, HAS_DW)
     tl.store(p_pP + i_bh * NB + i_n, tl.sum(b_p, 0))
     tl.store(p_pdot + i_bh * NB + i_n, tl.sum(b_dw * b_p, 0))

@@ -382,3 +382,19 @@ def test_triton_backend_refuses_forward_mode_ad_rather_than_dropping_tangents(op
             calls[op]()
         # without a tangent the kernels run as usual inside a dual level
         F.read(t["mem"], w[:, :1], backend="triton")
+
+
+def test_jit_trace_of_the_triton_path_records_the_op_and_reruns_on_new_inputs():
+    import warnings
+
+    t = step_inputs(B=2, N=16, M=8, R=1, W=1, dtype=torch.float32, requires_grad=False)
+    other = step_inputs(B=2, N=16, M=8, R=1, W=1, dtype=torch.float32, requires_grad=False, seed=1)
+
+    def step(*x):
+        return F.memory_step(*x, num_reads=1, backend="triton")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's warnings about Python values frozen in the trace
+        traced = torch.jit.trace(step, tuple(t.values()), check_trace=False)
+    for name, expected, out in zip(("w", "r", "new_mem"), reference.memory_step(*other.values(), 1), traced(*other.values())):
+        assert_close(expected, out, name, torch.float32)

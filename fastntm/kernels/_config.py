@@ -213,4 +213,5 @@ def _choose(N: int, M: int, forced: Overrides) -> Blocks:
 
 
 def supported(M: int) -> bool:
-    return block_m(M) <= MAX_BM
+    # int(): under torch.jit.trace a size is a traced tensor (the trace then keeps this decision as a constant).
+    return block_m(int(M)) <= MAX_BM

@@ -832,10 +832,11 @@ def _(mem, k, beta, g, s, gamma, w_prev, e, a, w, K, mx, se, dw, dr, dnew, num_r
 
 
 def _op(custom_op, host_fn):
-    """``custom_op`` where something traces the call (torch.compile, export, a dispatch mode such as fake
-    tensors), which sees through the op but not through a launch; else ``host_fn``, the function the op
-    wraps: an eager call skips the op's dispatch, tens of microseconds of host time."""
-    return custom_op if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() else host_fn
+    """``custom_op`` where something traces the call (torch.compile, export, ``torch.jit.trace``, a dispatch
+    mode such as fake tensors), which sees through the op but not through a launch; else ``host_fn``, the
+    function the op wraps: an eager call skips the op's dispatch, tens of microseconds of host time."""
+    tracing = torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._len_torch_dispatch_stack()
+    return custom_op if tracing else host_fn
 
 
 def _contig(t):

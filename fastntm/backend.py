@@ -9,6 +9,7 @@ kernels through the Triton interpreter, so only under ``TRITON_INTERPRET=1``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from types import ModuleType, SimpleNamespace
@@ -65,6 +66,15 @@ def resolve(backend: str, device: torch.device) -> str:
                 "(is triton installed?); use backend='reference' or 'auto'"
             )
     return backend
+
+
+def autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast switched off for ``device`` where it is on: every op computes in fp32 (SPEC.md),
+    and under autocast the reference path's bmm and einsum would compute in the low dtype."""
+    kind = device.type
+    if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
+        return torch.autocast(kind, enabled=False)
+    return contextlib.nullcontext()
 
 
 def implementation(backend: str, device: torch.device) -> ModuleType | SimpleNamespace:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from . import validation
-from .backend import implementation
+from .backend import autocast_off, implementation
 
 __all__ = ["address", "read", "write", "memory_step"]
 
@@ -37,13 +37,15 @@ def address(mem, k, beta, g, s, gamma, w_prev, *, backend: str = "auto") -> torc
     ``gamma`` >= 1, each (B, H); ``s`` (B, H, S), S odd; ``w_prev`` (B, H, N).
     """
     validation.check_addressing(mem, k, beta, g, s, gamma, w_prev)
-    return implementation(backend, mem.device).address(mem, k, beta, g, s, gamma, w_prev)
+    with autocast_off(mem.device):
+        return implementation(backend, mem.device).address(mem, k, beta, g, s, gamma, w_prev)
 
 
 def read(mem, w, *, backend: str = "auto") -> torch.Tensor:
     """Reads ``r[b, h] = sum_n w[b, h, n] mem[b, n]``: ``mem`` (B, N, M), ``w`` (B, R, N) -> (B, R, M)."""
     validation.check_read(mem, w)
-    return implementation(backend, mem.device).read(mem, w)
+    with autocast_off(mem.device):
+        return implementation(backend, mem.device).read(mem, w)
 
 
 def write(mem, w, e, a, *, backend: str = "auto") -> torch.Tensor:
@@ -53,7 +55,8 @@ def write(mem, w, e, a, *, backend: str = "auto") -> torch.Tensor:
     ``e`` in [0, 1] and ``a`` each (B, W, M).
     """
     validation.check_write(mem, w, e, a)
-    return implementation(backend, mem.device).write(mem, w, e, a)
+    with autocast_off(mem.device):
+        return implementation(backend, mem.device).write(mem, w, e, a)
 
 
 def memory_step(mem, k, beta, g, s, gamma, w_prev, e, a, *, num_reads: int, backend: str = "auto"):
@@ -64,4 +67,5 @@ def memory_step(mem, k, beta, g, s, gamma, w_prev, e, a, *, num_reads: int, back
     the memory before the write. Arguments as in ``address`` and ``write``.
     """
     validation.check_memory_step(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads)
-    return implementation(backend, mem.device).memory_step(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads)
+    with autocast_off(mem.device):
+        return implementation(backend, mem.device).memory_step(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads)

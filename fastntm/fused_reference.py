@@ -31,6 +31,7 @@ import functools
 
 import torch
 
+from .backend import autocast_off
 from .reference import COSINE_EPS, SHARPEN_EPS, SHARPEN_FLOOR, compute_dtype
 
 
@@ -111,7 +112,7 @@ class MemoryStep(torch.autograd.Function):
         erase_factors = _erase_factors(w_write, e)
         new_mem = _write(mem, w_write, e, a, erase_factors)
 
-        ctx.num_reads, ctx.device_type = num_reads, mem.device.type
+        ctx.num_reads, ctx.device = num_reads, mem.device
         # With one write head nothing of size (B, N, M) is saved but the input memory.
         ctx.save_for_backward(
             stored_mem, k, beta, g, s, gamma, w_prev, e, a, k_norm, mem_norm, denominator, similarity, wc, wg, ws, log_c,
@@ -122,9 +123,8 @@ class MemoryStep(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dw, dr, dnew):
-        if not torch.is_autocast_enabled(ctx.device_type):
-            return MemoryStep._backward(ctx, dw, dr, dnew)
-        with torch.autocast(ctx.device_type, enabled=False):
+        # Backward runs from the autograd engine, outside ``functional``'s autocast guard.
+        with autocast_off(ctx.device):
             return MemoryStep._backward(ctx, dw, dr, dnew)
 
     @staticmethod
@@ -201,9 +201,6 @@ class MemoryStep(torch.autograd.Function):
 
 
 def memory_step(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads):
-    """``fastntm.reference.memory_step``, computed as one autograd node (see the module docstring)."""
-    if not torch.is_autocast_enabled(mem.device.type):
-        return MemoryStep.apply(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads)
-    # Under autocast, bmm and friends would compute in the low dtype; the step computes in fp32.
-    with torch.autocast(mem.device.type, enabled=False):
-        return MemoryStep.apply(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads)
+    """``fastntm.reference.memory_step``, computed as one autograd node (see the module docstring).
+    ``fastntm.functional`` calls it with autocast off."""
+    return MemoryStep.apply(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads)

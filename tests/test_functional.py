@@ -364,6 +364,28 @@ def test_memory_step_computes_in_float32_under_autocast():
         assert_close(ref, got_grads[name], f"d{name}")
 
 
+def test_address_read_and_write_compute_in_float32_under_autocast():
+    t = step_inputs(B=2, N=16, M=8, R=1, W=1, dtype=torch.float32, requires_grad=False)
+    mem, k, beta, g, s, gamma, w_prev, e, a = t.values()
+    calls = {
+        "address": (F.address, reference.address, (mem, k, beta, g, s, gamma, w_prev)),
+        "read": (F.read, reference.read, (mem, w_prev[:, :1])),
+        "write": (F.write, reference.write, (mem, w_prev[:, 1:], e, a)),
+    }
+    for name, (op, literal, args) in calls.items():
+        expected = literal(*args)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = op(*args)
+        assert out.dtype == torch.float32, name
+        assert_close(expected, out, name)
+
+
+def test_meta_tensors_give_shapes_through_the_reference_path():
+    t = step_inputs(B=2, N=16, M=8, R=1, W=1, dtype=torch.float32, requires_grad=False)
+    w, r, new_mem = F.memory_step(*(v.to("meta") for v in t.values()), num_reads=1, backend="reference")
+    assert (w.shape, r.shape, new_mem.shape) == ((2, 2, 16), (2, 1, 8), (2, 16, 8))
+
+
 @pytest.mark.parametrize("op", ["memory_step", "address", "read", "write"])
 def test_triton_backend_refuses_forward_mode_ad_rather_than_dropping_tangents(op):
     import torch.autograd.forward_ad as fwAD

@@ -101,7 +101,8 @@ class MemoryStep(torch.autograd.Function):
         wc = torch.softmax(beta * similarity, dim=-1)
         wg = torch.lerp(w_prev, wc, g)
         # ws[n] = sum_j s[j + K] wg[n - j] = sum_i s[2K - i] windows[i][n], windows[i][n] = wg[n + i - K]
-        ws = _weighted_windows(s.flip(-1), _circular_windows(wg, S))
+        wg_windows = _circular_windows(wg, S)  # saved: backward's ds reads the same windows
+        ws = _weighted_windows(s.flip(-1), wg_windows)
         log_c = ws.clamp_min(SHARPEN_FLOOR).log_()
         p = torch.exp(gamma * log_c)
         Z = p.sum(dim=-1, keepdim=True).add_(SHARPEN_EPS)
@@ -115,8 +116,8 @@ class MemoryStep(torch.autograd.Function):
         ctx.num_reads, ctx.device = num_reads, mem.device
         # With one write head nothing of size (B, N, M) is saved but the input memory.
         ctx.save_for_backward(
-            stored_mem, k, beta, g, s, gamma, w_prev, e, a, k_norm, mem_norm, denominator, similarity, wc, wg, ws, log_c,
-            w, erase_factors,
+            stored_mem, k, beta, g, s, gamma, w_prev, e, a, k_norm, mem_norm, denominator, similarity, wc, wg_windows,
+            ws, log_c, w, erase_factors,
         )
         return w.to(ctx.dtypes[1]), r.to(ctx.dtypes[1]), new_mem.to(ctx.dtypes[0])
 
@@ -129,8 +130,8 @@ class MemoryStep(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, dw, dr, dnew):
-        (mem, k, beta, g, s, gamma, w_prev, e, a, k_norm, mem_norm, denominator, similarity, wc, wg, ws, log_c,
-         w, erase_factors) = ctx.saved_tensors
+        (mem, k, beta, g, s, gamma, w_prev, e, a, k_norm, mem_norm, denominator, similarity, wc, wg_windows,
+         ws, log_c, w, erase_factors) = ctx.saved_tensors
         R, dtype = ctx.num_reads, k.dtype
         mem = mem.to(dtype)
         S, W = s.shape[-1], e.shape[1]
@@ -169,7 +170,7 @@ class MemoryStep(torch.autograd.Function):
         dws = (dp_p * gamma).div_(ws.clamp_min(SHARPEN_FLOOR)).masked_fill_(ws < SHARPEN_FLOOR, 0)
 
         # ds[j + K] = sum_n dws[n] wg[n - j]; dwg[n] = sum_j s[j + K] dws[n + j] = sum_i s[i] windows[i][n].
-        ds = torch.matmul(_circular_windows(wg, S), dws.unsqueeze(-1)).squeeze(-1).flip(-1)
+        ds = torch.matmul(wg_windows, dws.unsqueeze(-1)).squeeze(-1).flip(-1)
         dwg = _weighted_windows(s, _circular_windows(dws, S))
 
         dwc = g * dwg
@@ -181,7 +182,11 @@ class MemoryStep(torch.autograd.Function):
         dsim = beta * dz
         ddot = dsim / denominator
         # sum_n dsim K = beta dbeta
-        k_scale = (beta.squeeze(-1) * dbeta).unsqueeze(-1).div_(k_norm.clamp_min(COSINE_EPS).square()).masked_fill_(k_norm < COSINE_EPS, 0)
+        k_scale = (
+            (beta.squeeze(-1) * dbeta).unsqueeze(-1)
+            .div_(k_norm.clamp_min(COSINE_EPS).square())
+            .masked_fill_(k_norm < COSINE_EPS, 0)
+        )
         dk = torch.bmm(ddot, mem).addcmul_(k_scale, k, value=-1)
         mem_scale = (
             (dsim * similarity).sum(dim=1, keepdim=True)

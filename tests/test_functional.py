@@ -418,5 +418,6 @@ def test_jit_trace_of_the_triton_path_records_the_op_and_reruns_on_new_inputs():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the tracer's warnings about Python values frozen in the trace
         traced = torch.jit.trace(step, tuple(t.values()), check_trace=False)
-    for name, expected, out in zip(("w", "r", "new_mem"), reference.memory_step(*other.values(), 1), traced(*other.values())):
-        assert_close(expected, out, name, torch.float32)
+    expected = reference.memory_step(*other.values(), 1)
+    for name, ref, out in zip(("w", "r", "new_mem"), expected, traced(*other.values())):
+        assert_close(ref, out, name, torch.float32)

@@ -65,6 +65,15 @@ def _cosine(b_mem, b_mn, p_k, o_m, m_m):
 
 
 @triton.jit
+def _circular(o_n, d, N):
+    """``(o_n - d) mod N`` at rows ``0 <= o_n < N`` (masked rows get any value; their loads are masked). One
+    scalar modulo a tap, then a compare and a select a row: an integer division a row costs tens of
+    instructions (64-bit ones more), and the shift taps sit on every addressing kernel's critical path."""
+    o = o_n - (d % N + N) % N
+    return tl.where(o < 0, o + N, o)
+
+
+@triton.jit
 def _wg_at(p_K, p_wp, o_src, m_n, b_beta, b_g, b_max, b_sum):
     """``wg = g softmax(beta K) + (1 - g) w_prev`` of one head at rows ``o_src``, from the stored logits."""
     b_K = tl.load(p_K + o_src, mask=m_n, other=0.0)
@@ -81,10 +90,10 @@ def _erase_add(b_keep, b_add, b_w, p_e, p_a, o_hw, o_m, m_m):
 
 
 @triton.jit
-def _store_written(p_new, b_mem, b_keep, b_add, i_b, s_new_b, s_new_n, o_n, o_m, m_nm):
-    """``M_t = M * prod(1 - w e) + sum(w a)`` for the rows ``o_n`` of batch item ``i_b``."""
+def _store_written(p_rows, b_mem, b_keep, b_add, s_new_n, o_n, o_m, m_nm):
+    """``M_t = M * prod(1 - w e) + sum(w a)`` at rows ``o_n`` from ``p_rows`` (new_mem at the block's first row)."""
     b_new = b_mem * b_keep + b_add
-    tl.store(p_new + i_b * s_new_b + o_n[:, None] * s_new_n + o_m[None, :], b_new.to(p_new.dtype.element_ty), mask=m_nm)
+    tl.store(p_rows + o_n[:, None] * s_new_n + o_m[None, :], b_new.to(p_rows.dtype.element_ty), mask=m_nm)
 
 
 @triton.jit
@@ -96,7 +105,7 @@ def _shift(p_K, p_wp, p_s, b_beta, b_g, b_max, b_sum, o_n, m_n, N, S, BN: tl.con
     b_ws = tl.zeros([BN], dtype=tl.float32)
     half = (S - 1) // 2
     for j in range(S):
-        o_src = ((o_n - (j - half)) % N + N) % N
+        o_src = _circular(o_n, j - half, N)
         b_ws += tl.load(p_s + j).to(tl.float32) * _wg_at(p_K, p_wp, o_src, m_n, b_beta, b_g, b_max, b_sum)
     return b_ws
 
@@ -160,26 +169,30 @@ def _memory_step_onchip_kernel(p_mem, p_k, p_beta, p_g, p_s, p_gamma, p_wp, p_e,
             b_w = _onchip_address(b_mem, b_mn, p_k, p_beta, p_g, p_s, p_gamma, p_wp, p_w, p_K, p_max, p_sum, p_P,
                                   i_b * H + h, o_n, o_m, m_n, m_m, N, M, S, BN)
             b_keep, b_add = _erase_add(b_keep, b_add, b_w, p_e, p_a, (i_b * (H - R) + h - R) * M, o_m, m_m)
-        _store_written(p_new, b_mem, b_keep, b_add, i_b, s_new_b, s_new_n, o_n, o_m, m_nm)
+        _store_written(p_new + i_b * s_new_b, b_mem, b_keep, b_add, s_new_n, o_n, o_m, m_nm)
 
 
 @triton.jit
 def _similarity_kernel(p_mem, p_k, p_beta, p_K, p_pmax, p_psum, s_mem_b, s_mem_n, N, M, H, NB,
                        BN: tl.constexpr, BM: tl.constexpr):
-    """Large memory, pass 1: logits of every head on rows of block ``i_n``; max and sum-exp partials."""
+    """Large memory, pass 1: logits of every head on rows of block ``i_n``; max and sum-exp partials.
+
+    Rows are int32 offsets ``o_n`` from the block's first row ``n0`` (int64), in every large-memory kernel:
+    a tile of 64-bit offsets or pointers takes twice the registers."""
     i_n = tl.program_id(0).to(tl.int64)
     i_b = tl.program_id(1).to(tl.int64)
-    o_n = i_n * BN + tl.arange(0, BN)
+    n0 = i_n * BN
+    o_n = tl.arange(0, BN)
     o_m = tl.arange(0, BM)
-    m_n = o_n < N
+    m_n = o_n < N - n0
     m_m = o_m < M
-    b_mem = tl.load(p_mem + i_b * s_mem_b + o_n[:, None] * s_mem_n + o_m[None, :],
+    b_mem = tl.load(p_mem + i_b * s_mem_b + n0 * s_mem_n + o_n[:, None] * s_mem_n + o_m[None, :],
                     mask=m_n[:, None] & m_m[None, :], other=0.0).to(tl.float32)
     b_mn = tl.maximum(tl.sqrt(tl.sum(b_mem * b_mem, 1)), 1e-8)
     for h in range(H):
         i_bh = i_b * H + h
         b_K = _cosine(b_mem, b_mn, p_k + i_bh * M, o_m, m_m)
-        tl.store(p_K + i_bh * N + o_n, b_K, mask=m_n)
+        tl.store(p_K + i_bh * N + n0 + o_n, b_K, mask=m_n)
         b_z = tl.where(m_n, tl.load(p_beta + i_bh).to(tl.float32) * b_K, float("-inf"))
         b_max = tl.max(b_z, 0)
         tl.store(p_pmax + i_bh * NB + i_n, b_max)
@@ -202,7 +215,7 @@ def _sharpened_block(p_K, p_wp, p_beta, p_g, p_s, p_gamma, p_max, p_sum, i_n, i_
 def _shift_sharpen_kernel(p_K, p_wp, p_beta, p_g, p_s, p_gamma, p_max, p_sum, p_pw, p_pP, N, S, NB,
                           BN: tl.constexpr):
     """Large memory, pass 2: ``ws^gamma`` of head ``i_bh`` on block ``i_n`` (fp32) and its block sum."""
-    i_n = tl.program_id(0).to(tl.int64)
+    i_n = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
     b_p, o_n, m_n = _sharpened_block(p_K, p_wp, p_beta, p_g, p_s, p_gamma, p_max, p_sum, i_n, i_bh, N, S, BN)
     tl.store(p_pw + i_bh * N + o_n, b_p, mask=m_n)
@@ -210,14 +223,15 @@ def _shift_sharpen_kernel(p_K, p_wp, p_beta, p_g, p_s, p_gamma, p_max, p_sum, p_
 
 
 @triton.jit
-def _load_w(p_w, p_P, p_wout, i_bh, o_n, m_n, N, NORMALIZE: tl.constexpr):
-    """A head's weighting on a block: given (``p_w``), or ``ws^gamma / (P + eps)`` stored to ``p_wout``."""
+def _load_w(p_w, p_P, p_wout, i_bh, o_row, o_n, m_n, NORMALIZE: tl.constexpr):
+    """Head ``i_bh``'s weighting at rows ``o_n`` from offset ``o_row`` of the (B, H, N) vectors: given
+    (``p_w``), or ``ws^gamma / (P + eps)`` stored to ``p_wout``."""
     if NORMALIZE:
-        b_w = tl.load(p_w + i_bh * N + o_n, mask=m_n, other=0.0) / (tl.load(p_P + i_bh) + 1e-16)
+        b_w = tl.load(p_w + o_row + o_n, mask=m_n, other=0.0) / (tl.load(p_P + i_bh) + 1e-16)
         b_w = b_w.to(p_wout.dtype.element_ty)
-        tl.store(p_wout + i_bh * N + o_n, b_w, mask=m_n)
+        tl.store(p_wout + o_row + o_n, b_w, mask=m_n)
     else:
-        b_w = tl.load(p_w + i_bh * N + o_n, mask=m_n, other=0.0)
+        b_w = tl.load(p_w + o_row + o_n, mask=m_n, other=0.0)
     return b_w.to(tl.float32)
 
 
@@ -228,24 +242,26 @@ def _read_write_kernel(p_mem, p_w, p_P, p_e, p_a, p_wout, p_rpart, p_new,
     """Reads of heads [0, R) as per-block partials ``(B, NB, R, M)``; write of heads [R, R + W) on block ``i_n``."""
     i_n = tl.program_id(0).to(tl.int64)
     i_b = tl.program_id(1).to(tl.int64)
-    o_n = i_n * BN + tl.arange(0, BN)
+    n0 = i_n * BN
+    o_n = tl.arange(0, BN)
     o_m = tl.arange(0, BM)
-    m_n = o_n < N
+    m_n = o_n < N - n0
     m_m = o_m < M
     m_nm = m_n[:, None] & m_m[None, :]
-    b_mem = tl.load(p_mem + i_b * s_mem_b + o_n[:, None] * s_mem_n + o_m[None, :], mask=m_nm, other=0.0).to(tl.float32)
+    b_mem = tl.load(p_mem + i_b * s_mem_b + n0 * s_mem_n + o_n[:, None] * s_mem_n + o_m[None, :],
+                    mask=m_nm, other=0.0).to(tl.float32)
     H = R + W
     for h in range(R):
-        b_w = _load_w(p_w, p_P, p_wout, i_b * H + h, o_n, m_n, N, NORMALIZE)
+        b_w = _load_w(p_w, p_P, p_wout, i_b * H + h, (i_b * H + h) * N + n0, o_n, m_n, NORMALIZE)
         b_r = tl.sum(b_w[:, None] * b_mem, 0)
         tl.store(p_rpart + ((i_b * NB + i_n) * R + h) * M + o_m, b_r, mask=m_m)
     if WRITE:
         b_keep = tl.full([BN, BM], 1.0, dtype=tl.float32)
         b_add = tl.zeros([BN, BM], dtype=tl.float32)
         for h in range(R, H):
-            b_w = _load_w(p_w, p_P, p_wout, i_b * H + h, o_n, m_n, N, NORMALIZE)
+            b_w = _load_w(p_w, p_P, p_wout, i_b * H + h, (i_b * H + h) * N + n0, o_n, m_n, NORMALIZE)
             b_keep, b_add = _erase_add(b_keep, b_add, b_w, p_e, p_a, (i_b * W + h - R) * M, o_m, m_m)
-        _store_written(p_new, b_mem, b_keep, b_add, i_b, s_new_b, s_new_n, o_n, o_m, m_nm)
+        _store_written(p_new + i_b * s_new_b + n0 * s_new_n, b_mem, b_keep, b_add, s_new_n, o_n, o_m, m_nm)
 
 
 @triton.jit
@@ -260,30 +276,32 @@ def _read_write_bwd_kernel(p_mem, p_w, p_e, p_a, p_dr, p_dnew, p_dw, p_depart, p
     """
     i_n = tl.program_id(0).to(tl.int64)
     i_b = tl.program_id(1).to(tl.int64)
-    o_n = i_n * BN + tl.arange(0, BN)
+    n0 = i_n * BN
+    o_n = tl.arange(0, BN)
     o_m = tl.arange(0, BM)
-    m_n = o_n < N
+    m_n = o_n < N - n0
     m_m = o_m < M
     m_nm = m_n[:, None] & m_m[None, :]
     H = R + W
-    b_mem = tl.load(p_mem + i_b * s_mem_b + o_n[:, None] * s_mem_n + o_m[None, :], mask=m_nm, other=0.0).to(tl.float32)
+    b_mem = tl.load(p_mem + i_b * s_mem_b + n0 * s_mem_n + o_n[:, None] * s_mem_n + o_m[None, :],
+                    mask=m_nm, other=0.0).to(tl.float32)
     for h in range(RD):
         b_dr = tl.load(p_dr + (i_b * R + h) * M + o_m, mask=m_m, other=0.0).to(tl.float32)
-        tl.store(p_dw + (i_b * H + h) * N + o_n, tl.sum(b_mem * b_dr[None, :], 1), mask=m_n)
+        tl.store(p_dw + (i_b * H + h) * N + n0 + o_n, tl.sum(b_mem * b_dr[None, :], 1), mask=m_n)
     for hw in range(WD):
-        b_dnew = tl.load(p_dnew + i_b * s_dnew_b + o_n[:, None] * s_dnew_n + o_m[None, :],
+        b_dnew = tl.load(p_dnew + i_b * s_dnew_b + n0 * s_dnew_n + o_n[:, None] * s_dnew_n + o_m[None, :],
                          mask=m_nm, other=0.0).to(tl.float32)
         b_others = tl.full([BN, BM], 1.0, dtype=tl.float32)
         for h2 in range(W):
-            b_w2 = tl.load(p_w + (i_b * H + R + h2) * N + o_n, mask=m_n, other=0.0).to(tl.float32)
+            b_w2 = tl.load(p_w + (i_b * H + R + h2) * N + n0 + o_n, mask=m_n, other=0.0).to(tl.float32)
             b_e2 = tl.load(p_e + (i_b * W + h2) * M + o_m, mask=m_m, other=0.0).to(tl.float32)
             b_others *= tl.where(h2 == hw, 1.0, 1.0 - b_w2[:, None] * b_e2[None, :])
-        b_w = tl.load(p_w + (i_b * H + R + hw) * N + o_n, mask=m_n, other=0.0).to(tl.float32)
+        b_w = tl.load(p_w + (i_b * H + R + hw) * N + n0 + o_n, mask=m_n, other=0.0).to(tl.float32)
         b_e = tl.load(p_e + (i_b * W + hw) * M + o_m, mask=m_m, other=0.0).to(tl.float32)
         b_a = tl.load(p_a + (i_b * W + hw) * M + o_m, mask=m_m, other=0.0).to(tl.float32)
         b_derase = b_dnew * b_mem * b_others
         b_dw = tl.sum(b_dnew * b_a[None, :] - b_derase * b_e[None, :], 1)
-        tl.store(p_dw + (i_b * H + R + hw) * N + o_n, b_dw, mask=m_n)
+        tl.store(p_dw + (i_b * H + R + hw) * N + n0 + o_n, b_dw, mask=m_n)
         o_part = ((i_b * NB + i_n) * W + hw) * M + o_m
         tl.store(p_depart + o_part, -tl.sum(b_derase * b_w[:, None], 0), mask=m_m)
         tl.store(p_dapart + o_part, tl.sum(b_dnew * b_w[:, None], 0), mask=m_m)
@@ -306,7 +324,7 @@ def _sharpen_dot_kernel(p_dwrw, p_dw, p_K, p_wp, p_beta, p_g, p_s, p_gamma, p_ma
     Not the saved ``w``: in bf16 its rounding, through ``dot1 = sum_n dw w``, spoils dL/dgamma (a difference
     of nearly equal sums).
     """
-    i_n = tl.program_id(0).to(tl.int64)
+    i_n = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
     b_p, o_n, m_n = _sharpened_block(p_K, p_wp, p_beta, p_g, p_s, p_gamma, p_max, p_sum, i_n, i_bh, N, S, BN)
     b_dw = _dw_at(p_dwrw, p_dw, i_bh * N + o_n, m_n, HAS_DW)
@@ -325,7 +343,7 @@ def _sharpen_bwd_kernel(p_dwrw, p_dw, p_K, p_wp, p_beta, p_g, p_s, p_gamma, p_ma
     ``ds[j + K] = sum_n dws[n] wg[(n - j) mod N]``. ``ws`` and ``wg`` are recomputed as the forward does,
     the halo from the stored logits. Block partials: dgamma (B, H, NB), ds (B, H, NB, S).
     """
-    i_n = tl.program_id(0).to(tl.int64)
+    i_n = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
     o_n = i_n * BN + tl.arange(0, BN)
     m_n = o_n < N
@@ -346,7 +364,7 @@ def _sharpen_bwd_kernel(p_dwrw, p_dw, p_K, p_wp, p_beta, p_g, p_s, p_gamma, p_ma
     tl.store(p_dws + i_bh * N + o_n, b_dws, mask=m_n)
     half = (S - 1) // 2
     for j in range(S):
-        o_src = ((o_n - (j - half)) % N + N) % N
+        o_src = _circular(o_n, j - half, N)
         b_wg = _wg_at(p_Kh, p_wph, o_src, m_n, b_beta, b_g, b_max, b_sum)
         tl.store(p_pds + (i_bh * NB + i_n) * S + j, tl.sum(b_dws * b_wg, 0))
 
@@ -360,14 +378,14 @@ def _interp_bwd_kernel(p_dws, p_K, p_wp, p_beta, p_g, p_s, p_max, p_sum, p_dwp, 
     (stored in its dtype); ``dwc = g dwg`` (stored, fp32). Block partials (B, H, NB) of
     ``dg = sum_n dwg (wc - w_prev)`` and ``dot2 = sum_n dwc wc``.
     """
-    i_n = tl.program_id(0).to(tl.int64)
+    i_n = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
     o_n = i_n * BN + tl.arange(0, BN)
     m_n = o_n < N
     half = (S - 1) // 2
     b_dwg = tl.zeros([BN], dtype=tl.float32)
     for j in range(S):
-        o_dst = ((o_n + (j - half)) % N + N) % N
+        o_dst = _circular(o_n, half - j, N)
         b_dwg += tl.load(p_s + i_bh * S + j).to(tl.float32) * tl.load(p_dws + i_bh * N + o_dst, mask=m_n, other=0.0)
     b_g = tl.load(p_g + i_bh).to(tl.float32)
     b_K = tl.load(p_K + i_bh * N + o_n, mask=m_n, other=0.0)
@@ -462,7 +480,7 @@ def _onchip_address_bwd(b_dw, p_beta, p_g, p_s, p_gamma, p_wp, p_K, p_max, p_sum
     half = (S - 1) // 2
     b_ws = tl.zeros([BN], dtype=tl.float32)
     for j in range(S):
-        o_src = ((o_n - (j - half)) % N + N) % N
+        o_src = _circular(o_n, j - half, N)
         b_ws += tl.load(p_s + i_bh * S + j).to(tl.float32) * _wg_at(p_K + i_bh * N, p_wp + i_bh * N, o_src, m_n,
                                                                    b_beta, b_g, b_max, b_sum)
     b_logc = tl.log(tl.maximum(b_ws, 1e-30))
@@ -477,8 +495,8 @@ def _onchip_address_bwd(b_dw, p_beta, p_g, p_s, p_gamma, p_wp, p_K, p_max, p_sum
     tl.debug_barrier()
     b_dwg = tl.zeros([BN], dtype=tl.float32)
     for j in range(S):
-        o_dst = ((o_n + (j - half)) % N + N) % N
-        o_src = ((o_n - (j - half)) % N + N) % N
+        o_dst = _circular(o_n, half - j, N)
+        o_src = _circular(o_n, j - half, N)
         b_dwg += tl.load(p_s + i_bh * S + j).to(tl.float32) * tl.load(p_scr + 2 * i_bh * N + o_dst, mask=m_n, other=0.0)
         b_wg = _wg_at(p_K + i_bh * N, p_wp + i_bh * N, o_src, m_n, b_beta, b_g, b_max, b_sum)
         tl.store(p_ds + i_bh * S + j, tl.sum(tl.where(m_n, b_dws * b_wg, 0.0), 0).to(p_ds.dtype.element_ty))

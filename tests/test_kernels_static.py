@@ -8,6 +8,13 @@ Set ``FASTNTM_STATIC_TABLE=path`` to also write the table to a file, and ``FASTN
 interpreter off (it replaces the compiler); ``tests/conftest.py`` turns it on by default without a
 GPU, so under the interpreter (a plain ``pytest`` run) one test reruns this file in a fresh process
 with ``TRITON_INTERPRET=0`` and passes when it passes.
+
+Each configuration is compiled twice. ``any``: no argument specialized, the code a launch gets when
+sizes and strides are not multiples of 16 (M = 20: scalar loads). ``as launched``: the host code runs
+at the benchmark shapes (``LAUNCH_SHAPES``) with its launches recorded, not made, and each recorded
+launch is compiled as Triton's launcher specializes it: pointers 16-byte aligned and integers that are
+multiples of 16 marked so (vectorized loads and other layouts, so other register counts and spills),
+integers equal to 1 made constants.
 """
 
 import importlib
@@ -21,12 +28,17 @@ from concurrent.futures import ProcessPoolExecutor
 import pytest
 
 triton = pytest.importorskip("triton")
-from triton.backends.compiler import GPUTarget  # noqa: E402
+import torch  # noqa: E402
+from triton._C.libtriton import native_specialize_impl  # noqa: E402
+from triton.backends.compiler import BaseBackend, GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from fastntm.kernels import _config  # noqa: E402
 
+# Modules, not the functions of the same names that fastntm.kernels exports.
 ms = importlib.import_module("fastntm.kernels.memory_step")
+kread = importlib.import_module("fastntm.kernels.read")
+kwrite = importlib.import_module("fastntm.kernels.write")
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 aot = pytest.mark.skipif(INTERPRETING, reason="AOT compilation needs the interpreter off (run in a subprocess below)")
@@ -50,6 +62,11 @@ VECTOR_BWD_KERNELS = ("_sharpen_dot_kernel", "_sharpen_bwd_kernel", "_interp_bwd
 # block partials: large-memory forward 4 (max, sum-exp combine, sharpening sum, read partial sum); backward
 # about 20, none over a (B, H, N) vector).
 LAUNCHES = {True: "fwd 1, bwd 1", False: "fwd 3, bwd 5"}
+
+# (N, M, R, W, S) of benchmarks/shapes.py's paper, medium and large shapes. The batch is a grid dimension,
+# never a kernel argument, so B = 1 here.
+LAUNCH_SHAPES = {"paper": (128, 20, 1, 1, 3), "medium": (4096, 64, 2, 1, 3), "large": (65536, 64, 4, 1, 3)}
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def dispatch_blocks():
@@ -78,9 +95,10 @@ def kernel_configs():
         # Standalone read and write use the read/write kernel in both regimes.
         for write in (True, False):
             out.append(("_read_write_kernel", dict(NORMALIZE=False, WRITE=write, **bm), nw))
-        # The two-pass backward: large memory, and standalone read and write in both regimes.
+        # The two-pass backward: large memory (with the cosine's dL/dk), and standalone read and write in
+        # both regimes (without).
         out.append(("_read_write_bwd_kernel", bm, nw))
-        for has_dk in (True, False):
+        for has_dk in (False,) if blk.onchip else (True, False):
             out.append(("_mem_bwd_kernel", dict(HAS_DK=has_dk, **bm), nw))
     for log_n in range(4, 21):
         for name in ("_shift_sharpen_kernel", *VECTOR_BWD_KERNELS):
@@ -93,23 +111,97 @@ def kernel_configs():
     return distinct
 
 
+class _Recorder:
+    """Stands in for a kernel: ``kernel[grid](*args, **kwargs)`` records the launch instead of making it."""
+
+    def __init__(self, name, calls):
+        self.name, self.calls = name, calls
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.calls.append((self.name, args, kwargs))
+
+
+def _run_host_code(N, M, R, W, S, dtype):
+    """Every host path at one shape: the step forward and backward, addressing, read and write alone."""
+    H = R + W
+
+    def t(*shape):
+        return torch.zeros(shape, dtype=dtype)
+
+    mem, k, beta, g, s, gamma, w_prev, e, a = t(1, N, M), t(1, H, M), t(1, H), t(1, H), t(1, H, S), t(1, H), \
+        t(1, H, N), t(1, W, M), t(1, W, M)
+    w, r, new, K, mx, se, _ = ms._forward(mem, k, beta, g, s, gamma, w_prev, e, a, R, True)
+    ms._backward(mem, k, beta, g, s, gamma, w_prev, e, a, w, K, mx, se, w, r, new, R)
+    none = t(1, 0, M)
+    w, _, _, K, mx, se, _ = ms._forward(mem, k, beta, g, s, gamma, w_prev, none, none, H, False)
+    ms._backward(mem, k, beta, g, s, gamma, w_prev, none, none, w, K, mx, se, w, None, None, H)
+    w_read, w_write = w[:, :R].contiguous(), w[:, R:].contiguous()
+    kread._read_bwd(mem, w_read, kread._read_fwd(mem, w_read))
+    kwrite._write_bwd(mem, w_write, e, a, kwrite._write_fwd(mem, w_write, e, a))
+
+
+def launched_configs():
+    """(kernel, signature, constexprs, attrs, options, label, dtype) of every distinct launch the host code
+    makes at ``LAUNCH_SHAPES`` with each of ``DTYPES``, specialized as Triton's launcher does."""
+    kernels = {n: getattr(ms, n) for n in vars(ms) if n.endswith("_kernel")}
+    calls = []
+    for name in kernels:
+        setattr(ms, name, _Recorder(name, calls))
+    try:
+        labels = []
+        for shape_name, shape in LAUNCH_SHAPES.items():
+            for dtype in DTYPES:
+                before = len(calls)
+                _run_host_code(*shape, TORCH_DTYPES[dtype])
+                labels += [(shape_name, dtype)] * (len(calls) - before)
+    finally:
+        for name, kernel in kernels.items():
+            setattr(ms, name, kernel)
+    seen = {}
+    for (name, args, kwargs), (shape_name, dtype) in zip(calls, labels):
+        fn = kernels[name]
+        options = {k: kwargs[k] for k in ("num_warps", "maxnreg") if k in kwargs}
+        bound = dict(zip(fn.arg_names, args), **{k: v for k, v in kwargs.items() if k not in options})
+        signature, consts, attrs = {}, {}, {}
+        for i, param in enumerate(fn.params):
+            value = bound[param.name]
+            if param.is_constexpr:
+                signature[param.name], consts[param.name] = "constexpr", value
+                continue
+            kind, spec = native_specialize_impl(BaseBackend, value, False, not param.do_not_specialize,
+                                                not param.do_not_specialize_on_alignment)
+            if kind == "constexpr":
+                signature[param.name], consts[param.name] = "constexpr", spec
+            else:
+                signature[param.name] = kind
+                if spec:
+                    attrs[(i,)] = BaseBackend.parse_attr(spec)
+        key = (name, repr(signature), repr(consts), repr(attrs), repr(options), dtype)
+        seen.setdefault(key, (name, signature, consts, attrs, options, [], dtype))[5].append(shape_name)
+    return [(*job[:5], "as launched: " + ", ".join(dict.fromkeys(job[5])), job[6]) for job in seen.values()]
+
+
 def pointer_type(kernel, arg, consts, dtype):
     fp32 = arg in FP32_POINTERS or (kernel, arg) == ("_read_write_bwd_kernel", "p_dw") or (
         (kernel, arg) == ("_read_write_kernel", "p_w") and consts.get("NORMALIZE"))
     return "*fp32" if fp32 else f"*{dtype}"
 
 
-def compile_one(job):
-    name, consts, num_warps, arch, dtype = job
-    fn = getattr(ms, name)
+def generic_job(name, consts, num_warps, dtype):
+    """A configuration compiled with no argument specialized (``any``)."""
     signature = {
         n: "constexpr" if n in consts else (pointer_type(name, n, consts, dtype) if n.startswith("p_") else "i32")
-        for n in fn.arg_names
+        for n in getattr(ms, name).arg_names
     }
+    return name, signature, consts, {}, dict(num_warps=num_warps, **LAUNCH_OPTIONS.get(name, {})), "any", dtype
+
+
+def compile_one(job):
+    name, signature, consts, attrs, options, label, dtype, arch = job
     compiled = triton.compile(
-        ASTSource(fn=fn, signature=signature, constexprs=consts),
+        ASTSource(fn=getattr(ms, name), signature=signature, constexprs=consts, attrs=attrs),
         target=GPUTarget("cuda", arch, 32),
-        options=dict(num_warps=num_warps, **LAUNCH_OPTIONS.get(name, {})),
+        options=options,
     )
     # The cubin is the one a launch loads, from Triton's own ptxas run: its stack frame holds any spill.
     with tempfile.NamedTemporaryFile("wb", suffix=".cubin", delete=False) as f:
@@ -120,22 +212,32 @@ def compile_one(job):
     finally:
         os.unlink(f.name)
     regs, stack = (int(re.search(rf"\b{key}:(\d+)", usage).group(1)) for key in ("REG", "STACK"))
-    return dict(kernel=name, consts=consts, num_warps=num_warps, arch=arch, dtype=dtype, regs=regs,
-                stack=stack, shared=compiled.metadata.shared)
+    shown = {k: v for k, v in consts.items() if signature.get(k) == "constexpr" and k in _shown_consts(name)}
+    return dict(kernel=name, consts=shown, num_warps=options["num_warps"], arch=arch, dtype=dtype, label=label,
+                regs=regs, stack=stack, shared=compiled.metadata.shared)
+
+
+def _shown_consts(name):
+    """The kernel's own constexpr parameters (not the integers a launch specialized to 1)."""
+    return {p.name for p in getattr(ms, name).params if p.is_constexpr}
+
+
+def all_jobs():
+    jobs = [generic_job(name, consts, nw, dtype) for name, consts, nw in kernel_configs() for dtype in DTYPES]
+    return [(*job, arch) for job in jobs + launched_configs() for arch in ARCHS]
 
 
 @pytest.fixture(scope="module")
 def results():
-    jobs = [(name, consts, nw, arch, dtype) for name, consts, nw in kernel_configs()
-            for dtype in DTYPES for arch in ARCHS]
+    jobs = all_jobs()
     with ProcessPoolExecutor(max_workers=min(2, os.cpu_count() or 1)) as pool:
         rows = list(pool.map(compile_one, jobs))
     lines = [f"{'kernel':30} {'config':36} {'warps':>5} {'sm':>3} {'dtype':>5} {'regs':>4} {'stack B':>7} "
-             f"{'smem B':>6}"]
+             f"{'smem B':>6}  launch"]
     for r in rows:
         cfg = " ".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in r["consts"].items())
         lines.append(f"{r['kernel']:30} {cfg:36} {r['num_warps']:>5} {r['arch']:>3} {r['dtype']:>5} {r['regs']:>4} "
-                     f"{r['stack']:>7} {r['shared']:>6}")
+                     f"{r['stack']:>7} {r['shared']:>6}  {r['label']}")
     lines.append("Triton launches per step: on-chip " + LAUNCHES[True] + "; large memory " + LAUNCHES[False])
     table = "\n".join(lines)
     print("\n" + table)
@@ -149,7 +251,8 @@ def results():
 def test_every_config_compiles_for_sm80_and_sm90(results):
     assert {r["arch"] for r in results} == set(ARCHS)
     assert {r["dtype"] for r in results} == set(DTYPES)
-    assert len(results) == len(ARCHS) * len(DTYPES) * len(kernel_configs())
+    assert len(results) == len(all_jobs())
+    assert {r["label"] for r in results if r["label"] != "any"}, "no launch was recorded"
 
 
 @aot

@@ -223,13 +223,14 @@ def _shift_sharpen_kernel(p_K, p_wp, p_beta, p_g, p_s, p_gamma, p_max, p_sum, p_
 
 
 @triton.jit
-def _load_w(p_w, p_P, p_wout, i_bh, o_row, o_n, m_n, NORMALIZE: tl.constexpr):
+def _load_w(p_w, p_P, p_wout, i_bh, o_row, o_n, m_n, NORMALIZE: tl.constexpr, STORE: tl.constexpr):
     """Head ``i_bh``'s weighting at rows ``o_n`` from offset ``o_row`` of the (B, H, N) vectors: given
-    (``p_w``), or ``ws^gamma / (P + eps)`` stored to ``p_wout``."""
+    (``p_w``), or ``ws^gamma / (P + eps)`` in w's dtype, stored to ``p_wout`` where ``STORE``."""
     if NORMALIZE:
         b_w = tl.load(p_w + o_row + o_n, mask=m_n, other=0.0) / (tl.load(p_P + i_bh) + 1e-16)
         b_w = b_w.to(p_wout.dtype.element_ty)
-        tl.store(p_wout + o_row + o_n, b_w, mask=m_n)
+        if STORE:
+            tl.store(p_wout + o_row + o_n, b_w, mask=m_n)
     else:
         b_w = tl.load(p_w + o_row + o_n, mask=m_n, other=0.0)
     return b_w.to(tl.float32)
@@ -252,19 +253,28 @@ def _read_write_kernel(p_mem, p_w, p_P, p_e, p_a, p_wout, p_rpart, p_new,
                     mask=m_nm, other=0.0).to(tl.float32)
     H = R + W
     for h in range(R):
-        b_w = _load_w(p_w, p_P, p_wout, i_b * H + h, (i_b * H + h) * N + n0, o_n, m_n, NORMALIZE)
+        b_w = _load_w(p_w, p_P, p_wout, i_b * H + h, (i_b * H + h) * N + n0, o_n, m_n, NORMALIZE, True)
         b_r = tl.sum(b_w[:, None] * b_mem, 0)
         tl.store(p_rpart + ((i_b * NB + i_n) * R + h) * M + o_m, b_r, mask=m_m)
     if WRITE:
-        b_keep = tl.full([BN, BM], 1.0, dtype=tl.float32)
-        b_add = tl.zeros([BN, BM], dtype=tl.float32)
+        # The erase of every head, then the adds, on new_mem itself: a tile that starts as the loaded block
+        # keeps its layout through the loops. Tiles started from constants (1 and 0) got another layout, and
+        # two shared-memory conversions of the block at the end (at M a multiple of 16). The store's
+        # addresses before the loops: after them, ptxas spilled (BN=256, BM=16, 8 warps, bf16, sm_90).
+        p_rows = p_new + i_b * s_new_b + n0 * s_new_n + o_n[:, None] * s_new_n + o_m[None, :]
+        b_new = b_mem
         for h in range(R, H):
-            b_w = _load_w(p_w, p_P, p_wout, i_b * H + h, (i_b * H + h) * N + n0, o_n, m_n, NORMALIZE)
-            b_keep, b_add = _erase_add(b_keep, b_add, b_w, p_e, p_a, (i_b * W + h - R) * M, o_m, m_m)
-        _store_written(p_new + i_b * s_new_b + n0 * s_new_n, b_mem, b_keep, b_add, s_new_n, o_n, o_m, m_nm)
+            b_w = _load_w(p_w, p_P, p_wout, i_b * H + h, (i_b * H + h) * N + n0, o_n, m_n, NORMALIZE, True)
+            b_e = tl.load(p_e + (i_b * W + h - R) * M + o_m, mask=m_m, other=0.0).to(tl.float32)
+            b_new *= 1.0 - b_w[:, None] * b_e[None, :]
+        for h in range(R, H):
+            b_w = _load_w(p_w, p_P, p_wout, i_b * H + h, (i_b * H + h) * N + n0, o_n, m_n, NORMALIZE, False)
+            b_a = tl.load(p_a + (i_b * W + h - R) * M + o_m, mask=m_m, other=0.0).to(tl.float32)
+            b_new += b_w[:, None] * b_a[None, :]
+        tl.store(p_rows, b_new.to(p_new.dtype.element_ty), mask=m_nm)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("RD", "WD"))
 def _read_write_bwd_kernel(p_mem, p_w, p_e, p_a, p_dr, p_dnew, p_dw, p_depart, p_dapart,
                            s_mem_b, s_mem_n, s_dnew_b, s_dnew_n, N, M, R, W, NB, RD, WD,
                            BN: tl.constexpr, BM: tl.constexpr):
@@ -310,12 +320,13 @@ def _read_write_bwd_kernel(p_mem, p_w, p_e, p_a, p_dr, p_dnew, p_dw, p_depart, p
 @triton.jit
 def _dw_at(p_dwrw, p_dw, o, m_n, HAS_DW):
     """dL/dw of the addressing chain at offsets ``o``: from the reads and the write (fp32), plus the given
-    dL/dw where ``HAS_DW`` (a runtime 0 or 1: one compiled kernel either way; a masked-off load moves no data)."""
+    dL/dw where ``HAS_DW`` (0 or 1, left unspecialized: one compiled kernel either way; a masked-off load moves
+    no data)."""
     b_dw = tl.load(p_dwrw + o, mask=m_n, other=0.0)
     return b_dw + tl.load(p_dw + o, mask=m_n & (HAS_DW != 0), other=0.0).to(tl.float32)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("HAS_DW",))
 def _sharpen_dot_kernel(p_dwrw, p_dw, p_K, p_wp, p_beta, p_g, p_s, p_gamma, p_max, p_sum, p_pP, p_pdot,
                         N, S, NB, HAS_DW, BN: tl.constexpr):
     """Addressing backward, pass 1: block partials (B, H, NB) of ``P = sum_n p[n]`` and ``sum_n dw[n] p[n]``,
@@ -332,7 +343,7 @@ def _sharpen_dot_kernel(p_dwrw, p_dw, p_K, p_wp, p_beta, p_g, p_s, p_gamma, p_ma
     tl.store(p_pdot + i_bh * NB + i_n, tl.sum(b_dw * b_p, 0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("HAS_DW",))
 def _sharpen_bwd_kernel(p_dwrw, p_dw, p_K, p_wp, p_beta, p_g, p_s, p_gamma, p_max, p_sum, p_P, p_dot,
                         p_dws, p_pdgamma, p_pds, N, S, NB, HAS_DW, BN: tl.constexpr):
     """Addressing backward, pass 2, head ``i_bh`` on block ``i_n``: sharpening and the shift's dL/ds.
@@ -398,7 +409,7 @@ def _interp_bwd_kernel(p_dws, p_K, p_wp, p_beta, p_g, p_s, p_max, p_sum, p_dwp, 
     tl.store(p_pdot + i_bh * NB + i_n, tl.sum(b_dwc * b_wc, 0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("RD", "HAS_DNEW"))
 def _mem_bwd_kernel(p_mem, p_w, p_e, p_dr, p_dnew, p_k, p_K, p_beta, p_max, p_sum, p_dot, p_dwc, p_dmem,
                     p_dkpart, p_pdbeta,
                     s_mem_b, s_mem_n, s_dnew_b, s_dnew_n, s_dmem_b, s_dmem_n, N, M, R, W, HK, NB, RD, HAS_DNEW,
@@ -409,8 +420,9 @@ def _mem_bwd_kernel(p_mem, p_w, p_e, p_dr, p_dnew, p_k, p_K, p_beta, p_max, p_su
     The softmax backward of each addressing head on the way, from dL/dwc and ``dot2 = sum_n dwc wc``:
     ``dz = wc (dwc - dot2)``, ``dK = beta dz``; per-block partials (B, NB, HK) of ``dbeta = sum_n dz K``.
 
-    ``RD`` (R or 0) and ``HAS_DNEW`` (0 or 1) say whether dL/dr and dL/dnew_mem were given: runtime
-    values, so that one compiled kernel serves every combination (a masked-off load moves no data)."""
+    ``RD`` (R or 0) and ``HAS_DNEW`` (0 or 1) say whether dL/dr and dL/dnew_mem were given: runtime values
+    that Triton is told not to specialize (it makes an argument equal to 1 a constant), so one compiled
+    kernel serves every combination (a masked-off load moves no data)."""
     i_n = tl.program_id(0).to(tl.int64)
     i_b = tl.program_id(1).to(tl.int64)
     # Rows as int32 offsets from the block's int64 base: tiles of 64-bit offsets cost registers, and with
@@ -422,14 +434,13 @@ def _mem_bwd_kernel(p_mem, p_w, p_e, p_dr, p_dnew, p_k, p_K, p_beta, p_max, p_su
     m_m = o_m < M
     m_nm = m_n[:, None] & m_m[None, :]
     H = R + W
-    b_dmem = tl.zeros([BN, BM], dtype=tl.float32)
     b_dnew = tl.load(p_dnew + i_b * s_dnew_b + n0 * s_dnew_n + o_n[:, None] * s_dnew_n + o_m[None, :],
                      mask=m_nm & (HAS_DNEW != 0), other=0.0).to(tl.float32)
     for h in range(W * HAS_DNEW):
         b_w = tl.load(p_w + (i_b * H + R + h) * N + n0 + o_n, mask=m_n, other=0.0).to(tl.float32)
         b_e = tl.load(p_e + (i_b * W + h) * M + o_m, mask=m_m, other=0.0).to(tl.float32)
         b_dnew *= 1.0 - b_w[:, None] * b_e[None, :]
-    b_dmem += b_dnew
+    b_dmem = b_dnew
     for h in range(RD):
         b_w = tl.load(p_w + (i_b * H + h) * N + n0 + o_n, mask=m_n, other=0.0).to(tl.float32)
         b_dr = tl.load(p_dr + (i_b * R + h) * M + o_m, mask=m_m, other=0.0).to(tl.float32)
@@ -439,6 +450,7 @@ def _mem_bwd_kernel(p_mem, p_w, p_e, p_dr, p_dnew, p_k, p_K, p_beta, p_max, p_su
                         mask=m_nm, other=0.0).to(tl.float32)
         b_norm = tl.sqrt(tl.sum(b_mem * b_mem, 1))
         b_mn = tl.maximum(b_norm, 1e-8)
+        b_cn = tl.zeros([BN], dtype=tl.float32)
         for h in range(HK):
             i_bh = i_b * HK + h
             b_k = tl.load(p_k + i_bh * M + o_m, mask=m_m, other=0.0).to(tl.float32)
@@ -451,10 +463,13 @@ def _mem_bwd_kernel(p_mem, p_w, p_e, p_dr, p_dnew, p_k, p_K, p_beta, p_max, p_su
             tl.store(p_pdbeta + (i_b * NB + i_n) * HK + h, tl.sum(b_dz * b_K, 0))
             b_dK = b_beta * b_dz
             b_c = b_dK / (b_kn * b_mn)
-            # |mem[n]| below eps is clamped: no gradient through the norm there.
-            b_cn = tl.where(b_norm >= 1e-8, b_dK * b_K / (b_mn * b_mn), 0.0)
-            b_dmem += b_c[:, None] * b_k[None, :] - b_cn[:, None] * b_mem
+            # The norm's term of every head at once, after the loop: one tile update, not one a head.
+            b_cn += b_dK * b_K
+            b_dmem += b_c[:, None] * b_k[None, :]
             tl.store(p_dkpart + ((i_b * NB + i_n) * HK + h) * M + o_m, tl.sum(b_c[:, None] * b_mem, 0), mask=m_m)
+        # |mem[n]| below eps is clamped: no gradient through the norm there.
+        b_cn = tl.where(b_norm >= 1e-8, b_cn / (b_mn * b_mn), 0.0)
+        b_dmem -= b_cn[:, None] * b_mem
     tl.store(p_dmem + i_b * s_dmem_b + n0 * s_dmem_n + o_n[:, None] * s_dmem_n + o_m[None, :],
              b_dmem.to(p_dmem.dtype.element_ty), mask=m_nm)
 
@@ -509,7 +524,7 @@ def _onchip_address_bwd(b_dw, p_beta, p_g, p_s, p_gamma, p_wp, p_K, p_max, p_sum
     tl.store(p_scr + (2 * i_bh + 1) * N + o_n, b_dz * b_beta, mask=m_n)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("HAS_DW", "HAS_DR", "HAS_DNEW"))
 def _memory_step_onchip_bwd_kernel(p_mem, p_k, p_beta, p_g, p_s, p_gamma, p_wp, p_e, p_a, p_w, p_K, p_max, p_sum,
                                    p_dw, p_dr, p_dnew, p_dmem, p_dk, p_dbeta, p_dg, p_ds, p_dgamma, p_dwp,
                                    p_de, p_da, p_scr,
@@ -521,7 +536,8 @@ def _memory_step_onchip_bwd_kernel(p_mem, p_k, p_beta, p_g, p_s, p_gamma, p_wp, 
     chain down to dL/dK. Phase 2: dL/dmem (write, reads, cosine of every head) and dL/dk. Splitting the
     phases keeps few (N, M) tiles live at once (mem is loaded again in phase 2, from cache).
     ``HAS_DW``, ``HAS_DR``, ``HAS_DNEW`` (0 or 1) say which of dL/dw, dL/dr, dL/dnew_mem were given:
-    runtime values, so one compiled kernel serves every combination (a masked-off load moves no data).
+    unspecialized runtime values, so one compiled kernel serves every combination (a masked-off load moves no
+    data).
     ``p_scr`` is (B, H, 2, N) fp32 scratch: dL/dws and dL/dK of each head. The erase product without
     head h is rebuilt from the other heads, never by dividing by ``1 - w e`` (unstable near zero).
     """

@@ -3,7 +3,9 @@
 Forward, two regimes (``_config.choose``):
 
 * on-chip: one program per batch item holds its whole memory (N x M) in registers
-  and does every head's addressing, the reads and the write in one launch;
+  and does every head's addressing, the reads and the write in one launch; the
+  shift takes its source rows from the program's own vector (``tl.gather``,
+  through shared memory), not from global memory;
 * large memory: N split in blocks of BN rows, three passes:
   1. ``_similarity_kernel``: cosine logits ``K`` (stored, fp32) and per-block
      max / sum-exp partials of ``beta * K``;
@@ -19,8 +21,8 @@ Backward recomputes from small saved vectors (the logits ``K`` and the softmax
 sums), never from a saved memory. On-chip, one launch of
 ``_memory_step_onchip_bwd_kernel``, one program per batch item: dL/dw from the
 reads and the write, every head's addressing chain backward (the shift's
-neighbours through a small scratch buffer and a barrier), then dL/dmem and
-dL/dk. Large memory, two passes over memory with three over (B, H, N) vectors between:
+neighbours by ``tl.gather``, as in the forward), then dL/dmem and dL/dk (every
+head's dL/dK through a small scratch buffer and a barrier). Large memory, two passes over memory with three over (B, H, N) vectors between:
 
 * ``_read_write_bwd_kernel`` (one pass over mem and dnew): dL/dw from the reads
   and the write, per-block partials of dL/de and dL/da;
@@ -71,6 +73,13 @@ def _circular(o_n, d, N):
     instructions (64-bit ones more), and the shift taps sit on every addressing kernel's critical path."""
     o = o_n - (d % N + N) % N
     return tl.where(o < 0, o + N, o)
+
+
+@triton.jit
+def _rolled(b_x, d, o_n, N):
+    """``x[(n - d) mod N]`` at rows ``0 <= n < N`` of a vector held on chip (through shared memory): the
+    on-chip kernels' shift, where every source row is in the program. Masked rows get some row of x."""
+    return tl.gather(b_x, _circular(o_n, d, N), 0)
 
 
 @triton.jit
@@ -129,12 +138,16 @@ def _onchip_address(b_mem, b_mn, p_k, p_beta, p_g, p_s, p_gamma, p_wp, p_w, p_K,
     b_sum = tl.sum(tl.exp(b_z - b_max), 0)
     tl.store(p_max + i_bh, b_max)
     tl.store(p_sum + i_bh, b_sum)
-    # The shift reads logits stored by other threads of this program.
-    tl.debug_barrier()
     b_g = tl.load(p_g + i_bh).to(tl.float32)
     b_gamma = tl.load(p_gamma + i_bh).to(tl.float32)
-    b_p = _shift_sharpen(p_K + i_bh * N, p_wp + i_bh * N, p_s + i_bh * S, b_beta, b_g, b_gamma,
-                         b_max, b_sum, o_n, m_n, N, S, BN)
+    b_wp = tl.load(p_wp + i_bh * N + o_n, mask=m_n, other=0.0).to(tl.float32)
+    # As _wg_at computes it, so the backward's recomputation (and the large-memory passes) agree bit for bit.
+    b_wg = b_g * (tl.exp(b_beta * b_K - b_max) / b_sum) + (1.0 - b_g) * b_wp
+    b_ws = tl.zeros([BN], dtype=tl.float32)
+    half = (S - 1) // 2
+    for j in range(S):
+        b_ws += tl.load(p_s + i_bh * S + j).to(tl.float32) * _rolled(b_wg, j - half, o_n, N)
+    b_p = tl.where(m_n, tl.exp(b_gamma * tl.log(tl.maximum(b_ws, 1e-30))), 0.0)
     b_P = tl.sum(b_p, 0)
     tl.store(p_P + i_bh, b_P)
     b_w = (b_p / (b_P + 1e-16)).to(p_w.dtype.element_ty)
@@ -481,7 +494,7 @@ def _onchip_address_bwd(b_dw, p_beta, p_g, p_s, p_gamma, p_wp, p_K, p_max, p_sum
 
     Recomputes ``wc``, ``wg``, ``ws`` and ``ws^gamma`` from the stored logits and softmax sums; stores
     dL/dbeta, dL/dg, dL/ds, dL/dgamma, dL/dw_prev of the head, and dL/dK (fp32) to its scratch row
-    ``p_scr + (2 i_bh + 1) N`` (the row ``2 i_bh`` holds dL/dws for the shift).
+    ``p_scr + i_bh N``.
     """
     b_K = tl.load(p_K + i_bh * N + o_n, mask=m_n, other=0.0)
     b_wp = tl.load(p_wp + i_bh * N + o_n, mask=m_n, other=0.0).to(tl.float32)
@@ -491,13 +504,12 @@ def _onchip_address_bwd(b_dw, p_beta, p_g, p_s, p_gamma, p_wp, p_K, p_max, p_sum
     b_max = tl.load(p_max + i_bh)
     b_sum = tl.load(p_sum + i_bh)
     b_wc = tl.where(m_n, tl.exp(b_beta * b_K - b_max) / b_sum, 0.0)
-    # Forward again: shift (wg at the source rows, from the logits) and sharpen.
+    # Forward again: interpolate, shift (the source rows from shared memory) and sharpen.
+    b_wg = b_g * b_wc + (1.0 - b_g) * b_wp
     half = (S - 1) // 2
     b_ws = tl.zeros([BN], dtype=tl.float32)
     for j in range(S):
-        o_src = _circular(o_n, j - half, N)
-        b_ws += tl.load(p_s + i_bh * S + j).to(tl.float32) * _wg_at(p_K + i_bh * N, p_wp + i_bh * N, o_src, m_n,
-                                                                   b_beta, b_g, b_max, b_sum)
+        b_ws += tl.load(p_s + i_bh * S + j).to(tl.float32) * _rolled(b_wg, j - half, o_n, N)
     b_logc = tl.log(tl.maximum(b_ws, 1e-30))
     b_p = tl.where(m_n, tl.exp(b_gamma * b_logc), 0.0)
     b_Pe = tl.sum(b_p, 0) + 1e-16
@@ -505,23 +517,19 @@ def _onchip_address_bwd(b_dw, p_beta, p_g, p_s, p_gamma, p_wp, p_K, p_max, p_sum
     b_dp = (b_dw - tl.sum(b_dw * (b_p / b_Pe), 0)) / b_Pe
     tl.store(p_dgamma + i_bh, tl.sum(b_dp * b_p * b_logc, 0).to(p_dgamma.dtype.element_ty))
     b_dws = tl.where(m_n & (b_ws >= 1e-30), b_dp * b_gamma * tl.exp((b_gamma - 1.0) * b_logc), 0.0)
-    # Shift backward: dL/dwg[n] = sum_j s[j + K] dL/dws[n + j] reads rows of other threads.
-    tl.store(p_scr + 2 * i_bh * N + o_n, b_dws, mask=m_n)
-    tl.debug_barrier()
+    # Shift backward: dL/dwg[n] = sum_j s[j + K] dL/dws[n + j]; dL/ds[j + K] = sum_n dL/dws[n] wg[n - j].
     b_dwg = tl.zeros([BN], dtype=tl.float32)
     for j in range(S):
-        o_dst = _circular(o_n, half - j, N)
-        o_src = _circular(o_n, j - half, N)
-        b_dwg += tl.load(p_s + i_bh * S + j).to(tl.float32) * tl.load(p_scr + 2 * i_bh * N + o_dst, mask=m_n, other=0.0)
-        b_wg = _wg_at(p_K + i_bh * N, p_wp + i_bh * N, o_src, m_n, b_beta, b_g, b_max, b_sum)
-        tl.store(p_ds + i_bh * S + j, tl.sum(tl.where(m_n, b_dws * b_wg, 0.0), 0).to(p_ds.dtype.element_ty))
+        b_dwg += tl.load(p_s + i_bh * S + j).to(tl.float32) * _rolled(b_dws, half - j, o_n, N)
+        b_wg_src = _rolled(b_wg, j - half, o_n, N)
+        tl.store(p_ds + i_bh * S + j, tl.sum(tl.where(m_n, b_dws * b_wg_src, 0.0), 0).to(p_ds.dtype.element_ty))
     # Interpolation and softmax backward.
     tl.store(p_dg + i_bh, tl.sum(b_dwg * (b_wc - b_wp), 0).to(p_dg.dtype.element_ty))
     tl.store(p_dwp + i_bh * N + o_n, ((1.0 - b_g) * b_dwg).to(p_dwp.dtype.element_ty), mask=m_n)
     b_dwc = b_g * b_dwg
     b_dz = b_wc * (b_dwc - tl.sum(b_dwc * b_wc, 0))
     tl.store(p_dbeta + i_bh, tl.sum(b_dz * b_K, 0).to(p_dbeta.dtype.element_ty))
-    tl.store(p_scr + (2 * i_bh + 1) * N + o_n, b_dz * b_beta, mask=m_n)
+    tl.store(p_scr + i_bh * N + o_n, b_dz * b_beta, mask=m_n)
 
 
 @triton.jit(do_not_specialize=("HAS_DW", "HAS_DR", "HAS_DNEW"))
@@ -538,7 +546,7 @@ def _memory_step_onchip_bwd_kernel(p_mem, p_k, p_beta, p_g, p_s, p_gamma, p_wp, 
     ``HAS_DW``, ``HAS_DR``, ``HAS_DNEW`` (0 or 1) say which of dL/dw, dL/dr, dL/dnew_mem were given:
     unspecialized runtime values, so one compiled kernel serves every combination (a masked-off load moves no
     data).
-    ``p_scr`` is (B, H, 2, N) fp32 scratch: dL/dws and dL/dK of each head. The erase product without
+    ``p_scr`` is (B, H, N) fp32 scratch: dL/dK of each head. The erase product without
     head h is rebuilt from the other heads, never by dividing by ``1 - w e`` (unstable near zero).
     """
     i_b = tl.program_id(0).to(tl.int64)
@@ -601,7 +609,7 @@ def _memory_step_onchip_bwd_kernel(p_mem, p_k, p_beta, p_g, p_s, p_gamma, p_wp, 
         b_knorm = tl.sqrt(tl.sum(b_k * b_k, 0))
         b_kn = tl.maximum(b_knorm, 1e-8)
         b_K = tl.load(p_K + i_bh * N + o_n, mask=m_n, other=0.0)
-        b_dK = tl.load(p_scr + (2 * i_bh + 1) * N + o_n, mask=m_n, other=0.0)
+        b_dK = tl.load(p_scr + i_bh * N + o_n, mask=m_n, other=0.0)
         # A norm below eps is clamped: no gradient through it there.
         b_c = b_dK / (b_kn * b_mn)
         b_cn = tl.where(b_norm >= 1e-8, b_dK * b_K / (b_mn * b_mn), 0.0)
@@ -790,7 +798,7 @@ def _onchip_bwd(mem, k, beta, g, s, gamma, w_prev, e, a, w, K, mx, se, dw, dr, d
     dwp = empty((B, H, N), pd, dev)
     de = empty((B, W, M), pd, dev)
     da = empty((B, W, M), pd, dev)
-    scr = empty((B, H, 2, N), torch.float32, dev)
+    scr = empty((B, H, N), torch.float32, dev)
     has_dr = dr is not None and R > 0
     dn = mem if dnew is None else dnew
     _memory_step_onchip_bwd_kernel[(B,)](

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check: the GPU tests and the benchmarks, in one run of well under 7 minutes.
+# GPU check: the GPU tests and the benchmarks, in one run of under 8 minutes.
 #
 #   OUT=/some/folder bash benchmarks/gpu_check.sh     # else ./gpu_results
 #
@@ -8,18 +8,19 @@
 # triton) and replayed from a CUDA graph (triton-graph, reference-graph), in one
 # process. Writes $OUT/log (everything printed), $OUT/results.json and
 # $OUT/bench.png (benchmarks.run), $OUT/long_sequence.json,
-# $OUT/bench_kernels.json (when benchmarks/bench_kernels.py exists) and ends with
-# the key figures. Every part runs under `timeout`; one that fails or runs out of
-# time is named at the end and the later parts still run. The limits below add
-# up to 390 s (plus 3 s grace each: 405 s at worst); override them with T_TESTS,
-# T_KERNELS, T_RUN, T_LONG, and pass extra runner arguments in RUN_ARGS, split at
-# spaces, no quotes inside (for example
+# $OUT/bench_kernels.json (when benchmarks/bench_kernels.py exists),
+# $OUT/kernel_profile.json (device time per kernel, benchmarks.kernel_profile) and
+# ends with the key figures. Every part runs under `timeout`; one that fails or
+# runs out of time is named at the end and the later parts still run. The limits
+# below add up to 430 s (plus 3 s grace each: 448 s at worst); override them with
+# T_TESTS, T_KERNELS, T_PROFILE, T_RUN, T_LONG, and pass extra runner arguments
+# in RUN_ARGS, split at spaces, no quotes inside (for example
 # RUN_ARGS="--providers reference,triton,triton-graph --filter train_step|paper").
 #
 # SWEEP=1 also runs the block-size sweep (benchmarks.sweep_blocks --quick, after
 # bench_kernels, whose compiled default kernels it reuses from Triton's cache),
 # writing $OUT/sweep_blocks.json, under its own limit T_SWEEP (default 150 s; its
-# --budget stops it 15 s before). That adds 153 s at worst, 558 s in all: lower
+# --budget stops it 15 s before). That adds 153 s at worst, 601 s in all: lower
 # T_RUN and T_LONG to keep a margin under the machine's ten minutes.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
@@ -31,6 +32,7 @@ LOG="$OUT/log"
 PY="${PYTHON:-python}"
 T_TESTS="${T_TESTS:-85}"
 T_KERNELS="${T_KERNELS:-85}"
+T_PROFILE="${T_PROFILE:-40}"
 T_RUN="${T_RUN:-115}"
 T_LONG="${T_LONG:-60}"
 T_SWEEP="${T_SWEEP:-150}"
@@ -72,6 +74,8 @@ if [ -f benchmarks/bench_kernels.py ]; then
 else
     say "=== bench_kernels: benchmarks/bench_kernels.py not present, skipped"
 fi
+
+part kernel_profile "$T_PROFILE" "$PY" -m benchmarks.kernel_profile --device cuda --out "$OUT"
 
 if [ "${SWEEP:-0}" = 1 ]; then
     part sweep_blocks "$T_SWEEP" "$PY" -m benchmarks.sweep_blocks --quick --budget $(( T_SWEEP - 15 )) --out "$OUT"

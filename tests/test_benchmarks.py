@@ -117,3 +117,53 @@ def test_summary_gives_each_fast_provider_its_speedup_over_the_eager_reference(t
     lines = summary.summarise(str(tmp_path))
     assert "  speedup triton vs reference (eager) train_step/copy-b32: 1.3x" in lines
     assert "  speedup triton-graph vs reference (eager) train_step/copy-b32: 22.0x" in lines
+
+
+def test_kernel_profile_on_cpu_writes_rows_with_positive_times(tmp_path, capsys):
+    from benchmarks import kernel_profile
+
+    assert kernel_profile.main(["--device", "cpu", "--shapes", "tiny-n16", "--iters", "2", "--warmup", "1",
+                                "--out", str(tmp_path)]) == 0
+    assert "CPU ops" in capsys.readouterr().out
+    result = json.loads((tmp_path / "kernel_profile.json").read_text())
+    assert result["environment"]["torch"] and "CPU ops" in result["events"]
+    profiles = result["profiles"]
+    assert [(p["shape"], p["op"], p["events"]) for p in profiles] == [("tiny-n16", "fwd", "cpu"),
+                                                                       ("tiny-n16", "fwd_bwd", "cpu")]
+    for p in profiles:
+        assert p["rows"] and p["summed_us_per_iter"] > 0
+        assert all(r["total_us_per_iter"] >= 0 and r["calls_per_iter"] > 0 for r in p["rows"])
+        assert sum(r["total_us_per_iter"] for r in p["rows"]) > 0
+        assert sum(r["share"] for r in p["rows"]) == pytest.approx(1.0)
+
+
+def test_kernel_profile_aggregates_device_events_and_their_bandwidth():
+    """The CUDA branch on fake events (no GPU here): device events only, by name, with the byte model."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+    from torch.autograd.profiler_util import Interval
+
+    from benchmarks import kernel_profile
+
+    def event(name, start, end, device_type=DeviceType.CUDA, kernels=()):
+        return SimpleNamespace(name=name, time_range=Interval(start, end), device_type=device_type, is_async=False,
+                               is_user_annotation=False, self_cpu_time_total=end - start, kernels=list(kernels))
+
+    launch = SimpleNamespace(name="void at::native::reduce_kernel<512>", device=0, duration=10)
+    events = [event("aten::amax", 0, 50, DeviceType.CPU, [launch]),
+              event("_similarity_kernel", 100, 200), event("void at::native::reduce_kernel<512>", 200, 210),
+              event("_similarity_kernel", 300, 400), event("void at::native::reduce_kernel<512>", 400, 410)]
+    launched = kernel_profile.launchers(events)
+    rows, totals = kernel_profile.aggregate(kernel_profile.samples(events, "cuda"), 2, launched)
+    assert [r["name"] for r in rows] == ["_similarity_kernel", "void at::native::reduce_kernel<512>"]
+    assert rows[0]["calls_per_iter"] == 1 and rows[0]["total_us_per_iter"] == 100 and rows[0]["mean_us"] == 100
+    assert rows[0]["share"] == pytest.approx(200 / 220) and rows[1]["launched_by"] == ["aten::amax"]
+    assert totals == {"summed_us_per_iter": 110, "span_us_per_iter": 155}
+    shape = OpShape("x", B=2, N=1000, M=10, R=1, W=1)
+    kernel_profile.add_bandwidth(rows, shape, copy_GBps=2.0)
+    assert rows[0]["model_bytes"] == 2 * 1000 * 10 * 4 + 2 * 2 * 1000 * 4  # mem once, the logits K once
+    assert rows[0]["GBps"] == pytest.approx(rows[0]["model_bytes"] / 100e-6 / 1e9)
+    assert rows[0]["frac_copy"] == pytest.approx(rows[0]["GBps"] / 2.0) and "GBps" not in rows[1]
+    assert "_similarity_kernel" in "\n".join(kernel_profile.format_table(
+        dict(shape="x", op="fwd", backend="triton", events="cuda", iters=2, rows=rows, **totals)))

@@ -69,3 +69,25 @@ def test_bit_identical_run_to_run_on_gpu():
         runs.append([t.detach() for t in (*out, *grads)])
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+def test_batch_past_the_second_grid_dimension_on_gpu():
+    # The large-memory kernels run NB blocks times B (or B * H) programs, flattened into the grid's first
+    # dimension: B * H here passes 65,535, the second dimension's limit. Batch items are independent, so
+    # the reference runs on a few of them.
+    from fastntm import kernels, reference
+
+    B, N, M, H, R, S = 66000, 272, 16, 2, 1, 3  # next_pow2(N) * M > 4096: the large-memory regime
+    x = kernel_inputs(B, N, M, H, R, S, device="cuda")
+    xk = [t.clone().requires_grad_() for t in x.values()]
+    out = kernels.memory_step(*xk, R)
+    cot = [torch.randn_like(o) for o in out]
+    gk = torch.autograd.grad(out, xk, cot)
+    for rows in (slice(0, 4), slice(B - 4, B)):
+        xr = [t[rows].clone().requires_grad_() for t in x.values()]
+        ref = reference.memory_step(*xr, R)
+        gr = torch.autograd.grad(ref, xr, [c[rows] for c in cot])
+        for i, (o, r) in enumerate(zip(out, ref)):
+            assert relative_error(r, o[rows]) <= TOL[torch.float32], f"output {i} at {rows}"
+        for name, a, b in zip(x, gk, gr):
+            assert relative_error(b, a[rows]) <= TOL[torch.float32], f"grad {name} at {rows}"

@@ -14,7 +14,8 @@ sizes and strides are not multiples of 16 (M = 20: scalar loads). ``as launched`
 at the benchmark shapes (``LAUNCH_SHAPES``) with its launches recorded, not made, and each recorded
 launch is compiled as Triton's launcher specializes it: pointers 16-byte aligned and integers that are
 multiples of 16 marked so (vectorized loads and other layouts, so other register counts and spills),
-integers equal to 1 made constants.
+integers equal to 1 made constants. The host code runs with every gradient given and with none, in
+each of ``DTYPES``, and with fp32 parameters on memory of each other dtype (``/fp32 params``).
 """
 
 import importlib
@@ -121,17 +122,19 @@ class _Recorder:
         return lambda *args, **kwargs: self.calls.append((self.name, args, kwargs))
 
 
-def _run_host_code(N, M, R, W, S, dtype):
-    """Every host path at one shape: the step forward and backward, addressing, read and write alone."""
+def _run_host_code(N, M, R, W, S, dtype, mem_dtype):
+    """Every host path at one shape: the step forward and backward (every gradient given, and without
+    dL/dw, dL/dr or dL/dnew_mem: other pointers stand in for them), addressing, read and write alone."""
     H = R + W
 
-    def t(*shape):
+    def t(*shape, dtype=dtype):
         return torch.zeros(shape, dtype=dtype)
 
-    mem, k, beta, g, s, gamma, w_prev, e, a = t(1, N, M), t(1, H, M), t(1, H), t(1, H), t(1, H, S), t(1, H), \
-        t(1, H, N), t(1, W, M), t(1, W, M)
+    mem, k, beta, g, s, gamma, w_prev, e, a = t(1, N, M, dtype=mem_dtype), t(1, H, M), t(1, H), t(1, H), \
+        t(1, H, S), t(1, H), t(1, H, N), t(1, W, M), t(1, W, M)
     w, r, new, K, mx, se, _ = ms._forward(mem, k, beta, g, s, gamma, w_prev, e, a, R, True)
     ms._backward(mem, k, beta, g, s, gamma, w_prev, e, a, w, K, mx, se, w, r, new, R)
+    ms._backward(mem, k, beta, g, s, gamma, w_prev, e, a, w, K, mx, se, None, None, None, R)
     none = t(1, 0, M)
     w, _, _, K, mx, se, _ = ms._forward(mem, k, beta, g, s, gamma, w_prev, none, none, H, False)
     ms._backward(mem, k, beta, g, s, gamma, w_prev, none, none, w, K, mx, se, w, None, None, H)
@@ -144,16 +147,17 @@ def launched_configs():
     """(kernel, signature, constexprs, attrs, options, label, dtype) of every distinct launch the host code
     makes at ``LAUNCH_SHAPES`` with each of ``DTYPES``, specialized as Triton's launcher does."""
     kernels = {n: getattr(ms, n) for n in vars(ms) if n.endswith("_kernel")}
-    calls = []
-    for name in kernels:
-        setattr(ms, name, _Recorder(name, calls))
+    calls, labels = [], []
     try:
-        labels = []
+        for name in kernels:
+            setattr(ms, name, _Recorder(name, calls))
         for shape_name, shape in LAUNCH_SHAPES.items():
-            for dtype in DTYPES:
+            # Each dtype alone, and fp32 parameters with memory in each other dtype (a supported mix).
+            for dtype, mem_dtype in [(d, d) for d in DTYPES] + [("fp32", d) for d in DTYPES if d != "fp32"]:
                 before = len(calls)
-                _run_host_code(*shape, TORCH_DTYPES[dtype])
-                labels += [(shape_name, dtype)] * (len(calls) - before)
+                _run_host_code(*shape, TORCH_DTYPES[dtype], TORCH_DTYPES[mem_dtype])
+                label = shape_name if dtype == mem_dtype else f"{shape_name}/fp32 params"
+                labels += [(label, mem_dtype)] * (len(calls) - before)
     finally:
         for name, kernel in kernels.items():
             setattr(ms, name, kernel)
@@ -251,8 +255,14 @@ def results():
 def test_every_config_compiles_for_sm80_and_sm90(results):
     assert {r["arch"] for r in results} == set(ARCHS)
     assert {r["dtype"] for r in results} == set(DTYPES)
-    assert len(results) == len(all_jobs())
-    assert {r["label"] for r in results if r["label"] != "any"}, "no launch was recorded"
+    # Every kernel is launched by some host path, and every recorded launch is a configuration that the
+    # unspecialized half also compiles (its own constexprs and warps).
+    launched = launched_configs()
+    assert {job[0] for job in launched} == {n for n in vars(ms) if n.endswith("_kernel")}
+    generic = {(name, tuple(sorted(consts.items())), nw) for name, consts, nw in kernel_configs()}
+    for name, _, consts, _, options, label, _ in launched:
+        own = tuple(sorted((k, v) for k, v in consts.items() if k in _shown_consts(name)))
+        assert (name, own, options["num_warps"]) in generic, f"{name} {own} ({label}) is not in kernel_configs()"
 
 
 @aot

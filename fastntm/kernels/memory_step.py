@@ -59,6 +59,15 @@ SHARPEN_EPS = 1e-16
 
 
 @triton.jit
+def _block_and_item(NB):
+    """(row block, batch item or (b, h) row) of this program, on a grid of NB blocks times the items flattened
+    to one dimension: CUDA's second grid dimension stops at 65,535 (B, or B * H, could pass it), its first
+    at 2^31 - 1. The block varies fastest, as it did in dimension 0."""
+    pid = tl.program_id(0)
+    return pid % NB, (pid // NB).to(tl.int64)
+
+
+@triton.jit
 def _cosine(b_mem, b_mn, p_k, o_m, m_m):
     """``K[n] = dot(k, mem[n]) / (max(|k|, eps) max(|mem[n]|, eps))`` for the rows of ``b_mem``."""
     b_k = tl.load(p_k + o_m, mask=m_m, other=0.0).to(tl.float32)
@@ -192,8 +201,8 @@ def _similarity_kernel(p_mem, p_k, p_beta, p_K, p_pmax, p_psum, s_mem_b, s_mem_n
 
     Rows are int32 offsets ``o_n`` from the block's first row ``n0`` (int64), in every large-memory kernel:
     a tile of 64-bit offsets or pointers takes twice the registers."""
-    i_n = tl.program_id(0).to(tl.int64)
-    i_b = tl.program_id(1).to(tl.int64)
+    i_n, i_b = _block_and_item(NB)
+    i_n = i_n.to(tl.int64)
     n0 = i_n * BN
     o_n = tl.arange(0, BN)
     o_m = tl.arange(0, BM)
@@ -228,8 +237,7 @@ def _sharpened_block(p_K, p_wp, p_beta, p_g, p_s, p_gamma, p_max, p_sum, i_n, i_
 def _shift_sharpen_kernel(p_K, p_wp, p_beta, p_g, p_s, p_gamma, p_max, p_sum, p_pw, p_pP, N, S, NB,
                           BN: tl.constexpr):
     """Large memory, pass 2: ``ws^gamma`` of head ``i_bh`` on block ``i_n`` (fp32) and its block sum."""
-    i_n = tl.program_id(0)
-    i_bh = tl.program_id(1).to(tl.int64)
+    i_n, i_bh = _block_and_item(NB)
     b_p, o_n, m_n = _sharpened_block(p_K, p_wp, p_beta, p_g, p_s, p_gamma, p_max, p_sum, i_n, i_bh, N, S, BN)
     tl.store(p_pw + i_bh * N + o_n, b_p, mask=m_n)
     tl.store(p_pP + i_bh * NB + i_n, tl.sum(b_p, 0))
@@ -254,8 +262,8 @@ def _read_write_kernel(p_mem, p_w, p_P, p_e, p_a, p_wout, p_rpart, p_new,
                        s_mem_b, s_mem_n, s_new_b, s_new_n, N, M, R, W, NB,
                        NORMALIZE: tl.constexpr, WRITE: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr):
     """Reads of heads [0, R) as per-block partials ``(B, NB, R, M)``; write of heads [R, R + W) on block ``i_n``."""
-    i_n = tl.program_id(0).to(tl.int64)
-    i_b = tl.program_id(1).to(tl.int64)
+    i_n, i_b = _block_and_item(NB)
+    i_n = i_n.to(tl.int64)
     n0 = i_n * BN
     o_n = tl.arange(0, BN)
     o_m = tl.arange(0, BM)
@@ -297,8 +305,8 @@ def _read_write_bwd_kernel(p_mem, p_w, p_e, p_a, p_dr, p_dnew, p_dw, p_depart, p
     erase product without head h is rebuilt from the other heads, never by dividing by
     ``1 - w e`` (unstable where it is near zero).
     """
-    i_n = tl.program_id(0).to(tl.int64)
-    i_b = tl.program_id(1).to(tl.int64)
+    i_n, i_b = _block_and_item(NB)
+    i_n = i_n.to(tl.int64)
     n0 = i_n * BN
     o_n = tl.arange(0, BN)
     o_m = tl.arange(0, BM)
@@ -348,8 +356,7 @@ def _sharpen_dot_kernel(p_dwrw, p_dw, p_K, p_wp, p_beta, p_g, p_s, p_gamma, p_ma
     Not the saved ``w``: in bf16 its rounding, through ``dot1 = sum_n dw w``, spoils dL/dgamma (a difference
     of nearly equal sums).
     """
-    i_n = tl.program_id(0)
-    i_bh = tl.program_id(1).to(tl.int64)
+    i_n, i_bh = _block_and_item(NB)
     b_p, o_n, m_n = _sharpened_block(p_K, p_wp, p_beta, p_g, p_s, p_gamma, p_max, p_sum, i_n, i_bh, N, S, BN)
     b_dw = _dw_at(p_dwrw, p_dw, i_bh * N + o_n, m_n, HAS_DW)
     tl.store(p_pP + i_bh * NB + i_n, tl.sum(b_p, 0))
@@ -367,8 +374,7 @@ def _sharpen_bwd_kernel(p_dwrw, p_dw, p_K, p_wp, p_beta, p_g, p_s, p_gamma, p_ma
     ``ds[j + K] = sum_n dws[n] wg[(n - j) mod N]``. ``ws`` and ``wg`` are recomputed as the forward does,
     the halo from the stored logits. Block partials: dgamma (B, H, NB), ds (B, H, NB, S).
     """
-    i_n = tl.program_id(0)
-    i_bh = tl.program_id(1).to(tl.int64)
+    i_n, i_bh = _block_and_item(NB)
     o_n = i_n * BN + tl.arange(0, BN)
     m_n = o_n < N
     p_Kh, p_wph, p_sh = p_K + i_bh * N, p_wp + i_bh * N, p_s + i_bh * S
@@ -402,8 +408,7 @@ def _interp_bwd_kernel(p_dws, p_K, p_wp, p_beta, p_g, p_s, p_max, p_sum, p_dwp, 
     (stored in its dtype); ``dwc = g dwg`` (stored, fp32). Block partials (B, H, NB) of
     ``dg = sum_n dwg (wc - w_prev)`` and ``dot2 = sum_n dwc wc``.
     """
-    i_n = tl.program_id(0)
-    i_bh = tl.program_id(1).to(tl.int64)
+    i_n, i_bh = _block_and_item(NB)
     o_n = i_n * BN + tl.arange(0, BN)
     m_n = o_n < N
     half = (S - 1) // 2
@@ -436,8 +441,8 @@ def _mem_bwd_kernel(p_mem, p_w, p_e, p_dr, p_dnew, p_k, p_K, p_beta, p_max, p_su
     ``RD`` (R or 0) and ``HAS_DNEW`` (0 or 1) say whether dL/dr and dL/dnew_mem were given: runtime values
     that Triton is told not to specialize (it makes an argument equal to 1 a constant), so one compiled
     kernel serves every combination (a masked-off load moves no data)."""
-    i_n = tl.program_id(0).to(tl.int64)
-    i_b = tl.program_id(1).to(tl.int64)
+    i_n, i_b = _block_and_item(NB)
+    i_n = i_n.to(tl.int64)
     # Rows as int32 offsets from the block's int64 base: tiles of 64-bit offsets cost registers, and with
     # bf16 tensors ptxas spilled rather than go past 96 of them (HAS_DK=0, BN * BM = 2048, 4 warps, sm_90).
     n0 = i_n * BN
@@ -447,6 +452,8 @@ def _mem_bwd_kernel(p_mem, p_w, p_e, p_dr, p_dnew, p_k, p_K, p_beta, p_max, p_su
     m_m = o_m < M
     m_nm = m_n[:, None] & m_m[None, :]
     H = R + W
+    # The store's addresses first: made after the loops, ptxas spilled (fp32 parameters, bf16 memory, sm_90).
+    p_rows = p_dmem + i_b * s_dmem_b + n0 * s_dmem_n + o_n[:, None] * s_dmem_n + o_m[None, :]
     b_dnew = tl.load(p_dnew + i_b * s_dnew_b + n0 * s_dnew_n + o_n[:, None] * s_dnew_n + o_m[None, :],
                      mask=m_nm & (HAS_DNEW != 0), other=0.0).to(tl.float32)
     for h in range(W * HAS_DNEW):
@@ -483,8 +490,7 @@ def _mem_bwd_kernel(p_mem, p_w, p_e, p_dr, p_dnew, p_k, p_K, p_beta, p_max, p_su
         # |mem[n]| below eps is clamped: no gradient through the norm there.
         b_cn = tl.where(b_norm >= 1e-8, b_cn / (b_mn * b_mn), 0.0)
         b_dmem -= b_cn[:, None] * b_mem
-    tl.store(p_dmem + i_b * s_dmem_b + n0 * s_dmem_n + o_n[:, None] * s_dmem_n + o_m[None, :],
-             b_dmem.to(p_dmem.dtype.element_ty), mask=m_nm)
+    tl.store(p_rows, b_dmem.to(p_dmem.dtype.element_ty), mask=m_nm)
 
 
 @triton.jit
@@ -640,7 +646,7 @@ def _read_write(mem, w, P, e, a, R: int, W: int, normalize: bool, wout, write: b
     NB = _config.n_blocks(N, blk.BN)
     rpart = empty((B, NB, R, M), torch.float32, mem.device)
     new = empty((B, N, M), mem.dtype, mem.device) if write else mem
-    _read_write_kernel[(NB, B)](
+    _read_write_kernel[(NB * B,)](
         mem, w, _nz(P, w), _nz(e, mem), _nz(a, mem), _nz(wout, w), _nz(rpart, mem), new,
         mem.stride(0), mem.stride(1), new.stride(0), new.stride(1), N, M, R, W, NB,
         NORMALIZE=normalize, WRITE=write, BN=blk.BN, BM=blk.BM, num_warps=blk.num_warps)
@@ -676,14 +682,14 @@ def _forward(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads: int, rw: bool):
     NB = _config.n_blocks(N, blk.BN)
     pmax = empty((B, H, NB), torch.float32, dev)
     psum = empty((B, H, NB), torch.float32, dev)
-    _similarity_kernel[(NB, B)](mem, k, beta, K, pmax, psum, mem.stride(0), mem.stride(1), N, M, H, NB,
+    _similarity_kernel[(NB * B,)](mem, k, beta, K, pmax, psum, mem.stride(0), mem.stride(1), N, M, H, NB,
                                 BN=blk.BN, BM=blk.BM, num_warps=blk.num_warps)
     torch.amax(pmax, dim=-1, out=mx)
     torch.sum(psum * torch.exp(pmax - mx[..., None]), dim=-1, out=se)
     NBV = _config.n_blocks(N, blk.BV)
     pw = empty((B, H, N), torch.float32, dev)
     pP = empty((B, H, NBV), torch.float32, dev)
-    _shift_sharpen_kernel[(NBV, B * H)](K, w_prev, beta, g, s, gamma, mx, se, pw, pP, N, S, NBV,
+    _shift_sharpen_kernel[(NBV * B * H,)](K, w_prev, beta, g, s, gamma, mx, se, pw, pP, N, S, NBV,
                                         BN=blk.BV, num_warps=4)
     torch.sum(pP, dim=-1, out=P)
     if not rw:
@@ -707,7 +713,7 @@ def _address_bwd(beta, g, s, gamma, w_prev, K, mx, se, dw_rw, dw, BV: int):
     S = s.shape[2]
     dev = K.device
     NB = _config.n_blocks(N, BV)
-    grid = (NB, B * H)
+    grid = (NB * B * H,)
     has_dw = dw is not None
     # Without a given dL/dw the kernels still get a real pointer, never read.
     dw = dw if has_dw else dw_rw
@@ -745,7 +751,7 @@ def _read_write_bwd(mem, w, e, a, dr, dnew, R: int, W: int, blk=None):
     dapart = empty((B, NB, W, M), torch.float32, mem.device)
     if has_dr or has_dnew:
         dn = dnew if has_dnew else mem
-        _read_write_bwd_kernel[(NB, B)](
+        _read_write_bwd_kernel[(NB * B,)](
             mem, w, _nz(e, mem), _nz(a, mem), dr if has_dr else mem, dn, dw, _nz(depart, mem), _nz(dapart, mem),
             mem.stride(0), mem.stride(1), dn.stride(0), dn.stride(1), N, M, R, W, NB,
             R if has_dr else 0, W if has_dnew else 0, BN=blk.BN, BM=blk.BM, num_warps=blk.num_warps)
@@ -772,7 +778,7 @@ def _mem_bwd(mem, w, e, dr, dnew, k, K, addr, R: int, W: int, blk=None):
     dkpart = empty((B, NB, HK, M), torch.float32, mem.device)
     pdbeta = empty((B, NB, HK), torch.float32, mem.device)
     dn = dnew if has_dnew else mem
-    _mem_bwd_kernel[(NB, B)](
+    _mem_bwd_kernel[(NB * B,)](
         mem, w, _nz(e, mem), dr if has_dr else mem, dn, k if has_dk else mem, K if has_dk else mem,
         beta, mx, se, dot, dwc, dmem, _nz(dkpart, mem), _nz(pdbeta, mem),
         mem.stride(0), mem.stride(1), dn.stride(0), dn.stride(1), dmem.stride(0), dmem.stride(1),

@@ -294,8 +294,10 @@ def run_train(args) -> int:
         raise CommandError(str(error)) from None
     try:
         result = trainer.fit()
-    finally:
-        shutdown_distributed()
+    except BaseException:
+        shutdown_distributed(wait_for_all=False)
+        raise
+    shutdown_distributed()
     if not trainer.dist.is_main:
         return 0
     status = "reached" if result.reached_target else "did not reach"

@@ -231,8 +231,14 @@ def init_distributed(device: torch.device) -> Distributed:
     return Distributed(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def shutdown_distributed() -> None:
+def shutdown_distributed(wait_for_all: bool = True) -> None:
+    """Leave the process group. ``wait_for_all``: first wait until every rank is here (after a run that
+    ended normally; not after an error, where another rank may never come). Without that wait, once in
+    the test suite, rank 1 left while rank 0 still wrote its checkpoint and aborted in gloo's teardown
+    ("terminate called without an active exception"); that race is the suspect, not proven."""
     if dist.is_initialized():
+        if wait_for_all:
+            dist.barrier()
         dist.destroy_process_group()
 
 

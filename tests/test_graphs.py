@@ -183,6 +183,22 @@ def test_a_training_step_reads_no_value_on_the_host(monkeypatch, model_kwargs, b
     assert seen == []
 
 
+@pytest.mark.parametrize("case", ["wide-slots", "float64"])
+def test_the_kernels_fallback_reads_no_value_on_the_host(monkeypatch, case):
+    # Slots wider than the kernels take, and float64, run the reference path under backend="triton": the
+    # fused one, whose backward reads nothing on the host (the literal spec's erase product does).
+    monkeypatch.setattr(validation, "_values_checked", lambda t: False)
+    sizes = dict(memory_slots=16, memory_width=200) if case == "wide-slots" else {}
+    model = FastNTM(9, 8, backend="triton", controller_size=16, **sizes)
+    batch = make_task("copy").batch(3, torch.Generator().manual_seed(0), length=3)
+    if case == "float64":
+        model, batch = model.double(), [t.double() if t.is_floating_point() else t for t in batch]
+    with host_reads() as seen:
+        loss, _ = copy_loss(model, *batch)
+        loss.backward()
+    assert seen == []
+
+
 # ---------------------------------------------------------------- the trainer, on any machine
 
 
@@ -303,6 +319,36 @@ def test_a_checkpointed_model_captures():
     # Segments are recomputed in backward (without saving RNG state: the cell draws none).
     assert_same_training(dict(memory_slots=128, memory_width=20, checkpoint_every=2), "triton", 1.0,
                          lengths=[3, 5, 3])
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_captured_steps_under_autocast_cast_each_steps_weights():
+    # Each call in its own autocast region, as autocast's docs ask. With autocast's cache on during the
+    # capture, the graph would read the warm-up's casts of the weights, freed when that region ended.
+    batches = copy_batches([3] * 6)
+    runs = []
+    for captured in (False, True):
+        model = tiny_model("cuda", backend="triton", memory_slots=128, memory_width=20)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2, capturable=True)
+        step = CapturedStep(model, optimizer, copy_loss) if captured else None
+        losses = []
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*capturable=True.*")
+            for batch in batches:
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    if captured:
+                        loss = step(*batch)[0]
+                    else:
+                        optimizer.zero_grad(set_to_none=True)
+                        loss = copy_loss(model, *batch)[0]
+                if not captured:
+                    loss.backward()
+                    optimizer.step()
+                losses.append(loss.item())
+        runs.append(losses)
+    assert step.num_graphs == 1
+    assert runs[1] == pytest.approx(runs[0], rel=2e-2)
 
 
 @pytest.mark.gpu

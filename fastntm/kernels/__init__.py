@@ -6,7 +6,10 @@ Only ``fastntm.backend`` imports this package. It exposes ``address``, ``read``,
 available or ``TRITON_INTERPRET=1`` was set before this import).
 
 Inputs the kernels do not take (float64, or slots wider than
-``_config.MAX_BM``, or zero heads for ``read``/``write``) run the reference path.
+``_config.MAX_BM``, or zero heads for ``read``/``write``) run the reference path:
+for ``memory_step`` the fused one (``fastntm.fused_reference``), as
+``backend="reference"`` does, whose backward reads nothing on the host (the
+literal spec's erase product does, and a CUDA graph cannot capture that).
 """
 
 import os
@@ -23,6 +26,7 @@ else:
     AVAILABLE = INTERPRETING or torch.cuda.is_available()
 
 if AVAILABLE:
+    from .. import fused_reference as _fused_reference
     from .. import reference as _reference
     from . import _config
     from .address import address as _address
@@ -74,6 +78,6 @@ def write(mem, w, e, a):
 def memory_step(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads):
     """``(w, r, new_mem)`` of one fused step; see ``fastntm.reference.memory_step``."""
     if not _kernel_ok(mem, k):
-        return _reference.memory_step(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads)
+        return _fused_reference.memory_step(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads)
     _check_no_tangents("memory_step", mem, k, beta, g, s, gamma, w_prev, e, a)
     return _memory_step(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads)

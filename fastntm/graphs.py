@@ -50,9 +50,11 @@ Limits:
 * The graph sees only the tensors: Python values that ``loss_fn`` or the
   optimiser read (a float learning rate, a flag) are frozen at capture, and so
   is whatever fastntm decides in Python when a shape is captured: the backend
-  (``FASTNTM_BACKEND``), block sizes (``FASTNTM_BLOCKS``), ``FASTNTM_POISON``,
-  grad mode and autocast. Change them before the first call, or build a new
-  ``CapturedStep``.
+  (``FASTNTM_BACKEND``), block sizes (``FASTNTM_BLOCKS``), ``FASTNTM_POISON``
+  and grad mode. Change them before the first call, or build a new
+  ``CapturedStep``. CUDA autocast (on or off, and its dtype) is part of a
+  graph's key; warm-up and capture run with autocast's cache of casts off, so
+  the graph casts the weights it is given at each replay.
 * One graph, with its own memory, per distinct input shape: the copy task's
   20 lengths make up to 20 graphs, repeat copy's lengths and repeats up to 100.
 * The returned tensors are overwritten by the next call: clone what must be
@@ -174,7 +176,7 @@ class CapturedStep:
 
     def __call__(self, *tensors: torch.Tensor) -> StepOutput:
         self._check_inputs(tensors)
-        key = (self.model.training, tuple((tuple(t.shape), t.dtype) for t in tensors))
+        key = (self.model.training, _autocast_state(), tuple((tuple(t.shape), t.dtype) for t in tensors))
         graph = self._graphs.get(key)
         if graph is None:
             _check_values_unchecked()
@@ -233,7 +235,7 @@ class CapturedStep:
         current = torch.cuda.current_stream(self.device)
         self._stream.wait_stream(current)
         try:
-            with torch.cuda.stream(self._stream), _planned_uncaptured_steps():
+            with torch.cuda.stream(self._stream), _planned_uncaptured_steps(), _uncached_autocast():
                 for _ in range(self.warmup):
                     self._clear_grads()
                     self._step(static)
@@ -244,15 +246,37 @@ class CapturedStep:
         self._stream.wait_stream(current)
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, stream=self._stream):
+            with torch.cuda.graph(graph, stream=self._stream), _uncached_autocast():
                 outputs = self._step(static)
         except Exception as error:
+            # Ending a failed capture raises its own error ("a previous error during capture"); the one
+            # that names the offending operation is its context.
+            root = error.__context__ or error
             raise RuntimeError(
                 "capturing the training step in a CUDA graph failed: something in it waits for the GPU (.item(), "
                 "printing a tensor, a shape or branch that depends on tensor values) or uses a CPU tensor; "
-                f"{type(error).__name__}: {error}"
+                f"{type(root).__name__}: {root}"
             ) from error
         return _Graph(graph, static, _detached(outputs))
+
+
+def _autocast_state() -> tuple:
+    """CUDA autocast now, (enabled, dtype): part of a graph's key, since a capture freezes it."""
+    enabled = torch.is_autocast_enabled("cuda")
+    return enabled, torch.get_autocast_dtype("cuda") if enabled else None
+
+
+@contextlib.contextmanager
+def _uncached_autocast():
+    """CUDA autocast as it is, with its cache of casts off. With the cache on, the capture would use the
+    warm-up's low-precision copies of the weights instead of recording the casts: stale after the first
+    optimiser step, and freed when the autocast region ends (``torch.cuda.make_graphed_callables``
+    refuses autocast with caching for this reason)."""
+    if torch.is_autocast_enabled("cuda") and torch.is_autocast_cache_enabled():
+        with torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False):
+            yield
+    else:
+        yield
 
 
 def _snapshot(model: nn.Module, optimizer: torch.optim.Optimizer):

@@ -276,6 +276,7 @@ def max_length(task: Task) -> int:
 
 
 @torch.no_grad()
+@torch.no_grad()
 def evaluate(
     model: FastNTM,
     task: Task,
@@ -289,6 +290,7 @@ def evaluate(
     """Mean cost per sequence over ``batches`` fresh batches drawn with a generator seeded ``seed``.
 
     The same seed gives the same sequences, so evaluations during training compare like with like.
+    No autograd graph is built: nothing here is differentiated.
     """
     device = next(model.parameters()).device if device is None else device
     generator = torch.Generator().manual_seed(seed)

@@ -92,11 +92,18 @@ def _rolled(b_x, d, o_n, N):
 
 
 @triton.jit
+def _wg(b_K, b_wp, b_beta, b_g, b_max, b_sum):
+    """``wg = g softmax(beta K) + (1 - g) w_prev`` from logits and the softmax's max and sum: one formula,
+    so that every kernel that makes or remakes wg agrees bit for bit."""
+    return b_g * (tl.exp(b_beta * b_K - b_max) / b_sum) + (1.0 - b_g) * b_wp
+
+
+@triton.jit
 def _wg_at(p_K, p_wp, o_src, m_n, b_beta, b_g, b_max, b_sum):
-    """``wg = g softmax(beta K) + (1 - g) w_prev`` of one head at rows ``o_src``, from the stored logits."""
+    """``wg`` of one head at rows ``o_src``, from the stored logits."""
     b_K = tl.load(p_K + o_src, mask=m_n, other=0.0)
     b_wp = tl.load(p_wp + o_src, mask=m_n, other=0.0).to(tl.float32)
-    return b_g * (tl.exp(b_beta * b_K - b_max) / b_sum) + (1.0 - b_g) * b_wp
+    return _wg(b_K, b_wp, b_beta, b_g, b_max, b_sum)
 
 
 @triton.jit
@@ -150,8 +157,7 @@ def _onchip_address(b_mem, b_mn, p_k, p_beta, p_g, p_s, p_gamma, p_wp, p_w, p_K,
     b_g = tl.load(p_g + i_bh).to(tl.float32)
     b_gamma = tl.load(p_gamma + i_bh).to(tl.float32)
     b_wp = tl.load(p_wp + i_bh * N + o_n, mask=m_n, other=0.0).to(tl.float32)
-    # As _wg_at computes it, so the backward's recomputation (and the large-memory passes) agree bit for bit.
-    b_wg = b_g * (tl.exp(b_beta * b_K - b_max) / b_sum) + (1.0 - b_g) * b_wp
+    b_wg = _wg(b_K, b_wp, b_beta, b_g, b_max, b_sum)
     b_ws = tl.zeros([BN], dtype=tl.float32)
     half = (S - 1) // 2
     for j in range(S):
@@ -523,12 +529,13 @@ def _onchip_address_bwd(b_dw, p_beta, p_g, p_s, p_gamma, p_wp, p_K, p_max, p_sum
     b_dp = (b_dw - tl.sum(b_dw * (b_p / b_Pe), 0)) / b_Pe
     tl.store(p_dgamma + i_bh, tl.sum(b_dp * b_p * b_logc, 0).to(p_dgamma.dtype.element_ty))
     b_dws = tl.where(m_n & (b_ws >= 1e-30), b_dp * b_gamma * tl.exp((b_gamma - 1.0) * b_logc), 0.0)
-    # Shift backward: dL/dwg[n] = sum_j s[j + K] dL/dws[n + j]; dL/ds[j + K] = sum_n dL/dws[n] wg[n - j].
+    # Shift backward: dL/dwg[n] = sum_j s[j + K] dL/dws[n + j]; dL/ds[j + K] = sum_n dL/dws[n] wg[n - j]
+    # = sum_n wg[n] dL/dws[n + j], so both take the one gathered dL/dws[n + j] of each tap.
     b_dwg = tl.zeros([BN], dtype=tl.float32)
     for j in range(S):
-        b_dwg += tl.load(p_s + i_bh * S + j).to(tl.float32) * _rolled(b_dws, half - j, o_n, N)
-        b_wg_src = _rolled(b_wg, j - half, o_n, N)
-        tl.store(p_ds + i_bh * S + j, tl.sum(tl.where(m_n, b_dws * b_wg_src, 0.0), 0).to(p_ds.dtype.element_ty))
+        b_dws_dst = _rolled(b_dws, half - j, o_n, N)
+        b_dwg += tl.load(p_s + i_bh * S + j).to(tl.float32) * b_dws_dst
+        tl.store(p_ds + i_bh * S + j, tl.sum(tl.where(m_n, b_wg * b_dws_dst, 0.0), 0).to(p_ds.dtype.element_ty))
     # Interpolation and softmax backward.
     tl.store(p_dg + i_bh, tl.sum(b_dwg * (b_wc - b_wp), 0).to(p_dg.dtype.element_ty))
     tl.store(p_dwp + i_bh * N + o_n, ((1.0 - b_g) * b_dwg).to(p_dwp.dtype.element_ty), mask=m_n)

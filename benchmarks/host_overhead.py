@@ -53,6 +53,7 @@ from . import common  # noqa: E402
 from .shapes import OP_SHAPES  # noqa: E402
 
 ms = importlib.import_module("fastntm.kernels.memory_step")
+heads = importlib.import_module("fastntm.kernels.heads")
 
 LAYERS = ("validation", "dispatch", "autograd.Function", "autograd engine", "custom_op", "wrapper")
 # (module or class, name) of each function where one layer hands over to the next.
@@ -85,8 +86,8 @@ def patched(pairs):
 
 
 def stubbed_launches():
-    """Every kernel of ``fastntm.kernels.memory_step`` launches nothing."""
-    return patched([(ms, n, _NoLaunch()) for n in vars(ms) if n.endswith("_kernel")])
+    """Every kernel of ``fastntm.kernels.memory_step`` and ``fastntm.kernels.heads`` launches nothing."""
+    return patched([(m, n, _NoLaunch()) for m in (ms, heads) for n in vars(m) if n.endswith("_kernel")])
 
 
 def timed_boundaries(spent: dict):

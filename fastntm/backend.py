@@ -40,7 +40,8 @@ def _reference() -> SimpleNamespace:
     from . import fused_reference, reference
 
     return SimpleNamespace(
-        address=reference.address, read=reference.read, write=reference.write, memory_step=fused_reference.memory_step
+        head_parameters=reference.head_parameters, address=reference.address, read=reference.read,
+        write=reference.write, memory_step=fused_reference.memory_step,
     )
 
 
@@ -78,5 +79,6 @@ def autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
 
 
 def implementation(backend: str, device: torch.device) -> ModuleType | SimpleNamespace:
-    """The module holding ``address``, ``read``, ``write`` and ``memory_step`` for this call."""
+    """The module holding ``head_parameters``, ``address``, ``read``, ``write`` and ``memory_step`` for this
+    call."""
     return _kernels() if resolve(backend, device) == "triton" else _reference()

@@ -24,7 +24,23 @@ import torch
 from . import validation
 from .backend import autocast_off, implementation
 
-__all__ = ["address", "read", "write", "memory_step"]
+__all__ = ["head_parameters", "address", "read", "write", "memory_step"]
+
+
+def head_parameters(raw, *, num_reads: int, num_writes: int, memory_width: int, shift_width: int,
+                    backend: str = "auto") -> tuple[torch.Tensor, ...]:
+    """The head layer's raw output split into ``k, beta, g, s, gamma, e, a`` and squashed.
+
+    ``raw`` (B, H (M + S + 3) + 2 W M), H = R + W: for each head ``[k (M), beta, g, s (S), gamma]``,
+    then for each write head ``[e (M), a (M)]``. ``k = raw``, ``beta = softplus(raw)``,
+    ``g = sigmoid(raw)``, ``s = softmax(raw)`` over S, ``gamma = 1 + softplus(raw)``,
+    ``e = sigmoid(raw)``, ``a = raw``. Returns k (B, H, M); beta, g, gamma (B, H); s (B, H, S);
+    e, a (B, W, M); in raw's dtype, ready for ``memory_step``.
+    """
+    validation.check_head_parameters(raw, num_reads, num_writes, memory_width, shift_width)
+    with autocast_off(raw.device):
+        return implementation(backend, raw.device).head_parameters(raw, num_reads, num_writes, memory_width,
+                                                                    shift_width)
 
 
 def address(mem, k, beta, g, s, gamma, w_prev, *, backend: str = "auto") -> torch.Tensor:

@@ -19,7 +19,6 @@ import math
 from typing import Iterator
 
 import torch
-import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
@@ -97,8 +96,9 @@ class LSTMController(nn.Module):
 
     def forward(self, x: torch.Tensor, state: tuple[torch.Tensor, ...]):
         h_prev, c_prev = state
-        if len(self.cells) == 1:  # views, not copies: this runs every step
-            x, c = self.cells[0](x, (h_prev[0], c_prev[0]))
+        # One layer: views both ways (squeeze's backward is a view too, select's a zero-filled copy).
+        if len(self.cells) == 1:
+            x, c = self.cells[0](x, (h_prev.squeeze(0), c_prev.squeeze(0)))
             return x, (x.unsqueeze(0), c.unsqueeze(0))
         hs, cs = [], []
         for layer, cell in enumerate(self.cells):
@@ -186,6 +186,7 @@ class NTMCell(nn.Module):
         N, M, R, H = memory_slots, memory_width, num_reads, self.num_heads
         controller_cls = LSTMController if controller == "lstm" else MLPController
         self.controller = controller_cls(input_size + R * M, controller_size, controller_layers)
+        # The head layer's output: per head [k, beta, g, s, gamma], then per write head [e, a].
         self.head_sizes = (M, 1, 1, 2 * shift_range + 1, 1)
         self.heads = nn.Linear(controller_size, H * sum(self.head_sizes) + num_writes * 2 * M)
         self.feature_size = controller_size + R * M
@@ -239,21 +240,14 @@ class NTMCell(nn.Module):
             controller=self.controller.initial_state(B, device, dtype),
         )
 
-    def head_parameters(self, h: torch.Tensor):
-        """``k, beta, g, s, gamma, e, a`` from the controller output, activations as in SPEC.md."""
-        B, H, W, M = h.shape[0], self.num_heads, self.num_writes, self.memory_width
+    def head_parameters(self, h: torch.Tensor, dtype: torch.dtype | None = None):
+        """``k, beta, g, s, gamma, e, a`` from the controller output, activations as in SPEC.md,
+        computed in the wider of ``dtype`` and the head layer's output dtype."""
         raw = self.heads(h)
-        addressing, writing = raw[:, : H * sum(self.head_sizes)], raw[:, H * sum(self.head_sizes) :]
-        k, beta, g, s, gamma = addressing.view(B, H, -1).split(self.head_sizes, dim=-1)
-        e, a = writing.view(B, W, 2 * M).split(M, dim=-1)
-        return (
-            k,
-            F.softplus(beta.squeeze(-1)),
-            torch.sigmoid(g.squeeze(-1)),
-            torch.softmax(s, dim=-1),
-            1 + F.softplus(gamma.squeeze(-1)),
-            torch.sigmoid(e),
-            a,
+        return functional.head_parameters(
+            raw if dtype is None else raw.to(torch.promote_types(raw.dtype, dtype)), num_reads=self.num_reads,
+            num_writes=self.num_writes, memory_width=self.memory_width, shift_width=2 * self.shift_range + 1,
+            backend=self.backend,
         )
 
     def features(self, x: torch.Tensor, state: NTMState) -> tuple[torch.Tensor, NTMState]:
@@ -261,13 +255,12 @@ class NTMCell(nn.Module):
         B = x.shape[0]
         controller_in = torch.cat([x, state.reads.reshape(B, -1)], dim=-1)
         h, controller_state = self.controller(controller_in, state.controller)
-        params = (*self.head_parameters(h), state.weights)
         # Under autocast the head layer's outputs come out in the low dtype while the
         # carried weightings do not: run the step in the wider of the two.
-        dtype = torch.promote_types(params[0].dtype, state.weights.dtype)
-        k, beta, g, s, gamma, e, a, w_prev = (p.to(dtype) for p in params)
+        k, beta, g, s, gamma, e, a = self.head_parameters(h, state.weights.dtype)
         w, r, memory = functional.memory_step(
-            state.memory, k, beta, g, s, gamma, w_prev, e, a, num_reads=self.num_reads, backend=self.backend
+            state.memory, k, beta, g, s, gamma, state.weights.to(k.dtype), e, a, num_reads=self.num_reads,
+            backend=self.backend,
         )
         return torch.cat([h, r.reshape(B, -1)], dim=-1), NTMState(memory, w, r, controller_state)
 

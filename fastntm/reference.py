@@ -13,6 +13,7 @@ Shapes: ``mem`` (B, N, M); ``k`` (B, H, M); ``beta``, ``g``, ``gamma`` (B, H);
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 COSINE_EPS = 1e-8
 SHARPEN_EPS = 1e-16
@@ -81,6 +82,26 @@ def write(mem, w, e, a):
     keep = torch.prod(1 - w[..., None] * e[:, :, None, :], dim=1)
     added = torch.einsum("bwn,bwm->bnm", w, a)
     return (mem_c * keep + added).to(mem.dtype)
+
+
+def head_parameters(raw, num_reads, num_writes, memory_width, shift_width):
+    """``k, beta, g, s, gamma, e, a`` from the head layer's raw output (SPEC.md, head parameters).
+
+    ``raw`` (B, H (M + S + 3) + 2 W M) holds, for each of the H = R + W heads, ``[k (M), beta, g,
+    s (S), gamma]``, then for each write head ``[e (M), a (M)]``. ``k = raw``, ``beta = softplus(raw)``,
+    ``g = sigmoid(raw)``, ``s = softmax(raw)`` over S, ``gamma = 1 + softplus(raw)``,
+    ``e = sigmoid(raw)``, ``a = raw``. Returns k (B, H, M); beta, g, gamma (B, H); s (B, H, S);
+    e, a (B, W, M); all in raw's dtype.
+    """
+    B, H, W, M = raw.shape[0], num_reads + num_writes, num_writes, memory_width
+    dtype = compute_dtype(raw)
+    x = raw.to(dtype)
+    addressing, writing = x[:, : H * (M + shift_width + 3)], x[:, H * (M + shift_width + 3) :]
+    k, beta, g, s, gamma = addressing.reshape(B, H, -1).split((M, 1, 1, shift_width, 1), dim=-1)
+    e, a = writing.reshape(B, W, 2 * M).split(M, dim=-1)
+    params = (k, F.softplus(beta.squeeze(-1)), torch.sigmoid(g.squeeze(-1)), torch.softmax(s, dim=-1),
+              1 + F.softplus(gamma.squeeze(-1)), torch.sigmoid(e), a)
+    return params if dtype == raw.dtype else tuple(p.to(raw.dtype) for p in params)
 
 
 def memory_step(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads):

@@ -161,3 +161,22 @@ def check_memory_step(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads) -> Non
     check_same_device({"mem": mem, "e": e, "a": a})
     check_same_dtype({"k": k, "e": e, "a": a})
     check_ranges([*_addressing_ranges(beta, g, s, gamma, w_prev), ("e", e, 0.0, 1.0)])
+
+
+def check_head_parameters(raw, num_reads, num_writes, memory_width, shift_width) -> None:
+    """The sizes first (each an int in range), then raw's shape against them."""
+    for name, value, low in (("num_reads", num_reads, 0), ("num_writes", num_writes, 0),
+                             ("memory_width", memory_width, 1), ("shift_width", shift_width, 1)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        if value < low:
+            raise ValueError(f"{name} must be at least {low}, got {value}")
+    if num_reads + num_writes < 1:
+        raise ValueError(f"num_reads + num_writes must be at least 1, got {num_reads} + {num_writes}")
+    if shift_width % 2 == 0:
+        raise ValueError(f"shift_width must be odd (S = 2K + 1), got {shift_width}")
+    check_tensor("raw", raw, 2)
+    H, M, S = num_reads + num_writes, memory_width, shift_width
+    width = H * (M + S + 3) + 2 * num_writes * M
+    check_shape("raw", raw, (raw.shape[0], width), f"(B, H (M + S + 3) + 2 W M) with H = {H}, W = {num_writes}, "
+                f"M = {M}, S = {S}")

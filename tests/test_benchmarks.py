@@ -167,3 +167,22 @@ def test_kernel_profile_aggregates_device_events_and_their_bandwidth():
     assert rows[0]["frac_copy"] == pytest.approx(rows[0]["GBps"] / 2.0) and "GBps" not in rows[1]
     assert "_similarity_kernel" in "\n".join(kernel_profile.format_table(
         dict(shape="x", op="fwd", backend="triton", events="cuda", iters=2, rows=rows, **totals)))
+
+
+def test_launch_count_sees_the_head_parameters_as_one_op_each_way_on_the_triton_path():
+    from fastntm import kernels
+
+    if not getattr(kernels, "INTERPRETING", False):
+        pytest.skip("counts the Triton path on CPU tensors: needs TRITON_INTERPRET=1 before fastntm is imported")
+    from benchmarks import launch_count
+
+    result = launch_count.run(batch=2, lengths=(1, 2))
+    triton, reference = result["backends"]["triton"], result["backends"]["reference"]
+    for op in ("head_parameters", "memory_step"):
+        assert triton["forward"]["by_op"][f"fastntm.{op}_fwd"] == 1
+        assert triton["backward"]["by_op"][f"fastntm.{op}_bwd"] == 1
+    assert "aten.softplus" in reference["forward"]["by_op"] and "aten.softplus" not in triton["forward"]["by_op"]
+    for rows in result["backends"].values():
+        for row in rows.values():
+            assert row["per_time_step"] == sum(row["by_op"].values()) > 0 and row["fixed"] >= 0
+    assert "per time step" in launch_count.report(result)

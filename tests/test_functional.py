@@ -241,6 +241,77 @@ def test_bf16_memory_with_fp32_parameters():
     assert t["mem"].grad.dtype == torch.bfloat16
 
 
+# Head parameters from the head layer's raw output (SPEC.md).
+
+
+def head_layout(R=1, W=2, M=4, S=3):
+    """Sizes, and the raw width: per head [k, beta, g, s, gamma], then per write head [e, a]."""
+    return dict(num_reads=R, num_writes=W, memory_width=M, shift_width=S), (R + W) * (M + S + 3) + 2 * W * M
+
+
+def test_head_parameters_squash_each_slice_as_the_spec_says():
+    sizes, width = head_layout(R=1, W=1, M=2, S=3)
+    raw = torch.arange(width, dtype=torch.float64)[None] / 4 - 2
+    k, beta, g, s, gamma, e, a = F.head_parameters(raw, **sizes)
+    head, write = raw[0, :8].view(1, 8), raw[0, 16:]
+    assert torch.equal(k[0, 0], head[0, :2])
+    assert beta[0, 0] == torch.log1p(torch.exp(head[0, 2]))
+    assert g[0, 0] == torch.sigmoid(head[0, 3])
+    assert torch.allclose(s[0, 0], torch.exp(head[0, 4:7]) / torch.exp(head[0, 4:7]).sum())
+    assert gamma[0, 0] == 1 + torch.log1p(torch.exp(head[0, 7]))
+    assert torch.equal(torch.cat([k[0, 1], beta[0, 1:], g[0, 1:]]),
+                       torch.cat([raw[0, 8:10], torch.log1p(torch.exp(raw[0, 10:11])), torch.sigmoid(raw[0, 11:12])]))
+    assert torch.equal(e[0, 0], torch.sigmoid(write[:2])) and torch.equal(a[0, 0], write[2:])
+    assert [t.shape for t in (k, beta, g, s, gamma, e, a)] == [(1, 2, 2), (1, 2), (1, 2), (1, 2, 3), (1, 2), (1, 1, 2),
+                                                             (1, 1, 2)]
+
+
+def test_head_parameters_are_valid_memory_step_inputs_at_extreme_raw_values():
+    sizes, width = head_layout()
+    raw = torch.tensor([-1e4, -50.0, 0.0, 50.0, 1e4], dtype=torch.float32).repeat(width)[:width].reshape(1, -1)
+    raw = raw.repeat(2, 1).requires_grad_()
+    params = F.head_parameters(raw, **sizes)
+    mem = torch.randn(2, 7, 4)
+    w_prev = torch.softmax(torch.randn(2, 3, 7), -1)
+    k, beta, g, s, gamma, e, a = params
+    w, r, new = F.memory_step(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads=1)
+    (w.sum() + r.sum() + new.sum()).backward()
+    assert all(torch.isfinite(t).all() for t in (*params, w, r, new, raw.grad))
+
+
+def test_head_parameters_gradcheck_in_float64():
+    sizes, width = head_layout(R=2, W=1, M=3, S=5)
+    raw = torch.randn(2, width, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: F.head_parameters(x, **sizes), (raw,))
+
+
+BAD_HEAD_SIZES = [
+    pytest.param(dict(num_reads=-1), ValueError, "num_reads must be at least 0", id="reads-negative"),
+    pytest.param(dict(num_writes=1.0), TypeError, "num_writes must be an int", id="writes-float"),
+    pytest.param(dict(memory_width=0), ValueError, "memory_width must be at least 1", id="width-zero"),
+    pytest.param(dict(shift_width=4), ValueError, "shift_width must be odd", id="shift-even"),
+    pytest.param(dict(num_reads=0, num_writes=0), ValueError, "num_reads + num_writes must be at least 1",
+                 id="no-heads"),
+]
+
+
+@pytest.mark.parametrize("change, error, message", BAD_HEAD_SIZES)
+def test_head_parameters_reject_bad_sizes_naming_them(change, error, message):
+    sizes, width = head_layout()
+    with pytest.raises(error, match=re.escape(message)):
+        F.head_parameters(torch.zeros(2, width), **{**sizes, **change})
+
+
+def test_head_parameters_reject_raw_of_the_wrong_shape_or_dtype():
+    sizes, width = head_layout()
+    with pytest.raises(ValueError, match=re.escape("raw must have shape (B, H (M + S + 3) + 2 W M) with H = 3")):
+        F.head_parameters(torch.zeros(2, width + 1), **sizes)
+    with pytest.raises(ValueError, match="raw must have 2 dimensions"):
+        F.head_parameters(torch.zeros(2, 1, width), **sizes)
+    with pytest.raises(TypeError, match="raw must have a floating dtype"):
+        F.head_parameters(torch.zeros(2, width, dtype=torch.long), **sizes)
+
+
 # Bad input: every rule names the argument and what was expected, before any work.
 
 BAD_INPUTS = [

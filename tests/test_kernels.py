@@ -226,6 +226,44 @@ def test_low_precision_dtypes(dtype, mem_dtype, BN):
         check_op(kernels.memory_step, reference.memory_step, x, extra=(2,), tol=tol)
 
 
+HEAD_CASES = [(3, 1, 1, 20, 3), (1, 3, 0, 13, 5), (2, 0, 3, 13, 1), (2, 2, 2, 100, 7)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", HEAD_CASES, ids=lambda c: "B{}-R{}-W{}-M{}-S{}".format(*c))
+def test_head_parameters_match_reference(case, dtype):
+    B, R, W, M, S = case
+    width = (R + W) * (M + S + 3) + 2 * W * M
+    gen = torch.Generator().manual_seed(0)
+    raw = torch.randn(B, width, generator=gen) * 4
+    # Past softplus's threshold, deep in the sigmoid's tails, and huge.
+    raw[0, : min(width, 6)] = torch.tensor([25.0, -30.0, 1e4, -1e4, 19.9, -100.0])[: min(width, 6)]
+    check_op(kernels.head_parameters, reference.head_parameters, {"raw": raw.to(dtype)}, extra=(R, W, M, S),
+             tol=TOL[dtype])
+
+
+def test_head_parameters_grads_of_some_outputs_only():
+    raw = torch.randn(2, 2 * (13 + 3 + 3) + 2 * 13)
+    check_op(kernels.head_parameters, reference.head_parameters, {"raw": raw}, extra=(1, 1, 13, 3),
+             tol=TOL[torch.float32], used=(1, 3, 5))
+
+
+def test_head_parameters_rows_of_a_wider_tensor():
+    wide = torch.randn(3, 2 * (13 + 3 + 3) + 2 * 13 + 5)
+    raw = wide[:, 5:]  # row stride larger than the width
+    check_op(kernels.head_parameters, reference.head_parameters, {"raw": raw}, extra=(1, 1, 13, 3),
+             tol=TOL[torch.float32])
+
+
+def test_model_runs_the_head_parameters_kernel(monkeypatch):
+    from fastntm import FastNTM
+
+    calls = []
+    monkeypatch.setattr(kernels, "_head_parameters", lambda *a: calls.append(1) or reference.head_parameters(*a))
+    FastNTM(3, 2, memory_slots=8, memory_width=5, backend="triton")(torch.rand(2, 1, 3))
+    assert calls == [1, 1]
+
+
 def test_bit_identical_run_to_run():
     x = kernel_inputs(2, 130, 13, 3, 2, 3)
     runs = []
@@ -302,6 +340,16 @@ def test_torch_compile_traces_without_graph_breaks():
         assert_close(o, r, TOL[torch.float32], "compiled output")
     sum(o.sum() for o in out).backward()
     assert all(t.grad is not None for t in xs)
+
+
+def test_torch_compile_traces_the_head_parameters_without_graph_breaks():
+    raw = torch.randn(2, 2 * (13 + 3 + 3) + 2 * 13, requires_grad=True)
+    fn = torch.compile(lambda x: kernels.head_parameters(x, 1, 1, 13, 3), fullgraph=True, backend="aot_eager")
+    out = fn(raw)
+    for o, r in zip(out, reference.head_parameters(raw, 1, 1, 13, 3)):
+        assert_close(o, r, TOL[torch.float32], "compiled output")
+    sum(o.sum() for o in out).backward()
+    assert raw.grad is not None and torch.isfinite(raw.grad).all()
 
 
 if __name__ == "__main__":  # pragma: no cover

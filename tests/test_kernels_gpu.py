@@ -91,3 +91,19 @@ def test_batch_past_the_second_grid_dimension_on_gpu():
             assert relative_error(r, o[rows]) <= TOL[torch.float32], f"output {i} at {rows}"
         for name, a, b in zip(x, gk, gr):
             assert relative_error(b, a[rows]) <= TOL[torch.float32], f"grad {name} at {rows}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_head_parameters_match_reference_on_gpu(dtype):
+    from fastntm import kernels, reference
+
+    B, R, W, M, S = 70000, 4, 1, 64, 3  # B (H + W) programs: past 2^16 and 2^18
+    raw = (torch.randn(B, (R + W) * (M + S + 3) + 2 * W * M, device="cuda") * 4).to(dtype)
+    xk, xr = raw.clone().requires_grad_(), raw.clone().requires_grad_()
+    out, ref = kernels.head_parameters(xk, R, W, M, S), reference.head_parameters(xr, R, W, M, S)
+    for i, (o, r) in enumerate(zip(out, ref)):
+        assert o.dtype == r.dtype and o.shape == r.shape
+        assert relative_error(r, o) <= TOL[dtype], f"output {i}: {relative_error(r, o):.2e}"
+    cot = [torch.randn_like(r) for r in ref]
+    (gk,), (gr,) = torch.autograd.grad(out, xk, cot), torch.autograd.grad(ref, xr, cot)
+    assert relative_error(gr, gk) <= TOL[dtype]

@@ -40,6 +40,21 @@ from fastntm.kernels import _config  # noqa: E402
 ms = importlib.import_module("fastntm.kernels.memory_step")
 kread = importlib.import_module("fastntm.kernels.read")
 kwrite = importlib.import_module("fastntm.kernels.write")
+kheads = importlib.import_module("fastntm.kernels.heads")
+KERNEL_MODULES = (ms, kheads)
+"""The modules that define kernels (read.py and write.py launch memory_step.py's)."""
+
+
+def kernel_fn(name):
+    return vars(kernel_module(name))[name]
+
+
+def kernel_names(module):
+    return [n for n in vars(module) if n.endswith("_kernel")]
+
+
+def kernel_module(name):
+    return next(m for m in KERNEL_MODULES if name in vars(m))
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 aot = pytest.mark.skipif(INTERPRETING, reason="AOT compilation needs the interpreter off (run in a subprocess below)")
@@ -104,6 +119,10 @@ def kernel_configs():
     for log_n in range(4, 21):
         for name in ("_shift_sharpen_kernel", *VECTOR_BWD_KERNELS):
             out.append((name, dict(BN=_config.vector_block(2**log_n)), 4))
+    BL = 16
+    while BL <= _config.MAX_BM:
+        out += [(name, dict(BL=BL), 1) for name in kernel_names(kheads)]
+        BL *= 2
     # Regimes share configurations (on-chip BN=64 BM=32 is also the large-memory block at BM=32).
     distinct = []
     for c in out:
@@ -141,16 +160,18 @@ def _run_host_code(N, M, R, W, S, dtype, mem_dtype):
     w_read, w_write = w[:, :R].contiguous(), w[:, R:].contiguous()
     kread._read_bwd(mem, w_read, kread._read_fwd(mem, w_read))
     kwrite._write_bwd(mem, w_write, e, a, kwrite._write_fwd(mem, w_write, e, a))
+    raw = t(1, H * (M + S + 3) + 2 * W * M)
+    kheads._backward(raw, *kheads._forward(raw, H, W, M, S), H, W, M, S)
 
 
 def launched_configs():
     """(kernel, signature, constexprs, attrs, options, label, dtype) of every distinct launch the host code
     makes at ``LAUNCH_SHAPES`` with each of ``DTYPES``, specialized as Triton's launcher does."""
-    kernels = {n: getattr(ms, n) for n in vars(ms) if n.endswith("_kernel")}
+    kernels = {n: kernel_fn(n) for m in KERNEL_MODULES for n in kernel_names(m)}
     calls, labels = [], []
     try:
         for name in kernels:
-            setattr(ms, name, _Recorder(name, calls))
+            setattr(kernel_module(name), name, _Recorder(name, calls))
         for shape_name, shape in LAUNCH_SHAPES.items():
             # Each dtype alone, and fp32 parameters with memory in each other dtype (a supported mix).
             for dtype, mem_dtype in [(d, d) for d in DTYPES] + [("fp32", d) for d in DTYPES if d != "fp32"]:
@@ -160,7 +181,7 @@ def launched_configs():
                 labels += [(label, mem_dtype)] * (len(calls) - before)
     finally:
         for name, kernel in kernels.items():
-            setattr(ms, name, kernel)
+            setattr(kernel_module(name), name, kernel)
     seen = {}
     for (name, args, kwargs), (shape_name, dtype) in zip(calls, labels):
         fn = kernels[name]
@@ -195,7 +216,7 @@ def generic_job(name, consts, num_warps, dtype):
     """A configuration compiled with no argument specialized (``any``)."""
     signature = {
         n: "constexpr" if n in consts else (pointer_type(name, n, consts, dtype) if n.startswith("p_") else "i32")
-        for n in getattr(ms, name).arg_names
+        for n in kernel_fn(name).arg_names
     }
     return name, signature, consts, {}, dict(num_warps=num_warps, **LAUNCH_OPTIONS.get(name, {})), "any", dtype
 
@@ -203,7 +224,7 @@ def generic_job(name, consts, num_warps, dtype):
 def compile_one(job):
     name, signature, consts, attrs, options, label, dtype, arch = job
     compiled = triton.compile(
-        ASTSource(fn=getattr(ms, name), signature=signature, constexprs=consts, attrs=attrs),
+        ASTSource(fn=kernel_fn(name), signature=signature, constexprs=consts, attrs=attrs),
         target=GPUTarget("cuda", arch, 32),
         options=options,
     )
@@ -223,7 +244,7 @@ def compile_one(job):
 
 def _shown_consts(name):
     """The kernel's own constexpr parameters (not the integers a launch specialized to 1)."""
-    return {p.name for p in getattr(ms, name).params if p.is_constexpr}
+    return {p.name for p in kernel_fn(name).params if p.is_constexpr}
 
 
 def all_jobs():
@@ -258,7 +279,7 @@ def test_every_config_compiles_for_sm80_and_sm90(results):
     # Every kernel is launched by some host path, and every recorded launch is a configuration that the
     # unspecialized half also compiles (its own constexprs and warps).
     launched = launched_configs()
-    assert {job[0] for job in launched} == {n for n in vars(ms) if n.endswith("_kernel")}
+    assert {job[0] for job in launched} == {n for m in KERNEL_MODULES for n in kernel_names(m)}
     generic = {(name, tuple(sorted(consts.items())), nw) for name, consts, nw in kernel_configs()}
     for name, _, consts, _, options, label, _ in launched:
         own = tuple(sorted((k, v) for k, v in consts.items() if k in _shown_consts(name)))

@@ -1,12 +1,13 @@
 """Fused Triton kernels for the NTM memory step.
 
-Only ``fastntm.backend`` imports this package. It exposes ``address``, ``read``,
-``write`` and ``memory_step`` with the signatures of ``fastntm.reference``, and
+Only ``fastntm.backend`` imports this package. It exposes ``head_parameters``,
+``address``, ``read``, ``write`` and ``memory_step`` with the signatures of ``fastntm.reference``, and
 ``AVAILABLE``, true when the kernels can run here (Triton imports, and CUDA is
 available or ``TRITON_INTERPRET=1`` was set before this import).
 
 Inputs the kernels do not take (float64, or slots wider than
-``_config.MAX_BM``, or zero heads for ``read``/``write``) run the reference path:
+``_config.MAX_BM``, or zero heads for ``read``/``write``, or for ``head_parameters``
+shift widths over ``_config.MAX_BM``) run the reference path:
 for ``memory_step`` the fused one (``fastntm.fused_reference``), as
 ``backend="reference"`` does, whose backward reads nothing on the host (the
 literal spec's erase product does, and a CUDA graph cannot capture that).
@@ -30,11 +31,13 @@ if AVAILABLE:
     from .. import reference as _reference
     from . import _config
     from .address import address as _address
+    from .heads import head_parameters as _head_parameters
+    from .heads import supported as _heads_supported
     from .memory_step import memory_step as _memory_step
     from .read import read as _read
     from .write import write as _write
 
-__all__ = ["AVAILABLE", "address", "read", "write", "memory_step"]
+__all__ = ["AVAILABLE", "head_parameters", "address", "read", "write", "memory_step"]
 
 
 def _kernel_ok(mem, *tensors) -> bool:
@@ -49,6 +52,14 @@ def _check_no_tangents(op: str, *tensors) -> None:
             f"{op}: the Triton kernels have no forward-mode AD (jvp); an input carries a tangent. "
             "Use backend='reference' for forward-mode AD"
         )
+
+
+def head_parameters(raw, num_reads, num_writes, memory_width, shift_width):
+    """``k, beta, g, s, gamma, e, a``; see ``fastntm.reference.head_parameters``."""
+    if raw.dtype == torch.float64 or not _heads_supported(memory_width, shift_width):
+        return _reference.head_parameters(raw, num_reads, num_writes, memory_width, shift_width)
+    _check_no_tangents("head_parameters", raw)
+    return _head_parameters(raw, num_reads, num_writes, memory_width, shift_width)
 
 
 def address(mem, k, beta, g, s, gamma, w_prev):

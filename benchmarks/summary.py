@@ -68,8 +68,10 @@ def summarise(folder: str) -> list[str]:
     kernels = _load(folder, "bench_kernels.json")
     if kernels and "shapes" in kernels:
         for name, row in kernels["shapes"].items():
-            speed = ", ".join(f"{k} {row[k]:.1f}x" for k in ("speedup_fwd", "speedup_fwd_bwd") if k in row)
-            lines.append(f"  bench_kernels {name}: correct {row.get('correct')}, {speed}")
+            lines.append(f"  bench_kernels {name}: correct {row.get('correct')}")
+            for prov, ratios in row.get("speedups", {}).items():
+                speed = ", ".join(f"{key} {ratio:.1f}x" for key, ratio in ratios.items())
+                lines.append(f"  bench_kernels {name}: triton over {prov}: {speed}")
     if os.path.exists(os.path.join(folder, "sweep_blocks.json")):
         lines += sweep_lines(_load(folder, "sweep_blocks.json"))
     return lines

@@ -186,3 +186,21 @@ def test_launch_count_sees_the_head_parameters_as_one_op_each_way_on_the_triton_
         for row in rows.values():
             assert row["per_time_step"] == sum(row["by_op"].values()) > 0 and row["fixed"] >= 0
     assert "per time step" in launch_count.report(result)
+
+
+def test_bench_kernels_speedups_pair_timings_that_both_providers_have():
+    from benchmarks import bench_kernels
+
+    def timing(p50):
+        return {"p50_us": p50, "p20_us": p50, "p80_us": p50}
+
+    row = {"triton": {"fwd": timing(10.0), "fwd_bwd": timing(40.0), "fwd_graph": timing(5.0),
+                      "fwd_bwd_graph": timing(20.0)},
+           "reference": {"fwd": timing(50.0), "fwd_bwd": timing(200.0), "fwd_graph": timing(30.0),
+                         "fwd_bwd_graph": timing(160.0)},
+           "reference-literal": {"fwd": timing(100.0), "fwd_bwd": timing(400.0), "fwd_graph": timing(60.0),
+                                 "fwd_bwd_graph": {"error": "AcceleratorError: capture failed"}}}
+    assert bench_kernels.speedups(row) == {
+        "reference": {"fwd": 5.0, "fwd_bwd": 5.0, "fwd_graph": 6.0, "fwd_bwd_graph": 8.0},
+        "reference-literal": {"fwd": 10.0, "fwd_bwd": 10.0, "fwd_graph": 12.0},
+    }

@@ -204,3 +204,12 @@ def test_bench_kernels_speedups_pair_timings_that_both_providers_have():
         "reference": {"fwd": 5.0, "fwd_bwd": 5.0, "fwd_graph": 6.0, "fwd_bwd_graph": 8.0},
         "reference-literal": {"fwd": 10.0, "fwd_bwd": 10.0, "fwd_graph": 12.0},
     }
+
+
+def test_compare_trees_times_both_trees_in_alternating_rounds():
+    from benchmarks import compare_trees
+
+    r = compare_trees.compare(str(ROOT), str(ROOT), "tiny-copy", rounds=2, steps=1, backend="reference")
+    assert len(r["p50_ms"]["old"]) == len(r["p50_ms"]["new"]) == 2
+    assert all(t > 0 for t in r["p50_ms"]["old"] + r["p50_ms"]["new"])
+    assert r["ratio_min"] <= r["ratio_median"] <= r["ratio_max"]

@@ -1,0 +1,117 @@
+"""Two source trees' copy-task training step, timed in short alternating rounds: a paired A/B on a noisy machine.
+
+On a shared VM the p50s of separate ``benchmarks.run`` processes move by a third as the neighbours' load comes
+and goes, more than most changes do. Here one worker process per tree builds the model once and waits; the
+rounds alternate between them (ABBA order), each round the p50 of a few steps, so both trees see the same load
+to within seconds. The figure is the median over rounds of the paired ratio ``new / old``.
+
+    git archive HEAD~1 | tar -x -C /tmp/old          # the tree to compare against
+    python -m benchmarks.compare_trees /tmp/old . [--shape copy-b32] [--rounds 16] [--steps 5]
+
+Each worker runs this file with ``PYTHONPATH`` set to its tree, so it imports that tree's ``fastntm`` and
+``benchmarks`` (an older tree needs no copy of this file). CPU only, one thread per worker
+(``OMP_NUM_THREADS=1``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+
+def worker(shape_name: str, backend: str) -> None:
+    """Build the step, then for each line ``n`` on stdin print the p50 in ms of ``n`` steps."""
+    import torch
+
+    from benchmarks.cases import copy_batch, masked_bce
+    from benchmarks.shapes import TINY_TRAIN_SHAPES, TRAIN_SHAPES
+    from fastntm import FastNTM
+
+    torch.set_num_threads(1)
+    shape = {**TRAIN_SHAPES, **TINY_TRAIN_SHAPES}[shape_name]
+    task, batch = copy_batch(shape, torch.device("cpu"))
+    torch.manual_seed(0)
+    model = FastNTM(task.input_size, task.output_size, memory_slots=shape.N, memory_width=shape.M,
+                    controller_size=shape.controller_size, num_reads=shape.R, num_writes=shape.W, backend=backend)
+    optimiser = torch.optim.Adam(model.parameters(), lr=1e-4)
+
+    def step():
+        optimiser.zero_grad(set_to_none=True)
+        logits, _ = model(batch.inputs)
+        masked_bce(logits, batch).backward()
+        optimiser.step()
+
+    for _ in range(3):
+        step()
+    import fastntm
+
+    print("ready", os.path.dirname(os.path.dirname(os.path.abspath(fastntm.__file__))), flush=True)
+    for line in sys.stdin:
+        times = []
+        for _ in range(int(line)):
+            t0 = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t0)
+        print(f"{statistics.median(times) * 1e3:.4f}", flush=True)
+
+
+def compare(old: str, new: str, shape: str, rounds: int, steps: int, backend: str) -> dict:
+    procs = {}
+    for name, tree in (("old", old), ("new", new)):
+        tree = os.path.abspath(tree)
+        env = dict(os.environ, PYTHONPATH=tree, OMP_NUM_THREADS="1")
+        env.pop("TRITON_INTERPRET", None)
+        procs[name] = subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), "--worker", shape, "--backend", backend],
+            cwd=tree, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        for (name, proc), tree in zip(procs.items(), (old, new)):
+            line = proc.stdout.readline().split()
+            if line[:1] != ["ready"]:
+                raise RuntimeError(f"the {name} tree's worker did not start (exit {proc.wait()})")
+            if line[1:] != [os.path.abspath(tree)]:
+                raise RuntimeError(f"the {name} tree's worker imported fastntm from {line[1:]}, not {tree}")
+        p50s = {"old": [], "new": []}
+        for r in range(rounds):
+            for name in ("old", "new") if r % 2 == 0 else ("new", "old"):
+                procs[name].stdin.write(f"{steps}\n")
+                procs[name].stdin.flush()
+                p50s[name].append(float(procs[name].stdout.readline()))
+    finally:
+        for proc in procs.values():
+            proc.stdin.close()
+            proc.wait()
+    ratios = [b / a for a, b in zip(p50s["old"], p50s["new"])]
+    return dict(shape=shape, backend=backend, rounds=rounds, steps=steps, p50_ms=p50s,
+                old_median_ms=statistics.median(p50s["old"]), new_median_ms=statistics.median(p50s["new"]),
+                ratio_median=statistics.median(ratios), ratio_min=min(ratios), ratio_max=max(ratios))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("old", nargs="?", help="the tree to compare against")
+    ap.add_argument("new", nargs="?", help="the tree under test")
+    ap.add_argument("--shape", default="copy-b32", help="a name of benchmarks.shapes.TRAIN_SHAPES (or TINY_TRAIN_SHAPES)")
+    ap.add_argument("--rounds", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=5, help="steps a round")
+    ap.add_argument("--backend", default="reference")
+    ap.add_argument("--worker", metavar="SHAPE", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        worker(args.worker, args.backend)
+        return 0
+    if not (args.old and args.new):
+        ap.error("give the old and the new tree")
+    r = compare(args.old, args.new, args.shape, args.rounds, args.steps, args.backend)
+    print(f"{r['shape']} ({r['backend']}): old {r['old_median_ms']:.1f} ms, new {r['new_median_ms']:.1f} ms "
+          f"(medians of {r['rounds']} rounds of {r['steps']} steps); new / old paired: median {r['ratio_median']:.3f}, "
+          f"range {r['ratio_min']:.3f} - {r['ratio_max']:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -97,7 +97,7 @@ def head_parameters(raw, num_reads, num_writes, memory_width, shift_width):
     dtype = compute_dtype(raw)
     x = raw.to(dtype)
     addressing, writing = x[:, : H * (M + shift_width + 3)], x[:, H * (M + shift_width + 3) :]
-    k, beta, g, s, gamma = addressing.reshape(B, H, -1).split((M, 1, 1, shift_width, 1), dim=-1)
+    k, beta, g, s, gamma = addressing.reshape(B, H, M + shift_width + 3).split((M, 1, 1, shift_width, 1), dim=-1)
     e, a = writing.reshape(B, W, 2 * M).split(M, dim=-1)
     params = (k, F.softplus(beta.squeeze(-1)), torch.sigmoid(g.squeeze(-1)), torch.softmax(s, dim=-1),
               1 + F.softplus(gamma.squeeze(-1)), torch.sigmoid(e), a)

@@ -176,7 +176,8 @@ def check_head_parameters(raw, num_reads, num_writes, memory_width, shift_width)
     if shift_width % 2 == 0:
         raise ValueError(f"shift_width must be odd (S = 2K + 1), got {shift_width}")
     check_tensor("raw", raw, 2)
-    H, M, S = num_reads + num_writes, memory_width, shift_width
-    width = H * (M + S + 3) + 2 * num_writes * M
-    check_shape("raw", raw, (raw.shape[0], width), f"(B, H (M + S + 3) + 2 W M) with H = {H}, W = {num_writes}, "
-                f"M = {M}, S = {S}")
+    H, W, M, S = num_reads + num_writes, num_writes, memory_width, shift_width
+    width = H * (M + S + 3) + 2 * W * M
+    if raw.shape[1] != width:
+        raise ValueError(f"raw must have shape (B, H (M + S + 3) + 2 W M) = (B, {width}) with H = {H}, W = {W}, "
+                         f"M = {M}, S = {S}, got {_shape(raw)}")

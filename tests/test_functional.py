@@ -279,6 +279,12 @@ def test_head_parameters_are_valid_memory_step_inputs_at_extreme_raw_values():
     assert all(torch.isfinite(t).all() for t in (*params, w, r, new, raw.grad))
 
 
+def test_head_parameters_of_an_empty_batch_are_empty():
+    sizes, width = head_layout(R=1, W=2, M=4, S=3)
+    shapes = [t.shape for t in F.head_parameters(torch.zeros(0, width), **sizes)]
+    assert shapes == [(0, 3, 4), (0, 3), (0, 3), (0, 3, 3), (0, 3), (0, 2, 4), (0, 2, 4)]
+
+
 def test_head_parameters_gradcheck_in_float64():
     sizes, width = head_layout(R=2, W=1, M=3, S=5)
     raw = torch.randn(2, width, dtype=torch.float64, requires_grad=True)
@@ -304,7 +310,7 @@ def test_head_parameters_reject_bad_sizes_naming_them(change, error, message):
 
 def test_head_parameters_reject_raw_of_the_wrong_shape_or_dtype():
     sizes, width = head_layout()
-    with pytest.raises(ValueError, match=re.escape("raw must have shape (B, H (M + S + 3) + 2 W M) with H = 3")):
+    with pytest.raises(ValueError, match=re.escape("raw must have shape (B, H (M + S + 3) + 2 W M) = (B, 46) with H = 3")):
         F.head_parameters(torch.zeros(2, width + 1), **sizes)
     with pytest.raises(ValueError, match="raw must have 2 dimensions"):
         F.head_parameters(torch.zeros(2, 1, width), **sizes)

@@ -236,10 +236,18 @@ def test_head_parameters_match_reference(case, dtype):
     width = (R + W) * (M + S + 3) + 2 * W * M
     gen = torch.Generator().manual_seed(0)
     raw = torch.randn(B, width, generator=gen) * 4
-    # Past softplus's threshold, deep in the sigmoid's tails, and huge.
-    raw[0, : min(width, 6)] = torch.tensor([25.0, -30.0, 1e4, -1e4, 19.9, -100.0])[: min(width, 6)]
+    # The first row's every slice (beta, g, s, gamma, e...) past softplus's threshold, at it, deep in the
+    # sigmoid's tails, and huge.
+    extremes = torch.tensor([25.0, -30.0, 1e4, -1e4, 19.9, -100.0, 20.0, 88.0, -88.0])
+    raw[0] = extremes[torch.arange(width) % len(extremes)]
     check_op(kernels.head_parameters, reference.head_parameters, {"raw": raw.to(dtype)}, extra=(R, W, M, S),
              tol=TOL[dtype])
+
+
+def test_head_parameters_of_an_empty_batch():
+    width = 2 * (13 + 3 + 3) + 2 * 13
+    out = kernels.head_parameters(torch.zeros(0, width, requires_grad=True), 1, 1, 13, 3)
+    assert [t.shape for t in out] == [t.shape for t in reference.head_parameters(torch.zeros(0, width), 1, 1, 13, 3)]
 
 
 def test_head_parameters_grads_of_some_outputs_only():
@@ -248,14 +256,16 @@ def test_head_parameters_grads_of_some_outputs_only():
              tol=TOL[torch.float32], used=(1, 3, 5))
 
 
-def test_head_parameters_rows_of_a_wider_tensor():
+def test_head_parameters_take_rows_of_a_wider_tensor_in_place(monkeypatch):
+    heads = importlib.import_module("fastntm.kernels.heads")
+    monkeypatch.setattr(heads, "_rows", lambda raw: raw if raw.stride(1) == 1 else pytest.fail("raw was copied"))
     wide = torch.randn(3, 2 * (13 + 3 + 3) + 2 * 13 + 5)
-    raw = wide[:, 5:]  # row stride larger than the width
+    raw = wide[:, 5:]  # row stride larger than the width: read where it is, not copied
     check_op(kernels.head_parameters, reference.head_parameters, {"raw": raw}, extra=(1, 1, 13, 3),
              tol=TOL[torch.float32])
 
 
-def test_model_runs_the_head_parameters_kernel(monkeypatch):
+def test_model_dispatches_the_head_parameters_to_the_kernels(monkeypatch):
     from fastntm import FastNTM
 
     calls = []

@@ -179,10 +179,15 @@ def _(raw, dk, dbeta, dg, ds, dgamma, de, da, H, W, M, S):
 # ----------------------------------------------------------------------------
 
 
+def _rows(raw: T) -> T:
+    """``raw`` as the kernels take it: rows at any stride, elements of a row adjacent."""
+    return raw if raw.stride(1) == 1 else raw.contiguous()
+
+
 class HeadParameters(torch.autograd.Function):
     @staticmethod
     def forward(ctx, raw, H, W, M, S):
-        raw = _contig(raw)
+        raw = _rows(raw)
         ctx.save_for_backward(raw)
         ctx.sizes = (H, W, M, S)
         return _op(head_parameters_fwd, _forward)(raw, H, W, M, S)
@@ -210,4 +215,4 @@ def head_parameters(raw, num_reads, num_writes, memory_width, shift_width):
     H, W, M, S = num_reads + num_writes, num_writes, memory_width, shift_width
     if torch.is_grad_enabled() and raw.requires_grad:
         return HeadParameters.apply(raw, H, W, M, S)
-    return _op(head_parameters_fwd, _forward)(_contig(raw), H, W, M, S)
+    return _op(head_parameters_fwd, _forward)(_rows(raw), H, W, M, S)

@@ -16,6 +16,8 @@ from types import ModuleType, SimpleNamespace
 
 import torch
 
+from . import fused_reference, reference
+
 BACKENDS = ("auto", "reference", "triton")
 
 
@@ -32,17 +34,13 @@ def _kernels() -> ModuleType | None:
     return kernels if kernels.AVAILABLE else None
 
 
-@functools.lru_cache(maxsize=None)
-def _reference() -> SimpleNamespace:
-    """The plain PyTorch path: the literal spec, but ``memory_step`` as one autograd
-    node with a hand-derived backward (``fused_reference``), equal to the literal
-    composition and several times cheaper per step on a CPU."""
-    from . import fused_reference, reference
-
-    return SimpleNamespace(
-        head_parameters=reference.head_parameters, address=reference.address, read=reference.read,
-        write=reference.write, memory_step=fused_reference.memory_step,
-    )
+REFERENCE = SimpleNamespace(
+    head_parameters=reference.head_parameters, address=reference.address, read=reference.read,
+    write=reference.write, memory_step=fused_reference.memory_step,
+)
+"""The plain PyTorch path: the literal spec, but ``memory_step`` as one autograd node with a hand-derived
+backward (``fused_reference``), equal to the literal composition and several times cheaper per step on a CPU.
+Built at import, not on first use: ``torch.compile`` cannot trace the namespace's construction."""
 
 
 def resolve(backend: str, device: torch.device) -> str:
@@ -81,4 +79,4 @@ def autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
 def implementation(backend: str, device: torch.device) -> ModuleType | SimpleNamespace:
     """The module holding ``head_parameters``, ``address``, ``read``, ``write`` and ``memory_step`` for this
     call."""
-    return _kernels() if resolve(backend, device) == "triton" else _reference()
+    return _kernels() if resolve(backend, device) == "triton" else REFERENCE

@@ -31,7 +31,8 @@ import functools
 
 import torch
 
-from .backend import autocast_off
+# The module, not the function: backend.py imports this module while it is itself being imported.
+from . import backend
 from .reference import COSINE_EPS, SHARPEN_EPS, SHARPEN_FLOOR, compute_dtype
 
 
@@ -125,7 +126,7 @@ class MemoryStep(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dw, dr, dnew):
         # Backward runs from the autograd engine, outside ``functional``'s autocast guard.
-        with autocast_off(ctx.device):
+        with backend.autocast_off(ctx.device):
             return MemoryStep._backward(ctx, dw, dr, dnew)
 
     @staticmethod

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -202,3 +206,23 @@ def test_forward_runs_under_cpu_autocast():
         y, state = ntm(torch.rand(4, 2, 3))
     y.float().sum().backward()
     assert torch.isfinite(y.float()).all() and state.weights.dtype == torch.float32
+
+
+def test_torch_compile_traces_a_cell_step_without_graph_breaks_in_a_fresh_process():
+    # A fresh process: the dispatch's first call must be traceable too, not only one after an eager call.
+    code = """
+import torch
+from fastntm import FastNTM
+torch.manual_seed(0)
+model = FastNTM(9, 8, memory_slots=16, memory_width=6, backend="reference")
+x, state = torch.rand(2, 9), model.initial_state(2)
+cell = torch.compile(model.cell, fullgraph=True, backend="aot_eager")
+y, new_state = cell(x, state)
+y_eager, _ = model.cell(x, state)
+assert torch.allclose(y, y_eager, atol=1e-6), (y - y_eager).abs().max()
+y.sum().backward()
+assert all(p.grad is not None for name, p in model.named_parameters() if name.startswith("cell.heads"))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]

@@ -7,14 +7,18 @@
 Each configuration is forced with ``fastntm.kernels._config.force`` (nothing is edited), for the
 shapes of ``benchmarks.shapes``:
 
-* large memory (``large``, ``medium``): ``BN`` in {16, 32, 64, 128} x ``num_warps`` in {2, 4, 8}
-  (one choice for the forward and the backward kernels), the vector pass left at its default. They
-  run in order of the fp32 elements of a BN x BM tile that each thread holds, fewest first, so that
-  a budget cuts the likeliest to spill. ``--quick`` keeps those of at most 32 (9 of 12): compiled
-  ahead of time for sm_90 at BM = 64 (fp32), three of those spill already (8 to 480 bytes: BN 32
-  at 2 warps, BN 64 at 4, BN 128 at 8) and all three left out do (BN 64 at 2 warps, BN 128 at 2
-  and 4: up to 2.9 KB). Without ``--quick``, vector-pass blocks in ``VECTOR_BLOCKS`` at the
-  default BN and warps.
+* large memory (``large``, ``medium``): the forward's passes over memory and the backward's apart,
+  each with the other at its default, then the best of each together. The forward: ``BN`` in
+  {16, 32, 64, 128} x ``num_warps`` in {1, 2, 4, 8}; one warp makes every reduction over a block's
+  rows a warp shuffle, with no shared memory and no barrier (the similarity pass makes two such
+  reductions a head and a block, the read-write pass one a read head). The backward:
+  ``bwd_block_n`` in the same x ``bwd_warps`` in {2, 4, 8}. Each runs in order of the fp32 elements
+  of a BN x BM tile that each thread holds, fewest first, so that a budget cuts the likeliest to
+  spill. ``--quick`` keeps, for the forward, those of at most 64 (it holds two tiles: 13 of 16),
+  and for the backward, of at most 32 (9 of 12: compiled ahead of time for sm_90 at BM = 64, fp32,
+  three of those spilled when last checked, 8 to 480 bytes: BN 32 at 2 warps, BN 64 at 4, BN 128 at
+  8, and all three left out do, up to 2.9 KB). The vector pass stays at its default; without
+  ``--quick``, vector-pass blocks in ``VECTOR_BLOCKS`` at the default BN and warps.
 * on-chip (``paper-b32``): the forward's warps {1, 2, 4, 8} with the backward's at default, the
   backward's {4, 8, 16} with the forward's at default (the two kernels are timed apart, as the
   forward alone and in forward + backward), then the best of each together.
@@ -65,9 +69,11 @@ from . import common
 from .shapes import OP_SHAPES
 
 LARGE_BLOCK_N = (16, 32, 64, 128)
-LARGE_WARPS = (2, 4, 8)
-QUICK_MAX_PER_THREAD = 32
-"""--quick: the most fp32 elements of a BN x BM tile per thread a large-memory configuration may hold."""
+LARGE_FWD_WARPS = (1, 2, 4, 8)
+LARGE_BWD_WARPS = (2, 4, 8)
+QUICK_MAX_PER_THREAD = {"fwd": 64, "bwd": 32}
+"""--quick: the most fp32 elements of a BN x BM tile per thread a large-memory forward (two tiles live) and
+backward (up to five) configuration may hold."""
 VECTOR_BLOCKS = (256, 512, 2048, 4096)
 ONCHIP_FWD_WARPS = (1, 2, 4, 8)
 ONCHIP_BWD_WARPS = (4, 8, 16)
@@ -87,7 +93,8 @@ Timer = Callable[[Callable[[], object]], dict]
 @dataclasses.dataclass(frozen=True)
 class Candidate:
     axis: str
-    """What the configuration varies: default, grid (BN x warps), vector, fwd, bwd or combined."""
+    """What the configuration varies: default, fwd, bwd (the forward's or backward's blocks and warps),
+    combined (the best of the two), or vector."""
     settings: dict
 
 
@@ -99,12 +106,17 @@ def candidates(shape, quick: bool) -> list[Candidate]:
         out += [Candidate("fwd", dict(onchip_warps=w)) for w in ONCHIP_FWD_WARPS]
         out += [Candidate("bwd", dict(onchip_bwd_warps=w)) for w in ONCHIP_BWD_WARPS]
         return out
-    grid = sorted(((bn, w) for bn in LARGE_BLOCK_N for w in LARGE_WARPS),
-                  key=lambda c: (c[0] * default.BM / (32 * c[1]), -c[1]))
-    if quick:
-        grid = [(bn, w) for bn, w in grid if bn * default.BM / (32 * w) <= QUICK_MAX_PER_THREAD]
-    # The vector pass stays at its default: a forced BN alone would force it too.
-    out += [Candidate("grid", dict(block_n=bn, num_warps=w, vector_block=default.BV)) for bn, w in grid]
+    for axis, warps in (("fwd", LARGE_FWD_WARPS), ("bwd", LARGE_BWD_WARPS)):
+        grid = sorted(((bn, w) for bn in LARGE_BLOCK_N for w in warps),
+                      key=lambda c: (c[0] * default.BM / (32 * c[1]), -c[1]))
+        if quick:
+            grid = [(bn, w) for bn, w in grid if bn * default.BM / (32 * w) <= QUICK_MAX_PER_THREAD[axis]]
+        if axis == "fwd":
+            # The backward and the vector pass at their defaults: a forced BN alone would force them too.
+            held = dict(vector_block=default.BV, bwd_block_n=default.bwd_BN, bwd_warps=default.bwd_warps)
+            out += [Candidate(axis, dict(block_n=bn, num_warps=w, **held)) for bn, w in grid]
+        else:
+            out += [Candidate(axis, dict(bwd_block_n=bn, bwd_warps=w)) for bn, w in grid]
     if not quick:
         out += [Candidate("vector", dict(vector_block=v)) for v in VECTOR_BLOCKS]
     return out
@@ -113,7 +125,7 @@ def candidates(shape, quick: bool) -> list[Candidate]:
 def label(blk) -> str:
     if blk.onchip:
         return f"on-chip BN {blk.BN} warps {blk.num_warps} bwd {blk.bwd_warps}"
-    return f"BN {blk.BN} warps {blk.num_warps} BV {blk.BV}"
+    return f"BN {blk.BN} warps {blk.num_warps} BV {blk.BV} bwd BN {blk.bwd_BN} warps {blk.bwd_warps}"
 
 
 # ---------------------------------------------------------------- kernels launched, registers and spills

@@ -109,12 +109,18 @@ FORCED_CASES = [
      {("_similarity_kernel", 16, 2, None), ("_shift_sharpen_kernel", 32, 4, None), ("_read_write_kernel", 16, 2, None),
       ("_read_write_bwd_kernel", 16, 2, None), ("_sharpen_dot_kernel", 32, 4, None),
       ("_sharpen_bwd_kernel", 32, 4, None), ("_interp_bwd_kernel", 32, 4, None), ("_mem_bwd_kernel", 16, 2, None)}),
+    # The backward's passes over memory on blocks and warps of their own.
+    (dict(block_n=32, num_warps=1, bwd_block_n=16, bwd_warps=8, vector_block=32),
+     {("_similarity_kernel", 32, 1, None), ("_shift_sharpen_kernel", 32, 4, None), ("_read_write_kernel", 32, 1, None),
+      ("_read_write_bwd_kernel", 16, 8, None), ("_sharpen_dot_kernel", 32, 4, None),
+      ("_sharpen_bwd_kernel", 32, 4, None), ("_interp_bwd_kernel", 32, 4, None), ("_mem_bwd_kernel", 16, 8, None)}),
     (dict(onchip_warps=2, onchip_bwd_warps=16),
      {("_memory_step_onchip_kernel", 64, 2, 255), ("_memory_step_onchip_bwd_kernel", 64, 16, 128)}),
 ]
 
 
-@pytest.mark.parametrize("settings, expected", FORCED_CASES, ids=["large-warps2-BV32", "onchip-warps2-bwd16"])
+@pytest.mark.parametrize("settings, expected", FORCED_CASES,
+                         ids=["large-warps2-BV32", "large-bwd-BN16-warps8", "onchip-warps2-bwd16"])
 def test_memory_step_with_forced_warps_and_vector_block(settings, expected):
     # The interpreter ignores warps: this holds the host's plumbing of each setting to the launches it makes.
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

@@ -113,9 +113,10 @@ def kernel_configs():
             out.append(("_read_write_kernel", dict(NORMALIZE=False, WRITE=write, **bm), nw))
         # The two-pass backward: large memory (with the cosine's dL/dk), and standalone read and write in
         # both regimes (without).
-        out.append(("_read_write_bwd_kernel", bm, nw))
+        bwd_bn, bwd_nw = blk.memory_bwd
+        out.append(("_read_write_bwd_kernel", dict(BN=bwd_bn, BM=blk.BM), bwd_nw))
         for has_dk in (False,) if blk.onchip else (True, False):
-            out.append(("_mem_bwd_kernel", dict(HAS_DK=has_dk, **bm), nw))
+            out.append(("_mem_bwd_kernel", dict(HAS_DK=has_dk, BN=bwd_bn, BM=blk.BM), bwd_nw))
     for log_n in range(4, 21):
         for name in ("_shift_sharpen_kernel", *VECTOR_BWD_KERNELS):
             out.append((name, dict(BN=_config.vector_block(2**log_n)), 4))

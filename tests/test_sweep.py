@@ -36,9 +36,16 @@ def test_force_sets_each_part_of_the_choice_and_restores_it():
     default_large, default_onchip = _config.choose(65536, 64), _config.choose(128, 20)
     assert (default_large.onchip, default_large.BN, default_large.num_warps, default_large.BV) == (False, 32, 4, 1024)
     assert (default_onchip.onchip, default_onchip.num_warps, default_onchip.bwd_warps) == (True, 8, 8)
+    assert default_large.memory_bwd == (32, 4) and default_onchip.memory_bwd == (128, 8)
     with _config.force(block_n=64, num_warps=8, vector_block=256):
         blk = _config.choose(65536, 64)
         assert (blk.onchip, blk.BN, blk.num_warps, blk.bwd_warps, blk.BV) == (False, 64, 8, 8, 256)
+        assert blk.memory_bwd == (64, 8)  # the backward follows the forward unless told otherwise
+        with _config.force(bwd_block_n=16, bwd_warps=2):
+            blk = _config.choose(65536, 64)
+            assert (blk.BN, blk.num_warps, blk.memory_bwd) == (64, 8, (16, 2))
+    with _config.force(bwd_block_n=16, bwd_warps=2):
+        assert _config.choose(128, 20) == default_onchip  # large-memory backward settings leave on-chip alone
     with _config.force(onchip_warps=2, onchip_bwd_warps=16):
         blk = _config.choose(128, 20)
         assert (blk.onchip, blk.BN, blk.num_warps, blk.bwd_warps) == (True, 128, 2, 16)
@@ -109,16 +116,22 @@ def test_onchip_register_limit_leaves_every_warp_count_launchable():
 def test_candidates_cover_the_requested_grid_default_first():
     large, paper = OP_SHAPES["large"], OP_SHAPES["paper-b32"]
     full = sweep_blocks.candidates(large, quick=False)
-    grid = [(c.settings["block_n"], c.settings["num_warps"]) for c in full if c.axis == "grid"]
-    assert full[0].axis == "default" and len(grid) == 12
-    assert set(grid) == {(bn, w) for bn in (16, 32, 64, 128) for w in (2, 4, 8)}
-    per_thread = [bn * 64 / (32 * w) for bn, w in grid]
-    assert per_thread == sorted(per_thread)
-    assert all(c.settings["vector_block"] == 1024 for c in full if c.axis == "grid")
+    assert full[0].axis == "default"
+    fwd = [c.settings for c in full if c.axis == "fwd"]
+    bwd = [c.settings for c in full if c.axis == "bwd"]
+    assert {(c["block_n"], c["num_warps"]) for c in fwd} == {(bn, w) for bn in (16, 32, 64, 128) for w in (1, 2, 4, 8)}
+    assert {(c["bwd_block_n"], c["bwd_warps"]) for c in bwd} == {(bn, w) for bn in (16, 32, 64, 128) for w in (2, 4, 8)}
+    # Each axis holds the other at its default.
+    assert all((c["vector_block"], c["bwd_block_n"], c["bwd_warps"]) == (1024, 32, 4) for c in fwd)
+    assert all(set(c) == {"bwd_block_n", "bwd_warps"} for c in bwd)
+    for settings, bn, w in ((fwd, "block_n", "num_warps"), (bwd, "bwd_block_n", "bwd_warps")):
+        per_thread = [c[bn] * 64 / (32 * c[w]) for c in settings]
+        assert per_thread == sorted(per_thread)
     assert [c.settings["vector_block"] for c in full if c.axis == "vector"] == list(sweep_blocks.VECTOR_BLOCKS)
     quick = sweep_blocks.candidates(large, quick=True)
-    assert {c.axis for c in quick} == {"default", "grid"} and len(quick) == 1 + 9
-    assert (128, 2) not in [(c.settings["block_n"], c.settings["num_warps"]) for c in quick[1:]]
+    assert [c.axis for c in quick] == ["default"] + ["fwd"] * 13 + ["bwd"] * 9
+    assert dict(block_n=32, num_warps=1, vector_block=1024, bwd_block_n=32, bwd_warps=4) in [c.settings for c in quick]
+    assert (128, 2) not in [(c.settings.get("bwd_block_n"), c.settings.get("bwd_warps")) for c in quick[1:]]
     onchip = sweep_blocks.candidates(paper, quick=True)
     assert [c.settings for c in onchip if c.axis == "fwd"] == [dict(onchip_warps=w) for w in (1, 2, 4, 8)]
     assert [c.settings for c in onchip if c.axis == "bwd"] == [dict(onchip_bwd_warps=w) for w in (4, 8, 16)]
@@ -152,7 +165,7 @@ def wrong_at_8_warps(*args):
 def test_sweep_checks_skips_records_and_writes_json(tmp_path):
     C = sweep_blocks.Candidate
     cands = [C("default", {}),
-             C("grid", dict(block_n=16, num_warps=2, vector_block=32)),
+             C("fwd", dict(block_n=16, num_warps=2, vector_block=32)),
              C("fwd", dict(onchip_warps=8)),  # wrong outputs
              C("fwd", dict(onchip_warps=3)),  # refused by force()
              C("fwd", dict(onchip_warps=2)),
@@ -172,7 +185,7 @@ def test_sweep_checks_skips_records_and_writes_json(tmp_path):
     mismatch = rows["on-chip BN 64 warps 8 bwd 4"]
     assert "w differs" in mismatch["note"] and "fwd" not in mismatch
     assert "onchip_warps must be a power of two" in rows["{'onchip_warps': 3}"]["note"]
-    large = rows["BN 16 warps 2 BV 32"]
+    large = rows["BN 16 warps 2 BV 32 bwd BN 16 warps 2"]
     launched = {(k["kernel"], k["consts"].get("BN"), k["num_warps"]) for k in large["kernels"]}
     assert {("_similarity_kernel", 16, 2), ("_shift_sharpen_kernel", 32, 4), ("_mem_bwd_kernel", 16, 2)} <= launched
     assert all(k["n_regs"] is None for k in large["kernels"])  # the interpreter compiles nothing
@@ -202,9 +215,9 @@ def test_summary_prints_the_sweep_only_when_it_ran(tmp_path):
     best = dict(label="BN 64 warps 8 BV 1024", settings={}, p50_us=500.0, default_p50_us=640.0, speedup=1.28,
                 GBps=1600.0, frac_copy=0.4)
     rows = [dict(label="BN 32 warps 4 BV 1024", axis="default", status="ok"),
-            dict(label="BN 64 warps 8 BV 1024", axis="grid", status="ok", spill_bytes=48),
-            dict(label="BN 16 warps 2 BV 1024", axis="grid", status="failed", note="x"),
-            dict(axis="grid", settings={}, status="skipped", note="time budget spent")]
+            dict(label="BN 64 warps 8 BV 1024", axis="fwd", status="ok", spill_bytes=48),
+            dict(label="BN 16 warps 2 BV 1024", axis="fwd", status="failed", note="x"),
+            dict(axis="bwd", settings={}, status="skipped", note="time budget spent")]
     (tmp_path / "sweep_blocks.json").write_text(json.dumps(dict(shapes=dict(large=dict(best=dict(fwd=best),
                                                                                        rows=rows)))))
     lines = [line for line in summary.summarise(str(tmp_path)) if "sweep" in line]
@@ -212,3 +225,17 @@ def test_summary_prints_the_sweep_only_when_it_ran(tmp_path):
                         "40% of copy")
     assert "2 of 4 configurations timed, 1 left for time" in lines[1]
     assert "BN 64 warps 8 BV 1024 (48 B)" in lines[1] and "BN 16 warps 2 BV 1024 (failed)" in lines[1]
+
+
+def test_large_memory_combination_takes_the_best_backward_over_the_forward_rows_defaults():
+    def row(axis, settings, fwd, fwd_bwd):
+        return dict(axis=axis, settings=settings, status="ok", fwd=dict(p50_us=fwd), fwd_bwd=dict(p50_us=fwd_bwd))
+
+    held = dict(vector_block=1024, bwd_block_n=32, bwd_warps=4)
+    rows = [row("default", {}, 100.0, 400.0),
+            row("fwd", dict(block_n=32, num_warps=1, **held), 60.0, 380.0),
+            row("fwd", dict(block_n=64, num_warps=2, **held), 80.0, 350.0),
+            row("bwd", dict(bwd_block_n=64, bwd_warps=8), 100.0, 300.0),
+            row("bwd", dict(bwd_block_n=16, bwd_warps=2), 100.0, 420.0)]
+    (combined,) = sweep_blocks._combined(rows, graph=False)
+    assert combined.settings == dict(block_n=32, num_warps=1, vector_block=1024, bwd_block_n=64, bwd_warps=8)

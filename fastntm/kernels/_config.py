@@ -8,9 +8,12 @@ split into blocks of ``BN`` rows across programs.
 choice, for tests and for block-size sweeps (``benchmarks/sweep_blocks.py``):
 ``block_n`` forces the large-memory regime with that ``BN`` (tests use it to run
 the multi-block reductions and the shift's halo at small N); ``num_warps`` sets
-the large-memory kernels' warps, ``onchip_warps`` and ``onchip_bwd_warps`` the
-on-chip forward's (and the standalone read and write's) and backward's,
-``vector_block`` the rows of a vector-pass program. The environment takes them
+the large-memory kernels' warps; ``bwd_block_n`` and ``bwd_warps`` set the
+large-memory backward's passes over memory apart from the forward's (each
+defaults to its forward counterpart; at a shape that runs on-chip they change
+nothing); ``onchip_warps`` and ``onchip_bwd_warps`` the on-chip forward's (and
+the standalone read and write's) and backward's, ``vector_block`` the rows of a
+vector-pass program. The environment takes them
 as ``FASTNTM_BLOCKS="block_n=32,num_warps=8"``; a setting the context manager
 gives wins over the environment's. One variable, not one per setting: reading
 an unset variable costs over a microsecond, and the host path is counted in
@@ -59,13 +62,16 @@ class Overrides(NamedTuple):
 
     block_n: int | None = None
     num_warps: int | None = None
+    bwd_block_n: int | None = None
+    bwd_warps: int | None = None
     onchip_warps: int | None = None
     onchip_bwd_warps: int | None = None
     vector_block: int | None = None
 
 
 # (least, largest) of each setting, all powers of two. 32 warps is the most threads (1024) a program has.
-RANGES = {"block_n": (16, 1024), "num_warps": (1, 32), "onchip_warps": (1, 32), "onchip_bwd_warps": (1, 32),
+RANGES = {"block_n": (16, 1024), "num_warps": (1, 32), "bwd_block_n": (16, 1024), "bwd_warps": (1, 32),
+          "onchip_warps": (1, 32), "onchip_bwd_warps": (1, 32),
           "vector_block": (16, 8192)}
 
 _forced = Overrides()
@@ -79,9 +85,18 @@ class Blocks:
     BM: int
     num_warps: int
     bwd_warps: int
-    """Warps of the on-chip backward, which holds more live tiles than the forward (spill-free by ptxas)."""
+    """Warps of the backward: on-chip, of its one kernel, which holds more live tiles than the forward
+    (spill-free by ptxas); large memory, of its passes over memory."""
     BV: int
     """Rows of a vector-pass program (the large-memory forward's shift-sharpen pass)."""
+    bwd_BN: int
+    """Rows of a program of the large-memory backward's passes over memory (on-chip: BN)."""
+
+    @property
+    def memory_bwd(self) -> tuple[int, int]:
+        """(rows, warps) of a program of the backward's passes over memory (``_read_write_bwd_kernel``,
+        ``_mem_bwd_kernel``): the large-memory backward's, or on-chip the standalone read and write's."""
+        return (self.BN, self.num_warps) if self.onchip else (self.bwd_BN, self.bwd_warps)
 
 
 def n_blocks(N: int, BN: int) -> int:
@@ -205,11 +220,12 @@ def _choose(N: int, M: int, forced: Overrides) -> Blocks:
     full = max(64, next_pow2(N))
     if forced.block_n is None and full * BM <= ONCHIP_MAX_ELEMENTS:
         return Blocks(True, full, BM, forced.onchip_warps or (4 if full * BM <= 2048 else 8),
-                      forced.onchip_bwd_warps or (4 if full * BM <= 1024 else 8), vector_block(N))
+                      forced.onchip_bwd_warps or (4 if full * BM <= 1024 else 8), vector_block(N), full)
     BN = forced.block_n or large_block_n(BM)
     warps = forced.num_warps or 4
     # A forced BN alone forces the vector pass's block too: tests at small N get several vector blocks.
-    return Blocks(False, BN, BM, warps, warps, forced.vector_block or forced.block_n or vector_block(N))
+    return Blocks(False, BN, BM, warps, forced.bwd_warps or warps,
+                  forced.vector_block or forced.block_n or vector_block(N), forced.bwd_block_n or BN)
 
 
 def supported(M: int) -> bool:

@@ -748,8 +748,8 @@ def _read_write_bwd(mem, w, e, a, dr, dnew, R: int, W: int, blk=None):
     """dL/dw (fp32, B, R + W, N), dL/de, dL/da (fp32) from the reads and the write."""
     empty = _config.allocator()
     B, N, M = mem.shape
-    blk = blk or _config.choose(N, M)
-    NB = _config.n_blocks(N, blk.BN)
+    BN, warps = (blk or _config.choose(N, M)).memory_bwd
+    NB = _config.n_blocks(N, BN)
     has_dr, has_dnew = dr is not None and R > 0, dnew is not None and W > 0
     full = (has_dr or R == 0) and (has_dnew or W == 0)
     alloc = empty if full else (lambda shape, dtype, dev: torch.zeros(shape, dtype=dtype, device=dev))
@@ -761,7 +761,7 @@ def _read_write_bwd(mem, w, e, a, dr, dnew, R: int, W: int, blk=None):
         _read_write_bwd_kernel[(NB * B,)](
             mem, w, _nz(e, mem), _nz(a, mem), dr if has_dr else mem, dn, dw, _nz(depart, mem), _nz(dapart, mem),
             mem.stride(0), mem.stride(1), dn.stride(0), dn.stride(1), N, M, R, W, NB,
-            R if has_dr else 0, W if has_dnew else 0, BN=blk.BN, BM=blk.BM, num_warps=blk.num_warps)
+            R if has_dr else 0, W if has_dnew else 0, BN=BN, BM=_config.block_m(M), num_warps=warps)
     if not has_dnew:
         return dw, depart.new_zeros((B, W, M)), dapart.new_zeros((B, W, M))
     return dw, depart.sum(1), dapart.sum(1)
@@ -775,8 +775,8 @@ def _mem_bwd(mem, w, e, dr, dnew, k, K, addr, R: int, W: int, blk=None):
     """
     empty = _config.allocator()
     B, N, M = mem.shape
-    blk = blk or _config.choose(N, M)
-    NB = _config.n_blocks(N, blk.BN)
+    BN, warps = (blk or _config.choose(N, M)).memory_bwd
+    NB = _config.n_blocks(N, BN)
     # With W = 0 the step still returns new_mem = mem, so dnew flows to dmem.
     has_dr, has_dnew, has_dk = dr is not None and R > 0, dnew is not None, addr is not None
     HK = k.shape[1] if has_dk else 0
@@ -790,7 +790,7 @@ def _mem_bwd(mem, w, e, dr, dnew, k, K, addr, R: int, W: int, blk=None):
         beta, mx, se, dot, dwc, dmem, _nz(dkpart, mem), _nz(pdbeta, mem),
         mem.stride(0), mem.stride(1), dn.stride(0), dn.stride(1), dmem.stride(0), dmem.stride(1),
         N, M, R, W, HK, NB, R if has_dr else 0, int(has_dnew), HAS_DK=has_dk,
-        BN=blk.BN, BM=blk.BM, num_warps=blk.num_warps)
+        BN=BN, BM=_config.block_m(M), num_warps=warps)
     if not has_dk:
         return dmem, None
     torch.sum(pdbeta, dim=1, out=dbeta)

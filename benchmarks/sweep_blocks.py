@@ -364,7 +364,7 @@ def _best(out: dict) -> None:
 
 def table(name: str, out: dict) -> list[str]:
     timings, primary = out["timings"], out["primary"]
-    head = f"{'configuration':38} {'status':8}" + "".join(f" {k + ' us':>16}" for k in timings)
+    head = f"{'configuration':46} {'status':8}" + "".join(f" {k + ' us':>16}" for k in timings)
     head += f" {'fwd frac':>8} {'f+b frac':>8} {'regs':>4} {'spill B':>7} {'check s':>7}"
     lines = [f"sweep {name} {out['shape']} (sorted by {primary} p50; frac: of the copy bandwidth)", head]
 
@@ -379,9 +379,9 @@ def table(name: str, out: dict) -> list[str]:
         spill = "-" if r.get("spill_bytes") is None else r["spill_bytes"]
         check = f"{r['check_s']:7.1f}" if "check_s" in r else f"{'-':>7}"
         tag = (r.get("label") or str(r["settings"])) + (" *" if r["axis"] == "default" else "")
-        lines.append(f"{tag[:38]:38} {r['status']:8}{cells}{fracs} {regs:>4} {spill:>7} {check}")
+        lines.append(f"{tag[:46]:46} {r['status']:8}{cells}{fracs} {regs:>4} {spill:>7} {check}")
         if r["status"] != "ok":
-            lines.append(f"{'':38}   {r['note']}")
+            lines.append(f"{'':46}   {r['note']}")
     lines.append("  * the default configuration")
     lines += best_lines(name, out)
     return lines

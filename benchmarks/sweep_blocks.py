@@ -10,11 +10,10 @@ shapes of ``benchmarks.shapes``:
 * large memory (``large``, ``medium``): the forward's passes over memory and the backward's apart,
   each with the other at its default, then the best of each together. The forward: ``BN`` in
   {16, 32, 64, 128} x ``num_warps`` in {1, 2, 4, 8}; one warp makes every reduction over a block's
-  rows a warp shuffle, with no shared memory and no barrier (the similarity pass makes two such
+  rows a warp shuffle, with no barrier across warps (the similarity pass makes two such
   reductions a head and a block, the read-write pass one a read head). The backward:
-  ``bwd_block_n`` in the same x ``bwd_warps`` in {2, 4, 8}. Each runs in order of the fp32 elements
-  of a BN x BM tile that each thread holds, fewest first, so that a budget cuts the likeliest to
-  spill. ``--quick`` keeps, for the forward, those of at most 64 (it holds two tiles: 13 of 16),
+  ``bwd_block_n`` in the same x ``bwd_warps`` in {2, 4, 8}. They alternate (see the run time below).
+  ``--quick`` keeps, for the forward, those of at most 64 (it holds two tiles: 13 of 16),
   and for the backward, of at most 32 (9 of 12: compiled ahead of time for sm_90 at BM = 64, fp32,
   three of those spilled when last checked, 8 to 480 bytes: BN 32 at 2 warps, BN 64 at 4, BN 128 at
   8, and all three left out do, up to 2.9 KB). The vector pass stays at its default; without
@@ -40,13 +39,17 @@ fraction of the device-to-device copy bandwidth measured in the same run. Writes
 keeps what it measured.
 
 Run time with ``--quick``, estimated from an ahead-of-time compile of the same kernels for sm_90 on
-two shared CPU cores (no GPU run of this script yet): 32 new large-memory kernels (8 configurations
-of 4) at 0.3-1.6 s, 20 s in all, and 5 new on-chip kernels at 1.8-6.4 s, 16 s (a launch compiles
-the same way, plus a launcher that Triton caches by signature); timing about 1 s per on-chip
-configuration (4 timings, 2 of them with a graph capture) and 0.5 s per large-memory one; 10-15 s to
-start, measure the copy bandwidth and make the large inputs on the host. About 60 s, 120 s if the
-compiles take twice as long. ``--budget`` bounds it: no configuration starts that would not end in
-time at the pace of the one before.
+two shared CPU cores (no GPU run of this script yet): 44 new large-memory kernels (20 configurations:
+two or three forward kernels, or two backward ones, each) at 0.9-4.2 s, about 80 s summed (a
+reviewer's count; a GPU machine's 16 cores compile several at once only across processes, so count
+them serially), and 5 new on-chip kernels at 1.8-6.4 s, 16 s (a launch compiles the same way, plus
+a launcher that Triton caches by signature); timing about 1 s per on-chip configuration (4 timings, 2
+of them with a graph capture) and 0.5 s per large-memory one; 10-15 s to start, measure the copy
+bandwidth and make the large inputs on the host. About 130 s, more if the compiles are slower.
+``--budget`` bounds it: no configuration starts that would not end in time at the pace of the one
+before. The forward's and the backward's candidates alternate, so that a budget cut leaves both
+axes timed, and their combination: the forward's fewest warps first (one warp is what the forward
+sweep is for), the backward's fewest elements per thread first (the likeliest to spill last).
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import itertools
 import math
 import os
 import sys
@@ -106,17 +110,20 @@ def candidates(shape, quick: bool) -> list[Candidate]:
         out += [Candidate("fwd", dict(onchip_warps=w)) for w in ONCHIP_FWD_WARPS]
         out += [Candidate("bwd", dict(onchip_bwd_warps=w)) for w in ONCHIP_BWD_WARPS]
         return out
+    # The backward and the vector pass at their defaults in the forward's rows: a forced BN alone would
+    # force them too.
+    held = dict(vector_block=default.BV, bwd_block_n=default.bwd_BN, bwd_warps=default.bwd_warps)
+    axes = {}
     for axis, warps in (("fwd", LARGE_FWD_WARPS), ("bwd", LARGE_BWD_WARPS)):
-        grid = sorted(((bn, w) for bn in LARGE_BLOCK_N for w in warps),
-                      key=lambda c: (c[0] * default.BM / (32 * c[1]), -c[1]))
-        if quick:
-            grid = [(bn, w) for bn, w in grid if bn * default.BM / (32 * w) <= QUICK_MAX_PER_THREAD[axis]]
+        grid = [(bn, w) for bn in LARGE_BLOCK_N for w in warps
+                if not quick or bn * default.BM / (32 * w) <= QUICK_MAX_PER_THREAD[axis]]
         if axis == "fwd":
-            # The backward and the vector pass at their defaults: a forced BN alone would force them too.
-            held = dict(vector_block=default.BV, bwd_block_n=default.bwd_BN, bwd_warps=default.bwd_warps)
-            out += [Candidate(axis, dict(block_n=bn, num_warps=w, **held)) for bn, w in grid]
+            axes[axis] = [Candidate(axis, dict(block_n=bn, num_warps=w, **held))
+                          for bn, w in sorted(grid, key=lambda c: (c[1], c[0]))]
         else:
-            out += [Candidate(axis, dict(bwd_block_n=bn, bwd_warps=w)) for bn, w in grid]
+            axes[axis] = [Candidate(axis, dict(bwd_block_n=bn, bwd_warps=w))
+                          for bn, w in sorted(grid, key=lambda c: (c[0] * default.BM / (32 * c[1]), -c[1]))]
+    out += [c for pair in itertools.zip_longest(axes["fwd"], axes["bwd"]) for c in pair if c is not None]
     if not quick:
         out += [Candidate("vector", dict(vector_block=v)) for v in VECTOR_BLOCKS]
     return out
@@ -247,8 +254,10 @@ def sweep_shape(shape, device, cands: list[Candidate], *, timer: Timer, graph_ti
     while pending:
         cand = pending.pop(0)
         if time.perf_counter() + last_s > deadline:
-            out["rows"].append(dict(axis=cand.axis, settings=cand.settings, status="skipped",
-                                    note="time budget spent"))
+            blk = run.blocks(cand)
+            if blk is None or blk not in run.seen:  # a repeat of a timed configuration is no loss
+                out["rows"].append(dict(axis=cand.axis, settings=cand.settings, status="skipped",
+                                        note="time budget spent", **({"label": label(blk)} if blk else {})))
             out["stopped"] = "budget"
             continue
         t0 = time.perf_counter()
@@ -276,6 +285,14 @@ class _Run:
         self.expected = _run_step(reference.memory_step, x, shape.R, cot)
         self.default = None
         self.seen = set()
+
+    def blocks(self, cand: Candidate):
+        """The blocks ``cand`` forces at this shape, or None where its settings are refused."""
+        try:
+            with _config.force(**cand.settings):
+                return _config.choose(self.shape.N, self.shape.M)
+        except ValueError:
+            return None
 
     def candidate(self, cand: Candidate) -> dict | None:
         """Check and time one configuration and append its row; None (no row) where an earlier one had the

@@ -124,12 +124,14 @@ def test_candidates_cover_the_requested_grid_default_first():
     # Each axis holds the other at its default.
     assert all((c["vector_block"], c["bwd_block_n"], c["bwd_warps"]) == (1024, 32, 4) for c in fwd)
     assert all(set(c) == {"bwd_block_n", "bwd_warps"} for c in bwd)
-    for settings, bn, w in ((fwd, "block_n", "num_warps"), (bwd, "bwd_block_n", "bwd_warps")):
-        per_thread = [c[bn] * 64 / (32 * c[w]) for c in settings]
-        assert per_thread == sorted(per_thread)
+    assert [(c["num_warps"], c["block_n"]) for c in fwd] == sorted((c["num_warps"], c["block_n"]) for c in fwd)
+    per_thread = [c["bwd_block_n"] * 64 / (32 * c["bwd_warps"]) for c in bwd]
+    assert per_thread == sorted(per_thread)
     assert [c.settings["vector_block"] for c in full if c.axis == "vector"] == list(sweep_blocks.VECTOR_BLOCKS)
     quick = sweep_blocks.candidates(large, quick=True)
-    assert [c.axis for c in quick] == ["default"] + ["fwd"] * 13 + ["bwd"] * 9
+    # The two axes alternate, so that a budget cut leaves both timed; one-warp forward programs first.
+    assert [c.axis for c in quick] == ["default"] + ["fwd", "bwd"] * 9 + ["fwd"] * 4
+    assert [c.settings["num_warps"] for c in quick[1:5:2]] == [1, 1]
     assert dict(block_n=32, num_warps=1, vector_block=1024, bwd_block_n=32, bwd_warps=4) in [c.settings for c in quick]
     assert (128, 2) not in [(c.settings.get("bwd_block_n"), c.settings.get("bwd_warps")) for c in quick[1:]]
     onchip = sweep_blocks.candidates(paper, quick=True)

@@ -6,8 +6,8 @@ each write head ``[e (M), a (M)]``::
     k = raw   beta = softplus(raw)   g = sigmoid(raw)   s = softmax(raw) over S
     gamma = 1 + softplus(raw)        e = sigmoid(raw)   a = raw
 
-One launch each way, where the model's PyTorch ops take about eight forward (five activations, the
-add, two copies making k and a contiguous) and more backward. Under a CUDA graph a training step's
+One launch each way, where the model's PyTorch ops took eight forward (five activations, the add,
+two copies making k and a contiguous) and ten backward (``benchmarks/launch_count.py``). Under a CUDA graph a training step's
 time is mostly its launches, several dozen per time step. One program per head: program
 ``(b, j)`` squashes head j's addressing slice for j < H, write head ``j - H``'s erase and add
 vectors for j >= H. Backward recomputes from ``raw``, the only tensor saved:
@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from . import _config
-from .memory_step import T, _contig, _op
+from .memory_step import T, _contig, _nz, _op
 
 # ----------------------------------------------------------------------------
 # Triton kernels
@@ -151,11 +151,6 @@ def _backward(raw: T, dk: T, dbeta: T, dg: T, ds: T, dgamma: T, de: T, da: T, H:
                                                     raw.stride(0), draw.stride(0), H, W, M, S,
                                                     BL=block_size(M, S), num_warps=1)
     return draw
-
-
-def _nz(t, fallback):
-    """``t``, or ``fallback`` where ``t`` is empty (W = 0): never read, but a real pointer."""
-    return t if t.numel() else fallback
 
 
 head_parameters_fwd = torch.library.custom_op("fastntm::head_parameters_fwd", _forward, mutates_args=())

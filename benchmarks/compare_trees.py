@@ -24,27 +24,15 @@ import time
 
 
 def worker(shape_name: str, backend: str) -> None:
-    """Build the step, then for each line ``n`` on stdin print the p50 in ms of ``n`` steps."""
+    """Build the step (the tree's own ``benchmarks.run`` training step: model, copy batch, Adam), then for
+    each line ``n`` on stdin print the p50 in ms of ``n`` steps."""
     import torch
 
-    from benchmarks.cases import copy_batch, masked_bce
+    from benchmarks.cases import _train_case
     from benchmarks.shapes import TINY_TRAIN_SHAPES, TRAIN_SHAPES
-    from fastntm import FastNTM
 
     torch.set_num_threads(1)
-    shape = {**TRAIN_SHAPES, **TINY_TRAIN_SHAPES}[shape_name]
-    task, batch = copy_batch(shape, torch.device("cpu"))
-    torch.manual_seed(0)
-    model = FastNTM(task.input_size, task.output_size, memory_slots=shape.N, memory_width=shape.M,
-                    controller_size=shape.controller_size, num_reads=shape.R, num_writes=shape.W, backend=backend)
-    optimiser = torch.optim.Adam(model.parameters(), lr=1e-4)
-
-    def step():
-        optimiser.zero_grad(set_to_none=True)
-        logits, _ = model(batch.inputs)
-        masked_bce(logits, batch).backward()
-        optimiser.step()
-
+    step, _ = _train_case({**TRAIN_SHAPES, **TINY_TRAIN_SHAPES}[shape_name], backend, torch.device("cpu"))
     for _ in range(3):
         step()
     import fastntm

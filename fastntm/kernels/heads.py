@@ -50,6 +50,14 @@ def _softplus_grad(x):
 
 
 @triton.jit
+def _softmax(p_x, m_x):
+    """The softmax of the masked vector at ``p_x``, fp32 (0 at masked lanes)."""
+    b_x = tl.load(p_x, mask=m_x, other=-float("inf")).to(tl.float32)
+    b_x = tl.exp(b_x - tl.max(b_x, 0))
+    return b_x / tl.sum(b_x, 0)
+
+
+@triton.jit
 def _head_parameters_kernel(p_raw, p_k, p_beta, p_g, p_s, p_gamma, p_e, p_a, s_raw, H, W, M, S,
                             BL: tl.constexpr):
     i_p = tl.program_id(0)
@@ -67,9 +75,7 @@ def _head_parameters_kernel(p_raw, p_k, p_beta, p_g, p_s, p_gamma, p_e, p_a, s_r
         tl.store(p_beta + i_bh, _softplus(b_beta).to(p_beta.dtype.element_ty))
         tl.store(p_g + i_bh, _sigmoid(b_g).to(p_g.dtype.element_ty))
         tl.store(p_gamma + i_bh, (1.0 + _softplus(b_gamma)).to(p_gamma.dtype.element_ty))
-        b_s = tl.load(p_h + M + 2 + o_l, mask=m_s, other=-float("inf")).to(tl.float32)
-        b_s = tl.exp(b_s - tl.max(b_s, 0))
-        b_s = b_s / tl.sum(b_s, 0)
+        b_s = _softmax(p_h + M + 2 + o_l, m_s)
         tl.store(p_s + i_bh * S + o_l, b_s.to(p_s.dtype.element_ty), mask=m_s)
     else:
         i_bw = i_b * W + (i_j - H)
@@ -102,9 +108,7 @@ def _head_parameters_bwd_kernel(p_raw, p_dk, p_dbeta, p_dg, p_ds, p_dgamma, p_de
         tl.store(p_dh + M, b_dbeta.to(p_draw.dtype.element_ty))
         tl.store(p_dh + M + 1, b_dg.to(p_draw.dtype.element_ty))
         tl.store(p_dh + M + S + 2, b_dgamma.to(p_draw.dtype.element_ty))
-        b_s = tl.load(p_h + M + 2 + o_l, mask=m_s, other=-float("inf")).to(tl.float32)
-        b_s = tl.exp(b_s - tl.max(b_s, 0))
-        b_s = b_s / tl.sum(b_s, 0)
+        b_s = _softmax(p_h + M + 2 + o_l, m_s)
         b_ds = tl.load(p_ds + i_bh * S + o_l, mask=m_s, other=0.0).to(tl.float32)
         b_dx = b_s * (b_ds - tl.sum(b_ds * b_s, 0))
         tl.store(p_dh + M + 2 + o_l, b_dx.to(p_draw.dtype.element_ty), mask=m_s)

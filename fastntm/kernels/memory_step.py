@@ -748,7 +748,8 @@ def _read_write_bwd(mem, w, e, a, dr, dnew, R: int, W: int, blk=None):
     """dL/dw (fp32, B, R + W, N), dL/de, dL/da (fp32) from the reads and the write."""
     empty = _config.allocator()
     B, N, M = mem.shape
-    BN, warps = (blk or _config.choose(N, M)).memory_bwd
+    blk = blk or _config.choose(N, M)
+    BN, warps = blk.memory_bwd
     NB = _config.n_blocks(N, BN)
     has_dr, has_dnew = dr is not None and R > 0, dnew is not None and W > 0
     full = (has_dr or R == 0) and (has_dnew or W == 0)
@@ -761,7 +762,7 @@ def _read_write_bwd(mem, w, e, a, dr, dnew, R: int, W: int, blk=None):
         _read_write_bwd_kernel[(NB * B,)](
             mem, w, _nz(e, mem), _nz(a, mem), dr if has_dr else mem, dn, dw, _nz(depart, mem), _nz(dapart, mem),
             mem.stride(0), mem.stride(1), dn.stride(0), dn.stride(1), N, M, R, W, NB,
-            R if has_dr else 0, W if has_dnew else 0, BN=BN, BM=_config.block_m(M), num_warps=warps)
+            R if has_dr else 0, W if has_dnew else 0, BN=BN, BM=blk.BM, num_warps=warps)
     if not has_dnew:
         return dw, depart.new_zeros((B, W, M)), dapart.new_zeros((B, W, M))
     return dw, depart.sum(1), dapart.sum(1)
@@ -775,7 +776,8 @@ def _mem_bwd(mem, w, e, dr, dnew, k, K, addr, R: int, W: int, blk=None):
     """
     empty = _config.allocator()
     B, N, M = mem.shape
-    BN, warps = (blk or _config.choose(N, M)).memory_bwd
+    blk = blk or _config.choose(N, M)
+    BN, warps = blk.memory_bwd
     NB = _config.n_blocks(N, BN)
     # With W = 0 the step still returns new_mem = mem, so dnew flows to dmem.
     has_dr, has_dnew, has_dk = dr is not None and R > 0, dnew is not None, addr is not None
@@ -790,7 +792,7 @@ def _mem_bwd(mem, w, e, dr, dnew, k, K, addr, R: int, W: int, blk=None):
         beta, mx, se, dot, dwc, dmem, _nz(dkpart, mem), _nz(pdbeta, mem),
         mem.stride(0), mem.stride(1), dn.stride(0), dn.stride(1), dmem.stride(0), dmem.stride(1),
         N, M, R, W, HK, NB, R if has_dr else 0, int(has_dnew), HAS_DK=has_dk,
-        BN=BN, BM=_config.block_m(M), num_warps=warps)
+        BN=BN, BM=blk.BM, num_warps=warps)
     if not has_dk:
         return dmem, None
     torch.sum(pdbeta, dim=1, out=dbeta)

@@ -23,38 +23,33 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 
 import pytest
 
 triton = pytest.importorskip("triton")
 import torch  # noqa: E402
-from triton._C.libtriton import native_specialize_impl  # noqa: E402
-from triton.backends.compiler import BaseBackend, GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ is not part of the installed package
+
+from benchmarks.launches import (  # noqa: E402
+    KERNEL_MODULES,
+    Specialized,
+    compile_kernel,
+    kernel_fn,
+    kernel_names,
+    own_constexprs,
+    recording,
+    run_tool,
+    specialize,
+)
+from benchmarks.launches import heads as kheads  # noqa: E402
+from benchmarks.launches import memory_step as ms  # noqa: E402
 from fastntm.kernels import _config  # noqa: E402
 
-# Modules, not the functions of the same names that fastntm.kernels exports.
-ms = importlib.import_module("fastntm.kernels.memory_step")
 kread = importlib.import_module("fastntm.kernels.read")
 kwrite = importlib.import_module("fastntm.kernels.write")
-kheads = importlib.import_module("fastntm.kernels.heads")
-KERNEL_MODULES = (ms, kheads)
-"""The modules that define kernels (read.py and write.py launch memory_step.py's)."""
-
-
-def kernel_fn(name):
-    return vars(kernel_module(name))[name]
-
-
-def kernel_names(module):
-    return [n for n in vars(module) if n.endswith("_kernel")]
-
-
-def kernel_module(name):
-    return next(m for m in KERNEL_MODULES if name in vars(m))
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 aot = pytest.mark.skipif(INTERPRETING, reason="AOT compilation needs the interpreter off (run in a subprocess below)")
@@ -62,7 +57,6 @@ aot = pytest.mark.skipif(INTERPRETING, reason="AOT compilation needs the interpr
 # Compile options the host code passes at launch, beyond num_warps.
 LAUNCH_OPTIONS = {"_memory_step_onchip_kernel": dict(maxnreg=_config.ONCHIP_MAXNREG),
                   "_memory_step_onchip_bwd_kernel": dict(maxnreg=_config.ONCHIP_MAXNREG)}
-CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 ARCHS = (80, 90)
 DTYPES = tuple(os.environ.get("FASTNTM_STATIC_DTYPES", "fp32,bf16").split(","))
 """Dtypes of the tensors the kernels load and store. fp16 compiles to within a few registers of bf16 (and
@@ -132,16 +126,6 @@ def kernel_configs():
     return distinct
 
 
-class _Recorder:
-    """Stands in for a kernel: ``kernel[grid](*args, **kwargs)`` records the launch instead of making it."""
-
-    def __init__(self, name, calls):
-        self.name, self.calls = name, calls
-
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.calls.append((self.name, args, kwargs))
-
-
 def _run_host_code(N, M, R, W, S, dtype, mem_dtype):
     """Every host path at one shape: the step forward and backward (every gradient given, and without
     dL/dw, dL/dr or dL/dnew_mem: other pointers stand in for them), addressing, read and write alone."""
@@ -168,43 +152,21 @@ def _run_host_code(N, M, R, W, S, dtype, mem_dtype):
 def launched_configs():
     """(kernel, signature, constexprs, attrs, options, label, dtype) of every distinct launch the host code
     makes at ``LAUNCH_SHAPES`` with each of ``DTYPES``, specialized as Triton's launcher does."""
-    kernels = {n: kernel_fn(n) for m in KERNEL_MODULES for n in kernel_names(m)}
-    calls, labels = [], []
-    try:
-        for name in kernels:
-            setattr(kernel_module(name), name, _Recorder(name, calls))
+    labels = []
+    with recording() as launches:
         for shape_name, shape in LAUNCH_SHAPES.items():
             # Each dtype alone, and fp32 parameters with memory in each other dtype (a supported mix).
             for dtype, mem_dtype in [(d, d) for d in DTYPES] + [("fp32", d) for d in DTYPES if d != "fp32"]:
-                before = len(calls)
+                before = len(launches)
                 _run_host_code(*shape, TORCH_DTYPES[dtype], TORCH_DTYPES[mem_dtype])
                 label = shape_name if dtype == mem_dtype else f"{shape_name}/fp32 params"
-                labels += [(label, mem_dtype)] * (len(calls) - before)
-    finally:
-        for name, kernel in kernels.items():
-            setattr(kernel_module(name), name, kernel)
+                labels += [(label, mem_dtype)] * (len(launches) - before)
     seen = {}
-    for (name, args, kwargs), (shape_name, dtype) in zip(calls, labels):
-        fn = kernels[name]
-        options = {k: kwargs[k] for k in ("num_warps", "maxnreg") if k in kwargs}
-        bound = dict(zip(fn.arg_names, args), **{k: v for k, v in kwargs.items() if k not in options})
-        signature, consts, attrs = {}, {}, {}
-        for i, param in enumerate(fn.params):
-            value = bound[param.name]
-            if param.is_constexpr:
-                signature[param.name], consts[param.name] = "constexpr", value
-                continue
-            kind, spec = native_specialize_impl(BaseBackend, value, False, not param.do_not_specialize,
-                                                not param.do_not_specialize_on_alignment)
-            if kind == "constexpr":
-                signature[param.name], consts[param.name] = "constexpr", spec
-            else:
-                signature[param.name] = kind
-                if spec:
-                    attrs[(i,)] = BaseBackend.parse_attr(spec)
-        key = (name, repr(signature), repr(consts), repr(attrs), repr(options), dtype)
-        seen.setdefault(key, (name, signature, consts, attrs, options, [], dtype))[5].append(shape_name)
-    return [(*job[:5], "as launched: " + ", ".join(dict.fromkeys(job[5])), job[6]) for job in seen.values()]
+    for launch, (label, dtype) in zip(launches, labels):
+        spec = specialize(launch)
+        seen.setdefault((repr(spec), dtype), (spec, [], dtype))[1].append(label)
+    return [(*spec, "as launched: " + ", ".join(dict.fromkeys(labels)), dtype)
+            for spec, labels, dtype in seen.values()]
 
 
 def pointer_type(kernel, arg, consts, dtype):
@@ -224,28 +186,14 @@ def generic_job(name, consts, num_warps, dtype):
 
 def compile_one(job):
     name, signature, consts, attrs, options, label, dtype, arch = job
-    compiled = triton.compile(
-        ASTSource(fn=kernel_fn(name), signature=signature, constexprs=consts, attrs=attrs),
-        target=GPUTarget("cuda", arch, 32),
-        options=options,
-    )
+    spec = Specialized(name, signature, consts, attrs, options)
+    compiled = compile_kernel(spec, arch)
     # The cubin is the one a launch loads, from Triton's own ptxas run: its stack frame holds any spill.
-    with tempfile.NamedTemporaryFile("wb", suffix=".cubin", delete=False) as f:
-        f.write(compiled.asm["cubin"])
-    try:
-        usage = subprocess.run([CUOBJDUMP, "--dump-resource-usage", f.name],
-                               capture_output=True, text=True, check=True).stdout
-    finally:
-        os.unlink(f.name)
+    usage = run_tool("cuobjdump", compiled, "--dump-resource-usage")
     regs, stack = (int(re.search(rf"\b{key}:(\d+)", usage).group(1)) for key in ("REG", "STACK"))
-    shown = {k: v for k, v in consts.items() if signature.get(k) == "constexpr" and k in _shown_consts(name)}
+    shown = {k: v for k, v in spec.own_consts().items() if signature.get(k) == "constexpr"}
     return dict(kernel=name, consts=shown, num_warps=options["num_warps"], arch=arch, dtype=dtype, label=label,
                 regs=regs, stack=stack, shared=compiled.metadata.shared)
-
-
-def _shown_consts(name):
-    """The kernel's own constexpr parameters (not the integers a launch specialized to 1)."""
-    return {p.name for p in kernel_fn(name).params if p.is_constexpr}
 
 
 def all_jobs():
@@ -283,7 +231,7 @@ def test_every_config_compiles_for_sm80_and_sm90(results):
     assert {job[0] for job in launched} == {n for m in KERNEL_MODULES for n in kernel_names(m)}
     generic = {(name, tuple(sorted(consts.items())), nw) for name, consts, nw in kernel_configs()}
     for name, _, consts, _, options, label, _ in launched:
-        own = tuple(sorted((k, v) for k, v in consts.items() if k in _shown_consts(name)))
+        own = tuple(sorted((k, v) for k, v in consts.items() if k in own_constexprs(name)))
         assert (name, own, options["num_warps"]) in generic, f"{name} {own} ({label}) is not in kernel_configs()"
 
 

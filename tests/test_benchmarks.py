@@ -213,3 +213,27 @@ def test_compare_trees_times_both_trees_in_alternating_rounds():
     assert len(r["p50_ms"]["old"]) == len(r["p50_ms"]["new"]) == 2
     assert all(t > 0 for t in r["p50_ms"]["old"] + r["p50_ms"]["new"])
     assert r["ratio_min"] <= r["ratio_median"] <= r["ratio_max"]
+
+
+def test_sass_model_gives_each_loop_of_the_large_step_its_trip_count(tmp_path):
+    # Compiling needs the interpreter off, so in a process of its own.
+    out = tmp_path / "sass.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.sass_model", "--shape", "large", "--json", str(out)],
+                          cwd=ROOT, env=dict(os.environ, TRITON_INTERPRET="0"), capture_output=True, text=True,
+                          timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    counts = {c["name"]: c for c in data["fwd"] + data["bwd"]}
+    H, R, S = data["shape"]["R"] + data["shape"]["W"], data["shape"]["R"], data["shape"]["S"]
+    # The loops over heads and over shift taps, found in the SASS and matched to their for statements.
+    assert [trips for _, trips in counts["_similarity_kernel"]["loops"]] == [H]
+    assert [trips for _, trips in counts["_read_write_kernel"]["loops"]] == [R]
+    assert [trips for _, trips in counts["_shift_sharpen_kernel"]["loops"]] == [S]
+    assert H in [trips for _, trips in counts["_mem_bwd_kernel"]["loops"]]
+    for c in counts.values():
+        assert all(trips is not None for _, trips in c["loops"]), c
+        if len(c["loops"]) == 1:  # the loop's body once a trip, the rest once
+            (size, trips), = c["loops"]
+            assert c["per_warp"] == c["static"] + (trips - 1) * size
+        assert c["total"] == c["per_warp"] * c["warps"] * c["programs"]
+    assert "fwd_bwd" in proc.stdout and "a memory row" in proc.stdout

@@ -34,7 +34,7 @@ def no_env_overrides(monkeypatch):
 
 def test_force_sets_each_part_of_the_choice_and_restores_it():
     default_large, default_onchip = _config.choose(65536, 64), _config.choose(128, 20)
-    assert (default_large.onchip, default_large.BN, default_large.num_warps, default_large.BV) == (False, 32, 4, 1024)
+    assert (default_large.onchip, default_large.BN, default_large.num_warps, default_large.BV) == (False, 32, 1, 1024)
     assert (default_onchip.onchip, default_onchip.num_warps, default_onchip.bwd_warps) == (True, 8, 8)
     assert default_large.memory_bwd == (32, 4) and default_onchip.memory_bwd == (128, 8)
     with _config.force(block_n=64, num_warps=8, vector_block=256):
@@ -61,7 +61,7 @@ def test_nested_force_keeps_the_outer_settings_and_none_clears_one():
             assert (blk.BN, blk.num_warps, blk.BV) == (16, 2, 32)
             with _config.force(block_n=None):
                 assert _config.choose(37, 13).onchip
-        assert _config.choose(37, 13).num_warps == 4
+        assert _config.choose(37, 13).num_warps == _config.large_warps(16)  # the inner num_warps is gone
     with _config.force_block_n(16):
         assert not _config.choose(37, 13).onchip
 

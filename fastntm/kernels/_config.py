@@ -9,9 +9,10 @@ choice, for tests and for block-size sweeps (``benchmarks/sweep_blocks.py``):
 ``block_n`` forces the large-memory regime with that ``BN`` (tests use it to run
 the multi-block reductions and the shift's halo at small N); ``num_warps`` sets
 the large-memory kernels' warps; ``bwd_block_n`` and ``bwd_warps`` set the
-large-memory backward's passes over memory apart from the forward's (each
-defaults to its forward counterpart; at a shape that runs on-chip they change
-nothing); ``onchip_warps`` and ``onchip_bwd_warps`` the on-chip forward's (and
+large-memory backward's passes over memory apart from the forward's
+(``bwd_block_n`` defaults to the forward's ``BN``, ``bwd_warps`` to a forced
+``num_warps``, else to the backward's own default; at a shape that runs on-chip
+they change nothing); ``onchip_warps`` and ``onchip_bwd_warps`` the on-chip forward's (and
 the standalone read and write's) and backward's, ``vector_block`` the rows of a
 vector-pass program. The environment takes them
 as ``FASTNTM_BLOCKS="block_n=32,num_warps=8"``; a setting the context manager
@@ -40,6 +41,9 @@ MAX_BM = 128
 """Widest slot the kernels take (BM = next_pow2(M)); wider slots use the reference."""
 VECTOR_BLOCK = 1024
 """Rows of one (B, H, N)-vector program (the shift-sharpen pass): no memory rows held, so many more."""
+LARGE_BWD_WARPS = 4
+"""Warps of a program of the large-memory backward's passes over memory: at one warp the backward's
+tiles spill."""
 
 REGISTERS_PER_SM = 65536
 """32-bit registers of one SM on sm_80 and sm_90: a program of ``32 * num_warps`` threads gets at most
@@ -106,6 +110,19 @@ def n_blocks(N: int, BN: int) -> int:
 def onchip_maxnreg(num_warps: int) -> int:
     """``ONCHIP_MAXNREG``, or less where a program of ``num_warps`` could not launch with it (over 8 warps)."""
     return min(ONCHIP_MAXNREG, REGISTERS_PER_SM // (32 * num_warps))
+
+
+def large_warps(BM: int) -> int:
+    """Warps of a large-memory forward program (and of the standalone read and write) of ``BM``-wide rows.
+
+    One warp sums a block's rows with shuffles, no shared memory or barriers, and holds several rows a
+    thread, so a value a row costs little: at the large shape the forward's kernels issue a third of the
+    warp-instructions they issue at 4 warps (``python -m benchmarks.sass_model``: 110 M against 297 M,
+    fp32), and at 4 warps an H200 ran them at the pace of issue, not of memory. At BM <= 32 (64 or 128
+    rows a block), where rows are not 16-aligned, one warp spilled (the similarity pass at BM = 16, bf16,
+    sm_90; the standalone read at BM = 32, fp32, sm_80), and so did two (ptxas capping registers at an
+    occupancy step): four warps there, as before. Chosen from that model; not yet timed on a GPU."""
+    return 1 if BM >= 64 else 4
 
 
 def _validated(settings: dict, where: str) -> dict:
@@ -222,9 +239,9 @@ def _choose(N: int, M: int, forced: Overrides) -> Blocks:
         return Blocks(True, full, BM, forced.onchip_warps or (4 if full * BM <= 2048 else 8),
                       forced.onchip_bwd_warps or (4 if full * BM <= 1024 else 8), vector_block(N), full)
     BN = forced.block_n or large_block_n(BM)
-    warps = forced.num_warps or 4
     # A forced BN alone forces the vector pass's block too: tests at small N get several vector blocks.
-    return Blocks(False, BN, BM, warps, forced.bwd_warps or warps,
+    return Blocks(False, BN, BM, forced.num_warps or large_warps(BM),
+                  forced.bwd_warps or forced.num_warps or LARGE_BWD_WARPS,
                   forced.vector_block or forced.block_n or vector_block(N), forced.bwd_block_n or BN)
 
 

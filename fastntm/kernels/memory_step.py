@@ -206,20 +206,30 @@ def _similarity_kernel(p_mem, p_k, p_beta, p_K, p_pmax, p_psum, s_mem_b, s_mem_n
     """Large memory, pass 1: logits of every head on rows of block ``i_n``; max and sum-exp partials.
 
     Rows are int32 offsets ``o_n`` from the block's first row ``n0`` (int64), in every large-memory kernel:
-    a tile of 64-bit offsets or pointers takes twice the registers."""
+    a tile of 64-bit offsets or pointers takes twice the registers.
+
+    The block is held as (BN, BM / BC, BC): rows of chunks of BC elements, one 32-byte sector. With the
+    chunk axis the slowest, Triton gives a sector to two lanes and a row's chunks to the same two, so
+    each head's dot products over M are sums in registers and one shuffle. A (BN, BM) tile puts a row on
+    16 lanes (BM = 64, fp32): four shuffle levels a row and head, and the kernel issued over three times
+    the instructions (SASS, as launched at the large shape).
+    """
+    BC: tl.constexpr = 256 // p_mem.dtype.element_ty.primitive_bitwidth
     i_n, i_b = _block_and_item(NB)
     i_n = i_n.to(tl.int64)
     n0 = i_n * BN
     o_n = tl.arange(0, BN)
-    o_m = tl.arange(0, BM)
+    o_m = tl.arange(0, BM // BC)[:, None] * BC + tl.arange(0, BC)[None, :]
     m_n = o_n < N - n0
     m_m = o_m < M
-    b_mem = tl.load(p_mem + i_b * s_mem_b + n0 * s_mem_n + o_n[:, None] * s_mem_n + o_m[None, :],
-                    mask=m_n[:, None] & m_m[None, :], other=0.0).to(tl.float32)
-    b_mn = tl.maximum(tl.sqrt(tl.sum(b_mem * b_mem, 1)), 1e-8)
+    b_mem = tl.load(p_mem + i_b * s_mem_b + n0 * s_mem_n + o_n[:, None, None] * s_mem_n + o_m[None, :, :],
+                    mask=m_n[:, None, None] & m_m[None, :, :], other=0.0).to(tl.float32)
+    b_mn = tl.maximum(tl.sqrt(tl.sum(tl.sum(b_mem * b_mem, 2), 1)), 1e-8)
     for h in range(H):
         i_bh = i_b * H + h
-        b_K = _cosine(b_mem, b_mn, p_k + i_bh * M, o_m, m_m)
+        b_k = tl.load(p_k + i_bh * M + o_m, mask=m_m, other=0.0).to(tl.float32)
+        b_kn = tl.maximum(tl.sqrt(tl.sum(tl.sum(b_k * b_k, 1), 0)), 1e-8)
+        b_K = tl.sum(tl.sum(b_mem * b_k[None, :, :], 2), 1) / (b_kn * b_mn)
         tl.store(p_K + i_bh * N + n0 + o_n, b_K, mask=m_n)
         b_z = tl.where(m_n, tl.load(p_beta + i_bh).to(tl.float32) * b_K, float("-inf"))
         b_max = tl.max(b_z, 0)

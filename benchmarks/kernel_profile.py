@@ -56,10 +56,11 @@ KERNEL_TRAFFIC = {
     "_shift_sharpen_kernel": (0, 3),  # reads K and w_prev; writes ws^gamma
     "_read_write_kernel": (2, 2),  # reads mem, writes new_mem; reads ws^gamma, writes w
     "_read_write_bwd_kernel": (2, 1),  # reads mem and dL/dnew_mem; writes dL/dw (reads w of the write heads)
-    "_mem_bwd_kernel": (3, 3),  # reads mem and dL/dnew_mem, writes dL/dmem; reads w, K and dL/dwc
+    "_mem_bwd_kernel": (3, 2),  # reads mem and dL/dnew_mem, writes dL/dmem; reads w and dL/dK / |k|
     "_sharpen_dot_kernel": (0, 4),  # reads dL/dw (from the reads and write, and the given one), K, w_prev
     "_sharpen_bwd_kernel": (0, 5),  # the same four; writes dL/dws
     "_interp_bwd_kernel": (0, 5),  # reads dL/dws, K, w_prev; writes dL/dw_prev and dL/dwc
+    "_softmax_bwd_kernel": (0, 3),  # reads K and dL/dwc; writes dL/dK / |k| (and a (B, N) row sum)
 }
 
 # What each kind of profile aggregates: a short label for the tables, and what it means.

@@ -64,14 +64,14 @@ spilled nowhere when last checked), so it is left out by default to keep the run
 # Pointers that are fp32 whatever the tensors' dtype: saved logits and sums, scratch, per-block partials.
 FP32_POINTERS = {"p_K", "p_max", "p_sum", "p_P", "p_pmax", "p_psum", "p_pw", "p_pP", "p_rpart", "p_depart",
                  "p_dapart", "p_dkpart", "p_scr", "p_dwrw", "p_dot", "p_dws", "p_dwc", "p_pdot", "p_pdgamma",
-                 "p_pds", "p_pdg", "p_pdbeta"}
+                 "p_pds", "p_pdg", "p_pdbeta", "p_kn", "p_ck", "p_cn"}
 # The large-memory backward's passes over (B, H, N) vectors, launched like ``_shift_sharpen_kernel``.
-VECTOR_BWD_KERNELS = ("_sharpen_dot_kernel", "_sharpen_bwd_kernel", "_interp_bwd_kernel")
+VECTOR_BWD_KERNELS = ("_sharpen_dot_kernel", "_sharpen_bwd_kernel", "_interp_bwd_kernel", "_softmax_bwd_kernel")
 
 # Triton launches of one forward / backward step, by regime (plus small torch ops on (B, H, *) vectors and
 # block partials: large-memory forward 4 (max, sum-exp combine, sharpening sum, read partial sum); backward
 # about 20, none over a (B, H, N) vector).
-LAUNCHES = {True: "fwd 1, bwd 1", False: "fwd 3, bwd 5"}
+LAUNCHES = {True: "fwd 1, bwd 1", False: "fwd 3, bwd 6"}
 
 # (N, M, R, W, S) of benchmarks/shapes.py's paper, medium and large shapes. The batch is a grid dimension,
 # never a kernel argument, so B = 1 here.

@@ -36,7 +36,7 @@ def test_force_sets_each_part_of_the_choice_and_restores_it():
     default_large, default_onchip = _config.choose(65536, 64), _config.choose(128, 20)
     assert (default_large.onchip, default_large.BN, default_large.num_warps, default_large.BV) == (False, 32, 1, 1024)
     assert (default_onchip.onchip, default_onchip.num_warps, default_onchip.bwd_warps) == (True, 8, 8)
-    assert default_large.memory_bwd == (32, 4) and default_onchip.memory_bwd == (128, 8)
+    assert default_large.memory_bwd == (32, 2) and default_onchip.memory_bwd == (128, 8)
     with _config.force(block_n=64, num_warps=8, vector_block=256):
         blk = _config.choose(65536, 64)
         assert (blk.onchip, blk.BN, blk.num_warps, blk.bwd_warps, blk.BV) == (False, 64, 8, 8, 256)
@@ -61,7 +61,7 @@ def test_nested_force_keeps_the_outer_settings_and_none_clears_one():
             assert (blk.BN, blk.num_warps, blk.BV) == (16, 2, 32)
             with _config.force(block_n=None):
                 assert _config.choose(37, 13).onchip
-        assert _config.choose(37, 13).num_warps == _config.large_warps(16)  # the inner num_warps is gone
+        assert _config.choose(37, 13).num_warps == _config.large_warps(16)[0]  # the inner num_warps is gone
     with _config.force_block_n(16):
         assert not _config.choose(37, 13).onchip
 
@@ -122,7 +122,8 @@ def test_candidates_cover_the_requested_grid_default_first():
     assert {(c["block_n"], c["num_warps"]) for c in fwd} == {(bn, w) for bn in (16, 32, 64, 128) for w in (1, 2, 4, 8)}
     assert {(c["bwd_block_n"], c["bwd_warps"]) for c in bwd} == {(bn, w) for bn in (16, 32, 64, 128) for w in (2, 4, 8)}
     # Each axis holds the other at its default.
-    assert all((c["vector_block"], c["bwd_block_n"], c["bwd_warps"]) == (1024, 32, 4) for c in fwd)
+    default = _config.choose(large.N, large.M)
+    assert all((c["vector_block"], c["bwd_block_n"], c["bwd_warps"]) == (1024, 32, default.bwd_warps) for c in fwd)
     assert all(set(c) == {"bwd_block_n", "bwd_warps"} for c in bwd)
     assert [(c["num_warps"], c["block_n"]) for c in fwd] == sorted((c["num_warps"], c["block_n"]) for c in fwd)
     per_thread = [c["bwd_block_n"] * 64 / (32 * c["bwd_warps"]) for c in bwd]
@@ -132,7 +133,8 @@ def test_candidates_cover_the_requested_grid_default_first():
     # The two axes alternate, so that a budget cut leaves both timed; one-warp forward programs first.
     assert [c.axis for c in quick] == ["default"] + ["fwd", "bwd"] * 9 + ["fwd"] * 4
     assert [c.settings["num_warps"] for c in quick[1:5:2]] == [1, 1]
-    assert dict(block_n=32, num_warps=1, vector_block=1024, bwd_block_n=32, bwd_warps=4) in [c.settings for c in quick]
+    assert dict(block_n=32, num_warps=1, vector_block=1024, bwd_block_n=32, bwd_warps=default.bwd_warps) in [
+        c.settings for c in quick]
     assert (128, 2) not in [(c.settings.get("bwd_block_n"), c.settings.get("bwd_warps")) for c in quick[1:]]
     onchip = sweep_blocks.candidates(paper, quick=True)
     assert [c.settings for c in onchip if c.axis == "fwd"] == [dict(onchip_warps=w) for w in (1, 2, 4, 8)]

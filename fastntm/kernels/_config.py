@@ -41,9 +41,6 @@ MAX_BM = 128
 """Widest slot the kernels take (BM = next_pow2(M)); wider slots use the reference."""
 VECTOR_BLOCK = 1024
 """Rows of one (B, H, N)-vector program (the shift-sharpen pass): no memory rows held, so many more."""
-LARGE_BWD_WARPS = 4
-"""Warps of a program of the large-memory backward's passes over memory: at one warp the backward's
-tiles spill."""
 
 REGISTERS_PER_SM = 65536
 """32-bit registers of one SM on sm_80 and sm_90: a program of ``32 * num_warps`` threads gets at most
@@ -112,17 +109,19 @@ def onchip_maxnreg(num_warps: int) -> int:
     return min(ONCHIP_MAXNREG, REGISTERS_PER_SM // (32 * num_warps))
 
 
-def large_warps(BM: int) -> int:
-    """Warps of a large-memory forward program (and of the standalone read and write) of ``BM``-wide rows.
+def large_warps(BM: int) -> tuple[int, int]:
+    """Warps of a large-memory program of ``BM``-wide rows: (forward, and the standalone read and write;
+    the backward's passes over memory).
 
-    One warp sums a block's rows with shuffles, no shared memory or barriers, and holds several rows a
-    thread, so a value a row costs little: at the large shape the forward's kernels issue a third of the
-    warp-instructions they issue at 4 warps (``python -m benchmarks.sass_model``: 110 M against 297 M,
-    fp32), and at 4 warps an H200 ran them at the pace of issue, not of memory. At BM <= 32 (64 or 128
-    rows a block), where rows are not 16-aligned, one warp spilled (the similarity pass at BM = 16, bf16,
-    sm_90; the standalone read at BM = 32, fp32, sm_80), and so did two (ptxas capping registers at an
-    occupancy step): four warps there, as before. Chosen from that model; not yet timed on a GPU."""
-    return 1 if BM >= 64 else 4
+    Few warps sum a block's rows with few or no barriers (one warp: shuffles alone), and hold several
+    rows a thread, so a value a row costs little. At the large shape (fp32, sm_90) the forward's kernels
+    issue 110 M warp-instructions at one warp against 297 M at four, and the backward (two passes over
+    memory at those warps, four vector passes between) 290 M at two against 376 M at four
+    (``python -m benchmarks.sass_model``); at four warps an H200 ran the forward at the pace of issue,
+    not of memory. The backward at one warp spilled, as did one or two warps at BM <= 32 (64 or 128 rows
+    a block) where rows are not 16-aligned (ptxas capping registers at an occupancy step): four warps
+    there, as before. Chosen from that model; not yet timed on a GPU."""
+    return (1, 2) if BM >= 64 else (4, 4)
 
 
 def _validated(settings: dict, where: str) -> dict:
@@ -239,9 +238,9 @@ def _choose(N: int, M: int, forced: Overrides) -> Blocks:
         return Blocks(True, full, BM, forced.onchip_warps or (4 if full * BM <= 2048 else 8),
                       forced.onchip_bwd_warps or (4 if full * BM <= 1024 else 8), vector_block(N), full)
     BN = forced.block_n or large_block_n(BM)
+    warps, bwd_warps = large_warps(BM)
     # A forced BN alone forces the vector pass's block too: tests at small N get several vector blocks.
-    return Blocks(False, BN, BM, forced.num_warps or large_warps(BM),
-                  forced.bwd_warps or forced.num_warps or LARGE_BWD_WARPS,
+    return Blocks(False, BN, BM, forced.num_warps or warps, forced.bwd_warps or forced.num_warps or bwd_warps,
                   forced.vector_block or forced.block_n or vector_block(N), forced.bwd_block_n or BN)
 
 

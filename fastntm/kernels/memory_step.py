@@ -22,7 +22,8 @@ sums), never from a saved memory. On-chip, one launch of
 ``_memory_step_onchip_bwd_kernel``, one program per batch item: dL/dw from the
 reads and the write, every head's addressing chain backward (the shift's
 neighbours by ``tl.gather``, as in the forward), then dL/dmem and dL/dk (every
-head's dL/dK through a small scratch buffer and a barrier). Large memory, two passes over memory with three over (B, H, N) vectors between:
+head's dL/dK through a small scratch buffer and a barrier). Large memory, two
+passes over memory with four over (B, H, N) vectors between:
 
 * ``_read_write_bwd_kernel`` (one pass over mem and dnew): dL/dw from the reads
   and the write, per-block partials of dL/de and dL/da;
@@ -30,11 +31,12 @@ head's dL/dK through a small scratch buffer and a barrier). Large memory, two pa
   a program, as the forward's shift-sharpen pass: ``_sharpen_dot_kernel`` (the
   sharpening's sums), ``_sharpen_bwd_kernel`` (dL/dws stored; dL/dgamma, dL/ds),
   ``_interp_bwd_kernel`` (the shift's halo read from the stored dL/dws; dL/dw_prev,
-  dL/dwc stored; dL/dg); each reduction over N as block partials summed with
-  torch between the launches;
-* ``_mem_bwd_kernel`` (one pass): the softmax backward (dL/dK from dL/dwc, and
-  dL/dbeta), dL/dmem from the write, the reads and the cosine similarity, and
-  per-block partials of dL/dk.
+  dL/dwc stored; dL/dg); then, blocks of rows of every head a program,
+  ``_softmax_bwd_kernel`` (the softmax backward: dL/dK over |k| stored, with
+  sum_h dL/dK K a row; dL/dbeta); each reduction over N as block partials
+  summed with torch between the launches;
+* ``_mem_bwd_kernel`` (one pass): dL/dmem from the write, the reads and the
+  cosine similarity, and per-block partials of dL/dk.
 
 Compute is fp32; loads and stores are in each tensor's dtype. The (B, H, N),
 (B, H, M) and (B, H) tensors are made contiguous and indexed from their shapes;
@@ -332,21 +334,23 @@ def _read_write_bwd_kernel(p_mem, p_w, p_e, p_a, p_dr, p_dnew, p_dw, p_depart, p
     H = R + W
     b_mem = tl.load(p_mem + i_b * s_mem_b + n0 * s_mem_n + o_n[:, None] * s_mem_n + o_m[None, :],
                     mask=m_nm, other=0.0).to(tl.float32)
+    # Loaded once, before the loop (masked off without dL/dnew_mem): its addresses, a tile of 64-bit
+    # pointers where rows are not 16-aligned, no longer live through it (2 warps spilled, sm_80 and sm_90).
+    b_dnew = tl.load(p_dnew + i_b * s_dnew_b + n0 * s_dnew_n + o_n[:, None] * s_dnew_n + o_m[None, :],
+                     mask=m_nm & (WD != 0), other=0.0).to(tl.float32)
     for h in range(RD):
         b_dr = tl.load(p_dr + (i_b * R + h) * M + o_m, mask=m_m, other=0.0).to(tl.float32)
         tl.store(p_dw + (i_b * H + h) * N + n0 + o_n, tl.sum(b_mem * b_dr[None, :], 1), mask=m_n)
     for hw in range(WD):
-        b_dnew = tl.load(p_dnew + i_b * s_dnew_b + n0 * s_dnew_n + o_n[:, None] * s_dnew_n + o_m[None, :],
-                         mask=m_nm, other=0.0).to(tl.float32)
-        b_others = tl.full([BN, BM], 1.0, dtype=tl.float32)
+        # dnew * mem * (the other heads' erase factors), built in place: no tile of the factors alone.
+        b_derase = b_dnew * b_mem
         for h2 in range(W):
             b_w2 = tl.load(p_w + (i_b * H + R + h2) * N + n0 + o_n, mask=m_n, other=0.0).to(tl.float32)
             b_e2 = tl.load(p_e + (i_b * W + h2) * M + o_m, mask=m_m, other=0.0).to(tl.float32)
-            b_others *= tl.where(h2 == hw, 1.0, 1.0 - b_w2[:, None] * b_e2[None, :])
+            b_derase *= tl.where(h2 == hw, 1.0, 1.0 - b_w2[:, None] * b_e2[None, :])
         b_w = tl.load(p_w + (i_b * H + R + hw) * N + n0 + o_n, mask=m_n, other=0.0).to(tl.float32)
         b_e = tl.load(p_e + (i_b * W + hw) * M + o_m, mask=m_m, other=0.0).to(tl.float32)
         b_a = tl.load(p_a + (i_b * W + hw) * M + o_m, mask=m_m, other=0.0).to(tl.float32)
-        b_derase = b_dnew * b_mem * b_others
         b_dw = tl.sum(b_dnew * b_a[None, :] - b_derase * b_e[None, :], 1)
         tl.store(p_dw + (i_b * H + R + hw) * N + n0 + o_n, b_dw, mask=m_n)
         o_part = ((i_b * NB + i_n) * W + hw) * M + o_m
@@ -443,16 +447,45 @@ def _interp_bwd_kernel(p_dws, p_K, p_wp, p_beta, p_g, p_s, p_max, p_sum, p_dwp, 
     tl.store(p_pdot + i_bh * NB + i_n, tl.sum(b_dwc * b_wc, 0))
 
 
+@triton.jit
+def _softmax_bwd_kernel(p_K, p_dwc, p_beta, p_max, p_sum, p_dot, p_kn, p_ck, p_cn, p_pdbeta, N, H, NB,
+                        BN: tl.constexpr):
+    """Addressing backward, pass 4, block ``i_n`` of item ``i_b``, every head: the softmax backward and the
+    cosine's factors of each row, for ``_mem_bwd_kernel``.
+
+    From dL/dwc and ``dot2 = sum_n dwc wc`` (given): ``dz = wc (dwc - dot2)``, ``dK = beta dz``. Stores
+    ``ck = dK / max(|k|, eps)`` (B, H, N) and ``cn = sum_h dK K`` (B, N), fp32; block partials (B, H, NB) of
+    ``dbeta = sum_n dz K``. Here, a row to a thread, rather than in the pass over memory, whose programs
+    hold each row's vector values on many threads.
+    """
+    i_n, i_b = _block_and_item(NB)
+    o_n = i_n * BN + tl.arange(0, BN)
+    m_n = o_n < N
+    b_cn = tl.zeros([BN], dtype=tl.float32)
+    for h in range(H):
+        i_bh = i_b * H + h
+        b_K = tl.load(p_K + i_bh * N + o_n, mask=m_n, other=0.0)
+        b_beta = tl.load(p_beta + i_bh).to(tl.float32)
+        b_wc = tl.exp(b_beta * b_K - tl.load(p_max + i_bh)) / tl.load(p_sum + i_bh)
+        b_dwc = tl.load(p_dwc + i_bh * N + o_n, mask=m_n, other=0.0)
+        b_dz = tl.where(m_n, b_wc * (b_dwc - tl.load(p_dot + i_bh)), 0.0)
+        tl.store(p_pdbeta + i_bh * NB + i_n, tl.sum(b_dz * b_K, 0))
+        b_dK = b_beta * b_dz
+        tl.store(p_ck + i_bh * N + o_n, b_dK / tl.load(p_kn + i_bh), mask=m_n)
+        b_cn += b_dK * b_K
+    tl.store(p_cn + i_b * N + o_n, b_cn, mask=m_n)
+
+
 @triton.jit(do_not_specialize=("RD", "HAS_DNEW"))
-def _mem_bwd_kernel(p_mem, p_w, p_e, p_dr, p_dnew, p_k, p_K, p_beta, p_max, p_sum, p_dot, p_dwc, p_dmem,
-                    p_dkpart, p_pdbeta,
+def _mem_bwd_kernel(p_mem, p_w, p_e, p_dr, p_dnew, p_k, p_ck, p_cn, p_dmem, p_dkpart,
                     s_mem_b, s_mem_n, s_dnew_b, s_dnew_n, s_dmem_b, s_dmem_n, N, M, R, W, HK, NB, RD, HAS_DNEW,
                     HAS_DK: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr):
     """dL/dmem on block ``i_n``: write (``dnew * keep``), reads (``sum_h w_h dr_h``), cosine of the HK addressing
-    heads; per-block partials (B, NB, HK, M) of ``sum_n dK[n] mem[n] / (|k| |mem[n]|)`` for dL/dk.
+    heads; per-block partials (B, NB, HK, M) of ``sum_n c[n] mem[n]`` for dL/dk.
 
-    The softmax backward of each addressing head on the way, from dL/dwc and ``dot2 = sum_n dwc wc``:
-    ``dz = wc (dwc - dot2)``, ``dK = beta dz``; per-block partials (B, NB, HK) of ``dbeta = sum_n dz K``.
+    The cosine's backward from ``_softmax_bwd_kernel``'s factors: with ``c = ck / max(|mem[n]|, eps)``
+    (``ck = dK / max(|k|, eps)``), ``dmem[n] += sum_h c k_h - cn mem[n] / max(|mem[n]|, eps)^2``
+    (``cn = sum_h dK K``; no norm term where ``|mem[n]| < eps``, which is clamped).
 
     ``RD`` (R or 0) and ``HAS_DNEW`` (0 or 1) say whether dL/dr and dL/dnew_mem were given: runtime values
     that Triton is told not to specialize (it makes an argument equal to 1 a constant), so one compiled
@@ -485,26 +518,15 @@ def _mem_bwd_kernel(p_mem, p_w, p_e, p_dr, p_dnew, p_k, p_K, p_beta, p_max, p_su
         b_mem = tl.load(p_mem + i_b * s_mem_b + n0 * s_mem_n + o_n[:, None] * s_mem_n + o_m[None, :],
                         mask=m_nm, other=0.0).to(tl.float32)
         b_norm = tl.sqrt(tl.sum(b_mem * b_mem, 1))
-        b_mn = tl.maximum(b_norm, 1e-8)
-        b_cn = tl.zeros([BN], dtype=tl.float32)
+        b_inv = 1.0 / tl.maximum(b_norm, 1e-8)
         for h in range(HK):
             i_bh = i_b * HK + h
             b_k = tl.load(p_k + i_bh * M + o_m, mask=m_m, other=0.0).to(tl.float32)
-            b_kn = tl.maximum(tl.sqrt(tl.sum(b_k * b_k, 0)), 1e-8)
-            b_K = tl.load(p_K + i_bh * N + n0 + o_n, mask=m_n, other=0.0)
-            b_beta = tl.load(p_beta + i_bh).to(tl.float32)
-            b_wc = tl.exp(b_beta * b_K - tl.load(p_max + i_bh)) / tl.load(p_sum + i_bh)
-            b_dwc = tl.load(p_dwc + i_bh * N + n0 + o_n, mask=m_n, other=0.0)
-            b_dz = tl.where(m_n, b_wc * (b_dwc - tl.load(p_dot + i_bh)), 0.0)
-            tl.store(p_pdbeta + (i_b * NB + i_n) * HK + h, tl.sum(b_dz * b_K, 0))
-            b_dK = b_beta * b_dz
-            b_c = b_dK / (b_kn * b_mn)
-            # The norm's term of every head at once, after the loop: one tile update, not one a head.
-            b_cn += b_dK * b_K
+            b_c = tl.load(p_ck + i_bh * N + n0 + o_n, mask=m_n, other=0.0) * b_inv
             b_dmem += b_c[:, None] * b_k[None, :]
             tl.store(p_dkpart + ((i_b * NB + i_n) * HK + h) * M + o_m, tl.sum(b_c[:, None] * b_mem, 0), mask=m_m)
-        # |mem[n]| below eps is clamped: no gradient through the norm there.
-        b_cn = tl.where(b_norm >= 1e-8, b_cn / (b_mn * b_mn), 0.0)
+        b_cn = tl.load(p_cn + i_b * N + n0 + o_n, mask=m_n, other=0.0)
+        b_cn = tl.where(b_norm >= 1e-8, b_cn * b_inv * b_inv, 0.0)
         b_dmem -= b_cn[:, None] * b_mem
     tl.store(p_rows, b_dmem.to(p_dmem.dtype.element_ty), mask=m_nm)
 
@@ -716,14 +738,15 @@ def _forward(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads: int, rw: bool):
     return w, r, new, K, mx, se, P
 
 
-def _address_bwd(beta, g, s, gamma, w_prev, K, mx, se, dw_rw, dw, BV: int):
-    """The addressing chain backward down to the softmax, from dL/dw (``dw_rw`` from the reads and the write,
-    fp32, plus ``dw`` if given): (dwc, dot2, dg, ds, dgamma, dw_prev), with ``dwc`` = dL/dwc (fp32) and
-    ``dot2 = sum_n dwc wc`` for the softmax backward that ``_mem_bwd_kernel`` does; dw_prev in its dtype,
-    the rest fp32.
+def _address_bwd(beta, g, s, gamma, w_prev, K, mx, se, kn, dw_rw, dw, BV: int):
+    """The addressing chain backward down to the logits, from dL/dw (``dw_rw`` from the reads and the write,
+    fp32, plus ``dw`` if given): (ck, cn, dbeta, dg, ds, dgamma, dw_prev), with ``ck`` and ``cn`` the
+    cosine's factors that ``_mem_bwd_kernel`` takes (``_softmax_bwd_kernel``; ``kn`` the keys' clamped
+    norms, (B, H) fp32); dw_prev in its dtype, the rest fp32.
 
     Three passes over blocks of ``BV`` rows of each head (the sharpening's sums; sharpening and dL/ds; shift
-    and interpolation), the per-(b, h) sums reduced between them from block partials.
+    and interpolation), then one over blocks of every head (the softmax), the per-(b, h) sums reduced
+    between them from block partials.
     """
     empty = _config.allocator()
     B, H, N = K.shape
@@ -751,7 +774,11 @@ def _address_bwd(beta, g, s, gamma, w_prev, K, mx, se, dw_rw, dw, BV: int):
     dwc = empty((B, H, N), torch.float32, dev)
     _interp_bwd_kernel[grid](dws, K, w_prev, beta, g, s, mx, se, dwp, dwc, pdg, pdot, N, S, NB, BN=BV, num_warps=4)
     torch.sum(pdot, dim=-1, out=dot)
-    return dwc, dot, pdg.sum(-1), pds.sum(2), pdgamma.sum(-1), dwp
+    ck = empty((B, H, N), torch.float32, dev)
+    cn = empty((B, N), torch.float32, dev)
+    pdbeta = empty((B, H, NB), torch.float32, dev)
+    _softmax_bwd_kernel[(NB * B,)](K, dwc, beta, mx, se, dot, kn, ck, cn, pdbeta, N, H, NB, BN=BV, num_warps=4)
+    return ck, cn, pdbeta.sum(-1), pdg.sum(-1), pds.sum(2), pdgamma.sum(-1), dwp
 
 
 def _read_write_bwd(mem, w, e, a, dr, dnew, R: int, W: int, blk=None):
@@ -778,11 +805,11 @@ def _read_write_bwd(mem, w, e, a, dr, dnew, R: int, W: int, blk=None):
     return dw, depart.sum(1), dapart.sum(1)
 
 
-def _mem_bwd(mem, w, e, dr, dnew, k, K, addr, R: int, W: int, blk=None):
+def _mem_bwd(mem, w, e, dr, dnew, k, addr, R: int, W: int, blk=None):
     """dL/dmem (mem's dtype) and the per-row part of dL/dk (fp32), or None without ``addr``.
 
-    ``addr``: (beta, max, sumexp, dot2, dwc, dbeta), the softmax backward's inputs (``_address_bwd``) and
-    dL/dbeta (B, H) fp32, written here; or None where no head addresses memory (standalone read and write).
+    ``addr``: (ck, cn), the cosine's factors from ``_address_bwd``; or None where no head addresses memory
+    (standalone read and write).
     """
     empty = _config.allocator()
     B, N, M = mem.shape
@@ -792,20 +819,17 @@ def _mem_bwd(mem, w, e, dr, dnew, k, K, addr, R: int, W: int, blk=None):
     # With W = 0 the step still returns new_mem = mem, so dnew flows to dmem.
     has_dr, has_dnew, has_dk = dr is not None and R > 0, dnew is not None, addr is not None
     HK = k.shape[1] if has_dk else 0
-    beta, mx, se, dot, dwc, dbeta = addr if has_dk else (mem,) * 6
+    ck, cn = addr if has_dk else (mem, mem)
     dmem = empty((B, N, M), mem.dtype, mem.device)
     dkpart = empty((B, NB, HK, M), torch.float32, mem.device)
-    pdbeta = empty((B, NB, HK), torch.float32, mem.device)
     dn = dnew if has_dnew else mem
     _mem_bwd_kernel[(NB * B,)](
-        mem, w, _nz(e, mem), dr if has_dr else mem, dn, k if has_dk else mem, K if has_dk else mem,
-        beta, mx, se, dot, dwc, dmem, _nz(dkpart, mem), _nz(pdbeta, mem),
+        mem, w, _nz(e, mem), dr if has_dr else mem, dn, k if has_dk else mem, ck, cn, dmem, _nz(dkpart, mem),
         mem.stride(0), mem.stride(1), dn.stride(0), dn.stride(1), dmem.stride(0), dmem.stride(1),
         N, M, R, W, HK, NB, R if has_dr else 0, int(has_dnew), HAS_DK=has_dk,
         BN=BN, BM=blk.BM, num_warps=warps)
     if not has_dk:
         return dmem, None
-    torch.sum(pdbeta, dim=1, out=dbeta)
     return dmem, dkpart.sum(1)
 
 
@@ -844,12 +868,12 @@ def _backward(mem, k, beta, g, s, gamma, w_prev, e, a, w, K, mx, se, dw, dr, dne
     if blk.onchip:
         return _onchip_bwd(mem, k, beta, g, s, gamma, w_prev, e, a, w, K, mx, se, dw, dr, dnew, R, blk)
     dw_rw, de, da = _read_write_bwd(mem, w, e, a, dr, dnew, R, W, blk)
-    dwc, dot, dg, ds, dgamma, dwp = _address_bwd(beta, g, s, gamma, w_prev, K, mx, se, dw_rw, dw, blk.BV)
-    dbeta = torch.empty_like(dot)
-    dmem, dk_rows = _mem_bwd(mem, w, e, dr, dnew, k, K, (beta, mx, se, dot, dwc, dbeta), R, W, blk)
     k32 = k.to(torch.float32)
     k_norm = torch.linalg.vector_norm(k32, dim=-1, keepdim=True)
     kn = k_norm.clamp_min(COSINE_EPS)
+    ck, cn, dbeta, dg, ds, dgamma, dwp = _address_bwd(beta, g, s, gamma, w_prev, K, mx, se, kn[..., 0], dw_rw, dw,
+                                                      blk.BV)
+    dmem, dk_rows = _mem_bwd(mem, w, e, dr, dnew, k, (ck, cn), R, W, blk)
     # sum_n dK K = beta sum_n dz K = beta dbeta: no pass over the (B, H, N) vectors.
     dKK = (beta.to(torch.float32) * dbeta)[..., None]
     dk = dk_rows - torch.where(k_norm >= COSINE_EPS, dKK * k32 / (kn * kn), 0.0)

@@ -4,8 +4,9 @@ whether the step can stream memory at the copy bandwidth.
 An SM issues at most one warp-instruction a clock on each of its 4 schedulers. A kernel that needs more
 issue slots than the bytes take to stream is bound by issue, not by bandwidth, and no block size fixes
 that: only fewer instructions per byte do. The model prints, per launch and per step, warp-instructions
-and their ratio to the memory rows (B * N), and two floors: issuing everything at 4 a clock on every SM,
-and moving the byte model's bytes (``common.op_bytes``) at a given copy bandwidth.
+and their ratio to the memory rows (B * N), and two floors: issuing everything at 4 a clock on every SM
+(or, for a grid too small to fill them, one program's warps on its SM), and moving the byte model's
+bytes (``common.op_bytes``) at a given copy bandwidth.
 
 Calibration: for the kernels an H200 ran at stop 6 (commit 1b069e7, ``benchmarks/results/h200-2026-11-26``),
 this model counts 358 M warp-instructions for the large forward (fp32). They ran in 640 us, 31% of copy
@@ -63,6 +64,8 @@ class ForStatement(NamedTuple):
     last: int
     bound: str
     """The trip count as an expression of the kernel's arguments (``stop - start`` of the range)."""
+    names: tuple
+    """(name, expression) of the function's assignments to plain names before the loop (``W = H - R``)."""
 
 
 def disassemble(compiled) -> tuple[list[Instruction], dict[str, int]]:
@@ -92,12 +95,31 @@ def for_statements() -> list[ForStatement]:
     for module in launches.KERNEL_MODULES:
         # By file name: Triton's cache may hold the kernel compiled from a copy of the file elsewhere.
         path = module.__file__
-        for node in ast.walk(ast.parse(open(path).read())):
-            if isinstance(node, ast.For) and isinstance(node.iter, ast.Call) and node.iter.args:
-                args = [ast.unparse(a) for a in node.iter.args]
-                bound = args[0] if len(args) == 1 else f"({args[1]}) - ({args[0]})"
-                found.append(ForStatement(os.path.basename(path), node.lineno, node.end_lineno, bound))
+        for fn in ast.walk(ast.parse(open(path).read())):
+            if not isinstance(fn, ast.FunctionDef):
+                continue
+            names = tuple((a.targets[0].id, ast.unparse(a.value)) for a in fn.body
+                          if isinstance(a, ast.Assign) and len(a.targets) == 1 and isinstance(a.targets[0], ast.Name))
+            for node in ast.walk(fn):
+                if isinstance(node, ast.For) and isinstance(node.iter, ast.Call) and node.iter.args:
+                    args = [ast.unparse(a) for a in node.iter.args]
+                    bound = args[0] if len(args) == 1 else f"({args[1]}) - ({args[0]})"
+                    found.append(ForStatement(os.path.basename(path), node.lineno, node.end_lineno, bound, names))
     return found
+
+
+def trip_count(statement: ForStatement, ints: dict[str, int]) -> int | None:
+    """The statement's trip count with the launch's integer arguments, or None if it names something else."""
+    space = dict(ints)
+    for name, expression in statement.names:
+        try:
+            space[name] = eval(expression, {}, space)
+        except Exception:  # an assignment of a tensor, or of a name not known here: left out
+            continue
+    try:
+        return max(0, int(eval(statement.bound, {}, space)))
+    except NameError:
+        return None
 
 
 def loop_trips(code: list[Instruction], labels: dict[str, int], fors: list[ForStatement], ints: dict[str, int]):
@@ -127,10 +149,7 @@ def loop_trips(code: list[Instruction], labels: dict[str, int], fors: list[ForSt
                 # first, the smaller, is counted for every trip.
                 trips = 0
             else:
-                try:
-                    trips = max(0, int(eval(best.bound, {}, dict(ints))))
-                except NameError:
-                    trips = None
+                trips = trip_count(best, ints)
             owner.setdefault(best, []).append((lo, hi))
         out.append((lo, hi, trips))
     return out
@@ -152,6 +171,12 @@ class Count(NamedTuple):
     @property
     def total(self) -> int:
         return self.per_warp * self.warps * self.programs
+
+    def issue_floor_us(self) -> float:
+        """Issuing every instruction: on all SMs at once, or, where the grid is small, one program's warps on
+        its SM's schedulers, whichever takes longer."""
+        one_program = self.per_warp * -(-self.warps // ISSUE_PER_CLOCK) / (CLOCK_GHZ * 1e3)
+        return max(self.total / (SMS * ISSUE_PER_CLOCK * CLOCK_GHZ * 1e3), one_program)
 
 
 def count_launch(launch: launches.Launch, fors, arch: int) -> Count:
@@ -201,7 +226,7 @@ def report(shape, dtype: torch.dtype, counts: dict[str, list[Count]], copy_gbs: 
     rows = shape.B * shape.N
     lines = [f"{'kernel':26} {'config':44} {'warps':>5} {'regs':>4} {'programs':>9} {'per warp':>8} "
              f"{'M warp-instr':>12} {'per row':>8}"]
-    totals = {}
+    totals, floors = {}, {}
     for part, cs in counts.items():
         for c in cs:
             cfg = " ".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in c.consts.items())
@@ -210,17 +235,17 @@ def report(shape, dtype: torch.dtype, counts: dict[str, list[Count]], copy_gbs: 
             lines.append(f"{c.name:26} {cfg:44} {c.warps:>5} {c.regs:>4} {c.programs:>9} {c.per_warp:>8} "
                          f"{c.total / 1e6:>12.1f} {c.total / rows:>8.1f}{flag}")
         totals[part] = sum(c.total for c in cs)
+        floors[part] = sum(c.issue_floor_us() for c in cs)
     totals["fwd_bwd"] = totals["fwd"] + totals["bwd"]
+    floors["fwd_bwd"] = floors["fwd"] + floors["bwd"]
     nbytes = op_bytes(shape, dtype)
-    issue_rate = SMS * ISSUE_PER_CLOCK * CLOCK_GHZ * 1e9
     lines.append(f"\n{shape.name} (B {shape.B}, N {shape.N}, M {shape.M}, {shape.R} + {shape.W} heads), "
                  f"{str(dtype).replace('torch.', '')}: floors at {SMS} SMs x {ISSUE_PER_CLOCK} a clock x "
                  f"{CLOCK_GHZ} GHz, and the byte model at {copy_gbs:.0f} GB/s")
     for part in ("fwd", "fwd_bwd"):
-        issue_us = totals[part] / issue_rate * 1e6
         bytes_us = nbytes[part] / (copy_gbs * 1e9) * 1e6
         lines.append(f"  {part:8} {totals[part] / 1e6:8.1f} M warp-instructions, {totals[part] / rows:6.1f} a memory "
-                     f"row: issue floor {issue_us:7.1f} us, bytes floor {bytes_us:7.1f} us")
+                     f"row: issue floor {floors[part]:7.1f} us, bytes floor {bytes_us:7.1f} us")
     return "\n".join(lines)
 
 

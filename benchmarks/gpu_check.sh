@@ -9,11 +9,13 @@
 # process. Writes $OUT/log (everything printed), $OUT/results.json and
 # $OUT/bench.png (benchmarks.run), $OUT/long_sequence.json,
 # $OUT/bench_kernels.json (when benchmarks/bench_kernels.py exists),
-# $OUT/kernel_profile.json (device time per kernel, benchmarks.kernel_profile) and
-# ends with the key figures. Every part runs under `timeout`; one that fails or
-# runs out of time is named at the end and the later parts still run. The limits
-# below add up to 430 s (plus 3 s grace each: 448 s at worst); override them with
-# T_TESTS, T_KERNELS, T_PROFILE, T_RUN, T_LONG, and pass extra runner arguments
+# $OUT/kernel_profile.json (device time per kernel, benchmarks.kernel_profile),
+# $OUT/sass_model.json (warp-instructions the same tree's kernels issue at the large
+# shape, benchmarks.sass_model: the measured times calibrate it) and ends with the
+# key figures. Every part runs under `timeout`; one that fails or runs out of time is
+# named at the end and the later parts still run. The limits below add up to 460 s
+# (plus 3 s grace each: 481 s at worst); override them with T_TESTS, T_KERNELS,
+# T_PROFILE, T_RUN, T_LONG, T_SASS, and pass extra runner arguments
 # in RUN_ARGS, split at spaces, no quotes inside (for example
 # RUN_ARGS="--providers reference,triton,triton-graph --filter train_step|paper").
 #
@@ -21,7 +23,9 @@
 # bench_kernels, whose compiled default kernels it reuses from Triton's cache),
 # writing $OUT/sweep_blocks.json, under its own limit T_SWEEP (default 150 s; its
 # --budget stops it 15 s before). That adds 153 s at worst, 601 s in all: lower
-# T_RUN and T_LONG to keep a margin under the machine's ten minutes.
+# T_RUN and T_LONG to keep a margin under the machine's ten minutes (SWEEP=1 with
+# T_TESTS=90 T_KERNELS=30 T_PROFILE=40 T_SWEEP=150 T_RUN=90 T_LONG=20: 495 s, 519 s
+# at worst).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
@@ -36,6 +40,7 @@ T_PROFILE="${T_PROFILE:-40}"
 T_RUN="${T_RUN:-115}"
 T_LONG="${T_LONG:-60}"
 T_SWEEP="${T_SWEEP:-150}"
+T_SASS="${T_SASS:-30}"
 START=$(date +%s)
 SUMMARY=()
 
@@ -87,6 +92,8 @@ part benchmarks.run "$T_RUN" "$PY" -m benchmarks.run --device cuda --quick --bud
 
 part long_sequence "$T_LONG" "$PY" -m benchmarks.long_sequence --device cuda --gpu-large \
     --budget $(( T_LONG - 10 )) --out "$OUT"
+
+part sass_model "$T_SASS" "$PY" -m benchmarks.sass_model --shape large --json "$OUT/sass_model.json"
 
 say ""
 say "=== key figures ($(( $(date +%s) - START )) s in all)"

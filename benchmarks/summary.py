@@ -6,6 +6,8 @@ Reads whatever of ``results.json`` (``benchmarks.run``), ``long_sequence.json``
 and ``bench_kernels.json`` is there; a missing or partial file is named, not fatal.
 ``sweep_blocks.json`` (``benchmarks.sweep_blocks``, run only on request) adds the
 best configuration per shape where it is there, and nothing where it is not.
+``sass_model.json`` (``benchmarks.sass_model`` at the large shape) with bench_kernels' large-shape times
+gives the warp-instructions an SM issued a clock: near 4, the kernels are bound by issue.
 """
 
 from __future__ import annotations
@@ -74,6 +76,28 @@ def summarise(folder: str) -> list[str]:
                 lines.append(f"  bench_kernels {name}: triton over {prov}: {speed}")
     if os.path.exists(os.path.join(folder, "sweep_blocks.json")):
         lines += sweep_lines(_load(folder, "sweep_blocks.json"))
+    if os.path.exists(os.path.join(folder, "sass_model.json")):
+        lines += issue_lines(_load(folder, "sass_model.json"), kernels)
+    return lines
+
+
+def issue_lines(model, kernels) -> list[str]:
+    """Warp-instructions the SASS model counts at the large shape, and, with bench_kernels' times of the
+    same shape, how many an SM issued a clock (``sass_model``'s SMs and clock)."""
+    from .sass_model import CLOCK_GHZ, SMS
+
+    if not model:
+        return []
+    totals = {"fwd": sum(c["total"] for c in model["fwd"])}
+    totals["fwd_bwd"] = totals["fwd"] + sum(c["total"] for c in model["bwd"])
+    timed = (kernels or {}).get("shapes", {}).get(model["shape"]["name"], {}).get("triton", {})
+    lines = []
+    for key, total in totals.items():
+        rate = ""
+        if "p50_us" in timed.get(key, {}):
+            per_clock = total / (timed[key]["p50_us"] * 1e-6 * SMS * CLOCK_GHZ * 1e9)
+            rate = f", in {timed[key]['p50_us']:.0f} us: {per_clock:.2f} a clock an SM (of 4)"
+        lines.append(f"  sass_model {model['shape']['name']} {key}: {total / 1e6:.0f} M warp-instructions{rate}")
     return lines
 
 

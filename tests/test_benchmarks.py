@@ -237,3 +237,14 @@ def test_sass_model_gives_each_loop_of_the_large_step_its_trip_count(tmp_path):
             assert c["per_warp"] == c["static"] + (trips - 1) * size
         assert c["total"] == c["per_warp"] * c["warps"] * c["programs"]
     assert "fwd_bwd" in proc.stdout and "a memory row" in proc.stdout
+
+
+def test_summary_turns_the_sass_model_and_measured_times_into_instructions_a_clock():
+    from benchmarks.sass_model import CLOCK_GHZ, SMS
+
+    model = {"shape": {"name": "large"}, "fwd": [{"total": 3 * 10**8}, {"total": 10**8}], "bwd": [{"total": 4 * 10**8}]}
+    us = 4e8 / (2 * SMS * CLOCK_GHZ * 1e3)  # two a clock an SM
+    kernels = {"shapes": {"large": {"triton": {"fwd": {"p50_us": us}}}}}
+    fwd, both = summary.issue_lines(model, kernels)
+    assert fwd.startswith("  sass_model large fwd: 400 M warp-instructions") and "2.00 a clock an SM" in fwd
+    assert both == "  sass_model large fwd_bwd: 800 M warp-instructions"  # no time for it

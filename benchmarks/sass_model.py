@@ -35,7 +35,8 @@ import os
 import re
 from typing import NamedTuple
 
-os.environ["TRITON_INTERPRET"] = "0"
+# Compiling needs the interpreter off; a caller that has set it (a test process) keeps its setting.
+os.environ.setdefault("TRITON_INTERPRET", "0")
 
 import torch  # noqa: E402
 

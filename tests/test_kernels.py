@@ -221,6 +221,21 @@ def test_edge_cases_finite_and_match(BN):
         check_op(kernels.memory_step, reference.memory_step, x, extra=(2,), tol=1e-4)
 
 
+@pytest.mark.parametrize("BN", [None, 16], ids=["auto", "BN16"])
+def test_keys_opposite_every_row_with_a_large_beta(BN):
+    # Every row's logit beta K is far below zero (K = -1, beta 100), so the softmax's max is -100. A row past
+    # the end of a block's N (masked, its logit loaded as 0) must not give exp(0 - max) = inf: 0 * inf made
+    # the backward's sums over a block NaN. N = 37 is not a multiple of the block.
+    B, N, M, H = 2, 37, 13, 2
+    x = kernel_inputs(B, N, M, H, 1, 3)
+    v = torch.randn(M, generator=torch.Generator().manual_seed(5))
+    x["mem"] = (torch.rand(B, N, 1, generator=torch.Generator().manual_seed(6)) + 0.5) * v
+    x["k"] = -v.expand(B, H, M).clone()
+    x["beta"] = torch.full((B, H), 100.0)
+    with _config.force_block_n(BN):
+        check_op(kernels.memory_step, reference.memory_step, x, extra=(1,), tol=1e-4)
+
+
 @pytest.mark.parametrize(
     "dtype,mem_dtype",
     [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16), (torch.float32, torch.bfloat16)],

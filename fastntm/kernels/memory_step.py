@@ -102,10 +102,12 @@ def _wg(b_K, b_wp, b_beta, b_g, b_max, b_sum):
 
 @triton.jit
 def _wg_at(p_K, p_wp, o_src, m_n, b_beta, b_g, b_max, b_sum):
-    """``wg`` of one head at rows ``o_src``, from the stored logits."""
+    """``wg`` of one head at rows ``o_src``, from the stored logits; 0 on masked rows, whose logit loads as
+    0 and would give ``exp(0 - max)``: inf where every row's ``beta K`` is below -88, and 0 * inf = NaN in
+    the sums over a block."""
     b_K = tl.load(p_K + o_src, mask=m_n, other=0.0)
     b_wp = tl.load(p_wp + o_src, mask=m_n, other=0.0).to(tl.float32)
-    return _wg(b_K, b_wp, b_beta, b_g, b_max, b_sum)
+    return tl.where(m_n, _wg(b_K, b_wp, b_beta, b_g, b_max, b_sum), 0.0)
 
 
 @triton.jit
@@ -439,7 +441,9 @@ def _interp_bwd_kernel(p_dws, p_K, p_wp, p_beta, p_g, p_s, p_max, p_sum, p_dwp, 
     b_g = tl.load(p_g + i_bh).to(tl.float32)
     b_K = tl.load(p_K + i_bh * N + o_n, mask=m_n, other=0.0)
     b_wp = tl.load(p_wp + i_bh * N + o_n, mask=m_n, other=0.0).to(tl.float32)
-    b_wc = tl.exp(tl.load(p_beta + i_bh).to(tl.float32) * b_K - tl.load(p_max + i_bh)) / tl.load(p_sum + i_bh)
+    # 0 on masked rows, as in _wg_at.
+    b_wc = tl.where(m_n, tl.exp(tl.load(p_beta + i_bh).to(tl.float32) * b_K - tl.load(p_max + i_bh))
+                    / tl.load(p_sum + i_bh), 0.0)
     tl.store(p_pdg + i_bh * NB + i_n, tl.sum(b_dwg * (b_wc - b_wp), 0))
     tl.store(p_dwp + i_bh * N + o_n, ((1.0 - b_g) * b_dwg).to(p_dwp.dtype.element_ty), mask=m_n)
     b_dwc = b_g * b_dwg
@@ -466,9 +470,10 @@ def _softmax_bwd_kernel(p_K, p_dwc, p_beta, p_max, p_sum, p_dot, p_kn, p_ck, p_c
         i_bh = i_b * H + h
         b_K = tl.load(p_K + i_bh * N + o_n, mask=m_n, other=0.0)
         b_beta = tl.load(p_beta + i_bh).to(tl.float32)
-        b_wc = tl.exp(b_beta * b_K - tl.load(p_max + i_bh)) / tl.load(p_sum + i_bh)
+        # 0 on masked rows, as in _wg_at.
+        b_wc = tl.where(m_n, tl.exp(b_beta * b_K - tl.load(p_max + i_bh)) / tl.load(p_sum + i_bh), 0.0)
         b_dwc = tl.load(p_dwc + i_bh * N + o_n, mask=m_n, other=0.0)
-        b_dz = tl.where(m_n, b_wc * (b_dwc - tl.load(p_dot + i_bh)), 0.0)
+        b_dz = b_wc * (b_dwc - tl.load(p_dot + i_bh))
         tl.store(p_pdbeta + i_bh * NB + i_n, tl.sum(b_dz * b_K, 0))
         b_dK = b_beta * b_dz
         tl.store(p_ck + i_bh * N + o_n, b_dK / tl.load(p_kn + i_bh), mask=m_n)

@@ -73,19 +73,22 @@ VECTOR_BWD_KERNELS = ("_sharpen_dot_kernel", "_sharpen_bwd_kernel", "_interp_bwd
 # about 20, none over a (B, H, N) vector).
 LAUNCHES = {True: "fwd 1, bwd 1", False: "fwd 3, bwd 6"}
 
-# (N, M, R, W, S) of benchmarks/shapes.py's paper, medium and large shapes. The batch is a grid dimension,
-# never a kernel argument, so B = 1 here.
-LAUNCH_SHAPES = {"paper": (128, 20, 1, 1, 3), "medium": (4096, 64, 2, 1, 3), "large": (65536, 64, 4, 1, 3)}
+# (N, M, R, W, S) of benchmarks/shapes.py's paper, medium and large shapes, and a width that is not a multiple
+# of 16 (Triton specializes the pointers, not M and the row strides). The batch is a grid dimension, never a
+# kernel argument, so B = 1 here.
+LAUNCH_SHAPES = {"paper": (128, 20, 1, 1, 3), "medium": (4096, 64, 2, 1, 3), "large": (65536, 64, 4, 1, 3),
+                 "M40": (4096, 40, 2, 1, 3)}
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def dispatch_blocks():
-    """Every ``Blocks`` the dispatch returns, over all slot widths it takes and N up to 2^20."""
+    """Every ``Blocks`` the dispatch returns, over all slot widths it takes (a multiple of 16 and not:
+    the warps may differ) and N up to 2^20."""
     seen = set()
     BM = 16
     while BM <= _config.MAX_BM:
         for log_n in range(0, 21):
-            seen.add(_config.choose(2**log_n, BM))
+            seen.update(_config.choose(2**log_n, M) for M in (BM, BM - 8))
         BM *= 2
     return sorted(seen, key=lambda b: (not b.onchip, b.BM, b.BN))
 

@@ -61,7 +61,7 @@ def test_nested_force_keeps_the_outer_settings_and_none_clears_one():
             assert (blk.BN, blk.num_warps, blk.BV) == (16, 2, 32)
             with _config.force(block_n=None):
                 assert _config.choose(37, 13).onchip
-        assert _config.choose(37, 13).num_warps == _config.large_warps(16)[0]  # the inner num_warps is gone
+        assert _config.choose(37, 13).num_warps == _config.large_warps(13)[0]  # the inner num_warps is gone
     with _config.force_block_n(16):
         assert not _config.choose(37, 13).onchip
 

@@ -109,19 +109,22 @@ def onchip_maxnreg(num_warps: int) -> int:
     return min(ONCHIP_MAXNREG, REGISTERS_PER_SM // (32 * num_warps))
 
 
-def large_warps(BM: int) -> tuple[int, int]:
-    """Warps of a large-memory program of ``BM``-wide rows: (forward, and the standalone read and write;
+def large_warps(M: int) -> tuple[int, int]:
+    """Warps of a large-memory program of M-wide rows: (forward, and the standalone read and write;
     the backward's passes over memory).
 
     Few warps sum a block's rows with few or no barriers (one warp: shuffles alone), and hold several
     rows a thread, so a value a row costs little. At the large shape (fp32, sm_90) the forward's kernels
     issue 110 M warp-instructions at one warp against 297 M at four, and the backward (two passes over
-    memory at those warps, four vector passes between) 290 M at two against 376 M at four
+    memory at those warps, four vector passes between) 292 M at two against 378 M at four
     (``python -m benchmarks.sass_model``); at four warps an H200 ran the forward at the pace of issue,
-    not of memory. The backward at one warp spilled, as did one or two warps at BM <= 32 (64 or 128 rows
-    a block) where rows are not 16-aligned (ptxas capping registers at an occupancy step): four warps
-    there, as before. Chosen from that model; not yet timed on a GPU."""
-    return (1, 2) if BM >= 64 else (4, 4)
+    not of memory. Where ptxas spilled (``tests/test_kernels_static.py``), four warps, as before: the
+    backward at one warp; one or two warps at BM <= 32 (64 or 128 rows a block) with rows not 16-aligned;
+    the backward at two warps with M not a multiple of 16 (M = 40: ptxas capped ``_mem_bwd_kernel`` at
+    168 registers and spilled). Chosen from that model; not yet timed on a GPU."""
+    if block_m(M) < 64:
+        return 4, 4
+    return 1, (2 if M % 16 == 0 else 4)
 
 
 def _validated(settings: dict, where: str) -> dict:
@@ -238,7 +241,7 @@ def _choose(N: int, M: int, forced: Overrides) -> Blocks:
         return Blocks(True, full, BM, forced.onchip_warps or (4 if full * BM <= 2048 else 8),
                       forced.onchip_bwd_warps or (4 if full * BM <= 1024 else 8), vector_block(N), full)
     BN = forced.block_n or large_block_n(BM)
-    warps, bwd_warps = large_warps(BM)
+    warps, bwd_warps = large_warps(M)
     # A forced BN alone forces the vector pass's block too: tests at small N get several vector blocks.
     return Blocks(False, BN, BM, forced.num_warps or warps, forced.bwd_warps or forced.num_warps or bwd_warps,
                   forced.vector_block or forced.block_n or vector_block(N), forced.bwd_block_n or BN)

@@ -94,20 +94,29 @@ def _rolled(b_x, d, o_n, N):
 
 
 @triton.jit
+def _softmax_at(b_K, b_beta, b_max, b_sum):
+    """``wc = softmax(beta K)`` from logits and the softmax's max and sum: one formula, so that every kernel
+    that makes or remakes it agrees bit for bit.
+
+    The exponent is at most 0 at every row of the memory (``max`` is its largest ``beta K``; only a fused
+    multiply-add can put it an ulp above). The clamp is for rows past N, whose logit a masked load gives
+    as 0: ``exp(0 - max)`` was inf where every row's ``beta K`` is below -88, and 0 * inf made the
+    backward's block sums NaN."""
+    return tl.exp(tl.minimum(b_beta * b_K - b_max, 0.0)) / b_sum
+
+
+@triton.jit
 def _wg(b_K, b_wp, b_beta, b_g, b_max, b_sum):
-    """``wg = g softmax(beta K) + (1 - g) w_prev`` from logits and the softmax's max and sum: one formula,
-    so that every kernel that makes or remakes wg agrees bit for bit."""
-    return b_g * (tl.exp(b_beta * b_K - b_max) / b_sum) + (1.0 - b_g) * b_wp
+    """``wg = g softmax(beta K) + (1 - g) w_prev`` (see ``_softmax_at``)."""
+    return b_g * _softmax_at(b_K, b_beta, b_max, b_sum) + (1.0 - b_g) * b_wp
 
 
 @triton.jit
 def _wg_at(p_K, p_wp, o_src, m_n, b_beta, b_g, b_max, b_sum):
-    """``wg`` of one head at rows ``o_src``, from the stored logits; 0 on masked rows, whose logit loads as
-    0 and would give ``exp(0 - max)``: inf where every row's ``beta K`` is below -88, and 0 * inf = NaN in
-    the sums over a block."""
+    """``wg`` of one head at rows ``o_src``, from the stored logits."""
     b_K = tl.load(p_K + o_src, mask=m_n, other=0.0)
     b_wp = tl.load(p_wp + o_src, mask=m_n, other=0.0).to(tl.float32)
-    return tl.where(m_n, _wg(b_K, b_wp, b_beta, b_g, b_max, b_sum), 0.0)
+    return _wg(b_K, b_wp, b_beta, b_g, b_max, b_sum)
 
 
 @triton.jit
@@ -441,9 +450,8 @@ def _interp_bwd_kernel(p_dws, p_K, p_wp, p_beta, p_g, p_s, p_max, p_sum, p_dwp, 
     b_g = tl.load(p_g + i_bh).to(tl.float32)
     b_K = tl.load(p_K + i_bh * N + o_n, mask=m_n, other=0.0)
     b_wp = tl.load(p_wp + i_bh * N + o_n, mask=m_n, other=0.0).to(tl.float32)
-    # 0 on masked rows, as in _wg_at.
-    b_wc = tl.where(m_n, tl.exp(tl.load(p_beta + i_bh).to(tl.float32) * b_K - tl.load(p_max + i_bh))
-                    / tl.load(p_sum + i_bh), 0.0)
+    b_wc = tl.where(m_n, _softmax_at(b_K, tl.load(p_beta + i_bh).to(tl.float32), tl.load(p_max + i_bh),
+                                     tl.load(p_sum + i_bh)), 0.0)
     tl.store(p_pdg + i_bh * NB + i_n, tl.sum(b_dwg * (b_wc - b_wp), 0))
     tl.store(p_dwp + i_bh * N + o_n, ((1.0 - b_g) * b_dwg).to(p_dwp.dtype.element_ty), mask=m_n)
     b_dwc = b_g * b_dwg
@@ -470,8 +478,7 @@ def _softmax_bwd_kernel(p_K, p_dwc, p_beta, p_max, p_sum, p_dot, p_kn, p_ck, p_c
         i_bh = i_b * H + h
         b_K = tl.load(p_K + i_bh * N + o_n, mask=m_n, other=0.0)
         b_beta = tl.load(p_beta + i_bh).to(tl.float32)
-        # 0 on masked rows, as in _wg_at.
-        b_wc = tl.where(m_n, tl.exp(b_beta * b_K - tl.load(p_max + i_bh)) / tl.load(p_sum + i_bh), 0.0)
+        b_wc = tl.where(m_n, _softmax_at(b_K, b_beta, tl.load(p_max + i_bh), tl.load(p_sum + i_bh)), 0.0)
         b_dwc = tl.load(p_dwc + i_bh * N + o_n, mask=m_n, other=0.0)
         b_dz = b_wc * (b_dwc - tl.load(p_dot + i_bh))
         tl.store(p_pdbeta + i_bh * NB + i_n, tl.sum(b_dz * b_K, 0))
@@ -552,7 +559,7 @@ def _onchip_address_bwd(b_dw, p_beta, p_g, p_s, p_gamma, p_wp, p_K, p_max, p_sum
     b_gamma = tl.load(p_gamma + i_bh).to(tl.float32)
     b_max = tl.load(p_max + i_bh)
     b_sum = tl.load(p_sum + i_bh)
-    b_wc = tl.where(m_n, tl.exp(b_beta * b_K - b_max) / b_sum, 0.0)
+    b_wc = tl.where(m_n, _softmax_at(b_K, b_beta, b_max, b_sum), 0.0)
     # Forward again: interpolate, shift (the source rows from shared memory) and sharpen.
     b_wg = b_g * b_wc + (1.0 - b_g) * b_wp
     half = (S - 1) // 2

@@ -19,7 +19,9 @@ the forward and once for the backward with every gradient given. Each launch is 
 as Triton's launcher would (16-byte aligned pointers, integers equal to 1 made constants) and
 disassembled with line numbers (``nvdisasm -g``). A backward branch closes a loop; its trip count is
 that of the ``for`` statement in the kernel files whose lines hold most of the loop's instructions
-(innermost loops first), evaluated with the launch's integer arguments. An instruction counts once for
+(innermost loops first, see ``loop_trips``), evaluated with the launch's integer arguments and the
+kernel's assignments to plain names (a helper's loop bound is read with the kernel's names: right where
+the helper's parameter is named as the argument it is given, as everywhere here). An instruction counts once for
 each trip of every loop around it; both sides of other branches count (what is emitted, not what a
 warp executes). The torch ops between launches (block-partial sums) are not counted.
 
@@ -66,7 +68,7 @@ class ForStatement(NamedTuple):
     bound: str
     """The trip count as an expression of the kernel's arguments (``stop - start`` of the range)."""
     names: tuple
-    """(name, expression) of the function's assignments to plain names before the loop (``W = H - R``)."""
+    """(name, expression) of the function's top-level assignments to plain names (``W = H - R``), in order."""
 
 
 def disassemble(compiled) -> tuple[list[Instruction], dict[str, int]]:
@@ -96,7 +98,9 @@ def for_statements() -> list[ForStatement]:
     for module in launches.KERNEL_MODULES:
         # By file name: Triton's cache may hold the kernel compiled from a copy of the file elsewhere.
         path = module.__file__
-        for fn in ast.walk(ast.parse(open(path).read())):
+        with open(path) as f:
+            tree = ast.parse(f.read())
+        for fn in ast.walk(tree):
             if not isinstance(fn, ast.FunctionDef):
                 continue
             names = tuple((a.targets[0].id, ast.unparse(a.value)) for a in fn.body
@@ -115,8 +119,8 @@ def trip_count(statement: ForStatement, ints: dict[str, int]) -> int | None:
     for name, expression in statement.names:
         try:
             space[name] = eval(expression, {}, space)
-        except Exception:  # an assignment of a tensor, or of a name not known here: left out
-            continue
+        except (NameError, TypeError, AttributeError, ValueError, ZeroDivisionError):
+            continue  # a tensor (``tl.arange``), or names not known here: left out
     try:
         return max(0, int(eval(statement.bound, {}, space)))
     except NameError:
@@ -124,30 +128,41 @@ def trip_count(statement: ForStatement, ints: dict[str, int]) -> int | None:
 
 
 def loop_trips(code: list[Instruction], labels: dict[str, int], fors: list[ForStatement], ints: dict[str, int]):
-    """[(first address, last address, trips or None)] of the code's loops, innermost first."""
+    """[(first address, last address, trips or None)] of the code's loops, innermost first.
+
+    A loop is given the innermost ``for`` statement that holds at least half as many of its instructions
+    as the statement holding most (instructions of an inner loop left out): the compiler moves a few of a
+    statement's instructions into the loop of the statement inside it. Two loops given one statement
+    are, with the same loop around them (or none), an unrolled copy and its remainder: the smaller is
+    counted for every trip and the other not at all. Around different loops they are one helper inlined
+    at two places (the line numbers do not say which), and each is counted in full."""
     loops = []
     for ins in code:
         target = re.search(r"\bBRA\b.*\((\.L\w+)\)", ins.text)
         if target and labels[target.group(1)] < ins.address:
             loops.append((labels[target.group(1)], ins.address))
     loops.sort(key=lambda lo_hi: lo_hi[1] - lo_hi[0])
+
+    def parent(lo, hi):
+        return next(((a, b) for a, b in loops if a <= lo and hi <= b and (a, b) != (lo, hi)), None)
+
     out, owner = [], {}
     for lo, hi in loops:
         inner = [(a, b) for a, b, _ in out if lo <= a and b <= hi]
         body = [i for i in code if lo <= i.address <= hi and not any(a <= i.address <= b for a, b in inner)]
-        best, best_count = None, 0
+        counts = {}
         for f in fors:
             # A statement already an inner loop's is not this loop's.
             if f in owner and any(lo <= a and b <= hi for a, b in owner[f]):
                 continue
-            count = sum(1 for i in body if i.file and os.path.basename(i.file) == f.file and f.first <= i.line <= f.last)
-            if count > best_count or (count == best_count and best and f.last - f.first < best.last - best.first):
-                best, best_count = f, count
+            counts[f] = sum(1 for i in body if i.file and os.path.basename(i.file) == f.file
+                            and f.first <= i.line <= f.last)
+        most = max(counts.values(), default=0)
+        best = min((f for f, n in counts.items() if most and 2 * n >= most), key=lambda f: f.last - f.first,
+                   default=None)
         trips = None
-        if best and best_count:
-            if best in owner:
-                # A second copy of a statement's loop (unrolled, with the first as its remainder): the
-                # first, the smaller, is counted for every trip.
+        if best is not None:
+            if any(parent(a, b) == parent(lo, hi) for a, b in owner.get(best, ())):
                 trips = 0
             else:
                 trips = trip_count(best, ints)

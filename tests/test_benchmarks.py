@@ -248,3 +248,24 @@ def test_summary_turns_the_sass_model_and_measured_times_into_instructions_a_clo
     fwd, both = summary.issue_lines(model, kernels)
     assert fwd.startswith("  sass_model large fwd: 400 M warp-instructions") and "2.00 a clock an SM" in fwd
     assert both == "  sass_model large fwd_bwd: 800 M warp-instructions"  # no time for it
+
+
+def test_sass_model_counts_a_helper_inlined_at_two_places_in_full():
+    # The on-chip backward inlines the addressing chain's backward (two loops over the S shift taps) in its
+    # loop over the R read heads and in its loop over the W write heads; its second phase loops over W, R
+    # and H heads, and the erase product over the W write heads in the first. R != W != S here, so a loop
+    # given the wrong statement shows.
+    script = (
+        "import torch\n"
+        "from benchmarks import sass_model\n"
+        "from benchmarks.shapes import OpShape\n"
+        "counts = sass_model.model(OpShape('x', B=1, N=128, M=20, R=3, W=2, S=5), torch.float32, 90)\n"
+        "print({c.name: sorted(t for _, t in c.loops) for c in counts['fwd'] + counts['bwd']})\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=dict(os.environ, TRITON_INTERPRET="0"),
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trips = eval(proc.stdout.strip().splitlines()[-1])  # a dict of lists of ints, printed by the script
+    # Forward: the shift's loop at each of the two call sites of _onchip_address, the write heads' loop.
+    assert trips["_memory_step_onchip_kernel"] == [2, 3, 5, 5]
+    assert trips["_memory_step_onchip_bwd_kernel"] == [2, 2, 2, 3, 3, 5, 5, 5, 5, 5]

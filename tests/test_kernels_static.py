@@ -168,8 +168,8 @@ def launched_configs():
     for launch, (label, dtype) in zip(launches, labels):
         spec = specialize(launch)
         seen.setdefault((repr(spec), dtype), (spec, [], dtype))[1].append(label)
-    return [(*spec, "as launched: " + ", ".join(dict.fromkeys(labels)), dtype)
-            for spec, labels, dtype in seen.values()]
+    return [(*spec, "as launched: " + ", ".join(dict.fromkeys(shape_labels)), dtype)
+            for spec, shape_labels, dtype in seen.values()]
 
 
 def pointer_type(kernel, arg, consts, dtype):

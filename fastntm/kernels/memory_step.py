@@ -224,8 +224,8 @@ def _similarity_kernel(p_mem, p_k, p_beta, p_K, p_pmax, p_psum, s_mem_b, s_mem_n
     The block is held as (BN, BM / BC, BC): rows of chunks of BC elements, one 32-byte sector. With the
     chunk axis the slowest, Triton gives a sector to two lanes and a row's chunks to the same two, so
     each head's dot products over M are sums in registers and one shuffle. A (BN, BM) tile puts a row on
-    16 lanes (BM = 64, fp32): four shuffle levels a row and head, and the kernel issued over three times
-    the instructions (SASS, as launched at the large shape).
+    16 lanes (BM = 64, fp32): four shuffle levels a row and head, and at one warp the kernel issued 2.4
+    times the instructions (``benchmarks/sass_model.py``, large shape).
     """
     BC: tl.constexpr = 256 // p_mem.dtype.element_ty.primitive_bitwidth
     i_n, i_b = _block_and_item(NB)

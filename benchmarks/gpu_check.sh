@@ -22,7 +22,7 @@
 # SWEEP=1 also runs the block-size sweep (benchmarks.sweep_blocks --quick, after
 # bench_kernels, whose compiled default kernels it reuses from Triton's cache),
 # writing $OUT/sweep_blocks.json, under its own limit T_SWEEP (default 150 s; its
-# --budget stops it 15 s before). That adds 153 s at worst, 601 s in all: lower
+# --budget stops it 15 s before). That adds 153 s at worst, 634 s in all: lower
 # T_RUN and T_LONG to keep a margin under the machine's ten minutes (SWEEP=1 with
 # T_TESTS=90 T_KERNELS=30 T_PROFILE=40 T_SWEEP=150 T_RUN=90 T_LONG=20: 495 s, 519 s
 # at worst).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
@@ -265,7 +266,7 @@ def test_sass_model_counts_a_helper_inlined_at_two_places_in_full():
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=dict(os.environ, TRITON_INTERPRET="0"),
                           capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    trips = eval(proc.stdout.strip().splitlines()[-1])  # a dict of lists of ints, printed by the script
+    trips = ast.literal_eval(proc.stdout.strip().splitlines()[-1])
     # Forward: the shift's loop at each of the two call sites of _onchip_address, the write heads' loop.
     assert trips["_memory_step_onchip_kernel"] == [2, 3, 5, 5]
     assert trips["_memory_step_onchip_bwd_kernel"] == [2, 2, 2, 3, 3, 5, 5, 5, 5, 5]

@@ -246,7 +246,8 @@ def test_no_config_spills_registers(results):
         for r in spilling)
 
 
-@pytest.mark.skipif(not INTERPRETING, reason="runs the checks above directly")
+@pytest.mark.skipif(not INTERPRETING, reason="the interpreter is off, so the static checks above ran in this "
+                    "process; this test only reruns them in a subprocess when the interpreter is on")
 def test_static_checks_pass_with_the_interpreter_off():
     env = dict(os.environ, TRITON_INTERPRET="0")
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", __file__],

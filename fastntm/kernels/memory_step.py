@@ -450,8 +450,8 @@ def _interp_bwd_kernel(p_dws, p_K, p_wp, p_beta, p_g, p_s, p_max, p_sum, p_dwp, 
     b_g = tl.load(p_g + i_bh).to(tl.float32)
     b_K = tl.load(p_K + i_bh * N + o_n, mask=m_n, other=0.0)
     b_wp = tl.load(p_wp + i_bh * N + o_n, mask=m_n, other=0.0).to(tl.float32)
-    b_wc = tl.where(m_n, _softmax_at(b_K, tl.load(p_beta + i_bh).to(tl.float32), tl.load(p_max + i_bh),
-                                     tl.load(p_sum + i_bh)), 0.0)
+    # Rows past N: wc finite (_softmax_at), dwg 0 (a masked load), so they add nothing to the sums.
+    b_wc = _softmax_at(b_K, tl.load(p_beta + i_bh).to(tl.float32), tl.load(p_max + i_bh), tl.load(p_sum + i_bh))
     tl.store(p_pdg + i_bh * NB + i_n, tl.sum(b_dwg * (b_wc - b_wp), 0))
     tl.store(p_dwp + i_bh * N + o_n, ((1.0 - b_g) * b_dwg).to(p_dwp.dtype.element_ty), mask=m_n)
     b_dwc = b_g * b_dwg

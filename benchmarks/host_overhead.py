@@ -26,7 +26,7 @@ The tensors are CPU tensors, whose values ``validation`` checks (one ``aminmax``
 get the shape, dtype and device checks only. Those are timed on meta tensors as ``validation, as for
 CUDA``, which replaces the measured validation in ``total, as for CUDA``.
 
-Run (it sets ``TRITON_INTERPRET=1`` itself so that the kernel path takes tensors off CUDA; with the
+Run (run as a script, it sets ``TRITON_INTERPRET=1`` itself so that the kernel path takes tensors off CUDA; with the
 launches stubbed the interpreter never runs)::
 
     python -m benchmarks.host_overhead [--calls 3000] [--json out.json]
@@ -42,7 +42,8 @@ import os
 import statistics
 import time
 
-os.environ["TRITON_INTERPRET"] = "1"
+if __name__ == "__main__":  # imported (by a test), it leaves the process's choice alone
+    os.environ["TRITON_INTERPRET"] = "1"
 
 import torch  # noqa: E402
 

@@ -25,7 +25,8 @@ import contextlib
 import json
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"
+if __name__ == "__main__":  # as in host_overhead: imported, it leaves the process's choice alone
+    os.environ["TRITON_INTERPRET"] = "1"
 
 import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402

@@ -37,8 +37,8 @@ import os
 import re
 from typing import NamedTuple
 
-# Compiling needs the interpreter off; a caller that has set it (a test process) keeps its setting.
-os.environ.setdefault("TRITON_INTERPRET", "0")
+if __name__ == "__main__":  # compiling needs the interpreter off; imported, it leaves the process's choice alone
+    os.environ.setdefault("TRITON_INTERPRET", "0")
 
 import torch  # noqa: E402
 

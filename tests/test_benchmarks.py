@@ -270,3 +270,20 @@ def test_sass_model_counts_a_helper_inlined_at_two_places_in_full():
     # Forward: the shift's loop at each of the two call sites of _onchip_address, the write heads' loop.
     assert trips["_memory_step_onchip_kernel"] == [2, 3, 5, 5]
     assert trips["_memory_step_onchip_bwd_kernel"] == [2, 2, 2, 3, 3, 5, 5, 5, 5, 5]
+
+
+def test_importing_a_benchmark_module_leaves_the_interpreter_setting_alone():
+    # A module that set TRITON_INTERPRET on import made every kernel defined after it run in the
+    # interpreter: on a GPU, `pytest -m gpu` timed the interpreter, and failed under numpy 2.4+.
+    modules = sorted(p.stem for p in (ROOT / "benchmarks").glob("*.py") if p.stem != "__init__")
+    script = ("import importlib, os\n"
+              f"for name in {modules!r}:\n"
+              "    importlib.import_module('benchmarks.' + name)\n"
+              "    assert 'TRITON_INTERPRET' not in os.environ, name\n"
+              "print('ok', len(" f"{modules!r}" "))\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.startswith("ok ")

@@ -252,6 +252,11 @@ class NTMCell(nn.Module):
 
     def features(self, x: torch.Tensor, state: NTMState) -> tuple[torch.Tensor, NTMState]:
         """One step up to the output layer: ``([h_t, r_t], new_state)``."""
+        h, state = self.step(x, state)
+        return torch.cat([h, state.reads.flatten(1)], dim=-1), state
+
+    def step(self, x: torch.Tensor, state: NTMState) -> tuple[torch.Tensor, NTMState]:
+        """One step: the controller's output ``h_t`` and the new state (whose ``reads`` are ``r_t``)."""
         B = x.shape[0]
         controller_in = torch.cat([x, state.reads.reshape(B, -1)], dim=-1)
         h, controller_state = self.controller(controller_in, state.controller)
@@ -262,7 +267,7 @@ class NTMCell(nn.Module):
             state.memory, k, beta, g, s, gamma, state.weights.to(k.dtype), e, a, num_reads=self.num_reads,
             backend=self.backend,
         )
-        return torch.cat([h, r.reshape(B, -1)], dim=-1), NTMState(memory, w, r, controller_state)
+        return h, NTMState(memory, w, r, controller_state)
 
     def readout(self, features: torch.Tensor) -> torch.Tensor:
         """The output layer on features of any leading shape (identity without one)."""
@@ -317,14 +322,19 @@ def unroll(cell: NTMCell, x: torch.Tensor, state: NTMState, checkpoint_every: in
 
 def _run_steps(cell: NTMCell, x: torch.Tensor, state: NTMState, keep_weights: bool):
     """Features (T, B, F) of every step (the output layer runs once, outside), the
-    weightings (T, B, H, N) if asked for, and the last state."""
-    outputs, weights = [], []
+    weightings (T, B, H, N) if asked for, and the last state.
+
+    The features ``[h_t, r_t]`` are joined once for all steps, not a step at a time: under a CUDA
+    graph a training step costs about its number of kernels, and a join is one a step."""
+    hs, reads, weights = [], [], []
     for x_t in x:
-        y_t, state = cell.features(x_t, state)
-        outputs.append(y_t)
+        h_t, state = cell.step(x_t, state)
+        hs.append(h_t)
+        reads.append(state.reads)
         if keep_weights:
             weights.append(state.weights)
-    return torch.stack(outputs), (torch.stack(weights) if keep_weights else None), state
+    features = torch.cat([torch.stack(hs), torch.stack(reads).flatten(2)], dim=-1)
+    return features, (torch.stack(weights) if keep_weights else None), state
 
 
 def _run_segment(cell: NTMCell, x: torch.Tensor, keep_weights: bool, memory, weights, reads, *controller):

@@ -109,13 +109,13 @@ FORCED_CASES = [
      {("_similarity_kernel", 16, 2, None), ("_shift_sharpen_kernel", 32, 4, None), ("_read_write_kernel", 16, 2, None),
       ("_read_write_bwd_kernel", 16, 2, None), ("_sharpen_dot_kernel", 32, 4, None),
       ("_sharpen_bwd_kernel", 32, 4, None), ("_interp_bwd_kernel", 32, 4, None), ("_softmax_bwd_kernel", 32, 4, None),
-      ("_mem_bwd_kernel", 16, 2, None)}),
+      ("_mem_bwd_kernel", 16, 2, None), ("_softmax_merge_kernel", 32, 4, None)}),
     # The backward's passes over memory on blocks and warps of their own.
     (dict(block_n=32, num_warps=1, bwd_block_n=16, bwd_warps=8, vector_block=32),
      {("_similarity_kernel", 32, 1, None), ("_shift_sharpen_kernel", 32, 4, None), ("_read_write_kernel", 32, 1, None),
       ("_read_write_bwd_kernel", 16, 8, None), ("_sharpen_dot_kernel", 32, 4, None),
       ("_sharpen_bwd_kernel", 32, 4, None), ("_interp_bwd_kernel", 32, 4, None), ("_softmax_bwd_kernel", 32, 4, None),
-      ("_mem_bwd_kernel", 16, 8, None)}),
+      ("_mem_bwd_kernel", 16, 8, None), ("_softmax_merge_kernel", 32, 4, None)}),
     (dict(onchip_warps=2, onchip_bwd_warps=16),
      {("_memory_step_onchip_kernel", 64, 2, 255), ("_memory_step_onchip_bwd_kernel", 64, 16, 128)}),
 ]

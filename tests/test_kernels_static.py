@@ -65,13 +65,14 @@ spilled nowhere when last checked), so it is left out by default to keep the run
 FP32_POINTERS = {"p_K", "p_max", "p_sum", "p_P", "p_pmax", "p_psum", "p_pw", "p_pP", "p_rpart", "p_depart",
                  "p_dapart", "p_dkpart", "p_scr", "p_dwrw", "p_dot", "p_dws", "p_dwc", "p_pdot", "p_pdgamma",
                  "p_pds", "p_pdg", "p_pdbeta", "p_kn", "p_ck", "p_cn"}
-# The large-memory backward's passes over (B, H, N) vectors, launched like ``_shift_sharpen_kernel``.
-VECTOR_BWD_KERNELS = ("_sharpen_dot_kernel", "_sharpen_bwd_kernel", "_interp_bwd_kernel", "_softmax_bwd_kernel")
+# The large-memory passes over (B, H, N) vectors and block partials, launched like ``_shift_sharpen_kernel``.
+VECTOR_KERNELS = ("_shift_sharpen_kernel", "_softmax_merge_kernel", "_sharpen_dot_kernel", "_sharpen_bwd_kernel",
+                  "_interp_bwd_kernel", "_softmax_bwd_kernel")
 
 # Triton launches of one forward / backward step, by regime (plus small torch ops on (B, H, *) vectors and
-# block partials: large-memory forward 4 (max, sum-exp combine, sharpening sum, read partial sum); backward
-# about 20, none over a (B, H, N) vector).
-LAUNCHES = {True: "fwd 1, bwd 1", False: "fwd 3, bwd 6"}
+# block partials: large-memory forward 2 (sharpening sum, read partial sum); backward about 20, none over a
+# (B, H, N) vector).
+LAUNCHES = {True: "fwd 1, bwd 1", False: "fwd 4, bwd 6"}
 
 # (N, M, R, W, S) of benchmarks/shapes.py's paper, medium and large shapes, and a width that is not a multiple
 # of 16 (Triton specializes the pointers, not M and the row strides). The batch is a grid dimension, never a
@@ -115,7 +116,7 @@ def kernel_configs():
         for has_dk in (False,) if blk.onchip else (True, False):
             out.append(("_mem_bwd_kernel", dict(HAS_DK=has_dk, BN=bwd_bn, BM=blk.BM), bwd_nw))
     for log_n in range(4, 21):
-        for name in ("_shift_sharpen_kernel", *VECTOR_BWD_KERNELS):
+        for name in VECTOR_KERNELS:
             out.append((name, dict(BN=_config.vector_block(2**log_n)), 4))
     BL = 16
     while BL <= _config.MAX_BM:

@@ -50,7 +50,8 @@ ONCHIP_MAXNREG = 255
 """Register limit of the on-chip kernels. Left to itself, ptxas caps a configuration at an occupancy step
 (96, 128 or 168 registers) and spills a few bytes to stay there: the backward at BN=64, BM=32, 8 warps, sm_80;
 the forward with bf16 or fp16 tensors at BN=64, BM=32, 4 warps, sm_90 and BN=64, BM=16, 4 warps, sm_80 (a
-packed predicate of the final store's mask). These kernels run one program per batch item, so the occupancy
+packed predicate of the final store's mask). These kernels run a few programs per batch item (the forward one
+a read head and one for the write heads, the backward one), so the occupancy
 lost (2 or 3 programs of 4 warps per SM instead of 3 or 5; 8-warp programs fit one per SM either way) shows
 only when B is several times the SM count."""
 

@@ -2,20 +2,21 @@
 
 Forward, two regimes (``_config.choose``):
 
-* on-chip: one program per batch item holds its whole memory (N x M) in registers
-  and does every head's addressing, the reads and the write in one launch; the
-  shift takes its source rows from the program's own vector (``tl.gather``,
-  through shared memory), not from global memory;
+* on-chip: one launch; a program per read head and one for the write heads of each
+  batch item holds the item's whole memory (N x M) in registers and does its heads'
+  addressing and the read, or the write; the shift takes its source rows from the
+  program's own vector (``tl.gather``, through shared memory), not from global memory;
 * large memory: N split in blocks of BN rows, three passes:
   1. ``_similarity_kernel``: cosine logits ``K`` (stored, fp32) and per-block
-     max / sum-exp partials of ``beta * K``;
+     max / sum-exp partials of ``beta * K``, merged a head a program by
+     ``_softmax_merge_kernel``;
   2. ``_shift_sharpen_kernel``: the shift needs ``wg`` at rows of the
      neighbouring blocks (the halo); ``wg[n] = g exp(beta K[n] - max) / sumexp
      + (1 - g) w_prev[n]`` is recomputed at any row from the stored logits, so
      no block waits for another. Stores ``ws^gamma`` and per-block sums;
   3. ``_read_write_kernel``: normalise ``w``, per-block read partials, write.
-  Partials are reduced on the host with torch (a fixed order: bit-identical run
-  to run; no atomics anywhere).
+  The other partials are reduced with torch (a fixed order, as in the merge:
+  bit-identical run to run; no atomics anywhere).
 
 Backward recomputes from small saved vectors (the logits ``K`` and the softmax
 sums), never from a saved memory. On-chip, one launch of
@@ -188,8 +189,16 @@ def _memory_step_onchip_kernel(p_mem, p_k, p_beta, p_g, p_s, p_gamma, p_wp, p_e,
                                p_w, p_r, p_new, p_K, p_max, p_sum, p_P,
                                s_mem_b, s_mem_n, s_new_b, s_new_n, N, M, H, R, S,
                                RW: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr):
-    """Whole step for batch item ``i_b``: heads [0, R) read, [R, H) write. ``RW=False``: address only (R = H)."""
+    """The step of batch item ``i_b``: program ``i_g < R`` addresses read head ``i_g`` and reads with it;
+    program ``R`` (``RW`` only) addresses the write heads [R, H) and stores new_mem. ``RW=False``: address only
+    (R = H).
+
+    A program per read head rather than one for the whole item: the paper-size step is bound by the
+    latency of each head's chain of reductions (an H100 took 10.1 us with both heads in one program), and
+    the programs run side by side. Each loads the item's memory, which is small here.
+    """
     i_b = tl.program_id(0).to(tl.int64)
+    i_g = tl.program_id(1)
     o_n = tl.arange(0, BN)
     o_m = tl.arange(0, BM)
     m_n = o_n < N
@@ -197,13 +206,13 @@ def _memory_step_onchip_kernel(p_mem, p_k, p_beta, p_g, p_s, p_gamma, p_wp, p_e,
     m_nm = m_n[:, None] & m_m[None, :]
     b_mem = tl.load(p_mem + i_b * s_mem_b + o_n[:, None] * s_mem_n + o_m[None, :], mask=m_nm, other=0.0).to(tl.float32)
     b_mn = tl.maximum(tl.sqrt(tl.sum(b_mem * b_mem, 1)), 1e-8)
-    for h in range(R):
+    if i_g < R:
         b_w = _onchip_address(b_mem, b_mn, p_k, p_beta, p_g, p_s, p_gamma, p_wp, p_w, p_K, p_max, p_sum, p_P,
-                              i_b * H + h, o_n, o_m, m_n, m_m, N, M, S, BN)
+                              i_b * H + i_g, o_n, o_m, m_n, m_m, N, M, S, BN)
         if RW:
             b_r = tl.sum(b_w[:, None] * b_mem, 0)
-            tl.store(p_r + (i_b * R + h) * M + o_m, b_r.to(p_r.dtype.element_ty), mask=m_m)
-    if RW:
+            tl.store(p_r + (i_b * R + i_g) * M + o_m, b_r.to(p_r.dtype.element_ty), mask=m_m)
+    elif RW:
         b_keep = tl.full([BN, BM], 1.0, dtype=tl.float32)
         b_add = tl.zeros([BN, BM], dtype=tl.float32)
         for h in range(R, H):
@@ -248,6 +257,26 @@ def _similarity_kernel(p_mem, p_k, p_beta, p_K, p_pmax, p_psum, s_mem_b, s_mem_n
         b_max = tl.max(b_z, 0)
         tl.store(p_pmax + i_bh * NB + i_n, b_max)
         tl.store(p_psum + i_bh * NB + i_n, tl.sum(tl.exp(b_z - b_max), 0))
+
+
+@triton.jit
+def _softmax_merge_kernel(p_pmax, p_psum, p_max, p_sum, NB, BN: tl.constexpr):
+    """Large memory, between passes 1 and 2: head ``i_bh``'s softmax max and sum from its ``NB`` block
+    partials, ``max = max_j m_j`` and ``sum = sum_j s_j exp(m_j - max)``, in a fixed order. One launch where
+    torch took five (max, subtract, exp, multiply, sum), each a few microseconds at any size."""
+    i_bh = tl.program_id(0).to(tl.int64)
+    o = tl.arange(0, BN)
+    b_max = tl.full([BN], float("-inf"), dtype=tl.float32)
+    for i0 in range(0, NB, BN):
+        b_max = tl.maximum(b_max, tl.load(p_pmax + i_bh * NB + i0 + o, mask=i0 + o < NB, other=float("-inf")))
+    b_mx = tl.max(b_max, 0)
+    b_sum = tl.zeros([BN], dtype=tl.float32)
+    for i0 in range(0, NB, BN):
+        m = i0 + o < NB
+        b_m = tl.load(p_pmax + i_bh * NB + i0 + o, mask=m, other=float("-inf"))  # exp(-inf) = 0 past NB
+        b_sum += tl.load(p_psum + i_bh * NB + i0 + o, mask=m, other=0.0) * tl.exp(b_m - b_mx)
+    tl.store(p_max + i_bh, b_mx)
+    tl.store(p_sum + i_bh, tl.sum(b_sum, 0))
 
 
 @triton.jit
@@ -723,7 +752,8 @@ def _forward(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads: int, rw: bool):
     if blk.onchip:
         r = empty((B, R if rw else 0, M), k.dtype, dev)
         new = empty((B, N, M) if rw else (0,), mem.dtype, dev)
-        _memory_step_onchip_kernel[(B,)](
+        programs = R + (1 if rw else 0)  # one a read head, one for the write heads (a copy where W = 0)
+        _memory_step_onchip_kernel[(B, programs)](
             mem, k, beta, g, s, gamma, w_prev, _nz(e, mem), _nz(a, mem), w, _nz(r, w), _nz(new, mem),
             K, mx, se, P,
             mem.stride(0), mem.stride(1), new.stride(0) if rw else 0, new.stride(1) if rw else 0,
@@ -735,8 +765,7 @@ def _forward(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads: int, rw: bool):
     psum = empty((B, H, NB), torch.float32, dev)
     _similarity_kernel[(NB * B,)](mem, k, beta, K, pmax, psum, mem.stride(0), mem.stride(1), N, M, H, NB,
                                 BN=blk.BN, BM=blk.BM, num_warps=blk.num_warps)
-    torch.amax(pmax, dim=-1, out=mx)
-    torch.sum(psum * torch.exp(pmax - mx[..., None]), dim=-1, out=se)
+    _softmax_merge_kernel[(B * H,)](pmax, psum, mx, se, NB, BN=blk.BV, num_warps=4)
     NBV = _config.n_blocks(N, blk.BV)
     pw = empty((B, H, N), torch.float32, dev)
     pP = empty((B, H, NBV), torch.float32, dev)

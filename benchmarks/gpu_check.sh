@@ -13,7 +13,8 @@
 # $OUT/sass_model.json (warp-instructions the same tree's kernels issue at the large
 # shape, benchmarks.sass_model: the measured times calibrate it) and ends with the
 # key figures. Every part runs under `timeout`; one that fails or runs out of time is
-# named at the end and the later parts still run. The limits below add up to 460 s
+# named at the end and the later parts still run; a limit of 0 skips a part. The
+# limits below add up to 460 s
 # (plus 3 s grace each: 481 s at worst); override them with T_TESTS, T_KERNELS,
 # T_PROFILE, T_RUN, T_LONG, T_SASS, and pass extra runner arguments
 # in RUN_ARGS, split at spaces, no quotes inside (for example
@@ -46,9 +47,13 @@ SUMMARY=()
 
 say() { echo "$*" | tee -a "$LOG"; }
 
-part() {  # part NAME LIMIT_S COMMAND...
+part() {  # part NAME LIMIT_S COMMAND...; a limit of 0 skips the part
     local name=$1 limit=$2 t0 rc
     shift 2
+    if [ "$limit" -eq 0 ]; then
+        say "=== $name: skipped (limit 0)"
+        return
+    fi
     say "=== $name (limit ${limit} s): $*"
     t0=$(date +%s)
     timeout --kill-after=3 "$limit" "$@" 2>&1 | tee -a "$LOG"

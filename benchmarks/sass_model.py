@@ -66,7 +66,8 @@ class ForStatement(NamedTuple):
     first: int
     last: int
     bound: str
-    """The trip count as an expression of the kernel's arguments (``stop - start`` of the range)."""
+    """The trip count as an expression of the kernel's arguments (``stop - start`` of the range, over its step
+    rounded up)."""
     names: tuple
     """(name, expression) of the function's top-level assignments to plain names (``W = H - R``), in order."""
 
@@ -109,6 +110,8 @@ def for_statements() -> list[ForStatement]:
                 if isinstance(node, ast.For) and isinstance(node.iter, ast.Call) and node.iter.args:
                     args = [ast.unparse(a) for a in node.iter.args]
                     bound = args[0] if len(args) == 1 else f"({args[1]}) - ({args[0]})"
+                    if len(args) == 3:
+                        bound = f"-(-({bound}) // ({args[2]}))"
                     found.append(ForStatement(os.path.basename(path), node.lineno, node.end_lineno, bound, names))
     return found
 

@@ -283,10 +283,10 @@ def test_importing_a_benchmark_module_leaves_the_interpreter_setting_alone():
               f"for name in {modules!r}:\n"
               "    importlib.import_module('benchmarks.' + name)\n"
               "    assert 'TRITON_INTERPRET' not in os.environ, name\n"
-              "print('ok', len(" f"{modules!r}" "))\n")
+              "print('ok')\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT)
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.startswith("ok ")
+    assert proc.stdout.strip() == "ok"

@@ -71,6 +71,11 @@ def summarise(folder: str) -> list[str]:
     if kernels and "shapes" in kernels:
         for name, row in kernels["shapes"].items():
             lines.append(f"  bench_kernels {name}: correct {row.get('correct')}")
+            fracs = [(key, row[f"triton_{key}_frac_copy"]) for key in ("fwd", "fwd_bwd", "fwd_graph", "fwd_bwd_graph")
+                     if f"triton_{key}_frac_copy" in row]
+            if fracs:
+                lines.append(f"  bench_kernels {name}: triton, byte model over copy bandwidth: "
+                             + ", ".join(f"{key} {100 * frac:.0f}%" for key, frac in fracs))
             for prov, ratios in row.get("speedups", {}).items():
                 speed = ", ".join(f"{key} {ratio:.1f}x" for key, ratio in ratios.items())
                 lines.append(f"  bench_kernels {name}: triton over {prov}: {speed}")

@@ -120,6 +120,13 @@ def test_summary_gives_each_fast_provider_its_speedup_over_the_eager_reference(t
     assert "  speedup triton-graph vs reference (eager) train_step/copy-b32: 22.0x" in lines
 
 
+def test_summary_gives_the_kernels_fraction_of_copy_bandwidth_for_each_timing_it_has(tmp_path):
+    row = dict(correct=True, triton_fwd_frac_copy=0.65, triton_fwd_bwd_frac_copy=0.34, triton_fwd_graph_frac_copy=0.7)
+    (tmp_path / "bench_kernels.json").write_text(json.dumps(dict(shapes=dict(large=row))))
+    lines = summary.summarise(str(tmp_path))
+    assert "  bench_kernels large: triton, byte model over copy bandwidth: fwd 65%, fwd_bwd 34%, fwd_graph 70%" in lines
+
+
 def test_kernel_profile_on_cpu_writes_rows_with_positive_times(tmp_path, capsys):
     from benchmarks import kernel_profile
 

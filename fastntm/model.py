@@ -257,8 +257,7 @@ class NTMCell(nn.Module):
 
     def step(self, x: torch.Tensor, state: NTMState) -> tuple[torch.Tensor, NTMState]:
         """One step: the controller's output ``h_t`` and the new state (whose ``reads`` are ``r_t``)."""
-        B = x.shape[0]
-        controller_in = torch.cat([x, state.reads.reshape(B, -1)], dim=-1)
+        controller_in = torch.cat([x, state.reads.flatten(1)], dim=-1)
         h, controller_state = self.controller(controller_in, state.controller)
         # Under autocast the head layer's outputs come out in the low dtype while the
         # carried weightings do not: run the step in the wider of the two.

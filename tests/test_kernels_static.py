@@ -56,7 +56,8 @@ aot = pytest.mark.skipif(INTERPRETING, reason="AOT compilation needs the interpr
 
 # Compile options the host code passes at launch, beyond num_warps.
 LAUNCH_OPTIONS = {"_memory_step_onchip_kernel": dict(maxnreg=_config.ONCHIP_MAXNREG),
-                  "_memory_step_onchip_bwd_kernel": dict(maxnreg=_config.ONCHIP_MAXNREG)}
+                  "_onchip_heads_bwd_kernel": dict(maxnreg=_config.ONCHIP_MAXNREG),
+                  "_onchip_mem_bwd_kernel": dict(maxnreg=_config.ONCHIP_MAXNREG)}
 ARCHS = (80, 90)
 DTYPES = tuple(os.environ.get("FASTNTM_STATIC_DTYPES", "fp32,bf16").split(","))
 """Dtypes of the tensors the kernels load and store. fp16 compiles to within a few registers of bf16 (and
@@ -72,7 +73,7 @@ VECTOR_KERNELS = ("_shift_sharpen_kernel", "_softmax_merge_kernel", "_sharpen_do
 # Triton launches of one forward / backward step, by regime (plus small torch ops on (B, H, *) vectors and
 # block partials: large-memory forward 2 (sharpening sum, read partial sum); backward about 20, none over a
 # (B, H, N) vector).
-LAUNCHES = {True: "fwd 1, bwd 1", False: "fwd 4, bwd 6"}
+LAUNCHES = {True: "fwd 1, bwd 2", False: "fwd 4, bwd 6"}
 
 # (N, M, R, W, S) of benchmarks/shapes.py's paper, medium and large shapes, and a width that is not a multiple
 # of 16 (Triton specializes the pointers, not M and the row strides). The batch is a grid dimension, never a
@@ -102,7 +103,7 @@ def kernel_configs():
         if blk.onchip:
             for rw in (True, False):
                 out.append(("_memory_step_onchip_kernel", dict(RW=rw, **bm), nw))
-            out.append(("_memory_step_onchip_bwd_kernel", bm, blk.bwd_warps))
+            out += [(name, bm, blk.bwd_warps) for name in ("_onchip_heads_bwd_kernel", "_onchip_mem_bwd_kernel")]
         else:
             out.append(("_similarity_kernel", bm, nw))
             out.append(("_read_write_kernel", dict(NORMALIZE=True, WRITE=True, **bm), nw))

@@ -19,11 +19,13 @@ Forward, two regimes (``_config.choose``):
   bit-identical run to run; no atomics anywhere).
 
 Backward recomputes from small saved vectors (the logits ``K`` and the softmax
-sums), never from a saved memory. On-chip, one launch of
-``_memory_step_onchip_bwd_kernel``, one program per batch item: dL/dw from the
-reads and the write, every head's addressing chain backward (the shift's
-neighbours by ``tl.gather``, as in the forward), then dL/dmem and dL/dk (every
-head's dL/dK through a small scratch buffer and a barrier). Large memory, two
+sums), never from a saved memory. On-chip, two launches:
+``_onchip_heads_bwd_kernel``, a program a head and batch item: the head's dL/dw
+from its read or the write, its addressing chain backward (the shift's
+neighbours by ``tl.gather``, as in the forward), its dL/dk, and the cosine's
+factors of its rows to small scratch buffers; then ``_onchip_mem_bwd_kernel``,
+a program a batch item: dL/dmem from the write, the reads and every head's
+factors. Large memory, two
 passes over memory with four over (B, H, N) vectors between:
 
 * ``_read_write_bwd_kernel`` (one pass over mem and dnew): dL/dw from the reads
@@ -159,18 +161,18 @@ def _shift_sharpen(p_K, p_wp, p_s, b_beta, b_g, b_gamma, b_max, b_sum, o_n, m_n,
 @triton.jit
 def _onchip_address(b_mem, b_mn, p_k, p_beta, p_g, p_s, p_gamma, p_wp, p_w, p_K, p_max, p_sum, p_P,
                     i_bh, o_n, o_m, m_n, m_m, N, M, S, BN: tl.constexpr):
-    """One head's weighting over the whole memory; returns it rounded to w's dtype (as the reference reads with it)."""
-    b_K = _cosine(b_mem, b_mn, p_k + i_bh * M, o_m, m_m)
-    tl.store(p_K + i_bh * N + o_n, b_K, mask=m_n)
+    """One head's weighting over the whole memory; returns it rounded to w's dtype (as the reference reads with it).
+
+    Every load comes before the first store: the compiler keeps a load after a store to a pointer that may
+    alias it, and at the paper's size each load's latency would lie on the head's chain."""
     b_beta = tl.load(p_beta + i_bh).to(tl.float32)
-    b_z = tl.where(m_n, b_beta * b_K, float("-inf"))
-    b_max = tl.max(b_z, 0)
-    b_sum = tl.sum(tl.exp(b_z - b_max), 0)
-    tl.store(p_max + i_bh, b_max)
-    tl.store(p_sum + i_bh, b_sum)
     b_g = tl.load(p_g + i_bh).to(tl.float32)
     b_gamma = tl.load(p_gamma + i_bh).to(tl.float32)
     b_wp = tl.load(p_wp + i_bh * N + o_n, mask=m_n, other=0.0).to(tl.float32)
+    b_K = _cosine(b_mem, b_mn, p_k + i_bh * M, o_m, m_m)
+    b_z = tl.where(m_n, b_beta * b_K, float("-inf"))
+    b_max = tl.max(b_z, 0)
+    b_sum = tl.sum(tl.exp(b_z - b_max), 0)
     b_wg = _wg(b_K, b_wp, b_beta, b_g, b_max, b_sum)
     b_ws = tl.zeros([BN], dtype=tl.float32)
     half = (S - 1) // 2
@@ -178,8 +180,11 @@ def _onchip_address(b_mem, b_mn, p_k, p_beta, p_g, p_s, p_gamma, p_wp, p_w, p_K,
         b_ws += tl.load(p_s + i_bh * S + j).to(tl.float32) * _rolled(b_wg, j - half, o_n, N)
     b_p = tl.where(m_n, tl.exp(b_gamma * tl.log(tl.maximum(b_ws, 1e-30))), 0.0)
     b_P = tl.sum(b_p, 0)
-    tl.store(p_P + i_bh, b_P)
     b_w = (b_p / (b_P + 1e-16)).to(p_w.dtype.element_ty)
+    tl.store(p_K + i_bh * N + o_n, b_K, mask=m_n)
+    tl.store(p_max + i_bh, b_max)
+    tl.store(p_sum + i_bh, b_sum)
+    tl.store(p_P + i_bh, b_P)
     tl.store(p_w + i_bh * N + o_n, b_w, mask=m_n)
     return b_w.to(tl.float32)
 
@@ -573,21 +578,14 @@ def _mem_bwd_kernel(p_mem, p_w, p_e, p_dr, p_dnew, p_k, p_ck, p_cn, p_dmem, p_dk
 
 
 @triton.jit
-def _onchip_address_bwd(b_dw, p_beta, p_g, p_s, p_gamma, p_wp, p_K, p_max, p_sum, p_scr,
+def _onchip_address_bwd(b_dw, b_K, b_wp, b_beta, b_g, b_gamma, b_max, b_sum, p_s,
                         p_dbeta, p_dg, p_ds, p_dgamma, p_dwp, i_bh, o_n, m_n, N, S, BN: tl.constexpr):
-    """One head's addressing chain backward on (N,) vectors, from ``b_dw`` (dL/dw, fp32, 0 on masked rows).
+    """One head's addressing chain backward on (N,) vectors, from ``b_dw`` (dL/dw, fp32, 0 on masked rows),
+    the logits ``b_K`` and ``b_wp`` (w_prev), and the head's parameters and softmax sums, loaded.
 
-    Recomputes ``wc``, ``wg``, ``ws`` and ``ws^gamma`` from the stored logits and softmax sums; stores
-    dL/dbeta, dL/dg, dL/ds, dL/dgamma, dL/dw_prev of the head, and dL/dK (fp32) to its scratch row
-    ``p_scr + i_bh N``.
+    Recomputes ``wc``, ``wg``, ``ws`` and ``ws^gamma``; stores dL/dbeta, dL/dg, dL/ds, dL/dgamma,
+    dL/dw_prev of the head; returns dL/dK (fp32, 0 on masked rows).
     """
-    b_K = tl.load(p_K + i_bh * N + o_n, mask=m_n, other=0.0)
-    b_wp = tl.load(p_wp + i_bh * N + o_n, mask=m_n, other=0.0).to(tl.float32)
-    b_beta = tl.load(p_beta + i_bh).to(tl.float32)
-    b_g = tl.load(p_g + i_bh).to(tl.float32)
-    b_gamma = tl.load(p_gamma + i_bh).to(tl.float32)
-    b_max = tl.load(p_max + i_bh)
-    b_sum = tl.load(p_sum + i_bh)
     b_wc = tl.where(m_n, _softmax_at(b_K, b_beta, b_max, b_sum), 0.0)
     # Forward again: interpolate, shift (the source rows from shared memory) and sharpen.
     b_wg = b_g * b_wc + (1.0 - b_g) * b_wp
@@ -615,50 +613,58 @@ def _onchip_address_bwd(b_dw, p_beta, p_g, p_s, p_gamma, p_wp, p_K, p_max, p_sum
     b_dwc = b_g * b_dwg
     b_dz = b_wc * (b_dwc - tl.sum(b_dwc * b_wc, 0))
     tl.store(p_dbeta + i_bh, tl.sum(b_dz * b_K, 0).to(p_dbeta.dtype.element_ty))
-    tl.store(p_scr + i_bh * N + o_n, b_dz * b_beta, mask=m_n)
+    return b_dz * b_beta
 
 
 @triton.jit(do_not_specialize=("HAS_DW", "HAS_DR", "HAS_DNEW"))
-def _memory_step_onchip_bwd_kernel(p_mem, p_k, p_beta, p_g, p_s, p_gamma, p_wp, p_e, p_a, p_w, p_K, p_max, p_sum,
-                                   p_dw, p_dr, p_dnew, p_dmem, p_dk, p_dbeta, p_dg, p_ds, p_dgamma, p_dwp,
-                                   p_de, p_da, p_scr,
-                                   s_mem_b, s_mem_n, s_dnew_b, s_dnew_n, s_dmem_b, s_dmem_n, N, M, H, R, S,
-                                   HAS_DW, HAS_DR, HAS_DNEW, BN: tl.constexpr, BM: tl.constexpr):
-    """Whole backward of the step for batch item ``i_b``, memory held on-chip: every gradient in one launch.
+def _onchip_heads_bwd_kernel(p_mem, p_k, p_beta, p_g, p_s, p_gamma, p_wp, p_e, p_a, p_w, p_K, p_max, p_sum,
+                             p_dw, p_dr, p_dnew, p_dk, p_dbeta, p_dg, p_ds, p_dgamma, p_dwp, p_de, p_da, p_c, p_cn,
+                             s_mem_b, s_mem_n, s_dnew_b, s_dnew_n, N, M, H, R, S,
+                             HAS_DW, HAS_DR, HAS_DNEW, BN: tl.constexpr, BM: tl.constexpr):
+    """Backward, memory held on-chip, phase 1: head ``i_h`` of batch item ``i_b``, a program each.
 
-    Phase 1, head by head: dL/dw from the reads and the write (and dL/de, dL/da), then the addressing
-    chain down to dL/dK. Phase 2: dL/dmem (write, reads, cosine of every head) and dL/dk. Splitting the
-    phases keeps few (N, M) tiles live at once (mem is loaded again in phase 2, from cache).
+    dL/dw of the head, from its read or from the write (with the head's dL/de and dL/da), plus the given
+    dL/dw; its addressing chain backward (``_onchip_address_bwd``); dL/dk, which needs this head's dL/dK
+    alone: ``dk = sum_n c[n] mem[n] - (sum_n dK K) k / max(|k|, eps)^2`` with
+    ``c = dK / (max(|k|, eps) max(|mem[n]|, eps))`` (no norm term where ``|k| < eps``, which is clamped).
+    Stores the head's rows of the cosine's factors for ``_onchip_mem_bwd_kernel`` (fp32, (B, H, N) each):
+    ``c``, and ``cn = dK K / max(|mem[n]|, eps)^2`` (0 where ``|mem[n]| < eps``, clamped).
+
+    A program a head rather than one a batch item: at the paper's size the backward is bound by the
+    latency of each head's chain of reductions, and the heads' chains now run side by side.
     ``HAS_DW``, ``HAS_DR``, ``HAS_DNEW`` (0 or 1) say which of dL/dw, dL/dr, dL/dnew_mem were given:
     unspecialized runtime values, so one compiled kernel serves every combination (a masked-off load moves no
-    data).
-    ``p_scr`` is (B, H, N) fp32 scratch: dL/dK of each head. The erase product without
-    head h is rebuilt from the other heads, never by dividing by ``1 - w e`` (unstable near zero).
+    data). The erase product without head h is rebuilt from the other heads, never by dividing by
+    ``1 - w e`` (unstable near zero). Every load but the shift's taps comes before the first store (see
+    ``_onchip_address``).
     """
     i_b = tl.program_id(0).to(tl.int64)
+    i_h = tl.program_id(1)
+    i_bh = i_b * H + i_h
+    W = H - R
     o_n = tl.arange(0, BN)
     o_m = tl.arange(0, BM)
     m_n = o_n < N
     m_m = o_m < M
     m_nm = m_n[:, None] & m_m[None, :]
-    W = H - R
-    # Scalar bases and int32 offsets rather than tiles of 64-bit pointers: fewer registers.
-    o_mem = o_n[:, None] * s_mem_n + o_m[None, :]
-    o_dnew = o_n[:, None] * s_dnew_n + o_m[None, :]
-    p_memb = p_mem + i_b * s_mem_b
-    p_dnewb = p_dnew + i_b * s_dnew_b
-    m_dnew = m_nm & (HAS_DNEW != 0)
-    b_mem = tl.load(p_memb + o_mem, mask=m_nm, other=0.0).to(tl.float32)
-    for h in range(R):
-        i_bh = i_b * H + h
-        b_dr = tl.load(p_dr + (i_b * R + h) * M + o_m, mask=m_m & (HAS_DR != 0), other=0.0).to(tl.float32)
-        b_dw = tl.sum(b_mem * b_dr[None, :], 1)
-        b_dw += tl.load(p_dw + i_bh * N + o_n, mask=m_n & (HAS_DW != 0), other=0.0).to(tl.float32)
-        _onchip_address_bwd(b_dw, p_beta, p_g, p_s, p_gamma, p_wp, p_K, p_max, p_sum, p_scr,
-                            p_dbeta, p_dg, p_ds, p_dgamma, p_dwp, i_bh, o_n, m_n, N, S, BN)
-    for hw in range(W):
-        i_bh = i_b * H + R + hw
-        b_dnew = tl.load(p_dnewb + o_dnew, mask=m_dnew, other=0.0).to(tl.float32)
+    b_mem = tl.load(p_mem + i_b * s_mem_b + o_n[:, None] * s_mem_n + o_m[None, :], mask=m_nm,
+                    other=0.0).to(tl.float32)
+    b_k = tl.load(p_k + i_bh * M + o_m, mask=m_m, other=0.0).to(tl.float32)
+    b_K = tl.load(p_K + i_bh * N + o_n, mask=m_n, other=0.0)
+    b_wp = tl.load(p_wp + i_bh * N + o_n, mask=m_n, other=0.0).to(tl.float32)
+    b_beta = tl.load(p_beta + i_bh).to(tl.float32)
+    b_g = tl.load(p_g + i_bh).to(tl.float32)
+    b_gamma = tl.load(p_gamma + i_bh).to(tl.float32)
+    b_max = tl.load(p_max + i_bh)
+    b_sum = tl.load(p_sum + i_bh)
+    b_dw = tl.load(p_dw + i_bh * N + o_n, mask=m_n & (HAS_DW != 0), other=0.0).to(tl.float32)
+    if i_h < R:
+        b_dr = tl.load(p_dr + (i_b * R + i_h) * M + o_m, mask=m_m & (HAS_DR != 0), other=0.0).to(tl.float32)
+        b_dw += tl.sum(b_mem * b_dr[None, :], 1)
+    else:
+        hw = i_h - R
+        b_dnew = tl.load(p_dnew + i_b * s_dnew_b + o_n[:, None] * s_dnew_n + o_m[None, :],
+                         mask=m_nm & (HAS_DNEW != 0), other=0.0).to(tl.float32)
         b_derase = b_dnew * b_mem
         for h2 in range(W):
             b_w2 = tl.load(p_w + (i_b * H + R + h2) * N + o_n, mask=m_n, other=0.0).to(tl.float32)
@@ -667,42 +673,63 @@ def _memory_step_onchip_bwd_kernel(p_mem, p_k, p_beta, p_g, p_s, p_gamma, p_wp, 
         b_w = tl.load(p_w + i_bh * N + o_n, mask=m_n, other=0.0).to(tl.float32)
         b_e = tl.load(p_e + (i_b * W + hw) * M + o_m, mask=m_m, other=0.0).to(tl.float32)
         b_a = tl.load(p_a + (i_b * W + hw) * M + o_m, mask=m_m, other=0.0).to(tl.float32)
+        b_dw += tl.sum(b_dnew * b_a[None, :] - b_derase * b_e[None, :], 1)
         o_hw = (i_b * W + hw) * M + o_m
         tl.store(p_de + o_hw, (-tl.sum(b_derase * b_w[:, None], 0)).to(p_de.dtype.element_ty), mask=m_m)
         tl.store(p_da + o_hw, tl.sum(b_dnew * b_w[:, None], 0).to(p_da.dtype.element_ty), mask=m_m)
-        b_dw = tl.sum(b_dnew * b_a[None, :] - b_derase * b_e[None, :], 1)
-        b_dw += tl.load(p_dw + i_bh * N + o_n, mask=m_n & (HAS_DW != 0), other=0.0).to(tl.float32)
-        _onchip_address_bwd(b_dw, p_beta, p_g, p_s, p_gamma, p_wp, p_K, p_max, p_sum, p_scr,
-                            p_dbeta, p_dg, p_ds, p_dgamma, p_dwp, i_bh, o_n, m_n, N, S, BN)
-    # Phase 2 reads every head's dL/dK, stored by other threads.
-    tl.debug_barrier()
-    # With W = 0 the step returns new_mem = mem, and dL/dnew_mem flows to dL/dmem unchanged.
-    b_dmem = tl.load(p_dnewb + o_dnew, mask=m_dnew, other=0.0).to(tl.float32)
-    for hw in range(W):
-        b_w = tl.load(p_w + (i_b * H + R + hw) * N + o_n, mask=m_n, other=0.0).to(tl.float32)
-        b_e = tl.load(p_e + (i_b * W + hw) * M + o_m, mask=m_m, other=0.0).to(tl.float32)
-        b_dmem *= 1.0 - b_w[:, None] * b_e[None, :]
-    for h in range(R):
-        b_w = tl.load(p_w + (i_b * H + h) * N + o_n, mask=m_n, other=0.0).to(tl.float32)
-        b_dr = tl.load(p_dr + (i_b * R + h) * M + o_m, mask=m_m & (HAS_DR != 0), other=0.0).to(tl.float32)
-        b_dmem += b_w[:, None] * b_dr[None, :]
-    b_mem = tl.load(p_memb + o_mem, mask=m_nm, other=0.0).to(tl.float32)
+    b_dK = _onchip_address_bwd(b_dw, b_K, b_wp, b_beta, b_g, b_gamma, b_max, b_sum, p_s,
+                               p_dbeta, p_dg, p_ds, p_dgamma, p_dwp, i_bh, o_n, m_n, N, S, BN)
     b_norm = tl.sqrt(tl.sum(b_mem * b_mem, 1))
     b_mn = tl.maximum(b_norm, 1e-8)
+    b_knorm = tl.sqrt(tl.sum(b_k * b_k, 0))
+    b_kn = tl.maximum(b_knorm, 1e-8)
+    b_c = b_dK / (b_kn * b_mn)
+    tl.store(p_c + i_bh * N + o_n, b_c, mask=m_n)
+    tl.store(p_cn + i_bh * N + o_n, tl.where(b_norm >= 1e-8, b_dK * b_K / (b_mn * b_mn), 0.0), mask=m_n)
+    b_ck = tl.where(b_knorm >= 1e-8, tl.sum(b_dK * b_K, 0) / (b_kn * b_kn), 0.0)
+    b_dk = tl.sum(b_c[:, None] * b_mem, 0) - b_ck * b_k
+    tl.store(p_dk + i_bh * M + o_m, b_dk.to(p_dk.dtype.element_ty), mask=m_m)
+
+
+@triton.jit(do_not_specialize=("RD", "HAS_DNEW"))
+def _onchip_mem_bwd_kernel(p_mem, p_k, p_w, p_e, p_dr, p_dnew, p_c, p_cn, p_dmem,
+                           s_mem_b, s_mem_n, s_dnew_b, s_dnew_n, s_dmem_b, s_dmem_n, N, M, R, W, RD, HAS_DNEW,
+                           BN: tl.constexpr, BM: tl.constexpr):
+    """Backward, memory held on-chip, phase 2: dL/dmem of batch item ``i_b`` from the write, the reads and
+    the cosine of every head, from the factors ``c`` and ``cn`` that phase 1 stored:
+    ``dmem[n] = dnew prod_h (1 - w_h e_h) + sum_h w_h dr_h + sum_h c_h[n] k_h - (sum_h cn_h[n]) mem[n]``.
+    With W = 0 the step returns new_mem = mem, and dL/dnew_mem flows to dL/dmem unchanged. ``RD`` (R or 0)
+    and ``HAS_DNEW`` (0 or 1): whether dL/dr and dL/dnew_mem were given.
+
+    One loop over the heads, its loads independent of each other (a read head's ``e`` and a write head's
+    ``dr`` are masked off, so its factor is 1 and its term 0): each trip waits for its loads once. Loops
+    of their own for the erase, the reads and the cosine waited W + R + H times, and at the paper's size
+    the kernel is that latency."""
+    i_b = tl.program_id(0).to(tl.int64)
+    o_n = tl.arange(0, BN)
+    o_m = tl.arange(0, BM)
+    m_n = o_n < N
+    m_m = o_m < M
+    m_nm = m_n[:, None] & m_m[None, :]
+    H = R + W
+    b_mem = tl.load(p_mem + i_b * s_mem_b + o_n[:, None] * s_mem_n + o_m[None, :], mask=m_nm,
+                    other=0.0).to(tl.float32)
+    b_keep = tl.load(p_dnew + i_b * s_dnew_b + o_n[:, None] * s_dnew_n + o_m[None, :],
+                     mask=m_nm & (HAS_DNEW != 0), other=0.0).to(tl.float32)
+    b_add = tl.zeros([BN, BM], dtype=tl.float32)
+    b_cn = tl.zeros([BN], dtype=tl.float32)
     for h in range(H):
         i_bh = i_b * H + h
+        b_w = tl.load(p_w + i_bh * N + o_n, mask=m_n, other=0.0).to(tl.float32)
+        b_e = tl.load(p_e + (i_b * W + h - R) * M + o_m, mask=m_m & (h >= R) & (HAS_DNEW != 0),
+                      other=0.0).to(tl.float32)
+        b_dr = tl.load(p_dr + (i_b * R + h) * M + o_m, mask=m_m & (h < RD), other=0.0).to(tl.float32)
         b_k = tl.load(p_k + i_bh * M + o_m, mask=m_m, other=0.0).to(tl.float32)
-        b_knorm = tl.sqrt(tl.sum(b_k * b_k, 0))
-        b_kn = tl.maximum(b_knorm, 1e-8)
-        b_K = tl.load(p_K + i_bh * N + o_n, mask=m_n, other=0.0)
-        b_dK = tl.load(p_scr + i_bh * N + o_n, mask=m_n, other=0.0)
-        # A norm below eps is clamped: no gradient through it there.
-        b_c = b_dK / (b_kn * b_mn)
-        b_cn = tl.where(b_norm >= 1e-8, b_dK * b_K / (b_mn * b_mn), 0.0)
-        b_dmem += b_c[:, None] * b_k[None, :] - b_cn[:, None] * b_mem
-        b_ck = tl.where(b_knorm >= 1e-8, tl.sum(b_dK * b_K, 0) / (b_kn * b_kn), 0.0)
-        b_dk = tl.sum(b_c[:, None] * b_mem, 0) - b_ck * b_k
-        tl.store(p_dk + i_bh * M + o_m, b_dk.to(p_dk.dtype.element_ty), mask=m_m)
+        b_c = tl.load(p_c + i_bh * N + o_n, mask=m_n, other=0.0)
+        b_cn += tl.load(p_cn + i_bh * N + o_n, mask=m_n, other=0.0)
+        b_keep *= 1.0 - b_w[:, None] * b_e[None, :]
+        b_add += b_w[:, None] * b_dr[None, :] + b_c[:, None] * b_k[None, :]
+    b_dmem = b_keep + b_add - b_cn[:, None] * b_mem
     tl.store(p_dmem + i_b * s_dmem_b + o_n[:, None] * s_dmem_n + o_m[None, :],
              b_dmem.to(p_dmem.dtype.element_ty), mask=m_nm)
 
@@ -875,7 +902,8 @@ def _mem_bwd(mem, w, e, dr, dnew, k, addr, R: int, W: int, blk=None):
 
 
 def _onchip_bwd(mem, k, beta, g, s, gamma, w_prev, e, a, w, K, mx, se, dw, dr, dnew, R: int, blk):
-    """Every gradient in one launch of ``_memory_step_onchip_bwd_kernel``, one program per batch item."""
+    """Every gradient in two launches: ``_onchip_heads_bwd_kernel``, a program a head and batch item, then
+    ``_onchip_mem_bwd_kernel``, a program a batch item."""
     empty = _config.allocator()
     B, N, M = mem.shape
     H, S = k.shape[1], s.shape[2]
@@ -888,16 +916,20 @@ def _onchip_bwd(mem, k, beta, g, s, gamma, w_prev, e, a, w, K, mx, se, dw, dr, d
     dwp = empty((B, H, N), pd, dev)
     de = empty((B, W, M), pd, dev)
     da = empty((B, W, M), pd, dev)
-    scr = empty((B, H, N), torch.float32, dev)
+    c, cn = empty((B, H, N), torch.float32, dev), empty((B, H, N), torch.float32, dev)
     has_dr = dr is not None and R > 0
+    dr = dr if has_dr else mem
     dn = mem if dnew is None else dnew
-    _memory_step_onchip_bwd_kernel[(B,)](
+    options = dict(BN=blk.BN, BM=blk.BM, num_warps=blk.bwd_warps, maxnreg=_config.onchip_maxnreg(blk.bwd_warps))
+    _onchip_heads_bwd_kernel[(B, H)](
         mem, k, beta, g, s, gamma, w_prev, _nz(e, mem), _nz(a, mem), w, K, mx, se,
-        w if dw is None else dw, dr if has_dr else mem, dn, dmem, dk, dbeta, dg, ds, dgamma, dwp,
-        _nz(de, dk), _nz(da, dk), scr,
-        mem.stride(0), mem.stride(1), dn.stride(0), dn.stride(1), dmem.stride(0), dmem.stride(1), N, M, H, R, S,
-        int(dw is not None), int(has_dr), int(dnew is not None), BN=blk.BN, BM=blk.BM,
-        num_warps=blk.bwd_warps, maxnreg=_config.onchip_maxnreg(blk.bwd_warps))
+        w if dw is None else dw, dr, dn, dk, dbeta, dg, ds, dgamma, dwp, _nz(de, dk), _nz(da, dk), c, cn,
+        mem.stride(0), mem.stride(1), dn.stride(0), dn.stride(1), N, M, H, R, S,
+        int(dw is not None), int(has_dr), int(dnew is not None), **options)
+    _onchip_mem_bwd_kernel[(B,)](
+        mem, k, w, _nz(e, mem), dr, dn, c, cn, dmem,
+        mem.stride(0), mem.stride(1), dn.stride(0), dn.stride(1), dmem.stride(0), dmem.stride(1), N, M, R, W,
+        R if has_dr else 0, int(dnew is not None), **options)
     return dmem, dk, dbeta, dg, ds, dgamma, dwp, de, da
 
 

@@ -98,6 +98,28 @@ part benchmarks.run "$T_RUN" "$PY" -m benchmarks.run --device cuda --quick --bud
 part long_sequence "$T_LONG" "$PY" -m benchmarks.long_sequence --device cuda --gpu-large \
     --budget $(( T_LONG - 10 )) --out "$OUT"
 
+# NCU=1: Nsight Compute's speed-of-light, occupancy, launch, warp-stall and memory sections of the passes over
+# memory (large shape) and the on-chip kernels (paper size), one launch each, into $OUT/ncu.txt. Clocks left
+# alone (--clock-control none, as the device notes ask). Limit T_NCU (default 90 s).
+if [ "${NCU:-0}" = 1 ]; then
+    part ncu "${T_NCU:-90}" ncu --clock-control none --log-file "$OUT/ncu.txt" \
+        -k 'regex:_similarity_kernel|_read_write|_shift_sharpen_kernel|_mem_bwd_kernel|_onchip' \
+        --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+        --section MemoryWorkloadAnalysis "$PY" -c "
+import torch
+from benchmarks import common
+from benchmarks.shapes import OP_SHAPES
+from fastntm import kernels
+for name in ('large', 'paper-b32'):
+    shape = OP_SHAPES[name]
+    x = [t.requires_grad_() for t in common.op_inputs(shape, torch.device('cuda'))]
+    out = kernels.memory_step(*x, shape.R)
+    torch.autograd.backward(out, common.cotangents(out))
+torch.cuda.synchronize()
+print('ncu target done')
+"
+fi
+
 part sass_model "$T_SASS" "$PY" -m benchmarks.sass_model --shape large --json "$OUT/sass_model.json"
 
 say ""

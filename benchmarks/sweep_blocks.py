@@ -7,13 +7,15 @@
 Each configuration is forced with ``fastntm.kernels._config.force`` (nothing is edited), for the
 shapes of ``benchmarks.shapes``:
 
-* large memory (``large``, ``medium``): the forward's passes over memory and the backward's apart,
-  each with the other at its default, then the best of each together. The forward: ``BN`` in
-  {16, 32, 64, 128} x ``num_warps`` in {1, 2, 4, 8}; one warp makes every reduction over a block's
-  rows a warp shuffle, with no barrier across warps (the similarity pass makes two such
-  reductions a head and a block, the read-write pass one a read head). The backward:
-  ``bwd_block_n`` in the same x ``bwd_warps`` in {2, 4, 8}. They alternate (see the run time below).
-  ``--quick`` keeps, for the forward, those of at most 64 (it holds two tiles: 13 of 16),
+* large memory (``large``, ``medium``): the forward's similarity pass, its read-write pass and the
+  backward's passes over memory apart, each with the others at their defaults, then the best of
+  each together. The similarity pass: ``sim_block_n`` in {16, 32, 64} x ``sim_warps`` in {1, 2}.
+  The read-write pass: ``BN`` in {16, 32, 64, 128} x ``num_warps`` in {1, 2, 4, 8}; one warp makes
+  every reduction over a block's rows a warp shuffle, with no barrier across warps (the similarity
+  pass makes two such reductions a head and a block, the read-write pass one a read head). The
+  backward: ``bwd_block_n`` in the same x ``bwd_warps`` in {2, 4, 8}. They alternate (see the run
+  time below). ``--quick`` keeps, for the similarity pass, those of at most 64 fp32 elements a
+  thread (one tile: 5 of 6 at BM = 64), for the read-write pass, of at most 64 (it holds two tiles: 13 of 16),
   and for the backward, of at most 32 (9 of 12: compiled ahead of time for sm_90 at BM = 64, fp32,
   three of those spilled when last checked, 8 to 480 bytes: BN 32 at 2 warps, BN 64 at 4, BN 128 at
   8, and all three left out do, up to 2.9 KB). The vector pass stays at its default; without
@@ -47,9 +49,10 @@ a launcher that Triton caches by signature); timing about 1 s per on-chip config
 of them with a graph capture) and 0.5 s per large-memory one; 10-15 s to start, measure the copy
 bandwidth and make the large inputs on the host. About 130 s, more if the compiles are slower.
 ``--budget`` bounds it: no configuration starts that would not end in time at the pace of the one
-before. The forward's and the backward's candidates alternate, so that a budget cut leaves both
-axes timed, and their combination: the forward's fewest warps first (one warp is what the forward
-sweep is for), the backward's fewest elements per thread first (the likeliest to spill last).
+before. The similarity pass's, the read-write pass's and the backward's candidates take turns, so
+that a budget cut leaves every axis timed, and their combination: the forward passes' fewest warps
+first (one warp is what the forward sweep is for), the backward's fewest elements per thread first
+(the likeliest to spill last).
 """
 
 from __future__ import annotations
@@ -75,9 +78,11 @@ from .shapes import OP_SHAPES
 LARGE_BLOCK_N = (16, 32, 64, 128)
 LARGE_FWD_WARPS = (1, 2, 4, 8)
 LARGE_BWD_WARPS = (2, 4, 8)
-QUICK_MAX_PER_THREAD = {"fwd": 64, "bwd": 32}
-"""--quick: the most fp32 elements of a BN x BM tile per thread a large-memory forward (two tiles live) and
-backward (up to five) configuration may hold."""
+SIM_BLOCK_N = (16, 32, 64)
+SIM_WARPS = (1, 2)
+QUICK_MAX_PER_THREAD = {"fwd": 64, "bwd": 32, "sim": 64}
+"""--quick: the most fp32 elements of a BN x BM tile per thread a large-memory forward (two tiles live),
+backward (up to five) and similarity-pass (one) configuration may hold."""
 VECTOR_BLOCKS = (256, 512, 2048, 4096)
 ONCHIP_FWD_WARPS = (1, 2, 4, 8)
 ONCHIP_BWD_WARPS = (4, 8, 16)
@@ -112,18 +117,24 @@ def candidates(shape, quick: bool) -> list[Candidate]:
         return out
     # The backward and the vector pass at their defaults in the forward's rows: a forced BN alone would
     # force them too.
-    held = dict(vector_block=default.BV, bwd_block_n=default.bwd_BN, bwd_warps=default.bwd_warps)
+    held = dict(vector_block=default.BV, bwd_block_n=default.bwd_BN, bwd_warps=default.bwd_warps,
+                sim_block_n=default.sim_BN, sim_warps=default.sim_warps)
     axes = {}
-    for axis, warps in (("fwd", LARGE_FWD_WARPS), ("bwd", LARGE_BWD_WARPS)):
-        grid = [(bn, w) for bn in LARGE_BLOCK_N for w in warps
+    for axis, block_ns, warps in (("sim", SIM_BLOCK_N, SIM_WARPS), ("fwd", LARGE_BLOCK_N, LARGE_FWD_WARPS),
+                                  ("bwd", LARGE_BLOCK_N, LARGE_BWD_WARPS)):
+        grid = [(bn, w) for bn in block_ns for w in warps
                 if not quick or bn * default.BM / (32 * w) <= QUICK_MAX_PER_THREAD[axis]]
-        if axis == "fwd":
+        if axis == "sim":
+            axes[axis] = [Candidate(axis, dict(sim_block_n=bn, sim_warps=w))
+                          for bn, w in sorted(grid, key=lambda c: (c[1], c[0]))]
+        elif axis == "fwd":
             axes[axis] = [Candidate(axis, dict(block_n=bn, num_warps=w, **held))
                           for bn, w in sorted(grid, key=lambda c: (c[1], c[0]))]
         else:
             axes[axis] = [Candidate(axis, dict(bwd_block_n=bn, bwd_warps=w))
                           for bn, w in sorted(grid, key=lambda c: (c[0] * default.BM / (32 * c[1]), -c[1]))]
-    out += [c for pair in itertools.zip_longest(axes["fwd"], axes["bwd"]) for c in pair if c is not None]
+    out += [c for group in itertools.zip_longest(axes["sim"], axes["fwd"], axes["bwd"]) for c in group
+            if c is not None]
     if not quick:
         out += [Candidate("vector", dict(vector_block=v)) for v in VECTOR_BLOCKS]
     return out
@@ -132,7 +143,8 @@ def candidates(shape, quick: bool) -> list[Candidate]:
 def label(blk) -> str:
     if blk.onchip:
         return f"on-chip BN {blk.BN} warps {blk.num_warps} bwd {blk.bwd_warps}"
-    return f"BN {blk.BN} warps {blk.num_warps} BV {blk.BV} bwd BN {blk.bwd_BN} warps {blk.bwd_warps}"
+    return (f"BN {blk.BN} warps {blk.num_warps} sim BN {blk.sim_BN} warps {blk.sim_warps} BV {blk.BV} "
+            f"bwd BN {blk.bwd_BN} warps {blk.bwd_warps}")
 
 
 # ---------------------------------------------------------------- kernels launched, registers and spills
@@ -351,14 +363,18 @@ class _Run:
 
 
 def _combined(rows: list[dict], graph: bool) -> list[Candidate]:
-    """The best forward-axis settings with the best backward-axis settings, where the axes were swept apart."""
-    best = {}
-    for axis, key in (("fwd", "fwd_graph" if graph else "fwd"), ("bwd", "fwd_bwd_graph" if graph else "fwd_bwd")):
+    """The best settings of each axis swept apart (the forward's and the similarity pass's by the forward's
+    time, the backward's by forward + backward), together. An axis not swept (on-chip: no similarity pass)
+    is left out; with fewer than two swept, nothing to combine."""
+    fwd_key, bwd_key = ("fwd_graph", "fwd_bwd_graph") if graph else ("fwd", "fwd_bwd")
+    combined, swept = {}, 0
+    for axis, key in (("fwd", fwd_key), ("sim", fwd_key), ("bwd", bwd_key)):
         timed = [r for r in rows if r["axis"] in (axis, "default") and "p50_us" in r.get(key, {})]
-        if not any(r["axis"] == axis for r in timed):
-            return []
-        best[axis] = min(timed, key=lambda r: r[key]["p50_us"])["settings"]
-    return [Candidate("combined", {**best["fwd"], **best["bwd"]})]
+        if any(r["axis"] == axis for r in timed):
+            swept += 1
+            best = min(timed, key=lambda r: r[key]["p50_us"])["settings"]
+            combined.update(best)  # after the forward's, which holds the others at their defaults
+    return [Candidate("combined", combined)] if swept >= 2 else []
 
 
 def _best(out: dict) -> None:

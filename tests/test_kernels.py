@@ -116,6 +116,12 @@ FORCED_CASES = [
       ("_read_write_bwd_kernel", 16, 8, None), ("_sharpen_dot_kernel", 32, 4, None),
       ("_sharpen_bwd_kernel", 32, 4, None), ("_interp_bwd_kernel", 32, 4, None), ("_softmax_bwd_kernel", 32, 4, None),
       ("_mem_bwd_kernel", 16, 8, None), ("_softmax_merge_kernel", 32, 4, None)}),
+    # The similarity pass on blocks and warps of its own: 3 blocks of 16 rows, where the others take 2 of 32.
+    (dict(block_n=32, sim_block_n=16, sim_warps=2, vector_block=32),
+     {("_similarity_kernel", 16, 2, None), ("_shift_sharpen_kernel", 32, 4, None), ("_read_write_kernel", 32, 4, None),
+      ("_read_write_bwd_kernel", 32, 4, None), ("_sharpen_dot_kernel", 32, 4, None),
+      ("_sharpen_bwd_kernel", 32, 4, None), ("_interp_bwd_kernel", 32, 4, None), ("_softmax_bwd_kernel", 32, 4, None),
+      ("_mem_bwd_kernel", 32, 4, None), ("_softmax_merge_kernel", 32, 4, None)}),
     (dict(onchip_warps=2, onchip_bwd_warps=16),
      {("_memory_step_onchip_kernel", 64, 2, 255), ("_onchip_heads_bwd_kernel", 64, 16, 128),
       ("_onchip_mem_bwd_kernel", 64, 16, 128)}),
@@ -123,7 +129,8 @@ FORCED_CASES = [
 
 
 @pytest.mark.parametrize("settings, expected", FORCED_CASES,
-                         ids=["large-warps2-BV32", "large-bwd-BN16-warps8", "onchip-warps2-bwd16"])
+                         ids=["large-warps2-BV32", "large-bwd-BN16-warps8", "large-sim-BN16-warps2",
+                              "onchip-warps2-bwd16"])
 def test_memory_step_with_forced_warps_and_vector_block(settings, expected):
     # The interpreter ignores warps: this holds the host's plumbing of each setting to the launches it makes.
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

@@ -105,7 +105,7 @@ def kernel_configs():
                 out.append(("_memory_step_onchip_kernel", dict(RW=rw, **bm), nw))
             out += [(name, bm, blk.bwd_warps) for name in ("_onchip_heads_bwd_kernel", "_onchip_mem_bwd_kernel")]
         else:
-            out.append(("_similarity_kernel", bm, nw))
+            out.append(("_similarity_kernel", dict(BN=blk.sim_BN, BM=blk.BM), blk.sim_warps))
             out.append(("_read_write_kernel", dict(NORMALIZE=True, WRITE=True, **bm), nw))
         # Standalone read and write use the read/write kernel in both regimes.
         for write in (True, False):

@@ -35,12 +35,17 @@ def no_env_overrides(monkeypatch):
 def test_force_sets_each_part_of_the_choice_and_restores_it():
     default_large, default_onchip = _config.choose(65536, 64), _config.choose(128, 20)
     assert (default_large.onchip, default_large.BN, default_large.num_warps, default_large.BV) == (False, 32, 1, 1024)
+    assert (default_large.sim_BN, default_large.sim_warps) == (16, 1)
     assert (default_onchip.onchip, default_onchip.num_warps, default_onchip.bwd_warps) == (True, 8, 8)
     assert default_large.memory_bwd == (32, 2) and default_onchip.memory_bwd == (128, 8)
     with _config.force(block_n=64, num_warps=8, vector_block=256):
         blk = _config.choose(65536, 64)
         assert (blk.onchip, blk.BN, blk.num_warps, blk.bwd_warps, blk.BV) == (False, 64, 8, 8, 256)
         assert blk.memory_bwd == (64, 8)  # the backward follows the forward unless told otherwise
+        assert (blk.sim_BN, blk.sim_warps) == (64, 8)  # and so does the similarity pass
+        with _config.force(sim_block_n=32, sim_warps=2):
+            blk = _config.choose(65536, 64)
+            assert (blk.BN, blk.num_warps, blk.sim_BN, blk.sim_warps) == (64, 8, 32, 2)
         with _config.force(bwd_block_n=16, bwd_warps=2):
             blk = _config.choose(65536, 64)
             assert (blk.BN, blk.num_warps, blk.memory_bwd) == (64, 8, (16, 2))
@@ -130,11 +135,14 @@ def test_candidates_cover_the_requested_grid_default_first():
     assert per_thread == sorted(per_thread)
     assert [c.settings["vector_block"] for c in full if c.axis == "vector"] == list(sweep_blocks.VECTOR_BLOCKS)
     quick = sweep_blocks.candidates(large, quick=True)
-    # The two axes alternate, so that a budget cut leaves both timed; one-warp forward programs first.
-    assert [c.axis for c in quick] == ["default"] + ["fwd", "bwd"] * 9 + ["fwd"] * 4
-    assert [c.settings["num_warps"] for c in quick[1:5:2]] == [1, 1]
-    assert dict(block_n=32, num_warps=1, vector_block=1024, bwd_block_n=32, bwd_warps=default.bwd_warps) in [
-        c.settings for c in quick]
+    # The three axes take turns, so that a budget cut leaves each timed; one-warp forward programs first.
+    assert [c.axis for c in quick] == ["default"] + ["sim", "fwd", "bwd"] * 5 + ["fwd", "bwd"] * 4 + ["fwd"] * 4
+    assert [c.settings["sim_warps"] for c in quick[1:5:3]] == [1, 1]
+    assert [c.settings["num_warps"] for c in quick[2:6:3]] == [1, 1]
+    assert dict(block_n=32, num_warps=1, vector_block=1024, bwd_block_n=32, bwd_warps=default.bwd_warps,
+                sim_block_n=16, sim_warps=1) in [c.settings for c in quick]
+    sim = [(c.settings["sim_block_n"], c.settings["sim_warps"]) for c in quick if c.axis == "sim"]
+    assert sim == [(16, 1), (32, 1), (16, 2), (32, 2), (64, 2)]  # (64, 1): 128 elements a thread
     assert (128, 2) not in [(c.settings.get("bwd_block_n"), c.settings.get("bwd_warps")) for c in quick[1:]]
     onchip = sweep_blocks.candidates(paper, quick=True)
     assert [c.settings for c in onchip if c.axis == "fwd"] == [dict(onchip_warps=w) for w in (1, 2, 4, 8)]
@@ -189,7 +197,7 @@ def test_sweep_checks_skips_records_and_writes_json(tmp_path):
     mismatch = rows["on-chip BN 64 warps 8 bwd 4"]
     assert "w differs" in mismatch["note"] and "fwd" not in mismatch
     assert "onchip_warps must be a power of two" in rows["{'onchip_warps': 3}"]["note"]
-    large = rows["BN 16 warps 2 BV 32 bwd BN 16 warps 2"]
+    large = rows["BN 16 warps 2 sim BN 16 warps 2 BV 32 bwd BN 16 warps 2"]
     launched = {(k["kernel"], k["consts"].get("BN"), k["num_warps"]) for k in large["kernels"]}
     assert {("_similarity_kernel", 16, 2), ("_shift_sharpen_kernel", 32, 4), ("_mem_bwd_kernel", 16, 2)} <= launched
     assert all(k["n_regs"] is None for k in large["kernels"])  # the interpreter compiles nothing

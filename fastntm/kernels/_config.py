@@ -12,7 +12,9 @@ the large-memory kernels' warps; ``bwd_block_n`` and ``bwd_warps`` set the
 large-memory backward's passes over memory apart from the forward's
 (``bwd_block_n`` defaults to the forward's ``BN``, ``bwd_warps`` to a forced
 ``num_warps``, else to the backward's own default; at a shape that runs on-chip
-they change nothing); ``onchip_warps`` and ``onchip_bwd_warps`` the on-chip forward's (and
+they change nothing); ``sim_block_n`` and ``sim_warps`` the forward's similarity
+pass apart from its read-write pass (defaulting to a forced ``block_n`` and
+``num_warps``, else to its own); ``onchip_warps`` and ``onchip_bwd_warps`` the on-chip forward's (and
 the standalone read and write's) and backward's, ``vector_block`` the rows of a
 vector-pass program. The environment takes them
 as ``FASTNTM_BLOCKS="block_n=32,num_warps=8"``; a setting the context manager
@@ -37,6 +39,14 @@ ONCHIP_MAX_ELEMENTS = 4096
 """Largest next_pow2(N) * next_pow2(M) that one program holds (checked spill-free by ptxas)."""
 BLOCK_ELEMENTS = 2048
 """Target BN * BM of a large-memory program."""
+SIM_BLOCK_ELEMENTS = 1024
+"""Target BN * BM of a similarity-pass program, one warp. Its block partials are two numbers a head (the
+read-write pass's, R * M), so a small block costs no traffic, and its programs fit more to an SM: at the
+large shape (fp32, sm_90) 16 rows take 64 registers, 32 to an SM, where 32 rows took 128, 16 to an SM. The
+pass, one warp a program, was bound by latency at 16 (``ncu``: 25% occupancy, limited by registers, 62%
+of DRAM bandwidth); the sass model counts 53.5 warp-instructions a row at 16 rows against 38.3 at 32, so
+a program's warp issues 1.4 times as much a row with twice the warps to hide latency. Chosen from that
+model; not yet timed on a GPU."""
 MAX_BM = 128
 """Widest slot the kernels take (BM = next_pow2(M)); wider slots use the reference."""
 VECTOR_BLOCK = 1024
@@ -69,12 +79,14 @@ class Overrides(NamedTuple):
     onchip_warps: int | None = None
     onchip_bwd_warps: int | None = None
     vector_block: int | None = None
+    sim_block_n: int | None = None
+    sim_warps: int | None = None
 
 
 # (least, largest) of each setting, all powers of two. 32 warps is the most threads (1024) a program has.
 RANGES = {"block_n": (16, 1024), "num_warps": (1, 32), "bwd_block_n": (16, 1024), "bwd_warps": (1, 32),
           "onchip_warps": (1, 32), "onchip_bwd_warps": (1, 32),
-          "vector_block": (16, 8192)}
+          "vector_block": (16, 8192), "sim_block_n": (16, 1024), "sim_warps": (1, 32)}
 
 _forced = Overrides()
 _poison: bool = False
@@ -93,6 +105,9 @@ class Blocks:
     """Rows of a vector-pass program (the large-memory forward's shift-sharpen pass)."""
     bwd_BN: int
     """Rows of a program of the large-memory backward's passes over memory (on-chip: BN)."""
+    sim_BN: int
+    sim_warps: int
+    """Rows and warps of a program of the large-memory forward's similarity pass (on-chip: BN, num_warps)."""
 
     @property
     def memory_bwd(self) -> tuple[int, int]:
@@ -239,13 +254,16 @@ def _choose(N: int, M: int, forced: Overrides) -> Blocks:
     # At least 64 rows on-chip: fewer configurations to build and check, at the cost of masked rows for tiny N.
     full = max(64, next_pow2(N))
     if forced.block_n is None and full * BM <= ONCHIP_MAX_ELEMENTS:
-        return Blocks(True, full, BM, forced.onchip_warps or (4 if full * BM <= 2048 else 8),
-                      forced.onchip_bwd_warps or (4 if full * BM <= 1024 else 8), vector_block(N), full)
+        warps = forced.onchip_warps or (4 if full * BM <= 2048 else 8)
+        return Blocks(True, full, BM, warps, forced.onchip_bwd_warps or (4 if full * BM <= 1024 else 8),
+                      vector_block(N), full, full, warps)
     BN = forced.block_n or large_block_n(BM)
     warps, bwd_warps = large_warps(M)
     # A forced BN alone forces the vector pass's block too: tests at small N get several vector blocks.
     return Blocks(False, BN, BM, forced.num_warps or warps, forced.bwd_warps or forced.num_warps or bwd_warps,
-                  forced.vector_block or forced.block_n or vector_block(N), forced.bwd_block_n or BN)
+                  forced.vector_block or forced.block_n or vector_block(N), forced.bwd_block_n or BN,
+                  forced.sim_block_n or forced.block_n or max(16, SIM_BLOCK_ELEMENTS // BM),
+                  forced.sim_warps or forced.num_warps or 1)
 
 
 def supported(M: int) -> bool:

@@ -799,11 +799,11 @@ def _forward(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads: int, rw: bool):
             N, M, H, R, S, RW=rw, BN=blk.BN, BM=blk.BM, num_warps=blk.num_warps,
             maxnreg=_config.onchip_maxnreg(blk.num_warps))
         return w, r, new, K, mx, se, P
-    NB = _config.n_blocks(N, blk.BN)
+    NB = _config.n_blocks(N, blk.sim_BN)
     pmax = empty((B, H, NB), torch.float32, dev)
     psum = empty((B, H, NB), torch.float32, dev)
     _similarity_kernel[(NB * B,)](mem, k, beta, K, pmax, psum, mem.stride(0), mem.stride(1), N, M, H, NB,
-                                BN=blk.BN, BM=blk.BM, num_warps=blk.num_warps)
+                                BN=blk.sim_BN, BM=blk.BM, num_warps=blk.sim_warps)
     _softmax_merge_kernel[(B * H,)](pmax, psum, mx, se, NB, BN=blk.BV, num_warps=4)
     NBV = _config.n_blocks(N, blk.BV)
     pw = empty((B, H, N), torch.float32, dev)

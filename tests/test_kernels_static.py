@@ -101,9 +101,12 @@ def kernel_configs():
     for blk in dispatch_blocks():
         nw, bm = blk.num_warps, dict(BN=blk.BN, BM=blk.BM)
         if blk.onchip:
-            for rw in (True, False):
-                out.append(("_memory_step_onchip_kernel", dict(RW=rw, **bm), nw))
-            out += [(name, bm, blk.bwd_warps) for name in ("_onchip_heads_bwd_kernel", "_onchip_mem_bwd_kernel")]
+            # Rows chunked by 4 columns (they load element by element) or whole (16 bytes a thread).
+            for bc in sorted({4, blk.BM}):
+                for rw in (True, False):
+                    out.append(("_memory_step_onchip_kernel", dict(RW=rw, BC=bc, **bm), nw))
+                out += [(name, dict(BC=bc, **bm), blk.bwd_warps)
+                        for name in ("_onchip_heads_bwd_kernel", "_onchip_mem_bwd_kernel")]
         else:
             out.append(("_similarity_kernel", dict(BN=blk.sim_BN, BM=blk.BM), blk.sim_warps))
             out.append(("_read_write_kernel", dict(NORMALIZE=True, WRITE=True, **bm), nw))

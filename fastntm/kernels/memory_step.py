@@ -73,11 +73,25 @@ def _block_and_item(NB):
 
 
 @triton.jit
+def _chunked_columns(BM: tl.constexpr, BC: tl.constexpr):
+    """Column offsets of a tile held as (rows, BM / BC, BC): rows of chunks of BC columns (``BM / BC, BC``)."""
+    return tl.arange(0, BM // BC)[:, None] * BC + tl.arange(0, BC)[None, :]
+
+
+@triton.jit
+def _chunked_row_sums(b_x):
+    """Sums of the rows of a (rows, BM / BC, BC) tile whose row's chunks sit in one thread's registers: over
+    the chunks first, in registers, then over the lanes of a chunk. The other order shuffles every chunk's
+    partial: the similarity pass issued 21% more instructions (32-row blocks, M = 64, fp32, sm_90)."""
+    return tl.sum(tl.sum(b_x, 1), 1)
+
+
+@triton.jit
 def _cosine(b_mem, b_mn, p_k, o_m, m_m):
-    """``K[n] = dot(k, mem[n]) / (max(|k|, eps) max(|mem[n]|, eps))`` for the rows of ``b_mem``."""
+    """``K[n] = dot(k, mem[n]) / (max(|k|, eps) max(|mem[n]|, eps))`` for the rows of the chunked ``b_mem``."""
     b_k = tl.load(p_k + o_m, mask=m_m, other=0.0).to(tl.float32)
-    b_kn = tl.maximum(tl.sqrt(tl.sum(b_k * b_k, 0)), 1e-8)
-    return tl.sum(b_mem * b_k[None, :], 1) / (b_kn * b_mn)
+    b_kn = tl.maximum(tl.sqrt(tl.sum(tl.sum(b_k * b_k, 1), 0)), 1e-8)
+    return _chunked_row_sums(b_mem * b_k[None, :, :]) / (b_kn * b_mn)
 
 
 @triton.jit
@@ -127,14 +141,14 @@ def _erase_add(b_keep, b_add, b_w, p_e, p_a, o_hw, o_m, m_m):
     """One write head's factor ``1 - w e`` of the erase product and term ``w a`` of the add sum."""
     b_e = tl.load(p_e + o_hw + o_m, mask=m_m, other=0.0).to(tl.float32)
     b_a = tl.load(p_a + o_hw + o_m, mask=m_m, other=0.0).to(tl.float32)
-    return b_keep * (1.0 - b_w[:, None] * b_e[None, :]), b_add + b_w[:, None] * b_a[None, :]
+    return b_keep * (1.0 - b_w[:, None, None] * b_e[None, :, :]), b_add + b_w[:, None, None] * b_a[None, :, :]
 
 
 @triton.jit
 def _store_written(p_rows, b_mem, b_keep, b_add, s_new_n, o_n, o_m, m_nm):
     """``M_t = M * prod(1 - w e) + sum(w a)`` at rows ``o_n`` from ``p_rows`` (new_mem at the block's first row)."""
     b_new = b_mem * b_keep + b_add
-    tl.store(p_rows + o_n[:, None] * s_new_n + o_m[None, :], b_new.to(p_rows.dtype.element_ty), mask=m_nm)
+    tl.store(p_rows + o_n[:, None, None] * s_new_n + o_m[None, :, :], b_new.to(p_rows.dtype.element_ty), mask=m_nm)
 
 
 @triton.jit
@@ -193,7 +207,7 @@ def _onchip_address(b_mem, b_mn, p_k, p_beta, p_g, p_s, p_gamma, p_wp, p_w, p_K,
 def _memory_step_onchip_kernel(p_mem, p_k, p_beta, p_g, p_s, p_gamma, p_wp, p_e, p_a,
                                p_w, p_r, p_new, p_K, p_max, p_sum, p_P,
                                s_mem_b, s_mem_n, s_new_b, s_new_n, N, M, H, R, S,
-                               RW: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr):
+                               RW: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr):
     """The step of batch item ``i_b``: program ``i_g < R`` addresses read head ``i_g`` and reads with it;
     program ``R`` (``RW`` only) addresses the write heads [R, H) and stores new_mem. ``RW=False``: address only
     (R = H).
@@ -201,41 +215,39 @@ def _memory_step_onchip_kernel(p_mem, p_k, p_beta, p_g, p_s, p_gamma, p_wp, p_e,
     A program per read head rather than one for the whole item: the paper-size step is bound by the
     latency of each head's chain of reductions (an H100 took 10.1 us with both heads in one program), and
     the programs run side by side. Each loads the item's memory, which is small here.
+
+    The memory is held as (BN, BM / BC, BC): rows of chunks of BC columns (``_onchip_chunk``). Where rows
+    load element by element (M = 20, the paper's: not 16-aligned), Triton spread a (BN, BM) tile's row
+    over all 32 lanes of a warp, so every row vector of the addressing chain sat on every lane (16
+    values a thread at BN = 128, 8 warps) and each row sum took five shuffle levels. With BC = 4 a row
+    spans 4 lanes, its chunks in one thread's registers, and a row vector takes 2 values a thread:
+    1,646 warp-instructions a warp at the paper's shape, 3,116 before (``benchmarks/sass_model.py``,
+    sm_90). Rows that load 16 bytes a thread already span few lanes: BC = BM there, a (BN, 1, BM) tile.
     """
     i_b = tl.program_id(0).to(tl.int64)
     i_g = tl.program_id(1)
     o_n = tl.arange(0, BN)
-    o_m = tl.arange(0, BM)
+    o_m = _chunked_columns(BM, BC)
     m_n = o_n < N
     m_m = o_m < M
-    m_nm = m_n[:, None] & m_m[None, :]
-    b_mem = tl.load(p_mem + i_b * s_mem_b + o_n[:, None] * s_mem_n + o_m[None, :], mask=m_nm, other=0.0).to(tl.float32)
-    b_mn = tl.maximum(tl.sqrt(tl.sum(b_mem * b_mem, 1)), 1e-8)
+    m_nm = m_n[:, None, None] & m_m[None, :, :]
+    b_mem = tl.load(p_mem + i_b * s_mem_b + o_n[:, None, None] * s_mem_n + o_m[None, :, :], mask=m_nm,
+                    other=0.0).to(tl.float32)
+    b_mn = tl.maximum(tl.sqrt(_chunked_row_sums(b_mem * b_mem)), 1e-8)
     if i_g < R:
         b_w = _onchip_address(b_mem, b_mn, p_k, p_beta, p_g, p_s, p_gamma, p_wp, p_w, p_K, p_max, p_sum, p_P,
                               i_b * H + i_g, o_n, o_m, m_n, m_m, N, M, S, BN)
         if RW:
-            b_r = tl.sum(b_w[:, None] * b_mem, 0)
+            b_r = tl.sum(b_w[:, None, None] * b_mem, 0)
             tl.store(p_r + (i_b * R + i_g) * M + o_m, b_r.to(p_r.dtype.element_ty), mask=m_m)
     elif RW:
-        b_keep = tl.full([BN, BM], 1.0, dtype=tl.float32)
-        b_add = tl.zeros([BN, BM], dtype=tl.float32)
+        b_keep = tl.full([BN, BM // BC, BC], 1.0, dtype=tl.float32)
+        b_add = tl.zeros([BN, BM // BC, BC], dtype=tl.float32)
         for h in range(R, H):
             b_w = _onchip_address(b_mem, b_mn, p_k, p_beta, p_g, p_s, p_gamma, p_wp, p_w, p_K, p_max, p_sum, p_P,
                                   i_b * H + h, o_n, o_m, m_n, m_m, N, M, S, BN)
             b_keep, b_add = _erase_add(b_keep, b_add, b_w, p_e, p_a, (i_b * (H - R) + h - R) * M, o_m, m_m)
         _store_written(p_new + i_b * s_new_b, b_mem, b_keep, b_add, s_new_n, o_n, o_m, m_nm)
-
-
-@triton.jit
-def _row_sums(b_x, BC: tl.constexpr):
-    """Sums of the rows of a (BN, BM / BC, BC) tile (``_similarity_kernel``'s layout). fp32 (BC = 8): over the
-    chunks first, in registers, then over the sector (a shuffle a row); the other order shuffles every
-    chunk's partial, and the kernel issued 21% more instructions (large shape, sm_90). 16-bit (BC = 16):
-    over the sector first; the other order saved 1% of the instructions and took 122 registers, not 96."""
-    if BC == 8:
-        return tl.sum(tl.sum(b_x, 1), 1)
-    return tl.sum(tl.sum(b_x, 2), 1)
 
 
 @triton.jit
@@ -250,25 +262,22 @@ def _similarity_kernel(p_mem, p_k, p_beta, p_K, p_pmax, p_psum, s_mem_b, s_mem_n
     chunk axis the slowest, Triton gives a sector to two lanes and a row's chunks to the same two, so
     each head's dot products over M are sums in registers and one shuffle. A (BN, BM) tile puts a row on
     16 lanes (BM = 64, fp32): four shuffle levels a row and head, and at one warp the kernel issued 2.4
-    times the instructions (``benchmarks/sass_model.py``, large shape). The order of the sums over
-    the two axes: see ``_row_sums``.
+    times the instructions (``benchmarks/sass_model.py``, large shape).
     """
     BC: tl.constexpr = 256 // p_mem.dtype.element_ty.primitive_bitwidth
     i_n, i_b = _block_and_item(NB)
     i_n = i_n.to(tl.int64)
     n0 = i_n * BN
     o_n = tl.arange(0, BN)
-    o_m = tl.arange(0, BM // BC)[:, None] * BC + tl.arange(0, BC)[None, :]
+    o_m = _chunked_columns(BM, BC)
     m_n = o_n < N - n0
     m_m = o_m < M
     b_mem = tl.load(p_mem + i_b * s_mem_b + n0 * s_mem_n + o_n[:, None, None] * s_mem_n + o_m[None, :, :],
                     mask=m_n[:, None, None] & m_m[None, :, :], other=0.0).to(tl.float32)
-    b_mn = tl.maximum(tl.sqrt(_row_sums(b_mem * b_mem, BC)), 1e-8)
+    b_mn = tl.maximum(tl.sqrt(_chunked_row_sums(b_mem * b_mem)), 1e-8)
     for h in range(H):
         i_bh = i_b * H + h
-        b_k = tl.load(p_k + i_bh * M + o_m, mask=m_m, other=0.0).to(tl.float32)
-        b_kn = tl.maximum(tl.sqrt(tl.sum(tl.sum(b_k * b_k, 1), 0)), 1e-8)
-        b_K = _row_sums(b_mem * b_k[None, :, :], BC) / (b_kn * b_mn)
+        b_K = _cosine(b_mem, b_mn, p_k + i_bh * M, o_m, m_m)
         tl.store(p_K + i_bh * N + n0 + o_n, b_K, mask=m_n)
         b_z = tl.where(m_n, tl.load(p_beta + i_bh).to(tl.float32) * b_K, float("-inf"))
         b_max = tl.max(b_z, 0)
@@ -632,7 +641,7 @@ def _onchip_address_bwd(b_dw, b_K, b_wp, b_beta, b_g, b_gamma, b_max, b_sum, p_s
 def _onchip_heads_bwd_kernel(p_mem, p_k, p_beta, p_g, p_s, p_gamma, p_wp, p_e, p_a, p_w, p_K, p_max, p_sum,
                              p_dw, p_dr, p_dnew, p_dk, p_dbeta, p_dg, p_ds, p_dgamma, p_dwp, p_de, p_da, p_c, p_cn,
                              s_mem_b, s_mem_n, s_dnew_b, s_dnew_n, N, M, H, R, S,
-                             HAS_DW, HAS_DR, HAS_DNEW, BN: tl.constexpr, BM: tl.constexpr):
+                             HAS_DW, HAS_DR, HAS_DNEW, BN: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr):
     """Backward, memory held on-chip, phase 1: head ``i_h`` of batch item ``i_b``, a program each.
 
     dL/dw of the head, from its read or from the write (with the head's dL/de and dL/da), plus the given
@@ -648,18 +657,18 @@ def _onchip_heads_bwd_kernel(p_mem, p_k, p_beta, p_g, p_s, p_gamma, p_wp, p_e, p
     unspecialized runtime values, so one compiled kernel serves every combination (a masked-off load moves no
     data). The erase product without head h is rebuilt from the other heads, never by dividing by
     ``1 - w e`` (unstable near zero). Every load but the shift's taps comes before the first store (see
-    ``_onchip_address``).
+    ``_onchip_address``). Tiles of chunked rows, as in ``_memory_step_onchip_kernel``.
     """
     i_b = tl.program_id(0).to(tl.int64)
     i_h = tl.program_id(1)
     i_bh = i_b * H + i_h
     W = H - R
     o_n = tl.arange(0, BN)
-    o_m = tl.arange(0, BM)
+    o_m = _chunked_columns(BM, BC)
     m_n = o_n < N
     m_m = o_m < M
-    m_nm = m_n[:, None] & m_m[None, :]
-    b_mem = tl.load(p_mem + i_b * s_mem_b + o_n[:, None] * s_mem_n + o_m[None, :], mask=m_nm,
+    m_nm = m_n[:, None, None] & m_m[None, :, :]
+    b_mem = tl.load(p_mem + i_b * s_mem_b + o_n[:, None, None] * s_mem_n + o_m[None, :, :], mask=m_nm,
                     other=0.0).to(tl.float32)
     b_k = tl.load(p_k + i_bh * M + o_m, mask=m_m, other=0.0).to(tl.float32)
     b_K = tl.load(p_K + i_bh * N + o_n, mask=m_n, other=0.0)
@@ -672,41 +681,41 @@ def _onchip_heads_bwd_kernel(p_mem, p_k, p_beta, p_g, p_s, p_gamma, p_wp, p_e, p
     b_dw = tl.load(p_dw + i_bh * N + o_n, mask=m_n & (HAS_DW != 0), other=0.0).to(tl.float32)
     if i_h < R:
         b_dr = tl.load(p_dr + (i_b * R + i_h) * M + o_m, mask=m_m & (HAS_DR != 0), other=0.0).to(tl.float32)
-        b_dw += tl.sum(b_mem * b_dr[None, :], 1)
+        b_dw += _chunked_row_sums(b_mem * b_dr[None, :, :])
     else:
         hw = i_h - R
-        b_dnew = tl.load(p_dnew + i_b * s_dnew_b + o_n[:, None] * s_dnew_n + o_m[None, :],
+        b_dnew = tl.load(p_dnew + i_b * s_dnew_b + o_n[:, None, None] * s_dnew_n + o_m[None, :, :],
                          mask=m_nm & (HAS_DNEW != 0), other=0.0).to(tl.float32)
         b_derase = b_dnew * b_mem
         for h2 in range(W):
             b_w2 = tl.load(p_w + (i_b * H + R + h2) * N + o_n, mask=m_n, other=0.0).to(tl.float32)
             b_e2 = tl.load(p_e + (i_b * W + h2) * M + o_m, mask=m_m, other=0.0).to(tl.float32)
-            b_derase *= tl.where(h2 == hw, 1.0, 1.0 - b_w2[:, None] * b_e2[None, :])
+            b_derase *= tl.where(h2 == hw, 1.0, 1.0 - b_w2[:, None, None] * b_e2[None, :, :])
         b_w = tl.load(p_w + i_bh * N + o_n, mask=m_n, other=0.0).to(tl.float32)
         b_e = tl.load(p_e + (i_b * W + hw) * M + o_m, mask=m_m, other=0.0).to(tl.float32)
         b_a = tl.load(p_a + (i_b * W + hw) * M + o_m, mask=m_m, other=0.0).to(tl.float32)
-        b_dw += tl.sum(b_dnew * b_a[None, :] - b_derase * b_e[None, :], 1)
+        b_dw += _chunked_row_sums(b_dnew * b_a[None, :, :] - b_derase * b_e[None, :, :])
         o_hw = (i_b * W + hw) * M + o_m
-        tl.store(p_de + o_hw, (-tl.sum(b_derase * b_w[:, None], 0)).to(p_de.dtype.element_ty), mask=m_m)
-        tl.store(p_da + o_hw, tl.sum(b_dnew * b_w[:, None], 0).to(p_da.dtype.element_ty), mask=m_m)
+        tl.store(p_de + o_hw, (-tl.sum(b_derase * b_w[:, None, None], 0)).to(p_de.dtype.element_ty), mask=m_m)
+        tl.store(p_da + o_hw, tl.sum(b_dnew * b_w[:, None, None], 0).to(p_da.dtype.element_ty), mask=m_m)
     b_dK = _onchip_address_bwd(b_dw, b_K, b_wp, b_beta, b_g, b_gamma, b_max, b_sum, p_s,
                                p_dbeta, p_dg, p_ds, p_dgamma, p_dwp, i_bh, o_n, m_n, N, S, BN)
-    b_norm = tl.sqrt(tl.sum(b_mem * b_mem, 1))
+    b_norm = tl.sqrt(_chunked_row_sums(b_mem * b_mem))
     b_mn = tl.maximum(b_norm, 1e-8)
-    b_knorm = tl.sqrt(tl.sum(b_k * b_k, 0))
+    b_knorm = tl.sqrt(tl.sum(tl.sum(b_k * b_k, 1), 0))
     b_kn = tl.maximum(b_knorm, 1e-8)
     b_c = b_dK / (b_kn * b_mn)
     tl.store(p_c + i_bh * N + o_n, b_c, mask=m_n)
     tl.store(p_cn + i_bh * N + o_n, tl.where(b_norm >= 1e-8, b_dK * b_K / (b_mn * b_mn), 0.0), mask=m_n)
     b_ck = tl.where(b_knorm >= 1e-8, tl.sum(b_dK * b_K, 0) / (b_kn * b_kn), 0.0)
-    b_dk = tl.sum(b_c[:, None] * b_mem, 0) - b_ck * b_k
+    b_dk = tl.sum(b_c[:, None, None] * b_mem, 0) - b_ck * b_k
     tl.store(p_dk + i_bh * M + o_m, b_dk.to(p_dk.dtype.element_ty), mask=m_m)
 
 
 @triton.jit(do_not_specialize=("RD", "HAS_DNEW"))
 def _onchip_mem_bwd_kernel(p_mem, p_k, p_w, p_e, p_dr, p_dnew, p_c, p_cn, p_dmem,
                            s_mem_b, s_mem_n, s_dnew_b, s_dnew_n, s_dmem_b, s_dmem_n, N, M, R, W, RD, HAS_DNEW,
-                           BN: tl.constexpr, BM: tl.constexpr):
+                           BN: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr):
     """Backward, memory held on-chip, phase 2: dL/dmem of batch item ``i_b`` from the write, the reads and
     the cosine of every head, from the factors ``c`` and ``cn`` that phase 1 stored:
     ``dmem[n] = dnew prod_h (1 - w_h e_h) + sum_h w_h dr_h + sum_h c_h[n] k_h - (sum_h cn_h[n]) mem[n]``.
@@ -716,19 +725,19 @@ def _onchip_mem_bwd_kernel(p_mem, p_k, p_w, p_e, p_dr, p_dnew, p_c, p_cn, p_dmem
     One loop over the heads, its loads independent of each other (a read head's ``e`` and a write head's
     ``dr`` are masked off, so its factor is 1 and its term 0): each trip waits for its loads once. Loops
     of their own for the erase, the reads and the cosine waited W + R + H times, and at the paper's size
-    the kernel is that latency."""
+    the kernel is that latency. Tiles of chunked rows, as in ``_memory_step_onchip_kernel``."""
     i_b = tl.program_id(0).to(tl.int64)
     o_n = tl.arange(0, BN)
-    o_m = tl.arange(0, BM)
+    o_m = _chunked_columns(BM, BC)
     m_n = o_n < N
     m_m = o_m < M
-    m_nm = m_n[:, None] & m_m[None, :]
+    m_nm = m_n[:, None, None] & m_m[None, :, :]
     H = R + W
-    b_mem = tl.load(p_mem + i_b * s_mem_b + o_n[:, None] * s_mem_n + o_m[None, :], mask=m_nm,
+    b_mem = tl.load(p_mem + i_b * s_mem_b + o_n[:, None, None] * s_mem_n + o_m[None, :, :], mask=m_nm,
                     other=0.0).to(tl.float32)
-    b_keep = tl.load(p_dnew + i_b * s_dnew_b + o_n[:, None] * s_dnew_n + o_m[None, :],
+    b_keep = tl.load(p_dnew + i_b * s_dnew_b + o_n[:, None, None] * s_dnew_n + o_m[None, :, :],
                      mask=m_nm & (HAS_DNEW != 0), other=0.0).to(tl.float32)
-    b_add = tl.zeros([BN, BM], dtype=tl.float32)
+    b_add = tl.zeros([BN, BM // BC, BC], dtype=tl.float32)
     b_cn = tl.zeros([BN], dtype=tl.float32)
     for h in range(H):
         i_bh = i_b * H + h
@@ -739,10 +748,10 @@ def _onchip_mem_bwd_kernel(p_mem, p_k, p_w, p_e, p_dr, p_dnew, p_c, p_cn, p_dmem
         b_k = tl.load(p_k + i_bh * M + o_m, mask=m_m, other=0.0).to(tl.float32)
         b_c = tl.load(p_c + i_bh * N + o_n, mask=m_n, other=0.0)
         b_cn += tl.load(p_cn + i_bh * N + o_n, mask=m_n, other=0.0)
-        b_keep *= 1.0 - b_w[:, None] * b_e[None, :]
-        b_add += b_w[:, None] * b_dr[None, :] + b_c[:, None] * b_k[None, :]
-    b_dmem = b_keep + b_add - b_cn[:, None] * b_mem
-    tl.store(p_dmem + i_b * s_dmem_b + o_n[:, None] * s_dmem_n + o_m[None, :],
+        b_keep *= 1.0 - b_w[:, None, None] * b_e[None, :, :]
+        b_add += b_w[:, None, None] * b_dr[None, :, :] + b_c[:, None, None] * b_k[None, :, :]
+    b_dmem = b_keep + b_add - b_cn[:, None, None] * b_mem
+    tl.store(p_dmem + i_b * s_dmem_b + o_n[:, None, None] * s_dmem_n + o_m[None, :, :],
              b_dmem.to(p_dmem.dtype.element_ty), mask=m_nm)
 
 
@@ -754,6 +763,14 @@ def _onchip_mem_bwd_kernel(p_mem, p_k, p_w, p_e, p_dr, p_dnew, p_c, p_cn, p_dmem
 def _nz(t, fallback):
     """``t``, or ``fallback`` where ``t`` is empty: a kernel never reads it, but it gets a real pointer."""
     return fallback if t is None or t.numel() == 0 else t
+
+
+def _onchip_chunk(mem, BM: int) -> int:
+    """Columns of a row chunk of the on-chip kernels' tiles (see ``_memory_step_onchip_kernel``): BM where
+    mem's rows load 16 bytes a thread, as Triton specializes (M and the row stride multiples of 16, the
+    pointer 16-byte aligned), else 4."""
+    rows_vectorize = mem.shape[2] % 16 == 0 and mem.stride(1) % 16 == 0 and mem.data_ptr() % 16 == 0
+    return BM if rows_vectorize else 4
 
 
 def _read_write(mem, w, P, e, a, R: int, W: int, normalize: bool, wout, write: bool, blk=None):
@@ -796,7 +813,7 @@ def _forward(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads: int, rw: bool):
             mem, k, beta, g, s, gamma, w_prev, _nz(e, mem), _nz(a, mem), w, _nz(r, w), _nz(new, mem),
             K, mx, se, P,
             mem.stride(0), mem.stride(1), new.stride(0) if rw else 0, new.stride(1) if rw else 0,
-            N, M, H, R, S, RW=rw, BN=blk.BN, BM=blk.BM, num_warps=blk.num_warps,
+            N, M, H, R, S, RW=rw, BN=blk.BN, BM=blk.BM, BC=_onchip_chunk(mem, blk.BM), num_warps=blk.num_warps,
             maxnreg=_config.onchip_maxnreg(blk.num_warps))
         return w, r, new, K, mx, se, P
     NB = _config.n_blocks(N, blk.sim_BN)
@@ -932,7 +949,8 @@ def _onchip_bwd(mem, k, beta, g, s, gamma, w_prev, e, a, w, K, mx, se, dw, dr, d
     has_dr = dr is not None and R > 0
     dr = dr if has_dr else mem
     dn = mem if dnew is None else dnew
-    options = dict(BN=blk.BN, BM=blk.BM, num_warps=blk.bwd_warps, maxnreg=_config.onchip_maxnreg(blk.bwd_warps))
+    options = dict(BN=blk.BN, BM=blk.BM, BC=_onchip_chunk(mem, blk.BM), num_warps=blk.bwd_warps,
+                   maxnreg=_config.onchip_maxnreg(blk.bwd_warps))
     _onchip_heads_bwd_kernel[(B, H)](
         mem, k, beta, g, s, gamma, w_prev, _nz(e, mem), _nz(a, mem), w, K, mx, se,
         w if dw is None else dw, dr, dn, dk, dbeta, dg, ds, dgamma, dwp, _nz(de, dk), _nz(da, dk), c, cn,

@@ -599,13 +599,27 @@ def _mem_bwd_kernel(p_mem, p_w, p_e, p_dr, p_dnew, p_k, p_ck, p_cn, p_dmem, p_dk
 
 
 @triton.jit
+def _add2(a0, a1, b0, b1):
+    return a0 + b0, a1 + b1
+
+
+@triton.jit
+def _add3(a0, a1, a2, b0, b1, b2):
+    return a0 + b0, a1 + b1, a2 + b2
+
+
+@triton.jit
 def _onchip_address_bwd(b_dw, b_K, b_wp, b_beta, b_g, b_gamma, b_max, b_sum, p_s,
                         p_dbeta, p_dg, p_ds, p_dgamma, p_dwp, i_bh, o_n, m_n, N, S, BN: tl.constexpr):
     """One head's addressing chain backward on (N,) vectors, from ``b_dw`` (dL/dw, fp32, 0 on masked rows),
     the logits ``b_K`` and ``b_wp`` (w_prev), and the head's parameters and softmax sums, loaded.
 
     Recomputes ``wc``, ``wg``, ``ws`` and ``ws^gamma``; stores dL/dbeta, dL/dg, dL/ds, dL/dgamma,
-    dL/dw_prev of the head; returns dL/dK (fp32, 0 on masked rows).
+    dL/dw_prev of the head; returns dL/dK (fp32, 0 on masked rows) and ``sum_n dL/dK K`` (= beta dL/dbeta).
+
+    Sums over N that wait on the same values are one reduction (``tl.reduce`` of several operands, each
+    summed in the order ``tl.sum`` takes): at the paper's size each sum is a round through shared memory
+    and two barriers across the program's warps.
     """
     b_wc = tl.where(m_n, _softmax_at(b_K, b_beta, b_max, b_sum), 0.0)
     # Forward again: interpolate, shift (the source rows from shared memory) and sharpen.
@@ -616,10 +630,11 @@ def _onchip_address_bwd(b_dw, b_K, b_wp, b_beta, b_g, b_gamma, b_max, b_sum, p_s
         b_ws += tl.load(p_s + i_bh * S + j).to(tl.float32) * _rolled(b_wg, j - half, o_n, N)
     b_logc = tl.log(tl.maximum(b_ws, 1e-30))
     b_p = tl.where(m_n, tl.exp(b_gamma * b_logc), 0.0)
-    b_Pe = tl.sum(b_p, 0) + 1e-16
-    # Sharpening backward.
-    b_dp = (b_dw - tl.sum(b_dw * (b_p / b_Pe), 0)) / b_Pe
-    tl.store(p_dgamma + i_bh, tl.sum(b_dp * b_p * b_logc, 0).to(p_dgamma.dtype.element_ty))
+    b_P, b_dwp = tl.reduce((b_p, b_dw * b_p), 0, _add2)
+    b_Pe = b_P + 1e-16
+    # Sharpening backward (dL/dgamma's sum is taken with the interpolation's, below).
+    b_dp = (b_dw - b_dwp / b_Pe) / b_Pe
+    b_dgamma_n = b_dp * b_p * b_logc
     b_dws = tl.where(m_n & (b_ws >= 1e-30), b_dp * b_gamma * tl.exp((b_gamma - 1.0) * b_logc), 0.0)
     # Shift backward: dL/dwg[n] = sum_j s[j + K] dL/dws[n + j]; dL/ds[j + K] = sum_n dL/dws[n] wg[n - j]
     # = sum_n wg[n] dL/dws[n + j], so both take the one gathered dL/dws[n + j] of each tap.
@@ -629,12 +644,15 @@ def _onchip_address_bwd(b_dw, b_K, b_wp, b_beta, b_g, b_gamma, b_max, b_sum, p_s
         b_dwg += tl.load(p_s + i_bh * S + j).to(tl.float32) * b_dws_dst
         tl.store(p_ds + i_bh * S + j, tl.sum(tl.where(m_n, b_wg * b_dws_dst, 0.0), 0).to(p_ds.dtype.element_ty))
     # Interpolation and softmax backward.
-    tl.store(p_dg + i_bh, tl.sum(b_dwg * (b_wc - b_wp), 0).to(p_dg.dtype.element_ty))
-    tl.store(p_dwp + i_bh * N + o_n, ((1.0 - b_g) * b_dwg).to(p_dwp.dtype.element_ty), mask=m_n)
     b_dwc = b_g * b_dwg
-    b_dz = b_wc * (b_dwc - tl.sum(b_dwc * b_wc, 0))
-    tl.store(p_dbeta + i_bh, tl.sum(b_dz * b_K, 0).to(p_dbeta.dtype.element_ty))
-    return b_dz * b_beta
+    b_dgamma, b_dg, b_dwc_wc = tl.reduce((b_dgamma_n, b_dwg * (b_wc - b_wp), b_dwc * b_wc), 0, _add3)
+    tl.store(p_dgamma + i_bh, b_dgamma.to(p_dgamma.dtype.element_ty))
+    tl.store(p_dg + i_bh, b_dg.to(p_dg.dtype.element_ty))
+    tl.store(p_dwp + i_bh * N + o_n, ((1.0 - b_g) * b_dwg).to(p_dwp.dtype.element_ty), mask=m_n)
+    b_dz = b_wc * (b_dwc - b_dwc_wc)
+    b_dbeta = tl.sum(b_dz * b_K, 0)
+    tl.store(p_dbeta + i_bh, b_dbeta.to(p_dbeta.dtype.element_ty))
+    return b_dz * b_beta, b_beta * b_dbeta
 
 
 @triton.jit(do_not_specialize=("HAS_DW", "HAS_DR", "HAS_DNEW"))
@@ -696,10 +714,11 @@ def _onchip_heads_bwd_kernel(p_mem, p_k, p_beta, p_g, p_s, p_gamma, p_wp, p_e, p
         b_a = tl.load(p_a + (i_b * W + hw) * M + o_m, mask=m_m, other=0.0).to(tl.float32)
         b_dw += _chunked_row_sums(b_dnew * b_a[None, :, :] - b_derase * b_e[None, :, :])
         o_hw = (i_b * W + hw) * M + o_m
-        tl.store(p_de + o_hw, (-tl.sum(b_derase * b_w[:, None, None], 0)).to(p_de.dtype.element_ty), mask=m_m)
-        tl.store(p_da + o_hw, tl.sum(b_dnew * b_w[:, None, None], 0).to(p_da.dtype.element_ty), mask=m_m)
-    b_dK = _onchip_address_bwd(b_dw, b_K, b_wp, b_beta, b_g, b_gamma, b_max, b_sum, p_s,
-                               p_dbeta, p_dg, p_ds, p_dgamma, p_dwp, i_bh, o_n, m_n, N, S, BN)
+        b_de, b_da = tl.reduce((b_derase * b_w[:, None, None], b_dnew * b_w[:, None, None]), 0, _add2)
+        tl.store(p_de + o_hw, (-b_de).to(p_de.dtype.element_ty), mask=m_m)
+        tl.store(p_da + o_hw, b_da.to(p_da.dtype.element_ty), mask=m_m)
+    b_dK, b_dKK = _onchip_address_bwd(b_dw, b_K, b_wp, b_beta, b_g, b_gamma, b_max, b_sum, p_s,
+                                      p_dbeta, p_dg, p_ds, p_dgamma, p_dwp, i_bh, o_n, m_n, N, S, BN)
     b_norm = tl.sqrt(_chunked_row_sums(b_mem * b_mem))
     b_mn = tl.maximum(b_norm, 1e-8)
     b_knorm = tl.sqrt(tl.sum(tl.sum(b_k * b_k, 1), 0))
@@ -707,7 +726,7 @@ def _onchip_heads_bwd_kernel(p_mem, p_k, p_beta, p_g, p_s, p_gamma, p_wp, p_e, p
     b_c = b_dK / (b_kn * b_mn)
     tl.store(p_c + i_bh * N + o_n, b_c, mask=m_n)
     tl.store(p_cn + i_bh * N + o_n, tl.where(b_norm >= 1e-8, b_dK * b_K / (b_mn * b_mn), 0.0), mask=m_n)
-    b_ck = tl.where(b_knorm >= 1e-8, tl.sum(b_dK * b_K, 0) / (b_kn * b_kn), 0.0)
+    b_ck = tl.where(b_knorm >= 1e-8, b_dKK / (b_kn * b_kn), 0.0)
     b_dk = tl.sum(b_c[:, None, None] * b_mem, 0) - b_ck * b_k
     tl.store(p_dk + i_bh * M + o_m, b_dk.to(p_dk.dtype.element_ty), mask=m_m)
 

@@ -27,6 +27,11 @@
 # T_RUN and T_LONG to keep a margin under the machine's ten minutes (SWEEP=1 with
 # T_TESTS=90 T_KERNELS=30 T_PROFILE=40 T_SWEEP=150 T_RUN=90 T_LONG=20: 495 s, 519 s
 # at worst).
+#
+# BASE=<commit> also runs bench_kernels and kernel_profile from that commit's tree (git archive), after this
+# tree's, into $OUT/base/ (their JSON, and the commit's hash in $OUT/base/commit; the log is $OUT/log): old
+# and new kernels timed on one machine a minute apart, each beside its own reference rows, which should
+# agree between the two runs. Limits T_KERNELS and T_PROFILE again (up to 176 s more).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
@@ -35,6 +40,7 @@ mkdir -p "$OUT"
 LOG="$OUT/log"
 : > "$LOG"
 PY="${PYTHON:-python}"
+case "$PY" in */*) PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")" ;; esac  # BASE runs elsewhere
 T_TESTS="${T_TESTS:-85}"
 T_KERNELS="${T_KERNELS:-85}"
 T_PROFILE="${T_PROFILE:-40}"
@@ -86,6 +92,22 @@ else
 fi
 
 part kernel_profile "$T_PROFILE" "$PY" -m benchmarks.kernel_profile --device cuda --out "$OUT"
+
+if [ -n "${BASE:-}" ]; then
+    BASE_TREE="$(mktemp -d)"
+    BASE_OUT="$(cd "$OUT" && pwd)/base"
+    mkdir -p "$BASE_OUT"
+    if git archive "$BASE" | tar -x -C "$BASE_TREE" && git rev-parse "$BASE" > "$BASE_OUT/commit"; then
+        # From the base tree's folder: `python -m` puts the current folder first on the path.
+        part "bench_kernels at $BASE" "$T_KERNELS" env -C "$BASE_TREE" PYTHONPATH=. \
+            "$PY" -m benchmarks.bench_kernels --out "$BASE_OUT"
+        part "kernel_profile at $BASE" "$T_PROFILE" env -C "$BASE_TREE" PYTHONPATH=. \
+            "$PY" -m benchmarks.kernel_profile --device cuda --out "$BASE_OUT"
+    else
+        say "=== BASE=$BASE: git archive failed"
+        SUMMARY+=("base $BASE: git archive failed")
+    fi
+fi
 
 if [ "${SWEEP:-0}" = 1 ]; then
     part sweep_blocks "$T_SWEEP" "$PY" -m benchmarks.sweep_blocks --quick --budget $(( T_SWEEP - 15 )) --out "$OUT"

@@ -23,7 +23,11 @@ that of the ``for`` statement in the kernel files whose lines hold most of the l
 kernel's assignments to plain names (a helper's loop bound is read with the kernel's names: right where
 the helper's parameter is named as the argument it is given, as everywhere here). An instruction counts once for
 each trip of every loop around it; both sides of other branches count (what is emitted, not what a
-warp executes). The torch ops between launches (block-partial sums) are not counted.
+warp executes). The torch ops between launches (block-partial sums) are not counted. ptxas unrolls some
+loops with a small body and a runtime trip count (the on-chip kernels' loops over the shift taps): a copy
+of several trips (given none), trips peeled off as straight code (counted once), and a remainder loop of
+one trip (given every trip). There the count overstates: at the paper's size (S = 3) it counts 6 taps of
+about 28 instructions at each of the on-chip forward's two call sites, where 3 run.
 
     python -m benchmarks.sass_model [--shape large] [--dtype fp32] [--arch 90] [--blocks num_warps=1] [--json F]
 """

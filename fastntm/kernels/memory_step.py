@@ -95,18 +95,34 @@ def _cosine(b_mem, b_mn, p_k, o_m, m_m):
 
 
 @triton.jit
+def _first_shift(d, N):
+    """``d mod N`` in [0, N): the shift of a loop's first tap. A loop over taps takes each next shift with
+    ``_next_shift``, not a modulo: an integer division costs tens of instructions, and at the paper's size
+    two a tap were a fifth of the on-chip forward's (sass model, sm_90)."""
+    return (d % N + N) % N
+
+
+@triton.jit
+def _next_shift(d, step, N):
+    """``(d + step) mod N`` for ``d`` in [0, N) and ``step`` of 1 or -1."""
+    d += step
+    return tl.where(d < 0, d + N, tl.where(d >= N, d - N, d))
+
+
+@triton.jit
 def _circular(o_n, d, N):
-    """``(o_n - d) mod N`` at rows ``0 <= o_n < N`` (masked rows get any value; their loads are masked). One
-    scalar modulo a tap, then a compare and a select a row: an integer division a row costs tens of
-    instructions (64-bit ones more), and the shift taps sit on every addressing kernel's critical path."""
-    o = o_n - (d % N + N) % N
+    """``(o_n - d) mod N`` at rows ``0 <= o_n < N`` for a shift ``d`` in [0, N) (masked rows get any value;
+    their loads are masked): a compare and a select a row, where an integer division a row costs tens of
+    instructions, and the shift taps sit on every addressing kernel's critical path."""
+    o = o_n - d
     return tl.where(o < 0, o + N, o)
 
 
 @triton.jit
 def _rolled(b_x, d, o_n, N):
-    """``x[(n - d) mod N]`` at rows ``0 <= n < N`` of a vector held on chip (through shared memory): the
-    on-chip kernels' shift, where every source row is in the program. Masked rows get some row of x."""
+    """``x[(n - d) mod N]`` at rows ``0 <= n < N`` of a vector held on chip (through shared memory), ``d`` in
+    [0, N): the on-chip kernels' shift, where every source row is in the program. Masked rows get some row
+    of x."""
     return tl.gather(b_x, _circular(o_n, d, N), 0)
 
 
@@ -158,10 +174,11 @@ def _shift(p_K, p_wp, p_s, b_beta, b_g, b_max, b_sum, o_n, m_n, N, S, BN: tl.con
     ``wg`` is recomputed at each source row from the stored logits, so rows of other blocks cost one load.
     """
     b_ws = tl.zeros([BN], dtype=tl.float32)
-    half = (S - 1) // 2
+    d = _first_shift(-((S - 1) // 2), N)
     for j in range(S):
-        o_src = _circular(o_n, j - half, N)
+        o_src = _circular(o_n, d, N)
         b_ws += tl.load(p_s + j).to(tl.float32) * _wg_at(p_K, p_wp, o_src, m_n, b_beta, b_g, b_max, b_sum)
+        d = _next_shift(d, 1, N)
     return b_ws
 
 
@@ -189,9 +206,10 @@ def _onchip_address(b_mem, b_mn, p_k, p_beta, p_g, p_s, p_gamma, p_wp, p_w, p_K,
     b_sum = tl.sum(tl.exp(b_z - b_max), 0)
     b_wg = _wg(b_K, b_wp, b_beta, b_g, b_max, b_sum)
     b_ws = tl.zeros([BN], dtype=tl.float32)
-    half = (S - 1) // 2
+    d = _first_shift(-((S - 1) // 2), N)
     for j in range(S):
-        b_ws += tl.load(p_s + i_bh * S + j).to(tl.float32) * _rolled(b_wg, j - half, o_n, N)
+        b_ws += tl.load(p_s + i_bh * S + j).to(tl.float32) * _rolled(b_wg, d, o_n, N)
+        d = _next_shift(d, 1, N)
     b_p = tl.where(m_n, tl.exp(b_gamma * tl.log(tl.maximum(b_ws, 1e-30))), 0.0)
     b_P = tl.sum(b_p, 0)
     b_w = (b_p / (b_P + 1e-16)).to(p_w.dtype.element_ty)
@@ -222,7 +240,7 @@ def _memory_step_onchip_kernel(p_mem, p_k, p_beta, p_g, p_s, p_gamma, p_wp, p_e,
     values a thread at BN = 128, 8 warps) and each row sum took five shuffle levels. With BC = 4 a row
     spans 4 lanes, its chunks in one thread's registers, and a row vector takes 2 values a thread:
     1,646 warp-instructions a warp at the paper's shape, 3,116 before (``benchmarks/sass_model.py``,
-    sm_90). Rows that load 16 bytes a thread already span few lanes: BC = BM there, a (BN, 1, BM) tile.
+    sm_90, before ``_next_shift``). Rows that load 16 bytes a thread already span few lanes: BC = BM there, a (BN, 1, BM) tile.
     """
     i_b = tl.program_id(0).to(tl.int64)
     i_g = tl.program_id(1)
@@ -478,11 +496,12 @@ def _sharpen_bwd_kernel(p_dwrw, p_dw, p_K, p_wp, p_beta, p_g, p_s, p_gamma, p_ma
     tl.store(p_pdgamma + i_bh * NB + i_n, tl.sum(b_dpp * b_logc, 0))
     b_dws = tl.where(b_ws >= 1e-30, b_dpp * b_gamma / b_c, 0.0)
     tl.store(p_dws + i_bh * N + o_n, b_dws, mask=m_n)
-    half = (S - 1) // 2
+    d = _first_shift(-((S - 1) // 2), N)
     for j in range(S):
-        o_src = _circular(o_n, j - half, N)
+        o_src = _circular(o_n, d, N)
         b_wg = _wg_at(p_Kh, p_wph, o_src, m_n, b_beta, b_g, b_max, b_sum)
         tl.store(p_pds + (i_bh * NB + i_n) * S + j, tl.sum(b_dws * b_wg, 0))
+        d = _next_shift(d, 1, N)
 
 
 @triton.jit
@@ -497,11 +516,12 @@ def _interp_bwd_kernel(p_dws, p_K, p_wp, p_beta, p_g, p_s, p_max, p_sum, p_dwp, 
     i_n, i_bh = _block_and_item(NB)
     o_n = i_n * BN + tl.arange(0, BN)
     m_n = o_n < N
-    half = (S - 1) // 2
     b_dwg = tl.zeros([BN], dtype=tl.float32)
+    d = _first_shift((S - 1) // 2, N)
     for j in range(S):
-        o_dst = _circular(o_n, half - j, N)
+        o_dst = _circular(o_n, d, N)
         b_dwg += tl.load(p_s + i_bh * S + j).to(tl.float32) * tl.load(p_dws + i_bh * N + o_dst, mask=m_n, other=0.0)
+        d = _next_shift(d, -1, N)
     b_g = tl.load(p_g + i_bh).to(tl.float32)
     b_K = tl.load(p_K + i_bh * N + o_n, mask=m_n, other=0.0)
     b_wp = tl.load(p_wp + i_bh * N + o_n, mask=m_n, other=0.0).to(tl.float32)
@@ -600,11 +620,13 @@ def _mem_bwd_kernel(p_mem, p_w, p_e, p_dr, p_dnew, p_k, p_ck, p_cn, p_dmem, p_dk
 
 @triton.jit
 def _add2(a0, a1, b0, b1):
+    """``tl.reduce``'s combine function of two sums taken together."""
     return a0 + b0, a1 + b1
 
 
 @triton.jit
 def _add3(a0, a1, a2, b0, b1, b2):
+    """``tl.reduce``'s combine function of three sums taken together."""
     return a0 + b0, a1 + b1, a2 + b2
 
 
@@ -626,8 +648,10 @@ def _onchip_address_bwd(b_dw, b_K, b_wp, b_beta, b_g, b_gamma, b_max, b_sum, p_s
     b_wg = b_g * b_wc + (1.0 - b_g) * b_wp
     half = (S - 1) // 2
     b_ws = tl.zeros([BN], dtype=tl.float32)
+    d = _first_shift(-half, N)
     for j in range(S):
-        b_ws += tl.load(p_s + i_bh * S + j).to(tl.float32) * _rolled(b_wg, j - half, o_n, N)
+        b_ws += tl.load(p_s + i_bh * S + j).to(tl.float32) * _rolled(b_wg, d, o_n, N)
+        d = _next_shift(d, 1, N)
     b_logc = tl.log(tl.maximum(b_ws, 1e-30))
     b_p = tl.where(m_n, tl.exp(b_gamma * b_logc), 0.0)
     b_P, b_dwp = tl.reduce((b_p, b_dw * b_p), 0, _add2)
@@ -639,10 +663,12 @@ def _onchip_address_bwd(b_dw, b_K, b_wp, b_beta, b_g, b_gamma, b_max, b_sum, p_s
     # Shift backward: dL/dwg[n] = sum_j s[j + K] dL/dws[n + j]; dL/ds[j + K] = sum_n dL/dws[n] wg[n - j]
     # = sum_n wg[n] dL/dws[n + j], so both take the one gathered dL/dws[n + j] of each tap.
     b_dwg = tl.zeros([BN], dtype=tl.float32)
+    d = _first_shift(half, N)
     for j in range(S):
-        b_dws_dst = _rolled(b_dws, half - j, o_n, N)
+        b_dws_dst = _rolled(b_dws, d, o_n, N)
         b_dwg += tl.load(p_s + i_bh * S + j).to(tl.float32) * b_dws_dst
         tl.store(p_ds + i_bh * S + j, tl.sum(tl.where(m_n, b_wg * b_dws_dst, 0.0), 0).to(p_ds.dtype.element_ty))
+        d = _next_shift(d, -1, N)
     # Interpolation and softmax backward.
     b_dwc = b_g * b_dwg
     b_dgamma, b_dg, b_dwc_wc = tl.reduce((b_dgamma_n, b_dwg * (b_wc - b_wp), b_dwc * b_wc), 0, _add3)

@@ -40,14 +40,9 @@ fraction of the device-to-device copy bandwidth measured in the same run. Writes
 ``sweep_blocks.json`` into ``--out`` after every configuration, so a run stopped by a time limit
 keeps what it measured.
 
-Run time with ``--quick``, estimated from an ahead-of-time compile of the same kernels for sm_90 on
-two shared CPU cores (no GPU run of this script yet): 44 new large-memory kernels (20 configurations:
-two or three forward kernels, or two backward ones, each) at 0.9-4.2 s, about 80 s summed (a
-reviewer's count; a GPU machine's 16 cores compile several at once only across processes, so count
-them serially), and 5 new on-chip kernels at 1.8-6.4 s, 16 s (a launch compiles the same way, plus
-a launcher that Triton caches by signature); timing about 1 s per on-chip configuration (4 timings, 2
-of them with a graph capture) and 0.5 s per large-memory one; 10-15 s to start, measure the copy
-bandwidth and make the large inputs on the host. About 130 s, more if the compiles are slower.
+Run time with ``--quick``: on the H100 at 7077bea (``benchmarks/results/h100-2026-11-26-d/``, budget
+30 s) the paper shape's 6 configurations and 16 of the large shape's 21 took 33 s in all, 0.3 to 4.5 s
+each, most of it compiling; the similarity axis adds 4 large-shape configurations of one new kernel each.
 ``--budget`` bounds it: no configuration starts that would not end in time at the pace of the one
 before. The similarity pass's, the read-write pass's and the backward's candidates take turns, so
 that a budget cut leaves every axis timed, and their combination: the forward passes' fewest warps

@@ -103,6 +103,8 @@ def test_memory_step_matches_reference(case):
         check_op(kernels.memory_step, reference.memory_step, kernel_inputs(B, N, M, H, R, S), extra=(R,))
 
 
+ONCHIP_KERNELS = ("_memory_step_onchip_kernel", "_onchip_heads_bwd_kernel", "_onchip_mem_bwd_kernel")
+
 # (settings forced, (kernel, BN, num_warps, maxnreg) launches expected among those of a forward + backward)
 FORCED_CASES = [
     (dict(block_n=16, num_warps=2, vector_block=32),
@@ -146,6 +148,31 @@ def test_memory_step_with_forced_warps_and_vector_block(settings, expected):
 def test_memory_step_partial_gradients(used, BN):
     with _config.force_block_n(BN):
         check_op(kernels.memory_step, reference.memory_step, kernel_inputs(2, 37, 13, 3, 1, 3), extra=(1,), used=used)
+
+
+@pytest.mark.parametrize("M, offset, chunk", [(20, 0, 4), (32, 0, 32), (32, 1, 4)],
+                         ids=["M20", "M32", "M32-unaligned-pointer"])
+def test_onchip_tiles_chunk_rows_that_load_element_by_element(M, offset, chunk):
+    # Rows that load 16 bytes a thread (M and the pointer 16-aligned) are whole in a tile; others are held
+    # in chunks of 4 columns (see _memory_step_onchip_kernel).
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.sweep_blocks import recording_launches
+
+    x = kernel_inputs(2, 37, M, 2, 1, 3)
+    # The memory at `offset` elements past a 16-byte boundary, contiguous (so the kernels take it as it is).
+    mem = torch.cat([torch.zeros(offset), x.pop("mem").flatten()])[offset:].view(2, 37, M).requires_grad_()
+    assert mem.is_contiguous() and mem.data_ptr() % 16 == 4 * offset
+    rest = [t.requires_grad_() for t in x.values()]
+    with recording_launches() as launches:
+        out = kernels.memory_step(mem, *rest, 1)
+        grads = torch.autograd.grad(out, [mem, *rest], [torch.ones_like(o) for o in out])
+    ref = reference.memory_step(mem, *rest, 1)
+    ref_grads = torch.autograd.grad(ref, [mem, *rest], [torch.ones_like(o) for o in ref])
+    for i, (o, r) in enumerate(zip(out + grads, ref + ref_grads)):
+        assert_close(o, r, TOL[torch.float32], f"output or gradient {i}")
+    onchip = [k for k in launches if k["kernel"] in ONCHIP_KERNELS]
+    assert {k["kernel"] for k in onchip} == set(ONCHIP_KERNELS)
+    assert {k["consts"]["BC"] for k in onchip} == {chunk}
 
 
 def test_onchip_backward_stays_in_its_two_kernels(monkeypatch):

@@ -97,8 +97,8 @@ def _cosine(b_mem, b_mn, p_k, o_m, m_m):
 @triton.jit
 def _first_shift(d, N):
     """``d mod N`` in [0, N): the shift of a loop's first tap. A loop over taps takes each next shift with
-    ``_next_shift``, not a modulo: an integer division costs tens of instructions, and at the paper's size
-    two a tap were a fifth of the on-chip forward's (sass model, sm_90)."""
+    ``_next_shift``, not a modulo: an integer division costs tens of instructions, and the on-chip
+    forward's tap took 57 with two of them, 28 without (sass model, sm_90)."""
     return (d % N + N) % N
 
 
@@ -240,7 +240,8 @@ def _memory_step_onchip_kernel(p_mem, p_k, p_beta, p_g, p_s, p_gamma, p_wp, p_e,
     values a thread at BN = 128, 8 warps) and each row sum took five shuffle levels. With BC = 4 a row
     spans 4 lanes, its chunks in one thread's registers, and a row vector takes 2 values a thread:
     1,646 warp-instructions a warp at the paper's shape, 3,116 before (``benchmarks/sass_model.py``,
-    sm_90, before ``_next_shift``). Rows that load 16 bytes a thread already span few lanes: BC = BM there, a (BN, 1, BM) tile.
+    sm_90, before ``_next_shift``). Rows that load 16 bytes a thread already span few lanes: BC = BM
+    there, a (BN, 1, BM) tile.
     """
     i_b = tl.program_id(0).to(tl.int64)
     i_g = tl.program_id(1)

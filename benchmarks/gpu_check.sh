@@ -107,6 +107,7 @@ if [ -n "${BASE:-}" ]; then
         say "=== BASE=$BASE: git archive failed"
         SUMMARY+=("base $BASE: git archive failed")
     fi
+    rm -rf "$BASE_TREE"
 fi
 
 if [ "${SWEEP:-0}" = 1 ]; then

@@ -95,11 +95,13 @@ def _cosine(b_mem, b_mn, p_k, o_m, m_m):
 
 
 @triton.jit
-def _first_shift(d, N):
-    """``d mod N`` in [0, N): the shift of a loop's first tap. A loop over taps takes each next shift with
-    ``_next_shift``, not a modulo: an integer division costs tens of instructions, and the on-chip
-    forward's tap took 57 with two of them, 28 without (sass model, sm_90)."""
-    return (d % N + N) % N
+def _tap_shifts(S, N):
+    """``(-K mod N, K mod N)`` for the shift's ``S = 2K + 1`` taps: the shifts of a loop's first tap, going up
+    from ``-K`` or down from ``K``. A loop over taps takes each next shift with ``_next_shift``, not a modulo:
+    an integer division costs tens of instructions (the on-chip forward's tap took 57 with two of them, 28
+    without; sass model, sm_90), and here one serves both."""
+    k = ((S - 1) // 2) % N
+    return tl.where(k == 0, 0, N - k), k
 
 
 @triton.jit
@@ -174,7 +176,7 @@ def _shift(p_K, p_wp, p_s, b_beta, b_g, b_max, b_sum, o_n, m_n, N, S, BN: tl.con
     ``wg`` is recomputed at each source row from the stored logits, so rows of other blocks cost one load.
     """
     b_ws = tl.zeros([BN], dtype=tl.float32)
-    d = _first_shift(-((S - 1) // 2), N)
+    d, _ = _tap_shifts(S, N)
     for j in range(S):
         o_src = _circular(o_n, d, N)
         b_ws += tl.load(p_s + j).to(tl.float32) * _wg_at(p_K, p_wp, o_src, m_n, b_beta, b_g, b_max, b_sum)
@@ -206,7 +208,7 @@ def _onchip_address(b_mem, b_mn, p_k, p_beta, p_g, p_s, p_gamma, p_wp, p_w, p_K,
     b_sum = tl.sum(tl.exp(b_z - b_max), 0)
     b_wg = _wg(b_K, b_wp, b_beta, b_g, b_max, b_sum)
     b_ws = tl.zeros([BN], dtype=tl.float32)
-    d = _first_shift(-((S - 1) // 2), N)
+    d, _ = _tap_shifts(S, N)
     for j in range(S):
         b_ws += tl.load(p_s + i_bh * S + j).to(tl.float32) * _rolled(b_wg, d, o_n, N)
         d = _next_shift(d, 1, N)
@@ -497,7 +499,7 @@ def _sharpen_bwd_kernel(p_dwrw, p_dw, p_K, p_wp, p_beta, p_g, p_s, p_gamma, p_ma
     tl.store(p_pdgamma + i_bh * NB + i_n, tl.sum(b_dpp * b_logc, 0))
     b_dws = tl.where(b_ws >= 1e-30, b_dpp * b_gamma / b_c, 0.0)
     tl.store(p_dws + i_bh * N + o_n, b_dws, mask=m_n)
-    d = _first_shift(-((S - 1) // 2), N)
+    d, _ = _tap_shifts(S, N)
     for j in range(S):
         o_src = _circular(o_n, d, N)
         b_wg = _wg_at(p_Kh, p_wph, o_src, m_n, b_beta, b_g, b_max, b_sum)
@@ -518,7 +520,7 @@ def _interp_bwd_kernel(p_dws, p_K, p_wp, p_beta, p_g, p_s, p_max, p_sum, p_dwp, 
     o_n = i_n * BN + tl.arange(0, BN)
     m_n = o_n < N
     b_dwg = tl.zeros([BN], dtype=tl.float32)
-    d = _first_shift((S - 1) // 2, N)
+    _, d = _tap_shifts(S, N)
     for j in range(S):
         o_dst = _circular(o_n, d, N)
         b_dwg += tl.load(p_s + i_bh * S + j).to(tl.float32) * tl.load(p_dws + i_bh * N + o_dst, mask=m_n, other=0.0)
@@ -647,9 +649,8 @@ def _onchip_address_bwd(b_dw, b_K, b_wp, b_beta, b_g, b_gamma, b_max, b_sum, p_s
     b_wc = tl.where(m_n, _softmax_at(b_K, b_beta, b_max, b_sum), 0.0)
     # Forward again: interpolate, shift (the source rows from shared memory) and sharpen.
     b_wg = b_g * b_wc + (1.0 - b_g) * b_wp
-    half = (S - 1) // 2
+    d, d_last = _tap_shifts(S, N)
     b_ws = tl.zeros([BN], dtype=tl.float32)
-    d = _first_shift(-half, N)
     for j in range(S):
         b_ws += tl.load(p_s + i_bh * S + j).to(tl.float32) * _rolled(b_wg, d, o_n, N)
         d = _next_shift(d, 1, N)
@@ -664,7 +665,7 @@ def _onchip_address_bwd(b_dw, b_K, b_wp, b_beta, b_g, b_gamma, b_max, b_sum, p_s
     # Shift backward: dL/dwg[n] = sum_j s[j + K] dL/dws[n + j]; dL/ds[j + K] = sum_n dL/dws[n] wg[n - j]
     # = sum_n wg[n] dL/dws[n + j], so both take the one gathered dL/dws[n + j] of each tap.
     b_dwg = tl.zeros([BN], dtype=tl.float32)
-    d = _first_shift(half, N)
+    d = d_last
     for j in range(S):
         b_dws_dst = _rolled(b_dws, d, o_n, N)
         b_dwg += tl.load(p_s + i_bh * S + j).to(tl.float32) * b_dws_dst

@@ -20,7 +20,7 @@ shapes of ``benchmarks.shapes``:
   three of those spilled when last checked, 8 to 480 bytes: BN 32 at 2 warps, BN 64 at 4, BN 128 at
   8, and all three left out do, up to 2.9 KB). The vector pass stays at its default; without
   ``--quick``, vector-pass blocks in ``VECTOR_BLOCKS`` at the default BN and warps.
-* on-chip (``paper-b32``): the forward's warps {1, 2, 4, 8} with the backward's at default, the
+* on-chip (``paper-b32``): the forward's warps {2, 4, 8, 16} with the backward's at default, the
   backward's {4, 8, 16} with the forward's at default (the two kernels are timed apart, as the
   forward alone and in forward + backward), then the best of each together.
 
@@ -79,7 +79,10 @@ QUICK_MAX_PER_THREAD = {"fwd": 64, "bwd": 32, "sim": 64}
 """--quick: the most fp32 elements of a BN x BM tile per thread a large-memory forward (two tiles live),
 backward (up to five) and similarity-pass (one) configuration may hold."""
 VECTOR_BLOCKS = (256, 512, 2048, 4096)
-ONCHIP_FWD_WARPS = (1, 2, 4, 8)
+ONCHIP_FWD_WARPS = (2, 4, 8, 16)
+"""At 7077bea an H100 ran the paper-size forward in 17.3, 7.5 and 5.8 us at 2, 4 and 8 warps (CUDA graph,
+``results/h100-2026-11-26-d``), and at one warp it spilled (40.8 us): 16 is the next point of that trend
+(120 registers, no spill, sm_90)."""
 ONCHIP_BWD_WARPS = (4, 8, 16)
 QUICK_SHAPES = ("paper-b32", "large")
 FULL_SHAPES = ("paper-b32", "large", "medium")

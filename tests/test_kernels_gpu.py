@@ -25,6 +25,7 @@ CASES = [
     (16, 65536, 64, 5, 4, 3, torch.float32, torch.float32),  # 4 read + 1 write heads
     (16, 65536, 64, 5, 4, 3, torch.bfloat16, torch.bfloat16),
     (4, 4096, 64, 2, 1, 3, torch.float32, torch.bfloat16),
+    (1, 1 << 20, 64, 2, 1, 5, torch.float32, torch.float32),  # the largest N, 2^20 slots
 ]
 
 

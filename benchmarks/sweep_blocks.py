@@ -31,8 +31,12 @@ NaN-poisoned buffers and is compared with the default's (``allclose``). A config
 records each kernel it launched with Triton's ``n_regs`` and ``n_spills`` (filled in when a compiled
 kernel is first loaded on the device; ``n_spills`` is its local memory in 4-byte words, so spill
 bytes are 4 x that). Then ``triton.testing.do_bench`` times the forward and forward + backward, and
-``do_bench_cudagraph`` does too where the memory is under 64 MiB (launch-bound sizes: the issue's
-paper-size targets are under CUDA graphs).
+``do_bench_cudagraph`` does too (the primary timing, by which rows are ranked and combined). Plain
+calls of the large shape's forward + backward leave the GPU waiting on the host between the backward's
+launches, and the wait moves: the H100 runs ``results/h100-2026-11-26-b``, ``-c`` and ``-d`` timed
+shapes over 64 MiB by plain calls only, and forward + backward less the forward, in rows whose backward
+was the same configuration, ranged over 886 to 1,148 us in run b, 952 to 1,227 in c, 889 to 1,037 in d:
+a backward setting could win by that alone.
 
 Prints per shape a table sorted by time and the best configuration per timing with its speedup over
 the default and its bandwidth: the byte model of ``benchmarks.common.op_bytes`` over p50, and its
@@ -42,7 +46,9 @@ keeps what it measured.
 
 Run time with ``--quick``: on the H100 at 7077bea (``benchmarks/results/h100-2026-11-26-d/``, budget
 30 s) the paper shape's 6 configurations and 16 of the large shape's 21 took 33 s in all, 0.3 to 4.5 s
-each, most of it compiling; the similarity axis adds 4 large-shape configurations of one new kernel each.
+each, most of it compiling; the similarity axis adds 4 large-shape configurations of one new kernel each,
+and the large shape's CUDA-graph timings (added since) two captures and 50 ms replays a configuration,
+not yet run on a GPU.
 ``--budget`` bounds it: no configuration starts that would not end in time at the pace of the one
 before. The similarity pass's, the read-write pass's and the backward's candidates take turns, so
 that a budget cut leaves every axis timed, and their combination: the forward passes' fewest warps
@@ -86,8 +92,6 @@ ONCHIP_FWD_WARPS = (2, 4, 8, 16)
 ONCHIP_BWD_WARPS = (4, 8, 16)
 QUICK_SHAPES = ("paper-b32", "large")
 FULL_SHAPES = ("paper-b32", "large", "medium")
-GRAPH_MAX_MEM_BYTES = 1 << 26
-"""Shapes with a smaller memory are also timed under a CUDA graph (as bench_kernels does)."""
 CHECK_RTOL = 1e-3
 CHECK_ATOL = 1e-4
 """Of the largest magnitude of the default's tensor: a block size changes the order of the fp32 sums."""
@@ -252,8 +256,7 @@ def sweep_shape(shape, device, cands: list[Candidate], *, timer: Timer, graph_ti
     it goes and calling ``on_progress`` after each row. ``step``: the memory step under test
     (``fastntm.kernels.memory_step`` by default)."""
     x = common.op_inputs(shape, device)
-    mem_bytes = x[0].numel() * x[0].element_size()
-    graph = graph_timer is not None and mem_bytes < GRAPH_MAX_MEM_BYTES
+    graph = graph_timer is not None
     timings = TIMINGS if graph else TIMINGS[:2]
     out.update(shape=shape.as_dict(), bytes_model=common.op_bytes(shape), timings=list(timings),
                primary=timings[-1], rows=[], best={}, stopped=None)

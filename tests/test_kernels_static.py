@@ -10,7 +10,8 @@ GPU, so under the interpreter (a plain ``pytest`` run) one test reruns this file
 with ``TRITON_INTERPRET=0`` and passes when it passes.
 
 Each configuration is compiled twice. ``any``: no argument specialized, the code a launch gets when
-sizes and strides are not multiples of 16 (M = 20: scalar loads). ``as launched``: the host code runs
+sizes and strides are not multiples of 16 (M = 20: scalar loads); the on-chip kernels, which take N and
+M as constants, at N = BN - 1 and M = BM - 1 (rows in chunks of 4) or M = BM (whole rows). ``as launched``: the host code runs
 at the benchmark shapes (``LAUNCH_SHAPES``) with its launches recorded, not made, and each recorded
 launch is compiled as Triton's launcher specializes it: pointers 16-byte aligned and integers that are
 multiples of 16 marked so (vectorized loads and other layouts, so other register counts and spills),
@@ -101,11 +102,13 @@ def kernel_configs():
     for blk in dispatch_blocks():
         nw, bm = blk.num_warps, dict(BN=blk.BN, BM=blk.BM)
         if blk.onchip:
-            # Rows chunked by 4 columns (they load element by element) or whole (16 bytes a thread).
+            # Rows chunked by 4 columns (they load element by element) or whole (16 bytes a thread). N and M
+            # are constants of these kernels: a masked row and, where chunked, masked columns.
             for bc in sorted({4, blk.BM}):
+                nm = dict(N=blk.BN - 1, M=blk.BM - 1 if bc == 4 else blk.BM)
                 for rw in (True, False):
-                    out.append(("_memory_step_onchip_kernel", dict(RW=rw, BC=bc, **bm), nw))
-                out += [(name, dict(BC=bc, **bm), blk.bwd_warps)
+                    out.append(("_memory_step_onchip_kernel", dict(RW=rw, BC=bc, **bm, **nm), nw))
+                out += [(name, dict(BC=bc, **bm, **nm), blk.bwd_warps)
                         for name in ("_onchip_heads_bwd_kernel", "_onchip_mem_bwd_kernel")]
         else:
             out.append(("_similarity_kernel", dict(BN=blk.sim_BN, BM=blk.BM), blk.sim_warps))
@@ -237,9 +240,13 @@ def test_every_config_compiles_for_sm80_and_sm90(results):
     # unspecialized half also compiles (its own constexprs and warps).
     launched = launched_configs()
     assert {job[0] for job in launched} == {n for m in KERNEL_MODULES for n in kernel_names(m)}
-    generic = {(name, tuple(sorted(consts.items())), nw) for name, consts, nw in kernel_configs()}
+    # The on-chip kernels' N and M are the shape's, not the configuration's: kernel_configs() takes one of each.
+    def config(name, consts):
+        return tuple(sorted((k, v) for k, v in consts.items() if k in own_constexprs(name) and k not in ("N", "M")))
+
+    generic = {(name, config(name, consts), nw) for name, consts, nw in kernel_configs()}
     for name, _, consts, _, options, label, _ in launched:
-        own = tuple(sorted((k, v) for k, v in consts.items() if k in own_constexprs(name)))
+        own = config(name, consts)
         assert (name, own, options["num_warps"]) in generic, f"{name} {own} ({label}) is not in kernel_configs()"
 
 

@@ -226,8 +226,9 @@ def _onchip_address(b_mem, b_mn, p_k, p_beta, p_g, p_s, p_gamma, p_wp, p_w, p_K,
 @triton.jit
 def _memory_step_onchip_kernel(p_mem, p_k, p_beta, p_g, p_s, p_gamma, p_wp, p_e, p_a,
                                p_w, p_r, p_new, p_K, p_max, p_sum, p_P,
-                               s_mem_b, s_mem_n, s_new_b, s_new_n, N, M, H, R, W, S,
-                               RW: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr):
+                               s_mem_b, s_mem_n, s_new_b, s_new_n, H, R, W, S,
+                               RW: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr,
+                               N: tl.constexpr, M: tl.constexpr):
     """The step of batch item ``i_b``: program ``i_g < R`` addresses read head ``i_g`` and reads with it;
     program ``R`` (``RW`` only) addresses the write heads [R, H) and stores new_mem. ``RW=False``: address only
     (R = H).
@@ -235,6 +236,10 @@ def _memory_step_onchip_kernel(p_mem, p_k, p_beta, p_g, p_s, p_gamma, p_wp, p_e,
     ``W = H - R`` comes as an argument, not computed here: Triton makes an argument equal to 1 a constant,
     so with one write head (the paper's) the loop over write heads and the keep and add tiles it carries
     are gone (sass model, paper size, sm_90: 1,643 -> 1,427 warp-instructions a warp, 156 -> 80 registers).
+    ``N`` and ``M`` are constants, as in the two on-chip backward kernels: a model's memory keeps one
+    size, so each kernel compiles once for it, and the masks, the shift's wrap-around and the divisions
+    by N fold (1,427 -> 1,158, 80 -> 46 registers; the per-head backward 1,792 -> 1,457, the dL/dmem
+    kernel 879 -> 492).
 
     A program per read head rather than one for the whole item: the paper-size step is bound by the
     latency of each head's chain of reductions (an H100 took 10.1 us with both heads in one program), and
@@ -690,8 +695,9 @@ def _onchip_address_bwd(b_dw, b_K, b_wp, b_beta, b_g, b_gamma, b_max, b_sum, p_s
 @triton.jit(do_not_specialize=("HAS_DW", "HAS_DR", "HAS_DNEW"))
 def _onchip_heads_bwd_kernel(p_mem, p_k, p_beta, p_g, p_s, p_gamma, p_wp, p_e, p_a, p_w, p_K, p_max, p_sum,
                              p_dw, p_dr, p_dnew, p_dk, p_dbeta, p_dg, p_ds, p_dgamma, p_dwp, p_de, p_da, p_c, p_cn,
-                             s_mem_b, s_mem_n, s_dnew_b, s_dnew_n, N, M, H, R, W, S,
-                             HAS_DW, HAS_DR, HAS_DNEW, BN: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr):
+                             s_mem_b, s_mem_n, s_dnew_b, s_dnew_n, H, R, W, S,
+                             HAS_DW, HAS_DR, HAS_DNEW, BN: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr,
+                             N: tl.constexpr, M: tl.constexpr):
     """Backward, memory held on-chip, phase 1: head ``i_h`` of batch item ``i_b``, a program each.
 
     dL/dw of the head, from its read or from the write (with the head's dL/de and dL/da), plus the given
@@ -764,8 +770,8 @@ def _onchip_heads_bwd_kernel(p_mem, p_k, p_beta, p_g, p_s, p_gamma, p_wp, p_e, p
 
 @triton.jit(do_not_specialize=("RD", "HAS_DNEW"))
 def _onchip_mem_bwd_kernel(p_mem, p_k, p_w, p_e, p_dr, p_dnew, p_c, p_cn, p_dmem,
-                           s_mem_b, s_mem_n, s_dnew_b, s_dnew_n, s_dmem_b, s_dmem_n, N, M, R, W, RD, HAS_DNEW,
-                           BN: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr):
+                           s_mem_b, s_mem_n, s_dnew_b, s_dnew_n, s_dmem_b, s_dmem_n, R, W, RD, HAS_DNEW,
+                           BN: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr, N: tl.constexpr, M: tl.constexpr):
     """Backward, memory held on-chip, phase 2: dL/dmem of batch item ``i_b`` from the write, the reads and
     the cosine of every head, from the factors ``c`` and ``cn`` that phase 1 stored:
     ``dmem[n] = dnew prod_h (1 - w_h e_h) + sum_h w_h dr_h + sum_h c_h[n] k_h - (sum_h cn_h[n]) mem[n]``.
@@ -863,7 +869,7 @@ def _forward(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads: int, rw: bool):
             mem, k, beta, g, s, gamma, w_prev, _nz(e, mem), _nz(a, mem), w, _nz(r, w), _nz(new, mem),
             K, mx, se, P,
             mem.stride(0), mem.stride(1), new.stride(0) if rw else 0, new.stride(1) if rw else 0,
-            N, M, H, R, W, S, RW=rw, BN=blk.BN, BM=blk.BM, BC=_onchip_chunk(mem, blk.BM), num_warps=blk.num_warps,
+            H, R, W, S, N=N, M=M, RW=rw, BN=blk.BN, BM=blk.BM, BC=_onchip_chunk(mem, blk.BM), num_warps=blk.num_warps,
             maxnreg=_config.onchip_maxnreg(blk.num_warps))
         return w, r, new, K, mx, se, P
     NB = _config.n_blocks(N, blk.sim_BN)
@@ -1004,12 +1010,12 @@ def _onchip_bwd(mem, k, beta, g, s, gamma, w_prev, e, a, w, K, mx, se, dw, dr, d
     _onchip_heads_bwd_kernel[(B, H)](
         mem, k, beta, g, s, gamma, w_prev, _nz(e, mem), _nz(a, mem), w, K, mx, se,
         w if dw is None else dw, dr, dn, dk, dbeta, dg, ds, dgamma, dwp, _nz(de, dk), _nz(da, dk), c, cn,
-        mem.stride(0), mem.stride(1), dn.stride(0), dn.stride(1), N, M, H, R, W, S,
-        int(dw is not None), int(has_dr), int(dnew is not None), **options)
+        mem.stride(0), mem.stride(1), dn.stride(0), dn.stride(1), H, R, W, S,
+        int(dw is not None), int(has_dr), int(dnew is not None), N=N, M=M, **options)
     _onchip_mem_bwd_kernel[(B,)](
         mem, k, w, _nz(e, mem), dr, dn, c, cn, dmem,
-        mem.stride(0), mem.stride(1), dn.stride(0), dn.stride(1), dmem.stride(0), dmem.stride(1), N, M, R, W,
-        R if has_dr else 0, int(dnew is not None), **options)
+        mem.stride(0), mem.stride(1), dn.stride(0), dn.stride(1), dmem.stride(0), dmem.stride(1), R, W,
+        R if has_dr else 0, int(dnew is not None), N=N, M=M, **options)
     return dmem, dk, dbeta, dg, ds, dgamma, dwp, de, da
 
 

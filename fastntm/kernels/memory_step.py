@@ -226,7 +226,7 @@ def _onchip_address(b_mem, b_mn, p_k, p_beta, p_g, p_s, p_gamma, p_wp, p_w, p_K,
 @triton.jit
 def _memory_step_onchip_kernel(p_mem, p_k, p_beta, p_g, p_s, p_gamma, p_wp, p_e, p_a,
                                p_w, p_r, p_new, p_K, p_max, p_sum, p_P,
-                               s_mem_b, s_mem_n, s_new_b, s_new_n, H, R, W, S,
+                               s_mem_b, s_mem_n, s_new_b, s_new_n, H, R, W, K,
                                RW: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr,
                                N: tl.constexpr, M: tl.constexpr):
     """The step of batch item ``i_b``: program ``i_g < R`` addresses read head ``i_g`` and reads with it;
@@ -239,7 +239,10 @@ def _memory_step_onchip_kernel(p_mem, p_k, p_beta, p_g, p_s, p_gamma, p_wp, p_e,
     ``N`` and ``M`` are constants, as in the two on-chip backward kernels: a model's memory keeps one
     size, so each kernel compiles once for it, and the masks, the shift's wrap-around and the divisions
     by N fold (1,427 -> 1,158, 80 -> 46 registers; the per-head backward 1,792 -> 1,457, the dL/dmem
-    kernel 879 -> 492).
+    kernel 879 -> 492). The shift comes as ``K`` (``S = 2K + 1`` taps), as in the per-head backward, so
+    that the paper's S = 3 makes K = 1 a constant and the loops over taps unroll whole (counted 1,158 ->
+    953, the per-head backward 1,457 -> 1,213; part of that is the model's overcount of partly unrolled
+    loops going away, see ``benchmarks/sass_model.py``).
 
     A program per read head rather than one for the whole item: the paper-size step is bound by the
     latency of each head's chain of reductions (an H100 took 10.1 us with both heads in one program), and
@@ -254,6 +257,7 @@ def _memory_step_onchip_kernel(p_mem, p_k, p_beta, p_g, p_s, p_gamma, p_wp, p_e,
     sm_90, before ``_next_shift``). Rows that load 16 bytes a thread already span few lanes: BC = BM
     there, a (BN, 1, BM) tile.
     """
+    S = 2 * K + 1
     i_b = tl.program_id(0).to(tl.int64)
     i_g = tl.program_id(1)
     o_n = tl.arange(0, BN)
@@ -695,7 +699,7 @@ def _onchip_address_bwd(b_dw, b_K, b_wp, b_beta, b_g, b_gamma, b_max, b_sum, p_s
 @triton.jit(do_not_specialize=("HAS_DW", "HAS_DR", "HAS_DNEW"))
 def _onchip_heads_bwd_kernel(p_mem, p_k, p_beta, p_g, p_s, p_gamma, p_wp, p_e, p_a, p_w, p_K, p_max, p_sum,
                              p_dw, p_dr, p_dnew, p_dk, p_dbeta, p_dg, p_ds, p_dgamma, p_dwp, p_de, p_da, p_c, p_cn,
-                             s_mem_b, s_mem_n, s_dnew_b, s_dnew_n, H, R, W, S,
+                             s_mem_b, s_mem_n, s_dnew_b, s_dnew_n, H, R, W, K,
                              HAS_DW, HAS_DR, HAS_DNEW, BN: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr,
                              N: tl.constexpr, M: tl.constexpr):
     """Backward, memory held on-chip, phase 1: head ``i_h`` of batch item ``i_b``, a program each.
@@ -715,6 +719,7 @@ def _onchip_heads_bwd_kernel(p_mem, p_k, p_beta, p_g, p_s, p_gamma, p_wp, p_e, p
     ``1 - w e`` (unstable near zero). Every load but the shift's taps comes before the first store (see
     ``_onchip_address``). Tiles of chunked rows, as in ``_memory_step_onchip_kernel``.
     """
+    S = 2 * K + 1
     i_b = tl.program_id(0).to(tl.int64)
     i_h = tl.program_id(1)
     i_bh = i_b * H + i_h
@@ -869,8 +874,8 @@ def _forward(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads: int, rw: bool):
             mem, k, beta, g, s, gamma, w_prev, _nz(e, mem), _nz(a, mem), w, _nz(r, w), _nz(new, mem),
             K, mx, se, P,
             mem.stride(0), mem.stride(1), new.stride(0) if rw else 0, new.stride(1) if rw else 0,
-            H, R, W, S, N=N, M=M, RW=rw, BN=blk.BN, BM=blk.BM, BC=_onchip_chunk(mem, blk.BM), num_warps=blk.num_warps,
-            maxnreg=_config.onchip_maxnreg(blk.num_warps))
+            H, R, W, (S - 1) // 2, N=N, M=M, RW=rw, BN=blk.BN, BM=blk.BM, BC=_onchip_chunk(mem, blk.BM),
+            num_warps=blk.num_warps, maxnreg=_config.onchip_maxnreg(blk.num_warps))
         return w, r, new, K, mx, se, P
     NB = _config.n_blocks(N, blk.sim_BN)
     pmax = empty((B, H, NB), torch.float32, dev)
@@ -1010,7 +1015,7 @@ def _onchip_bwd(mem, k, beta, g, s, gamma, w_prev, e, a, w, K, mx, se, dw, dr, d
     _onchip_heads_bwd_kernel[(B, H)](
         mem, k, beta, g, s, gamma, w_prev, _nz(e, mem), _nz(a, mem), w, K, mx, se,
         w if dw is None else dw, dr, dn, dk, dbeta, dg, ds, dgamma, dwp, _nz(de, dk), _nz(da, dk), c, cn,
-        mem.stride(0), mem.stride(1), dn.stride(0), dn.stride(1), H, R, W, S,
+        mem.stride(0), mem.stride(1), dn.stride(0), dn.stride(1), H, R, W, (S - 1) // 2,
         int(dw is not None), int(has_dr), int(dnew is not None), N=N, M=M, **options)
     _onchip_mem_bwd_kernel[(B,)](
         mem, k, w, _nz(e, mem), dr, dn, c, cn, dmem,

@@ -419,7 +419,10 @@ def _read_write_bwd_kernel(p_mem, p_w, p_e, p_a, p_dr, p_dnew, p_dw, p_depart, p
                            BN: tl.constexpr, BM: tl.constexpr):
     """dL/dw (fp32, all R + W heads) from the reads and the write; dL/de, dL/da as per-block partials (B, NB, W, M).
 
-    ``RD`` (R or 0) and ``WD`` (W or 0) say whether dL/dr and dL/dnew_mem were given. The
+    ``RD`` (R or 0) and ``WD`` (W or 0) say whether dL/dr and dL/dnew_mem were given. The write heads'
+    loop runs over W either way (without dL/dnew_mem it loads zeros and stores the zero gradients), so that
+    Triton's constant for W = 1 compiles it to straight code: 10% fewer instructions at the large shape
+    (sass model, sm_90), where a loop over WD, a runtime value, stayed a loop. The
     erase product without head h is rebuilt from the other heads, never by dividing by
     ``1 - w e`` (unstable where it is near zero).
     """
@@ -441,7 +444,7 @@ def _read_write_bwd_kernel(p_mem, p_w, p_e, p_a, p_dr, p_dnew, p_dw, p_depart, p
     for h in range(RD):
         b_dr = tl.load(p_dr + (i_b * R + h) * M + o_m, mask=m_m, other=0.0).to(tl.float32)
         tl.store(p_dw + (i_b * H + h) * N + n0 + o_n, tl.sum(b_mem * b_dr[None, :], 1), mask=m_n)
-    for hw in range(WD):
+    for hw in range(W):
         # dnew * mem * (the other heads' erase factors), built in place: no tile of the factors alone.
         b_derase = b_dnew * b_mem
         for h2 in range(W):
@@ -592,7 +595,9 @@ def _mem_bwd_kernel(p_mem, p_w, p_e, p_dr, p_dnew, p_k, p_ck, p_cn, p_dmem, p_dk
 
     ``RD`` (R or 0) and ``HAS_DNEW`` (0 or 1) say whether dL/dr and dL/dnew_mem were given: runtime values
     that Triton is told not to specialize (it makes an argument equal to 1 a constant), so one compiled
-    kernel serves every combination (a masked-off load moves no data)."""
+    kernel serves every combination (a masked-off load moves no data). The erase loop runs over W either
+    way (on a zero dL/dnew_mem without one), so that W = 1 is straight code (4% fewer instructions at the
+    large shape)."""
     i_n, i_b = _block_and_item(NB)
     i_n = i_n.to(tl.int64)
     # Rows as int32 offsets from the block's int64 base: tiles of 64-bit offsets cost registers, and with
@@ -608,7 +613,7 @@ def _mem_bwd_kernel(p_mem, p_w, p_e, p_dr, p_dnew, p_k, p_ck, p_cn, p_dmem, p_dk
     p_rows = p_dmem + i_b * s_dmem_b + n0 * s_dmem_n + o_n[:, None] * s_dmem_n + o_m[None, :]
     b_dnew = tl.load(p_dnew + i_b * s_dnew_b + n0 * s_dnew_n + o_n[:, None] * s_dnew_n + o_m[None, :],
                      mask=m_nm & (HAS_DNEW != 0), other=0.0).to(tl.float32)
-    for h in range(W * HAS_DNEW):
+    for h in range(W):
         b_w = tl.load(p_w + (i_b * H + R + h) * N + n0 + o_n, mask=m_n, other=0.0).to(tl.float32)
         b_e = tl.load(p_e + (i_b * W + h) * M + o_m, mask=m_m, other=0.0).to(tl.float32)
         b_dnew *= 1.0 - b_w[:, None] * b_e[None, :]

@@ -352,9 +352,14 @@ def _sharpened_block(p_K, p_wp, p_beta, p_g, p_s, p_gamma, p_max, p_sum, i_n, i_
 
 
 @triton.jit
-def _shift_sharpen_kernel(p_K, p_wp, p_beta, p_g, p_s, p_gamma, p_max, p_sum, p_pw, p_pP, N, S, NB,
+def _shift_sharpen_kernel(p_K, p_wp, p_beta, p_g, p_s, p_gamma, p_max, p_sum, p_pw, p_pP, N, K, NB,
                           BN: tl.constexpr):
-    """Large memory, pass 2: ``ws^gamma`` of head ``i_bh`` on block ``i_n`` (fp32) and its block sum."""
+    """Large memory, pass 2: ``ws^gamma`` of head ``i_bh`` on block ``i_n`` (fp32) and its block sum.
+
+    This pass and the addressing chain's backward passes take the shift's half-width ``K`` (``S = 2K + 1``
+    taps), as the on-chip kernels do: Triton makes K = 1 (S = 3) a constant and the tap loops unroll
+    (sass model, large shape, sm_90: 2-11% fewer instructions a pass)."""
+    S = 2 * K + 1
     i_n, i_bh = _block_and_item(NB)
     b_p, o_n, m_n = _sharpened_block(p_K, p_wp, p_beta, p_g, p_s, p_gamma, p_max, p_sum, i_n, i_bh, N, S, BN)
     tl.store(p_pw + i_bh * N + o_n, b_p, mask=m_n)
@@ -472,13 +477,14 @@ def _dw_at(p_dwrw, p_dw, o, m_n, HAS_DW):
 
 @triton.jit(do_not_specialize=("HAS_DW",))
 def _sharpen_dot_kernel(p_dwrw, p_dw, p_K, p_wp, p_beta, p_g, p_s, p_gamma, p_max, p_sum, p_pP, p_pdot,
-                        N, S, NB, HAS_DW, BN: tl.constexpr):
+                        N, K, NB, HAS_DW, BN: tl.constexpr):
     """Addressing backward, pass 1: block partials (B, H, NB) of ``P = sum_n p[n]`` and ``sum_n dw[n] p[n]``,
     ``p = max(ws, 1e-30)^gamma`` recomputed as the forward does (so ``P`` is the forward's, bit for bit).
 
     Not the saved ``w``: in bf16 its rounding, through ``dot1 = sum_n dw w``, spoils dL/dgamma (a difference
     of nearly equal sums).
     """
+    S = 2 * K + 1
     i_n, i_bh = _block_and_item(NB)
     b_p, o_n, m_n = _sharpened_block(p_K, p_wp, p_beta, p_g, p_s, p_gamma, p_max, p_sum, i_n, i_bh, N, S, BN)
     b_dw = _dw_at(p_dwrw, p_dw, i_bh * N + o_n, m_n, HAS_DW)
@@ -488,7 +494,7 @@ def _sharpen_dot_kernel(p_dwrw, p_dw, p_K, p_wp, p_beta, p_g, p_s, p_gamma, p_ma
 
 @triton.jit(do_not_specialize=("HAS_DW",))
 def _sharpen_bwd_kernel(p_dwrw, p_dw, p_K, p_wp, p_beta, p_g, p_s, p_gamma, p_max, p_sum, p_P, p_dot,
-                        p_dws, p_pdgamma, p_pds, N, S, NB, HAS_DW, BN: tl.constexpr):
+                        p_dws, p_pdgamma, p_pds, N, K, NB, HAS_DW, BN: tl.constexpr):
     """Addressing backward, pass 2, head ``i_bh`` on block ``i_n``: sharpening and the shift's dL/ds.
 
     With ``c = max(ws, 1e-30)``, ``w = c^gamma / Pe`` (``Pe = P + eps``, given) and ``dot1 = sum_n dw w``
@@ -497,6 +503,7 @@ def _sharpen_bwd_kernel(p_dwrw, p_dw, p_K, p_wp, p_beta, p_g, p_s, p_gamma, p_ma
     ``ds[j + K] = sum_n dws[n] wg[(n - j) mod N]``. ``ws`` and ``wg`` are recomputed as the forward does,
     the halo from the stored logits. Block partials: dgamma (B, H, NB), ds (B, H, NB, S).
     """
+    S = 2 * K + 1
     i_n, i_bh = _block_and_item(NB)
     o_n = i_n * BN + tl.arange(0, BN)
     m_n = o_n < N
@@ -525,13 +532,14 @@ def _sharpen_bwd_kernel(p_dwrw, p_dw, p_K, p_wp, p_beta, p_g, p_s, p_gamma, p_ma
 
 @triton.jit
 def _interp_bwd_kernel(p_dws, p_K, p_wp, p_beta, p_g, p_s, p_max, p_sum, p_dwp, p_dwc, p_pdg, p_pdot,
-                       N, S, NB, BN: tl.constexpr):
+                       N, K, NB, BN: tl.constexpr):
     """Addressing backward, pass 3, head ``i_bh`` on block ``i_n``: the shift and the interpolation.
 
     ``dwg[n] = sum_j s[j + K] dws[(n + j) mod N]`` (the halo from the stored dws); ``dw_prev = (1 - g) dwg``
     (stored in its dtype); ``dwc = g dwg`` (stored, fp32). Block partials (B, H, NB) of
     ``dg = sum_n dwg (wc - w_prev)`` and ``dot2 = sum_n dwc wc``.
     """
+    S = 2 * K + 1
     i_n, i_bh = _block_and_item(NB)
     o_n = i_n * BN + tl.arange(0, BN)
     m_n = o_n < N
@@ -891,7 +899,7 @@ def _forward(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads: int, rw: bool):
     NBV = _config.n_blocks(N, blk.BV)
     pw = empty((B, H, N), torch.float32, dev)
     pP = empty((B, H, NBV), torch.float32, dev)
-    _shift_sharpen_kernel[(NBV * B * H,)](K, w_prev, beta, g, s, gamma, mx, se, pw, pP, N, S, NBV,
+    _shift_sharpen_kernel[(NBV * B * H,)](K, w_prev, beta, g, s, gamma, mx, se, pw, pP, N, (S - 1) // 2, NBV,
                                         BN=blk.BV, num_warps=4)
     torch.sum(pP, dim=-1, out=P)
     if not rw:
@@ -922,7 +930,7 @@ def _address_bwd(beta, g, s, gamma, w_prev, K, mx, se, kn, dw_rw, dw, BV: int):
     dw = dw if has_dw else dw_rw
     pP = empty((B, H, NB), torch.float32, dev)
     pdot = empty((B, H, NB), torch.float32, dev)
-    _sharpen_dot_kernel[grid](dw_rw, dw, K, w_prev, beta, g, s, gamma, mx, se, pP, pdot, N, S, NB, int(has_dw),
+    _sharpen_dot_kernel[grid](dw_rw, dw, K, w_prev, beta, g, s, gamma, mx, se, pP, pdot, N, (S - 1) // 2, NB, int(has_dw),
                               BN=BV, num_warps=4)
     Pe = pP.sum(-1) + SHARPEN_EPS
     dot = pdot.sum(-1) / Pe
@@ -930,12 +938,12 @@ def _address_bwd(beta, g, s, gamma, w_prev, K, mx, se, kn, dw_rw, dw, BV: int):
     pdgamma = empty((B, H, NB), torch.float32, dev)
     pds = empty((B, H, NB, S), torch.float32, dev)
     _sharpen_bwd_kernel[grid](dw_rw, dw, K, w_prev, beta, g, s, gamma, mx, se, Pe, dot, dws, pdgamma, pds,
-                              N, S, NB, int(has_dw), BN=BV, num_warps=4)
+                              N, (S - 1) // 2, NB, int(has_dw), BN=BV, num_warps=4)
     dwp = empty((B, H, N), w_prev.dtype, dev)
     pdg = empty((B, H, NB), torch.float32, dev)
     # Not dws's buffer: the shift reads dws at rows of neighbouring blocks, which their programs would overwrite.
     dwc = empty((B, H, N), torch.float32, dev)
-    _interp_bwd_kernel[grid](dws, K, w_prev, beta, g, s, mx, se, dwp, dwc, pdg, pdot, N, S, NB, BN=BV, num_warps=4)
+    _interp_bwd_kernel[grid](dws, K, w_prev, beta, g, s, mx, se, dwp, dwc, pdg, pdot, N, (S - 1) // 2, NB, BN=BV, num_warps=4)
     torch.sum(pdot, dim=-1, out=dot)
     ck = empty((B, H, N), torch.float32, dev)
     cn = empty((B, N), torch.float32, dev)

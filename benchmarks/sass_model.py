@@ -20,8 +20,8 @@ as Triton's launcher would (16-byte aligned pointers, integers equal to 1 made c
 disassembled with line numbers (``nvdisasm -g``). A backward branch closes a loop; its trip count is
 that of the ``for`` statement in the kernel files whose lines hold most of the loop's instructions
 (innermost loops first, see ``loop_trips``), evaluated with the launch's integer arguments and the
-kernel's assignments to plain names (a helper's loop bound is read with the kernel's names, then its
-own: right where the helper's parameter is named as the argument it is given, as everywhere here). An
+kernel's assignments to plain names (a helper's loop bound is read with the kernel's names: right where
+the helper's parameter is named as the argument it is given, as everywhere here). An
 instruction counts once for each trip of every loop around it; both sides of other branches count (what
 is emitted, not what a warp executes). The torch ops between launches (block-partial sums) are not
 counted. ptxas unrolls some loops with a small body and a runtime trip count (the on-chip kernels' loops
@@ -122,30 +122,14 @@ def for_statements() -> list[ForStatement]:
     return found
 
 
-def _assigned(names, ints: dict[str, int]) -> dict[str, int]:
-    """``ints`` with each (name, expression) of ``names`` that evaluates from them, in order."""
+def trip_count(statement: ForStatement, ints: dict[str, int]) -> int | None:
+    """The statement's trip count with the launch's integer arguments, or None if it names something else."""
     space = dict(ints)
-    for name, expression in names:
+    for name, expression in statement.names:
         try:
             space[name] = eval(expression, {}, space)
         except (NameError, TypeError, AttributeError, ValueError, ZeroDivisionError):
             continue  # a tensor (``tl.arange``), or names not known here: left out
-    return space
-
-
-def kernel_ints(launch: launches.Launch, consts: dict) -> dict[str, int]:
-    """The launch's integer arguments and constants, and the kernel's own assignments to plain names that
-    evaluate from them (``S = 2 * K + 1``): what a helper's loop bound may name."""
-    ints = {**launches.bound_ints(launch), **{k: v for k, v in consts.items() if isinstance(v, int)}}
-    with open(launches.kernel_module(launch.name).__file__) as f:
-        fn = next(n for n in ast.walk(ast.parse(f.read())) if isinstance(n, ast.FunctionDef) and n.name == launch.name)
-    return _assigned([(a.targets[0].id, ast.unparse(a.value)) for a in fn.body if isinstance(a, ast.Assign)
-                      and len(a.targets) == 1 and isinstance(a.targets[0], ast.Name)], ints)
-
-
-def trip_count(statement: ForStatement, ints: dict[str, int]) -> int | None:
-    """The statement's trip count with the launch's integer arguments, or None if it names something else."""
-    space = _assigned(statement.names, ints)
     try:
         return max(0, int(eval(statement.bound, {}, space)))
     except NameError:
@@ -224,7 +208,8 @@ def count_launch(launch: launches.Launch, fors, arch: int) -> Count:
     spec = launches.specialize(launch)
     compiled = launches.compile_kernel(spec, arch)
     code, labels = disassemble(compiled)
-    loops = loop_trips(code, labels, fors, kernel_ints(launch, spec.consts))
+    ints = {**launches.bound_ints(launch), **{k: v for k, v in spec.consts.items() if isinstance(v, int)}}
+    loops = loop_trips(code, labels, fors, ints)
     per_warp = 0
     for ins in code:
         times = 1

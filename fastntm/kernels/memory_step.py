@@ -95,12 +95,12 @@ def _cosine(b_mem, b_mn, p_k, o_m, m_m):
 
 
 @triton.jit
-def _tap_shifts(S, N):
+def _tap_shifts(K, N):
     """``(-K mod N, K mod N)`` for the shift's ``S = 2K + 1`` taps: the shifts of a loop's first tap, going up
     from ``-K`` or down from ``K``. A loop over taps takes each next shift with ``_next_shift``, not a modulo:
     an integer division costs tens of instructions (the on-chip forward's tap took 57 with two of them, 28
     without; sass model, sm_90), and here one serves both."""
-    k = ((S - 1) // 2) % N
+    k = K % N
     return tl.where(k == 0, 0, N - k), k
 
 
@@ -170,13 +170,14 @@ def _store_written(p_rows, b_mem, b_keep, b_add, s_new_n, o_n, o_m, m_nm):
 
 
 @triton.jit
-def _shift(p_K, p_wp, p_s, b_beta, b_g, b_max, b_sum, o_n, m_n, N, S, BN: tl.constexpr):
+def _shift(p_K, p_wp, p_s, b_beta, b_g, b_max, b_sum, o_n, m_n, N, K, BN: tl.constexpr):
     """``ws[n] = sum_j s[j + K] wg[(n - j) mod N]`` at rows ``o_n`` of one head (not 0 on masked rows).
 
     ``wg`` is recomputed at each source row from the stored logits, so rows of other blocks cost one load.
     """
+    S = 2 * K + 1
     b_ws = tl.zeros([BN], dtype=tl.float32)
-    d, _ = _tap_shifts(S, N)
+    d, _ = _tap_shifts(K, N)
     for j in range(S):
         o_src = _circular(o_n, d, N)
         b_ws += tl.load(p_s + j).to(tl.float32) * _wg_at(p_K, p_wp, o_src, m_n, b_beta, b_g, b_max, b_sum)
@@ -185,15 +186,15 @@ def _shift(p_K, p_wp, p_s, b_beta, b_g, b_max, b_sum, o_n, m_n, N, S, BN: tl.con
 
 
 @triton.jit
-def _shift_sharpen(p_K, p_wp, p_s, b_beta, b_g, b_gamma, b_max, b_sum, o_n, m_n, N, S, BN: tl.constexpr):
+def _shift_sharpen(p_K, p_wp, p_s, b_beta, b_g, b_gamma, b_max, b_sum, o_n, m_n, N, K, BN: tl.constexpr):
     """``max(ws, 1e-30)^gamma`` at rows ``o_n`` of one head, 0 on masked rows."""
-    b_ws = _shift(p_K, p_wp, p_s, b_beta, b_g, b_max, b_sum, o_n, m_n, N, S, BN)
+    b_ws = _shift(p_K, p_wp, p_s, b_beta, b_g, b_max, b_sum, o_n, m_n, N, K, BN)
     return tl.where(m_n, tl.exp(b_gamma * tl.log(tl.maximum(b_ws, 1e-30))), 0.0)
 
 
 @triton.jit
 def _onchip_address(b_mem, b_mn, p_k, p_beta, p_g, p_s, p_gamma, p_wp, p_w, p_K, p_max, p_sum, p_P,
-                    i_bh, o_n, o_m, m_n, m_m, N, M, S, BN: tl.constexpr):
+                    i_bh, o_n, o_m, m_n, m_m, N, M, K, BN: tl.constexpr):
     """One head's weighting over the whole memory; returns it rounded to w's dtype (as the reference reads with it).
 
     Every load comes before the first store: the compiler keeps a load after a store to a pointer that may
@@ -207,8 +208,9 @@ def _onchip_address(b_mem, b_mn, p_k, p_beta, p_g, p_s, p_gamma, p_wp, p_w, p_K,
     b_max = tl.max(b_z, 0)
     b_sum = tl.sum(tl.exp(b_z - b_max), 0)
     b_wg = _wg(b_K, b_wp, b_beta, b_g, b_max, b_sum)
+    S = 2 * K + 1
     b_ws = tl.zeros([BN], dtype=tl.float32)
-    d, _ = _tap_shifts(S, N)
+    d, _ = _tap_shifts(K, N)
     for j in range(S):
         b_ws += tl.load(p_s + i_bh * S + j).to(tl.float32) * _rolled(b_wg, d, o_n, N)
         d = _next_shift(d, 1, N)
@@ -257,7 +259,6 @@ def _memory_step_onchip_kernel(p_mem, p_k, p_beta, p_g, p_s, p_gamma, p_wp, p_e,
     sm_90, before ``_next_shift``). Rows that load 16 bytes a thread already span few lanes: BC = BM
     there, a (BN, 1, BM) tile.
     """
-    S = 2 * K + 1
     i_b = tl.program_id(0).to(tl.int64)
     i_g = tl.program_id(1)
     o_n = tl.arange(0, BN)
@@ -270,7 +271,7 @@ def _memory_step_onchip_kernel(p_mem, p_k, p_beta, p_g, p_s, p_gamma, p_wp, p_e,
     b_mn = tl.maximum(tl.sqrt(_chunked_row_sums(b_mem * b_mem)), 1e-8)
     if i_g < R:
         b_w = _onchip_address(b_mem, b_mn, p_k, p_beta, p_g, p_s, p_gamma, p_wp, p_w, p_K, p_max, p_sum, p_P,
-                              i_b * H + i_g, o_n, o_m, m_n, m_m, N, M, S, BN)
+                              i_b * H + i_g, o_n, o_m, m_n, m_m, N, M, K, BN)
         if RW:
             b_r = tl.sum(b_w[:, None, None] * b_mem, 0)
             tl.store(p_r + (i_b * R + i_g) * M + o_m, b_r.to(p_r.dtype.element_ty), mask=m_m)
@@ -279,7 +280,7 @@ def _memory_step_onchip_kernel(p_mem, p_k, p_beta, p_g, p_s, p_gamma, p_wp, p_e,
         b_add = tl.zeros([BN, BM // BC, BC], dtype=tl.float32)
         for hw in range(W):
             b_w = _onchip_address(b_mem, b_mn, p_k, p_beta, p_g, p_s, p_gamma, p_wp, p_w, p_K, p_max, p_sum, p_P,
-                                  i_b * H + R + hw, o_n, o_m, m_n, m_m, N, M, S, BN)
+                                  i_b * H + R + hw, o_n, o_m, m_n, m_m, N, M, K, BN)
             b_keep, b_add = _erase_add(b_keep, b_add, b_w, p_e, p_a, (i_b * W + hw) * M, o_m, m_m)
         _store_written(p_new + i_b * s_new_b, b_mem, b_keep, b_add, s_new_n, o_n, o_m, m_nm)
 
@@ -340,14 +341,14 @@ def _softmax_merge_kernel(p_pmax, p_psum, p_max, p_sum, NB, BN: tl.constexpr):
 
 
 @triton.jit
-def _sharpened_block(p_K, p_wp, p_beta, p_g, p_s, p_gamma, p_max, p_sum, i_n, i_bh, N, S, BN: tl.constexpr):
+def _sharpened_block(p_K, p_wp, p_beta, p_g, p_s, p_gamma, p_max, p_sum, i_n, i_bh, N, K, BN: tl.constexpr):
     """``max(ws, 1e-30)^gamma`` of head ``i_bh`` on block ``i_n`` (0 on masked rows), its rows and their mask."""
     o_n = i_n * BN + tl.arange(0, BN)
     m_n = o_n < N
-    b_p = _shift_sharpen(p_K + i_bh * N, p_wp + i_bh * N, p_s + i_bh * S,
+    b_p = _shift_sharpen(p_K + i_bh * N, p_wp + i_bh * N, p_s + i_bh * (2 * K + 1),
                          tl.load(p_beta + i_bh).to(tl.float32), tl.load(p_g + i_bh).to(tl.float32),
                          tl.load(p_gamma + i_bh).to(tl.float32), tl.load(p_max + i_bh), tl.load(p_sum + i_bh),
-                         o_n, m_n, N, S, BN)
+                         o_n, m_n, N, K, BN)
     return b_p, o_n, m_n
 
 
@@ -359,9 +360,8 @@ def _shift_sharpen_kernel(p_K, p_wp, p_beta, p_g, p_s, p_gamma, p_max, p_sum, p_
     This pass and the addressing chain's backward passes take the shift's half-width ``K`` (``S = 2K + 1``
     taps), as the on-chip kernels do: Triton makes K = 1 (S = 3) a constant and the tap loops unroll
     (sass model, large shape, sm_90: 2-11% fewer instructions a pass)."""
-    S = 2 * K + 1
     i_n, i_bh = _block_and_item(NB)
-    b_p, o_n, m_n = _sharpened_block(p_K, p_wp, p_beta, p_g, p_s, p_gamma, p_max, p_sum, i_n, i_bh, N, S, BN)
+    b_p, o_n, m_n = _sharpened_block(p_K, p_wp, p_beta, p_g, p_s, p_gamma, p_max, p_sum, i_n, i_bh, N, K, BN)
     tl.store(p_pw + i_bh * N + o_n, b_p, mask=m_n)
     tl.store(p_pP + i_bh * NB + i_n, tl.sum(b_p, 0))
 
@@ -484,9 +484,8 @@ def _sharpen_dot_kernel(p_dwrw, p_dw, p_K, p_wp, p_beta, p_g, p_s, p_gamma, p_ma
     Not the saved ``w``: in bf16 its rounding, through ``dot1 = sum_n dw w``, spoils dL/dgamma (a difference
     of nearly equal sums).
     """
-    S = 2 * K + 1
     i_n, i_bh = _block_and_item(NB)
-    b_p, o_n, m_n = _sharpened_block(p_K, p_wp, p_beta, p_g, p_s, p_gamma, p_max, p_sum, i_n, i_bh, N, S, BN)
+    b_p, o_n, m_n = _sharpened_block(p_K, p_wp, p_beta, p_g, p_s, p_gamma, p_max, p_sum, i_n, i_bh, N, K, BN)
     b_dw = _dw_at(p_dwrw, p_dw, i_bh * N + o_n, m_n, HAS_DW)
     tl.store(p_pP + i_bh * NB + i_n, tl.sum(b_p, 0))
     tl.store(p_pdot + i_bh * NB + i_n, tl.sum(b_dw * b_p, 0))
@@ -513,7 +512,7 @@ def _sharpen_bwd_kernel(p_dwrw, p_dw, p_K, p_wp, p_beta, p_g, p_s, p_gamma, p_ma
     b_gamma = tl.load(p_gamma + i_bh).to(tl.float32)
     b_max = tl.load(p_max + i_bh)
     b_sum = tl.load(p_sum + i_bh)
-    b_ws = _shift(p_Kh, p_wph, p_sh, b_beta, b_g, b_max, b_sum, o_n, m_n, N, S, BN)
+    b_ws = _shift(p_Kh, p_wph, p_sh, b_beta, b_g, b_max, b_sum, o_n, m_n, N, K, BN)
     b_c = tl.maximum(b_ws, 1e-30)
     b_logc = tl.log(b_c)
     # Masked rows load dw = 0 and get w = 0, so they add nothing below.
@@ -522,7 +521,7 @@ def _sharpen_bwd_kernel(p_dwrw, p_dw, p_K, p_wp, p_beta, p_g, p_s, p_gamma, p_ma
     tl.store(p_pdgamma + i_bh * NB + i_n, tl.sum(b_dpp * b_logc, 0))
     b_dws = tl.where(b_ws >= 1e-30, b_dpp * b_gamma / b_c, 0.0)
     tl.store(p_dws + i_bh * N + o_n, b_dws, mask=m_n)
-    d, _ = _tap_shifts(S, N)
+    d, _ = _tap_shifts(K, N)
     for j in range(S):
         o_src = _circular(o_n, d, N)
         b_wg = _wg_at(p_Kh, p_wph, o_src, m_n, b_beta, b_g, b_max, b_sum)
@@ -544,7 +543,7 @@ def _interp_bwd_kernel(p_dws, p_K, p_wp, p_beta, p_g, p_s, p_max, p_sum, p_dwp, 
     o_n = i_n * BN + tl.arange(0, BN)
     m_n = o_n < N
     b_dwg = tl.zeros([BN], dtype=tl.float32)
-    _, d = _tap_shifts(S, N)
+    _, d = _tap_shifts(K, N)
     for j in range(S):
         o_dst = _circular(o_n, d, N)
         b_dwg += tl.load(p_s + i_bh * S + j).to(tl.float32) * tl.load(p_dws + i_bh * N + o_dst, mask=m_n, other=0.0)
@@ -661,7 +660,7 @@ def _add3(a0, a1, a2, b0, b1, b2):
 
 @triton.jit
 def _onchip_address_bwd(b_dw, b_K, b_wp, b_beta, b_g, b_gamma, b_max, b_sum, p_s,
-                        p_dbeta, p_dg, p_ds, p_dgamma, p_dwp, i_bh, o_n, m_n, N, S, BN: tl.constexpr):
+                        p_dbeta, p_dg, p_ds, p_dgamma, p_dwp, i_bh, o_n, m_n, N, K, BN: tl.constexpr):
     """One head's addressing chain backward on (N,) vectors, from ``b_dw`` (dL/dw, fp32, 0 on masked rows),
     the logits ``b_K`` and ``b_wp`` (w_prev), and the head's parameters and softmax sums, loaded.
 
@@ -675,7 +674,8 @@ def _onchip_address_bwd(b_dw, b_K, b_wp, b_beta, b_g, b_gamma, b_max, b_sum, p_s
     b_wc = tl.where(m_n, _softmax_at(b_K, b_beta, b_max, b_sum), 0.0)
     # Forward again: interpolate, shift (the source rows from shared memory) and sharpen.
     b_wg = b_g * b_wc + (1.0 - b_g) * b_wp
-    d, d_last = _tap_shifts(S, N)
+    S = 2 * K + 1
+    d, d_last = _tap_shifts(K, N)
     b_ws = tl.zeros([BN], dtype=tl.float32)
     for j in range(S):
         b_ws += tl.load(p_s + i_bh * S + j).to(tl.float32) * _rolled(b_wg, d, o_n, N)
@@ -732,7 +732,6 @@ def _onchip_heads_bwd_kernel(p_mem, p_k, p_beta, p_g, p_s, p_gamma, p_wp, p_e, p
     ``1 - w e`` (unstable near zero). Every load but the shift's taps comes before the first store (see
     ``_onchip_address``). Tiles of chunked rows, as in ``_memory_step_onchip_kernel``.
     """
-    S = 2 * K + 1
     i_b = tl.program_id(0).to(tl.int64)
     i_h = tl.program_id(1)
     i_bh = i_b * H + i_h
@@ -773,7 +772,7 @@ def _onchip_heads_bwd_kernel(p_mem, p_k, p_beta, p_g, p_s, p_gamma, p_wp, p_e, p
         tl.store(p_de + o_hw, (-b_de).to(p_de.dtype.element_ty), mask=m_m)
         tl.store(p_da + o_hw, b_da.to(p_da.dtype.element_ty), mask=m_m)
     b_dK, b_dKK = _onchip_address_bwd(b_dw, b_K, b_wp, b_beta, b_g, b_gamma, b_max, b_sum, p_s,
-                                      p_dbeta, p_dg, p_ds, p_dgamma, p_dwp, i_bh, o_n, m_n, N, S, BN)
+                                      p_dbeta, p_dg, p_ds, p_dgamma, p_dwp, i_bh, o_n, m_n, N, K, BN)
     b_norm = tl.sqrt(_chunked_row_sums(b_mem * b_mem))
     b_mn = tl.maximum(b_norm, 1e-8)
     b_knorm = tl.sqrt(tl.sum(tl.sum(b_k * b_k, 1), 0))

@@ -28,7 +28,8 @@
 # T_TESTS=90 T_KERNELS=30 T_PROFILE=40 T_SWEEP=150 T_RUN=90 T_LONG=20: 495 s, 519 s
 # at worst).
 #
-# BASE=<commit> also runs bench_kernels and kernel_profile from that commit's tree (git archive), after this
+# BASE=<commit> (or a FILE.tar from `git archive -o FILE.tar <commit>`, carried to a machine whose .git may
+# lack the commit) also runs bench_kernels and kernel_profile from that commit's tree, after this
 # tree's, into $OUT/base/ (their JSON, and the commit's hash in $OUT/base/commit; the log is $OUT/log): old
 # and new kernels timed on one machine a minute apart, each beside its own reference rows, which should
 # agree between the two runs. Limits T_KERNELS and T_PROFILE again (up to 176 s more).
@@ -97,7 +98,12 @@ if [ -n "${BASE:-}" ]; then
     BASE_TREE="$(mktemp -d)"
     BASE_OUT="$(cd "$OUT" && pwd)/base"
     mkdir -p "$BASE_OUT"
-    if git archive "$BASE" | tar -x -C "$BASE_TREE" && git rev-parse "$BASE" > "$BASE_OUT/commit"; then
+    if [ -f "$BASE" ]; then  # a tree from `git archive -o FILE.tar REV`: the device's .git may lack REV
+        tar -x -C "$BASE_TREE" -f "$BASE" && git get-tar-commit-id < "$BASE" > "$BASE_OUT/commit"
+    else
+        git archive "$BASE" | tar -x -C "$BASE_TREE" && git rev-parse "$BASE" > "$BASE_OUT/commit"
+    fi
+    if [ $? -eq 0 ]; then
         # From the base tree's folder: `python -m` puts the current folder first on the path.
         part "bench_kernels at $BASE" "$T_KERNELS" env -C "$BASE_TREE" PYTHONPATH=. \
             "$PY" -m benchmarks.bench_kernels --out "$BASE_OUT"

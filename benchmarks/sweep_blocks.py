@@ -89,7 +89,8 @@ ONCHIP_FWD_WARPS = (2, 4, 8, 16)
 """At 7077bea an H100 ran the paper-size forward in 17.3, 7.5 and 5.8 us at 2, 4 and 8 warps (CUDA graph,
 ``results/h100-2026-11-26-d``), and at one warp it spilled (40.8 us): 16 is the next point of that trend
 (no spill, sm_90)."""
-ONCHIP_BWD_WARPS = (4, 8, 16)
+ONCHIP_BWD_WARPS = (2, 8, 16)
+"""Around the default 4 (``fastntm.kernels._config.ONCHIP_BWD_WARPS``)."""
 QUICK_SHAPES = ("paper-b32", "large")
 FULL_SHAPES = ("paper-b32", "large", "medium")
 CHECK_RTOL = 1e-3

@@ -36,7 +36,7 @@ def test_force_sets_each_part_of_the_choice_and_restores_it():
     default_large, default_onchip = _config.choose(65536, 64), _config.choose(128, 20)
     assert (default_large.onchip, default_large.BN, default_large.num_warps, default_large.BV) == (False, 32, 1, 1024)
     assert (default_large.sim_BN, default_large.sim_warps) == (16, 1)
-    assert (default_onchip.onchip, default_onchip.num_warps, default_onchip.bwd_warps) == (True, 8, 8)
+    assert (default_onchip.onchip, default_onchip.num_warps, default_onchip.bwd_warps) == (True, 8, 4)
     assert default_large.memory_bwd == (32, 2) and default_onchip.memory_bwd == (128, 8)
     with _config.force(block_n=64, num_warps=8, vector_block=256):
         blk = _config.choose(65536, 64)
@@ -80,7 +80,7 @@ def test_environment_is_read_at_every_call_and_force_wins(monkeypatch):
     monkeypatch.setenv(_config.ENV, "onchip_bwd_warps=16")
     assert _config.choose(128, 20).bwd_warps == 16
     monkeypatch.delenv(_config.ENV)
-    assert _config.choose(128, 20).bwd_warps == 8
+    assert _config.choose(128, 20).bwd_warps == 4
 
 
 @pytest.mark.parametrize("settings, message", [
@@ -146,7 +146,7 @@ def test_candidates_cover_the_requested_grid_default_first():
     assert (128, 2) not in [(c.settings.get("bwd_block_n"), c.settings.get("bwd_warps")) for c in quick[1:]]
     onchip = sweep_blocks.candidates(paper, quick=True)
     assert [c.settings for c in onchip if c.axis == "fwd"] == [dict(onchip_warps=w) for w in (2, 4, 8, 16)]
-    assert [c.settings for c in onchip if c.axis == "bwd"] == [dict(onchip_bwd_warps=w) for w in (4, 8, 16)]
+    assert [c.settings for c in onchip if c.axis == "bwd"] == [dict(onchip_bwd_warps=w) for w in (2, 8, 16)]
 
 
 def test_main_refuses_to_run_without_cuda(capsys, tmp_path):

@@ -65,6 +65,12 @@ a read head and one for the write heads, the backward one), so the occupancy
 lost (2 or 3 programs of 4 warps per SM instead of 3 or 5; 8-warp programs fit one per SM either way) shows
 only when B is several times the SM count."""
 
+ONCHIP_BWD_WARPS = 4
+"""Warps of the on-chip backward's programs, at every on-chip size. At the paper's size (BN 128, BM 32, the
+largest on-chip tile) each of five H100 runs of ``benchmarks.sweep_blocks`` timed forward + backward in a
+CUDA graph 1-8% faster at 4 warps than at 8 (``benchmarks/results/h100-2026-11-26-e/``: 11.2 against 11.7
+us); a smaller tile holds fewer values a thread at the same warps."""
+
 ENV = "FASTNTM_BLOCKS"
 
 
@@ -255,7 +261,7 @@ def _choose(N: int, M: int, forced: Overrides) -> Blocks:
     full = max(64, next_pow2(N))
     if forced.block_n is None and full * BM <= ONCHIP_MAX_ELEMENTS:
         warps = forced.onchip_warps or (4 if full * BM <= 2048 else 8)
-        return Blocks(True, full, BM, warps, forced.onchip_bwd_warps or (4 if full * BM <= 1024 else 8),
+        return Blocks(True, full, BM, warps, forced.onchip_bwd_warps or ONCHIP_BWD_WARPS,
                       vector_block(N), full, full, warps)
     BN = forced.block_n or large_block_n(BM)
     warps, bwd_warps = large_warps(M)

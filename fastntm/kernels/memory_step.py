@@ -87,9 +87,8 @@ def _chunked_row_sums(b_x):
 
 
 @triton.jit
-def _cosine(b_mem, b_mn, p_k, o_m, m_m):
+def _cosine(b_mem, b_mn, b_k):
     """``K[n] = dot(k, mem[n]) / (max(|k|, eps) max(|mem[n]|, eps))`` for the rows of the chunked ``b_mem``."""
-    b_k = tl.load(p_k + o_m, mask=m_m, other=0.0).to(tl.float32)
     b_kn = tl.maximum(tl.sqrt(tl.sum(tl.sum(b_k * b_k, 1), 0)), 1e-8)
     return _chunked_row_sums(b_mem * b_k[None, :, :]) / (b_kn * b_mn)
 
@@ -203,7 +202,7 @@ def _onchip_address(b_mem, b_mn, p_k, p_beta, p_g, p_s, p_gamma, p_wp, p_w, p_K,
     b_g = tl.load(p_g + i_bh).to(tl.float32)
     b_gamma = tl.load(p_gamma + i_bh).to(tl.float32)
     b_wp = tl.load(p_wp + i_bh * N + o_n, mask=m_n, other=0.0).to(tl.float32)
-    b_K = _cosine(b_mem, b_mn, p_k + i_bh * M, o_m, m_m)
+    b_K = _cosine(b_mem, b_mn, tl.load(p_k + i_bh * M + o_m, mask=m_m, other=0.0).to(tl.float32))
     b_z = tl.where(m_n, b_beta * b_K, float("-inf"))
     b_max = tl.max(b_z, 0)
     b_sum = tl.sum(tl.exp(b_z - b_max), 0)
@@ -310,14 +309,23 @@ def _similarity_kernel(p_mem, p_k, p_beta, p_K, p_pmax, p_psum, s_mem_b, s_mem_n
     b_mem = tl.load(p_mem + i_b * s_mem_b + n0 * s_mem_n + o_n[:, None, None] * s_mem_n + o_m[None, :, :],
                     mask=m_n[:, None, None] & m_m[None, :, :], other=0.0).to(tl.float32)
     b_mn = tl.maximum(tl.sqrt(_chunked_row_sums(b_mem * b_mem)), 1e-8)
+    b_k = tl.load(p_k + i_b * H * M + o_m, mask=m_m, other=0.0)
+    b_beta = tl.load(p_beta + i_b * H)
     for h in range(H):
         i_bh = i_b * H + h
-        b_K = _cosine(b_mem, b_mn, p_k + i_bh * M, o_m, m_m)
+        # The next head's key and beta, a head ahead and before this head's stores (which they might alias, so
+        # the compiler keeps a load after them): at one warp a program, each load's latency on the head's chain
+        # of sums was the program's.
+        m_h = h + 1 < H
+        b_k_next = tl.load(p_k + (i_bh + 1) * M + o_m, mask=m_m & m_h, other=0.0)
+        b_beta_next = tl.load(p_beta + i_bh + 1, mask=m_h, other=0.0)
+        b_K = _cosine(b_mem, b_mn, b_k.to(tl.float32))
         tl.store(p_K + i_bh * N + n0 + o_n, b_K, mask=m_n)
-        b_z = tl.where(m_n, tl.load(p_beta + i_bh).to(tl.float32) * b_K, float("-inf"))
+        b_z = tl.where(m_n, b_beta.to(tl.float32) * b_K, float("-inf"))
         b_max = tl.max(b_z, 0)
         tl.store(p_pmax + i_bh * NB + i_n, b_max)
         tl.store(p_psum + i_bh * NB + i_n, tl.sum(tl.exp(b_z - b_max), 0))
+        b_k, b_beta = b_k_next, b_beta_next
 
 
 @triton.jit

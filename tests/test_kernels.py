@@ -422,16 +422,3 @@ def test_torch_compile_traces_the_head_parameters_without_graph_breaks():
 
 if __name__ == "__main__":  # pragma: no cover
     raise SystemExit(pytest.main([__file__, *os.sys.argv[1:]]))
-
-
-@pytest.mark.parametrize("NB", [1, 37, 64, 2048])
-def test_block_sums_in_two_stages_match_one_sum(NB):
-    from fastntm.kernels.memory_step import _block_sum
-
-    part = torch.randn(3, NB, 4, 5, dtype=torch.float64)
-    torch.testing.assert_close(_block_sum(part), part.sum(1), rtol=1e-12, atol=1e-12)
-
-
-def test_memory_step_with_64_blocks_sums_partials_in_two_stages():
-    with _config.force_block_n(16):
-        check_op(kernels.memory_step, reference.memory_step, kernel_inputs(1, 1024, 13, 2, 1, 3), extra=(1,))

@@ -841,22 +841,6 @@ def _onchip_mem_bwd_kernel(p_mem, p_k, p_w, p_e, p_dr, p_dnew, p_c, p_cn, p_dmem
 # ----------------------------------------------------------------------------
 
 
-def _block_sum(part: torch.Tensor) -> torch.Tensor:
-    """``part.sum(1)``: the sum of a (B, NB, ...) tensor's NB block partials, in two torch sums where NB splits
-    into two powers of two (first over groups of G consecutive blocks, then over the NB / G groups), else one.
-
-    One sum over the middle axis has B * (...) outputs, few for NB inputs each (the large shape's read partials:
-    4,096 outputs of 2,048 blocks; 24 us for their 33.5 MB on the H100, 1.4 TB/s); the first of two has NB / G
-    times as many. Fixed orders both ways, so bit-identical run to run."""
-    B, NB = part.shape[:2]
-    if NB == 1:
-        return part[:, 0]
-    if NB < 64 or NB & (NB - 1):
-        return part.sum(1)
-    G = 1 << (NB.bit_length() // 2)  # NB = 2^j: G = 2^ceil(j / 2)
-    return part.view(B, NB // G, G, *part.shape[2:]).sum(2).sum(1)
-
-
 def _nz(t, fallback):
     """``t``, or ``fallback`` where ``t`` is empty: a kernel never reads it, but it gets a real pointer."""
     return fallback if t is None or t.numel() == 0 else t
@@ -884,7 +868,7 @@ def _read_write(mem, w, P, e, a, R: int, W: int, normalize: bool, wout, write: b
         mem.stride(0), mem.stride(1), new.stride(0), new.stride(1), N, M, R, W, NB,
         NORMALIZE=normalize, WRITE=write, BN=blk.BN, BM=blk.BM, num_warps=blk.num_warps)
     out_dtype = wout.dtype if wout is not None else w.dtype
-    r = _block_sum(rpart)
+    r = rpart[:, 0] if NB == 1 else rpart.sum(1)
     return r.to(out_dtype), (new if write else None)
 
 
@@ -996,7 +980,7 @@ def _read_write_bwd(mem, w, e, a, dr, dnew, R: int, W: int, blk=None):
             R if has_dr else 0, W if has_dnew else 0, BN=BN, BM=blk.BM, num_warps=warps)
     if not has_dnew:
         return dw, depart.new_zeros((B, W, M)), dapart.new_zeros((B, W, M))
-    return dw, _block_sum(depart), _block_sum(dapart)
+    return dw, depart.sum(1), dapart.sum(1)
 
 
 def _mem_bwd(mem, w, e, dr, dnew, k, addr, R: int, W: int, blk=None):
@@ -1024,7 +1008,7 @@ def _mem_bwd(mem, w, e, dr, dnew, k, addr, R: int, W: int, blk=None):
         BN=BN, BM=blk.BM, num_warps=warps)
     if not has_dk:
         return dmem, None
-    return dmem, _block_sum(dkpart)
+    return dmem, dkpart.sum(1)
 
 
 def _onchip_bwd(mem, k, beta, g, s, gamma, w_prev, e, a, w, K, mx, se, dw, dr, dnew, R: int, blk):

@@ -38,17 +38,10 @@ import torch
 ONCHIP_MAX_ELEMENTS = 4096
 """Largest next_pow2(N) * next_pow2(M) that one program holds (checked spill-free by ptxas)."""
 BLOCK_ELEMENTS = 2048
-"""Target BN * BM of a large-memory program."""
+"""Target BN * BM a warp of a large-memory program of one or two warps (at four, of the program)."""
 SIM_BLOCK_ELEMENTS = 1024
-"""Target BN * BM of a similarity-pass program, one warp. Its block partials are two numbers a head (the
-read-write pass's, R * M), so a small block costs no traffic, and its programs fit more to an SM: at the
-large shape (fp32, sm_90) 16 rows take 64 registers, 32 to an SM, where 32 rows took 128, 16 to an SM. The
-pass, one warp a program, was bound by latency at 16 (``ncu``: 25% occupancy, limited by registers, 62%
-of DRAM bandwidth); the sass model counts 53.5 warp-instructions a row at 16 rows against 38.3 at 32, so
-a program's warp issues 1.4 times as much a row with twice the warps to hide latency. Chosen from that
-model. Timed since (H100, ``benchmarks/results/h100-2026-11-26-e``): 137.9 us a pass against 136.2 us at 32
-rows (7077bea), and 32 rows were 1.7% faster in the sweep's forward: the occupancy did not show. Not changed
-back on that one run, taken before the pass loaded each head's key a head ahead (662143e, 70 registers)."""
+"""Target BN * BM of a similarity-pass program, one warp, but at BM = 64 (``sim_block_n``). A block's partials
+are two numbers a head, so block size costs no traffic here."""
 MAX_BM = 128
 """Widest slot the kernels take (BM = next_pow2(M)); wider slots use the reference."""
 VECTOR_BLOCK = 1024
@@ -135,7 +128,14 @@ def onchip_maxnreg(num_warps: int) -> int:
 
 def large_warps(M: int) -> tuple[int, int]:
     """Warps of a large-memory program of M-wide rows: (forward, and the standalone read and write;
-    the backward's passes over memory).
+    the backward's passes over memory). At one or two warps a program holds ``BLOCK_ELEMENTS`` a warp.
+
+    The forward at two warps and 64 rows where BM = 64 and M is a multiple of 16: the H100 ran the large
+    shape's forward 2.2-2.4% faster in CUDA graphs than at one warp and 32 rows (``benchmarks.sweep_blocks``:
+    389.2 against 398.1 us, ``benchmarks/results/h100-2026-11-26-g``; 401.2 against 411.1 us,
+    ``h100-2026-11-26-e``), with half the read partials to write and sum. Not at BM = 128 (ptxas spilled the
+    read-write pass: unaligned, bf16, sm_90), nor at M = 40 (254 registers as launched, where one warp takes
+    168). The counts below are of the one-warp forward.
 
     Few warps sum a block's rows with few or no barriers (one warp: shuffles alone), and hold several
     rows a thread, so a value a row costs little. At the large shape (fp32, sm_90) the forward's kernels
@@ -147,9 +147,10 @@ def large_warps(M: int) -> tuple[int, int]:
     the backward at two warps with M not a multiple of 16 (M = 40: ptxas capped ``_mem_bwd_kernel`` at
     168 registers and spilled). Chosen from that model; on the H100 (8cfa511, ``benchmarks.sweep_blocks``)
     the fastest forward + backward of the sweep's configurations, the forward within 1% of its best."""
-    if block_m(M) < 64:
+    BM = block_m(M)
+    if BM < 64:
         return 4, 4
-    return 1, (2 if M % 16 == 0 else 4)
+    return (2 if BM == 64 and M % 16 == 0 else 1), (2 if M % 16 == 0 else 4)
 
 
 def _validated(settings: dict, where: str) -> dict:
@@ -242,8 +243,21 @@ def block_m(M: int) -> int:
     return max(16, next_pow2(M))
 
 
-def large_block_n(BM: int) -> int:
-    return max(16, BLOCK_ELEMENTS // BM)
+def large_block_n(BM: int, warps: int = 1) -> int:
+    """Rows of a large-memory program of ``warps`` warps: ``BLOCK_ELEMENTS`` a warp up to two warps."""
+    return max(16, BLOCK_ELEMENTS * (warps if warps <= 2 else 1) // BM)
+
+
+def sim_block_n(BM: int) -> int:
+    """Rows of a similarity-pass program: ``SIM_BLOCK_ELEMENTS``, but 32 rows at BM = 64.
+
+    At 16 rows and BM = 64 the pass fits twice the programs to an SM (64 registers, 32 to an SM, where ncu had
+    found it at 25% occupancy, limited by registers), but the H100 ran it no faster (137.9 us against 136.2
+    at 32 rows, ``benchmarks/results/h100-2026-11-26-e``), and 32 rows were 1.7% and 2.1% faster in the
+    sweep's forward in two runs (404.3 against 411.1 us, ``h100-2026-11-26-e``; 389.8 against 398.1,
+    ``h100-2026-11-26-g``, after the pass loaded each head's key a head ahead). Other widths are as they
+    were: not timed, and at BM = 16 twice the rows took 255 registers (unaligned, bf16)."""
+    return 32 if BM == 64 else max(16, SIM_BLOCK_ELEMENTS // BM)
 
 
 def vector_block(N: int) -> int:
@@ -266,12 +280,13 @@ def _choose(N: int, M: int, forced: Overrides) -> Blocks:
         warps = forced.onchip_warps or (4 if full * BM <= 2048 else 8)
         return Blocks(True, full, BM, warps, forced.onchip_bwd_warps or ONCHIP_BWD_WARPS,
                       vector_block(N), full, full, warps)
-    BN = forced.block_n or large_block_n(BM)
     warps, bwd_warps = large_warps(M)
-    # A forced BN alone forces the vector pass's block too: tests at small N get several vector blocks.
+    BN = forced.block_n or large_block_n(BM, warps)
+    # A forced BN alone forces the vector pass's and the backward's blocks too: tests at small N get several.
     return Blocks(False, BN, BM, forced.num_warps or warps, forced.bwd_warps or forced.num_warps or bwd_warps,
-                  forced.vector_block or forced.block_n or vector_block(N), forced.bwd_block_n or BN,
-                  forced.sim_block_n or forced.block_n or max(16, SIM_BLOCK_ELEMENTS // BM),
+                  forced.vector_block or forced.block_n or vector_block(N),
+                  forced.bwd_block_n or forced.block_n or large_block_n(BM),
+                  forced.sim_block_n or forced.block_n or sim_block_n(BM),
                   forced.sim_warps or forced.num_warps or 1)
 
 

@@ -110,8 +110,8 @@ if [ -n "${BASE:-}" ]; then
         part "kernel_profile at $BASE" "$T_PROFILE" env -C "$BASE_TREE" PYTHONPATH=. \
             "$PY" -m benchmarks.kernel_profile --device cuda --out "$BASE_OUT"
     else
-        say "=== BASE=$BASE: git archive failed"
-        SUMMARY+=("base $BASE: git archive failed")
+        say "=== BASE=$BASE: could not extract the base tree or its commit"
+        SUMMARY+=("base $BASE: could not extract the base tree or its commit")
     fi
     rm -rf "$BASE_TREE"
 fi

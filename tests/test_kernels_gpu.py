@@ -14,7 +14,8 @@ pytestmark = [
 ]
 
 # ||truth - out|| / ||truth|| on the GPU (TF32 off), the truth being the reference in float64: a kernel may
-# miss it by this much, or by twice what the reference path misses it by in the tensors' own dtype. The
+# miss it by this much, or by twice what the reference path misses it by in the tensors' own dtype (at most
+# 50 times this). The
 # second bound is for ill-conditioned sums: dL/dg sums a million terms of both signs at N = 2^20, and the
 # two paths' fp32 sums, ordered differently, each miss the float64 one by about 1e-3 of a result there.
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-3}
@@ -54,7 +55,8 @@ def test_memory_step_matches_reference_on_gpu(case):
         assert o.dtype == r.dtype and o.shape == r.shape and torch.isfinite(o).all(), name
         if t.numel():
             err, ref_err = relative_error(t, o), relative_error(t, r)
-            assert err <= max(tol, 2 * ref_err), f"{name}: {err:.2e} from float64, reference {ref_err:.2e}"
+            bound = max(tol, min(2 * ref_err, 50 * tol))  # capped: a reference far off excuses nothing
+            assert err <= bound, f"{name}: {err:.2e} from float64, reference {ref_err:.2e}"
 
     for i, (o, r, t) in enumerate(zip(out, ref, truth)):
         check(f"output {i}", o, r, t)

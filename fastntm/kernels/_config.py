@@ -8,11 +8,12 @@ split into blocks of ``BN`` rows across programs.
 choice, for tests and for block-size sweeps (``benchmarks/sweep_blocks.py``):
 ``block_n`` forces the large-memory regime with that ``BN`` (tests use it to run
 the multi-block reductions and the shift's halo at small N); ``num_warps`` sets
-the large-memory kernels' warps; ``bwd_block_n`` and ``bwd_warps`` set the
+the large-memory kernels' warps (with ``BN`` then one warp's default rows: the
+default's two-warp rows at one warp spilled); ``bwd_block_n`` and ``bwd_warps`` set the
 large-memory backward's passes over memory apart from the forward's
-(``bwd_block_n`` defaults to the forward's ``BN``, ``bwd_warps`` to a forced
-``num_warps``, else to the backward's own default; at a shape that runs on-chip
-they change nothing); ``sim_block_n`` and ``sim_warps`` the forward's similarity
+(``bwd_block_n`` defaults to a forced ``block_n``, else to the backward's own
+rows, ``large_block_n``; ``bwd_warps`` to a forced ``num_warps``, else to the
+backward's own default; at a shape that runs on-chip they change nothing); ``sim_block_n`` and ``sim_warps`` the forward's similarity
 pass apart from its read-write pass (defaulting to a forced ``block_n`` and
 ``num_warps``, else to its own); ``onchip_warps`` and ``onchip_bwd_warps`` the on-chip forward's (and
 the standalone read and write's) and backward's, ``vector_block`` the rows of a
@@ -252,11 +253,10 @@ def sim_block_n(BM: int) -> int:
     """Rows of a similarity-pass program: ``SIM_BLOCK_ELEMENTS``, but 32 rows at BM = 64.
 
     At 16 rows and BM = 64 the pass fits twice the programs to an SM (64 registers, 32 to an SM, where ncu had
-    found it at 25% occupancy, limited by registers), but the H100 ran it no faster (137.9 us against 136.2
-    at 32 rows, ``benchmarks/results/h100-2026-11-26-e``), and 32 rows were 1.7% and 2.1% faster in the
-    sweep's forward in two runs (404.3 against 411.1 us, ``h100-2026-11-26-e``; 389.8 against 398.1,
-    ``h100-2026-11-26-g``, after the pass loaded each head's key a head ahead). Other widths are as they
-    were: not timed, and at BM = 16 twice the rows took 255 registers (unaligned, bf16)."""
+    found it at 25% occupancy, limited by registers), but on the H100 32 rows ran the forward 1.7% and 2.1%
+    faster in two sweeps, each on one tree (404.3 against 411.1 us, ``benchmarks/results/h100-2026-11-26-e``;
+    389.8 against 398.1, ``h100-2026-11-26-g``, after the pass loaded each head's key a head ahead). Other
+    widths are as they were: not timed, and at BM = 16 twice the rows took 255 registers (unaligned, bf16)."""
     return 32 if BM == 64 else max(16, SIM_BLOCK_ELEMENTS // BM)
 
 
@@ -281,7 +281,7 @@ def _choose(N: int, M: int, forced: Overrides) -> Blocks:
         return Blocks(True, full, BM, warps, forced.onchip_bwd_warps or ONCHIP_BWD_WARPS,
                       vector_block(N), full, full, warps)
     warps, bwd_warps = large_warps(M)
-    BN = forced.block_n or large_block_n(BM, warps)
+    BN = forced.block_n or large_block_n(BM, 1 if forced.num_warps else warps)
     # A forced BN alone forces the vector pass's and the backward's blocks too: tests at small N get several.
     return Blocks(False, BN, BM, forced.num_warps or warps, forced.bwd_warps or forced.num_warps or bwd_warps,
                   forced.vector_block or forced.block_n or vector_block(N),

@@ -63,7 +63,7 @@ only when B is several times the SM count."""
 
 ONCHIP_BWD_WARPS = 4
 """Warps of the on-chip backward's programs, at every on-chip size. At the paper's size (BN 128, BM 32, the
-largest on-chip tile) each of five H100 runs of ``benchmarks.sweep_blocks`` timed forward + backward in a
+largest on-chip tile) each of six H100 runs of ``benchmarks.sweep_blocks`` timed forward + backward in a
 CUDA graph 1-8% faster at 4 warps than at 8 (``benchmarks/results/h100-2026-11-26-e/``: 11.2 against 11.7
 us); a smaller tile holds fewer values a thread at the same warps."""
 

@@ -15,9 +15,8 @@ pytestmark = [
 
 # ||truth - out|| / ||truth|| on the GPU (TF32 off), the truth being the reference in float64: a kernel may
 # miss it by this much, or by twice what the reference path misses it by in the tensors' own dtype (at most
-# 50 times this). The
-# second bound is for ill-conditioned sums: dL/dg sums a million terms of both signs at N = 2^20, and the
-# two paths' fp32 sums, ordered differently, each miss the float64 one by about 1e-3 of a result there.
+# 50 times this). The second bound is for ill-conditioned sums: dL/dg sums a million terms of both signs at
+# N = 2^20, and the two paths' fp32 sums, ordered differently, each miss the float64 one by about 1e-3.
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 
 

@@ -9,13 +9,14 @@ choice, for tests and for block-size sweeps (``benchmarks/sweep_blocks.py``):
 ``block_n`` forces the large-memory regime with that ``BN`` (tests use it to run
 the multi-block reductions and the shift's halo at small N); ``num_warps`` sets
 the large-memory kernels' warps (with ``BN`` then one warp's default rows: the
-default's two-warp rows at one warp spilled); ``bwd_block_n`` and ``bwd_warps`` set the
-large-memory backward's passes over memory apart from the forward's
+default's two-warp rows at one warp spilled); ``bwd_block_n`` and ``bwd_warps``
+set the large-memory backward's passes over memory apart from the forward's
 (``bwd_block_n`` defaults to a forced ``block_n``, else to the backward's own
 rows, ``large_block_n``; ``bwd_warps`` to a forced ``num_warps``, else to the
-backward's own default; at a shape that runs on-chip they change nothing); ``sim_block_n`` and ``sim_warps`` the forward's similarity
-pass apart from its read-write pass (defaulting to a forced ``block_n`` and
-``num_warps``, else to its own); ``onchip_warps`` and ``onchip_bwd_warps`` the on-chip forward's (and
+backward's own default; at a shape that runs on-chip they change nothing);
+``sim_block_n`` and ``sim_warps`` the forward's similarity pass apart from its
+read-write pass (defaulting to a forced ``block_n`` and ``num_warps``, else to
+its own); ``onchip_warps`` and ``onchip_bwd_warps`` the on-chip forward's (and
 the standalone read and write's) and backward's, ``vector_block`` the rows of a
 vector-pass program. The environment takes them
 as ``FASTNTM_BLOCKS="block_n=32,num_warps=8"``; a setting the context manager

@@ -51,11 +51,16 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from . import _config
 
 COSINE_EPS = 1e-8
 SHARPEN_EPS = 1e-16
+LN2 = tl.constexpr(0.6931471805599453)
+FAST_LOG = tl.constexpr(not triton.knobs.runtime.interpret)
+"""Whether ``_log2`` takes the hardware's approximation: compiled kernels only (the interpreter, which Triton
+picks as it defines the kernels, has no libdevice)."""
 
 
 # ----------------------------------------------------------------------------
@@ -128,6 +133,20 @@ def _rolled(b_x, d, o_n, N):
 
 
 @triton.jit
+def _log2(x):
+    """``log2(x)`` for normal ``x > 0``: the SFU's approximation (``lg2.approx``, absolute error below 2^-22)
+    where compiled, 2 instructions a value where libdevice's ``log2f`` (``tl.log2``, and ``tl.log`` likewise)
+    took about 26. The sharpening's power ``ws^gamma = exp2(gamma log2 ws)`` sits on every addressing pass,
+    and its log was a third of the large forward's shift-sharpen pass (sass model, sm_90). The exponent's
+    error, gamma times the log's, is a relative error of ``p`` below ``gamma * 2^-22.5``: 1e-5 at the
+    spec's gamma of 50, where ``exp2`` of an exponent near -40 already rounds its argument to 4e-6."""
+    if FAST_LOG:
+        return libdevice.fast_log2f(x)
+    else:
+        return tl.log2(x)
+
+
+@triton.jit
 def _softmax_at(b_K, b_beta, b_max, b_sum):
     """``wc = softmax(beta K)`` from logits and the softmax's max and sum: one formula, so that every kernel
     that makes or remakes it agrees bit for bit.
@@ -188,7 +207,7 @@ def _shift(p_K, p_wp, p_s, b_beta, b_g, b_max, b_sum, o_n, m_n, N, K, BN: tl.con
 def _shift_sharpen(p_K, p_wp, p_s, b_beta, b_g, b_gamma, b_max, b_sum, o_n, m_n, N, K, BN: tl.constexpr):
     """``max(ws, 1e-30)^gamma`` at rows ``o_n`` of one head, 0 on masked rows."""
     b_ws = _shift(p_K, p_wp, p_s, b_beta, b_g, b_max, b_sum, o_n, m_n, N, K, BN)
-    return tl.where(m_n, tl.exp(b_gamma * tl.log(tl.maximum(b_ws, 1e-30))), 0.0)
+    return tl.where(m_n, tl.exp2(b_gamma * _log2(tl.maximum(b_ws, 1e-30))), 0.0)
 
 
 @triton.jit
@@ -213,7 +232,7 @@ def _onchip_address(b_mem, b_mn, p_k, p_beta, p_g, p_s, p_gamma, p_wp, p_w, p_K,
     for j in range(S):
         b_ws += tl.load(p_s + i_bh * S + j).to(tl.float32) * _rolled(b_wg, d, o_n, N)
         d = _next_shift(d, 1, N)
-    b_p = tl.where(m_n, tl.exp(b_gamma * tl.log(tl.maximum(b_ws, 1e-30))), 0.0)
+    b_p = tl.where(m_n, tl.exp2(b_gamma * _log2(tl.maximum(b_ws, 1e-30))), 0.0)
     b_P = tl.sum(b_p, 0)
     b_w = (b_p / (b_P + 1e-16)).to(p_w.dtype.element_ty)
     tl.store(p_K + i_bh * N + o_n, b_K, mask=m_n)
@@ -523,11 +542,11 @@ def _sharpen_bwd_kernel(p_dwrw, p_dw, p_K, p_wp, p_beta, p_g, p_s, p_gamma, p_ma
     b_sum = tl.load(p_sum + i_bh)
     b_ws = _shift(p_Kh, p_wph, p_sh, b_beta, b_g, b_max, b_sum, o_n, m_n, N, K, BN)
     b_c = tl.maximum(b_ws, 1e-30)
-    b_logc = tl.log(b_c)
+    b_log2c = _log2(b_c)
     # Masked rows load dw = 0 and get w = 0, so they add nothing below.
-    b_w = tl.where(m_n, tl.exp(b_gamma * b_logc), 0.0) / tl.load(p_P + i_bh)
+    b_w = tl.where(m_n, tl.exp2(b_gamma * b_log2c), 0.0) / tl.load(p_P + i_bh)
     b_dpp = (_dw_at(p_dwrw, p_dw, i_bh * N + o_n, m_n, HAS_DW) - tl.load(p_dot + i_bh)) * b_w
-    tl.store(p_pdgamma + i_bh * NB + i_n, tl.sum(b_dpp * b_logc, 0))
+    tl.store(p_pdgamma + i_bh * NB + i_n, tl.sum(b_dpp * b_log2c, 0) * LN2)
     b_dws = tl.where(b_ws >= 1e-30, b_dpp * b_gamma / b_c, 0.0)
     tl.store(p_dws + i_bh * N + o_n, b_dws, mask=m_n)
     d, _ = _tap_shifts(K, N)
@@ -689,14 +708,14 @@ def _onchip_address_bwd(b_dw, b_K, b_wp, b_beta, b_g, b_gamma, b_max, b_sum, p_s
     for j in range(S):
         b_ws += tl.load(p_s + i_bh * S + j).to(tl.float32) * _rolled(b_wg, d, o_n, N)
         d = _next_shift(d, 1, N)
-    b_logc = tl.log(tl.maximum(b_ws, 1e-30))
-    b_p = tl.where(m_n, tl.exp(b_gamma * b_logc), 0.0)
+    b_log2c = _log2(tl.maximum(b_ws, 1e-30))
+    b_p = tl.where(m_n, tl.exp2(b_gamma * b_log2c), 0.0)
     b_P, b_dwp = tl.reduce((b_p, b_dw * b_p), 0, _add2)
     b_Pe = b_P + 1e-16
     # Sharpening backward (dL/dgamma's sum is taken with the interpolation's, below).
     b_dp = (b_dw - b_dwp / b_Pe) / b_Pe
-    b_dgamma_n = b_dp * b_p * b_logc
-    b_dws = tl.where(m_n & (b_ws >= 1e-30), b_dp * b_gamma * tl.exp((b_gamma - 1.0) * b_logc), 0.0)
+    b_dgamma_n = b_dp * b_p * (b_log2c * LN2)
+    b_dws = tl.where(m_n & (b_ws >= 1e-30), b_dp * b_gamma * tl.exp2((b_gamma - 1.0) * b_log2c), 0.0)
     # Shift backward: dL/dwg[n] = sum_j s[j + K] dL/dws[n + j]; dL/ds[j + K] = sum_n dL/dws[n] wg[n - j]
     # = sum_n wg[n] dL/dws[n + j], so both take the one gathered dL/dws[n + j] of each tap.
     b_dwg = tl.zeros([BN], dtype=tl.float32)

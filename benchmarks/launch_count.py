@@ -14,7 +14,13 @@ On a CPU, PyTorch runs ``nn.LSTMCell`` as a dozen ops that CUDA runs as two matm
 kernel, and the backward's weight-gradient sums differ too, so the totals here are higher than a
 GPU's. The other ops map one to one, so differences between two trees are the same on a GPU.
 
+With ``--memory-step SHAPE`` it counts instead the launches of one memory step alone at a shape of
+``benchmarks/shapes.py`` (batch 1; the count does not depend on it), forward and backward with every
+gradient given: Triton's launches (recorded, not made) and the torch ops between them (the sums of
+block partials), which a plain call pays a few microseconds each for, on the GPU and on the host.
+
     python -m benchmarks.launch_count [--batch 32] [--json out.json]
+    python -m benchmarks.launch_count --memory-step large
 """
 
 from __future__ import annotations
@@ -33,8 +39,9 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from fastntm import FastNTM, validation  # noqa: E402
 
-from . import host_overhead  # noqa: E402
+from . import host_overhead, launches  # noqa: E402
 from .cases import masked_bce  # noqa: E402
+from .shapes import OP_SHAPES  # noqa: E402
 
 # Ops that run no device kernel: allocations, metadata, and CPU-only value reads.
 NO_KERNEL = {"aten.empty", "aten.empty_strided", "aten.empty_like", "aten.new_empty", "aten.detach",
@@ -93,6 +100,35 @@ def run(batch: int = 32, lengths: tuple[int, int] = (2, 4)) -> dict:
     return result
 
 
+def count_memory_step(shape_name: str) -> dict[str, dict]:
+    """Triton launches (by kernel) and torch device ops (by op) of one memory step's forward and backward."""
+    shape = OP_SHAPES[shape_name]
+    ms = launches.memory_step
+    H, R, W, S = shape.H, shape.R, shape.W, shape.S
+
+    def t(*size):
+        return torch.zeros(size)
+
+    args = (t(1, shape.N, shape.M), t(1, H, shape.M), t(1, H), t(1, H), t(1, H, S), t(1, H), t(1, H, shape.N),
+            t(1, W, shape.M), t(1, W, shape.M))
+    with launches.recording() as fwd_launches, DeviceOps() as fwd_ops:
+        w, r, new, K, mx, se, _ = ms._forward(*args, R, True)
+    with launches.recording() as bwd_launches, DeviceOps() as bwd_ops:
+        ms._backward(*args, w, K, mx, se, w, r, new, R)
+    return {part: {"triton": dict(collections.Counter(launch.name for launch in ls)), "torch": dict(ops.counts)}
+            for part, ls, ops in (("forward", fwd_launches, fwd_ops), ("backward", bwd_launches, bwd_ops))}
+
+
+def report_memory_step(shape_name: str, result: dict) -> str:
+    lines = [f"launches of one memory step at the {shape_name} shape, counted on the CPU"]
+    for part, row in result.items():
+        triton_n, torch_n = sum(row["triton"].values()), sum(row["torch"].values())
+        ops = ", ".join(f"{op.removeprefix('aten.')} {n}" for op, n in sorted(row["torch"].items(), key=lambda kv: -kv[1]))
+        lines.append(f"{part:9} Triton {triton_n:2} ({', '.join(row['triton'])})")
+        lines.append(f"{'':9} torch  {torch_n:2} ({ops})")
+    return "\n".join(lines)
+
+
 def report(result: dict) -> str:
     lines = [f"device ops of a copy-task training step (B {result['batch']}), counted on the CPU",
              f"{'backend':10} {'pass':9} {'per time step':>13} {'fixed':>6}  largest per time step"]
@@ -106,10 +142,15 @@ def report(result: dict) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--memory-step", choices=sorted(OP_SHAPES), help="count one memory step at this shape instead")
     ap.add_argument("--json", help="also write the counts here")
     args = ap.parse_args(argv)
-    result = run(args.batch)
-    print(report(result))
+    if args.memory_step:
+        result = count_memory_step(args.memory_step)
+        print(report_memory_step(args.memory_step, result))
+    else:
+        result = run(args.batch)
+        print(report(result))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

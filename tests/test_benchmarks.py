@@ -196,6 +196,20 @@ def test_launch_count_sees_the_head_parameters_as_one_op_each_way_on_the_triton_
     assert "per time step" in launch_count.report(result)
 
 
+def test_large_memory_step_launches_stay_few():
+    # Each launch costs a few microseconds whatever its size: on the GPU between kernels under a CUDA graph,
+    # and on the host in a plain call. Torch's ops are the block-partial sums a later pass or an output needs.
+    from benchmarks import launch_count
+
+    result = launch_count.count_memory_step("medium")
+    assert result["forward"]["triton"] == {"_similarity_kernel": 1, "_softmax_merge_kernel": 1,
+                                           "_shift_sharpen_kernel": 1, "_read_write_kernel": 1}
+    assert result["forward"]["torch"] == {"aten.sum": 2}
+    assert sum(result["backward"]["triton"].values()) == 7 and result["backward"]["triton"]["_head_grads_kernel"] == 1
+    assert result["backward"]["torch"] == {"aten.sum": 5}
+    assert "_head_grads_kernel" in launch_count.report_memory_step("medium", result)
+
+
 def test_bench_kernels_speedups_pair_timings_that_both_providers_have():
     from benchmarks import bench_kernels
 

@@ -65,22 +65,24 @@ DTYPES = tuple(os.environ.get("FASTNTM_STATIC_DTYPES", "fp32,bf16").split(","))
 spilled nowhere when last checked), so it is left out by default to keep the run short."""
 # Pointers that are fp32 whatever the tensors' dtype: saved logits and sums, scratch, per-block partials.
 FP32_POINTERS = {"p_K", "p_max", "p_sum", "p_P", "p_pmax", "p_psum", "p_pw", "p_pP", "p_rpart", "p_depart",
-                 "p_dapart", "p_dkpart", "p_scr", "p_dwrw", "p_dot", "p_dws", "p_dwc", "p_pdot", "p_pdgamma",
-                 "p_pds", "p_pdg", "p_pdbeta", "p_kn", "p_ck", "p_cn"}
+                 "p_dapart", "p_dkpart", "p_scr", "p_dwrw", "p_dot", "p_dws", "p_dwc", "p_pdot", "p_psums", "p_sums",
+                 "p_pgrad", "p_pdg", "p_pdbeta", "p_part", "p_dkrows", "p_ck", "p_cn"}
 # The large-memory passes over (B, H, N) vectors and block partials, launched like ``_shift_sharpen_kernel``.
 VECTOR_KERNELS = ("_shift_sharpen_kernel", "_softmax_merge_kernel", "_sharpen_dot_kernel", "_sharpen_bwd_kernel",
-                  "_interp_bwd_kernel", "_softmax_bwd_kernel")
+                  "_interp_bwd_kernel")
 
-# Triton launches of one forward / backward step, by regime (plus small torch ops on (B, H, *) vectors and
-# block partials: large-memory forward 2 (sharpening sum, read partial sum); backward about 20, none over a
-# (B, H, N) vector).
-LAUNCHES = {True: "fwd 1, bwd 2", False: "fwd 4, bwd 6"}
+# Triton launches of one forward / backward step, by regime (plus torch's sums of block partials: large-memory
+# forward 2, the sharpening's and the reads'; backward 5, the sharpening's, the softmax's, dL/de's, dL/da's
+# and dL/dk's, and a cast of dL/de and dL/da where the parameters are not fp32).
+LAUNCHES = {True: "fwd 1, bwd 2", False: "fwd 4, bwd 7"}
 
 # (N, M, R, W, S) of benchmarks/shapes.py's paper, medium and large shapes, and a width that is not a multiple
 # of 16 (Triton specializes the pointers, not M and the row strides). The batch is a grid dimension, never a
 # kernel argument, so B = 1 here.
 LAUNCH_SHAPES = {"paper": (128, 20, 1, 1, 3), "medium": (4096, 64, 2, 1, 3), "large": (65536, 64, 4, 1, 3),
                  "M40": (4096, 40, 2, 1, 3)}
+BLOCK_MS = tuple(2**i for i in range(4, _config.MAX_BM.bit_length()))
+"""Every slot width the kernels take: 16 up to ``_config.MAX_BM``."""
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -123,8 +125,11 @@ def kernel_configs():
         for has_dk in (False,) if blk.onchip else (True, False):
             out.append(("_mem_bwd_kernel", dict(HAS_DK=has_dk, BN=bwd_bn, BM=blk.BM), bwd_nw))
     for log_n in range(4, 21):
-        for name in VECTOR_KERNELS:
-            out.append((name, dict(BN=_config.vector_block(2**log_n)), 4))
+        BV = _config.vector_block(2**log_n)
+        out += [(name, dict(BN=BV), 4) for name in VECTOR_KERNELS]
+        out += [("_softmax_bwd_kernel", dict(BN=BV, BM=BM), 4) for BM in BLOCK_MS]
+    # The heads' finishing sums: a row of S + 3 partials a block (S = 3 or 5: 8 columns; up to 13: 16).
+    out += [("_head_grads_kernel", dict(BN=64, BP=BP, BM=BM), 4) for BP in (8, 16) for BM in BLOCK_MS]
     BL = 16
     while BL <= _config.MAX_BM:
         out += [(name, dict(BL=BL), 1) for name in kernel_names(kheads)]

@@ -36,10 +36,12 @@ passes over memory with four over (B, H, N) vectors between:
   ``_interp_bwd_kernel`` (the shift's halo read from the stored dL/dws; dL/dw_prev,
   dL/dwc stored; dL/dg); then, blocks of rows of every head a program,
   ``_softmax_bwd_kernel`` (the softmax backward: dL/dK over |k| stored, with
-  sum_h dL/dK K a row; dL/dbeta); each reduction over N as block partials
-  summed with torch between the launches;
+  sum_h dL/dK K a row; dL/dbeta); each reduction over N that a later pass
+  needs as block partials summed with torch between the launches;
 * ``_mem_bwd_kernel`` (one pass): dL/dmem from the write, the reads and the
-  cosine similarity, and per-block partials of dL/dk.
+  cosine similarity, and per-block partials of dL/dk;
+* ``_head_grads_kernel``, a program a head: dL/dk, dL/dbeta, dL/dg, dL/ds and
+  dL/dgamma from their partials, in the parameters' dtype.
 
 Compute is fp32; loads and stores are in each tensor's dtype. The (B, H, N),
 (B, H, M) and (B, H) tensors are made contiguous and indexed from their shapes;
@@ -55,7 +57,6 @@ from triton.language.extra import libdevice
 
 from . import _config
 
-COSINE_EPS = 1e-8
 SHARPEN_EPS = 1e-16
 LN2 = tl.constexpr(0.6931471805599453)
 FAST_LOG = tl.constexpr(not triton.knobs.runtime.interpret)
@@ -504,9 +505,9 @@ def _dw_at(p_dwrw, p_dw, o, m_n, HAS_DW):
 
 
 @triton.jit(do_not_specialize=("HAS_DW",))
-def _sharpen_dot_kernel(p_dwrw, p_dw, p_K, p_wp, p_beta, p_g, p_s, p_gamma, p_max, p_sum, p_pP, p_pdot,
+def _sharpen_dot_kernel(p_dwrw, p_dw, p_K, p_wp, p_beta, p_g, p_s, p_gamma, p_max, p_sum, p_psums,
                         N, K, NB, HAS_DW, BN: tl.constexpr):
-    """Addressing backward, pass 1: block partials (B, H, NB) of ``P = sum_n p[n]`` and ``sum_n dw[n] p[n]``,
+    """Addressing backward, pass 1: block partials (B, H, NB, 2) of ``P = sum_n p[n]`` and ``sum_n dw[n] p[n]``,
     ``p = max(ws, 1e-30)^gamma`` recomputed as the forward does (so ``P`` is the forward's, bit for bit).
 
     Not the saved ``w``: in bf16 its rounding, through ``dot1 = sum_n dw w``, spoils dL/dgamma (a difference
@@ -515,20 +516,21 @@ def _sharpen_dot_kernel(p_dwrw, p_dw, p_K, p_wp, p_beta, p_g, p_s, p_gamma, p_ma
     i_n, i_bh = _block_and_item(NB)
     b_p, o_n, m_n = _sharpened_block(p_K, p_wp, p_beta, p_g, p_s, p_gamma, p_max, p_sum, i_n, i_bh, N, K, BN)
     b_dw = _dw_at(p_dwrw, p_dw, i_bh * N + o_n, m_n, HAS_DW)
-    tl.store(p_pP + i_bh * NB + i_n, tl.sum(b_p, 0))
-    tl.store(p_pdot + i_bh * NB + i_n, tl.sum(b_dw * b_p, 0))
+    tl.store(p_psums + (i_bh * NB + i_n) * 2, tl.sum(b_p, 0))
+    tl.store(p_psums + (i_bh * NB + i_n) * 2 + 1, tl.sum(b_dw * b_p, 0))
 
 
 @triton.jit(do_not_specialize=("HAS_DW",))
-def _sharpen_bwd_kernel(p_dwrw, p_dw, p_K, p_wp, p_beta, p_g, p_s, p_gamma, p_max, p_sum, p_P, p_dot,
-                        p_dws, p_pdgamma, p_pds, N, K, NB, HAS_DW, BN: tl.constexpr):
+def _sharpen_bwd_kernel(p_dwrw, p_dw, p_K, p_wp, p_beta, p_g, p_s, p_gamma, p_max, p_sum, p_sums,
+                        p_dws, p_pgrad, N, K, NB, SP, HAS_DW, BN: tl.constexpr):
     """Addressing backward, pass 2, head ``i_bh`` on block ``i_n``: sharpening and the shift's dL/ds.
 
-    With ``c = max(ws, 1e-30)``, ``w = c^gamma / Pe`` (``Pe = P + eps``, given) and ``dot1 = sum_n dw w``
-    (given): ``dL/dp p = (dw - dot1) w``, so ``dgamma = sum_n (dw - dot1) w log c`` and
-    ``dws = (dw - dot1) gamma w / c`` where ``ws >= 1e-30``, else 0 (stored, fp32);
-    ``ds[j + K] = sum_n dws[n] wg[(n - j) mod N]``. ``ws`` and ``wg`` are recomputed as the forward does,
-    the halo from the stored logits. Block partials: dgamma (B, H, NB), ds (B, H, NB, S).
+    With ``c = max(ws, 1e-30)``, ``w = c^gamma / Pe`` (``Pe = P + eps``) and ``dot1 = sum_n dw w``, from the
+    sums ``(P, sum_n dw p)`` of pass 1 (given, (B, H, 2)): ``dL/dp p = (dw - dot1) w``, so
+    ``dgamma = sum_n (dw - dot1) w log c`` and ``dws = (dw - dot1) gamma w / c`` where ``ws >= 1e-30``, else 0
+    (stored, fp32); ``ds[j + K] = sum_n dws[n] wg[(n - j) mod N]``. ``ws`` and ``wg`` are recomputed as the
+    forward does, the halo from the stored logits. Block partials: dgamma, then ds, at the start of each
+    block's row of ``SP`` values from ``p_pgrad`` (see ``_address_bwd``).
     """
     S = 2 * K + 1
     i_n, i_bh = _block_and_item(NB)
@@ -540,31 +542,33 @@ def _sharpen_bwd_kernel(p_dwrw, p_dw, p_K, p_wp, p_beta, p_g, p_s, p_gamma, p_ma
     b_gamma = tl.load(p_gamma + i_bh).to(tl.float32)
     b_max = tl.load(p_max + i_bh)
     b_sum = tl.load(p_sum + i_bh)
+    b_Pe = tl.load(p_sums + i_bh * 2) + 1e-16
+    b_dot1 = tl.load(p_sums + i_bh * 2 + 1) / b_Pe
     b_ws = _shift(p_Kh, p_wph, p_sh, b_beta, b_g, b_max, b_sum, o_n, m_n, N, K, BN)
     b_c = tl.maximum(b_ws, 1e-30)
     b_log2c = _log2(b_c)
     # Masked rows load dw = 0 and get w = 0, so they add nothing below.
-    b_w = tl.where(m_n, tl.exp2(b_gamma * b_log2c), 0.0) / tl.load(p_P + i_bh)
-    b_dpp = (_dw_at(p_dwrw, p_dw, i_bh * N + o_n, m_n, HAS_DW) - tl.load(p_dot + i_bh)) * b_w
-    tl.store(p_pdgamma + i_bh * NB + i_n, tl.sum(b_dpp * b_log2c, 0) * LN2)
+    b_w = tl.where(m_n, tl.exp2(b_gamma * b_log2c), 0.0) / b_Pe
+    b_dpp = (_dw_at(p_dwrw, p_dw, i_bh * N + o_n, m_n, HAS_DW) - b_dot1) * b_w
+    tl.store(p_pgrad + (i_bh * NB + i_n) * SP, tl.sum(b_dpp * b_log2c, 0) * LN2)
     b_dws = tl.where(b_ws >= 1e-30, b_dpp * b_gamma / b_c, 0.0)
     tl.store(p_dws + i_bh * N + o_n, b_dws, mask=m_n)
     d, _ = _tap_shifts(K, N)
     for j in range(S):
         o_src = _circular(o_n, d, N)
         b_wg = _wg_at(p_Kh, p_wph, o_src, m_n, b_beta, b_g, b_max, b_sum)
-        tl.store(p_pds + (i_bh * NB + i_n) * S + j, tl.sum(b_dws * b_wg, 0))
+        tl.store(p_pgrad + (i_bh * NB + i_n) * SP + 1 + j, tl.sum(b_dws * b_wg, 0))
         d = _next_shift(d, 1, N)
 
 
 @triton.jit
 def _interp_bwd_kernel(p_dws, p_K, p_wp, p_beta, p_g, p_s, p_max, p_sum, p_dwp, p_dwc, p_pdg, p_pdot,
-                       N, K, NB, BN: tl.constexpr):
+                       N, K, NB, SP, BN: tl.constexpr):
     """Addressing backward, pass 3, head ``i_bh`` on block ``i_n``: the shift and the interpolation.
 
     ``dwg[n] = sum_j s[j + K] dws[(n + j) mod N]`` (the halo from the stored dws); ``dw_prev = (1 - g) dwg``
-    (stored in its dtype); ``dwc = g dwg`` (stored, fp32). Block partials (B, H, NB) of
-    ``dg = sum_n dwg (wc - w_prev)`` and ``dot2 = sum_n dwc wc``.
+    (stored in its dtype); ``dwc = g dwg`` (stored, fp32). Block partials of ``dg = sum_n dwg (wc - w_prev)``
+    (every ``SP`` values from ``p_pdg``) and ``dot2 = sum_n dwc wc`` (B, H, NB).
     """
     S = 2 * K + 1
     i_n, i_bh = _block_and_item(NB)
@@ -581,7 +585,7 @@ def _interp_bwd_kernel(p_dws, p_K, p_wp, p_beta, p_g, p_s, p_max, p_sum, p_dwp, 
     b_wp = tl.load(p_wp + i_bh * N + o_n, mask=m_n, other=0.0).to(tl.float32)
     # Rows past N: wc finite (_softmax_at), dwg 0 (a masked load), so they add nothing to the sums.
     b_wc = _softmax_at(b_K, tl.load(p_beta + i_bh).to(tl.float32), tl.load(p_max + i_bh), tl.load(p_sum + i_bh))
-    tl.store(p_pdg + i_bh * NB + i_n, tl.sum(b_dwg * (b_wc - b_wp), 0))
+    tl.store(p_pdg + (i_bh * NB + i_n) * SP, tl.sum(b_dwg * (b_wc - b_wp), 0))
     tl.store(p_dwp + i_bh * N + o_n, ((1.0 - b_g) * b_dwg).to(p_dwp.dtype.element_ty), mask=m_n)
     b_dwc = b_g * b_dwg
     tl.store(p_dwc + i_bh * N + o_n, b_dwc, mask=m_n)
@@ -589,30 +593,34 @@ def _interp_bwd_kernel(p_dws, p_K, p_wp, p_beta, p_g, p_s, p_max, p_sum, p_dwp, 
 
 
 @triton.jit
-def _softmax_bwd_kernel(p_K, p_dwc, p_beta, p_max, p_sum, p_dot, p_kn, p_ck, p_cn, p_pdbeta, N, H, NB,
-                        BN: tl.constexpr):
+def _softmax_bwd_kernel(p_K, p_dwc, p_beta, p_max, p_sum, p_dot, p_k, p_ck, p_cn, p_pdbeta, N, M, H, NB, SP,
+                        BN: tl.constexpr, BM: tl.constexpr):
     """Addressing backward, pass 4, block ``i_n`` of item ``i_b``, every head: the softmax backward and the
     cosine's factors of each row, for ``_mem_bwd_kernel``.
 
     From dL/dwc and ``dot2 = sum_n dwc wc`` (given): ``dz = wc (dwc - dot2)``, ``dK = beta dz``. Stores
-    ``ck = dK / max(|k|, eps)`` (B, H, N) and ``cn = sum_h dK K`` (B, N), fp32; block partials (B, H, NB) of
-    ``dbeta = sum_n dz K``. Here, a row to a thread, rather than in the pass over memory, whose programs
-    hold each row's vector values on many threads.
+    ``ck = dK / max(|k|, eps)`` (B, H, N) and ``cn = sum_h dK K`` (B, N), fp32; block partials of
+    ``dbeta = sum_n dz K``, every ``SP`` values from ``p_pdbeta``. Here, a row to a thread, rather than in the
+    pass over memory, whose programs hold each row's vector values on many threads. The key's norm is taken
+    here, M products a program and head, where torch took two launches for it.
     """
     i_n, i_b = _block_and_item(NB)
     o_n = i_n * BN + tl.arange(0, BN)
     m_n = o_n < N
+    o_m = tl.arange(0, BM)
     b_cn = tl.zeros([BN], dtype=tl.float32)
     for h in range(H):
         i_bh = i_b * H + h
+        b_k = tl.load(p_k + i_bh * M + o_m, mask=o_m < M, other=0.0).to(tl.float32)
+        b_kn = tl.maximum(tl.sqrt(tl.sum(b_k * b_k, 0)), 1e-8)
         b_K = tl.load(p_K + i_bh * N + o_n, mask=m_n, other=0.0)
         b_beta = tl.load(p_beta + i_bh).to(tl.float32)
         b_wc = tl.where(m_n, _softmax_at(b_K, b_beta, tl.load(p_max + i_bh), tl.load(p_sum + i_bh)), 0.0)
         b_dwc = tl.load(p_dwc + i_bh * N + o_n, mask=m_n, other=0.0)
         b_dz = b_wc * (b_dwc - tl.load(p_dot + i_bh))
-        tl.store(p_pdbeta + i_bh * NB + i_n, tl.sum(b_dz * b_K, 0))
+        tl.store(p_pdbeta + (i_bh * NB + i_n) * SP, tl.sum(b_dz * b_K, 0))
         b_dK = b_beta * b_dz
-        tl.store(p_ck + i_bh * N + o_n, b_dK / tl.load(p_kn + i_bh), mask=m_n)
+        tl.store(p_ck + i_bh * N + o_n, b_dK / b_kn, mask=m_n)
         b_cn += b_dK * b_K
     tl.store(p_cn + i_b * N + o_n, b_cn, mask=m_n)
 
@@ -672,6 +680,41 @@ def _mem_bwd_kernel(p_mem, p_w, p_e, p_dr, p_dnew, p_k, p_ck, p_cn, p_dmem, p_dk
         b_cn = tl.where(b_norm >= 1e-8, b_cn * b_inv * b_inv, 0.0)
         b_dmem -= b_cn[:, None] * b_mem
     tl.store(p_rows, b_dmem.to(p_dmem.dtype.element_ty), mask=m_nm)
+
+
+@triton.jit
+def _head_grads_kernel(p_part, p_dkrows, p_k, p_beta, p_dk, p_dbeta, p_dg, p_ds, p_dgamma, NB, M, S, SP,
+                       BN: tl.constexpr, BP: tl.constexpr, BM: tl.constexpr):
+    """Large-memory backward, last, head ``i_bh``: dL/dgamma, dL/ds, dL/dg and dL/dbeta, the sums of their
+    ``NB`` block partials (a row of ``SP = S + 3`` values a block, in that order), taken in a fixed order;
+    and ``dk = dk_rows - beta dbeta k / max(|k|, eps)^2`` (the norm's term only where ``|k| >= eps``), with
+    ``dk_rows = sum_n c[n] mem[n]`` from ``_mem_bwd_kernel`` and ``sum_n dK K = beta dbeta``. Stored in the
+    parameters' dtype: one launch where torch took about fifteen, each a few microseconds at any size.
+    """
+    i_bh = tl.program_id(0).to(tl.int64)
+    o_b = tl.arange(0, BN)
+    o_c = tl.arange(0, BP)
+    m_c = o_c < SP
+    b_acc = tl.zeros([BN, BP], dtype=tl.float32)
+    for i0 in range(0, NB, BN):
+        m = (i0 + o_b < NB)[:, None] & m_c[None, :]
+        b_acc += tl.load(p_part + (i_bh * NB + i0 + o_b)[:, None] * SP + o_c[None, :], mask=m, other=0.0)
+    b_tot = tl.sum(b_acc, 0)
+    dt = p_dk.dtype.element_ty
+    # One value a column; the scalar gradients are stored from the lane of their column.
+    tl.store(p_dgamma + i_bh + o_c * 0, b_tot.to(dt), mask=o_c == 0)
+    tl.store(p_ds + i_bh * S + o_c - 1, b_tot.to(dt), mask=(o_c >= 1) & (o_c <= S))
+    tl.store(p_dg + i_bh + o_c * 0, b_tot.to(dt), mask=o_c == S + 1)
+    tl.store(p_dbeta + i_bh + o_c * 0, b_tot.to(dt), mask=o_c == S + 2)
+    b_dbeta = tl.sum(tl.where(o_c == S + 2, b_tot, 0.0), 0)
+    o_m = tl.arange(0, BM)
+    m_m = o_m < M
+    b_k = tl.load(p_k + i_bh * M + o_m, mask=m_m, other=0.0).to(tl.float32)
+    b_norm = tl.sqrt(tl.sum(b_k * b_k, 0))
+    b_kn = tl.maximum(b_norm, 1e-8)
+    b_coef = tl.where(b_norm >= 1e-8, tl.load(p_beta + i_bh).to(tl.float32) * b_dbeta / (b_kn * b_kn), 0.0)
+    b_dk = tl.load(p_dkrows + i_bh * M + o_m, mask=m_m, other=0.0) - b_coef * b_k
+    tl.store(p_dk + i_bh * M + o_m, b_dk.to(dt), mask=m_m)
 
 
 @triton.jit
@@ -936,15 +979,16 @@ def _forward(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads: int, rw: bool):
     return w, r, new, K, mx, se, P
 
 
-def _address_bwd(beta, g, s, gamma, w_prev, K, mx, se, kn, dw_rw, dw, BV: int):
+def _address_bwd(k, beta, g, s, gamma, w_prev, K, mx, se, dw_rw, dw, BV: int):
     """The addressing chain backward down to the logits, from dL/dw (``dw_rw`` from the reads and the write,
-    fp32, plus ``dw`` if given): (ck, cn, dbeta, dg, ds, dgamma, dw_prev), with ``ck`` and ``cn`` the
-    cosine's factors that ``_mem_bwd_kernel`` takes (``_softmax_bwd_kernel``; ``kn`` the keys' clamped
-    norms, (B, H) fp32); dw_prev in its dtype, the rest fp32.
+    fp32, plus ``dw`` if given): (ck, cn, parts, dw_prev), with ``ck`` and ``cn`` the cosine's factors that
+    ``_mem_bwd_kernel`` takes (``_softmax_bwd_kernel``), ``parts`` the block partials (B, H, NB, S + 3) of
+    dL/dgamma, dL/ds, dL/dg and dL/dbeta, for ``_head_grads_kernel``, and dw_prev in its dtype.
 
     Three passes over blocks of ``BV`` rows of each head (the sharpening's sums; sharpening and dL/ds; shift
-    and interpolation), then one over blocks of every head (the softmax), the per-(b, h) sums reduced
-    between them from block partials.
+    and interpolation), then one over blocks of every head (the softmax), the per-(b, h) sums that a pass
+    needs reduced with torch before it. The four gradients' partials share one buffer, each block's in a
+    row, so that one launch finishes them all.
     """
     empty = _config.allocator()
     B, H, N = K.shape
@@ -955,28 +999,40 @@ def _address_bwd(beta, g, s, gamma, w_prev, K, mx, se, kn, dw_rw, dw, BV: int):
     has_dw = dw is not None
     # Without a given dL/dw the kernels still get a real pointer, never read.
     dw = dw if has_dw else dw_rw
-    pP = empty((B, H, NB), torch.float32, dev)
-    pdot = empty((B, H, NB), torch.float32, dev)
-    _sharpen_dot_kernel[grid](dw_rw, dw, K, w_prev, beta, g, s, gamma, mx, se, pP, pdot, N, (S - 1) // 2, NB, int(has_dw),
-                              BN=BV, num_warps=4)
-    Pe = pP.sum(-1) + SHARPEN_EPS
-    dot = pdot.sum(-1) / Pe
+    psums = empty((B, H, NB, 2), torch.float32, dev)
+    _sharpen_dot_kernel[grid](dw_rw, dw, K, w_prev, beta, g, s, gamma, mx, se, psums, N, (S - 1) // 2, NB,
+                              int(has_dw), BN=BV, num_warps=4)
+    sums = psums.sum(2)
     dws = empty((B, H, N), torch.float32, dev)
-    pdgamma = empty((B, H, NB), torch.float32, dev)
-    pds = empty((B, H, NB, S), torch.float32, dev)
-    _sharpen_bwd_kernel[grid](dw_rw, dw, K, w_prev, beta, g, s, gamma, mx, se, Pe, dot, dws, pdgamma, pds,
-                              N, (S - 1) // 2, NB, int(has_dw), BN=BV, num_warps=4)
+    parts = empty((B, H, NB, S + 3), torch.float32, dev)  # per block: dgamma, ds (S), dg, dbeta
+    _sharpen_bwd_kernel[grid](dw_rw, dw, K, w_prev, beta, g, s, gamma, mx, se, sums, dws, parts,
+                              N, (S - 1) // 2, NB, S + 3, int(has_dw), BN=BV, num_warps=4)
     dwp = empty((B, H, N), w_prev.dtype, dev)
-    pdg = empty((B, H, NB), torch.float32, dev)
+    pdot = empty((B, H, NB), torch.float32, dev)
     # Not dws's buffer: the shift reads dws at rows of neighbouring blocks, which their programs would overwrite.
     dwc = empty((B, H, N), torch.float32, dev)
-    _interp_bwd_kernel[grid](dws, K, w_prev, beta, g, s, mx, se, dwp, dwc, pdg, pdot, N, (S - 1) // 2, NB, BN=BV, num_warps=4)
-    torch.sum(pdot, dim=-1, out=dot)
+    _interp_bwd_kernel[grid](dws, K, w_prev, beta, g, s, mx, se, dwp, dwc, parts[..., S + 1], pdot,
+                             N, (S - 1) // 2, NB, S + 3, BN=BV, num_warps=4)
+    dot = pdot.sum(-1)
     ck = empty((B, H, N), torch.float32, dev)
     cn = empty((B, N), torch.float32, dev)
-    pdbeta = empty((B, H, NB), torch.float32, dev)
-    _softmax_bwd_kernel[(NB * B,)](K, dwc, beta, mx, se, dot, kn, ck, cn, pdbeta, N, H, NB, BN=BV, num_warps=4)
-    return ck, cn, pdbeta.sum(-1), pdg.sum(-1), pds.sum(2), pdgamma.sum(-1), dwp
+    _softmax_bwd_kernel[(NB * B,)](K, dwc, beta, mx, se, dot, k, ck, cn, parts[..., S + 2], N, k.shape[2], H, NB,
+                                   S + 3, BN=BV, BM=triton.next_power_of_2(k.shape[2]), num_warps=4)
+    return ck, cn, parts, dwp
+
+
+def _head_grads(k, beta, parts, dk_rows):
+    """(dk, dbeta, dg, ds, dgamma) in the parameters' dtype, from ``_address_bwd``'s block partials and the
+    memory pass's part of dL/dk (B, H, M), fp32: ``_head_grads_kernel``, a program a head."""
+    B, H, NB, SP = parts.shape
+    M = k.shape[2]
+    empty = _config.allocator()
+    dk = empty((B, H, M), k.dtype, k.device)
+    dbeta, dg, dgamma = (empty((B, H), k.dtype, k.device) for _ in range(3))
+    ds = empty((B, H, SP - 3), k.dtype, k.device)
+    _head_grads_kernel[(B * H,)](parts, dk_rows, k, beta, dk, dbeta, dg, ds, dgamma, NB, M, SP - 3, SP,
+                                 BN=64, BP=triton.next_power_of_2(SP), BM=triton.next_power_of_2(M), num_warps=4)
+    return dk, dbeta, dg, ds, dgamma
 
 
 def _read_write_bwd(mem, w, e, a, dr, dnew, R: int, W: int, blk=None):
@@ -1072,17 +1128,11 @@ def _backward(mem, k, beta, g, s, gamma, w_prev, e, a, w, K, mx, se, dw, dr, dne
     if blk.onchip:
         return _onchip_bwd(mem, k, beta, g, s, gamma, w_prev, e, a, w, K, mx, se, dw, dr, dnew, R, blk)
     dw_rw, de, da = _read_write_bwd(mem, w, e, a, dr, dnew, R, W, blk)
-    k32 = k.to(torch.float32)
-    k_norm = torch.linalg.vector_norm(k32, dim=-1, keepdim=True)
-    kn = k_norm.clamp_min(COSINE_EPS)
-    ck, cn, dbeta, dg, ds, dgamma, dwp = _address_bwd(beta, g, s, gamma, w_prev, K, mx, se, kn[..., 0], dw_rw, dw,
-                                                      blk.BV)
+    ck, cn, parts, dwp = _address_bwd(k, beta, g, s, gamma, w_prev, K, mx, se, dw_rw, dw, blk.BV)
     dmem, dk_rows = _mem_bwd(mem, w, e, dr, dnew, k, (ck, cn), R, W, blk)
-    # sum_n dK K = beta sum_n dz K = beta dbeta: no pass over the (B, H, N) vectors.
-    dKK = (beta.to(torch.float32) * dbeta)[..., None]
-    dk = dk_rows - torch.where(k_norm >= COSINE_EPS, dKK * k32 / (kn * kn), 0.0)
+    dk, dbeta, dg, ds, dgamma = _head_grads(k, beta, parts, dk_rows)
     pd = k.dtype
-    return (dmem, dk.to(pd), dbeta.to(pd), dg.to(pd), ds.to(pd), dgamma.to(pd), dwp.to(pd), de.to(pd), da.to(pd))
+    return dmem, dk, dbeta, dg, ds, dgamma, dwp.to(pd), de.to(pd), da.to(pd)
 
 
 # ----------------------------------------------------------------------------

@@ -32,9 +32,9 @@ passes over memory with four over (B, H, N) vectors between:
   and the write, per-block partials of dL/de and dL/da;
 * the addressing chain backward (``_address_bwd``), blocks of rows of one head
   a program, as the forward's shift-sharpen pass: ``_sharpen_dot_kernel`` (the
-  sharpening's sums), ``_sharpen_bwd_kernel`` (dL/dws stored; dL/dgamma, dL/ds),
+  sharpening's sums), ``_sharpen_bwd_kernel`` (dL/dws stored; dL/dgamma),
   ``_interp_bwd_kernel`` (the shift's halo read from the stored dL/dws; dL/dw_prev,
-  dL/dwc stored; dL/dg); then, blocks of rows of every head a program,
+  dL/dwc stored; dL/ds, dL/dg); then, blocks of rows of every head a program,
   ``_softmax_bwd_kernel`` (the softmax backward: dL/dK over |k| stored, with
   sum_h dL/dK K a row; dL/dbeta); each reduction over N that a later pass
   needs as block partials summed with torch between the launches;
@@ -522,15 +522,14 @@ def _sharpen_dot_kernel(p_dwrw, p_dw, p_K, p_wp, p_beta, p_g, p_s, p_gamma, p_ma
 
 @triton.jit(do_not_specialize=("HAS_DW",))
 def _sharpen_bwd_kernel(p_dwrw, p_dw, p_K, p_wp, p_beta, p_g, p_s, p_gamma, p_max, p_sum, p_sums,
-                        p_dws, p_pgrad, N, K, NB, SP, HAS_DW, BN: tl.constexpr):
-    """Addressing backward, pass 2, head ``i_bh`` on block ``i_n``: sharpening and the shift's dL/ds.
+                        p_dws, p_pdgamma, N, K, NB, SP, HAS_DW, BN: tl.constexpr):
+    """Addressing backward, pass 2, head ``i_bh`` on block ``i_n``: the sharpening.
 
     With ``c = max(ws, 1e-30)``, ``w = c^gamma / Pe`` (``Pe = P + eps``) and ``dot1 = sum_n dw w``, from the
     sums ``(P, sum_n dw p)`` of pass 1 (given, (B, H, 2)): ``dL/dp p = (dw - dot1) w``, so
     ``dgamma = sum_n (dw - dot1) w log c`` and ``dws = (dw - dot1) gamma w / c`` where ``ws >= 1e-30``, else 0
-    (stored, fp32); ``ds[j + K] = sum_n dws[n] wg[(n - j) mod N]``. ``ws`` and ``wg`` are recomputed as the
-    forward does, the halo from the stored logits. Block partials: dgamma, then ds, at the start of each
-    block's row of ``SP`` values from ``p_pgrad`` (see ``_address_bwd``).
+    (stored, fp32). ``ws`` is recomputed as the forward does, the halo from the stored logits. Block partials
+    of dgamma, every ``SP`` values from ``p_pdgamma`` (see ``_address_bwd``).
     """
     S = 2 * K + 1
     i_n, i_bh = _block_and_item(NB)
@@ -550,42 +549,41 @@ def _sharpen_bwd_kernel(p_dwrw, p_dw, p_K, p_wp, p_beta, p_g, p_s, p_gamma, p_ma
     # Masked rows load dw = 0 and get w = 0, so they add nothing below.
     b_w = tl.where(m_n, tl.exp2(b_gamma * b_log2c), 0.0) / b_Pe
     b_dpp = (_dw_at(p_dwrw, p_dw, i_bh * N + o_n, m_n, HAS_DW) - b_dot1) * b_w
-    tl.store(p_pgrad + (i_bh * NB + i_n) * SP, tl.sum(b_dpp * b_log2c, 0) * LN2)
-    b_dws = tl.where(b_ws >= 1e-30, b_dpp * b_gamma / b_c, 0.0)
-    tl.store(p_dws + i_bh * N + o_n, b_dws, mask=m_n)
-    d, _ = _tap_shifts(K, N)
-    for j in range(S):
-        o_src = _circular(o_n, d, N)
-        b_wg = _wg_at(p_Kh, p_wph, o_src, m_n, b_beta, b_g, b_max, b_sum)
-        tl.store(p_pgrad + (i_bh * NB + i_n) * SP + 1 + j, tl.sum(b_dws * b_wg, 0))
-        d = _next_shift(d, 1, N)
+    tl.store(p_pdgamma + (i_bh * NB + i_n) * SP, tl.sum(b_dpp * b_log2c, 0) * LN2)
+    tl.store(p_dws + i_bh * N + o_n, tl.where(b_ws >= 1e-30, b_dpp * b_gamma / b_c, 0.0), mask=m_n)
 
 
 @triton.jit
-def _interp_bwd_kernel(p_dws, p_K, p_wp, p_beta, p_g, p_s, p_max, p_sum, p_dwp, p_dwc, p_pdg, p_pdot,
+def _interp_bwd_kernel(p_dws, p_K, p_wp, p_beta, p_g, p_s, p_max, p_sum, p_dwp, p_dwc, p_pds, p_pdot,
                        N, K, NB, SP, BN: tl.constexpr):
     """Addressing backward, pass 3, head ``i_bh`` on block ``i_n``: the shift and the interpolation.
 
     ``dwg[n] = sum_j s[j + K] dws[(n + j) mod N]`` (the halo from the stored dws); ``dw_prev = (1 - g) dwg``
-    (stored in its dtype); ``dwc = g dwg`` (stored, fp32). Block partials of ``dg = sum_n dwg (wc - w_prev)``
-    (every ``SP`` values from ``p_pdg``) and ``dot2 = sum_n dwc wc`` (B, H, NB).
+    (stored in its dtype); ``dwc = g dwg`` (stored, fp32). Block partials of
+    ``ds[j + K] = sum_n dws[n] wg[(n - j) mod N] = sum_n wg[n] dws[(n + j) mod N]`` and
+    ``dg = sum_n dwg (wc - w_prev)``, ``S + 1`` values from ``p_pds`` every ``SP``, and of
+    ``dot2 = sum_n dwc wc`` (B, H, NB). dL/ds is taken here, from the taps' dws that dwg loads and this
+    block's own wg, where the sharpening's pass took it from its own dws and wg remade at every tap.
     """
     S = 2 * K + 1
     i_n, i_bh = _block_and_item(NB)
     o_n = i_n * BN + tl.arange(0, BN)
     m_n = o_n < N
-    b_dwg = tl.zeros([BN], dtype=tl.float32)
-    _, d = _tap_shifts(K, N)
-    for j in range(S):
-        o_dst = _circular(o_n, d, N)
-        b_dwg += tl.load(p_s + i_bh * S + j).to(tl.float32) * tl.load(p_dws + i_bh * N + o_dst, mask=m_n, other=0.0)
-        d = _next_shift(d, -1, N)
     b_g = tl.load(p_g + i_bh).to(tl.float32)
     b_K = tl.load(p_K + i_bh * N + o_n, mask=m_n, other=0.0)
     b_wp = tl.load(p_wp + i_bh * N + o_n, mask=m_n, other=0.0).to(tl.float32)
-    # Rows past N: wc finite (_softmax_at), dwg 0 (a masked load), so they add nothing to the sums.
+    # Rows past N: wc finite (_softmax_at), dws 0 (masked loads), so they add nothing to the sums.
     b_wc = _softmax_at(b_K, tl.load(p_beta + i_bh).to(tl.float32), tl.load(p_max + i_bh), tl.load(p_sum + i_bh))
-    tl.store(p_pdg + (i_bh * NB + i_n) * SP, tl.sum(b_dwg * (b_wc - b_wp), 0))
+    b_wg = b_g * b_wc + (1.0 - b_g) * b_wp  # as _wg makes it
+    p_part = p_pds + (i_bh * NB + i_n) * SP
+    b_dwg = tl.zeros([BN], dtype=tl.float32)
+    _, d = _tap_shifts(K, N)
+    for j in range(S):
+        b_dws = tl.load(p_dws + i_bh * N + _circular(o_n, d, N), mask=m_n, other=0.0)
+        b_dwg += tl.load(p_s + i_bh * S + j).to(tl.float32) * b_dws
+        tl.store(p_part + j, tl.sum(b_wg * b_dws, 0))
+        d = _next_shift(d, -1, N)
+    tl.store(p_part + S, tl.sum(b_dwg * (b_wc - b_wp), 0))
     tl.store(p_dwp + i_bh * N + o_n, ((1.0 - b_g) * b_dwg).to(p_dwp.dtype.element_ty), mask=m_n)
     b_dwc = b_g * b_dwg
     tl.store(p_dwc + i_bh * N + o_n, b_dwc, mask=m_n)
@@ -985,8 +983,8 @@ def _address_bwd(k, beta, g, s, gamma, w_prev, K, mx, se, dw_rw, dw, BV: int):
     ``_mem_bwd_kernel`` takes (``_softmax_bwd_kernel``), ``parts`` the block partials (B, H, NB, S + 3) of
     dL/dgamma, dL/ds, dL/dg and dL/dbeta, for ``_head_grads_kernel``, and dw_prev in its dtype.
 
-    Three passes over blocks of ``BV`` rows of each head (the sharpening's sums; sharpening and dL/ds; shift
-    and interpolation), then one over blocks of every head (the softmax), the per-(b, h) sums that a pass
+    Three passes over blocks of ``BV`` rows of each head (the sharpening's sums; the sharpening; the shift,
+    with dL/ds, and the interpolation), then one over blocks of every head (the softmax), the per-(b, h) sums that a pass
     needs reduced with torch before it. The four gradients' partials share one buffer, each block's in a
     row, so that one launch finishes them all.
     """
@@ -1011,7 +1009,7 @@ def _address_bwd(k, beta, g, s, gamma, w_prev, K, mx, se, dw_rw, dw, BV: int):
     pdot = empty((B, H, NB), torch.float32, dev)
     # Not dws's buffer: the shift reads dws at rows of neighbouring blocks, which their programs would overwrite.
     dwc = empty((B, H, N), torch.float32, dev)
-    _interp_bwd_kernel[grid](dws, K, w_prev, beta, g, s, mx, se, dwp, dwc, parts[..., S + 1], pdot,
+    _interp_bwd_kernel[grid](dws, K, w_prev, beta, g, s, mx, se, dwp, dwc, parts[..., 1], pdot,
                              N, (S - 1) // 2, NB, S + 3, BN=BV, num_warps=4)
     dot = pdot.sum(-1)
     ck = empty((B, H, N), torch.float32, dev)

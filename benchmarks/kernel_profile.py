@@ -61,7 +61,6 @@ KERNEL_TRAFFIC = {
     "_sharpen_bwd_kernel": (0, 5),  # the same four; writes dL/dws
     "_interp_bwd_kernel": (0, 5),  # reads dL/dws, K, w_prev; writes dL/dw_prev and dL/dwc
     "_softmax_bwd_kernel": (0, 3),  # reads K and dL/dwc; writes dL/dK / |k| (and a (B, N) row sum)
-    "_head_grads_kernel": (0, 0),  # block partials and (B, H, M) vectors only
 }
 
 # What each kind of profile aggregates: a short label for the tables, and what it means.

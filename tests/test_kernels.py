@@ -146,6 +146,13 @@ def test_memory_step_with_forced_warps_and_vector_block(settings, expected):
     assert {(k["kernel"], k["consts"]["BN"], k["num_warps"], k["maxnreg"]) for k in launches} == expected
 
 
+def test_reductions_of_block_partials_loop_more_than_once():
+    # 69 blocks of 16 rows: the softmax merge takes its partials in 5 chunks of 16 (each chunk's lanes
+    # rescaled as the running max moves) and _head_grads_kernel in 2 of 64; elsewhere one chunk holds them all.
+    with _config.force(block_n=16, vector_block=16):
+        check_op(kernels.memory_step, reference.memory_step, kernel_inputs(1, 1100, 13, 2, 1, 3), extra=(1,))
+
+
 @pytest.mark.parametrize("BN", [None, 16], ids=["auto", "BN16"])
 @pytest.mark.parametrize("used", [(0,), (1,), (2,), (1, 2)], ids=["w", "r", "new_mem", "r+new_mem"])
 def test_memory_step_partial_gradients(used, BN):

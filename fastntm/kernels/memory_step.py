@@ -358,20 +358,27 @@ def _similarity_kernel(p_mem, p_k, p_beta, p_K, p_pmax, p_psum, s_mem_b, s_mem_n
 def _softmax_merge_kernel(p_pmax, p_psum, p_max, p_sum, NB, BN: tl.constexpr):
     """Large memory, between passes 1 and 2: head ``i_bh``'s softmax max and sum from its ``NB`` block
     partials, ``max = max_j m_j`` and ``sum = sum_j s_j exp(m_j - max)``, in a fixed order. One launch where
-    torch took five (max, subtract, exp, multiply, sum), each a few microseconds at any size."""
+    torch took five (max, subtract, exp, multiply, sum), each a few microseconds at any size.
+
+    One pass over the partials, each lane's sum rescaled as its max grows (an online softmax), where two
+    passes (the max, then the sum) waited twice on their loads; 80 programs at the large shape, so the
+    launch is their latency."""
     i_bh = tl.program_id(0).to(tl.int64)
     o = tl.arange(0, BN)
-    b_max = tl.full([BN], float("-inf"), dtype=tl.float32)
-    for i0 in range(0, NB, BN):
-        b_max = tl.maximum(b_max, tl.load(p_pmax + i_bh * NB + i0 + o, mask=i0 + o < NB, other=float("-inf")))
-    b_mx = tl.max(b_max, 0)
+    # A lane with no partial yet holds -3e38, not -inf: -inf - -inf would be NaN, where this is 0 (its sum,
+    # 0, times exp(0)). Every block's max is finite (a block has a row), so the head's max is a partial's.
+    b_max = tl.full([BN], -3.0e38, dtype=tl.float32)
     b_sum = tl.zeros([BN], dtype=tl.float32)
     for i0 in range(0, NB, BN):
         m = i0 + o < NB
-        b_m = tl.load(p_pmax + i_bh * NB + i0 + o, mask=m, other=float("-inf"))  # exp(-inf) = 0 past NB
-        b_sum += tl.load(p_psum + i_bh * NB + i0 + o, mask=m, other=0.0) * tl.exp(b_m - b_mx)
+        b_m = tl.load(p_pmax + i_bh * NB + i0 + o, mask=m, other=-3.0e38)
+        b_new = tl.maximum(b_max, b_m)
+        b_sum = b_sum * tl.exp(b_max - b_new) + tl.load(p_psum + i_bh * NB + i0 + o, mask=m, other=0.0) * tl.exp(
+            b_m - b_new)
+        b_max = b_new
+    b_mx = tl.max(b_max, 0)
     tl.store(p_max + i_bh, b_mx)
-    tl.store(p_sum + i_bh, tl.sum(b_sum, 0))
+    tl.store(p_sum + i_bh, tl.sum(b_sum * tl.exp(b_max - b_mx), 0))
 
 
 @triton.jit
@@ -968,7 +975,8 @@ def _forward(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads: int, rw: bool):
     psum = empty((B, H, NB), torch.float32, dev)
     _similarity_kernel[(NB * B,)](mem, k, beta, K, pmax, psum, mem.stride(0), mem.stride(1), N, M, H, NB,
                                 BN=blk.sim_BN, BM=blk.BM, num_warps=blk.sim_warps)
-    _softmax_merge_kernel[(B * H,)](pmax, psum, mx, se, NB, BN=blk.BV, num_warps=4)
+    # Chunks of the vector pass's rows, up to 1,024 (at 8,192, which a sweep may force, 4 warps spilled).
+    _softmax_merge_kernel[(B * H,)](pmax, psum, mx, se, NB, BN=min(blk.BV, 1024), num_warps=4)
     NBV = _config.n_blocks(N, blk.BV)
     pw = empty((B, H, N), torch.float32, dev)
     pP = empty((B, H, NBV), torch.float32, dev)

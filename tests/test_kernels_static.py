@@ -66,7 +66,7 @@ spilled nowhere when last checked), so it is left out by default to keep the run
 # Pointers that are fp32 whatever the tensors' dtype: saved logits and sums, scratch, per-block partials.
 FP32_POINTERS = {"p_K", "p_max", "p_sum", "p_P", "p_pmax", "p_psum", "p_pw", "p_pP", "p_rpart", "p_depart",
                  "p_dapart", "p_dkpart", "p_scr", "p_dwrw", "p_dot", "p_dws", "p_dwc", "p_pdot", "p_psums", "p_sums",
-                 "p_pgrad", "p_pdg", "p_pdbeta", "p_part", "p_dkrows", "p_ck", "p_cn"}
+                 "p_pdgamma", "p_pds", "p_pdbeta", "p_part", "p_dkrows", "p_ck", "p_cn"}
 # The large-memory passes over (B, H, N) vectors and block partials, launched like ``_shift_sharpen_kernel``.
 VECTOR_KERNELS = ("_shift_sharpen_kernel", "_softmax_merge_kernel", "_sharpen_dot_kernel", "_sharpen_bwd_kernel",
                   "_interp_bwd_kernel")
@@ -128,8 +128,7 @@ def kernel_configs():
         BV = _config.vector_block(2**log_n)
         out += [(name, dict(BN=BV), 4) for name in VECTOR_KERNELS]
         out += [("_softmax_bwd_kernel", dict(BN=BV, BM=BM), 4) for BM in BLOCK_MS]
-    # The heads' finishing sums: a row of S + 3 partials a block (S = 3 or 5: 8 columns; up to 13: 16).
-    out += [("_head_grads_kernel", dict(BN=64, BP=BP, BM=BM), 4) for BP in (8, 16) for BM in BLOCK_MS]
+    out += [("_head_grads_kernel", dict(BN=64, BP=8, BM=BM), 4) for BM in BLOCK_MS]
     BL = 16
     while BL <= _config.MAX_BM:
         out += [(name, dict(BL=BL), 1) for name in kernel_names(kheads)]

@@ -53,15 +53,10 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra import libdevice
 
 from . import _config
 
 SHARPEN_EPS = 1e-16
-LN2 = tl.constexpr(0.6931471805599453)
-FAST_LOG = tl.constexpr(not triton.knobs.runtime.interpret)
-"""Whether ``_log2`` takes the hardware's approximation: compiled kernels only (the interpreter, which Triton
-picks as it defines the kernels, has no libdevice)."""
 
 
 # ----------------------------------------------------------------------------
@@ -134,23 +129,6 @@ def _rolled(b_x, d, o_n, N):
 
 
 @triton.jit
-def _log2(x):
-    """``log2(x)`` for normal ``x > 0``: the SFU's approximation (``lg2.approx``) where compiled, 2
-    instructions a value where libdevice's ``log2f`` (``tl.log2``, and ``tl.log`` likewise) took about 26. The
-    sharpening's power ``ws^gamma = exp2(gamma log2 ws)`` sits on every addressing pass, and its log was a
-    third of the large forward's shift-sharpen pass (sass model, sm_90).
-
-    CUDA's guide bounds the approximation (``__log2f``) at 2^-22 absolute on [0.5, 2], 2 ulp elsewhere. That
-    error, times gamma, moves the float64 reference's outputs and gradients by at most 2.2e-5 (relative, at
-    gamma 50) and 4e-6 at gamma in [1, 4] (``tests/test_kernels.py``), where the GPU test allows 1e-4.
-    """
-    if FAST_LOG:
-        return libdevice.fast_log2f(x)
-    else:
-        return tl.log2(x)
-
-
-@triton.jit
 def _softmax_at(b_K, b_beta, b_max, b_sum):
     """``wc = softmax(beta K)`` from logits and the softmax's max and sum: one formula, so that every kernel
     that makes or remakes it agrees bit for bit.
@@ -209,11 +187,9 @@ def _shift(p_K, p_wp, p_s, b_beta, b_g, b_max, b_sum, o_n, m_n, N, K, BN: tl.con
 
 @triton.jit
 def _shift_sharpen(p_K, p_wp, p_s, b_beta, b_g, b_gamma, b_max, b_sum, o_n, m_n, N, K, BN: tl.constexpr):
-    """``max(ws, 1e-30)^gamma`` at rows ``o_n`` of one head, 0 on masked rows. ``tl.exp2`` compiles to
-    ``ex2.approx.ftz``: a power below 2^-126 is 0, not subnormal; its weight ``p / (P + 1e-16)`` was below
-    1.2e-22 either way."""
+    """``max(ws, 1e-30)^gamma`` at rows ``o_n`` of one head, 0 on masked rows."""
     b_ws = _shift(p_K, p_wp, p_s, b_beta, b_g, b_max, b_sum, o_n, m_n, N, K, BN)
-    return tl.where(m_n, tl.exp2(b_gamma * _log2(tl.maximum(b_ws, 1e-30))), 0.0)
+    return tl.where(m_n, tl.exp(b_gamma * tl.log(tl.maximum(b_ws, 1e-30))), 0.0)
 
 
 @triton.jit
@@ -238,7 +214,7 @@ def _onchip_address(b_mem, b_mn, p_k, p_beta, p_g, p_s, p_gamma, p_wp, p_w, p_K,
     for j in range(S):
         b_ws += tl.load(p_s + i_bh * S + j).to(tl.float32) * _rolled(b_wg, d, o_n, N)
         d = _next_shift(d, 1, N)
-    b_p = tl.where(m_n, tl.exp2(b_gamma * _log2(tl.maximum(b_ws, 1e-30))), 0.0)
+    b_p = tl.where(m_n, tl.exp(b_gamma * tl.log(tl.maximum(b_ws, 1e-30))), 0.0)
     b_P = tl.sum(b_p, 0)
     b_w = (b_p / (b_P + 1e-16)).to(p_w.dtype.element_ty)
     tl.store(p_K + i_bh * N + o_n, b_K, mask=m_n)
@@ -365,13 +341,14 @@ def _softmax_merge_kernel(p_pmax, p_psum, p_max, p_sum, NB, BN: tl.constexpr):
     launch is their latency."""
     i_bh = tl.program_id(0).to(tl.int64)
     o = tl.arange(0, BN)
-    # A lane with no partial yet holds -3e38, not -inf: -inf - -inf would be NaN, where this is 0 (its sum,
-    # 0, times exp(0)). Every block's max is finite (a block has a row), so the head's max is a partial's.
-    b_max = tl.full([BN], -3.0e38, dtype=tl.float32)
+    # A lane with no partial yet holds float32's lowest finite value, not -inf: -inf - -inf would be NaN,
+    # where this is 0 (its sum, 0, times exp(0)). Every block's max is finite (a block has a row) and at least
+    # that, so the head's max is a partial's.
+    b_max = tl.full([BN], -3.4028234663852886e38, dtype=tl.float32)
     b_sum = tl.zeros([BN], dtype=tl.float32)
     for i0 in range(0, NB, BN):
         m = i0 + o < NB
-        b_m = tl.load(p_pmax + i_bh * NB + i0 + o, mask=m, other=-3.0e38)
+        b_m = tl.load(p_pmax + i_bh * NB + i0 + o, mask=m, other=-3.4028234663852886e38)
         b_new = tl.maximum(b_max, b_m)
         b_sum = b_sum * tl.exp(b_max - b_new) + tl.load(p_psum + i_bh * NB + i0 + o, mask=m, other=0.0) * tl.exp(
             b_m - b_new)
@@ -557,11 +534,11 @@ def _sharpen_bwd_kernel(p_dwrw, p_dw, p_K, p_wp, p_beta, p_g, p_s, p_gamma, p_ma
     b_dot1 = tl.load(p_sums + i_bh * 2 + 1) / b_Pe
     b_ws = _shift(p_Kh, p_wph, p_sh, b_beta, b_g, b_max, b_sum, o_n, m_n, N, K, BN)
     b_c = tl.maximum(b_ws, 1e-30)
-    b_log2c = _log2(b_c)
+    b_logc = tl.log(b_c)
     # Masked rows load dw = 0 and get w = 0, so they add nothing below.
-    b_w = tl.where(m_n, tl.exp2(b_gamma * b_log2c), 0.0) / b_Pe
+    b_w = tl.where(m_n, tl.exp(b_gamma * b_logc), 0.0) / b_Pe
     b_dpp = (_dw_at(p_dwrw, p_dw, i_bh * N + o_n, m_n, HAS_DW) - b_dot1) * b_w
-    tl.store(p_pdgamma + (i_bh * NB + i_n) * SP, tl.sum(b_dpp * b_log2c, 0) * LN2)
+    tl.store(p_pdgamma + (i_bh * NB + i_n) * SP, tl.sum(b_dpp * b_logc, 0))
     tl.store(p_dws + i_bh * N + o_n, tl.where(b_ws >= 1e-30, b_dpp * b_gamma / b_c, 0.0), mask=m_n)
 
 
@@ -700,23 +677,26 @@ def _head_grads_kernel(p_part, p_dkrows, p_k, p_beta, p_dk, p_dbeta, p_dg, p_ds,
     and ``dk = dk_rows - beta dbeta k / max(|k|, eps)^2`` (the norm's term only where ``|k| >= eps``), with
     ``dk_rows = sum_n c[n] mem[n]`` from ``_mem_bwd_kernel`` and ``sum_n dK K = beta dbeta``. Stored in the
     parameters' dtype: one launch where torch took about fifteen, each a few microseconds at any size.
+
+    The columns in chunks of ``BP``, so that one compiled kernel takes any S.
     """
     i_bh = tl.program_id(0).to(tl.int64)
     o_b = tl.arange(0, BN)
-    o_c = tl.arange(0, BP)
-    m_c = o_c < SP
-    b_acc = tl.zeros([BN, BP], dtype=tl.float32)
-    for i0 in range(0, NB, BN):
-        m = (i0 + o_b < NB)[:, None] & m_c[None, :]
-        b_acc += tl.load(p_part + (i_bh * NB + i0 + o_b)[:, None] * SP + o_c[None, :], mask=m, other=0.0)
-    b_tot = tl.sum(b_acc, 0)
     dt = p_dk.dtype.element_ty
-    # One value a column; the scalar gradients are stored from the lane of their column.
-    tl.store(p_dgamma + i_bh + o_c * 0, b_tot.to(dt), mask=o_c == 0)
-    tl.store(p_ds + i_bh * S + o_c - 1, b_tot.to(dt), mask=(o_c >= 1) & (o_c <= S))
-    tl.store(p_dg + i_bh + o_c * 0, b_tot.to(dt), mask=o_c == S + 1)
-    tl.store(p_dbeta + i_bh + o_c * 0, b_tot.to(dt), mask=o_c == S + 2)
-    b_dbeta = tl.sum(tl.where(o_c == S + 2, b_tot, 0.0), 0)
+    b_dbeta = tl.zeros([], dtype=tl.float32)
+    for c0 in range(0, SP, BP):
+        o_c = c0 + tl.arange(0, BP)
+        b_acc = tl.zeros([BN, BP], dtype=tl.float32)
+        for i0 in range(0, NB, BN):
+            m = (i0 + o_b < NB)[:, None] & (o_c < SP)[None, :]
+            b_acc += tl.load(p_part + (i_bh * NB + i0 + o_b)[:, None] * SP + o_c[None, :], mask=m, other=0.0)
+        b_tot = tl.sum(b_acc, 0)
+        # One value a column; each scalar gradient is stored from the lane of its column.
+        tl.store(p_dgamma + i_bh + o_c * 0, b_tot.to(dt), mask=o_c == 0)
+        tl.store(p_ds + i_bh * S + o_c - 1, b_tot.to(dt), mask=(o_c >= 1) & (o_c <= S))
+        tl.store(p_dg + i_bh + o_c * 0, b_tot.to(dt), mask=o_c == S + 1)
+        tl.store(p_dbeta + i_bh + o_c * 0, b_tot.to(dt), mask=o_c == S + 2)
+        b_dbeta += tl.sum(tl.where(o_c == S + 2, b_tot, 0.0), 0)
     o_m = tl.arange(0, BM)
     m_m = o_m < M
     b_k = tl.load(p_k + i_bh * M + o_m, mask=m_m, other=0.0).to(tl.float32)
@@ -761,14 +741,14 @@ def _onchip_address_bwd(b_dw, b_K, b_wp, b_beta, b_g, b_gamma, b_max, b_sum, p_s
     for j in range(S):
         b_ws += tl.load(p_s + i_bh * S + j).to(tl.float32) * _rolled(b_wg, d, o_n, N)
         d = _next_shift(d, 1, N)
-    b_log2c = _log2(tl.maximum(b_ws, 1e-30))
-    b_p = tl.where(m_n, tl.exp2(b_gamma * b_log2c), 0.0)
+    b_logc = tl.log(tl.maximum(b_ws, 1e-30))
+    b_p = tl.where(m_n, tl.exp(b_gamma * b_logc), 0.0)
     b_P, b_dwp = tl.reduce((b_p, b_dw * b_p), 0, _add2)
     b_Pe = b_P + 1e-16
     # Sharpening backward (dL/dgamma's sum is taken with the interpolation's, below).
     b_dp = (b_dw - b_dwp / b_Pe) / b_Pe
-    b_dgamma_n = b_dp * b_p * (b_log2c * LN2)
-    b_dws = tl.where(m_n & (b_ws >= 1e-30), b_dp * b_gamma * tl.exp2((b_gamma - 1.0) * b_log2c), 0.0)
+    b_dgamma_n = b_dp * b_p * b_logc
+    b_dws = tl.where(m_n & (b_ws >= 1e-30), b_dp * b_gamma * tl.exp((b_gamma - 1.0) * b_logc), 0.0)
     # Shift backward: dL/dwg[n] = sum_j s[j + K] dL/dws[n + j]; dL/ds[j + K] = sum_n dL/dws[n] wg[n - j]
     # = sum_n wg[n] dL/dws[n + j], so both take the one gathered dL/dws[n + j] of each tap.
     b_dwg = tl.zeros([BN], dtype=tl.float32)
@@ -1028,7 +1008,7 @@ def _address_bwd(k, beta, g, s, gamma, w_prev, K, mx, se, dw_rw, dw, BV: int):
     ck = empty((B, H, N), torch.float32, dev)
     cn = empty((B, N), torch.float32, dev)
     _softmax_bwd_kernel[(NB * B,)](K, dwc, beta, mx, se, dot, k, ck, cn, parts[..., S + 2], N, k.shape[2], H, NB,
-                                   S + 3, BN=BV, BM=triton.next_power_of_2(k.shape[2]), num_warps=4)
+                                   S + 3, BN=BV, BM=_config.block_m(k.shape[2]), num_warps=4)
     return ck, cn, parts, dwp
 
 
@@ -1042,7 +1022,7 @@ def _head_grads(k, beta, parts, dk_rows):
     dbeta, dg, dgamma = (empty((B, H), k.dtype, k.device) for _ in range(3))
     ds = empty((B, H, SP - 3), k.dtype, k.device)
     _head_grads_kernel[(B * H,)](parts, dk_rows, k, beta, dk, dbeta, dg, ds, dgamma, NB, M, SP - 3, SP,
-                                 BN=64, BP=triton.next_power_of_2(SP), BM=triton.next_power_of_2(M), num_warps=4)
+                                 BN=64, BP=8, BM=_config.block_m(M), num_warps=4)
     return dk, dbeta, dg, ds, dgamma
 
 

@@ -123,7 +123,8 @@ def report_memory_step(shape_name: str, result: dict) -> str:
     lines = [f"launches of one memory step at the {shape_name} shape, counted on the CPU"]
     for part, row in result.items():
         triton_n, torch_n = sum(row["triton"].values()), sum(row["torch"].values())
-        ops = ", ".join(f"{op.removeprefix('aten.')} {n}" for op, n in sorted(row["torch"].items(), key=lambda kv: -kv[1]))
+        by_count = sorted(row["torch"].items(), key=lambda kv: -kv[1])
+        ops = ", ".join(f"{op.removeprefix('aten.')} {n}" for op, n in by_count)
         lines.append(f"{part:9} Triton {triton_n:2} ({', '.join(row['triton'])})")
         lines.append(f"{'':9} torch  {torch_n:2} ({ops})")
     return "\n".join(lines)

@@ -977,9 +977,9 @@ def _address_bwd(k, beta, g, s, gamma, w_prev, K, mx, se, dw_rw, dw, BV: int):
     dL/dgamma, dL/ds, dL/dg and dL/dbeta, for ``_head_grads_kernel``, and dw_prev in its dtype.
 
     Three passes over blocks of ``BV`` rows of each head (the sharpening's sums; the sharpening; the shift,
-    with dL/ds, and the interpolation), then one over blocks of every head (the softmax), the per-(b, h) sums that a pass
-    needs reduced with torch before it. The four gradients' partials share one buffer, each block's in a
-    row, so that one launch finishes them all.
+    with dL/ds, and the interpolation), then one over blocks of every head (the softmax), the per-(b, h)
+    sums that a pass needs reduced with torch before it. The four gradients' partials share one buffer,
+    each block's in a row, so that one launch finishes them all.
     """
     empty = _config.allocator()
     B, H, N = K.shape

@@ -103,14 +103,8 @@ def run(batch: int = 32, lengths: tuple[int, int] = (2, 4)) -> dict:
 def count_memory_step(shape_name: str) -> dict[str, dict]:
     """Triton launches (by kernel) and torch device ops (by op) of one memory step's forward and backward."""
     shape = OP_SHAPES[shape_name]
-    ms = launches.memory_step
-    H, R, W, S = shape.H, shape.R, shape.W, shape.S
-
-    def t(*size):
-        return torch.zeros(size)
-
-    args = (t(1, shape.N, shape.M), t(1, H, shape.M), t(1, H), t(1, H), t(1, H, S), t(1, H), t(1, H, shape.N),
-            t(1, W, shape.M), t(1, W, shape.M))
+    ms, R = launches.memory_step, shape.R
+    args = launches.memory_step_args(shape)
     with launches.recording() as fwd_launches, DeviceOps() as fwd_ops:
         w, r, new, K, mx, se, _ = ms._forward(*args, R, True)
     with launches.recording() as bwd_launches, DeviceOps() as bwd_ops:

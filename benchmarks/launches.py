@@ -12,6 +12,7 @@ import subprocess
 import tempfile
 from typing import NamedTuple
 
+import torch
 import triton
 from triton._C.libtriton import native_specialize_impl
 from triton.backends.compiler import BaseBackend, GPUTarget
@@ -73,6 +74,20 @@ def recording():
     finally:
         for name, kernel in kernels.items():
             setattr(kernel_module(name), name, kernel)
+
+
+def memory_step_args(shape, dtype=None) -> tuple:
+    """Zero inputs ``(mem, k, beta, g, s, gamma, w_prev, e, a)`` of ``memory_step`` at ``shape`` (a
+    ``benchmarks.shapes`` shape), batch 1: a grid scales with B, and recorded launches read no values."""
+    import torch
+
+    H, W, M = shape.H, shape.W, shape.M
+
+    def t(*size):
+        return torch.zeros(size, dtype=dtype)
+
+    return t(1, shape.N, M), t(1, H, M), t(1, H), t(1, H), t(1, H, shape.S), t(1, H), t(1, H, shape.N), \
+        t(1, W, M), t(1, W, M)
 
 
 class Specialized(NamedTuple):

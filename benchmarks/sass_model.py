@@ -226,13 +226,8 @@ def count_launch(launch: launches.Launch, fors, arch: int) -> Count:
 
 def record_step(shape, dtype: torch.dtype):
     """(forward launches, backward launches) of one memory step at ``shape``, batch 1 (a grid scales with B)."""
-    ms = launches.memory_step
-    N, M, R, W, S, H = shape.N, shape.M, shape.R, shape.W, shape.S, shape.H
-
-    def t(*size):
-        return torch.zeros(size, dtype=dtype)
-
-    args = (t(1, N, M), t(1, H, M), t(1, H), t(1, H), t(1, H, S), t(1, H), t(1, H, N), t(1, W, M), t(1, W, M))
+    ms, R = launches.memory_step, shape.R
+    args = launches.memory_step_args(shape, dtype)
     with launches.recording() as fwd:
         w, r, new, K, mx, se, _ = ms._forward(*args, R, True)
     with launches.recording() as bwd:

@@ -90,11 +90,9 @@ def dispatch_blocks():
     """Every ``Blocks`` the dispatch returns, over all slot widths it takes (a multiple of 16 and not:
     the warps may differ) and N up to 2^20."""
     seen = set()
-    BM = 16
-    while BM <= _config.MAX_BM:
+    for BM in BLOCK_MS:
         for log_n in range(0, 21):
             seen.update(_config.choose(2**log_n, M) for M in (BM, BM - 8))
-        BM *= 2
     return sorted(seen, key=lambda b: (not b.onchip, b.BM, b.BN))
 
 
@@ -129,10 +127,7 @@ def kernel_configs():
         out += [(name, dict(BN=BV), 4) for name in VECTOR_KERNELS]
         out += [("_softmax_bwd_kernel", dict(BN=BV, BM=BM), 4) for BM in BLOCK_MS]
     out += [("_head_grads_kernel", dict(BN=64, BP=8, BM=BM), 4) for BM in BLOCK_MS]
-    BL = 16
-    while BL <= _config.MAX_BM:
-        out += [(name, dict(BL=BL), 1) for name in kernel_names(kheads)]
-        BL *= 2
+    out += [(name, dict(BL=BL), 1) for BL in BLOCK_MS for name in kernel_names(kheads)]
     # Regimes share configurations (on-chip BN=64 BM=32 is also the large-memory block at BM=32).
     distinct = []
     for c in out:

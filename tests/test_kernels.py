@@ -267,15 +267,16 @@ def test_edge_cases_finite_and_match(BN):
         check_op(kernels.memory_step, reference.memory_step, x, extra=(2,), tol=1e-4)
 
 
+@pytest.mark.parametrize("shift", [[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]], ids=["unshifted", "shifted"])
 @pytest.mark.parametrize("BN", [None, 16], ids=["auto", "BN16"])
-def test_weightings_below_the_sharpening_floor_pass_no_gradient(BN):
-    # With g = 0 and s unshifted, ws = w_prev, whose zero rows lie below the floor (1e-30): the floor's
-    # gradient is 0 there. At gamma = 1, ws^gamma / ws is 1 at them, so without that mask dL/dw_prev
-    # would not be 0 there.
+def test_weightings_below_the_sharpening_floor_pass_no_gradient(BN, shift):
+    # With g = 0 and s one-hot, ws is w_prev, shifted or not, and its zero rows lie below the floor (1e-30):
+    # the floor's gradient is 0 there. At gamma = 1, ws^gamma / ws is 1 at them, so without that mask
+    # dL/dw_prev would not be 0 there. Shifted, the shift's taps read those rows across block edges.
     B, N, M, H = 2, 37, 13, 3
     x = kernel_inputs(B, N, M, H, 2, 3)
     x["g"].zero_()
-    x["s"] = torch.tensor([0.0, 1.0, 0.0]).expand(B, H, 3).clone()
+    x["s"] = torch.tensor(shift).expand(B, H, 3).clone()
     x["gamma"].fill_(1.0)
     x["w_prev"][..., ::3] = 0
     with _config.force_block_n(BN):

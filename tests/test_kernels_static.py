@@ -65,7 +65,7 @@ DTYPES = tuple(os.environ.get("FASTNTM_STATIC_DTYPES", "fp32,bf16").split(","))
 spilled nowhere when last checked), so it is left out by default to keep the run short."""
 # Pointers that are fp32 whatever the tensors' dtype: saved logits and sums, scratch, per-block partials.
 FP32_POINTERS = {"p_K", "p_max", "p_sum", "p_P", "p_pmax", "p_psum", "p_pw", "p_pP", "p_rpart", "p_depart",
-                 "p_dapart", "p_dkpart", "p_scr", "p_dwrw", "p_dot", "p_dwt", "p_v", "p_dwc", "p_pdot", "p_psums",
+                 "p_dapart", "p_dkpart", "p_scr", "p_dwrw", "p_dot", "p_v", "p_dwc", "p_pdot", "p_psums",
                  "p_sums", "p_pdbeta", "p_part", "p_dkrows", "p_ck", "p_cn"}
 # The large-memory passes over (B, H, N) vectors and block partials, launched like ``_shift_sharpen_kernel``.
 VECTOR_KERNELS = ("_shift_sharpen_kernel", "_softmax_merge_kernel", "_sharpen_bwd_kernel", "_interp_bwd_kernel")

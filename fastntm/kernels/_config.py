@@ -142,7 +142,7 @@ def large_warps(M: int) -> tuple[int, int]:
     Few warps sum a block's rows with few or no barriers (one warp: shuffles alone), and hold several
     rows a thread, so a value a row costs little. At the large shape (fp32, sm_90) the forward's kernels
     issue 110 M warp-instructions at one warp against 297 M at four, and the backward (two passes over
-    memory at those warps, four vector passes between) 292 M at two against 378 M at four
+    memory at those warps, four vector passes between then) 292 M at two against 378 M at four
     (``python -m benchmarks.sass_model``); at four warps an H200 ran the forward at the pace of issue,
     not of memory. Where ptxas spilled (``tests/test_kernels_static.py``), four warps, as before: the
     backward at one warp; one or two warps at BM <= 32 (64 or 128 rows a block) with rows not 16-aligned;

@@ -187,10 +187,18 @@ def _shift(p_K, p_wp, p_s, b_beta, b_g, b_max, b_sum, o_n, m_n, N, K, BN: tl.con
 
 
 @triton.jit
+def _sharpened(b_ws, b_gamma, m_n):
+    """``(log c, p)`` with ``c = max(ws, 1e-30)`` and ``p = c^gamma`` (0 on masked rows): one formula, so that
+    the backward's recomputed ``p`` is the forward's, bit for bit."""
+    b_logc = tl.log(tl.maximum(b_ws, 1e-30))
+    return b_logc, tl.where(m_n, tl.exp(b_gamma * b_logc), 0.0)
+
+
+@triton.jit
 def _shift_sharpen(p_K, p_wp, p_s, b_beta, b_g, b_gamma, b_max, b_sum, o_n, m_n, N, K, BN: tl.constexpr):
     """``max(ws, 1e-30)^gamma`` at rows ``o_n`` of one head, 0 on masked rows."""
     b_ws = _shift(p_K, p_wp, p_s, b_beta, b_g, b_max, b_sum, o_n, m_n, N, K, BN)
-    return tl.where(m_n, tl.exp(b_gamma * tl.log(tl.maximum(b_ws, 1e-30))), 0.0)
+    return _sharpened(b_ws, b_gamma, m_n)[1]
 
 
 @triton.jit
@@ -215,7 +223,7 @@ def _onchip_address(b_mem, b_mn, p_k, p_beta, p_g, p_s, p_gamma, p_wp, p_w, p_K,
     for j in range(S):
         b_ws += tl.load(p_s + i_bh * S + j).to(tl.float32) * _rolled(b_wg, d, o_n, N)
         d = _next_shift(d, 1, N)
-    b_p = tl.where(m_n, tl.exp(b_gamma * tl.log(tl.maximum(b_ws, 1e-30))), 0.0)
+    _, b_p = _sharpened(b_ws, b_gamma, m_n)
     b_P = tl.sum(b_p, 0)
     b_w = (b_p / (b_P + 1e-16)).to(p_w.dtype.element_ty)
     tl.store(p_K + i_bh * N + o_n, b_K, mask=m_n)
@@ -495,18 +503,19 @@ def _dw_at(p_dwrw, p_dw, o, m_n, HAS_DW):
 
 
 @triton.jit(do_not_specialize=("HAS_DW",))
-def _sharpen_bwd_kernel(p_dwrw, p_dw, p_K, p_wp, p_beta, p_g, p_s, p_gamma, p_max, p_sum, p_dwt, p_v, p_psums,
+def _sharpen_bwd_kernel(p_dwrw, p_dw, p_K, p_wp, p_beta, p_g, p_s, p_gamma, p_max, p_sum, p_v, p_psums,
                         N, K, NB, HAS_DW, BN: tl.constexpr):
     """Addressing backward, pass 1, head ``i_bh`` on block ``i_n``: the sharpening, up to its sums.
 
     With ``c = max(ws, 1e-30)``, ``p = c^gamma``, ``w = p / Pe`` (``Pe = P + eps``, ``P = sum_n p``) and
     ``dot1 = sum_n dw w``: ``dws = (dw - dot1) gamma w / c = (dw - dot1) v / Pe``, with ``v = gamma p / c``
     where ``ws >= 1e-30``, else 0; and ``dgamma = sum_n (dw - dot1) w log c``. ``P`` and ``dot1`` are sums
-    over every row, so this pass stores what the next needs to finish at any row, ``dw`` (the total, fp32)
-    and ``v``, and block partials (B, H, NB, 4) of ``P``, ``sum_n dw p``, ``sum_n dw p log c`` and
-    ``sum_n p log c``. ``ws`` and ``p`` are recomputed as the forward does, the halo from the stored logits
-    (so ``P`` is the forward's, bit for bit); one recompute, where a pass for the sums and another for
-    dws took one each.
+    over every row, so this pass stores what the next needs to finish at any row: ``v`` (fp32), and the
+    total ``dw``, the given dL/dw added in place to ``p_dwrw`` (fp32, from the reads and the write) where
+    ``HAS_DW`` (a program reads and writes only its own rows of it). And block partials (B, H, NB, 4) of
+    ``P``, ``sum_n dw p``, ``sum_n dw p log c`` and ``sum_n p log c``. ``ws`` and ``p`` are recomputed as the
+    forward does (``_sharpened``), the halo from the stored logits: ``p`` and its block sums are the
+    forward's, bit for bit. One recompute, where a pass for the sums and another for dws took one each.
 
     Not the saved ``w``: in bf16 its rounding, through ``dot1 = sum_n dw w``, spoils dL/dgamma (a difference
     of nearly equal sums).
@@ -514,64 +523,66 @@ def _sharpen_bwd_kernel(p_dwrw, p_dw, p_K, p_wp, p_beta, p_g, p_s, p_gamma, p_ma
     i_n, i_bh = _block_and_item(NB)
     o_n = i_n * BN + tl.arange(0, BN)
     m_n = o_n < N
+    b_beta = tl.load(p_beta + i_bh).to(tl.float32)
+    b_g = tl.load(p_g + i_bh).to(tl.float32)
     b_gamma = tl.load(p_gamma + i_bh).to(tl.float32)
-    b_ws = _shift(p_K + i_bh * N, p_wp + i_bh * N, p_s + i_bh * (2 * K + 1), tl.load(p_beta + i_bh).to(tl.float32),
-                  tl.load(p_g + i_bh).to(tl.float32), tl.load(p_max + i_bh), tl.load(p_sum + i_bh), o_n, m_n, N, K, BN)
-    b_c = tl.maximum(b_ws, 1e-30)
-    b_logc = tl.log(b_c)
-    # As _shift_sharpen makes it; masked rows get p = 0 and load dw = 0, so they add nothing below.
-    b_p = tl.where(m_n, tl.exp(b_gamma * b_logc), 0.0)
+    b_max = tl.load(p_max + i_bh)
+    b_sum = tl.load(p_sum + i_bh)
+    b_ws = _shift(p_K + i_bh * N, p_wp + i_bh * N, p_s + i_bh * (2 * K + 1), b_beta, b_g, b_max, b_sum,
+                  o_n, m_n, N, K, BN)
+    # Masked rows get p = 0 and load dw = 0, so they add nothing below.
+    b_logc, b_p = _sharpened(b_ws, b_gamma, m_n)
     b_dw = _dw_at(p_dwrw, p_dw, i_bh * N + o_n, m_n, HAS_DW)
-    tl.store(p_dwt + i_bh * N + o_n, b_dw, mask=m_n)
-    tl.store(p_v + i_bh * N + o_n, tl.where(b_ws >= 1e-30, b_gamma * b_p / b_c, 0.0), mask=m_n)
+    tl.store(p_dwrw + i_bh * N + o_n, b_dw, mask=m_n & (HAS_DW != 0))
+    tl.store(p_v + i_bh * N + o_n, tl.where(b_ws >= 1e-30, b_gamma * b_p / tl.maximum(b_ws, 1e-30), 0.0), mask=m_n)
     b_plogc = b_p * b_logc
-    p_part = p_psums + (i_bh * NB + i_n) * 4
-    tl.store(p_part, tl.sum(b_p, 0))
-    tl.store(p_part + 1, tl.sum(b_dw * b_p, 0))
-    tl.store(p_part + 2, tl.sum(b_dw * b_plogc, 0))
-    tl.store(p_part + 3, tl.sum(b_plogc, 0))
+    p_blk = p_psums + (i_bh * NB + i_n) * 4
+    tl.store(p_blk, tl.sum(b_p, 0))
+    tl.store(p_blk + 1, tl.sum(b_dw * b_p, 0))
+    tl.store(p_blk + 2, tl.sum(b_dw * b_plogc, 0))
+    tl.store(p_blk + 3, tl.sum(b_plogc, 0))
 
 
 @triton.jit
-def _interp_bwd_kernel(p_dwt, p_v, p_psums, p_sums, p_K, p_wp, p_beta, p_g, p_s, p_max, p_sum, p_dwp, p_dwc,
-                       p_part, p_pdot, N, K, NB, SP, BN: tl.constexpr):
+def _interp_bwd_kernel(p_dw, p_v, p_psums, p_sums, p_K, p_wp, p_beta, p_g, p_s, p_max, p_sum, p_dwp, p_dwc,
+                       p_parts, p_pdot, N, K, NB, SP, BN: tl.constexpr):
     """Addressing backward, pass 2, head ``i_bh`` on block ``i_n``: the sharpening's end, the shift and the
     interpolation.
 
-    From pass 1's sums (given, (B, H, 4)): ``Pe = P + eps``, ``dot1 = sum_n dw p / Pe``; then at any row
-    ``dws = (dw - dot1) v / Pe`` from pass 1's ``dw`` and ``v``. ``dwg[n] = sum_j s[j + K] dws[(n + j) mod N]``
-    (the halo from the stored vectors); ``dw_prev = (1 - g) dwg`` (stored in its dtype); ``dwc = g dwg``
-    (stored, fp32). Block partials, ``S + 2`` values from ``p_part`` every ``SP``: dL/dgamma,
-    ``(sum_n dw p log c - dot1 sum_n p log c) / Pe`` from this block's partials of pass 1;
-    ``ds[j + K] = sum_n dws[n] wg[(n - j) mod N] = sum_n wg[n] dws[(n + j) mod N]``;
-    ``dg = sum_n dwg (wc - w_prev)``; and of ``dot2 = sum_n dwc wc`` (B, H, NB). dL/ds is taken here, from
-    the taps' dws that dwg needs and this block's own wg.
+    From pass 1's sums of ``P`` and ``sum_n dw p`` (given, (B, H, 2)): ``Pe = P + eps``,
+    ``dot1 = sum_n dw p / Pe``; then at any row ``dws = (dw - dot1) v / Pe`` from the total dL/dw and pass
+    1's ``v``. ``dwg[n] = sum_j s[j + K] dws[(n + j) mod N]`` (the halo from the stored vectors);
+    ``dw_prev = (1 - g) dwg`` (stored in its dtype); ``dwc = g dwg`` (stored, fp32). Block partials,
+    ``S + 2`` values from ``p_parts`` every ``SP``: dL/dgamma, ``(sum_n dw p log c - dot1 sum_n p log c) / Pe``
+    from this block's partials of pass 1; ``ds[j + K] = sum_n dws[n] wg[(n - j) mod N]
+    = sum_n wg[n] dws[(n + j) mod N]``; ``dg = sum_n dwg (wc - w_prev)``; and of ``dot2 = sum_n dwc wc``
+    (B, H, NB). dL/ds is taken here, from the taps' dws that dwg needs and this block's own wg.
     """
     S = 2 * K + 1
     i_n, i_bh = _block_and_item(NB)
     o_n = i_n * BN + tl.arange(0, BN)
     m_n = o_n < N
-    b_inv = 1.0 / (tl.load(p_sums + i_bh * 4) + 1e-16)
-    b_dot1 = tl.load(p_sums + i_bh * 4 + 1) * b_inv
+    b_rPe = 1.0 / (tl.load(p_sums + i_bh * 2) + 1e-16)
+    b_dot1 = tl.load(p_sums + i_bh * 2 + 1) * b_rPe
     b_g = tl.load(p_g + i_bh).to(tl.float32)
     b_K = tl.load(p_K + i_bh * N + o_n, mask=m_n, other=0.0)
     b_wp = tl.load(p_wp + i_bh * N + o_n, mask=m_n, other=0.0).to(tl.float32)
     # Rows past N: wc finite (_softmax_at), dws 0 (masked loads), so they add nothing to the sums.
     b_wc = _softmax_at(b_K, tl.load(p_beta + i_bh).to(tl.float32), tl.load(p_max + i_bh), tl.load(p_sum + i_bh))
     b_wg = b_g * b_wc + (1.0 - b_g) * b_wp  # as _wg makes it
-    p_part = p_part + (i_bh * NB + i_n) * SP
-    p_own = p_psums + (i_bh * NB + i_n) * 4
-    tl.store(p_part, (tl.load(p_own + 2) - b_dot1 * tl.load(p_own + 3)) * b_inv)
+    p_blk = p_parts + (i_bh * NB + i_n) * SP
+    p_sharpen = p_psums + (i_bh * NB + i_n) * 4
+    tl.store(p_blk, (tl.load(p_sharpen + 2) - b_dot1 * tl.load(p_sharpen + 3)) * b_rPe)
     b_dwg = tl.zeros([BN], dtype=tl.float32)
     _, d = _tap_shifts(K, N)
     for j in range(S):
         o_src = i_bh * N + _circular(o_n, d, N)
-        b_dws = (tl.load(p_dwt + o_src, mask=m_n, other=0.0) - b_dot1) * tl.load(p_v + o_src, mask=m_n, other=0.0)
-        b_dws *= b_inv
+        b_dws = (tl.load(p_dw + o_src, mask=m_n, other=0.0) - b_dot1) * tl.load(p_v + o_src, mask=m_n, other=0.0)
+        b_dws *= b_rPe
         b_dwg += tl.load(p_s + i_bh * S + j).to(tl.float32) * b_dws
-        tl.store(p_part + 1 + j, tl.sum(b_wg * b_dws, 0))
+        tl.store(p_blk + 1 + j, tl.sum(b_wg * b_dws, 0))
         d = _next_shift(d, -1, N)
-    tl.store(p_part + 1 + S, tl.sum(b_dwg * (b_wc - b_wp), 0))
+    tl.store(p_blk + 1 + S, tl.sum(b_dwg * (b_wc - b_wp), 0))
     tl.store(p_dwp + i_bh * N + o_n, ((1.0 - b_g) * b_dwg).to(p_dwp.dtype.element_ty), mask=m_n)
     b_dwc = b_g * b_dwg
     tl.store(p_dwc + i_bh * N + o_n, b_dwc, mask=m_n)
@@ -581,7 +592,7 @@ def _interp_bwd_kernel(p_dwt, p_v, p_psums, p_sums, p_K, p_wp, p_beta, p_g, p_s,
 @triton.jit
 def _softmax_bwd_kernel(p_K, p_dwc, p_beta, p_max, p_sum, p_dot, p_k, p_ck, p_cn, p_pdbeta, N, M, H, NB, SP,
                         BN: tl.constexpr, BM: tl.constexpr):
-    """Addressing backward, pass 4, block ``i_n`` of item ``i_b``, every head: the softmax backward and the
+    """Addressing backward, pass 3, block ``i_n`` of item ``i_b``, every head: the softmax backward and the
     cosine's factors of each row, for ``_mem_bwd_kernel``.
 
     From dL/dwc and ``dot2 = sum_n dwc wc`` (given): ``dz = wc (dwc - dot2)``, ``dK = beta dz``. Stores
@@ -740,8 +751,7 @@ def _onchip_address_bwd(b_dw, b_K, b_wp, b_beta, b_g, b_gamma, b_max, b_sum, p_s
     for j in range(S):
         b_ws += tl.load(p_s + i_bh * S + j).to(tl.float32) * _rolled(b_wg, d, o_n, N)
         d = _next_shift(d, 1, N)
-    b_logc = tl.log(tl.maximum(b_ws, 1e-30))
-    b_p = tl.where(m_n, tl.exp(b_gamma * b_logc), 0.0)
+    b_logc, b_p = _sharpened(b_ws, b_gamma, m_n)
     b_P, b_dwp = tl.reduce((b_p, b_dw * b_p), 0, _add2)
     b_Pe = b_P + 1e-16
     # Sharpening backward (dL/dgamma's sum is taken with the interpolation's, below).
@@ -971,9 +981,10 @@ def _forward(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads: int, rw: bool):
 
 def _address_bwd(k, beta, g, s, gamma, w_prev, K, mx, se, dw_rw, dw, BV: int):
     """The addressing chain backward down to the logits, from dL/dw (``dw_rw`` from the reads and the write,
-    fp32, plus ``dw`` if given): (ck, cn, parts, dw_prev), with ``ck`` and ``cn`` the cosine's factors that
-    ``_mem_bwd_kernel`` takes (``_softmax_bwd_kernel``), ``parts`` the block partials (B, H, NB, S + 3) of
-    dL/dgamma, dL/ds, dL/dg and dL/dbeta, for ``_head_grads_kernel``, and dw_prev in its dtype.
+    fp32, plus ``dw`` if given; the sum is left in ``dw_rw``): (ck, cn, parts, dw_prev), with ``ck`` and
+    ``cn`` the cosine's factors that ``_mem_bwd_kernel`` takes (``_softmax_bwd_kernel``), ``parts`` the block
+    partials (B, H, NB, S + 3) of dL/dgamma, dL/ds, dL/dg and dL/dbeta, for ``_head_grads_kernel``, and
+    dw_prev in its dtype.
 
     Two passes over blocks of ``BV`` rows of each head (the sharpening, up to its sums; its end, the shift,
     with dL/ds, and the interpolation), then one over blocks of every head (the softmax), the per-(b, h)
@@ -988,19 +999,18 @@ def _address_bwd(k, beta, g, s, gamma, w_prev, K, mx, se, dw_rw, dw, BV: int):
     NB = _config.n_blocks(N, BV)
     grid = (NB * B * H,)
     has_dw = dw is not None
-    # Without a given dL/dw the kernels still get a real pointer, never read.
+    # Without a given dL/dw the kernel still gets a real pointer, never read.
     dw = dw if has_dw else dw_rw
-    dwt = empty((B, H, N), torch.float32, dev)
     v = empty((B, H, N), torch.float32, dev)
     psums = empty((B, H, NB, 4), torch.float32, dev)
-    _sharpen_bwd_kernel[grid](dw_rw, dw, K, w_prev, beta, g, s, gamma, mx, se, dwt, v, psums, N, (S - 1) // 2, NB,
+    _sharpen_bwd_kernel[grid](dw_rw, dw, K, w_prev, beta, g, s, gamma, mx, se, v, psums, N, (S - 1) // 2, NB,
                               int(has_dw), BN=BV, num_warps=4)
-    sums = psums.sum(2)
+    sums = psums[..., :2].sum(2)  # P and sum dw p; pass 2 takes the other two a block at a time
     dwp = empty((B, H, N), w_prev.dtype, dev)
     parts = empty((B, H, NB, S + 3), torch.float32, dev)  # per block: dgamma, ds (S), dg, dbeta
     pdot = empty((B, H, NB), torch.float32, dev)
     dwc = empty((B, H, N), torch.float32, dev)
-    _interp_bwd_kernel[grid](dwt, v, psums, sums, K, w_prev, beta, g, s, mx, se, dwp, dwc, parts, pdot,
+    _interp_bwd_kernel[grid](dw_rw, v, psums, sums, K, w_prev, beta, g, s, mx, se, dwp, dwc, parts, pdot,
                              N, (S - 1) // 2, NB, S + 3, BN=BV, num_warps=4)
     dot = pdot.sum(-1)
     ck = empty((B, H, N), torch.float32, dev)

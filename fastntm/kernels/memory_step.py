@@ -195,13 +195,6 @@ def _sharpened(b_ws, b_gamma, m_n):
 
 
 @triton.jit
-def _shift_sharpen(p_K, p_wp, p_s, b_beta, b_g, b_gamma, b_max, b_sum, o_n, m_n, N, K, BN: tl.constexpr):
-    """``max(ws, 1e-30)^gamma`` at rows ``o_n`` of one head, 0 on masked rows."""
-    b_ws = _shift(p_K, p_wp, p_s, b_beta, b_g, b_max, b_sum, o_n, m_n, N, K, BN)
-    return _sharpened(b_ws, b_gamma, m_n)[1]
-
-
-@triton.jit
 def _onchip_address(b_mem, b_mn, p_k, p_beta, p_g, p_s, p_gamma, p_wp, p_w, p_K, p_max, p_sum, p_P,
                     i_bh, o_n, o_m, m_n, m_m, N, M, K, BN: tl.constexpr):
     """One head's weighting over the whole memory; returns it rounded to w's dtype (as the reference reads with it).
@@ -368,15 +361,14 @@ def _softmax_merge_kernel(p_pmax, p_psum, p_max, p_sum, NB, BN: tl.constexpr):
 
 
 @triton.jit
-def _sharpened_block(p_K, p_wp, p_beta, p_g, p_s, p_gamma, p_max, p_sum, i_n, i_bh, N, K, BN: tl.constexpr):
-    """``max(ws, 1e-30)^gamma`` of head ``i_bh`` on block ``i_n`` (0 on masked rows), its rows and their mask."""
+def _shifted_block(p_K, p_wp, p_beta, p_g, p_s, p_max, p_sum, i_n, i_bh, N, K, BN: tl.constexpr):
+    """``ws`` of head ``i_bh`` on block ``i_n`` (``_shift``, from the stored logits), its rows and their mask:
+    the large-memory sharpening passes, forward and backward, make it the same way."""
     o_n = i_n * BN + tl.arange(0, BN)
     m_n = o_n < N
-    b_p = _shift_sharpen(p_K + i_bh * N, p_wp + i_bh * N, p_s + i_bh * (2 * K + 1),
-                         tl.load(p_beta + i_bh).to(tl.float32), tl.load(p_g + i_bh).to(tl.float32),
-                         tl.load(p_gamma + i_bh).to(tl.float32), tl.load(p_max + i_bh), tl.load(p_sum + i_bh),
-                         o_n, m_n, N, K, BN)
-    return b_p, o_n, m_n
+    b_ws = _shift(p_K + i_bh * N, p_wp + i_bh * N, p_s + i_bh * (2 * K + 1), tl.load(p_beta + i_bh).to(tl.float32),
+                  tl.load(p_g + i_bh).to(tl.float32), tl.load(p_max + i_bh), tl.load(p_sum + i_bh), o_n, m_n, N, K, BN)
+    return b_ws, o_n, m_n
 
 
 @triton.jit
@@ -388,7 +380,8 @@ def _shift_sharpen_kernel(p_K, p_wp, p_beta, p_g, p_s, p_gamma, p_max, p_sum, p_
     taps), as the on-chip kernels do: Triton makes K = 1 (S = 3) a constant and the tap loops unroll
     (sass model, large shape, sm_90: 2-11% fewer instructions a pass)."""
     i_n, i_bh = _block_and_item(NB)
-    b_p, o_n, m_n = _sharpened_block(p_K, p_wp, p_beta, p_g, p_s, p_gamma, p_max, p_sum, i_n, i_bh, N, K, BN)
+    b_ws, o_n, m_n = _shifted_block(p_K, p_wp, p_beta, p_g, p_s, p_max, p_sum, i_n, i_bh, N, K, BN)
+    _, b_p = _sharpened(b_ws, tl.load(p_gamma + i_bh).to(tl.float32), m_n)
     tl.store(p_pw + i_bh * N + o_n, b_p, mask=m_n)
     tl.store(p_pP + i_bh * NB + i_n, tl.sum(b_p, 0))
 
@@ -514,22 +507,15 @@ def _sharpen_bwd_kernel(p_dwrw, p_dw, p_K, p_wp, p_beta, p_g, p_s, p_gamma, p_ma
     total ``dw``, the given dL/dw added in place to ``p_dwrw`` (fp32, from the reads and the write) where
     ``HAS_DW`` (a program reads and writes only its own rows of it). And block partials (B, H, NB, 4) of
     ``P``, ``sum_n dw p``, ``sum_n dw p log c`` and ``sum_n p log c``. ``ws`` and ``p`` are recomputed as the
-    forward does (``_sharpened``), the halo from the stored logits: ``p`` and its block sums are the
+    forward does (``_shifted_block``, ``_sharpened``), the halo from the stored logits: ``p`` and its block sums are the
     forward's, bit for bit. One recompute, where a pass for the sums and another for dws took one each.
 
     Not the saved ``w``: in bf16 its rounding, through ``dot1 = sum_n dw w``, spoils dL/dgamma (a difference
     of nearly equal sums).
     """
     i_n, i_bh = _block_and_item(NB)
-    o_n = i_n * BN + tl.arange(0, BN)
-    m_n = o_n < N
-    b_beta = tl.load(p_beta + i_bh).to(tl.float32)
-    b_g = tl.load(p_g + i_bh).to(tl.float32)
     b_gamma = tl.load(p_gamma + i_bh).to(tl.float32)
-    b_max = tl.load(p_max + i_bh)
-    b_sum = tl.load(p_sum + i_bh)
-    b_ws = _shift(p_K + i_bh * N, p_wp + i_bh * N, p_s + i_bh * (2 * K + 1), b_beta, b_g, b_max, b_sum,
-                  o_n, m_n, N, K, BN)
+    b_ws, o_n, m_n = _shifted_block(p_K, p_wp, p_beta, p_g, p_s, p_max, p_sum, i_n, i_bh, N, K, BN)
     # Masked rows get p = 0 and load dw = 0, so they add nothing below.
     b_logc, b_p = _sharpened(b_ws, b_gamma, m_n)
     b_dw = _dw_at(p_dwrw, p_dw, i_bh * N + o_n, m_n, HAS_DW)

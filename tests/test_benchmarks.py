@@ -17,7 +17,7 @@ sys.path.insert(0, str(ROOT))  # benchmarks/ is not part of the installed packag
 
 from benchmarks import common, run, summary  # noqa: E402
 from benchmarks.cases import Case  # noqa: E402
-from benchmarks.shapes import TINY_OP_SHAPES, OpShape  # noqa: E402
+from benchmarks.shapes import OP_SHAPES, TINY_OP_SHAPES, OpShape  # noqa: E402
 
 
 def test_tiny_run_writes_every_field(tmp_path):
@@ -203,11 +203,26 @@ def test_large_memory_step_launches_stay_few():
 
     result = launch_count.count_memory_step("medium")
     assert result["forward"]["triton"] == {"_similarity_kernel": 1, "_softmax_merge_kernel": 1,
-                                           "_shift_sharpen_kernel": 1, "_read_write_kernel": 1}
-    assert result["forward"]["torch"] == {"aten.sum": 2}
-    assert sum(result["backward"]["triton"].values()) == 6 and result["backward"]["triton"]["_head_grads_kernel"] == 1
-    assert result["backward"]["torch"] == {"aten.sum": 5}
+                                           "_shift_sharpen_kernel": 1, "_read_write_kernel": 1,
+                                           "_sum_blocks_kernel": 1}
+    assert result["forward"]["torch"] == {"aten.sum": 1}
+    backward = result["backward"]["triton"]
+    assert sum(backward.values()) == 8 and backward["_head_grads_kernel"] == 1 and backward["_sum_blocks_kernel"] == 2
+    assert result["backward"]["torch"] == {"aten.sum": 2}
     assert "_head_grads_kernel" in launch_count.report_memory_step("medium", result)
+
+
+def test_block_sums_benchmark_checks_every_provider_before_timing():
+    from fastntm import kernels
+
+    if not getattr(kernels, "INTERPRETING", False):
+        pytest.skip("runs _sum_blocks_kernel on CPU tensors: needs TRITON_INTERPRET=1 before fastntm is imported")
+    from benchmarks import bench_block_sums
+
+    rows = bench_block_sums.measure((2, 37, 20), torch.device("cpu"), bench_block_sums.CONFIGS[:2], 10.0)
+    assert [r["provider"] for r in rows] == ["torch", "kernel r256 c16 w8", "kernel r128 c16 w4"]
+    assert all(r["rel_err"] <= 1e-6 and r["p50_us"] > 0 and r["frac_copy"] == r["GBps"] / 10.0 for r in rows)
+    assert set(bench_block_sums.partials(OP_SHAPES["large"])) == {"reads", "de+da", "dk"}
 
 
 def test_bench_kernels_speedups_pair_timings_that_both_providers_have():

@@ -66,14 +66,15 @@ spilled nowhere when last checked), so it is left out by default to keep the run
 # Pointers that are fp32 whatever the tensors' dtype: saved logits and sums, scratch, per-block partials.
 FP32_POINTERS = {"p_K", "p_max", "p_sum", "p_P", "p_pmax", "p_psum", "p_pw", "p_pP", "p_rpart", "p_depart",
                  "p_dapart", "p_dkpart", "p_scr", "p_dwrw", "p_dot", "p_v", "p_dwc", "p_pdot", "p_psums",
-                 "p_sums", "p_pdbeta", "p_part", "p_dkrows", "p_ck", "p_cn"}
+                 "p_sums", "p_pdbeta", "p_part", "p_dkrows", "p_ck", "p_cn", "p_x"}
 # The large-memory passes over (B, H, N) vectors and block partials, launched like ``_shift_sharpen_kernel``.
 VECTOR_KERNELS = ("_shift_sharpen_kernel", "_softmax_merge_kernel", "_sharpen_bwd_kernel", "_interp_bwd_kernel")
 
-# Triton launches of one forward / backward step, by regime (plus torch's sums of block partials: large-memory
-# forward 2, the sharpening's and the reads'; backward 5, the sharpening's, the softmax's, dL/de's, dL/da's
-# and dL/dk's, and a cast of dL/de and dL/da where the parameters are not fp32).
-LAUNCHES = {True: "fwd 1, bwd 2", False: "fwd 4, bwd 6"}
+# Triton launches of one forward / backward step, by regime (plus torch's sums of small block partials,
+# large-memory forward 1, the sharpening's; backward 2, the sharpening's and the shift's; and a cast of dL/de
+# and dL/da where the parameters are not fp32). ``_sum_blocks_kernel`` sums the reads', dL/de's and dL/da's
+# (one launch), and dL/dk's partials.
+LAUNCHES = {True: "fwd 1, bwd 2", False: "fwd 5, bwd 8"}
 
 # (N, M, R, W, S) of benchmarks/shapes.py's paper, medium and large shapes, and a width that is not a multiple
 # of 16 (Triton specializes the pointers, not M and the row strides). The batch is a grid dimension, never a
@@ -126,6 +127,7 @@ def kernel_configs():
         out += [(name, dict(BN=BV), 4) for name in VECTOR_KERNELS]
         out += [("_softmax_bwd_kernel", dict(BN=BV, BM=BM), 4) for BM in BLOCK_MS]
     out += [("_head_grads_kernel", dict(BN=64, BP=8, BM=BM), 4) for BM in BLOCK_MS]
+    out += [("_sum_blocks_kernel", dict(BR=2**i, BX=16), 8) for i in range(4, 9)]
     out += [(name, dict(BL=BL), 1) for BL in BLOCK_MS for name in kernel_names(kheads)]
     # Regimes share configurations (on-chip BN=64 BM=32 is also the large-memory block at BM=32).
     distinct = []

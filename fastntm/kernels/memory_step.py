@@ -15,8 +15,9 @@ Forward, two regimes (``_config.choose``):
      + (1 - g) w_prev[n]`` is recomputed at any row from the stored logits, so
      no block waits for another. Stores ``ws^gamma`` and per-block sums;
   3. ``_read_write_kernel``: normalise ``w``, per-block read partials, write.
-  The other partials are reduced with torch (a fixed order, as in the merge:
-  bit-identical run to run; no atomics anywhere).
+  The read partials are summed by ``_sum_blocks_kernel``, the sharpening's (one
+  number a block) by torch: each in a fixed order, as in the merge, so results
+  are bit-identical run to run; no atomics anywhere.
 
 Backward recomputes from small saved vectors (the logits ``K`` and the softmax
 sums), never from a saved memory. On-chip, two launches:
@@ -40,6 +41,8 @@ passes over memory with three over (B, H, N) vectors between:
   needs as block partials summed with torch between the launches;
 * ``_mem_bwd_kernel`` (one pass): dL/dmem from the write, the reads and the
   cosine similarity, and per-block partials of dL/dk;
+* ``_sum_blocks_kernel`` sums the memory passes' partials (of dL/de and dL/da
+  in one launch, of dL/dk in another);
 * ``_head_grads_kernel``, a program a head: dL/dk, dL/dbeta, dL/dg, dL/ds and
   dL/dgamma from their partials, in the parameters' dtype.
 
@@ -48,6 +51,7 @@ Compute is fp32; loads and stores are in each tensor's dtype. The (B, H, N),
 the memory tensors' batch and row strides are passed explicitly.
 """
 
+import math
 from typing import Optional
 
 import torch
@@ -62,6 +66,28 @@ SHARPEN_EPS = 1e-16
 # ----------------------------------------------------------------------------
 # Triton kernels
 # ----------------------------------------------------------------------------
+
+
+@triton.jit
+def _sum_blocks_kernel(p_x, p_y, NB, X, NX, BR: tl.constexpr, BX: tl.constexpr):
+    """``y[b, :] = sum_j x[b, j, :]`` over the NB block partials of a (B, NB, X) tensor, a strip of BX columns
+    of one batch item a program (the grid: NX strips times B), summed BR rows a load, in a fixed order.
+
+    In place of torch's sum over dim 1: at the large shape that took 23 us for the reads' 17 MB of partials
+    (H100, ``benchmarks.kernel_profile``), a quarter of the copy bandwidth, with 4,096 sums of 1,024 terms
+    to spread; here each program loads 64-byte row strips of BR rows at once and neighbouring programs
+    the neighbouring strips, so a load's rows are whole sectors."""
+    pid = tl.program_id(0)
+    i_x, i_b = pid % NX, (pid // NX).to(tl.int64)
+    o_r = tl.arange(0, BR)
+    o_x = i_x * BX + tl.arange(0, BX)
+    m_x = o_x < X
+    p_tile = p_x + i_b * NB * X + o_r[:, None] * X + o_x[None, :]
+    b_acc = tl.zeros([BR, BX], dtype=tl.float32)
+    for r0 in range(0, NB, BR):
+        b_acc += tl.load(p_tile, mask=(o_r < NB - r0)[:, None] & m_x[None, :], other=0.0)
+        p_tile += BR * X
+    tl.store(p_y + i_b * X + o_x, tl.sum(b_acc, 0).to(p_y.dtype.element_ty), mask=m_x)
 
 
 @triton.jit
@@ -894,6 +920,22 @@ def _nz(t, fallback):
     return fallback if t is None or t.numel() == 0 else t
 
 
+def _sum_blocks(parts, dtype, rows: int = 256, cols: int = 16, num_warps: int = 8):
+    """(B, *rest) in ``dtype``: the sum over dim 1 of block partials ``parts`` (B, NB, *rest), fp32 and
+    contiguous, by ``_sum_blocks_kernel``, loads of up to ``rows`` rows of ``cols`` columns (powers of two;
+    the defaults are the dispatch's, the others for ``benchmarks.bench_block_sums``)."""
+    B, NB = parts.shape[:2]
+    if NB == 1:  # one block (standalone reads of an on-chip memory): nothing to sum, no launch
+        return parts[:, 0].to(dtype)
+    X = math.prod(parts.shape[2:])
+    out = _config.allocator()((B, *parts.shape[2:]), dtype, parts.device)
+    NX = _config.n_blocks(X, cols)
+    if B * NX:
+        _sum_blocks_kernel[(B * NX,)](parts, out, NB, X, NX, BR=min(rows, max(16, _config.next_pow2(NB))), BX=cols,
+                                      num_warps=num_warps)
+    return out
+
+
 def _onchip_chunk(mem, BM: int) -> int:
     """Columns of a row chunk of the on-chip kernels' tiles (see ``_memory_step_onchip_kernel``): BM where
     mem's rows load 16 bytes a thread, as Triton specializes (M and the row stride multiples of 16, the
@@ -915,9 +957,8 @@ def _read_write(mem, w, P, e, a, R: int, W: int, normalize: bool, wout, write: b
         mem, w, _nz(P, w), _nz(e, mem), _nz(a, mem), _nz(wout, w), _nz(rpart, mem), new,
         mem.stride(0), mem.stride(1), new.stride(0), new.stride(1), N, M, R, W, NB,
         NORMALIZE=normalize, WRITE=write, BN=blk.BN, BM=blk.BM, num_warps=blk.num_warps)
-    out_dtype = wout.dtype if wout is not None else w.dtype
-    r = rpart[:, 0] if NB == 1 else rpart.sum(1)
-    return r.to(out_dtype), (new if write else None)
+    r = _sum_blocks(rpart, wout.dtype if wout is not None else w.dtype)
+    return r, (new if write else None)
 
 
 def _forward(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads: int, rw: bool):
@@ -1031,8 +1072,8 @@ def _read_write_bwd(mem, w, e, a, dr, dnew, R: int, W: int, blk=None):
     full = (has_dr or R == 0) and (has_dnew or W == 0)
     alloc = empty if full else (lambda shape, dtype, dev: torch.zeros(shape, dtype=dtype, device=dev))
     dw = alloc((B, R + W, N), torch.float32, mem.device)
-    depart = empty((B, NB, W, M), torch.float32, mem.device)
-    dapart = empty((B, NB, W, M), torch.float32, mem.device)
+    eapart = empty((2, B, NB, W, M), torch.float32, mem.device)  # dL/de's and dL/da's, summed in one launch
+    depart, dapart = eapart
     if has_dr or has_dnew:
         dn = dnew if has_dnew else mem
         _read_write_bwd_kernel[(NB * B,)](
@@ -1041,7 +1082,8 @@ def _read_write_bwd(mem, w, e, a, dr, dnew, R: int, W: int, blk=None):
             R if has_dr else 0, W if has_dnew else 0, BN=BN, BM=blk.BM, num_warps=warps)
     if not has_dnew:
         return dw, depart.new_zeros((B, W, M)), dapart.new_zeros((B, W, M))
-    return dw, depart.sum(1), dapart.sum(1)
+    de, da = _sum_blocks(eapart.view(2 * B, NB, W * M), torch.float32).view(2, B, W, M)
+    return dw, de, da
 
 
 def _mem_bwd(mem, w, e, dr, dnew, k, addr, R: int, W: int, blk=None):
@@ -1069,7 +1111,7 @@ def _mem_bwd(mem, w, e, dr, dnew, k, addr, R: int, W: int, blk=None):
         BN=BN, BM=blk.BM, num_warps=warps)
     if not has_dk:
         return dmem, None
-    return dmem, dkpart.sum(1)
+    return dmem, _sum_blocks(dkpart, torch.float32)
 
 
 def _onchip_bwd(mem, k, beta, g, s, gamma, w_prev, e, a, w, K, mx, se, dw, dr, dnew, R: int, blk):

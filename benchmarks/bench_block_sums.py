@@ -5,10 +5,13 @@
 The large-memory passes over memory leave per-block partials (B, NB, X): the reads' in the forward,
 dL/de's and dL/da's (one buffer) and dL/dk's in the backward, at the NB that the dispatch's blocks give at
 each shape. For each, ``torch.sum(parts, 1)`` (what the step took before ``_sum_blocks_kernel``) and the
-kernel at its default loads and at others (rows, columns, warps) are first checked against a float64 sum,
-then timed, p50 of ``triton.testing.do_bench_cudagraph`` (CUDA) or of plain calls (CPU, under the Triton
-interpreter: a smoke test, not a speed). A device-to-device copy measured in the same run gives the
-bandwidth the bytes moved (the partials read, the sums written) are held against.
+kernel at its default loads and at others (rows, warps) are first checked against a float64 sum, then timed
+two ways (CUDA): ``cold``, p50 of ``triton.testing.do_bench``, which clears the L2 cache before each call,
+as in the step, where the pass over memory that wrote the partials has streamed hundreds of MB through it
+since (a call's launch latency included); and ``graph``, p50 of ``do_bench_cudagraph``, the partials in
+L2 from the last replay. On the CPU, under the Triton interpreter, plain calls: a smoke test, not a speed.
+A device-to-device copy measured in the same run gives the bandwidth the bytes moved (the partials read,
+the sums written) are held against.
 """
 
 from __future__ import annotations
@@ -24,8 +27,10 @@ from . import common
 from .shapes import OP_SHAPES
 
 DEFAULT_SHAPES = ("large", "medium")
-# (rows, columns, warps) of a load; the first is the dispatch's default.
-CONFIGS = ((256, 16, 8), (128, 16, 4), (256, 32, 8), (128, 32, 4), (64, 64, 4), (512, 16, 8))
+# (rows a load, warps); the first is the dispatch's default. On the H100 (h100-2026-11-26-h, L2 warm) strips of
+# 32 and 64 columns were 1.8-8x slower than 16 at every shape.
+CONFIGS = ((256, 8), (128, 4), (512, 8), (1024, 8), (1024, 16), (2048, 16))
+TIMINGS = ("cold", "graph")
 
 
 def partials(shape) -> dict[str, tuple[int, ...]]:
@@ -40,13 +45,13 @@ def partials(shape) -> dict[str, tuple[int, ...]]:
             "dk": (shape.B, nb_bwd, shape.H * shape.M)}
 
 
-def time_us(fn, device: torch.device) -> float:
+def time_us(fn, device: torch.device) -> dict[str, float]:
     if device.type == "cuda":
-        from triton.testing import do_bench_cudagraph
+        from triton.testing import do_bench, do_bench_cudagraph
 
-        return do_bench_cudagraph(fn, rep=50) * 1e3
+        return {"cold": do_bench(fn, warmup=10, rep=50) * 1e3, "graph": do_bench_cudagraph(fn, rep=50) * 1e3}
     fn()
-    return common.time_call(fn, device, budget_s=0.2, min_reps=2)["p50_ms"] * 1e3
+    return {"cold": common.time_call(fn, device, budget_s=0.2, min_reps=2)["p50_ms"] * 1e3}
 
 
 def measure(dims: tuple[int, ...], device: torch.device, configs, copy_gbps: float | None) -> list[dict]:
@@ -55,20 +60,28 @@ def measure(dims: tuple[int, ...], device: torch.device, configs, copy_gbps: flo
     ref = parts.double().sum(1)
     nbytes = (parts.numel() + ref.numel()) * 4
     providers = {"torch": lambda: parts.sum(1)}
-    for rows, cols, warps in configs:
-        providers[f"kernel r{rows} c{cols} w{warps}"] = (
-            lambda rows=rows, cols=cols, warps=warps: ms._sum_blocks(parts, torch.float32, rows, cols, warps))
+    for rows, warps in configs:
+        providers[f"kernel r{rows} w{warps}"] = lambda rows=rows, warps=warps: ms._sum_blocks(parts, torch.float32,
+                                                                                             rows, warps)
     out = []
     for name, fn in providers.items():
         err = common.rel_err(fn(), ref)
         row = {"provider": name, "rel_err": err}
         if err <= 1e-6:
-            row["p50_us"] = time_us(fn, device)
-            row["GBps"] = nbytes / (row["p50_us"] * 1e-6) / 1e9
-            if copy_gbps:
-                row["frac_copy"] = row["GBps"] / copy_gbps
+            for timing, us in time_us(fn, device).items():
+                row[timing] = {"p50_us": us, "GBps": nbytes / (us * 1e-6) / 1e9}
+                if copy_gbps:
+                    row[timing]["frac_copy"] = row[timing]["GBps"] / copy_gbps
         out.append(row)
     return out
+
+
+def format_row(r: dict) -> str:
+    cells = [f"{r[t]['p50_us']:9.1f} {r[t]['GBps']:7.0f} {r[t].get('frac_copy', 0):7.0%}" if t in r
+             else f"{'':25}" for t in TIMINGS]
+    if not any(t in r for t in TIMINGS):
+        cells = [f"{'MISMATCH: not timed':>51}"]
+    return f"{r['provider']:18} {' | '.join(cells)} {r['rel_err']:8.1e}"
 
 
 def main(argv=None) -> int:
@@ -86,16 +99,15 @@ def main(argv=None) -> int:
     copy = common.copy_bandwidth(device)["copy_GBps"]
     result = {"environment": common.environment(device), "copy_GBps": copy, "configs": CONFIGS, "shapes": {}}
     print(f"block partial sums on {result['environment']['device']}; copy {copy:,.0f} GB/s")
-    print(f"{'shape':8} {'sum':6} {'(B, NB, X)':20} {'provider':22} {'p50 us':>9} {'GB/s':>7} {'of copy':>7} "
-          f"{'rel err':>8}")
+    head = f"{'p50 us':>9} {'GB/s':>7} {'of copy':>7}"
+    print(f"{'':36} {'':18} {'cold (L2 cleared)':^25} | {'graph (L2 warm)':^25}")
+    print(f"{'shape':8} {'sum':6} {'(B, NB, X)':20} {'provider':18} {head} | {head} {'rel err':>8}")
     for name in args.shapes.split(","):
         for what, dims in partials(OP_SHAPES[name]).items():
             rows = measure(dims, device, CONFIGS[:args.configs], copy)
             result["shapes"].setdefault(name, {})[what] = {"dims": dims, "rows": rows}
             for r in rows:
-                timing = (f"{r['p50_us']:9.1f} {r['GBps']:7.0f} {r.get('frac_copy', 0):7.0%}" if "p50_us" in r
-                          else f"{'MISMATCH: not timed':>25}")
-                print(f"{name:8} {what:6} {str(dims):20} {r['provider']:22} {timing} {r['rel_err']:8.1e}")
+                print(f"{name:8} {what:6} {dims!s:20} {format_row(r)}")
             common.write_json(os.path.join(args.out, "block_sums.json"), result)
     return 0
 

@@ -70,11 +70,11 @@ FP32_POINTERS = {"p_K", "p_max", "p_sum", "p_P", "p_pmax", "p_psum", "p_pw", "p_
 # The large-memory passes over (B, H, N) vectors and block partials, launched like ``_shift_sharpen_kernel``.
 VECTOR_KERNELS = ("_shift_sharpen_kernel", "_softmax_merge_kernel", "_sharpen_bwd_kernel", "_interp_bwd_kernel")
 
-# Triton launches of one forward / backward step, by regime (plus torch's sums of small block partials,
-# large-memory forward 1, the sharpening's; backward 2, the sharpening's and the shift's; and a cast of dL/de
-# and dL/da where the parameters are not fp32). ``_sum_blocks_kernel`` sums the reads', dL/de's and dL/da's
-# (one launch), and dL/dk's partials.
-LAUNCHES = {True: "fwd 1, bwd 2", False: "fwd 5, bwd 8"}
+# Triton launches of one forward / backward step, by regime (plus torch's sums of one-number block partials,
+# large-memory forward 1, the sharpening's; backward 1, the shift's; and a cast of dL/de and dL/da where the
+# parameters are not fp32). ``_sum_blocks_kernel`` sums the reads' partials, dL/de's and dL/da's (one
+# launch), the sharpening backward's and dL/dk's.
+LAUNCHES = {True: "fwd 1, bwd 2", False: "fwd 5, bwd 9"}
 
 # (N, M, R, W, S) of benchmarks/shapes.py's paper, medium and large shapes, and a width that is not a multiple
 # of 16 (Triton specializes the pointers, not M and the row strides). The batch is a grid dimension, never a
@@ -127,7 +127,8 @@ def kernel_configs():
         out += [(name, dict(BN=BV), 4) for name in VECTOR_KERNELS]
         out += [("_softmax_bwd_kernel", dict(BN=BV, BM=BM), 4) for BM in BLOCK_MS]
     out += [("_head_grads_kernel", dict(BN=64, BP=8, BM=BM), 4) for BM in BLOCK_MS]
-    out += [("_sum_blocks_kernel", dict(BR=2**i, BX=16), 8) for i in range(4, 9)]
+    out += [("_sum_blocks_kernel", dict(BR=2**i, BX=16), _config.SUM_WARPS)
+            for i in range(4, _config.SUM_ROWS.bit_length())]
     out += [(name, dict(BL=BL), 1) for BL in BLOCK_MS for name in kernel_names(kheads)]
     # Regimes share configurations (on-chip BN=64 BM=32 is also the large-memory block at BM=32).
     distinct = []

@@ -18,7 +18,8 @@ backward's own default; at a shape that runs on-chip they change nothing);
 read-write pass (defaulting to a forced ``block_n`` and ``num_warps``, else to
 its own); ``onchip_warps`` and ``onchip_bwd_warps`` the on-chip forward's (and
 the standalone read and write's) and backward's, ``vector_block`` the rows of a
-vector-pass program. The environment takes them
+vector-pass program, ``sum_rows`` and ``sum_warps`` the sums of the passes over
+memory's block partials (``sum_blocks``). The environment takes them
 as ``FASTNTM_BLOCKS="block_n=32,num_warps=8"``; a setting the context manager
 gives wins over the environment's. One variable, not one per setting: reading
 an unset variable costs over a microsecond, and the host path is counted in
@@ -84,12 +85,15 @@ class Overrides(NamedTuple):
     vector_block: int | None = None
     sim_block_n: int | None = None
     sim_warps: int | None = None
+    sum_rows: int | None = None
+    sum_warps: int | None = None
 
 
 # (least, largest) of each setting, all powers of two. 32 warps is the most threads (1024) a program has.
 RANGES = {"block_n": (16, 1024), "num_warps": (1, 32), "bwd_block_n": (16, 1024), "bwd_warps": (1, 32),
           "onchip_warps": (1, 32), "onchip_bwd_warps": (1, 32),
-          "vector_block": (16, 8192), "sim_block_n": (16, 1024), "sim_warps": (1, 32)}
+          "vector_block": (16, 8192), "sim_block_n": (16, 1024), "sim_warps": (1, 32),
+          "sum_rows": (16, 4096), "sum_warps": (1, 32)}
 
 _forced = Overrides()
 _poison: bool = False
@@ -121,6 +125,18 @@ class Blocks:
 
 def n_blocks(N: int, BN: int) -> int:
     return -(-N // BN)
+
+
+SUM_ROWS = 256
+SUM_WARPS = 8
+"""Rows of block partials a load of ``_sum_blocks_kernel`` takes at most, and its warps."""
+
+
+def sum_blocks(NB: int) -> tuple[int, int]:
+    """(rows a load, warps) of ``_sum_blocks_kernel`` over NB block partials: ``SUM_ROWS`` and ``SUM_WARPS``,
+    or what ``sum_rows`` and ``sum_warps`` force; no more rows than NB's power of two, and at least 16."""
+    forced = overrides()
+    return min(forced.sum_rows or SUM_ROWS, max(16, next_pow2(NB))), forced.sum_warps or SUM_WARPS
 
 
 def onchip_maxnreg(num_warps: int) -> int:

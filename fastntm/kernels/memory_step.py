@@ -561,7 +561,7 @@ def _interp_bwd_kernel(p_dw, p_v, p_psums, p_sums, p_K, p_wp, p_beta, p_g, p_s, 
     """Addressing backward, pass 2, head ``i_bh`` on block ``i_n``: the sharpening's end, the shift and the
     interpolation.
 
-    From pass 1's sums of ``P`` and ``sum_n dw p`` (given, (B, H, 2)): ``Pe = P + eps``,
+    From pass 1's sums over blocks (given, (B, H, 4); the first two, ``P`` and ``sum_n dw p``): ``Pe = P + eps``,
     ``dot1 = sum_n dw p / Pe``; then at any row ``dws = (dw - dot1) v / Pe`` from the total dL/dw and pass
     1's ``v``. ``dwg[n] = sum_j s[j + K] dws[(n + j) mod N]`` (the halo from the stored vectors);
     ``dw_prev = (1 - g) dwg`` (stored in its dtype); ``dwc = g dwg`` (stored, fp32). Block partials,
@@ -574,8 +574,8 @@ def _interp_bwd_kernel(p_dw, p_v, p_psums, p_sums, p_K, p_wp, p_beta, p_g, p_s, 
     i_n, i_bh = _block_and_item(NB)
     o_n = i_n * BN + tl.arange(0, BN)
     m_n = o_n < N
-    b_rPe = 1.0 / (tl.load(p_sums + i_bh * 2) + 1e-16)
-    b_dot1 = tl.load(p_sums + i_bh * 2 + 1) * b_rPe
+    b_rPe = 1.0 / (tl.load(p_sums + i_bh * 4) + 1e-16)
+    b_dot1 = tl.load(p_sums + i_bh * 4 + 1) * b_rPe
     b_g = tl.load(p_g + i_bh).to(tl.float32)
     b_K = tl.load(p_K + i_bh * N + o_n, mask=m_n, other=0.0)
     b_wp = tl.load(p_wp + i_bh * N + o_n, mask=m_n, other=0.0).to(tl.float32)
@@ -920,19 +920,20 @@ def _nz(t, fallback):
     return fallback if t is None or t.numel() == 0 else t
 
 
-def _sum_blocks(parts, dtype, rows: int = 256, cols: int = 16, num_warps: int = 8):
+def _sum_blocks(parts, dtype, rows: Optional[int] = None, num_warps: Optional[int] = None, cols: int = 16):
     """(B, *rest) in ``dtype``: the sum over dim 1 of block partials ``parts`` (B, NB, *rest), fp32 and
-    contiguous, by ``_sum_blocks_kernel``, loads of up to ``rows`` rows of ``cols`` columns (powers of two;
-    the defaults are the dispatch's, the others for ``benchmarks.bench_block_sums``)."""
+    contiguous, by ``_sum_blocks_kernel``: loads of up to ``rows`` rows of ``cols`` columns, ``num_warps``
+    (None: ``_config.sum_blocks``; the others for ``benchmarks.bench_block_sums``)."""
     B, NB = parts.shape[:2]
     if NB == 1:  # one block (standalone reads of an on-chip memory): nothing to sum, no launch
         return parts[:, 0].to(dtype)
     X = math.prod(parts.shape[2:])
     out = _config.allocator()((B, *parts.shape[2:]), dtype, parts.device)
+    BR, warps = _config.sum_blocks(NB)
+    BR = BR if rows is None else min(rows, max(16, _config.next_pow2(NB)))
     NX = _config.n_blocks(X, cols)
     if B * NX:
-        _sum_blocks_kernel[(B * NX,)](parts, out, NB, X, NX, BR=min(rows, max(16, _config.next_pow2(NB))), BX=cols,
-                                      num_warps=num_warps)
+        _sum_blocks_kernel[(B * NX,)](parts, out, NB, X, NX, BR=BR, BX=cols, num_warps=num_warps or warps)
     return out
 
 
@@ -1032,7 +1033,9 @@ def _address_bwd(k, beta, g, s, gamma, w_prev, K, mx, se, dw_rw, dw, BV: int):
     psums = empty((B, H, NB, 4), torch.float32, dev)
     _sharpen_bwd_kernel[grid](dw_rw, dw, K, w_prev, beta, g, s, gamma, mx, se, v, psums, N, (S - 1) // 2, NB,
                               int(has_dw), BN=BV, num_warps=4)
-    sums = psums[..., :2].sum(2)  # P and sum dw p; pass 2 takes the other two a block at a time
+    # P and sum dw p; pass 2 takes the other two a block at a time. Torch took 12 us (H100, large shape) to
+    # sum the first two columns alone, a strided view.
+    sums = _sum_blocks(psums.view(B * H, NB, 4), torch.float32)
     dwp = empty((B, H, N), w_prev.dtype, dev)
     parts = empty((B, H, NB, S + 3), torch.float32, dev)  # per block: dgamma, ds (S), dg, dbeta
     pdot = empty((B, H, NB), torch.float32, dev)

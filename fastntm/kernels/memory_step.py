@@ -85,7 +85,7 @@ def _sum_blocks_kernel(p_x, p_y, NB, X, NX, BR: tl.constexpr, BX: tl.constexpr):
     p_tile = p_x + i_b * NB * X + o_r[:, None] * X + o_x[None, :]
     b_acc = tl.zeros([BR, BX], dtype=tl.float32)
     for r0 in range(0, NB, BR):
-        b_acc += tl.load(p_tile, mask=(o_r < NB - r0)[:, None] & m_x[None, :], other=0.0)
+        b_acc += tl.load(p_tile, mask=(o_r < NB - r0)[:, None] & m_x[None, :], other=0.0, eviction_policy="evict_first")
         p_tile += BR * X
     tl.store(p_y + i_b * X + o_x, tl.sum(b_acc, 0).to(p_y.dtype.element_ty), mask=m_x)
 
@@ -176,7 +176,7 @@ def _wg(b_K, b_wp, b_beta, b_g, b_max, b_sum):
 @triton.jit
 def _wg_at(p_K, p_wp, o_src, m_n, b_beta, b_g, b_max, b_sum):
     """``wg`` of one head at rows ``o_src``, from the stored logits."""
-    b_K = tl.load(p_K + o_src, mask=m_n, other=0.0)
+    b_K = tl.load(p_K + o_src, mask=m_n, other=0.0, eviction_policy="evict_first")
     b_wp = tl.load(p_wp + o_src, mask=m_n, other=0.0).to(tl.float32)
     return _wg(b_K, b_wp, b_beta, b_g, b_max, b_sum)
 
@@ -350,7 +350,7 @@ def _similarity_kernel(p_mem, p_k, p_beta, p_K, p_pmax, p_psum, s_mem_b, s_mem_n
         b_k_next = tl.load(p_k + (i_bh + 1) * M + o_m, mask=m_m & m_h, other=0.0)
         b_beta_next = tl.load(p_beta + i_bh + 1, mask=m_h, other=0.0)
         b_K = _cosine(b_mem, b_mn, b_k.to(tl.float32))
-        tl.store(p_K + i_bh * N + n0 + o_n, b_K, mask=m_n)
+        tl.store(p_K + i_bh * N + n0 + o_n, b_K, mask=m_n, eviction_policy="evict_last")
         b_z = tl.where(m_n, b_beta.to(tl.float32) * b_K, float("-inf"))
         b_max = tl.max(b_z, 0)
         tl.store(p_pmax + i_bh * NB + i_n, b_max)
@@ -445,7 +445,7 @@ def _read_write_kernel(p_mem, p_w, p_P, p_e, p_a, p_wout, p_rpart, p_new,
     for h in range(R):
         b_w = _load_w(p_w, p_P, p_wout, i_b * H + h, (i_b * H + h) * N + n0, o_n, m_n, NORMALIZE, True)
         b_r = tl.sum(b_w[:, None] * b_mem, 0)
-        tl.store(p_rpart + ((i_b * NB + i_n) * R + h) * M + o_m, b_r, mask=m_m)
+        tl.store(p_rpart + ((i_b * NB + i_n) * R + h) * M + o_m, b_r, mask=m_m, eviction_policy="evict_last")
     if WRITE:
         # The erase of every head, then the adds, on new_mem itself: a tile that starts as the loaded block
         # keeps its layout through the loops. Tiles started from constants (1 and 0) got another layout, and
@@ -508,8 +508,8 @@ def _read_write_bwd_kernel(p_mem, p_w, p_e, p_a, p_dr, p_dnew, p_dw, p_depart, p
         b_dw = tl.sum(b_dnew * b_a[None, :] - b_derase * b_e[None, :], 1)
         tl.store(p_dw + (i_b * H + R + hw) * N + n0 + o_n, b_dw, mask=m_n)
         o_part = ((i_b * NB + i_n) * W + hw) * M + o_m
-        tl.store(p_depart + o_part, -tl.sum(b_derase * b_w[:, None], 0), mask=m_m)
-        tl.store(p_dapart + o_part, tl.sum(b_dnew * b_w[:, None], 0), mask=m_m)
+        tl.store(p_depart + o_part, -tl.sum(b_derase * b_w[:, None], 0), mask=m_m, eviction_policy="evict_last")
+        tl.store(p_dapart + o_part, tl.sum(b_dnew * b_w[:, None], 0), mask=m_m, eviction_policy="evict_last")
 
 
 @triton.jit
@@ -684,7 +684,8 @@ def _mem_bwd_kernel(p_mem, p_w, p_e, p_dr, p_dnew, p_k, p_ck, p_cn, p_dmem, p_dk
             b_k = tl.load(p_k + i_bh * M + o_m, mask=m_m, other=0.0).to(tl.float32)
             b_c = tl.load(p_ck + i_bh * N + n0 + o_n, mask=m_n, other=0.0) * b_inv
             b_dmem += b_c[:, None] * b_k[None, :]
-            tl.store(p_dkpart + ((i_b * NB + i_n) * HK + h) * M + o_m, tl.sum(b_c[:, None] * b_mem, 0), mask=m_m)
+            tl.store(p_dkpart + ((i_b * NB + i_n) * HK + h) * M + o_m, tl.sum(b_c[:, None] * b_mem, 0), mask=m_m,
+                     eviction_policy="evict_last")
         b_cn = tl.load(p_cn + i_b * N + n0 + o_n, mask=m_n, other=0.0)
         b_cn = tl.where(b_norm >= 1e-8, b_cn * b_inv * b_inv, 0.0)
         b_dmem -= b_cn[:, None] * b_mem

@@ -176,7 +176,7 @@ def _wg(b_K, b_wp, b_beta, b_g, b_max, b_sum):
 @triton.jit
 def _wg_at(p_K, p_wp, o_src, m_n, b_beta, b_g, b_max, b_sum):
     """``wg`` of one head at rows ``o_src``, from the stored logits."""
-    b_K = tl.load(p_K + o_src, mask=m_n, other=0.0, eviction_policy="evict_first")
+    b_K = tl.load(p_K + o_src, mask=m_n, other=0.0)
     b_wp = tl.load(p_wp + o_src, mask=m_n, other=0.0).to(tl.float32)
     return _wg(b_K, b_wp, b_beta, b_g, b_max, b_sum)
 
@@ -350,7 +350,7 @@ def _similarity_kernel(p_mem, p_k, p_beta, p_K, p_pmax, p_psum, s_mem_b, s_mem_n
         b_k_next = tl.load(p_k + (i_bh + 1) * M + o_m, mask=m_m & m_h, other=0.0)
         b_beta_next = tl.load(p_beta + i_bh + 1, mask=m_h, other=0.0)
         b_K = _cosine(b_mem, b_mn, b_k.to(tl.float32))
-        tl.store(p_K + i_bh * N + n0 + o_n, b_K, mask=m_n, eviction_policy="evict_last")
+        tl.store(p_K + i_bh * N + n0 + o_n, b_K, mask=m_n)
         b_z = tl.where(m_n, b_beta.to(tl.float32) * b_K, float("-inf"))
         b_max = tl.max(b_z, 0)
         tl.store(p_pmax + i_bh * NB + i_n, b_max)

@@ -73,10 +73,13 @@ def _sum_blocks_kernel(p_x, p_y, NB, X, NX, BR: tl.constexpr, BX: tl.constexpr):
     """``y[b, :] = sum_j x[b, j, :]`` over the NB block partials of a (B, NB, X) tensor, a strip of BX columns
     of one batch item a program (the grid: NX strips times B), summed BR rows a load, in a fixed order.
 
-    In place of torch's sum over dim 1: at the large shape that took 23 us for the reads' 17 MB of partials
-    (H100, ``benchmarks.kernel_profile``), a quarter of the copy bandwidth, with 4,096 sums of 1,024 terms
-    to spread; here each program loads 64-byte row strips of BR rows at once and neighbouring programs
-    the neighbouring strips, so a load's rows are whole sectors."""
+    In place of torch's sum over dim 1, which took 15.6 us in the large forward for the reads' 17 MB of
+    partials, 65.8 us for the step's four such sums (H100, ``benchmarks.kernel_profile``); here each program
+    loads 64-byte row strips of BR rows at once and neighbouring programs the neighbouring strips, so a
+    load's rows are whole sectors. The passes that write partials store them ``evict_last`` and this loads
+    them ``evict_first``: the pass over memory between streams hundreds of MB through L2, which took the
+    partials with it (the reads' sum 12.1 us without the hints, 8.5 us with them, 4.2 us alone with its
+    partials in L2; the step's four 50.1 -> 38.3 us)."""
     pid = tl.program_id(0)
     i_x, i_b = pid % NX, (pid // NX).to(tl.int64)
     o_r = tl.arange(0, BR)
@@ -85,7 +88,8 @@ def _sum_blocks_kernel(p_x, p_y, NB, X, NX, BR: tl.constexpr, BX: tl.constexpr):
     p_tile = p_x + i_b * NB * X + o_r[:, None] * X + o_x[None, :]
     b_acc = tl.zeros([BR, BX], dtype=tl.float32)
     for r0 in range(0, NB, BR):
-        b_acc += tl.load(p_tile, mask=(o_r < NB - r0)[:, None] & m_x[None, :], other=0.0, eviction_policy="evict_first")
+        b_acc += tl.load(p_tile, mask=(o_r < NB - r0)[:, None] & m_x[None, :], other=0.0,
+                         eviction_policy="evict_first")
         p_tile += BR * X
     tl.store(p_y + i_b * X + o_x, tl.sum(b_acc, 0).to(p_y.dtype.element_ty), mask=m_x)
 

@@ -2,14 +2,15 @@
 
     python -m benchmarks.bench_block_sums --out results/      # writes results/block_sums.json
 
-The large-memory passes over memory leave per-block partials (B, NB, X): the reads' in the forward,
-dL/de's and dL/da's (one buffer) and dL/dk's in the backward, at the NB that the dispatch's blocks give at
-each shape. For each, ``torch.sum(parts, 1)`` (what the step took before ``_sum_blocks_kernel``) and the
-kernel at its default loads and at others (rows, warps) are first checked against a float64 sum, then timed
-two ways (CUDA): ``cold``, p50 of ``triton.testing.do_bench``, which clears the L2 cache before each call,
-as in the step, where the pass over memory that wrote the partials has streamed hundreds of MB through it
-since (a call's launch latency included); and ``graph``, p50 of ``do_bench_cudagraph``, the partials in
-L2 from the last replay. On the CPU, under the Triton interpreter, plain calls: a smoke test, not a speed.
+The large-memory passes leave per-block partials (B, NB, X): the reads' in the forward, dL/de's and
+dL/da's (one buffer), the sharpening backward's four sums and dL/dk's in the backward, at the NB that the
+dispatch's blocks give at each shape. For each, ``torch.sum(parts, 1)`` (what the step took before ``_sum_blocks_kernel``) and the
+kernel at its default loads and at others (rows, warps; a row is labelled with the rows a load takes, at
+most NB's power of two) are first checked against a float64 sum, then timed two ways (CUDA), medians:
+``cold``, ``triton.testing.do_bench``, which clears the L2 cache before each call (in the step, the pass
+over memory that wrote the partials streams hundreds of MB through L2 before they are summed); and
+``graph``, ``do_bench_cudagraph``, the partials in L2 from the last replay. Neither is the step's: its
+profile (``benchmarks.kernel_profile``, and ``FASTNTM_BLOCKS=sum_rows=...``) decides the defaults. On the CPU, under the Triton interpreter, plain calls: a smoke test, not a speed.
 A device-to-device copy measured in the same run gives the bandwidth the bytes moved (the partials read,
 the sums written) are held against.
 """
@@ -27,8 +28,8 @@ from . import common
 from .shapes import OP_SHAPES
 
 DEFAULT_SHAPES = ("large", "medium")
-# (rows a load, warps); the first is the dispatch's default. On the H100 (h100-2026-11-26-h, L2 warm) strips of
-# 32 and 64 columns were 1.8-8x slower than 16 at every shape.
+# (rows a load, warps); the first is the dispatch's default. On the H100 (h100-2026-11-26-h, run 1, L2 warm) strips
+# of 32 and 64 columns were 1.8-8x slower than 16 at the large shape.
 CONFIGS = ((256, 8), (128, 4), (512, 8), (1024, 8), (1024, 16), (2048, 16))
 TIMINGS = ("cold", "graph")
 
@@ -42,6 +43,7 @@ def partials(shape) -> dict[str, tuple[int, ...]]:
         return {}
     nb, nb_bwd = _config.n_blocks(shape.N, blk.BN), _config.n_blocks(shape.N, blk.memory_bwd[0])
     return {"reads": (shape.B, nb, shape.R * shape.M), "de+da": (2 * shape.B, nb_bwd, shape.W * shape.M),
+            "sharpen": (shape.B * shape.H, _config.n_blocks(shape.N, blk.BV), 4),
             "dk": (shape.B, nb_bwd, shape.H * shape.M)}
 
 
@@ -49,20 +51,24 @@ def time_us(fn, device: torch.device) -> dict[str, float]:
     if device.type == "cuda":
         from triton.testing import do_bench, do_bench_cudagraph
 
-        return {"cold": do_bench(fn, warmup=10, rep=50) * 1e3, "graph": do_bench_cudagraph(fn, rep=50) * 1e3}
+        return {"cold": do_bench(fn, warmup=10, rep=50, return_mode="median") * 1e3,
+                "graph": do_bench_cudagraph(fn, rep=50, return_mode="median") * 1e3}
     fn()
     return {"cold": common.time_call(fn, device, budget_s=0.2, min_reps=2)["p50_ms"] * 1e3}
 
 
 def measure(dims: tuple[int, ...], device: torch.device, configs, copy_gbps: float | None) -> list[dict]:
+    from fastntm.kernels import _config
+
     ms = importlib.import_module("fastntm.kernels.memory_step")  # the module, not the function of its name
     parts = torch.randn(dims, generator=torch.Generator().manual_seed(0)).to(device)
     ref = parts.double().sum(1)
     nbytes = (parts.numel() + ref.numel()) * 4
     providers = {"torch": lambda: parts.sum(1)}
     for rows, warps in configs:
-        providers[f"kernel r{rows} w{warps}"] = lambda rows=rows, warps=warps: ms._sum_blocks(parts, torch.float32,
-                                                                                             rows, warps)
+        loaded = min(rows, max(16, _config.next_pow2(dims[1])))  # as ``_sum_blocks`` caps it
+        providers.setdefault(f"kernel r{loaded} w{warps}", lambda rows=rows, warps=warps: ms._sum_blocks(
+            parts, torch.float32, rows, warps))
     out = []
     for name, fn in providers.items():
         err = common.rel_err(fn(), ref)
@@ -100,7 +106,7 @@ def main(argv=None) -> int:
     result = {"environment": common.environment(device), "copy_GBps": copy, "configs": CONFIGS, "shapes": {}}
     print(f"block partial sums on {result['environment']['device']}; copy {copy:,.0f} GB/s")
     head = f"{'p50 us':>9} {'GB/s':>7} {'of copy':>7}"
-    print(f"{'':36} {'':18} {'cold (L2 cleared)':^25} | {'graph (L2 warm)':^25}")
+    print(f"{'':36} {'':18} {'cold (L2 cleared), median':^25} | {'graph (L2 warm), median':^25}")
     print(f"{'shape':8} {'sum':6} {'(B, NB, X)':20} {'provider':18} {head} | {head} {'rel err':>8}")
     for name in args.shapes.split(","):
         for what, dims in partials(OP_SHAPES[name]).items():

@@ -143,25 +143,27 @@ def test_memory_step_with_forced_warps_and_vector_block(settings, expected):
 
     with _config.force(**settings), recording_launches() as launches:
         check_op(kernels.memory_step, reference.memory_step, kernel_inputs(3, 37, 13, 3, 2, 3), extra=(2,))
-    # The partial sums' loads follow the partials' count, no setting.
+    # The sums of block partials take settings of their own (test_block_sums_take_their_forced_loads).
     assert {(k["kernel"], k["consts"]["BN"], k["num_warps"], k["maxnreg"]) for k in launches
             if k["kernel"] != "_sum_blocks_kernel"} == expected
 
 
 def test_reductions_of_block_partials_loop_more_than_once():
     # 69 blocks of 16 rows: the softmax merge takes its partials in 5 chunks of 16 (each chunk's lanes
-    # rescaled as the running max moves) and _head_grads_kernel in 2 of 64, and at S = 7 its 10 columns in 2
-    # chunks of 8; elsewhere one chunk holds them all.
-    with _config.force(block_n=16, vector_block=16):
+    # rescaled as the running max moves), _head_grads_kernel in 2 of 64, and at S = 7 its 10 columns in 2
+    # chunks of 8, and _sum_blocks_kernel in 5 loads of 16 rows; elsewhere one chunk holds them all.
+    with _config.force(block_n=16, vector_block=16, sum_rows=16):
         check_op(kernels.memory_step, reference.memory_step, kernel_inputs(1, 1100, 13, 2, 1, 7), extra=(1,))
 
 
 @pytest.mark.parametrize("shape, dtype", [((3, 37, 2, 13), torch.float32), ((1, 69, 40), torch.bfloat16),
+                                          ((2, 33, 3), torch.float32), ((2, 32, 32), torch.float32),
                                           ((2, 1, 5, 3), torch.float32), ((2, 4, 0, 7), torch.float32)],
-                         ids=["B3-NB37-2x13", "B1-NB69-40-bf16", "one-block", "empty"])
+                         ids=["B3-NB37-2x13", "B1-NB69-40-bf16", "NB33", "NB32-X32", "one-block", "empty"])
 def test_block_partial_sums_match_float64(shape, dtype):
-    # Loads of 16 rows: 37 and 69 blocks loop 3 and 5 times, the last load part masked; 26, 40 and 15
-    # columns end in a part-masked strip of 16.
+    # Loads of 16 rows: 37 and 69 blocks loop 3 and 5 times, the last load part masked; 33 leave one row to
+    # the last load; 32 rows of 32 columns, no mask at all. 26, 40, 3 and 15 columns end in a part-masked
+    # strip of 16.
     ms = importlib.import_module("fastntm.kernels.memory_step")  # the module, not the function of its name
     parts = torch.randn(shape, generator=torch.Generator().manual_seed(3)) * 1e3
     with _config.poison():
@@ -169,6 +171,16 @@ def test_block_partial_sums_match_float64(shape, dtype):
     assert out.shape == (shape[0], *shape[2:]) and out.dtype == dtype
     # fp32 sums to within rounding; bf16 output rounds once more than the reference.
     assert_close(out, parts.double().sum(1).to(dtype), 1e-6 if dtype == torch.float32 else TOL[dtype], "sum")
+
+
+def test_block_sums_take_their_forced_loads():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.sweep_blocks import recording_launches
+
+    with _config.force(block_n=16, sum_rows=16, sum_warps=2), recording_launches() as launches:
+        check_op(kernels.memory_step, reference.memory_step, kernel_inputs(1, 37, 13, 2, 1, 3), extra=(1,))
+    sums = [(k["consts"]["BR"], k["num_warps"]) for k in launches if k["kernel"] == "_sum_blocks_kernel"]
+    assert sums and set(sums) == {(16, 2)}
 
 
 @pytest.mark.parametrize("BN", [None, 16], ids=["auto", "BN16"])

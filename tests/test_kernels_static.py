@@ -70,10 +70,10 @@ FP32_POINTERS = {"p_K", "p_max", "p_sum", "p_P", "p_pmax", "p_psum", "p_pw", "p_
 # The large-memory passes over (B, H, N) vectors and block partials, launched like ``_shift_sharpen_kernel``.
 VECTOR_KERNELS = ("_shift_sharpen_kernel", "_softmax_merge_kernel", "_sharpen_bwd_kernel", "_interp_bwd_kernel")
 
-# Triton launches of one forward / backward step, by regime (plus torch's sums of one-number block partials,
-# large-memory forward 1, the sharpening's; backward 1, the shift's; and a cast of dL/de and dL/da where the
-# parameters are not fp32). ``_sum_blocks_kernel`` sums the reads' partials, dL/de's and dL/da's (one
-# launch), the sharpening backward's and dL/dk's.
+# Triton launches of one forward / backward step, by regime (plus torch's sums of one-number block partials:
+# large-memory forward 1, the sharpening's; backward 1, the shift pass's partials of sum dwc wc, for the
+# softmax's backward). ``_sum_blocks_kernel`` sums the reads' partials, dL/de's and dL/da's (one launch), the
+# sharpening backward's and dL/dk's.
 LAUNCHES = {True: "fwd 1, bwd 2", False: "fwd 5, bwd 9"}
 
 # (N, M, R, W, S) of benchmarks/shapes.py's paper, medium and large shapes, and a width that is not a multiple

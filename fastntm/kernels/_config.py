@@ -18,8 +18,9 @@ backward's own default; at a shape that runs on-chip they change nothing);
 read-write pass (defaulting to a forced ``block_n`` and ``num_warps``, else to
 its own); ``onchip_warps`` and ``onchip_bwd_warps`` the on-chip forward's (and
 the standalone read and write's) and backward's, ``vector_block`` the rows of a
-vector-pass program, ``sum_rows`` and ``sum_warps`` the sums of the passes over
-memory's block partials (``sum_blocks``). The environment takes them
+vector-pass program, ``sum_rows`` and ``sum_warps`` the sums of block partials
+(``sum_blocks``: the passes over memory's and the sharpening backward's). The
+environment takes them
 as ``FASTNTM_BLOCKS="block_n=32,num_warps=8"``; a setting the context manager
 gives wins over the environment's. One variable, not one per setting: reading
 an unset variable costs over a microsecond, and the host path is counted in
@@ -93,7 +94,7 @@ class Overrides(NamedTuple):
 RANGES = {"block_n": (16, 1024), "num_warps": (1, 32), "bwd_block_n": (16, 1024), "bwd_warps": (1, 32),
           "onchip_warps": (1, 32), "onchip_bwd_warps": (1, 32),
           "vector_block": (16, 8192), "sim_block_n": (16, 1024), "sim_warps": (1, 32),
-          "sum_rows": (16, 4096), "sum_warps": (1, 32)}
+          "sum_rows": (16, 2048), "sum_warps": (1, 32)}
 
 _forced = Overrides()
 _poison: bool = False
@@ -131,7 +132,8 @@ SUM_ROWS = 256
 SUM_WARPS = 8
 """Rows of block partials a load of ``_sum_blocks_kernel`` takes at most, and its warps. In the large step's
 profile on the H100 (``benchmarks/results/h100-2026-11-26-h``, run 2) its four sums took 49.6 us at 256 rows
-and 8 warps, 64.7 at 512, 78.8 at 1,024, and 50.2 at 2,048 rows and 16 warps."""
+and 8 warps, 64.7 at 512, 78.8 at 1,024, and 50.2 at 2,048 rows and 16 warps (the 512 and 2,048 figures from
+that call's printed output, their files not fetched)."""
 
 
 def sum_blocks(NB: int) -> tuple[int, int]:

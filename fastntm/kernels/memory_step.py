@@ -38,7 +38,8 @@ passes over memory with three over (B, H, N) vectors between:
   dL/dwc stored; dL/dgamma, dL/ds, dL/dg); then, blocks of rows of every head a program,
   ``_softmax_bwd_kernel`` (the softmax backward: dL/dK over |k| stored, with
   sum_h dL/dK K a row; dL/dbeta); each reduction over N that a later pass
-  needs as block partials summed with torch between the launches;
+  needs as block partials summed between the launches (the sharpening's by
+  ``_sum_blocks_kernel``, the shift pass's one number a block by torch);
 * ``_mem_bwd_kernel`` (one pass): dL/dmem from the write, the reads and the
   cosine similarity, and per-block partials of dL/dk;
 * ``_sum_blocks_kernel`` sums the memory passes' partials (of dL/de and dL/da
@@ -929,6 +930,7 @@ def _sum_blocks(parts, dtype, rows: Optional[int] = None, num_warps: Optional[in
     """(B, *rest) in ``dtype``: the sum over dim 1 of block partials ``parts`` (B, NB, *rest), fp32 and
     contiguous, by ``_sum_blocks_kernel``: loads of up to ``rows`` rows of ``cols`` columns, ``num_warps``
     (None: ``_config.sum_blocks``; the others for ``benchmarks.bench_block_sums``)."""
+    assert parts.is_contiguous(), "the kernel indexes the partials from their shape"
     B, NB = parts.shape[:2]
     if NB == 1:  # one block (standalone reads of an on-chip memory): nothing to sum, no launch
         return parts[:, 0].to(dtype)
@@ -1021,7 +1023,8 @@ def _address_bwd(k, beta, g, s, gamma, w_prev, K, mx, se, dw_rw, dw, BV: int):
 
     Two passes over blocks of ``BV`` rows of each head (the sharpening, up to its sums; its end, the shift,
     with dL/ds, and the interpolation), then one over blocks of every head (the softmax), the per-(b, h)
-    sums that a pass needs reduced with torch before it. The four gradients' partials share one buffer,
+    sums that a pass needs reduced before it (``_sum_blocks``, and torch for the shift pass's one number a
+    block). The four gradients' partials share one buffer,
     each block's in a row, so that one launch finishes them all. The shift's taps read dws's two factors
     at rows of neighbouring blocks, so no pass writes a buffer that it reads there.
     """
@@ -1038,8 +1041,8 @@ def _address_bwd(k, beta, g, s, gamma, w_prev, K, mx, se, dw_rw, dw, BV: int):
     psums = empty((B, H, NB, 4), torch.float32, dev)
     _sharpen_bwd_kernel[grid](dw_rw, dw, K, w_prev, beta, g, s, gamma, mx, se, v, psums, N, (S - 1) // 2, NB,
                               int(has_dw), BN=BV, num_warps=4)
-    # P and sum dw p; pass 2 takes the other two a block at a time. Torch took 12 us (H100, large shape) to
-    # sum the first two columns alone, a strided view.
+    # All four columns summed, of which pass 2 takes P and sum dw p (the other two it takes a block at a time):
+    # torch took 12 us (H100, large shape) to sum the first two alone, a strided view.
     sums = _sum_blocks(psums.view(B * H, NB, 4), torch.float32)
     dwp = empty((B, H, N), w_prev.dtype, dev)
     parts = empty((B, H, NB, S + 3), torch.float32, dev)  # per block: dgamma, ds (S), dg, dbeta
@@ -1069,8 +1072,8 @@ def _head_grads(k, beta, parts, dk_rows):
     return dk, dbeta, dg, ds, dgamma
 
 
-def _read_write_bwd(mem, w, e, a, dr, dnew, R: int, W: int, blk=None):
-    """dL/dw (fp32, B, R + W, N), dL/de, dL/da (fp32) from the reads and the write."""
+def _read_write_bwd(mem, w, e, a, dr, dnew, R: int, W: int, grad_dtype, blk=None):
+    """dL/dw (fp32, B, R + W, N), dL/de, dL/da (in ``grad_dtype``) from the reads and the write."""
     empty = _config.allocator()
     B, N, M = mem.shape
     blk = blk or _config.choose(N, M)
@@ -1089,8 +1092,9 @@ def _read_write_bwd(mem, w, e, a, dr, dnew, R: int, W: int, blk=None):
             mem.stride(0), mem.stride(1), dn.stride(0), dn.stride(1), N, M, R, W, NB,
             R if has_dr else 0, W if has_dnew else 0, BN=BN, BM=blk.BM, num_warps=warps)
     if not has_dnew:
-        return dw, depart.new_zeros((B, W, M)), dapart.new_zeros((B, W, M))
-    de, da = _sum_blocks(eapart.view(2 * B, NB, W * M), torch.float32).view(2, B, W, M)
+        zeros = torch.zeros((2, B, W, M), dtype=grad_dtype, device=mem.device)
+        return dw, zeros[0], zeros[1]
+    de, da = _sum_blocks(eapart.view(2 * B, NB, W * M), grad_dtype).view(2, B, W, M)
     return dw, de, da
 
 
@@ -1162,12 +1166,12 @@ def _backward(mem, k, beta, g, s, gamma, w_prev, e, a, w, K, mx, se, dw, dr, dne
     blk = _config.choose(mem.shape[1], mem.shape[2])
     if blk.onchip:
         return _onchip_bwd(mem, k, beta, g, s, gamma, w_prev, e, a, w, K, mx, se, dw, dr, dnew, R, blk)
-    dw_rw, de, da = _read_write_bwd(mem, w, e, a, dr, dnew, R, W, blk)
+    pd = k.dtype
+    dw_rw, de, da = _read_write_bwd(mem, w, e, a, dr, dnew, R, W, pd, blk)
     ck, cn, parts, dwp = _address_bwd(k, beta, g, s, gamma, w_prev, K, mx, se, dw_rw, dw, blk.BV)
     dmem, dk_rows = _mem_bwd(mem, w, e, dr, dnew, k, (ck, cn), R, W, blk)
     dk, dbeta, dg, ds, dgamma = _head_grads(k, beta, parts, dk_rows)
-    pd = k.dtype
-    return dmem, dk, dbeta, dg, ds, dgamma, dwp.to(pd), de.to(pd), da.to(pd)
+    return dmem, dk, dbeta, dg, ds, dgamma, dwp.to(pd), de, da
 
 
 # ----------------------------------------------------------------------------

@@ -11,7 +11,7 @@ def _read_fwd(mem: T, w: T) -> T:
 
 def _read_bwd(mem: T, w: T, dr: T) -> tuple[T, T]:
     R = w.shape[1]
-    dw, _, _ = _read_write_bwd(mem, w, None, None, dr, None, R, 0)
+    dw, _, _ = _read_write_bwd(mem, w, None, None, dr, None, R, 0, w.dtype)
     dmem, _ = _mem_bwd(mem, w, None, dr, None, w, None, R, 0)
     return dmem, dw.to(w.dtype)
 

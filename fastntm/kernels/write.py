@@ -11,9 +11,9 @@ def _write_fwd(mem: T, w: T, e: T, a: T) -> T:
 
 def _write_bwd(mem: T, w: T, e: T, a: T, dnew: T) -> tuple[T, T, T, T]:
     W = w.shape[1]
-    dw, de, da = _read_write_bwd(mem, w, e, a, None, dnew, 0, W)
+    dw, de, da = _read_write_bwd(mem, w, e, a, None, dnew, 0, W, w.dtype)
     dmem, _ = _mem_bwd(mem, w, e, None, dnew, w, None, 0, W)
-    return dmem, dw.to(w.dtype), de.to(w.dtype), da.to(w.dtype)
+    return dmem, dw.to(w.dtype), de, da
 
 
 write_fwd = torch.library.custom_op("fastntm::write_fwd", _write_fwd, mutates_args=())

@@ -2,17 +2,17 @@
 
     python -m benchmarks.bench_block_sums --out results/      # writes results/block_sums.json
 
-The large-memory passes leave per-block partials (B, NB, X): the reads' in the forward, dL/de's and
-dL/da's (one buffer), the sharpening backward's four sums and dL/dk's in the backward, at the NB that the
-dispatch's blocks give at each shape. For each, ``torch.sum(parts, 1)`` (what the step took before ``_sum_blocks_kernel``) and the
-kernel at its default loads and at others (rows, warps; a row is labelled with the rows a load takes, at
-most NB's power of two) are first checked against a float64 sum, then timed two ways (CUDA), medians:
-``cold``, ``triton.testing.do_bench``, which clears the L2 cache before each call (in the step, the pass
-over memory that wrote the partials streams hundreds of MB through L2 before they are summed); and
-``graph``, ``do_bench_cudagraph``, the partials in L2 from the last replay. Neither is the step's: its
-profile (``benchmarks.kernel_profile``, and ``FASTNTM_BLOCKS=sum_rows=...``) decides the defaults. On the CPU, under the Triton interpreter, plain calls: a smoke test, not a speed.
-A device-to-device copy measured in the same run gives the bandwidth the bytes moved (the partials read,
-the sums written) are held against.
+The large-memory passes leave per-block partials (B, NB, X): the reads' in the forward, dL/de's and dL/da's
+(one buffer), the sharpening backward's four sums and dL/dk's in the backward, at the NB that the dispatch's
+blocks give at each shape. For each, ``torch.sum(parts, 1)`` (what the step took before
+``_sum_blocks_kernel``) and the kernel at its default loads and at others (rows, warps; a row is labelled with
+the rows a load takes, at most NB's power of two) are first checked against a float64 sum, then timed two ways
+(CUDA), medians: ``cold``, ``triton.testing.do_bench``, which clears the L2 cache before each call (in the
+step, the pass over memory that wrote the partials streams hundreds of MB through L2 before they are summed);
+and ``graph``, ``do_bench_cudagraph``, the partials in L2 from the last replay. Neither is the step's: its
+profile (``benchmarks.kernel_profile``, and ``FASTNTM_BLOCKS=sum_rows=...``) decides the defaults. On the CPU,
+under the Triton interpreter, plain calls: a smoke test, not a speed. A device-to-device copy measured in the
+same run gives the bandwidth the bytes moved (the partials read, the sums written) are held against.
 """
 
 from __future__ import annotations
@@ -66,9 +66,9 @@ def measure(dims: tuple[int, ...], device: torch.device, configs, copy_gbps: flo
     nbytes = (parts.numel() + ref.numel()) * 4
     providers = {"torch": lambda: parts.sum(1)}
     for rows, warps in configs:
-        loaded = min(rows, max(16, _config.next_pow2(dims[1])))  # as ``_sum_blocks`` caps it
-        providers.setdefault(f"kernel r{loaded} w{warps}", lambda rows=rows, warps=warps: ms._sum_blocks(
-            parts, torch.float32, rows, warps))
+        providers.setdefault(f"kernel r{_config.sum_block_rows(dims[1], rows)} w{warps}",
+                             lambda rows=rows, warps=warps: ms._sum_blocks(parts, torch.float32, _config.allocator(),
+                                                                           rows, warps))
     out = []
     for name, fn in providers.items():
         err = common.rel_err(fn(), ref)

@@ -177,11 +177,17 @@ def test_kernel_profile_aggregates_device_events_and_their_bandwidth():
         dict(shape="x", op="fwd", backend="triton", events="cuda", iters=2, rows=rows, **totals)))
 
 
-def test_launch_count_sees_the_head_parameters_as_one_op_each_way_on_the_triton_path():
+def skip_without_the_interpreter(what: str) -> None:
+    """Skip where the Triton path cannot take CPU tensors: conftest.py sets TRITON_INTERPRET=1 without a GPU, and
+    a run that switches it off (the static checks' way) has no kernels to run here."""
     from fastntm import kernels
 
     if not getattr(kernels, "INTERPRETING", False):
-        pytest.skip("counts the Triton path on CPU tensors: needs TRITON_INTERPRET=1 before fastntm is imported")
+        pytest.skip(f"{what} on CPU tensors: needs TRITON_INTERPRET=1 before fastntm is imported")
+
+
+def test_launch_count_sees_the_head_parameters_as_one_op_each_way_on_the_triton_path():
+    skip_without_the_interpreter("counts the Triton path")
     from benchmarks import launch_count
 
     result = launch_count.run(batch=2, lengths=(1, 2))
@@ -213,10 +219,7 @@ def test_large_memory_step_launches_stay_few():
 
 
 def test_block_sums_benchmark_checks_every_provider_before_timing():
-    from fastntm import kernels
-
-    if not getattr(kernels, "INTERPRETING", False):
-        pytest.skip("runs _sum_blocks_kernel on CPU tensors: needs TRITON_INTERPRET=1 before fastntm is imported")
+    skip_without_the_interpreter("runs _sum_blocks_kernel")
     from benchmarks import bench_block_sums
 
     rows = bench_block_sums.measure((2, 37, 20), torch.device("cpu"), bench_block_sums.CONFIGS[:2], 10.0)

@@ -167,7 +167,7 @@ def test_block_partial_sums_match_float64(shape, dtype):
     ms = importlib.import_module("fastntm.kernels.memory_step")  # the module, not the function of its name
     parts = torch.randn(shape, generator=torch.Generator().manual_seed(3)) * 1e3
     with _config.poison():
-        out = ms._sum_blocks(parts, dtype, rows=16)
+        out = ms._sum_blocks(parts, dtype, _config.allocator(), 16, _config.SUM_WARPS)
     assert out.shape == (shape[0], *shape[2:]) and out.dtype == dtype
     # fp32 sums to within rounding; bf16 output rounds once more than the reference.
     assert_close(out, parts.double().sum(1).to(dtype), 1e-6 if dtype == torch.float32 else TOL[dtype], "sum")

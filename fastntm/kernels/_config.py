@@ -19,7 +19,7 @@ read-write pass (defaulting to a forced ``block_n`` and ``num_warps``, else to
 its own); ``onchip_warps`` and ``onchip_bwd_warps`` the on-chip forward's (and
 the standalone read and write's) and backward's, ``vector_block`` the rows of a
 vector-pass program, ``sum_rows`` and ``sum_warps`` the sums of block partials
-(``sum_blocks``: the passes over memory's and the sharpening backward's). The
+(``Blocks.sum_rows``: the passes over memory's and the sharpening backward's). The
 environment takes them
 as ``FASTNTM_BLOCKS="block_n=32,num_warps=8"``; a setting the context manager
 gives wins over the environment's. One variable, not one per setting: reading
@@ -116,6 +116,9 @@ class Blocks:
     sim_BN: int
     sim_warps: int
     """Rows and warps of a program of the large-memory forward's similarity pass (on-chip: BN, num_warps)."""
+    sum_rows: int
+    sum_warps: int
+    """Most rows a load and warps of ``_sum_blocks_kernel`` (``SUM_ROWS``, ``SUM_WARPS``; see ``sum_block_rows``)."""
 
     @property
     def memory_bwd(self) -> tuple[int, int]:
@@ -136,11 +139,10 @@ and 8 warps, 64.7 at 512, 78.8 at 1,024, and 50.2 at 2,048 rows and 16 warps (th
 that call's printed output, their files not fetched)."""
 
 
-def sum_blocks(NB: int) -> tuple[int, int]:
-    """(rows a load, warps) of ``_sum_blocks_kernel`` over NB block partials: ``SUM_ROWS`` and ``SUM_WARPS``,
-    or what ``sum_rows`` and ``sum_warps`` force; no more rows than NB's power of two, and at least 16."""
-    forced = overrides()
-    return min(forced.sum_rows or SUM_ROWS, max(16, next_pow2(NB))), forced.sum_warps or SUM_WARPS
+def sum_block_rows(NB: int, rows: int) -> int:
+    """Rows a load of ``_sum_blocks_kernel`` takes over NB block partials, given at most ``rows``: no more than
+    NB's power of two, and at least 16."""
+    return min(rows, max(16, next_pow2(NB)))
 
 
 def onchip_maxnreg(num_warps: int) -> int:
@@ -300,7 +302,7 @@ def _choose(N: int, M: int, forced: Overrides) -> Blocks:
     if forced.block_n is None and full * BM <= ONCHIP_MAX_ELEMENTS:
         warps = forced.onchip_warps or (4 if full * BM <= 2048 else 8)
         return Blocks(True, full, BM, warps, forced.onchip_bwd_warps or ONCHIP_BWD_WARPS,
-                      vector_block(N), full, full, warps)
+                      vector_block(N), full, full, warps, forced.sum_rows or SUM_ROWS, forced.sum_warps or SUM_WARPS)
     warps, bwd_warps = large_warps(M)
     BN = forced.block_n or large_block_n(BM, 1 if forced.num_warps else warps)
     # A forced BN alone forces the vector pass's and the backward's blocks too: tests at small N get several.
@@ -308,7 +310,7 @@ def _choose(N: int, M: int, forced: Overrides) -> Blocks:
                   forced.vector_block or forced.block_n or vector_block(N),
                   forced.bwd_block_n or forced.block_n or large_block_n(BM),
                   forced.sim_block_n or forced.block_n or sim_block_n(BM),
-                  forced.sim_warps or forced.num_warps or 1)
+                  forced.sim_warps or forced.num_warps or 1, forced.sum_rows or SUM_ROWS, forced.sum_warps or SUM_WARPS)
 
 
 def supported(M: int) -> bool:

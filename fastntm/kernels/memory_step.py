@@ -926,21 +926,21 @@ def _nz(t, fallback):
     return fallback if t is None or t.numel() == 0 else t
 
 
-def _sum_blocks(parts, dtype, rows: Optional[int] = None, num_warps: Optional[int] = None, cols: int = 16):
-    """(B, *rest) in ``dtype``: the sum over dim 1 of block partials ``parts`` (B, NB, *rest), fp32 and
-    contiguous, by ``_sum_blocks_kernel``: loads of up to ``rows`` rows of ``cols`` columns, ``num_warps``
-    (None: ``_config.sum_blocks``; the others for ``benchmarks.bench_block_sums``)."""
+def _sum_blocks(parts, dtype, empty, rows: int, num_warps: int, cols: int = 16):
+    """(B, *rest) in ``dtype``, from the call's allocator ``empty``: the sum over dim 1 of block partials
+    ``parts`` (B, NB, *rest), fp32 and contiguous, by ``_sum_blocks_kernel``: loads of up to ``rows`` rows
+    (``_config.sum_block_rows``) of ``cols`` columns, ``num_warps`` (the dispatch's: ``Blocks.sum_rows``,
+    ``Blocks.sum_warps``)."""
     assert parts.is_contiguous(), "the kernel indexes the partials from their shape"
     B, NB = parts.shape[:2]
     if NB == 1:  # one block (standalone reads of an on-chip memory): nothing to sum, no launch
         return parts[:, 0].to(dtype)
     X = math.prod(parts.shape[2:])
-    out = _config.allocator()((B, *parts.shape[2:]), dtype, parts.device)
-    BR, warps = _config.sum_blocks(NB)
-    BR = BR if rows is None else min(rows, max(16, _config.next_pow2(NB)))
+    out = empty((B, *parts.shape[2:]), dtype, parts.device)
     NX = _config.n_blocks(X, cols)
     if B * NX:
-        _sum_blocks_kernel[(B * NX,)](parts, out, NB, X, NX, BR=BR, BX=cols, num_warps=num_warps or warps)
+        _sum_blocks_kernel[(B * NX,)](parts, out, NB, X, NX, BR=_config.sum_block_rows(NB, rows), BX=cols,
+                                      num_warps=num_warps)
     return out
 
 
@@ -965,7 +965,7 @@ def _read_write(mem, w, P, e, a, R: int, W: int, normalize: bool, wout, write: b
         mem, w, _nz(P, w), _nz(e, mem), _nz(a, mem), _nz(wout, w), _nz(rpart, mem), new,
         mem.stride(0), mem.stride(1), new.stride(0), new.stride(1), N, M, R, W, NB,
         NORMALIZE=normalize, WRITE=write, BN=blk.BN, BM=blk.BM, num_warps=blk.num_warps)
-    r = _sum_blocks(rpart, wout.dtype if wout is not None else w.dtype)
+    r = _sum_blocks(rpart, wout.dtype if wout is not None else w.dtype, empty, blk.sum_rows, blk.sum_warps)
     return r, (new if write else None)
 
 
@@ -1014,14 +1014,14 @@ def _forward(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads: int, rw: bool):
     return w, r, new, K, mx, se, P
 
 
-def _address_bwd(k, beta, g, s, gamma, w_prev, K, mx, se, dw_rw, dw, BV: int):
+def _address_bwd(k, beta, g, s, gamma, w_prev, K, mx, se, dw_rw, dw, blk):
     """The addressing chain backward down to the logits, from dL/dw (``dw_rw`` from the reads and the write,
     fp32, plus ``dw`` if given; the sum is left in ``dw_rw``): (ck, cn, parts, dw_prev), with ``ck`` and
     ``cn`` the cosine's factors that ``_mem_bwd_kernel`` takes (``_softmax_bwd_kernel``), ``parts`` the block
     partials (B, H, NB, S + 3) of dL/dgamma, dL/ds, dL/dg and dL/dbeta, for ``_head_grads_kernel``, and
     dw_prev in its dtype.
 
-    Two passes over blocks of ``BV`` rows of each head (the sharpening, up to its sums; its end, the shift,
+    Two passes over blocks of ``blk.BV`` rows of each head (the sharpening, up to its sums; its end, the shift,
     with dL/ds, and the interpolation), then one over blocks of every head (the softmax), the per-(b, h)
     sums that a pass needs reduced before it (``_sum_blocks``, and torch for the shift pass's one number a
     block). The four gradients' partials share one buffer,
@@ -1032,6 +1032,7 @@ def _address_bwd(k, beta, g, s, gamma, w_prev, K, mx, se, dw_rw, dw, BV: int):
     B, H, N = K.shape
     S = s.shape[2]
     dev = K.device
+    BV = blk.BV
     NB = _config.n_blocks(N, BV)
     grid = (NB * B * H,)
     has_dw = dw is not None
@@ -1043,7 +1044,7 @@ def _address_bwd(k, beta, g, s, gamma, w_prev, K, mx, se, dw_rw, dw, BV: int):
                               int(has_dw), BN=BV, num_warps=4)
     # All four columns summed, of which pass 2 takes P and sum dw p (the other two it takes a block at a time):
     # torch took 12 us (H100, large shape) to sum the first two alone, a strided view.
-    sums = _sum_blocks(psums.view(B * H, NB, 4), torch.float32)
+    sums = _sum_blocks(psums.view(B * H, NB, 4), torch.float32, empty, blk.sum_rows, blk.sum_warps)
     dwp = empty((B, H, N), w_prev.dtype, dev)
     parts = empty((B, H, NB, S + 3), torch.float32, dev)  # per block: dgamma, ds (S), dg, dbeta
     pdot = empty((B, H, NB), torch.float32, dev)
@@ -1094,7 +1095,8 @@ def _read_write_bwd(mem, w, e, a, dr, dnew, R: int, W: int, grad_dtype, blk=None
     if not has_dnew:
         zeros = torch.zeros((2, B, W, M), dtype=grad_dtype, device=mem.device)
         return dw, zeros[0], zeros[1]
-    de, da = _sum_blocks(eapart.view(2 * B, NB, W * M), grad_dtype).view(2, B, W, M)
+    de, da = _sum_blocks(eapart.view(2 * B, NB, W * M), grad_dtype, empty, blk.sum_rows, blk.sum_warps).view(
+        2, B, W, M)
     return dw, de, da
 
 
@@ -1123,7 +1125,7 @@ def _mem_bwd(mem, w, e, dr, dnew, k, addr, R: int, W: int, blk=None):
         BN=BN, BM=blk.BM, num_warps=warps)
     if not has_dk:
         return dmem, None
-    return dmem, _sum_blocks(dkpart, torch.float32)
+    return dmem, _sum_blocks(dkpart, torch.float32, empty, blk.sum_rows, blk.sum_warps)
 
 
 def _onchip_bwd(mem, k, beta, g, s, gamma, w_prev, e, a, w, K, mx, se, dw, dr, dnew, R: int, blk):
@@ -1168,7 +1170,7 @@ def _backward(mem, k, beta, g, s, gamma, w_prev, e, a, w, K, mx, se, dw, dr, dne
         return _onchip_bwd(mem, k, beta, g, s, gamma, w_prev, e, a, w, K, mx, se, dw, dr, dnew, R, blk)
     pd = k.dtype
     dw_rw, de, da = _read_write_bwd(mem, w, e, a, dr, dnew, R, W, pd, blk)
-    ck, cn, parts, dwp = _address_bwd(k, beta, g, s, gamma, w_prev, K, mx, se, dw_rw, dw, blk.BV)
+    ck, cn, parts, dwp = _address_bwd(k, beta, g, s, gamma, w_prev, K, mx, se, dw_rw, dw, blk)
     dmem, dk_rows = _mem_bwd(mem, w, e, dr, dnew, k, (ck, cn), R, W, blk)
     dk, dbeta, dg, ds, dgamma = _head_grads(k, beta, parts, dk_rows)
     return dmem, dk, dbeta, dg, ds, dgamma, dwp.to(pd), de, da

@@ -47,6 +47,7 @@ from benchmarks.launches import (  # noqa: E402
 )
 from benchmarks.launches import heads as kheads  # noqa: E402
 from benchmarks.launches import memory_step as ms  # noqa: E402
+from benchmarks.sweep_blocks import BWD_PIPELINES, SIM_PIPELINES  # noqa: E402
 from fastntm.kernels import _config  # noqa: E402
 
 kread = importlib.import_module("fastntm.kernels.read")
@@ -111,7 +112,8 @@ def kernel_configs():
                 out += [(name, dict(BC=bc, **bm, **nm), blk.bwd_warps)
                         for name in ("_onchip_heads_bwd_kernel", "_onchip_mem_bwd_kernel")]
         else:
-            out.append(("_similarity_kernel", dict(BN=blk.sim_BN, BM=blk.BM), blk.sim_warps))
+            out.append(("_similarity_kernel", dict(HS=0, BLOCKS=1, STAGES=1, BN=blk.sim_BN, BM=blk.BM),
+                        blk.sim_warps))
             out.append(("_read_write_kernel", dict(NORMALIZE=True, WRITE=True, **bm), nw))
         # Standalone read and write use the read/write kernel in both regimes.
         for write in (True, False):
@@ -121,7 +123,8 @@ def kernel_configs():
         bwd_bn, bwd_nw = blk.memory_bwd
         out.append(("_read_write_bwd_kernel", dict(BN=bwd_bn, BM=blk.BM), bwd_nw))
         for has_dk in (False,) if blk.onchip else (True, False):
-            out.append(("_mem_bwd_kernel", dict(HAS_DK=has_dk, BN=bwd_bn, BM=blk.BM), bwd_nw))
+            out.append(("_mem_bwd_kernel", dict(WS=0, RDS=0, HKS=0, HAS_DK=has_dk, BLOCKS=1, STAGES=1, BN=bwd_bn,
+                                                BM=blk.BM), bwd_nw))
     for log_n in range(4, 21):
         BV = _config.vector_block(2**log_n)
         out += [(name, dict(BN=BV), 4) for name in VECTOR_KERNELS]
@@ -138,6 +141,17 @@ def kernel_configs():
     return distinct
 
 
+def _run_step(N, M, R, W, S, dtype, mem_dtype):
+    """The step forward and backward at one shape, every gradient given; returns its inputs and the forward's
+    (w, K, max, sum-exp)."""
+    H = R + W
+    x = [torch.zeros(shape, dtype=mem_dtype if i == 0 else dtype) for i, shape in enumerate(
+        ((1, N, M), (1, H, M), (1, H), (1, H), (1, H, S), (1, H), (1, H, N), (1, W, M), (1, W, M)))]
+    w, r, new, K, mx, se, _ = ms._forward(*x, R, True)
+    ms._backward(*x, w, K, mx, se, w, r, new, R)
+    return x, (w, K, mx, se)
+
+
 def _run_host_code(N, M, R, W, S, dtype, mem_dtype):
     """Every host path at one shape: the step forward and backward (every gradient given, and without
     dL/dw, dL/dr or dL/dnew_mem: other pointers stand in for them), addressing, read and write alone."""
@@ -146,10 +160,7 @@ def _run_host_code(N, M, R, W, S, dtype, mem_dtype):
     def t(*shape, dtype=dtype):
         return torch.zeros(shape, dtype=dtype)
 
-    mem, k, beta, g, s, gamma, w_prev, e, a = t(1, N, M, dtype=mem_dtype), t(1, H, M), t(1, H), t(1, H), \
-        t(1, H, S), t(1, H), t(1, H, N), t(1, W, M), t(1, W, M)
-    w, r, new, K, mx, se, _ = ms._forward(mem, k, beta, g, s, gamma, w_prev, e, a, R, True)
-    ms._backward(mem, k, beta, g, s, gamma, w_prev, e, a, w, K, mx, se, w, r, new, R)
+    (mem, k, beta, g, s, gamma, w_prev, e, a), (w, K, mx, se) = _run_step(N, M, R, W, S, dtype, mem_dtype)
     ms._backward(mem, k, beta, g, s, gamma, w_prev, e, a, w, K, mx, se, None, None, None, R)
     none = t(1, 0, M)
     w, _, _, K, mx, se, _ = ms._forward(mem, k, beta, g, s, gamma, w_prev, none, none, H, False)
@@ -181,6 +192,28 @@ def launched_configs():
             for spec, shape_labels, dtype in seen.values()]
 
 
+def forced_configs():
+    """Launches of the similarity pass and the backward's pass to dL/dmem over several blocks a program, their
+    loads pipelined, as the sweep forces them (``SIM_PIPELINES``, ``BWD_PIPELINES``), at the large shape with
+    every gradient given, as Triton's launcher specializes them, labelled ``forced``. Not dispatch choices, so
+    only as launched: unaligned, a bf16 element is too small to copy asynchronously (see below)."""
+    N, M, R, W, S = LAUNCH_SHAPES["large"]
+    settings = [dict(sim_blocks=b, sim_stages=st) for b, st in SIM_PIPELINES]
+    settings += [dict(bwd_blocks=b, bwd_stages=st, bwd_warps=w) for b, st, w in BWD_PIPELINES]
+    jobs = {}
+    for forced in settings:
+        kernel = "_similarity_kernel" if "sim_blocks" in forced else "_mem_bwd_kernel"
+        for dtype in DTYPES:
+            with recording() as launches, _config.force(**forced):
+                _run_step(N, M, R, W, S, TORCH_DTYPES[dtype], TORCH_DTYPES[dtype])
+            for launch in launches:
+                if launch.name == kernel:
+                    spec = specialize(launch)
+                    label = "forced: " + " ".join(f"{k}={v}" for k, v in forced.items())
+                    jobs.setdefault((repr(spec), dtype), (*spec, label, dtype))
+    return list(jobs.values())
+
+
 def pointer_type(kernel, arg, consts, dtype):
     fp32 = arg in FP32_POINTERS or (kernel, arg) == ("_read_write_bwd_kernel", "p_dw") or (
         (kernel, arg) == ("_read_write_kernel", "p_w") and consts.get("NORMALIZE"))
@@ -205,12 +238,13 @@ def compile_one(job):
     regs, stack = (int(re.search(rf"\b{key}:(\d+)", usage).group(1)) for key in ("REG", "STACK"))
     shown = {k: v for k, v in spec.own_consts().items() if signature.get(k) == "constexpr"}
     return dict(kernel=name, consts=shown, num_warps=options["num_warps"], arch=arch, dtype=dtype, label=label,
-                regs=regs, stack=stack, shared=compiled.metadata.shared)
+                regs=regs, stack=stack, shared=compiled.metadata.shared,
+                async_copies=compiled.asm["ptx"].count("cp.async.c"))
 
 
 def all_jobs():
     jobs = [generic_job(name, consts, nw, dtype) for name, consts, nw in kernel_configs() for dtype in DTYPES]
-    return [(*job, arch) for job in jobs + launched_configs() for arch in ARCHS]
+    return [(*job, arch) for job in jobs + launched_configs() + forced_configs() for arch in ARCHS]
 
 
 @pytest.fixture(scope="module")
@@ -257,6 +291,26 @@ def test_no_config_spills_registers(results):
     assert not spilling, "spills (stack frame): " + "; ".join(
         f"{r['kernel']} {r['consts']} warps={r['num_warps']} sm_{r['arch']} {r['dtype']}: {r['stack']} B"
         for r in spilling)
+
+
+@aot
+def test_passes_pipeline_their_loads_only_where_asked(results):
+    # Triton pipelines a loop's loads (asynchronous copies to shared memory) only where the loop holds no other
+    # loop: a head loop left inside, or a stage count that does not reach the launch, builds and runs, no
+    # faster, and only this notices. Every forced configuration of each pass, each dtype and architecture.
+    forced = [r for r in results if r["label"].startswith("forced")]
+    sweeps = {"_similarity_kernel": SIM_PIPELINES, "_mem_bwd_kernel": [(b, st) for b, st, _ in BWD_PIPELINES]}
+    for kernel, pipelines in sweeps.items():
+        rows = [r for r in forced if r["kernel"] == kernel]
+        assert {(r["consts"]["BLOCKS"], r["consts"]["STAGES"], r["dtype"], r["arch"]) for r in rows} == {
+            (*p, dtype, arch) for p in pipelines for dtype in DTYPES for arch in ARCHS}, kernel
+        for r in rows:
+            stages = r["consts"]["STAGES"]
+            where = f"{kernel} {r['consts']} sm_{r['arch']} {r['dtype']}"
+            assert (r["async_copies"] > 0) == (stages > 1), f"{where}: {r['async_copies']} cp.async"
+            assert (r["shared"] > 1024) == (stages > 1), f"{where}: {r['shared']} B of shared memory"
+    # The dispatch's own never pipelines (one block a program, as the GPU timed it).
+    assert not any(r["async_copies"] for r in results if not r["label"].startswith("forced"))
 
 
 @pytest.mark.skipif(not INTERPRETING, reason="the interpreter is off, so the static checks above ran in this "

@@ -253,6 +253,8 @@ def environment(device: torch.device) -> dict:
         "commit": git_commit(),
         "threads": torch.get_num_threads(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        # Block settings forced on the dispatch for the whole run, if any: its figures are theirs, not the defaults'.
+        "fastntm_blocks": os.environ.get("FASTNTM_BLOCKS", ""),
     }
 
 

@@ -11,13 +11,13 @@
 # $OUT/bench_kernels.json (when benchmarks/bench_kernels.py exists),
 # $OUT/kernel_profile.json (device time per kernel, benchmarks.kernel_profile),
 # $OUT/block_sums.json (the sums of block partials, kernel against torch, benchmarks.bench_block_sums),
-# $OUT/sim-B-S/kernel_profile.json (the same profile with the similarity pass pipelined, SIM_PIPELINE below),
+# $OUT/pipelined-N/kernel_profile.json (the same profile with passes over memory pipelined, PIPELINES below),
 # $OUT/sass_model.json (warp-instructions the same tree's kernels issue at the large
 # shape, benchmarks.sass_model: the measured times calibrate it) and ends with the
 # key figures. Every part runs under `timeout`; one that fails or runs out of time is
 # named at the end and the later parts still run; a limit of 0 skips a part. The
-# limits below add up to 540 s
-# (plus 3 s grace each: 570 s at worst); override them with T_TESTS, T_KERNELS,
+# limits below add up to 550 s
+# (plus 3 s grace each: 586 s at worst); override them with T_TESTS, T_KERNELS,
 # T_PROFILE, T_SUMS, T_PIPE, T_RUN, T_LONG, T_SASS, and pass extra runner arguments
 # in RUN_ARGS, split at spaces, no quotes inside (for example
 # RUN_ARGS="--providers reference,triton,triton-graph --filter train_step|paper").
@@ -25,10 +25,10 @@
 # SWEEP=1 also runs the block-size sweep (benchmarks.sweep_blocks --quick, after
 # bench_kernels, whose compiled default kernels it reuses from Triton's cache),
 # writing $OUT/sweep_blocks.json, under its own limit T_SWEEP (default 150 s; its
-# --budget stops it 15 s before). That adds 153 s at worst, 723 s in all: lower
+# --budget stops it 15 s before). That adds 153 s at worst, 739 s in all: lower
 # T_RUN and T_LONG to keep a margin under the machine's ten minutes (SWEEP=1 with
-# T_TESTS=90 T_KERNELS=30 T_PROFILE=40 T_PIPE=20 T_SWEEP=150 T_RUN=90 T_LONG=20:
-# 565 s, 598 s at worst).
+# T_TESTS=90 T_KERNELS=30 T_PROFILE=40 T_PIPE=0 T_SWEEP=150 T_RUN=90 T_LONG=20:
+# 525 s, 552 s at worst; the sweep times the pipelined settings too).
 #
 # BASE=<commit> (or a FILE.tar from `git archive -o FILE.tar <commit>`, carried to a machine whose .git may
 # lack the commit) also runs bench_kernels and kernel_profile from that commit's tree, after this
@@ -48,7 +48,7 @@ T_TESTS="${T_TESTS:-85}"
 T_KERNELS="${T_KERNELS:-85}"
 T_PROFILE="${T_PROFILE:-40}"
 T_SUMS="${T_SUMS:-30}"
-T_RUN="${T_RUN:-115}"
+T_RUN="${T_RUN:-95}"
 T_LONG="${T_LONG:-60}"
 T_SWEEP="${T_SWEEP:-150}"
 T_SASS="${T_SASS:-30}"
@@ -99,16 +99,16 @@ part kernel_profile "$T_PROFILE" "$PY" -m benchmarks.kernel_profile --device cud
 
 part block_sums "$T_SUMS" "$PY" -m benchmarks.bench_block_sums --device cuda --out "$OUT"
 
-# The similarity pass's programs over several blocks, their loads pipelined: kernel_profile at the large shape with
-# each setting of SIM_PIPELINE (blocks:stages, space-separated; default "4:2 4:3"), into $OUT/sim-B-S/, a minute
-# after kernel_profile's default run above, for device time kernel by kernel in the step. Limit T_PIPE each
-# (default 25 s; 0 skips them).
-for pipeline in ${SIM_PIPELINE-4:2 4:3}; do
-    blocks=${pipeline%%:*} stages=${pipeline##*:}
-    mkdir -p "$OUT/sim-$blocks-$stages"
-    part "kernel_profile sim_blocks=$blocks sim_stages=$stages" "${T_PIPE:-25}" \
-        env FASTNTM_BLOCKS="sim_blocks=$blocks,sim_stages=$stages" \
-        "$PY" -m benchmarks.kernel_profile --device cuda --shapes large --out "$OUT/sim-$blocks-$stages"
+# The passes over memory with programs over several blocks, their loads pipelined (off by default, not yet timed):
+# kernel_profile at the large shape under each FASTNTM_BLOCKS setting of PIPELINES (space-separated), into
+# $OUT/pipelined-1/, -2/, ... (each JSON's environment names its setting), a minute after kernel_profile's default
+# run above, for device time kernel by kernel in the step. Limit T_PIPE each (default 20 s; 0 skips them).
+i=0
+for setting in ${PIPELINES-sim_blocks=4,sim_stages=2 sim_blocks=4,sim_stages=3 bwd_blocks=4,bwd_stages=2 \
+                 bwd_blocks=4,bwd_stages=2,bwd_warps=4}; do
+    i=$(( i + 1 ))
+    part "kernel_profile $setting" "${T_PIPE:-20}" env FASTNTM_BLOCKS="$setting" \
+        "$PY" -m benchmarks.kernel_profile --device cuda --shapes large --out "$OUT/pipelined-$i"
 done
 
 if [ -n "${BASE:-}" ]; then

@@ -11,7 +11,7 @@ shapes of ``benchmarks.shapes``:
   backward's passes over memory apart, each with the others at their defaults, then the best of
   each together. The similarity pass: ``sim_block_n`` in {16, 32, 64} x ``sim_warps`` in {1, 2}, then
   four blocks a program at its default rows and warps, loads pipelined 1, 2 and 3 stages deep
-  (``SIM_PIPELINES``); the backward's pass to dL/dmem likewise (``BWD_PIPELINES``).
+  (``SIM_PIPELINES``); the backward's passes over memory likewise (``BWD_PIPELINES``).
   The read-write pass: ``BN`` in {16, 32, 64, 128} x ``num_warps`` in {1, 2, 4, 8}; one warp makes
   every reduction over a block's rows a warp shuffle, with no barrier across warps (the similarity
   pass makes two such reductions a head and a block, the read-write pass one a read head). The
@@ -87,9 +87,9 @@ SIM_PIPELINES = ((4, 1), (4, 2), (4, 3))
 """(``sim_blocks``, ``sim_stages``) of the similarity pass at its default rows and warps, after its grid: four
 blocks a program, their loads pipelined 1 (not at all), 2 and 3 stages deep."""
 BWD_PIPELINES = ((4, 1, 2), (4, 2, 2), (4, 2, 4), (4, 3, 4))
-"""(``bwd_blocks``, ``bwd_stages``, ``bwd_warps``) of the backward's pass to dL/dmem at the backward's default
-rows, after its grid. Its pipeline holds two tiles a stage (mem and dL/dnew_mem): at two warps and three stages
-ptxas spilled (fp32, sm_90), so three stages run at four warps only."""
+"""(``bwd_blocks``, ``bwd_stages``, ``bwd_warps``) of the backward's passes over memory at the backward's default
+rows, after its grid. Their pipelines hold two tiles a stage (mem and dL/dnew_mem): at two warps and three stages
+ptxas spilled ``_mem_bwd_kernel`` (fp32, sm_90), so three stages run at four warps only."""
 QUICK_MAX_PER_THREAD = {"fwd": 64, "bwd": 32, "sim": 64}
 """--quick: the most fp32 elements of a BN x BM tile per thread a large-memory forward (two tiles live),
 backward (up to five) and similarity-pass (one) configuration may hold."""

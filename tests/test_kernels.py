@@ -149,9 +149,9 @@ def test_memory_step_with_forced_warps_and_vector_block(settings, expected):
             if k["kernel"] != "_sum_blocks_kernel"} == expected
 
 
-# (pass, blocks, stages): the similarity pass's and the dL/dmem pass's programs over several blocks.
+# (pass, blocks, stages): the similarity pass's and the backward's passes over memory's programs over several
+# blocks.
 PIPELINES = [("sim", 4, 3), ("sim", 4, 1), ("bwd", 4, 3), ("bwd", 4, 1)]
-PIPELINE_KERNELS = {"sim": "_similarity_kernel", "bwd": "_mem_bwd_kernel"}
 PIPELINE_SHAPE = (2, 70, 13, 3, 2, 3)
 
 
@@ -183,14 +183,16 @@ def test_programs_over_several_blocks_change_no_bit(which, blocks, stages):
         many = _step_and_grads(x)
     for i, (a, b) in enumerate(zip(one, many)):
         assert torch.equal(a, b), f"output or gradient {i} differs from one block a program"
-    consts = [k["consts"] for k in launches if k["kernel"] == PIPELINE_KERNELS[which]]
-    unrolled = stages > 1
-    counts = dict(HS=3 * unrolled) if which == "sim" else dict(WS=1 * unrolled, RDS=2 * unrolled, HKS=3 * unrolled)
-    assert consts == [dict(counts, **({} if which == "sim" else dict(HAS_DK=True)), BLOCKS=blocks, STAGES=stages,
-                           BN=16, BM=16)]
+    u = stages > 1  # heads' loops unrolled over constant counts
+    expected = {"_similarity_kernel": dict(HS=3 * u)} if which == "sim" else {
+        "_read_write_bwd_kernel": dict(RDS=2 * u, WS=1 * u), "_mem_bwd_kernel": dict(WS=1 * u, RDS=2 * u, HKS=3 * u,
+                                                                                      HAS_DK=True)}
+    for kernel, consts in expected.items():
+        launched = [k["consts"] for k in launches if k["kernel"] == kernel]
+        assert launched == [dict(consts, BLOCKS=blocks, STAGES=stages, BN=16, BM=16)], kernel
     if which == "bwd" and stages > 1:
-        # The unrolled loops' other counts: dL/dr alone (no dL/dnew_mem, no dL/dw: RDS = R), and the standalone
-        # read and write (no addressing head: HKS = 0).
+        # The unrolled loops' other counts: dL/dr alone (no dL/dnew_mem, no dL/dw), and the standalone read and
+        # write (no addressing head: HKS = 0; no write head, or no read head).
         with _config.force(block_n=16, **forced):
             check_op(kernels.memory_step, reference.memory_step, x, extra=(2,), used=(1,))
             check_op(kernels.read, reference.read, {"mem": x["mem"], "w": x["w_prev"][:, :2]})

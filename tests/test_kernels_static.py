@@ -121,7 +121,7 @@ def kernel_configs():
         # The two-pass backward: large memory (with the cosine's dL/dk), and standalone read and write in
         # both regimes (without).
         bwd_bn, bwd_nw = blk.memory_bwd
-        out.append(("_read_write_bwd_kernel", dict(BN=bwd_bn, BM=blk.BM), bwd_nw))
+        out.append(("_read_write_bwd_kernel", dict(RDS=0, WS=0, BLOCKS=1, STAGES=1, BN=bwd_bn, BM=blk.BM), bwd_nw))
         for has_dk in (False,) if blk.onchip else (True, False):
             out.append(("_mem_bwd_kernel", dict(WS=0, RDS=0, HKS=0, HAS_DK=has_dk, BLOCKS=1, STAGES=1, BN=bwd_bn,
                                                 BM=blk.BM), bwd_nw))
@@ -193,7 +193,7 @@ def launched_configs():
 
 
 def forced_configs():
-    """Launches of the similarity pass and the backward's pass to dL/dmem over several blocks a program, their
+    """Launches of the similarity pass and the backward's passes over memory over several blocks a program, their
     loads pipelined, as the sweep forces them (``SIM_PIPELINES``, ``BWD_PIPELINES``), at the large shape with
     every gradient given, as Triton's launcher specializes them, labelled ``forced``. Not dispatch choices, so
     only as launched: unaligned, a bf16 element is too small to copy asynchronously (see below)."""
@@ -202,12 +202,12 @@ def forced_configs():
     settings += [dict(bwd_blocks=b, bwd_stages=st, bwd_warps=w) for b, st, w in BWD_PIPELINES]
     jobs = {}
     for forced in settings:
-        kernel = "_similarity_kernel" if "sim_blocks" in forced else "_mem_bwd_kernel"
+        kernels = ("_similarity_kernel",) if "sim_blocks" in forced else ("_read_write_bwd_kernel", "_mem_bwd_kernel")
         for dtype in DTYPES:
             with recording() as launches, _config.force(**forced):
                 _run_step(N, M, R, W, S, TORCH_DTYPES[dtype], TORCH_DTYPES[dtype])
             for launch in launches:
-                if launch.name == kernel:
+                if launch.name in kernels:
                     spec = specialize(launch)
                     label = "forced: " + " ".join(f"{k}={v}" for k, v in forced.items())
                     jobs.setdefault((repr(spec), dtype), (*spec, label, dtype))
@@ -299,7 +299,8 @@ def test_passes_pipeline_their_loads_only_where_asked(results):
     # loop: a head loop left inside, or a stage count that does not reach the launch, builds and runs, no
     # faster, and only this notices. Every forced configuration of each pass, each dtype and architecture.
     forced = [r for r in results if r["label"].startswith("forced")]
-    sweeps = {"_similarity_kernel": SIM_PIPELINES, "_mem_bwd_kernel": [(b, st) for b, st, _ in BWD_PIPELINES]}
+    bwd = [(b, st) for b, st, _ in BWD_PIPELINES]
+    sweeps = {"_similarity_kernel": SIM_PIPELINES, "_read_write_bwd_kernel": bwd, "_mem_bwd_kernel": bwd}
     for kernel, pipelines in sweeps.items():
         rows = [r for r in forced if r["kernel"] == kernel]
         assert {(r["consts"]["BLOCKS"], r["consts"]["STAGES"], r["dtype"], r["arch"]) for r in rows} == {

@@ -19,7 +19,7 @@ read-write pass (defaulting to a forced ``block_n`` and ``num_warps``, else to
 its own), ``sim_blocks`` the blocks a similarity program takes in turn and
 ``sim_stages`` how many of them its loads run ahead, pipelined (``SIM_BLOCKS``,
 ``SIM_STAGES``); ``bwd_blocks`` and ``bwd_stages`` the same of the backward's
-pass to dL/dmem (``BWD_BLOCKS``, ``BWD_STAGES``); ``onchip_warps`` and ``onchip_bwd_warps`` the on-chip forward's (and
+passes over memory (``BWD_BLOCKS``, ``BWD_STAGES``); ``onchip_warps`` and ``onchip_bwd_warps`` the on-chip forward's (and
 the standalone read and write's) and backward's, ``vector_block`` the rows of a
 vector-pass program, ``sum_rows`` and ``sum_warps`` the sums of block partials
 (``Blocks.sum_rows``: the passes over memory's and the sharpening backward's). The
@@ -132,8 +132,8 @@ class Blocks:
     (``SIM_BLOCKS``, ``SIM_STAGES``)."""
     bwd_blocks: int
     bwd_stages: int
-    """The same of a program of ``_mem_bwd_kernel``, the backward's pass to dL/dmem (``BWD_BLOCKS``,
-    ``BWD_STAGES``)."""
+    """The same of a program of the backward's passes over memory (``_read_write_bwd_kernel``,
+    ``_mem_bwd_kernel``; ``BWD_BLOCKS``, ``BWD_STAGES``)."""
     sum_rows: int
     sum_warps: int
     """Most rows a load and warps of ``_sum_blocks_kernel`` (``SUM_ROWS``, ``SUM_WARPS``; see ``sum_block_rows``)."""
@@ -166,8 +166,9 @@ spilling (``tests/test_kernels_static.py``), and no GPU has timed them yet (``be
 similarity axis tries them)."""
 BWD_BLOCKS = 1
 BWD_STAGES = 1
-"""The same of the backward's pass to dL/dmem (``_mem_bwd_kernel``), which loads two tiles a block (mem and
-dL/dnew_mem): one block, no pipeline, as timed; pipelined (``bwd_blocks=4,bwd_stages=2``) not yet timed."""
+"""The same of the backward's passes over memory (``_read_write_bwd_kernel``, ``_mem_bwd_kernel``), each of
+which loads two tiles a block (mem and dL/dnew_mem): one block, no pipeline, as timed; pipelined
+(``bwd_blocks=4,bwd_stages=2``) not yet timed."""
 
 
 def sum_block_rows(NB: int, rows: int) -> int:

@@ -31,7 +31,8 @@ factors. Large memory, two
 passes over memory with three over (B, H, N) vectors between:
 
 * ``_read_write_bwd_kernel`` (one pass over mem and dnew): dL/dw from the reads
-  and the write, per-block partials of dL/de and dL/da;
+  and the write, per-block partials of dL/de and dL/da; as ``_mem_bwd_kernel``,
+  one block a program or several pipelined;
 * the addressing chain backward (``_address_bwd``), blocks of rows of one head
   a program, as the forward's shift-sharpen pass: ``_sharpen_bwd_kernel`` (the
   sharpening's sums, and the two factors of dL/dws stored), ``_interp_bwd_kernel``
@@ -500,52 +501,93 @@ def _read_write_kernel(p_mem, p_w, p_P, p_e, p_a, p_wout, p_rpart, p_new,
         tl.store(p_rows, b_new.to(p_new.dtype.element_ty), mask=m_nm)
 
 
+@triton.jit
+def _write_head_grads(b_mem, b_dnew, p_w, p_e, p_a, p_dw, p_depart, p_dapart, i_b, i_n, hw, H, R, W, N, M, NB,
+                      n0, o_n, o_m, m_n, m_m, WS: tl.constexpr):
+    """Write head ``hw``'s dL/dw on the block, and the block's partials of its dL/de and dL/da. The erase
+    product without head ``hw`` is rebuilt from the other heads (over the constant ``WS`` where it is not 0,
+    unrolled), never by dividing by ``1 - w e`` (unstable where it is near zero)."""
+    # dnew * mem * (the other heads' erase factors), built in place: no tile of the factors alone.
+    b_derase = b_dnew * b_mem
+    if WS > 0:
+        for h2 in tl.static_range(WS):
+            b_derase = _times_other_erase(b_derase, p_w, p_e, i_b, hw, h2, H, R, W, N, M, n0, o_n, o_m, m_n, m_m)
+    else:
+        for h2 in range(W):
+            b_derase = _times_other_erase(b_derase, p_w, p_e, i_b, hw, h2, H, R, W, N, M, n0, o_n, o_m, m_n, m_m)
+    b_w = tl.load(p_w + (i_b * H + R + hw) * N + n0 + o_n, mask=m_n, other=0.0).to(tl.float32)
+    b_e = tl.load(p_e + (i_b * W + hw) * M + o_m, mask=m_m, other=0.0).to(tl.float32)
+    b_a = tl.load(p_a + (i_b * W + hw) * M + o_m, mask=m_m, other=0.0).to(tl.float32)
+    b_dw = tl.sum(b_dnew * b_a[None, :] - b_derase * b_e[None, :], 1)
+    tl.store(p_dw + (i_b * H + R + hw) * N + n0 + o_n, b_dw, mask=m_n)
+    o_part = ((i_b * NB + i_n) * W + hw) * M + o_m
+    tl.store(p_depart + o_part, -tl.sum(b_derase * b_w[:, None], 0), mask=m_m, eviction_policy="evict_last")
+    tl.store(p_dapart + o_part, tl.sum(b_dnew * b_w[:, None], 0), mask=m_m, eviction_policy="evict_last")
+
+
+@triton.jit
+def _times_other_erase(b_x, p_w, p_e, i_b, hw, h2, H, R, W, N, M, n0, o_n, o_m, m_n, m_m):
+    """``x (1 - w e)`` with write head ``h2``'s erase factor, or ``x`` where ``h2`` is ``hw``."""
+    b_w2 = tl.load(p_w + (i_b * H + R + h2) * N + n0 + o_n, mask=m_n, other=0.0).to(tl.float32)
+    b_e2 = tl.load(p_e + (i_b * W + h2) * M + o_m, mask=m_m, other=0.0).to(tl.float32)
+    return b_x * tl.where(h2 == hw, 1.0, 1.0 - b_w2[:, None] * b_e2[None, :])
+
+
+@triton.jit
+def _read_head_dw(b_mem, p_dr, p_dw, i_b, h, H, R, N, M, n0, o_n, o_m, m_n, m_m):
+    """Read head ``h``'s dL/dw on the block: ``mem[n] . dr``."""
+    b_dr = tl.load(p_dr + (i_b * R + h) * M + o_m, mask=m_m, other=0.0).to(tl.float32)
+    tl.store(p_dw + (i_b * H + h) * N + n0 + o_n, tl.sum(b_mem * b_dr[None, :], 1), mask=m_n)
+
+
 @triton.jit(do_not_specialize=("RD", "WD"))
 def _read_write_bwd_kernel(p_mem, p_w, p_e, p_a, p_dr, p_dnew, p_dw, p_depart, p_dapart,
-                           s_mem_b, s_mem_n, s_dnew_b, s_dnew_n, N, M, R, W, NB, RD, WD,
+                           s_mem_b, s_mem_n, s_dnew_b, s_dnew_n, N, M, R, W, NB, NP, RD, WD,
+                           RDS: tl.constexpr, WS: tl.constexpr, BLOCKS: tl.constexpr, STAGES: tl.constexpr,
                            BN: tl.constexpr, BM: tl.constexpr):
-    """dL/dw (fp32, all R + W heads) from the reads and the write; dL/de, dL/da as per-block partials (B, NB, W, M).
+    """dL/dw (fp32, all R + W heads) from the reads and the write on ``BLOCKS`` consecutive blocks of one batch
+    item (``NP`` programs an item); dL/de, dL/da as per-block partials (B, NB, W, M).
 
     ``RD`` (R or 0) and ``WD`` (W or 0) say whether dL/dr and dL/dnew_mem were given. The write heads'
     loop runs over W either way (without dL/dnew_mem it loads zeros and stores the zero gradients), so that
     Triton's constant for W = 1 compiles it to straight code: 10% fewer instructions at the large shape
-    (sass model, sm_90), where a loop over WD, a runtime value, stayed a loop. The
-    erase product without head h is rebuilt from the other heads, never by dividing by
-    ``1 - w e`` (unstable where it is near zero).
+    (sass model, sm_90), where a loop over WD, a runtime value, stayed a loop.
+
+    ``STAGES > 1`` pipelines the blocks' loads, as ``_mem_bwd_kernel`` does, the heads' loops unrolled over
+    the constants ``RDS`` (RD) and ``WS`` (W); with ``STAGES = 1`` they are 0 and the loops run over the
+    runtime counts.
     """
-    i_n, i_b = _block_and_item(NB)
-    i_n = i_n.to(tl.int64)
-    n0 = i_n * BN
+    i_p, i_b = _block_and_item(NP)
     o_n = tl.arange(0, BN)
     o_m = tl.arange(0, BM)
-    m_n = o_n < N - n0
     m_m = o_m < M
-    m_nm = m_n[:, None] & m_m[None, :]
     H = R + W
-    b_mem = tl.load(p_mem + i_b * s_mem_b + n0 * s_mem_n + o_n[:, None] * s_mem_n + o_m[None, :],
-                    mask=m_nm, other=0.0).to(tl.float32)
-    # Loaded once, before the loop (masked off without dL/dnew_mem): its addresses, a tile of 64-bit
-    # pointers where rows are not 16-aligned, no longer live through it (2 warps spilled, sm_80 and sm_90).
-    b_dnew = tl.load(p_dnew + i_b * s_dnew_b + n0 * s_dnew_n + o_n[:, None] * s_dnew_n + o_m[None, :],
-                     mask=m_nm & (WD != 0), other=0.0).to(tl.float32)
-    for h in range(RD):
-        b_dr = tl.load(p_dr + (i_b * R + h) * M + o_m, mask=m_m, other=0.0).to(tl.float32)
-        tl.store(p_dw + (i_b * H + h) * N + n0 + o_n, tl.sum(b_mem * b_dr[None, :], 1), mask=m_n)
-    for hw in range(W):
-        # dnew * mem * (the other heads' erase factors), built in place: no tile of the factors alone.
-        b_derase = b_dnew * b_mem
-        for h2 in range(W):
-            b_w2 = tl.load(p_w + (i_b * H + R + h2) * N + n0 + o_n, mask=m_n, other=0.0).to(tl.float32)
-            b_e2 = tl.load(p_e + (i_b * W + h2) * M + o_m, mask=m_m, other=0.0).to(tl.float32)
-            b_derase *= tl.where(h2 == hw, 1.0, 1.0 - b_w2[:, None] * b_e2[None, :])
-        b_w = tl.load(p_w + (i_b * H + R + hw) * N + n0 + o_n, mask=m_n, other=0.0).to(tl.float32)
-        b_e = tl.load(p_e + (i_b * W + hw) * M + o_m, mask=m_m, other=0.0).to(tl.float32)
-        b_a = tl.load(p_a + (i_b * W + hw) * M + o_m, mask=m_m, other=0.0).to(tl.float32)
-        b_dw = tl.sum(b_dnew * b_a[None, :] - b_derase * b_e[None, :], 1)
-        tl.store(p_dw + (i_b * H + R + hw) * N + n0 + o_n, b_dw, mask=m_n)
-        o_part = ((i_b * NB + i_n) * W + hw) * M + o_m
-        tl.store(p_depart + o_part, -tl.sum(b_derase * b_w[:, None], 0), mask=m_m, eviction_policy="evict_last")
-        tl.store(p_dapart + o_part, tl.sum(b_dnew * b_w[:, None], 0), mask=m_m, eviction_policy="evict_last")
+    for i in tl.range(0, BLOCKS, num_stages=STAGES):
+        i_n = i_p * BLOCKS + i
+        if BLOCKS > 1:
+            i_n = tl.minimum(i_n, NB - 1)  # the last program's blocks past NB: its last block again
+        i_n = i_n.to(tl.int64)
+        n0 = i_n * BN
+        m_n = o_n < N - n0
+        m_nm = m_n[:, None] & m_m[None, :]
+        b_mem = tl.load(p_mem + i_b * s_mem_b + n0 * s_mem_n + o_n[:, None] * s_mem_n + o_m[None, :],
+                        mask=m_nm, other=0.0).to(tl.float32)
+        # Loaded once, before the loop (masked off without dL/dnew_mem): its addresses, a tile of 64-bit
+        # pointers where rows are not 16-aligned, no longer live through it (2 warps spilled, sm_80 and sm_90).
+        b_dnew = tl.load(p_dnew + i_b * s_dnew_b + n0 * s_dnew_n + o_n[:, None] * s_dnew_n + o_m[None, :],
+                         mask=m_nm & (WD != 0), other=0.0).to(tl.float32)
+        if STAGES > 1:
+            for h in tl.static_range(RDS):
+                _read_head_dw(b_mem, p_dr, p_dw, i_b, h, H, R, N, M, n0, o_n, o_m, m_n, m_m)
+            for hw in tl.static_range(WS):
+                _write_head_grads(b_mem, b_dnew, p_w, p_e, p_a, p_dw, p_depart, p_dapart, i_b, i_n, hw, H, R, W,
+                                  N, M, NB, n0, o_n, o_m, m_n, m_m, WS)
+        else:
+            for h in range(RD):
+                _read_head_dw(b_mem, p_dr, p_dw, i_b, h, H, R, N, M, n0, o_n, o_m, m_n, m_m)
+            for hw in range(W):
+                _write_head_grads(b_mem, b_dnew, p_w, p_e, p_a, p_dw, p_depart, p_dapart, i_b, i_n, hw, H, R, W,
+                                  N, M, NB, n0, o_n, o_m, m_n, m_m, 0)
 
 
 @triton.jit
@@ -1167,10 +1209,14 @@ def _read_write_bwd(mem, w, e, a, dr, dnew, R: int, W: int, grad_dtype, blk=None
     depart, dapart = eapart
     if has_dr or has_dnew:
         dn = dnew if has_dnew else mem
-        _read_write_bwd_kernel[(NB * B,)](
+        RD = R if has_dr else 0
+        NP = _config.n_blocks(NB, blk.bwd_blocks)
+        unroll = blk.bwd_stages > 1  # the heads' loops unrolled, so that Triton pipelines the blocks' loop
+        _read_write_bwd_kernel[(NP * B,)](
             mem, w, _nz(e, mem), _nz(a, mem), dr if has_dr else mem, dn, dw, _nz(depart, mem), _nz(dapart, mem),
-            mem.stride(0), mem.stride(1), dn.stride(0), dn.stride(1), N, M, R, W, NB,
-            R if has_dr else 0, W if has_dnew else 0, BN=BN, BM=blk.BM, num_warps=warps)
+            mem.stride(0), mem.stride(1), dn.stride(0), dn.stride(1), N, M, R, W, NB, NP,
+            RD, W if has_dnew else 0, RDS=RD if unroll else 0, WS=W if unroll else 0, BLOCKS=blk.bwd_blocks,
+            STAGES=blk.bwd_stages, BN=BN, BM=blk.BM, num_warps=warps)
     if not has_dnew:
         zeros = torch.zeros((2, B, W, M), dtype=grad_dtype, device=mem.device)
         return dw, zeros[0], zeros[1]

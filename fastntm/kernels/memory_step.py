@@ -109,6 +109,18 @@ def _block_and_item(NB):
 
 
 @triton.jit
+def _block_of_turn(i_p, i, NB, BLOCKS: tl.constexpr):
+    """Row block (int64) of turn ``i`` of program ``i_p`` of an item, each program taking ``BLOCKS`` blocks in
+    turn. Where BLOCKS does not divide NB, the item's last program takes its last block again in place of those
+    past it: the same values stored twice by one program, where masked rows would make -inf maxima and NaN
+    sums to mask off."""
+    i_n = i_p * BLOCKS + i
+    if BLOCKS > 1:
+        i_n = tl.minimum(i_n, NB - 1)
+    return i_n.to(tl.int64)
+
+
+@triton.jit
 def _chunked_columns(BM: tl.constexpr, BC: tl.constexpr):
     """Column offsets of a tile held as (rows, BM / BC, BC): rows of chunks of BC columns (``BM / BC, BC``)."""
     return tl.arange(0, BM // BC)[:, None] * BC + tl.arange(0, BC)[None, :]
@@ -369,13 +381,7 @@ def _similarity_kernel(p_mem, p_k, p_beta, p_K, p_pmax, p_psum, s_mem_b, s_mem_n
     o_m = _chunked_columns(BM, BC)
     m_m = o_m < M
     for i in tl.range(0, BLOCKS, num_stages=STAGES):
-        i_n = i_p * BLOCKS + i
-        if BLOCKS > 1:
-            # Where BLOCKS does not divide NB, the item's last program takes its last block again in place of
-            # those past it: the same values stored twice by one program, where masked rows would make -inf
-            # maxima and NaN sums to mask off.
-            i_n = tl.minimum(i_n, NB - 1)
-        i_n = i_n.to(tl.int64)
+        i_n = _block_of_turn(i_p, i, NB, BLOCKS)
         n0 = i_n * BN
         m_n = o_n < N - n0
         b_mem = tl.load(p_mem + i_b * s_mem_b + n0 * s_mem_n + o_n[:, None, None] * s_mem_n + o_m[None, :, :],
@@ -563,10 +569,7 @@ def _read_write_bwd_kernel(p_mem, p_w, p_e, p_a, p_dr, p_dnew, p_dw, p_depart, p
     m_m = o_m < M
     H = R + W
     for i in tl.range(0, BLOCKS, num_stages=STAGES):
-        i_n = i_p * BLOCKS + i
-        if BLOCKS > 1:
-            i_n = tl.minimum(i_n, NB - 1)  # the last program's blocks past NB: its last block again
-        i_n = i_n.to(tl.int64)
+        i_n = _block_of_turn(i_p, i, NB, BLOCKS)
         n0 = i_n * BN
         m_n = o_n < N - n0
         m_nm = m_n[:, None] & m_m[None, :]
@@ -771,10 +774,7 @@ def _mem_bwd_kernel(p_mem, p_w, p_e, p_dr, p_dnew, p_k, p_ck, p_cn, p_dmem, p_dk
     m_m = o_m < M
     H = R + W
     for i in tl.range(0, BLOCKS, num_stages=STAGES):
-        i_n = i_p * BLOCKS + i
-        if BLOCKS > 1:
-            i_n = tl.minimum(i_n, NB - 1)  # the last program's blocks past NB: its last block again
-        i_n = i_n.to(tl.int64)
+        i_n = _block_of_turn(i_p, i, NB, BLOCKS)
         # Rows as int32 offsets from the block's int64 base: tiles of 64-bit offsets cost registers, and with
         # bf16 tensors ptxas spilled rather than go past 96 of them (HAS_DK=0, BN * BM = 2048, 4 warps, sm_90).
         n0 = i_n * BN

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check: the GPU tests and the benchmarks, in one run of under 8 minutes.
+# GPU check: the GPU tests and the benchmarks, in one run of under ten minutes (the limits below).
 #
 #   OUT=/some/folder bash benchmarks/gpu_check.sh     # else ./gpu_results
 #

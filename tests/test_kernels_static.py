@@ -48,6 +48,9 @@ from benchmarks.launches import (  # noqa: E402
 from benchmarks.launches import heads as kheads  # noqa: E402
 from benchmarks.launches import memory_step as ms  # noqa: E402
 from benchmarks.sweep_blocks import BWD_PIPELINES, SIM_PIPELINES  # noqa: E402
+
+PIPELINED_SIM = [p for p in SIM_PIPELINES if p[1] > 1]
+PIPELINED_BWD = [p for p in BWD_PIPELINES if p[1] > 1]
 from fastntm.kernels import _config  # noqa: E402
 
 kread = importlib.import_module("fastntm.kernels.read")
@@ -194,12 +197,14 @@ def launched_configs():
 
 def forced_configs():
     """Launches of the similarity pass and the backward's passes over memory over several blocks a program, their
-    loads pipelined, as the sweep forces them (``SIM_PIPELINES``, ``BWD_PIPELINES``), at the large shape with
-    every gradient given, as Triton's launcher specializes them, labelled ``forced``. Not dispatch choices, so
-    only as launched: unaligned, a bf16 element is too small to copy asynchronously (see below)."""
+    loads pipelined, as the sweep forces them (``SIM_PIPELINES``, ``BWD_PIPELINES``, those of two stages or
+    more), at the large shape with every gradient given, as Triton's launcher specializes them, labelled
+    ``forced``. Not dispatch choices, so only as launched: unaligned, a bf16 element is too small to copy
+    asynchronously (see below). One stage (a loop over blocks, no copies ahead) is left to the interpreter's
+    tests and the sweep's report of spills: the suite's time is near its limit."""
     N, M, R, W, S = LAUNCH_SHAPES["large"]
-    settings = [dict(sim_blocks=b, sim_stages=st) for b, st in SIM_PIPELINES]
-    settings += [dict(bwd_blocks=b, bwd_stages=st, bwd_warps=w) for b, st, w in BWD_PIPELINES]
+    settings = [dict(sim_blocks=b, sim_stages=st) for b, st in PIPELINED_SIM]
+    settings += [dict(bwd_blocks=b, bwd_stages=st, bwd_warps=w) for b, st, w in PIPELINED_BWD]
     jobs = {}
     for forced in settings:
         kernels = ("_similarity_kernel",) if "sim_blocks" in forced else ("_read_write_bwd_kernel", "_mem_bwd_kernel")
@@ -239,7 +244,7 @@ def compile_one(job):
     shown = {k: v for k, v in spec.own_consts().items() if signature.get(k) == "constexpr"}
     return dict(kernel=name, consts=shown, num_warps=options["num_warps"], arch=arch, dtype=dtype, label=label,
                 regs=regs, stack=stack, shared=compiled.metadata.shared,
-                async_copies=compiled.asm["ptx"].count("cp.async.c"))
+                async_copies=len(re.findall(r"\bcp\.async\.c[ag]\.", compiled.asm["ptx"])))
 
 
 def all_jobs():
@@ -299,17 +304,21 @@ def test_passes_pipeline_their_loads_only_where_asked(results):
     # loop: a head loop left inside, or a stage count that does not reach the launch, builds and runs, no
     # faster, and only this notices. Every forced configuration of each pass, each dtype and architecture.
     forced = [r for r in results if r["label"].startswith("forced")]
-    bwd = [(b, st) for b, st, _ in BWD_PIPELINES]
-    sweeps = {"_similarity_kernel": SIM_PIPELINES, "_read_write_bwd_kernel": bwd, "_mem_bwd_kernel": bwd}
-    for kernel, pipelines in sweeps.items():
+    bwd = [(b, st) for b, st, _ in PIPELINED_BWD]
+    # (pipelines, tiles of the block a stage holds): mem; mem and dL/dnew_mem.
+    sweeps = {"_similarity_kernel": (PIPELINED_SIM, 1), "_read_write_bwd_kernel": (bwd, 2),
+              "_mem_bwd_kernel": (bwd, 2)}
+    for kernel, (pipelines, tiles) in sweeps.items():
         rows = [r for r in forced if r["kernel"] == kernel]
         assert {(r["consts"]["BLOCKS"], r["consts"]["STAGES"], r["dtype"], r["arch"]) for r in rows} == {
             (*p, dtype, arch) for p in pipelines for dtype in DTYPES for arch in ARCHS}, kernel
         for r in rows:
-            stages = r["consts"]["STAGES"]
-            where = f"{kernel} {r['consts']} sm_{r['arch']} {r['dtype']}"
-            assert (r["async_copies"] > 0) == (stages > 1), f"{where}: {r['async_copies']} cp.async"
-            assert (r["shared"] > 1024) == (stages > 1), f"{where}: {r['shared']} B of shared memory"
+            stages, c = r["consts"]["STAGES"], r["consts"]
+            where = f"{kernel} {c} sm_{r['arch']} {r['dtype']}"
+            assert r["async_copies"], f"{where}: no cp.async copies"
+            # The blocks ahead are staged whole: STAGES - 1 of them, each its tiles of BN x BM elements.
+            staged = (stages - 1) * tiles * c["BN"] * c["BM"] * (4 if r["dtype"] == "fp32" else 2)
+            assert r["shared"] >= staged, f"{where}: {r['shared']} B of shared memory, under the {staged} B staged"
     # The dispatch's own never pipelines (one block a program, as the GPU timed it).
     assert not any(r["async_copies"] for r in results if not r["label"].startswith("forced"))
 

@@ -93,7 +93,12 @@ def test_environment_is_read_at_every_call_and_force_wins(monkeypatch):
     (dict(onchip_bwd_warps=True), "onchip_bwd_warps must be a power of two"),
     (dict(vector_block=16384), "vector_block must be a power of two in [16, 8192]"),
     (dict(warps=4), "unknown setting 'warps'"),
-], ids=["BN48", "BN8", "warps3", "onchip64", "bool", "vector16384", "unknown"])
+    (dict(sim_blocks=3), "sim_blocks must be a power of two in [1, 64], got 3"),
+    (dict(sim_stages=5), "sim_stages must be an integer in [1, 4], got 5"),
+    (dict(bwd_stages=0), "bwd_stages must be an integer in [1, 4], got 0"),
+    (dict(bwd_stages=2.0), "bwd_stages must be an integer"),
+], ids=["BN48", "BN8", "warps3", "onchip64", "bool", "vector16384", "unknown", "blocks3", "stages5", "stages0",
+        "stages-float"])
 def test_force_rejects_a_bad_setting_by_name(settings, message):
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
         with _config.force(**settings):

@@ -17,9 +17,10 @@ backward's own default; at a shape that runs on-chip they change nothing);
 ``sim_block_n`` and ``sim_warps`` the forward's similarity pass apart from its
 read-write pass (defaulting to a forced ``block_n`` and ``num_warps``, else to
 its own), ``sim_blocks`` the blocks a similarity program takes in turn and
-``sim_stages`` how many of them its loads run ahead, pipelined (``SIM_BLOCKS``,
-``SIM_STAGES``); ``bwd_blocks`` and ``bwd_stages`` the same of the backward's
-passes over memory (``BWD_BLOCKS``, ``BWD_STAGES``); ``onchip_warps`` and ``onchip_bwd_warps`` the on-chip forward's (and
+``sim_stages`` the stages of their loads' pipeline (``STAGES - 1`` blocks
+ahead; 1, none) (``SIM_BLOCKS``, ``SIM_STAGES``); ``bwd_blocks`` and
+``bwd_stages`` the same of the backward's passes over memory (``BWD_BLOCKS``,
+``BWD_STAGES``; these four change nothing on-chip); ``onchip_warps`` and ``onchip_bwd_warps`` the on-chip forward's (and
 the standalone read and write's) and backward's, ``vector_block`` the rows of a
 vector-pass program, ``sum_rows`` and ``sum_warps`` the sums of block partials
 (``Blocks.sum_rows``: the passes over memory's and the sharpening backward's). The
@@ -251,8 +252,9 @@ def overrides() -> Overrides:
 
 @contextlib.contextmanager
 def force(**settings: int | None):
-    """Within the block, force the named parts of the block choice (see the module docstring): each a power
-    of two within ``RANGES``, or None for the dispatch's own choice. Settings not named keep their value."""
+    """Within the block, force the named parts of the block choice (see the module docstring): each within
+    ``RANGES``, a power of two (an integer, for those in ``ANY_INTEGER``), or None for the dispatch's own choice.
+    Settings not named keep their value."""
     global _forced
     new = _forced._replace(**_validated(settings, ""))
     old, _forced = _forced, new
@@ -340,6 +342,8 @@ def _choose(N: int, M: int, forced: Overrides) -> Blocks:
                   sum_rows=forced.sum_rows or SUM_ROWS, sum_warps=forced.sum_warps or SUM_WARPS)
     if forced.block_n is None and full * BM <= ONCHIP_MAX_ELEMENTS:
         warps = forced.onchip_warps or (4 if full * BM <= 2048 else 8)
+        # One block: the passes over memory (the standalone read and write's) have no other to take in turn.
+        shared.update(sim_blocks=1, sim_stages=1, bwd_blocks=1, bwd_stages=1)
         return Blocks(True, full, BM, warps, forced.onchip_bwd_warps or ONCHIP_BWD_WARPS,
                       vector_block(N), full, full, warps, **shared)
     warps, bwd_warps = large_warps(M)

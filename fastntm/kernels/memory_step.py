@@ -575,8 +575,8 @@ def _read_write_bwd_kernel(p_mem, p_w, p_e, p_a, p_dr, p_dnew, p_dw, p_depart, p
         m_nm = m_n[:, None] & m_m[None, :]
         b_mem = tl.load(p_mem + i_b * s_mem_b + n0 * s_mem_n + o_n[:, None] * s_mem_n + o_m[None, :],
                         mask=m_nm, other=0.0).to(tl.float32)
-        # Loaded once, before the loop (masked off without dL/dnew_mem): its addresses, a tile of 64-bit
-        # pointers where rows are not 16-aligned, no longer live through it (2 warps spilled, sm_80 and sm_90).
+        # Loaded once, before the heads' loops (masked off without dL/dnew_mem): its addresses, a tile of 64-bit
+        # pointers where rows are not 16-aligned, no longer live through them (2 warps spilled, sm_80 and sm_90).
         b_dnew = tl.load(p_dnew + i_b * s_dnew_b + n0 * s_dnew_n + o_n[:, None] * s_dnew_n + o_m[None, :],
                          mask=m_nm & (WD != 0), other=0.0).to(tl.float32)
         if STAGES > 1:
@@ -1116,9 +1116,10 @@ def _forward(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads: int, rw: bool):
     NB = _config.n_blocks(N, blk.sim_BN)
     pmax = empty((B, H, NB), torch.float32, dev)
     psum = empty((B, H, NB), torch.float32, dev)
-    NP = _config.n_blocks(NB, blk.sim_blocks)
+    blocks = min(blk.sim_blocks, NB)  # no turn past the last block
+    NP = _config.n_blocks(NB, blocks)
     _similarity_kernel[(NP * B,)](mem, k, beta, K, pmax, psum, mem.stride(0), mem.stride(1), N, M, H, NB, NP,
-                                HS=H if blk.sim_stages > 1 else 0, BLOCKS=blk.sim_blocks, STAGES=blk.sim_stages,
+                                HS=H if blk.sim_stages > 1 else 0, BLOCKS=blocks, STAGES=blk.sim_stages,
                                 BN=blk.sim_BN, BM=blk.BM, num_warps=blk.sim_warps)
     # Chunks of the vector pass's rows, up to 1,024 (at 8,192, which a sweep may force, 4 warps spilled).
     _softmax_merge_kernel[(B * H,)](pmax, psum, mx, se, NB, BN=min(blk.BV, 1024), num_warps=4)
@@ -1210,12 +1211,13 @@ def _read_write_bwd(mem, w, e, a, dr, dnew, R: int, W: int, grad_dtype, blk=None
     if has_dr or has_dnew:
         dn = dnew if has_dnew else mem
         RD = R if has_dr else 0
-        NP = _config.n_blocks(NB, blk.bwd_blocks)
+        blocks = min(blk.bwd_blocks, NB)  # no turn past the last block
+        NP = _config.n_blocks(NB, blocks)
         unroll = blk.bwd_stages > 1  # the heads' loops unrolled, so that Triton pipelines the blocks' loop
         _read_write_bwd_kernel[(NP * B,)](
             mem, w, _nz(e, mem), _nz(a, mem), dr if has_dr else mem, dn, dw, _nz(depart, mem), _nz(dapart, mem),
             mem.stride(0), mem.stride(1), dn.stride(0), dn.stride(1), N, M, R, W, NB, NP,
-            RD, W if has_dnew else 0, RDS=RD if unroll else 0, WS=W if unroll else 0, BLOCKS=blk.bwd_blocks,
+            RD, W if has_dnew else 0, RDS=RD if unroll else 0, WS=W if unroll else 0, BLOCKS=blocks,
             STAGES=blk.bwd_stages, BN=BN, BM=blk.BM, num_warps=warps)
     if not has_dnew:
         zeros = torch.zeros((2, B, W, M), dtype=grad_dtype, device=mem.device)
@@ -1244,13 +1246,14 @@ def _mem_bwd(mem, w, e, dr, dnew, k, addr, R: int, W: int, blk=None):
     dkpart = empty((B, NB, HK, M), torch.float32, mem.device)
     dn = dnew if has_dnew else mem
     RD = R if has_dr else 0
-    NP = _config.n_blocks(NB, blk.bwd_blocks)
+    blocks = min(blk.bwd_blocks, NB)  # no turn past the last block
+    NP = _config.n_blocks(NB, blocks)
     unroll = blk.bwd_stages > 1  # the heads' loops unrolled, so that Triton pipelines the blocks' loop
     _mem_bwd_kernel[(NP * B,)](
         mem, w, _nz(e, mem), dr if has_dr else mem, dn, k if has_dk else mem, ck, cn, dmem, _nz(dkpart, mem),
         mem.stride(0), mem.stride(1), dn.stride(0), dn.stride(1), dmem.stride(0), dmem.stride(1),
         N, M, R, W, HK, NB, NP, RD, int(has_dnew), WS=W if unroll else 0, RDS=RD if unroll else 0,
-        HKS=HK if unroll else 0, HAS_DK=has_dk, BLOCKS=blk.bwd_blocks, STAGES=blk.bwd_stages,
+        HKS=HK if unroll else 0, HAS_DK=has_dk, BLOCKS=blocks, STAGES=blk.bwd_stages,
         BN=BN, BM=blk.BM, num_warps=warps)
     if not has_dk:
         return dmem, None

@@ -8,6 +8,8 @@ and ``bench_kernels.json`` is there; a missing or partial file is named, not fat
 best configuration per shape where it is there, and nothing where it is not.
 ``sass_model.json`` (``benchmarks.sass_model`` at the large shape) with bench_kernels' large-shape times
 gives the warp-instructions an SM issued a clock: near 4, the kernels are bound by issue.
+``pipelined-*/kernel_profile.json`` (``gpu_check.sh``'s ``PIPELINES``) set against ``kernel_profile.json``:
+each forced setting's device time of the step's kernels and of its passes over memory, beside the default's.
 """
 
 from __future__ import annotations
@@ -83,6 +85,38 @@ def summarise(folder: str) -> list[str]:
         lines += sweep_lines(_load(folder, "sweep_blocks.json"))
     if os.path.exists(os.path.join(folder, "sass_model.json")):
         lines += issue_lines(_load(folder, "sass_model.json"), kernels)
+    forced = sorted(d for d in os.listdir(folder) if d.startswith("pipelined-")) if os.path.isdir(folder) else []
+    if forced:
+        lines += pipeline_lines(_load(folder, "kernel_profile.json"),
+                                [_load(os.path.join(folder, d), "kernel_profile.json") for d in forced])
+    return lines
+
+
+PIPELINED_KERNELS = ("_similarity_kernel", "_read_write_bwd_kernel", "_mem_bwd_kernel")
+
+
+def pipeline_lines(default, forced: list) -> list[str]:
+    """Device time a step iteration (us) of each (shape, op) profile under each forced block setting, against
+    the default profile's: all kernels summed, and each pass over memory that can take several blocks a
+    program (``PIPELINED_KERNELS``). Profiles missing on either side are left out."""
+    def by_key(result):
+        return {(p["shape"], p["op"]): p for p in (result or {}).get("profiles", [])}
+
+    base = by_key(default)
+    lines = []
+    for result in forced:
+        if not result:
+            continue
+        setting = result.get("environment", {}).get("fastntm_blocks") or "?"
+        for key, prof in by_key(result).items():
+            if key not in base:
+                continue
+            old = {r["name"]: r["total_us_per_iter"] for r in base[key]["rows"]}
+            new = {r["name"]: r["total_us_per_iter"] for r in prof["rows"]}
+            parts = [f"kernels {base[key]['summed_us_per_iter']:.1f} -> {prof['summed_us_per_iter']:.1f} us"]
+            parts += [f"{name} {old[name]:.1f} -> {new[name]:.1f}" for name in PIPELINED_KERNELS
+                      if name in old and name in new]
+            lines.append(f"  pipelined {setting} {key[0]} {key[1]}: " + "; ".join(parts))
     return lines
 
 

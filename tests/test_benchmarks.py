@@ -127,6 +127,26 @@ def test_summary_gives_the_kernels_fraction_of_copy_bandwidth_for_each_timing_it
     assert "  bench_kernels large: triton, byte model over copy bandwidth: fwd 65%, fwd_bwd 34%, fwd_graph 70%" in lines
 
 
+def test_summary_sets_each_pipelined_profile_against_the_default(tmp_path):
+    def profile(setting, summed, sim):
+        rows = [dict(name="_similarity_kernel", total_us_per_iter=sim), dict(name="_mem_bwd_kernel",
+                                                                             total_us_per_iter=370.0)]
+        return dict(environment=dict(fastntm_blocks=setting),
+                    profiles=[dict(shape="large", op="fwd", summed_us_per_iter=summed, rows=rows)])
+
+    (tmp_path / "kernel_profile.json").write_text(json.dumps(profile("", 373.5, 123.3)))
+    for i, (setting, sim) in enumerate([("sim_blocks=4,sim_stages=2", 110.0), ("sim_blocks=4,sim_stages=3", 105.5)]):
+        (tmp_path / f"pipelined-{i + 1}").mkdir()
+        (tmp_path / f"pipelined-{i + 1}" / "kernel_profile.json").write_text(
+            json.dumps(profile(setting, 373.5 - 123.3 + sim, sim)))
+    lines = [line for line in summary.summarise(str(tmp_path)) if "pipelined" in line]
+    assert lines == [
+        "  pipelined sim_blocks=4,sim_stages=2 large fwd: kernels 373.5 -> 360.2 us; "
+        "_similarity_kernel 123.3 -> 110.0; _mem_bwd_kernel 370.0 -> 370.0",
+        "  pipelined sim_blocks=4,sim_stages=3 large fwd: kernels 373.5 -> 355.7 us; "
+        "_similarity_kernel 123.3 -> 105.5; _mem_bwd_kernel 370.0 -> 370.0"]
+
+
 def test_kernel_profile_on_cpu_writes_rows_with_positive_times(tmp_path, capsys):
     from benchmarks import kernel_profile
 

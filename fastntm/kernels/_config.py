@@ -20,7 +20,8 @@ its own), ``sim_blocks`` the blocks a similarity program takes in turn and
 ``sim_stages`` the stages of their loads' pipeline (``STAGES - 1`` blocks
 ahead; 1, none) (``SIM_BLOCKS``, ``SIM_STAGES``); ``bwd_blocks`` and
 ``bwd_stages`` the same of the backward's passes over memory (``BWD_BLOCKS``,
-``BWD_STAGES``; these four change nothing on-chip); ``onchip_warps`` and ``onchip_bwd_warps`` the on-chip forward's (and
+``BWD_STAGES``; these four change nothing on-chip); ``onchip_warps`` and
+``onchip_bwd_warps`` the on-chip forward's (and
 the standalone read and write's) and backward's, ``vector_block`` the rows of a
 vector-pass program, ``sum_rows`` and ``sum_warps`` the sums of block partials
 (``Blocks.sum_rows``: the passes over memory's and the sharpening backward's). The

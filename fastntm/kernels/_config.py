@@ -151,6 +151,13 @@ def n_blocks(N: int, BN: int) -> int:
     return -(-N // BN)
 
 
+def turns(NB: int, blocks: int) -> tuple[int, int]:
+    """(blocks a program takes in turn, programs an item) of a pass over NB row blocks that asks for ``blocks``
+    a program: no more than NB, so that no program takes a turn past the last block."""
+    blocks = min(blocks, NB)
+    return blocks, n_blocks(NB, blocks)
+
+
 SUM_ROWS = 256
 SUM_WARPS = 8
 """Rows of block partials a load of ``_sum_blocks_kernel`` takes at most, and its warps. In the large step's

@@ -533,10 +533,8 @@ def _write_head_grads(b_mem, b_dnew, p_w, p_e, p_a, p_dw, p_depart, p_dapart, i_
 
 @triton.jit
 def _times_other_erase(b_x, p_w, p_e, i_b, hw, h2, H, R, W, N, M, n0, o_n, o_m, m_n, m_m):
-    """``x (1 - w e)`` with write head ``h2``'s erase factor, or ``x`` where ``h2`` is ``hw``."""
-    b_w2 = tl.load(p_w + (i_b * H + R + h2) * N + n0 + o_n, mask=m_n, other=0.0).to(tl.float32)
-    b_e2 = tl.load(p_e + (i_b * W + h2) * M + o_m, mask=m_m, other=0.0).to(tl.float32)
-    return b_x * tl.where(h2 == hw, 1.0, 1.0 - b_w2[:, None] * b_e2[None, :])
+    """``x (1 - w e)`` with write head ``h2``'s erase factor (``_unerased``), or ``x`` where ``h2`` is ``hw``."""
+    return tl.where(h2 == hw, b_x, _unerased(b_x, p_w, p_e, i_b, h2, H, R, W, N, M, n0, o_n, o_m, m_n, m_m))
 
 
 @triton.jit
@@ -1116,8 +1114,7 @@ def _forward(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads: int, rw: bool):
     NB = _config.n_blocks(N, blk.sim_BN)
     pmax = empty((B, H, NB), torch.float32, dev)
     psum = empty((B, H, NB), torch.float32, dev)
-    blocks = min(blk.sim_blocks, NB)  # no turn past the last block
-    NP = _config.n_blocks(NB, blocks)
+    blocks, NP = _config.turns(NB, blk.sim_blocks)
     _similarity_kernel[(NP * B,)](mem, k, beta, K, pmax, psum, mem.stride(0), mem.stride(1), N, M, H, NB, NP,
                                 HS=H if blk.sim_stages > 1 else 0, BLOCKS=blocks, STAGES=blk.sim_stages,
                                 BN=blk.sim_BN, BM=blk.BM, num_warps=blk.sim_warps)
@@ -1211,8 +1208,7 @@ def _read_write_bwd(mem, w, e, a, dr, dnew, R: int, W: int, grad_dtype, blk=None
     if has_dr or has_dnew:
         dn = dnew if has_dnew else mem
         RD = R if has_dr else 0
-        blocks = min(blk.bwd_blocks, NB)  # no turn past the last block
-        NP = _config.n_blocks(NB, blocks)
+        blocks, NP = _config.turns(NB, blk.bwd_blocks)
         unroll = blk.bwd_stages > 1  # the heads' loops unrolled, so that Triton pipelines the blocks' loop
         _read_write_bwd_kernel[(NP * B,)](
             mem, w, _nz(e, mem), _nz(a, mem), dr if has_dr else mem, dn, dw, _nz(depart, mem), _nz(dapart, mem),
@@ -1246,8 +1242,7 @@ def _mem_bwd(mem, w, e, dr, dnew, k, addr, R: int, W: int, blk=None):
     dkpart = empty((B, NB, HK, M), torch.float32, mem.device)
     dn = dnew if has_dnew else mem
     RD = R if has_dr else 0
-    blocks = min(blk.bwd_blocks, NB)  # no turn past the last block
-    NP = _config.n_blocks(NB, blocks)
+    blocks, NP = _config.turns(NB, blk.bwd_blocks)
     unroll = blk.bwd_stages > 1  # the heads' loops unrolled, so that Triton pipelines the blocks' loop
     _mem_bwd_kernel[(NP * B,)](
         mem, w, _nz(e, mem), dr if has_dr else mem, dn, k if has_dk else mem, ck, cn, dmem, _nz(dkpart, mem),

@@ -151,7 +151,7 @@ def test_memory_step_with_forced_warps_and_vector_block(settings, expected):
 
 # (pass, blocks, stages): the similarity pass's and the backward's passes over memory's programs over several
 # blocks.
-PIPELINES = [("sim", 4, 3), ("sim", 4, 1), ("bwd", 4, 3), ("bwd", 4, 1)]
+PIPELINES = [("sim", 4, 3), ("bwd", 4, 3), ("bwd", 4, 1)]  # one block loop over runtime head loops: the backward's
 PIPELINE_SHAPE = (2, 70, 13, 3, 2, 3)
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check: the GPU tests and the benchmarks, in one run of under ten minutes (the limits below).
+# GPU check: the GPU tests and the benchmarks, in one run of under 8 minutes.
 #
 #   OUT=/some/folder bash benchmarks/gpu_check.sh     # else ./gpu_results
 #
@@ -11,26 +11,23 @@
 # $OUT/bench_kernels.json (when benchmarks/bench_kernels.py exists),
 # $OUT/kernel_profile.json (device time per kernel, benchmarks.kernel_profile),
 # $OUT/block_sums.json (the sums of block partials, kernel against torch, benchmarks.bench_block_sums),
-# $OUT/pipelined-N/kernel_profile.json and bench_kernels.json (the large shape with passes over memory
-# pipelined, PIPELINES below),
 # $OUT/sass_model.json (warp-instructions the same tree's kernels issue at the large
 # shape, benchmarks.sass_model: the measured times calibrate it) and ends with the
 # key figures. Every part runs under `timeout`; one that fails or runs out of time is
 # named at the end and the later parts still run; a limit of 0 skips a part. The
-# limits below add up to 535 s
-# (plus 3 s grace each part that runs: 574 s at worst); override them with T_TESTS, T_KERNELS,
-# T_PROFILE, T_SUMS, T_PIPE, T_PIPE_BENCH, T_RUN, T_LONG, T_SASS, and pass extra runner arguments
+# limits below add up to 490 s
+# (plus 3 s grace each: 514 s at worst); override them with T_TESTS, T_KERNELS,
+# T_PROFILE, T_SUMS, T_RUN, T_LONG, T_SASS, and pass extra runner arguments
 # in RUN_ARGS, split at spaces, no quotes inside (for example
 # RUN_ARGS="--providers reference,triton,triton-graph --filter train_step|paper").
 #
 # SWEEP=1 also runs the block-size sweep (benchmarks.sweep_blocks --quick, after
 # bench_kernels, whose compiled default kernels it reuses from Triton's cache),
 # writing $OUT/sweep_blocks.json, under its own limit T_SWEEP (default 150 s; its
-# --budget stops it 15 s before). That adds 153 s at worst, 727 s in all: lower
-# the others to keep a margin under the machine's ten minutes (SWEEP=1 with
-# T_TESTS=90 T_KERNELS=30 T_PROFILE=40 T_PIPE=0 T_PIPE_BENCH=0 T_SWEEP=150 T_RUN=90 T_LONG=20:
-# 495 s, 519 s at worst; the sweep times the pipelined settings too).
-# T_SUMS (default 0: skipped) runs benchmarks.bench_block_sums, the sums of block partials alone.
+# --budget stops it 15 s before). That adds 153 s at worst, 667 s in all: lower
+# T_RUN and T_LONG to keep a margin under the machine's ten minutes (SWEEP=1 with
+# T_TESTS=90 T_KERNELS=30 T_PROFILE=40 T_SWEEP=150 T_RUN=90 T_LONG=20: 525 s, 552 s
+# at worst).
 #
 # BASE=<commit> (or a FILE.tar from `git archive -o FILE.tar <commit>`, carried to a machine whose .git may
 # lack the commit) also runs bench_kernels and kernel_profile from that commit's tree, after this
@@ -46,12 +43,12 @@ LOG="$OUT/log"
 : > "$LOG"
 PY="${PYTHON:-python}"
 case "$PY" in */*) PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")" ;; esac  # BASE runs elsewhere
-T_TESTS="${T_TESTS:-100}"
-T_KERNELS="${T_KERNELS:-60}"
+T_TESTS="${T_TESTS:-85}"
+T_KERNELS="${T_KERNELS:-85}"
 T_PROFILE="${T_PROFILE:-40}"
-T_SUMS="${T_SUMS:-0}"
-T_RUN="${T_RUN:-80}"
-T_LONG="${T_LONG:-45}"
+T_SUMS="${T_SUMS:-30}"
+T_RUN="${T_RUN:-115}"
+T_LONG="${T_LONG:-60}"
 T_SWEEP="${T_SWEEP:-150}"
 T_SASS="${T_SASS:-30}"
 START=$(date +%s)
@@ -100,23 +97,6 @@ fi
 part kernel_profile "$T_PROFILE" "$PY" -m benchmarks.kernel_profile --device cuda --out "$OUT"
 
 part block_sums "$T_SUMS" "$PY" -m benchmarks.bench_block_sums --device cuda --out "$OUT"
-
-# The passes over memory with programs over several blocks, their loads pipelined (off by default): under each
-# FASTNTM_BLOCKS setting of PIPELINES (space-separated), kernel_profile (device time kernel by kernel, limit T_PIPE,
-# default 20 s) and bench_kernels (CUDA-graph time of the step against the copy bandwidth, limit T_PIPE_BENCH,
-# default 25 s) at the large shape, into $OUT/pipelined-1/, -2/, ..., a minute after the default's runs above.
-# The similarity pass and the backward's passes are separate kernels, so each setting forces both: a profile
-# shows each pass's time, the bench the whole step's. A limit of 0 skips that part.
-i=0
-for setting in ${PIPELINES-sim_blocks=4,sim_stages=2,bwd_blocks=4,bwd_stages=2 \
-                 sim_blocks=4,sim_stages=3,bwd_blocks=4,bwd_stages=2,bwd_warps=4 \
-                 sim_blocks=4,sim_stages=3,bwd_blocks=4,bwd_stages=3,bwd_warps=4}; do
-    i=$(( i + 1 ))
-    part "kernel_profile $setting" "${T_PIPE:-20}" env FASTNTM_BLOCKS="$setting" \
-        "$PY" -m benchmarks.kernel_profile --device cuda --shapes large --out "$OUT/pipelined-$i"
-    part "bench_kernels $setting" "${T_PIPE_BENCH:-25}" env FASTNTM_BLOCKS="$setting" \
-        "$PY" -m benchmarks.bench_kernels --shapes large --out "$OUT/pipelined-$i"
-done
 
 if [ -n "${BASE:-}" ]; then
     BASE_TREE="$(mktemp -d)"

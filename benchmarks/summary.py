@@ -8,9 +8,6 @@ and ``bench_kernels.json`` is there; a missing or partial file is named, not fat
 best configuration per shape where it is there, and nothing where it is not.
 ``sass_model.json`` (``benchmarks.sass_model`` at the large shape) with bench_kernels' large-shape times
 gives the warp-instructions an SM issued a clock: near 4, the kernels are bound by issue.
-``pipelined-*/kernel_profile.json`` (``gpu_check.sh``'s ``PIPELINES``) set against ``kernel_profile.json``:
-each forced setting's device time of the step's kernels and of its passes over memory, beside the default's;
-and ``pipelined-*/bench_kernels.json`` against ``bench_kernels.json``: the step's CUDA-graph times.
 """
 
 from __future__ import annotations
@@ -86,64 +83,6 @@ def summarise(folder: str) -> list[str]:
         lines += sweep_lines(_load(folder, "sweep_blocks.json"))
     if os.path.exists(os.path.join(folder, "sass_model.json")):
         lines += issue_lines(_load(folder, "sass_model.json"), kernels)
-    forced = sorted(d for d in os.listdir(folder) if d.startswith("pipelined-")) if os.path.isdir(folder) else []
-    if forced:
-        profiles = [_load(os.path.join(folder, d), "kernel_profile.json") for d in forced]
-        lines += pipeline_lines(_load(folder, "kernel_profile.json"), profiles)
-        benches = [_load(os.path.join(folder, d), "bench_kernels.json")
-                   if os.path.exists(os.path.join(folder, d, "bench_kernels.json")) else None for d in forced]
-        lines += pipeline_bench_lines(kernels, profiles, benches)
-    return lines
-
-
-PIPELINED_KERNELS = ("_similarity_kernel", "_read_write_bwd_kernel", "_mem_bwd_kernel")
-
-
-def pipeline_lines(default, forced: list) -> list[str]:
-    """Device time a step iteration (us) of each (shape, op) profile under each forced block setting, against
-    the default profile's: all kernels summed, and each pass over memory that can take several blocks a
-    program (``PIPELINED_KERNELS``). Profiles missing on either side are left out."""
-    def by_key(result):
-        return {(p["shape"], p["op"]): p for p in (result or {}).get("profiles", [])}
-
-    base = by_key(default)
-    lines = []
-    for result in forced:
-        if not result:
-            continue
-        setting = result.get("environment", {}).get("fastntm_blocks") or "?"
-        for key, prof in by_key(result).items():
-            if key not in base:
-                continue
-            old = {r["name"]: r["total_us_per_iter"] for r in base[key]["rows"]}
-            new = {r["name"]: r["total_us_per_iter"] for r in prof["rows"]}
-            parts = [f"kernels {base[key]['summed_us_per_iter']:.1f} -> {prof['summed_us_per_iter']:.1f} us"]
-            parts += [f"{name} {old[name]:.1f} -> {new[name]:.1f}" for name in PIPELINED_KERNELS
-                      if name in old and name in new]
-            lines.append(f"  pipelined {setting} {key[0]} {key[1]}: " + "; ".join(parts))
-    return lines
-
-
-def pipeline_bench_lines(default, profiles: list, benches: list) -> list[str]:
-    """bench_kernels' CUDA-graph times (p50, us) of each shape under each forced block setting (named by the
-    kernel_profile beside it), against the default's, with the byte model's fraction of the copy bandwidth."""
-    base = (default or {}).get("shapes", {})
-    lines = []
-    for profile, bench in zip(profiles, benches):
-        if not bench:
-            continue
-        setting = (profile or {}).get("environment", {}).get("fastntm_blocks") or "?"
-        for name, row in bench.get("shapes", {}).items():
-            parts = [f"correct {row.get('correct')}"]
-            for key in ("fwd_graph", "fwd_bwd_graph"):
-                new = row.get("triton", {}).get(key, {}).get("p50_us")
-                if new is None:
-                    continue
-                old = base.get(name, {}).get("triton", {}).get(key, {}).get("p50_us")
-                frac = row.get(f"triton_{key}_frac_copy")
-                parts.append(f"{key} " + (f"{old:.1f} -> " if old is not None else "") + f"{new:.1f} us"
-                             + (f" ({100 * frac:.0f}% of copy)" if frac is not None else ""))
-            lines.append(f"  pipelined {setting} {name} bench_kernels: " + "; ".join(parts))
     return lines
 
 

@@ -9,9 +9,7 @@ shapes of ``benchmarks.shapes``:
 
 * large memory (``large``, ``medium``): the forward's similarity pass, its read-write pass and the
   backward's passes over memory apart, each with the others at their defaults, then the best of
-  each together. The similarity pass: ``sim_block_n`` in {16, 32, 64} x ``sim_warps`` in {1, 2}, then
-  four blocks a program at its default rows and warps, loads pipelined 1, 2 and 3 stages deep
-  (``SIM_PIPELINES``); the backward's passes over memory likewise (``BWD_PIPELINES``).
+  each together. The similarity pass: ``sim_block_n`` in {16, 32, 64} x ``sim_warps`` in {1, 2}.
   The read-write pass: ``BN`` in {16, 32, 64, 128} x ``num_warps`` in {1, 2, 4, 8}; one warp makes
   every reduction over a block's rows a warp shuffle, with no barrier across warps (the similarity
   pass makes two such reductions a head and a block, the read-write pass one a read head). The
@@ -83,13 +81,6 @@ LARGE_FWD_WARPS = (1, 2, 4, 8)
 LARGE_BWD_WARPS = (2, 4, 8)
 SIM_BLOCK_N = (16, 32, 64)
 SIM_WARPS = (1, 2)
-SIM_PIPELINES = ((4, 1), (4, 2), (4, 3))
-"""(``sim_blocks``, ``sim_stages``) of the similarity pass at its default rows and warps, after its grid: four
-blocks a program, their loads pipelined 1 (not at all), 2 and 3 stages deep."""
-BWD_PIPELINES = ((4, 1, 2), (4, 2, 2), (4, 2, 4), (4, 3, 4))
-"""(``bwd_blocks``, ``bwd_stages``, ``bwd_warps``) of the backward's passes over memory at the backward's default
-rows, after its grid. Their pipelines hold two tiles a stage (mem and dL/dnew_mem): at two warps and three stages
-ptxas spilled ``_mem_bwd_kernel`` (fp32, sm_90), so three stages run at four warps only."""
 QUICK_MAX_PER_THREAD = {"fwd": 64, "bwd": 32, "sim": 64}
 """--quick: the most fp32 elements of a BN x BM tile per thread a large-memory forward (two tiles live),
 backward (up to five) and similarity-pass (one) configuration may hold."""
@@ -139,16 +130,12 @@ def candidates(shape, quick: bool) -> list[Candidate]:
         if axis == "sim":
             axes[axis] = [Candidate(axis, dict(sim_block_n=bn, sim_warps=w))
                           for bn, w in sorted(grid, key=lambda c: (c[1], c[0]))]
-            axes[axis] += [Candidate(axis, dict(sim_block_n=default.sim_BN, sim_warps=default.sim_warps,
-                                                sim_blocks=b, sim_stages=st)) for b, st in SIM_PIPELINES]
         elif axis == "fwd":
             axes[axis] = [Candidate(axis, dict(block_n=bn, num_warps=w, **held))
                           for bn, w in sorted(grid, key=lambda c: (c[1], c[0]))]
         else:
             axes[axis] = [Candidate(axis, dict(bwd_block_n=bn, bwd_warps=w))
                           for bn, w in sorted(grid, key=lambda c: (c[0] * default.BM / (32 * c[1]), -c[1]))]
-            axes[axis] += [Candidate(axis, dict(bwd_block_n=default.bwd_BN, bwd_warps=w, bwd_blocks=b,
-                                                bwd_stages=st)) for b, st, w in BWD_PIPELINES]
     out += [c for group in itertools.zip_longest(axes["sim"], axes["fwd"], axes["bwd"]) for c in group
             if c is not None]
     if not quick:
@@ -159,14 +146,8 @@ def candidates(shape, quick: bool) -> list[Candidate]:
 def label(blk) -> str:
     if blk.onchip:
         return f"on-chip BN {blk.BN} warps {blk.num_warps} bwd {blk.bwd_warps}"
-    return (f"BN {blk.BN} warps {blk.num_warps} sim BN {blk.sim_BN} warps {blk.sim_warps}"
-            f"{_pipeline(blk.sim_blocks, blk.sim_stages)} BV {blk.BV} "
-            f"bwd BN {blk.bwd_BN} warps {blk.bwd_warps}{_pipeline(blk.bwd_blocks, blk.bwd_stages)}")
-
-
-def _pipeline(blocks: int, stages: int) -> str:
-    """A label's blocks a program and pipeline stages, where not one block unpipelined (the default)."""
-    return f" blocks {blocks} stages {stages}" if (blocks, stages) != (1, 1) else ""
+    return (f"BN {blk.BN} warps {blk.num_warps} sim BN {blk.sim_BN} warps {blk.sim_warps} BV {blk.BV} "
+            f"bwd BN {blk.bwd_BN} warps {blk.bwd_warps}")
 
 
 # ---------------------------------------------------------------- kernels launched, registers and spills

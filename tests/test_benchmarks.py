@@ -127,45 +127,6 @@ def test_summary_gives_the_kernels_fraction_of_copy_bandwidth_for_each_timing_it
     assert "  bench_kernels large: triton, byte model over copy bandwidth: fwd 65%, fwd_bwd 34%, fwd_graph 70%" in lines
 
 
-def test_summary_sets_each_pipelined_profile_against_the_default(tmp_path):
-    def profile(setting, summed, sim):
-        rows = [dict(name="_similarity_kernel", total_us_per_iter=sim), dict(name="_mem_bwd_kernel",
-                                                                             total_us_per_iter=370.0)]
-        return dict(environment=dict(fastntm_blocks=setting),
-                    profiles=[dict(shape="large", op="fwd", summed_us_per_iter=summed, rows=rows)])
-
-    (tmp_path / "kernel_profile.json").write_text(json.dumps(profile("", 373.5, 123.3)))
-    for i, (setting, sim) in enumerate([("sim_blocks=4,sim_stages=2", 110.0), ("sim_blocks=4,sim_stages=3", 105.5)]):
-        (tmp_path / f"pipelined-{i + 1}").mkdir()
-        (tmp_path / f"pipelined-{i + 1}" / "kernel_profile.json").write_text(
-            json.dumps(profile(setting, 373.5 - 123.3 + sim, sim)))
-    lines = [line for line in summary.summarise(str(tmp_path)) if "pipelined" in line]
-    assert lines == [
-        "  pipelined sim_blocks=4,sim_stages=2 large fwd: kernels 373.5 -> 360.2 us; "
-        "_similarity_kernel 123.3 -> 110.0; _mem_bwd_kernel 370.0 -> 370.0",
-        "  pipelined sim_blocks=4,sim_stages=3 large fwd: kernels 373.5 -> 355.7 us; "
-        "_similarity_kernel 123.3 -> 105.5; _mem_bwd_kernel 370.0 -> 370.0"]
-
-
-def test_summary_sets_each_pipelined_bench_against_the_default(tmp_path):
-    def bench(fwd, fwd_bwd, correct=True):
-        timed = dict(fwd_graph=dict(p50_us=fwd), fwd_bwd_graph=dict(p50_us=fwd_bwd))
-        return dict(shapes=dict(large=dict(correct=correct, triton=timed, triton_fwd_graph_frac_copy=273 / fwd,
-                                           triton_fwd_bwd_graph_frac_copy=546 / fwd_bwd)))
-
-    (tmp_path / "bench_kernels.json").write_text(json.dumps(bench(369.4, 1113.4)))
-    for i, (setting, times) in enumerate([("sim_blocks=4,sim_stages=2", (341.3, 1092.0)), ("", None)]):
-        folder = tmp_path / f"pipelined-{i + 1}"
-        folder.mkdir()
-        (folder / "kernel_profile.json").write_text(json.dumps(dict(environment=dict(fastntm_blocks=setting),
-                                                                    profiles=[])))
-        if times:
-            (folder / "bench_kernels.json").write_text(json.dumps(bench(*times)))
-    lines = [line for line in summary.summarise(str(tmp_path)) if "pipelined" in line]
-    assert lines == ["  pipelined sim_blocks=4,sim_stages=2 large bench_kernels: correct True; "
-                     "fwd_graph 369.4 -> 341.3 us (80% of copy); fwd_bwd_graph 1113.4 -> 1092.0 us (50% of copy)"]
-
-
 def test_kernel_profile_on_cpu_writes_rows_with_positive_times(tmp_path, capsys):
     from benchmarks import kernel_profile
 

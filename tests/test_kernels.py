@@ -9,7 +9,6 @@ Without it (or when fastntm.kernels was already imported without it in this
 process) every test here is skipped with the reason.
 """
 
-import functools
 import importlib
 import os
 import sys
@@ -147,57 +146,6 @@ def test_memory_step_with_forced_warps_and_vector_block(settings, expected):
     # The sums of block partials take settings of their own (test_block_sums_take_their_forced_loads).
     assert {(k["kernel"], k["consts"]["BN"], k["num_warps"], k["maxnreg"]) for k in launches
             if k["kernel"] != "_sum_blocks_kernel"} == expected
-
-
-# (pass, blocks, stages): the similarity pass's and the backward's passes over memory's programs over several
-# blocks.
-PIPELINES = [("sim", 4, 3), ("bwd", 4, 3), ("bwd", 4, 1)]  # one block loop over runtime head loops: the backward's
-PIPELINE_SHAPE = (2, 70, 13, 3, 2, 3)
-
-
-def _step_and_grads(x):
-    xs = [t.clone().requires_grad_() for t in x.values()]
-    out = kernels.memory_step(*xs, 2)
-    gen = torch.Generator().manual_seed(2)
-    return out + torch.autograd.grad(out, xs, [torch.randn(o.shape, generator=gen) for o in out])
-
-
-@functools.cache
-def _one_block_a_program_step():
-    with _config.force(block_n=16), _config.poison():
-        return _step_and_grads(kernel_inputs(*PIPELINE_SHAPE))
-
-
-@pytest.mark.parametrize("which, blocks, stages", PIPELINES, ids=[f"{w}-{b}-blocks-{s}-stages" for w, b, s in PIPELINES])
-def test_programs_over_several_blocks_change_no_bit(which, blocks, stages):
-    # 5 blocks of 16 rows, 4 a program: the last program takes block 4 four times. Each block's values and
-    # partials are the same arithmetic in the same order, so every output and gradient is the one-block
-    # program's, bit for bit; heads unrolled (their counts constants) only where loads are pipelined.
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from benchmarks.sweep_blocks import recording_launches
-
-    x = kernel_inputs(*PIPELINE_SHAPE)
-    forced = {f"{which}_blocks": blocks, f"{which}_stages": stages}
-    one = _one_block_a_program_step()
-    with _config.force(block_n=16, **forced), _config.poison(), recording_launches() as launches:
-        many = _step_and_grads(x)
-    for i, (a, b) in enumerate(zip(one, many)):
-        assert torch.equal(a, b), f"output or gradient {i} differs from one block a program"
-    u = stages > 1  # heads' loops unrolled over constant counts
-    expected = {"_similarity_kernel": dict(HS=3 * u)} if which == "sim" else {
-        "_read_write_bwd_kernel": dict(RDS=2 * u, WS=1 * u), "_mem_bwd_kernel": dict(WS=1 * u, RDS=2 * u, HKS=3 * u,
-                                                                                      HAS_DK=True)}
-    for kernel, consts in expected.items():
-        launched = [k["consts"] for k in launches if k["kernel"] == kernel]
-        assert launched == [dict(consts, BLOCKS=blocks, STAGES=stages, BN=16, BM=16)], kernel
-    if which == "bwd" and stages > 1:
-        # The unrolled loops' other counts: dL/dr alone (no dL/dnew_mem, no dL/dw), and the standalone read and
-        # write (no addressing head: HKS = 0; no write head, or no read head).
-        with _config.force(block_n=16, **forced):
-            check_op(kernels.memory_step, reference.memory_step, x, extra=(2,), used=(1,))
-            check_op(kernels.read, reference.read, {"mem": x["mem"], "w": x["w_prev"][:, :2]})
-            check_op(kernels.write, reference.write, {"mem": x["mem"], "w": x["w_prev"][:, 2:], "e": x["e"],
-                                                      "a": x["a"]})
 
 
 def test_reductions_of_block_partials_loop_more_than_once():

@@ -81,43 +81,6 @@ def test_bit_identical_run_to_run_on_gpu():
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_pipelined_programs_change_no_bit_on_gpu(dtype):
-    # The passes over memory with several blocks a program, their loads pipelined as the sweep forces them:
-    # the interpreter ignores num_stages, so only a GPU runs the asynchronous copies. 4,100 rows are 129 blocks
-    # of 32 and 65 of 64, which four a program do not divide (the last program takes its last block again).
-    import sys
-    from pathlib import Path
-
-    from fastntm import kernels
-    from fastntm.kernels import _config
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from benchmarks.sweep_blocks import BWD_PIPELINES, SIM_PIPELINES
-
-    x = kernel_inputs(3, 4100, 64, 5, 4, 3, dtype, dtype, device="cuda")
-
-    def step():
-        xs = [t.clone().requires_grad_() for t in x.values()]
-        out = kernels.memory_step(*xs, 4)
-        cot = [torch.ones_like(o) for o in out]
-        return [t.detach() for t in (*out, *torch.autograd.grad(out, xs, cot))]
-
-    default = step()
-    forced = [dict(sim_blocks=b, sim_stages=st) for b, st in SIM_PIPELINES]
-    forced += [dict(bwd_blocks=b, bwd_stages=st, bwd_warps=w) for b, st, w in BWD_PIPELINES]
-    for settings in forced:
-        if "bwd_warps" in settings and settings["bwd_warps"] != _config.choose(4100, 64).bwd_warps:
-            # Other warps sum a block's rows in another order: compare with the default at those warps.
-            with _config.force(bwd_warps=settings["bwd_warps"]):
-                base = step()
-        else:
-            base = default
-        with _config.force(**settings), _config.poison():
-            for i, (a, b) in enumerate(zip(base, step())):
-                assert torch.equal(a, b), f"{settings}: output or gradient {i} differs from one block a program"
-
-
 def test_batch_past_the_second_grid_dimension_on_gpu():
     # The large-memory kernels run NB blocks times B (or B * H) programs, flattened into the grid's first
     # dimension: B * H here passes 65,535, the second dimension's limit. Batch items are independent, so

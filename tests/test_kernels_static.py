@@ -47,13 +47,6 @@ from benchmarks.launches import (  # noqa: E402
 )
 from benchmarks.launches import heads as kheads  # noqa: E402
 from benchmarks.launches import memory_step as ms  # noqa: E402
-from benchmarks.sweep_blocks import BWD_PIPELINES, SIM_PIPELINES  # noqa: E402
-
-PIPELINED_SIM = [p for p in SIM_PIPELINES if p[1] > 1]
-FORCED_ARCHS = (90,)
-"""Where the forced (sweep-only) configurations are built: the GPUs that run the sweep (H100, H200). sm_80 too
-took the suite over its ten minutes on the development machine."""
-PIPELINED_BWD = [p for p in BWD_PIPELINES if p[1] > 1]
 from fastntm.kernels import _config  # noqa: E402
 
 kread = importlib.import_module("fastntm.kernels.read")
@@ -118,8 +111,7 @@ def kernel_configs():
                 out += [(name, dict(BC=bc, **bm, **nm), blk.bwd_warps)
                         for name in ("_onchip_heads_bwd_kernel", "_onchip_mem_bwd_kernel")]
         else:
-            out.append(("_similarity_kernel", dict(HS=0, BLOCKS=1, STAGES=1, BN=blk.sim_BN, BM=blk.BM),
-                        blk.sim_warps))
+            out.append(("_similarity_kernel", dict(BN=blk.sim_BN, BM=blk.BM), blk.sim_warps))
             out.append(("_read_write_kernel", dict(NORMALIZE=True, WRITE=True, **bm), nw))
         # Standalone read and write use the read/write kernel in both regimes.
         for write in (True, False):
@@ -127,10 +119,9 @@ def kernel_configs():
         # The two-pass backward: large memory (with the cosine's dL/dk), and standalone read and write in
         # both regimes (without).
         bwd_bn, bwd_nw = blk.memory_bwd
-        out.append(("_read_write_bwd_kernel", dict(RDS=0, WS=0, BLOCKS=1, STAGES=1, BN=bwd_bn, BM=blk.BM), bwd_nw))
+        out.append(("_read_write_bwd_kernel", dict(BN=bwd_bn, BM=blk.BM), bwd_nw))
         for has_dk in (False,) if blk.onchip else (True, False):
-            out.append(("_mem_bwd_kernel", dict(WS=0, RDS=0, HKS=0, HAS_DK=has_dk, BLOCKS=1, STAGES=1, BN=bwd_bn,
-                                                BM=blk.BM), bwd_nw))
+            out.append(("_mem_bwd_kernel", dict(HAS_DK=has_dk, BN=bwd_bn, BM=blk.BM), bwd_nw))
     for log_n in range(4, 21):
         BV = _config.vector_block(2**log_n)
         out += [(name, dict(BN=BV), 4) for name in VECTOR_KERNELS]
@@ -147,17 +138,6 @@ def kernel_configs():
     return distinct
 
 
-def _run_step(N, M, R, W, S, dtype, mem_dtype):
-    """The step forward and backward at one shape, every gradient given; returns its inputs and the forward's
-    (w, K, max, sum-exp)."""
-    H = R + W
-    x = [torch.zeros(shape, dtype=mem_dtype if i == 0 else dtype) for i, shape in enumerate(
-        ((1, N, M), (1, H, M), (1, H), (1, H), (1, H, S), (1, H), (1, H, N), (1, W, M), (1, W, M)))]
-    w, r, new, K, mx, se, _ = ms._forward(*x, R, True)
-    ms._backward(*x, w, K, mx, se, w, r, new, R)
-    return x, (w, K, mx, se)
-
-
 def _run_host_code(N, M, R, W, S, dtype, mem_dtype):
     """Every host path at one shape: the step forward and backward (every gradient given, and without
     dL/dw, dL/dr or dL/dnew_mem: other pointers stand in for them), addressing, read and write alone."""
@@ -166,7 +146,10 @@ def _run_host_code(N, M, R, W, S, dtype, mem_dtype):
     def t(*shape, dtype=dtype):
         return torch.zeros(shape, dtype=dtype)
 
-    (mem, k, beta, g, s, gamma, w_prev, e, a), (w, K, mx, se) = _run_step(N, M, R, W, S, dtype, mem_dtype)
+    mem, k, beta, g, s, gamma, w_prev, e, a = t(1, N, M, dtype=mem_dtype), t(1, H, M), t(1, H), t(1, H), \
+        t(1, H, S), t(1, H), t(1, H, N), t(1, W, M), t(1, W, M)
+    w, r, new, K, mx, se, _ = ms._forward(mem, k, beta, g, s, gamma, w_prev, e, a, R, True)
+    ms._backward(mem, k, beta, g, s, gamma, w_prev, e, a, w, K, mx, se, w, r, new, R)
     ms._backward(mem, k, beta, g, s, gamma, w_prev, e, a, w, K, mx, se, None, None, None, R)
     none = t(1, 0, M)
     w, _, _, K, mx, se, _ = ms._forward(mem, k, beta, g, s, gamma, w_prev, none, none, H, False)
@@ -198,30 +181,6 @@ def launched_configs():
             for spec, shape_labels, dtype in seen.values()]
 
 
-def forced_configs():
-    """Launches of the similarity pass and the backward's passes over memory over several blocks a program, their
-    loads pipelined, as the sweep forces them (``SIM_PIPELINES``, ``BWD_PIPELINES``, those of two stages or
-    more), at the large shape with every gradient given, as Triton's launcher specializes them, labelled
-    ``forced``. Not dispatch choices, so only as launched: unaligned, a bf16 element is too small to copy
-    asynchronously (see below). One stage (a loop over blocks, no copies ahead) is left to the interpreter's
-    tests and the sweep's report of spills: the suite's time is near its limit."""
-    N, M, R, W, S = LAUNCH_SHAPES["large"]
-    settings = [dict(sim_blocks=b, sim_stages=st) for b, st in PIPELINED_SIM]
-    settings += [dict(bwd_blocks=b, bwd_stages=st, bwd_warps=w) for b, st, w in PIPELINED_BWD]
-    jobs = {}
-    for forced in settings:
-        kernels = ("_similarity_kernel",) if "sim_blocks" in forced else ("_read_write_bwd_kernel", "_mem_bwd_kernel")
-        for dtype in DTYPES:
-            with recording() as launches, _config.force(**forced):
-                _run_step(N, M, R, W, S, TORCH_DTYPES[dtype], TORCH_DTYPES[dtype])
-            for launch in launches:
-                if launch.name in kernels:
-                    spec = specialize(launch)
-                    label = "forced: " + " ".join(f"{k}={v}" for k, v in forced.items())
-                    jobs.setdefault((repr(spec), dtype), (*spec, label, dtype))
-    return list(jobs.values())
-
-
 def pointer_type(kernel, arg, consts, dtype):
     fp32 = arg in FP32_POINTERS or (kernel, arg) == ("_read_write_bwd_kernel", "p_dw") or (
         (kernel, arg) == ("_read_write_kernel", "p_w") and consts.get("NORMALIZE"))
@@ -246,14 +205,12 @@ def compile_one(job):
     regs, stack = (int(re.search(rf"\b{key}:(\d+)", usage).group(1)) for key in ("REG", "STACK"))
     shown = {k: v for k, v in spec.own_consts().items() if signature.get(k) == "constexpr"}
     return dict(kernel=name, consts=shown, num_warps=options["num_warps"], arch=arch, dtype=dtype, label=label,
-                regs=regs, stack=stack, shared=compiled.metadata.shared,
-                async_copies=len(re.findall(r"\bcp\.async\.c[ag]\.", compiled.asm["ptx"])))
+                regs=regs, stack=stack, shared=compiled.metadata.shared)
 
 
 def all_jobs():
     jobs = [generic_job(name, consts, nw, dtype) for name, consts, nw in kernel_configs() for dtype in DTYPES]
-    return ([(*job, arch) for job in jobs + launched_configs() for arch in ARCHS]
-            + [(*job, arch) for job in forced_configs() for arch in FORCED_ARCHS])
+    return [(*job, arch) for job in jobs + launched_configs() for arch in ARCHS]
 
 
 @pytest.fixture(scope="module")
@@ -300,31 +257,6 @@ def test_no_config_spills_registers(results):
     assert not spilling, "spills (stack frame): " + "; ".join(
         f"{r['kernel']} {r['consts']} warps={r['num_warps']} sm_{r['arch']} {r['dtype']}: {r['stack']} B"
         for r in spilling)
-
-
-@aot
-def test_passes_pipeline_their_loads_only_where_asked(results):
-    # Triton pipelines a loop's loads (asynchronous copies to shared memory) only where the loop holds no other
-    # loop: a head loop left inside, or a stage count that does not reach the launch, builds and runs, no
-    # faster, and only this notices. Every forced configuration of each pass, each dtype, sm_90.
-    forced = [r for r in results if r["label"].startswith("forced")]
-    bwd = [(b, st) for b, st, _ in PIPELINED_BWD]
-    # (pipelines, tiles of the block a stage holds): mem; mem and dL/dnew_mem.
-    sweeps = {"_similarity_kernel": (PIPELINED_SIM, 1), "_read_write_bwd_kernel": (bwd, 2),
-              "_mem_bwd_kernel": (bwd, 2)}
-    for kernel, (pipelines, tiles) in sweeps.items():
-        rows = [r for r in forced if r["kernel"] == kernel]
-        assert {(r["consts"]["BLOCKS"], r["consts"]["STAGES"], r["dtype"], r["arch"]) for r in rows} == {
-            (*p, dtype, arch) for p in pipelines for dtype in DTYPES for arch in FORCED_ARCHS}, kernel
-        for r in rows:
-            stages, c = r["consts"]["STAGES"], r["consts"]
-            where = f"{kernel} {c} sm_{r['arch']} {r['dtype']}"
-            assert r["async_copies"], f"{where}: no cp.async copies"
-            # The blocks ahead are staged whole: STAGES - 1 of them, each its tiles of BN x BM elements.
-            staged = (stages - 1) * tiles * c["BN"] * c["BM"] * (4 if r["dtype"] == "fp32" else 2)
-            assert r["shared"] >= staged, f"{where}: {r['shared']} B of shared memory, under the {staged} B staged"
-    # The dispatch's own never pipelines (one block a program, as the GPU timed it).
-    assert not any(r["async_copies"] for r in results if not r["label"].startswith("forced"))
 
 
 @pytest.mark.skipif(not INTERPRETING, reason="the interpreter is off, so the static checks above ran in this "

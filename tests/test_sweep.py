@@ -93,12 +93,7 @@ def test_environment_is_read_at_every_call_and_force_wins(monkeypatch):
     (dict(onchip_bwd_warps=True), "onchip_bwd_warps must be a power of two"),
     (dict(vector_block=16384), "vector_block must be a power of two in [16, 8192]"),
     (dict(warps=4), "unknown setting 'warps'"),
-    (dict(sim_blocks=3), "sim_blocks must be a power of two in [1, 64], got 3"),
-    (dict(sim_stages=5), "sim_stages must be an integer in [1, 4], got 5"),
-    (dict(bwd_stages=0), "bwd_stages must be an integer in [1, 4], got 0"),
-    (dict(bwd_stages=2.0), "bwd_stages must be an integer"),
-], ids=["BN48", "BN8", "warps3", "onchip64", "bool", "vector16384", "unknown", "blocks3", "stages5", "stages0",
-        "stages-float"])
+], ids=["BN48", "BN8", "warps3", "onchip64", "bool", "vector16384", "unknown"])
 def test_force_rejects_a_bad_setting_by_name(settings, message):
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
         with _config.force(**settings):
@@ -130,7 +125,7 @@ def test_candidates_cover_the_requested_grid_default_first():
     full = sweep_blocks.candidates(large, quick=False)
     assert full[0].axis == "default"
     fwd = [c.settings for c in full if c.axis == "fwd"]
-    bwd = [c.settings for c in full if c.axis == "bwd" and "bwd_blocks" not in c.settings]  # the grid
+    bwd = [c.settings for c in full if c.axis == "bwd"]
     assert {(c["block_n"], c["num_warps"]) for c in fwd} == {(bn, w) for bn in (16, 32, 64, 128) for w in (1, 2, 4, 8)}
     assert {(c["bwd_block_n"], c["bwd_warps"]) for c in bwd} == {(bn, w) for bn in (16, 32, 64, 128) for w in (2, 4, 8)}
     # Each axis holds the other at its default.
@@ -143,22 +138,15 @@ def test_candidates_cover_the_requested_grid_default_first():
     assert [c.settings["vector_block"] for c in full if c.axis == "vector"] == list(sweep_blocks.VECTOR_BLOCKS)
     quick = sweep_blocks.candidates(large, quick=True)
     # The three axes take turns, so that a budget cut leaves each timed; one-warp forward programs first.
-    assert [c.axis for c in quick] == ["default"] + ["sim", "fwd", "bwd"] * 8 + ["fwd", "bwd"] * 5
+    assert [c.axis for c in quick] == ["default"] + ["sim", "fwd", "bwd"] * 5 + ["fwd", "bwd"] * 4 + ["fwd"] * 4
     assert [c.settings["sim_warps"] for c in quick[1:5:3]] == [1, 1]
     assert [c.settings["num_warps"] for c in quick[2:6:3]] == [1, 1]
     # The forward's default before 64 rows at two warps: 32 at one.
     assert dict(block_n=32, num_warps=1, vector_block=1024, bwd_block_n=32, bwd_warps=default.bwd_warps,
                 sim_block_n=32, sim_warps=1) in [c.settings for c in quick]
     sim = [(c.settings["sim_block_n"], c.settings["sim_warps"]) for c in quick if c.axis == "sim"]
-    assert sim == [(16, 1), (32, 1), (16, 2), (32, 2), (64, 2)] + [(32, 1)] * 3  # (64, 1): 128 elements a thread
-    # Then four blocks a program at the default rows and warps, pipelined 1, 2 and 3 stages deep.
-    assert [(c.settings.get("sim_blocks"), c.settings.get("sim_stages")) for c in quick if c.axis == "sim"] == [
-        (None, None)] * 5 + [(4, 1), (4, 2), (4, 3)]
+    assert sim == [(16, 1), (32, 1), (16, 2), (32, 2), (64, 2)]  # (64, 1): 128 elements a thread
     assert (128, 2) not in [(c.settings.get("bwd_block_n"), c.settings.get("bwd_warps")) for c in quick[1:]]
-    # The backward's grid, then four blocks a program at its default rows, pipelined (three stages at four warps).
-    assert [(c.settings["bwd_block_n"], c.settings.get("bwd_blocks"), c.settings.get("bwd_stages"),
-             c.settings["bwd_warps"]) for c in quick if c.axis == "bwd"][-4:] == [
-        (32, 4, 1, 2), (32, 4, 2, 2), (32, 4, 2, 4), (32, 4, 3, 4)]
     onchip = sweep_blocks.candidates(paper, quick=True)
     assert [c.settings for c in onchip if c.axis == "fwd"] == [dict(onchip_warps=w) for w in (2, 4, 8, 16)]
     assert [c.settings for c in onchip if c.axis == "bwd"] == [dict(onchip_bwd_warps=w) for w in (2, 8, 16)]

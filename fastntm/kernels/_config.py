@@ -16,12 +16,7 @@ rows, ``large_block_n``; ``bwd_warps`` to a forced ``num_warps``, else to the
 backward's own default; at a shape that runs on-chip they change nothing);
 ``sim_block_n`` and ``sim_warps`` the forward's similarity pass apart from its
 read-write pass (defaulting to a forced ``block_n`` and ``num_warps``, else to
-its own), ``sim_blocks`` the blocks a similarity program takes in turn and
-``sim_stages`` the stages of their loads' pipeline (``STAGES - 1`` blocks
-ahead; 1, none) (``SIM_BLOCKS``, ``SIM_STAGES``); ``bwd_blocks`` and
-``bwd_stages`` the same of the backward's passes over memory (``BWD_BLOCKS``,
-``BWD_STAGES``; these four change nothing on-chip); ``onchip_warps`` and
-``onchip_bwd_warps`` the on-chip forward's (and
+its own); ``onchip_warps`` and ``onchip_bwd_warps`` the on-chip forward's (and
 the standalone read and write's) and backward's, ``vector_block`` the rows of a
 vector-pass program, ``sum_rows`` and ``sum_warps`` the sums of block partials
 (``Blocks.sum_rows``: the passes over memory's and the sharpening backward's). The
@@ -91,22 +86,15 @@ class Overrides(NamedTuple):
     vector_block: int | None = None
     sim_block_n: int | None = None
     sim_warps: int | None = None
-    sim_blocks: int | None = None
-    sim_stages: int | None = None
-    bwd_blocks: int | None = None
-    bwd_stages: int | None = None
     sum_rows: int | None = None
     sum_warps: int | None = None
 
 
-# (least, largest) of each setting, all powers of two but the ones in ANY_INTEGER. 32 warps is the most threads
-# (1024) a program has.
+# (least, largest) of each setting, all powers of two. 32 warps is the most threads (1024) a program has.
 RANGES = {"block_n": (16, 1024), "num_warps": (1, 32), "bwd_block_n": (16, 1024), "bwd_warps": (1, 32),
           "onchip_warps": (1, 32), "onchip_bwd_warps": (1, 32),
           "vector_block": (16, 8192), "sim_block_n": (16, 1024), "sim_warps": (1, 32),
-          "sim_blocks": (1, 64), "sim_stages": (1, 4), "bwd_blocks": (1, 64), "bwd_stages": (1, 4),
           "sum_rows": (16, 2048), "sum_warps": (1, 32)}
-ANY_INTEGER = {"sim_stages", "bwd_stages"}
 
 _forced = Overrides()
 _poison: bool = False
@@ -128,14 +116,6 @@ class Blocks:
     sim_BN: int
     sim_warps: int
     """Rows and warps of a program of the large-memory forward's similarity pass (on-chip: BN, num_warps)."""
-    sim_blocks: int
-    sim_stages: int
-    """Blocks a similarity-pass program takes in turn, and the stages of its loads' pipeline (1: none)
-    (``SIM_BLOCKS``, ``SIM_STAGES``)."""
-    bwd_blocks: int
-    bwd_stages: int
-    """The same of a program of the backward's passes over memory (``_read_write_bwd_kernel``,
-    ``_mem_bwd_kernel``; ``BWD_BLOCKS``, ``BWD_STAGES``)."""
     sum_rows: int
     sum_warps: int
     """Most rows a load and warps of ``_sum_blocks_kernel`` (``SUM_ROWS``, ``SUM_WARPS``; see ``sum_block_rows``)."""
@@ -151,33 +131,12 @@ def n_blocks(N: int, BN: int) -> int:
     return -(-N // BN)
 
 
-def turns(NB: int, blocks: int) -> tuple[int, int]:
-    """(blocks a program takes in turn, programs an item) of a pass over NB row blocks that asks for ``blocks``
-    a program: no more than NB, so that no program takes a turn past the last block."""
-    blocks = min(blocks, NB)
-    return blocks, n_blocks(NB, blocks)
-
-
 SUM_ROWS = 256
 SUM_WARPS = 8
 """Rows of block partials a load of ``_sum_blocks_kernel`` takes at most, and its warps. In the large step's
 profile on the H100 (``benchmarks/results/h100-2026-11-26-h``, run 2) its four sums took 49.6 us at 256 rows
 and 8 warps, 64.7 at 512, 78.8 at 1,024, and 50.2 at 2,048 rows and 16 warps (the 512 and 2,048 figures from
 that call's printed output, their files not fetched)."""
-
-
-SIM_BLOCKS = 1
-SIM_STAGES = 1
-"""Blocks of rows a similarity-pass program takes, and its pipeline's stages. One block, no pipeline: what the
-H100 timed. Four blocks at two or three stages (``FASTNTM_BLOCKS=sim_blocks=4,sim_stages=2``) stream each
-program's next block into shared memory while it computes one; they build for sm_80 and sm_90 without
-spilling (``tests/test_kernels_static.py``), and no GPU has timed them yet (``benchmarks.sweep_blocks``'s
-similarity axis tries them)."""
-BWD_BLOCKS = 1
-BWD_STAGES = 1
-"""The same of the backward's passes over memory (``_read_write_bwd_kernel``, ``_mem_bwd_kernel``), each of
-which loads two tiles a block (mem and dL/dnew_mem): one block, no pipeline, as timed; pipelined
-(``bwd_blocks=4,bwd_stages=2``) not yet timed."""
 
 
 def sum_block_rows(NB: int, rows: int) -> int:
@@ -225,11 +184,8 @@ def _validated(settings: dict, where: str) -> dict:
         if value is None:
             continue
         lo, hi = RANGES[name]
-        pow2 = name not in ANY_INTEGER
-        if (isinstance(value, bool) or not isinstance(value, int) or (pow2 and value & (value - 1))
-                or not lo <= value <= hi):
-            kind = "a power of two" if pow2 else "an integer"
-            raise ValueError(f"{where}{name} must be {kind} in [{lo}, {hi}], got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, int) or value & (value - 1) or not lo <= value <= hi:
+            raise ValueError(f"{where}{name} must be a power of two in [{lo}, {hi}], got {value!r}")
     return settings
 
 
@@ -260,9 +216,8 @@ def overrides() -> Overrides:
 
 @contextlib.contextmanager
 def force(**settings: int | None):
-    """Within the block, force the named parts of the block choice (see the module docstring): each within
-    ``RANGES``, a power of two (an integer, for those in ``ANY_INTEGER``), or None for the dispatch's own choice.
-    Settings not named keep their value."""
+    """Within the block, force the named parts of the block choice (see the module docstring): each a power
+    of two within ``RANGES``, or None for the dispatch's own choice. Settings not named keep their value."""
     global _forced
     new = _forced._replace(**_validated(settings, ""))
     old, _forced = _forced, new
@@ -344,16 +299,10 @@ def _choose(N: int, M: int, forced: Overrides) -> Blocks:
     BM = block_m(M)
     # At least 64 rows on-chip: fewer configurations to build and check, at the cost of masked rows for tiny N.
     full = max(64, next_pow2(N))
-    # The settings of either regime: the loops and pipelines of the passes over memory, the sums of partials.
-    shared = dict(sim_blocks=forced.sim_blocks or SIM_BLOCKS, sim_stages=forced.sim_stages or SIM_STAGES,
-                  bwd_blocks=forced.bwd_blocks or BWD_BLOCKS, bwd_stages=forced.bwd_stages or BWD_STAGES,
-                  sum_rows=forced.sum_rows or SUM_ROWS, sum_warps=forced.sum_warps or SUM_WARPS)
     if forced.block_n is None and full * BM <= ONCHIP_MAX_ELEMENTS:
         warps = forced.onchip_warps or (4 if full * BM <= 2048 else 8)
-        # One block: the passes over memory (the standalone read and write's) have no other to take in turn.
-        shared.update(sim_blocks=1, sim_stages=1, bwd_blocks=1, bwd_stages=1)
         return Blocks(True, full, BM, warps, forced.onchip_bwd_warps or ONCHIP_BWD_WARPS,
-                      vector_block(N), full, full, warps, **shared)
+                      vector_block(N), full, full, warps, forced.sum_rows or SUM_ROWS, forced.sum_warps or SUM_WARPS)
     warps, bwd_warps = large_warps(M)
     BN = forced.block_n or large_block_n(BM, 1 if forced.num_warps else warps)
     # A forced BN alone forces the vector pass's and the backward's blocks too: tests at small N get several.
@@ -361,7 +310,7 @@ def _choose(N: int, M: int, forced: Overrides) -> Blocks:
                   forced.vector_block or forced.block_n or vector_block(N),
                   forced.bwd_block_n or forced.block_n or large_block_n(BM),
                   forced.sim_block_n or forced.block_n or sim_block_n(BM),
-                  forced.sim_warps or forced.num_warps or 1, **shared)
+                  forced.sim_warps or forced.num_warps or 1, forced.sum_rows or SUM_ROWS, forced.sum_warps or SUM_WARPS)
 
 
 def supported(M: int) -> bool:

@@ -9,8 +9,7 @@ Forward, two regimes (``_config.choose``):
 * large memory: N split in blocks of BN rows, three passes:
   1. ``_similarity_kernel``: cosine logits ``K`` (stored, fp32) and per-block
      max / sum-exp partials of ``beta * K``, merged a head a program by
-     ``_softmax_merge_kernel``; a program takes one block, or several in turn
-     with their loads pipelined (``Blocks.sim_blocks``, ``sim_stages``);
+     ``_softmax_merge_kernel``;
   2. ``_shift_sharpen_kernel``: the shift needs ``wg`` at rows of the
      neighbouring blocks (the halo); ``wg[n] = g exp(beta K[n] - max) / sumexp
      + (1 - g) w_prev[n]`` is recomputed at any row from the stored logits, so
@@ -31,8 +30,7 @@ factors. Large memory, two
 passes over memory with three over (B, H, N) vectors between:
 
 * ``_read_write_bwd_kernel`` (one pass over mem and dnew): dL/dw from the reads
-  and the write, per-block partials of dL/de and dL/da; as ``_mem_bwd_kernel``,
-  one block a program or several pipelined;
+  and the write, per-block partials of dL/de and dL/da;
 * the addressing chain backward (``_address_bwd``), blocks of rows of one head
   a program, as the forward's shift-sharpen pass: ``_sharpen_bwd_kernel`` (the
   sharpening's sums, and the two factors of dL/dws stored), ``_interp_bwd_kernel``
@@ -43,9 +41,7 @@ passes over memory with three over (B, H, N) vectors between:
   needs as block partials summed between the launches (the sharpening's by
   ``_sum_blocks_kernel``, the shift pass's one number a block by torch);
 * ``_mem_bwd_kernel`` (one pass): dL/dmem from the write, the reads and the
-  cosine similarity, and per-block partials of dL/dk; a program takes one
-  block, or several with their loads pipelined (``Blocks.bwd_blocks``,
-  ``bwd_stages``);
+  cosine similarity, and per-block partials of dL/dk;
 * ``_sum_blocks_kernel`` sums the memory passes' partials (of dL/de and dL/da
   in one launch, of dL/dk in another);
 * ``_head_grads_kernel``, a program a head: dL/dk, dL/dbeta, dL/dg, dL/ds and
@@ -106,18 +102,6 @@ def _block_and_item(NB):
     at 2^31 - 1. The block varies fastest, as it did in dimension 0."""
     pid = tl.program_id(0)
     return pid % NB, (pid // NB).to(tl.int64)
-
-
-@triton.jit
-def _block_of_turn(i_p, i, NB, BLOCKS: tl.constexpr):
-    """Row block (int64) of turn ``i`` of program ``i_p`` of an item, each program taking ``BLOCKS`` blocks in
-    turn. Where BLOCKS does not divide NB, the item's last program takes its last block again in place of those
-    past it: the same values stored twice by one program, where masked rows would make -inf maxima and NaN
-    sums to mask off."""
-    i_n = i_p * BLOCKS + i
-    if BLOCKS > 1:
-        i_n = tl.minimum(i_n, NB - 1)
-    return i_n.to(tl.int64)
 
 
 @triton.jit
@@ -335,30 +319,9 @@ def _memory_step_onchip_kernel(p_mem, p_k, p_beta, p_g, p_s, p_gamma, p_wp, p_e,
 
 
 @triton.jit
-def _similarity_head(b_mem, b_mn, b_k, b_beta, p_k, p_beta, p_K, p_pmax, p_psum, i_bh, i_n, n0, o_n, o_m, m_n, m_m,
-                     h, N, M, H, NB):
-    """Head ``i_bh`` (the ``h``-th of the item) on one block of the similarity pass: its logits, stored, and the
-    block's max and sum-exp partials of ``beta K``. Returns the next head's key and beta, loaded a head ahead
-    and before this head's stores (which they might alias, so the compiler keeps a load after them): at one
-    warp a program, each load's latency on the head's chain of sums was the program's."""
-    m_h = h + 1 < H
-    b_k_next = tl.load(p_k + (i_bh + 1) * M + o_m, mask=m_m & m_h, other=0.0)
-    b_beta_next = tl.load(p_beta + i_bh + 1, mask=m_h, other=0.0)
-    b_K = _cosine(b_mem, b_mn, b_k.to(tl.float32))
-    tl.store(p_K + i_bh * N + n0 + o_n, b_K, mask=m_n)
-    b_z = tl.where(m_n, b_beta.to(tl.float32) * b_K, float("-inf"))
-    b_max = tl.max(b_z, 0)
-    tl.store(p_pmax + i_bh * NB + i_n, b_max)
-    tl.store(p_psum + i_bh * NB + i_n, tl.sum(tl.exp(b_z - b_max), 0))
-    return b_k_next, b_beta_next
-
-
-@triton.jit
-def _similarity_kernel(p_mem, p_k, p_beta, p_K, p_pmax, p_psum, s_mem_b, s_mem_n, N, M, H, NB, NP,
-                       HS: tl.constexpr, BLOCKS: tl.constexpr, STAGES: tl.constexpr,
+def _similarity_kernel(p_mem, p_k, p_beta, p_K, p_pmax, p_psum, s_mem_b, s_mem_n, N, M, H, NB,
                        BN: tl.constexpr, BM: tl.constexpr):
-    """Large memory, pass 1: logits of every head on rows of ``BLOCKS`` consecutive blocks of one batch item
-    (``NP`` programs an item); max and sum-exp partials of each block.
+    """Large memory, pass 1: logits of every head on rows of block ``i_n``; max and sum-exp partials.
 
     Rows are int32 offsets ``o_n`` from the block's first row ``n0`` (int64), in every large-memory kernel:
     a tile of 64-bit offsets or pointers takes twice the registers.
@@ -368,37 +331,36 @@ def _similarity_kernel(p_mem, p_k, p_beta, p_K, p_pmax, p_psum, s_mem_b, s_mem_n
     each head's dot products over M are sums in registers and one shuffle. A (BN, BM) tile puts a row on
     16 lanes (BM = 64, fp32): four shuffle levels a row and head, and at one warp the kernel issued 2.4
     times the instructions (``benchmarks/sass_model.py``, large shape).
-
-    ``STAGES > 1`` pipelines the blocks' loads (``tl.range``'s ``num_stages``: asynchronous copies to shared
-    memory, ``STAGES - 1`` blocks ahead), so that a program's next block streams in while it computes one,
-    where a one-block program loads, then computes, and an SM's loads come in bursts. Triton pipelines only a
-    loop with no loop inside, so there the heads' loop is unrolled: ``HS`` is H, a constant (0: a loop over H).
-    With ``BLOCKS = 1`` the loop has one trip and the code is a one-block program's.
     """
     BC: tl.constexpr = 256 // p_mem.dtype.element_ty.primitive_bitwidth
-    i_p, i_b = _block_and_item(NP)
+    i_n, i_b = _block_and_item(NB)
+    i_n = i_n.to(tl.int64)
+    n0 = i_n * BN
     o_n = tl.arange(0, BN)
     o_m = _chunked_columns(BM, BC)
+    m_n = o_n < N - n0
     m_m = o_m < M
-    for i in tl.range(0, BLOCKS, num_stages=STAGES):
-        i_n = _block_of_turn(i_p, i, NB, BLOCKS)
-        n0 = i_n * BN
-        m_n = o_n < N - n0
-        b_mem = tl.load(p_mem + i_b * s_mem_b + n0 * s_mem_n + o_n[:, None, None] * s_mem_n + o_m[None, :, :],
-                        mask=m_n[:, None, None] & m_m[None, :, :], other=0.0).to(tl.float32)
-        b_mn = tl.maximum(tl.sqrt(_chunked_row_sums(b_mem * b_mem)), 1e-8)
-        # The first head's, unmasked: H >= 1 (``fastntm.validation``; a mask cost 2 registers and 1% more
-        # instructions).
-        b_k = tl.load(p_k + i_b * H * M + o_m, mask=m_m, other=0.0)
-        b_beta = tl.load(p_beta + i_b * H)
-        if HS > 0:
-            for h in tl.static_range(HS):
-                b_k, b_beta = _similarity_head(b_mem, b_mn, b_k, b_beta, p_k, p_beta, p_K, p_pmax, p_psum,
-                                               i_b * H + h, i_n, n0, o_n, o_m, m_n, m_m, h, N, M, H, NB)
-        else:
-            for h in range(H):
-                b_k, b_beta = _similarity_head(b_mem, b_mn, b_k, b_beta, p_k, p_beta, p_K, p_pmax, p_psum,
-                                               i_b * H + h, i_n, n0, o_n, o_m, m_n, m_m, h, N, M, H, NB)
+    b_mem = tl.load(p_mem + i_b * s_mem_b + n0 * s_mem_n + o_n[:, None, None] * s_mem_n + o_m[None, :, :],
+                    mask=m_n[:, None, None] & m_m[None, :, :], other=0.0).to(tl.float32)
+    b_mn = tl.maximum(tl.sqrt(_chunked_row_sums(b_mem * b_mem)), 1e-8)
+    # The first head's, unmasked: H >= 1 (``fastntm.validation``; a mask cost 2 registers and 1% more instructions).
+    b_k = tl.load(p_k + i_b * H * M + o_m, mask=m_m, other=0.0)
+    b_beta = tl.load(p_beta + i_b * H)
+    for h in range(H):
+        i_bh = i_b * H + h
+        # The next head's key and beta, a head ahead and before this head's stores (which they might alias, so
+        # the compiler keeps a load after them): at one warp a program, each load's latency on the head's chain
+        # of sums was the program's.
+        m_h = h + 1 < H
+        b_k_next = tl.load(p_k + (i_bh + 1) * M + o_m, mask=m_m & m_h, other=0.0)
+        b_beta_next = tl.load(p_beta + i_bh + 1, mask=m_h, other=0.0)
+        b_K = _cosine(b_mem, b_mn, b_k.to(tl.float32))
+        tl.store(p_K + i_bh * N + n0 + o_n, b_K, mask=m_n)
+        b_z = tl.where(m_n, b_beta.to(tl.float32) * b_K, float("-inf"))
+        b_max = tl.max(b_z, 0)
+        tl.store(p_pmax + i_bh * NB + i_n, b_max)
+        tl.store(p_psum + i_bh * NB + i_n, tl.sum(tl.exp(b_z - b_max), 0))
+        b_k, b_beta = b_k_next, b_beta_next
 
 
 @triton.jit
@@ -507,88 +469,52 @@ def _read_write_kernel(p_mem, p_w, p_P, p_e, p_a, p_wout, p_rpart, p_new,
         tl.store(p_rows, b_new.to(p_new.dtype.element_ty), mask=m_nm)
 
 
-@triton.jit
-def _write_head_grads(b_mem, b_dnew, p_w, p_e, p_a, p_dw, p_depart, p_dapart, i_b, i_n, hw, H, R, W, N, M, NB,
-                      n0, o_n, o_m, m_n, m_m, WS: tl.constexpr):
-    """Write head ``hw``'s dL/dw on the block, and the block's partials of its dL/de and dL/da. The erase
-    product without head ``hw`` is rebuilt from the other heads (over the constant ``WS`` where it is not 0,
-    unrolled), never by dividing by ``1 - w e`` (unstable where it is near zero)."""
-    # dnew * mem * (the other heads' erase factors), built in place: no tile of the factors alone.
-    b_derase = b_dnew * b_mem
-    if WS > 0:
-        for h2 in tl.static_range(WS):
-            b_derase = _times_other_erase(b_derase, p_w, p_e, i_b, hw, h2, H, R, W, N, M, n0, o_n, o_m, m_n, m_m)
-    else:
-        for h2 in range(W):
-            b_derase = _times_other_erase(b_derase, p_w, p_e, i_b, hw, h2, H, R, W, N, M, n0, o_n, o_m, m_n, m_m)
-    b_w = tl.load(p_w + (i_b * H + R + hw) * N + n0 + o_n, mask=m_n, other=0.0).to(tl.float32)
-    b_e = tl.load(p_e + (i_b * W + hw) * M + o_m, mask=m_m, other=0.0).to(tl.float32)
-    b_a = tl.load(p_a + (i_b * W + hw) * M + o_m, mask=m_m, other=0.0).to(tl.float32)
-    b_dw = tl.sum(b_dnew * b_a[None, :] - b_derase * b_e[None, :], 1)
-    tl.store(p_dw + (i_b * H + R + hw) * N + n0 + o_n, b_dw, mask=m_n)
-    o_part = ((i_b * NB + i_n) * W + hw) * M + o_m
-    tl.store(p_depart + o_part, -tl.sum(b_derase * b_w[:, None], 0), mask=m_m, eviction_policy="evict_last")
-    tl.store(p_dapart + o_part, tl.sum(b_dnew * b_w[:, None], 0), mask=m_m, eviction_policy="evict_last")
-
-
-@triton.jit
-def _times_other_erase(b_x, p_w, p_e, i_b, hw, h2, H, R, W, N, M, n0, o_n, o_m, m_n, m_m):
-    """``x (1 - w e)`` with write head ``h2``'s erase factor (``_unerased``), or ``x`` where ``h2`` is ``hw``."""
-    return tl.where(h2 == hw, b_x, _unerased(b_x, p_w, p_e, i_b, h2, H, R, W, N, M, n0, o_n, o_m, m_n, m_m))
-
-
-@triton.jit
-def _read_head_dw(b_mem, p_dr, p_dw, i_b, h, H, R, N, M, n0, o_n, o_m, m_n, m_m):
-    """Read head ``h``'s dL/dw on the block: ``mem[n] . dr``."""
-    b_dr = tl.load(p_dr + (i_b * R + h) * M + o_m, mask=m_m, other=0.0).to(tl.float32)
-    tl.store(p_dw + (i_b * H + h) * N + n0 + o_n, tl.sum(b_mem * b_dr[None, :], 1), mask=m_n)
-
-
 @triton.jit(do_not_specialize=("RD", "WD"))
 def _read_write_bwd_kernel(p_mem, p_w, p_e, p_a, p_dr, p_dnew, p_dw, p_depart, p_dapart,
-                           s_mem_b, s_mem_n, s_dnew_b, s_dnew_n, N, M, R, W, NB, NP, RD, WD,
-                           RDS: tl.constexpr, WS: tl.constexpr, BLOCKS: tl.constexpr, STAGES: tl.constexpr,
+                           s_mem_b, s_mem_n, s_dnew_b, s_dnew_n, N, M, R, W, NB, RD, WD,
                            BN: tl.constexpr, BM: tl.constexpr):
-    """dL/dw (fp32, all R + W heads) from the reads and the write on ``BLOCKS`` consecutive blocks of one batch
-    item (``NP`` programs an item); dL/de, dL/da as per-block partials (B, NB, W, M).
+    """dL/dw (fp32, all R + W heads) from the reads and the write; dL/de, dL/da as per-block partials (B, NB, W, M).
 
     ``RD`` (R or 0) and ``WD`` (W or 0) say whether dL/dr and dL/dnew_mem were given. The write heads'
     loop runs over W either way (without dL/dnew_mem it loads zeros and stores the zero gradients), so that
     Triton's constant for W = 1 compiles it to straight code: 10% fewer instructions at the large shape
-    (sass model, sm_90), where a loop over WD, a runtime value, stayed a loop.
-
-    ``STAGES > 1`` pipelines the blocks' loads, as ``_mem_bwd_kernel`` does, the heads' loops unrolled over
-    the constants ``RDS`` (RD) and ``WS`` (W); with ``STAGES = 1`` they are 0 and the loops run over the
-    runtime counts.
+    (sass model, sm_90), where a loop over WD, a runtime value, stayed a loop. The
+    erase product without head h is rebuilt from the other heads, never by dividing by
+    ``1 - w e`` (unstable where it is near zero).
     """
-    i_p, i_b = _block_and_item(NP)
+    i_n, i_b = _block_and_item(NB)
+    i_n = i_n.to(tl.int64)
+    n0 = i_n * BN
     o_n = tl.arange(0, BN)
     o_m = tl.arange(0, BM)
+    m_n = o_n < N - n0
     m_m = o_m < M
+    m_nm = m_n[:, None] & m_m[None, :]
     H = R + W
-    for i in tl.range(0, BLOCKS, num_stages=STAGES):
-        i_n = _block_of_turn(i_p, i, NB, BLOCKS)
-        n0 = i_n * BN
-        m_n = o_n < N - n0
-        m_nm = m_n[:, None] & m_m[None, :]
-        b_mem = tl.load(p_mem + i_b * s_mem_b + n0 * s_mem_n + o_n[:, None] * s_mem_n + o_m[None, :],
-                        mask=m_nm, other=0.0).to(tl.float32)
-        # Loaded once, before the heads' loops (masked off without dL/dnew_mem): its addresses, a tile of 64-bit
-        # pointers where rows are not 16-aligned, no longer live through them (2 warps spilled, sm_80 and sm_90).
-        b_dnew = tl.load(p_dnew + i_b * s_dnew_b + n0 * s_dnew_n + o_n[:, None] * s_dnew_n + o_m[None, :],
-                         mask=m_nm & (WD != 0), other=0.0).to(tl.float32)
-        if STAGES > 1:
-            for h in tl.static_range(RDS):
-                _read_head_dw(b_mem, p_dr, p_dw, i_b, h, H, R, N, M, n0, o_n, o_m, m_n, m_m)
-            for hw in tl.static_range(WS):
-                _write_head_grads(b_mem, b_dnew, p_w, p_e, p_a, p_dw, p_depart, p_dapart, i_b, i_n, hw, H, R, W,
-                                  N, M, NB, n0, o_n, o_m, m_n, m_m, WS)
-        else:
-            for h in range(RD):
-                _read_head_dw(b_mem, p_dr, p_dw, i_b, h, H, R, N, M, n0, o_n, o_m, m_n, m_m)
-            for hw in range(W):
-                _write_head_grads(b_mem, b_dnew, p_w, p_e, p_a, p_dw, p_depart, p_dapart, i_b, i_n, hw, H, R, W,
-                                  N, M, NB, n0, o_n, o_m, m_n, m_m, 0)
+    b_mem = tl.load(p_mem + i_b * s_mem_b + n0 * s_mem_n + o_n[:, None] * s_mem_n + o_m[None, :],
+                    mask=m_nm, other=0.0).to(tl.float32)
+    # Loaded once, before the loop (masked off without dL/dnew_mem): its addresses, a tile of 64-bit
+    # pointers where rows are not 16-aligned, no longer live through it (2 warps spilled, sm_80 and sm_90).
+    b_dnew = tl.load(p_dnew + i_b * s_dnew_b + n0 * s_dnew_n + o_n[:, None] * s_dnew_n + o_m[None, :],
+                     mask=m_nm & (WD != 0), other=0.0).to(tl.float32)
+    for h in range(RD):
+        b_dr = tl.load(p_dr + (i_b * R + h) * M + o_m, mask=m_m, other=0.0).to(tl.float32)
+        tl.store(p_dw + (i_b * H + h) * N + n0 + o_n, tl.sum(b_mem * b_dr[None, :], 1), mask=m_n)
+    for hw in range(W):
+        # dnew * mem * (the other heads' erase factors), built in place: no tile of the factors alone.
+        b_derase = b_dnew * b_mem
+        for h2 in range(W):
+            b_w2 = tl.load(p_w + (i_b * H + R + h2) * N + n0 + o_n, mask=m_n, other=0.0).to(tl.float32)
+            b_e2 = tl.load(p_e + (i_b * W + h2) * M + o_m, mask=m_m, other=0.0).to(tl.float32)
+            b_derase *= tl.where(h2 == hw, 1.0, 1.0 - b_w2[:, None] * b_e2[None, :])
+        b_w = tl.load(p_w + (i_b * H + R + hw) * N + n0 + o_n, mask=m_n, other=0.0).to(tl.float32)
+        b_e = tl.load(p_e + (i_b * W + hw) * M + o_m, mask=m_m, other=0.0).to(tl.float32)
+        b_a = tl.load(p_a + (i_b * W + hw) * M + o_m, mask=m_m, other=0.0).to(tl.float32)
+        b_dw = tl.sum(b_dnew * b_a[None, :] - b_derase * b_e[None, :], 1)
+        tl.store(p_dw + (i_b * H + R + hw) * N + n0 + o_n, b_dw, mask=m_n)
+        o_part = ((i_b * NB + i_n) * W + hw) * M + o_m
+        tl.store(p_depart + o_part, -tl.sum(b_derase * b_w[:, None], 0), mask=m_m, eviction_policy="evict_last")
+        tl.store(p_dapart + o_part, tl.sum(b_dnew * b_w[:, None], 0), mask=m_m, eviction_policy="evict_last")
 
 
 @triton.jit
@@ -713,43 +639,12 @@ def _softmax_bwd_kernel(p_K, p_dwc, p_beta, p_max, p_sum, p_dot, p_k, p_ck, p_cn
     tl.store(p_cn + i_b * N + o_n, b_cn, mask=m_n)
 
 
-@triton.jit
-def _unerased(b_dnew, p_w, p_e, i_b, h, H, R, W, N, M, n0, o_n, o_m, m_n, m_m):
-    """``dnew * (1 - w e)`` with write head ``h``'s erase factor: the erase product's part of dL/dmem."""
-    b_w = tl.load(p_w + (i_b * H + R + h) * N + n0 + o_n, mask=m_n, other=0.0).to(tl.float32)
-    b_e = tl.load(p_e + (i_b * W + h) * M + o_m, mask=m_m, other=0.0).to(tl.float32)
-    return b_dnew * (1.0 - b_w[:, None] * b_e[None, :])
-
-
-@triton.jit
-def _read_term(b_dmem, p_w, p_dr, i_b, h, H, R, N, M, n0, o_n, o_m, m_n, m_m):
-    """``dmem + w dr`` of read head ``h``."""
-    b_w = tl.load(p_w + (i_b * H + h) * N + n0 + o_n, mask=m_n, other=0.0).to(tl.float32)
-    b_dr = tl.load(p_dr + (i_b * R + h) * M + o_m, mask=m_m, other=0.0).to(tl.float32)
-    return b_dmem + b_w[:, None] * b_dr[None, :]
-
-
-@triton.jit
-def _cosine_term(b_dmem, b_mem, b_inv, p_k, p_ck, p_dkpart, i_b, i_n, h, HK, N, M, NB, n0, o_n, o_m, m_n, m_m):
-    """``dmem + c k`` of addressing head ``h``, ``c = ck / max(|mem[n]|, eps)``; stores the block's partial
-    ``sum_n c[n] mem[n]`` of its dL/dk."""
-    i_bh = i_b * HK + h
-    b_k = tl.load(p_k + i_bh * M + o_m, mask=m_m, other=0.0).to(tl.float32)
-    b_c = tl.load(p_ck + i_bh * N + n0 + o_n, mask=m_n, other=0.0) * b_inv
-    b_dmem += b_c[:, None] * b_k[None, :]
-    tl.store(p_dkpart + ((i_b * NB + i_n) * HK + h) * M + o_m, tl.sum(b_c[:, None] * b_mem, 0), mask=m_m,
-             eviction_policy="evict_last")
-    return b_dmem
-
-
 @triton.jit(do_not_specialize=("RD", "HAS_DNEW"))
 def _mem_bwd_kernel(p_mem, p_w, p_e, p_dr, p_dnew, p_k, p_ck, p_cn, p_dmem, p_dkpart,
-                    s_mem_b, s_mem_n, s_dnew_b, s_dnew_n, s_dmem_b, s_dmem_n, N, M, R, W, HK, NB, NP, RD, HAS_DNEW,
-                    WS: tl.constexpr, RDS: tl.constexpr, HKS: tl.constexpr, HAS_DK: tl.constexpr,
-                    BLOCKS: tl.constexpr, STAGES: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr):
-    """dL/dmem on ``BLOCKS`` consecutive blocks of one batch item (``NP`` programs an item): write
-    (``dnew * keep``), reads (``sum_h w_h dr_h``), cosine of the HK addressing heads; per-block partials
-    (B, NB, HK, M) of ``sum_n c[n] mem[n]`` for dL/dk.
+                    s_mem_b, s_mem_n, s_dnew_b, s_dnew_n, s_dmem_b, s_dmem_n, N, M, R, W, HK, NB, RD, HAS_DNEW,
+                    HAS_DK: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr):
+    """dL/dmem on block ``i_n``: write (``dnew * keep``), reads (``sum_h w_h dr_h``), cosine of the HK addressing
+    heads; per-block partials (B, NB, HK, M) of ``sum_n c[n] mem[n]`` for dL/dk.
 
     The cosine's backward from ``_softmax_bwd_kernel``'s factors: with ``c = ck / max(|mem[n]|, eps)``
     (``ck = dK / max(|k|, eps)``), ``dmem[n] += sum_h c k_h - cn mem[n] / max(|mem[n]|, eps)^2``
@@ -759,59 +654,47 @@ def _mem_bwd_kernel(p_mem, p_w, p_e, p_dr, p_dnew, p_k, p_ck, p_cn, p_dmem, p_dk
     that Triton is told not to specialize (it makes an argument equal to 1 a constant), so one compiled
     kernel serves every combination (a masked-off load moves no data). The erase loop runs over W either
     way (on a zero dL/dnew_mem without one), so that W = 1 is straight code (4% fewer instructions at the
-    large shape).
-
-    ``STAGES > 1`` pipelines the blocks' loads, as ``_similarity_kernel`` does: Triton pipelines only a loop
-    with no loop inside, so there the heads' loops are unrolled, over the constants ``WS`` (W), ``RDS`` (RD)
-    and ``HKS`` (HK), one compiled kernel a combination; with ``STAGES = 1`` they are 0 and the loops run over
-    the runtime counts.
-    """
-    i_p, i_b = _block_and_item(NP)
+    large shape)."""
+    i_n, i_b = _block_and_item(NB)
+    i_n = i_n.to(tl.int64)
+    # Rows as int32 offsets from the block's int64 base: tiles of 64-bit offsets cost registers, and with
+    # bf16 tensors ptxas spilled rather than go past 96 of them (HAS_DK=0, BN * BM = 2048, 4 warps, sm_90).
+    n0 = i_n * BN
     o_n = tl.arange(0, BN)
     o_m = tl.arange(0, BM)
+    m_n = o_n < N - n0
     m_m = o_m < M
+    m_nm = m_n[:, None] & m_m[None, :]
     H = R + W
-    for i in tl.range(0, BLOCKS, num_stages=STAGES):
-        i_n = _block_of_turn(i_p, i, NB, BLOCKS)
-        # Rows as int32 offsets from the block's int64 base: tiles of 64-bit offsets cost registers, and with
-        # bf16 tensors ptxas spilled rather than go past 96 of them (HAS_DK=0, BN * BM = 2048, 4 warps, sm_90).
-        n0 = i_n * BN
-        m_n = o_n < N - n0
-        m_nm = m_n[:, None] & m_m[None, :]
-        # The store's addresses first: made after the loops, ptxas spilled (fp32 parameters, bf16 memory, sm_90).
-        p_rows = p_dmem + i_b * s_dmem_b + n0 * s_dmem_n + o_n[:, None] * s_dmem_n + o_m[None, :]
-        b_dnew = tl.load(p_dnew + i_b * s_dnew_b + n0 * s_dnew_n + o_n[:, None] * s_dnew_n + o_m[None, :],
-                         mask=m_nm & (HAS_DNEW != 0), other=0.0).to(tl.float32)
-        if STAGES > 1:
-            for h in tl.static_range(WS):
-                b_dnew = _unerased(b_dnew, p_w, p_e, i_b, h, H, R, W, N, M, n0, o_n, o_m, m_n, m_m)
-        else:
-            for h in range(W):
-                b_dnew = _unerased(b_dnew, p_w, p_e, i_b, h, H, R, W, N, M, n0, o_n, o_m, m_n, m_m)
-        b_dmem = b_dnew
-        if STAGES > 1:
-            for h in tl.static_range(RDS):
-                b_dmem = _read_term(b_dmem, p_w, p_dr, i_b, h, H, R, N, M, n0, o_n, o_m, m_n, m_m)
-        else:
-            for h in range(RD):
-                b_dmem = _read_term(b_dmem, p_w, p_dr, i_b, h, H, R, N, M, n0, o_n, o_m, m_n, m_m)
-        if HAS_DK:
-            b_mem = tl.load(p_mem + i_b * s_mem_b + n0 * s_mem_n + o_n[:, None] * s_mem_n + o_m[None, :],
-                            mask=m_nm, other=0.0).to(tl.float32)
-            b_norm = tl.sqrt(tl.sum(b_mem * b_mem, 1))
-            b_inv = 1.0 / tl.maximum(b_norm, 1e-8)
-            if STAGES > 1:
-                for h in tl.static_range(HKS):
-                    b_dmem = _cosine_term(b_dmem, b_mem, b_inv, p_k, p_ck, p_dkpart, i_b, i_n, h, HK, N, M, NB,
-                                          n0, o_n, o_m, m_n, m_m)
-            else:
-                for h in range(HK):
-                    b_dmem = _cosine_term(b_dmem, b_mem, b_inv, p_k, p_ck, p_dkpart, i_b, i_n, h, HK, N, M, NB,
-                                          n0, o_n, o_m, m_n, m_m)
-            b_cn = tl.load(p_cn + i_b * N + n0 + o_n, mask=m_n, other=0.0)
-            b_cn = tl.where(b_norm >= 1e-8, b_cn * b_inv * b_inv, 0.0)
-            b_dmem -= b_cn[:, None] * b_mem
-        tl.store(p_rows, b_dmem.to(p_dmem.dtype.element_ty), mask=m_nm)
+    # The store's addresses first: made after the loops, ptxas spilled (fp32 parameters, bf16 memory, sm_90).
+    p_rows = p_dmem + i_b * s_dmem_b + n0 * s_dmem_n + o_n[:, None] * s_dmem_n + o_m[None, :]
+    b_dnew = tl.load(p_dnew + i_b * s_dnew_b + n0 * s_dnew_n + o_n[:, None] * s_dnew_n + o_m[None, :],
+                     mask=m_nm & (HAS_DNEW != 0), other=0.0).to(tl.float32)
+    for h in range(W):
+        b_w = tl.load(p_w + (i_b * H + R + h) * N + n0 + o_n, mask=m_n, other=0.0).to(tl.float32)
+        b_e = tl.load(p_e + (i_b * W + h) * M + o_m, mask=m_m, other=0.0).to(tl.float32)
+        b_dnew *= 1.0 - b_w[:, None] * b_e[None, :]
+    b_dmem = b_dnew
+    for h in range(RD):
+        b_w = tl.load(p_w + (i_b * H + h) * N + n0 + o_n, mask=m_n, other=0.0).to(tl.float32)
+        b_dr = tl.load(p_dr + (i_b * R + h) * M + o_m, mask=m_m, other=0.0).to(tl.float32)
+        b_dmem += b_w[:, None] * b_dr[None, :]
+    if HAS_DK:
+        b_mem = tl.load(p_mem + i_b * s_mem_b + n0 * s_mem_n + o_n[:, None] * s_mem_n + o_m[None, :],
+                        mask=m_nm, other=0.0).to(tl.float32)
+        b_norm = tl.sqrt(tl.sum(b_mem * b_mem, 1))
+        b_inv = 1.0 / tl.maximum(b_norm, 1e-8)
+        for h in range(HK):
+            i_bh = i_b * HK + h
+            b_k = tl.load(p_k + i_bh * M + o_m, mask=m_m, other=0.0).to(tl.float32)
+            b_c = tl.load(p_ck + i_bh * N + n0 + o_n, mask=m_n, other=0.0) * b_inv
+            b_dmem += b_c[:, None] * b_k[None, :]
+            tl.store(p_dkpart + ((i_b * NB + i_n) * HK + h) * M + o_m, tl.sum(b_c[:, None] * b_mem, 0), mask=m_m,
+                     eviction_policy="evict_last")
+        b_cn = tl.load(p_cn + i_b * N + n0 + o_n, mask=m_n, other=0.0)
+        b_cn = tl.where(b_norm >= 1e-8, b_cn * b_inv * b_inv, 0.0)
+        b_dmem -= b_cn[:, None] * b_mem
+    tl.store(p_rows, b_dmem.to(p_dmem.dtype.element_ty), mask=m_nm)
 
 
 @triton.jit
@@ -1114,9 +997,7 @@ def _forward(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads: int, rw: bool):
     NB = _config.n_blocks(N, blk.sim_BN)
     pmax = empty((B, H, NB), torch.float32, dev)
     psum = empty((B, H, NB), torch.float32, dev)
-    blocks, NP = _config.turns(NB, blk.sim_blocks)
-    _similarity_kernel[(NP * B,)](mem, k, beta, K, pmax, psum, mem.stride(0), mem.stride(1), N, M, H, NB, NP,
-                                HS=H if blk.sim_stages > 1 else 0, BLOCKS=blocks, STAGES=blk.sim_stages,
+    _similarity_kernel[(NB * B,)](mem, k, beta, K, pmax, psum, mem.stride(0), mem.stride(1), N, M, H, NB,
                                 BN=blk.sim_BN, BM=blk.BM, num_warps=blk.sim_warps)
     # Chunks of the vector pass's rows, up to 1,024 (at 8,192, which a sweep may force, 4 warps spilled).
     _softmax_merge_kernel[(B * H,)](pmax, psum, mx, se, NB, BN=min(blk.BV, 1024), num_warps=4)
@@ -1207,14 +1088,10 @@ def _read_write_bwd(mem, w, e, a, dr, dnew, R: int, W: int, grad_dtype, blk=None
     depart, dapart = eapart
     if has_dr or has_dnew:
         dn = dnew if has_dnew else mem
-        RD = R if has_dr else 0
-        blocks, NP = _config.turns(NB, blk.bwd_blocks)
-        unroll = blk.bwd_stages > 1  # the heads' loops unrolled, so that Triton pipelines the blocks' loop
-        _read_write_bwd_kernel[(NP * B,)](
+        _read_write_bwd_kernel[(NB * B,)](
             mem, w, _nz(e, mem), _nz(a, mem), dr if has_dr else mem, dn, dw, _nz(depart, mem), _nz(dapart, mem),
-            mem.stride(0), mem.stride(1), dn.stride(0), dn.stride(1), N, M, R, W, NB, NP,
-            RD, W if has_dnew else 0, RDS=RD if unroll else 0, WS=W if unroll else 0, BLOCKS=blocks,
-            STAGES=blk.bwd_stages, BN=BN, BM=blk.BM, num_warps=warps)
+            mem.stride(0), mem.stride(1), dn.stride(0), dn.stride(1), N, M, R, W, NB,
+            R if has_dr else 0, W if has_dnew else 0, BN=BN, BM=blk.BM, num_warps=warps)
     if not has_dnew:
         zeros = torch.zeros((2, B, W, M), dtype=grad_dtype, device=mem.device)
         return dw, zeros[0], zeros[1]
@@ -1241,14 +1118,10 @@ def _mem_bwd(mem, w, e, dr, dnew, k, addr, R: int, W: int, blk=None):
     dmem = empty((B, N, M), mem.dtype, mem.device)
     dkpart = empty((B, NB, HK, M), torch.float32, mem.device)
     dn = dnew if has_dnew else mem
-    RD = R if has_dr else 0
-    blocks, NP = _config.turns(NB, blk.bwd_blocks)
-    unroll = blk.bwd_stages > 1  # the heads' loops unrolled, so that Triton pipelines the blocks' loop
-    _mem_bwd_kernel[(NP * B,)](
+    _mem_bwd_kernel[(NB * B,)](
         mem, w, _nz(e, mem), dr if has_dr else mem, dn, k if has_dk else mem, ck, cn, dmem, _nz(dkpart, mem),
         mem.stride(0), mem.stride(1), dn.stride(0), dn.stride(1), dmem.stride(0), dmem.stride(1),
-        N, M, R, W, HK, NB, NP, RD, int(has_dnew), WS=W if unroll else 0, RDS=RD if unroll else 0,
-        HKS=HK if unroll else 0, HAS_DK=has_dk, BLOCKS=blocks, STAGES=blk.bwd_stages,
+        N, M, R, W, HK, NB, R if has_dr else 0, int(has_dnew), HAS_DK=has_dk,
         BN=BN, BM=blk.BM, num_warps=warps)
     if not has_dk:
         return dmem, None

@@ -336,3 +336,22 @@ def test_importing_a_benchmark_module_leaves_the_interpreter_setting_alone():
                           timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.strip() == "ok"
+
+
+def test_batch_chunks_runs_the_step_over_chunks_as_over_the_whole_batch():
+    from benchmarks import batch_chunks
+    from benchmarks.shapes import TINY_OP_SHAPES
+    from fastntm import fused_reference
+
+    shape = TINY_OP_SHAPES["tiny-n16"]
+    x = common.op_inputs(shape, torch.device("cpu"), torch.float64)
+    cot = common.cotangents(fused_reference.memory_step(*x, shape.R))
+    whole = batch_chunks.chunked_step(fused_reference.memory_step, x, shape.R, shape.B, cot)[1](gather=True)
+    forward, forward_backward = batch_chunks.chunked_step(fused_reference.memory_step, x, shape.R, 1, cot)
+    assert len(forward()) == shape.B
+    chunked = forward_backward(gather=True)
+    assert [t.shape for t in chunked] == [t.shape for t in whole] == [
+        *(o.shape for o in fused_reference.memory_step(*x, shape.R)), *(t.shape for t in x)]
+    for a, b in zip(chunked, whole):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert forward_backward() is None

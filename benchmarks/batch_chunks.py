@@ -8,7 +8,7 @@ The forward reads memory twice (the similarity pass, then the read-write pass, t
 between them) and the backward reads it and dL/dnew_mem twice (``_read_write_bwd_kernel``, then
 ``_mem_bwd_kernel``). Over the whole batch (256 MiB) every such pass streams from DRAM; over one or two items at
 a time, the second pass may find the first's rows still in L2. Each chunk is its own ``kernels.memory_step``
-call (and its own autograd node), with its inputs as leaves of their own, as a chunked dispatch would hold them.
+call of the kernels' forward and backward on views of the batch's tensors, as a chunked dispatch would make.
 
 For each dtype and chunk size c (items a call; ``--chunks``): the chunked outputs and gradients against the
 whole batch's (they should be identical bit for bit: no kernel sums across items), then the forward and forward
@@ -21,6 +21,7 @@ the model counts, so this can pass 100%) and the speedup over one call; writes `
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import time
 
@@ -33,25 +34,32 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 DEFAULT_CHUNKS = (16, 8, 4, 2, 1)
 
 
-def chunked_step(step, x, R: int, chunk: int, cot):
-    """(forward, forward + backward) of ``step`` over chunks of ``chunk`` items of ``x``, each chunk's inputs
-    leaves of their own; forward + backward returns the outputs and the inputs' gradients of the whole batch
-    (concatenated, for checks; the timed calls skip that), given the whole batch's cotangents ``cot``."""
+def chunked_step(x, R: int, chunk: int, cot):
+    """(forward, forward + backward) of the kernels' memory step over chunks of ``chunk`` items of ``x``, given
+    the whole batch's cotangents ``cot``; forward + backward with ``gather=True`` returns the outputs and the
+    inputs' gradients of the whole batch (concatenated, for checks; the timed calls skip that).
+
+    The host functions that ``MemoryStep`` calls (``_forward``, ``_backward``), not autograd: a CUDA graph's
+    capture of ``torch.autograd.grad`` over the chunks' leaves failed on the H100 (torch 2.11: "operation would
+    make the legacy stream depend on a capturing blocking stream"), and the kernels' work is the same."""
+    step = importlib.import_module("fastntm.kernels.memory_step")
     B = x[0].shape[0]
-    leaves = [[t[b:b + chunk].clone().requires_grad_() for t in x] for b in range(0, B, chunk)]
-    cots = [c[b:b + chunk] for b in range(0, B, chunk) for c in cot]
+    chunks = [[t[b:b + chunk] for t in x] for b in range(0, B, chunk)]
+    cots = [[c[b:b + chunk] for c in cot] for b in range(0, B, chunk)]
 
     def forward():
-        return [step(*xs, R) for xs in leaves]
+        return [step._forward(*xs, R, True) for xs in chunks]
 
     def forward_backward(gather: bool = False):
-        outs = forward()
-        grads = torch.autograd.grad([o for out in outs for o in out], [t for xs in leaves for t in xs], cots)
+        outs, grads = [], []
+        for xs, (dw, dr, dnew) in zip(chunks, cots):
+            w, r, new, K, mx, se, _ = step._forward(*xs, R, True)
+            outs.append((w, r, new))
+            grads.append(step._backward(*xs, w, K, mx, se, dw, dr, dnew, R))
         if not gather:
             return None
-        n = len(x)
-        return ([torch.cat([out[i] for out in outs]) for i in range(len(outs[0]))]
-                + [torch.cat(grads[i::n]) for i in range(n)])
+        return ([torch.cat([out[i] for out in outs]) for i in range(3)]
+                + [torch.cat([g[i] for g in grads]) for i in range(len(x))])
 
     return forward, forward_backward
 
@@ -66,7 +74,7 @@ def measure(shape, dtype, chunks, device) -> list[dict]:
     model = common.op_bytes(shape, dtype)
     rows, base = [], None
     for chunk in chunks:
-        forward, forward_backward = chunked_step(kernels.memory_step, x, shape.R, chunk, cot)
+        forward, forward_backward = chunked_step(x, shape.R, chunk, cot)
         results = forward_backward(gather=True)
         row = dict(dtype=str(dtype).removeprefix("torch."), chunk=chunk, calls=shape.B // chunk)
         if base is None:
@@ -77,8 +85,8 @@ def measure(shape, dtype, chunks, device) -> list[dict]:
         del results
         for key, fn in (("fwd", forward), ("fwd_bwd", forward_backward)):
             torch.cuda.synchronize()
-            row[f"{key}_graph_us"] = do_bench_cudagraph(fn, rep=50, quantiles=[0.5])[0] * 1e3
-            row[f"{key}_us"] = do_bench(fn, warmup=10, rep=50, quantiles=[0.5])[0] * 1e3
+            row[f"{key}_us"] = do_bench(fn, warmup=10, rep=50, return_mode="median") * 1e3
+            row[f"{key}_graph_us"] = do_bench_cudagraph(fn, rep=50, return_mode="median") * 1e3
             row[f"{key}_bytes_model"] = model[key]
         rows.append(row)
         del forward, forward_backward

@@ -13,15 +13,14 @@ product's backward reads a value on the host and so cannot be captured). The
 kernels' speedups are given over both. A device-to-device copy of the memory
 measured in the same run gives the bandwidth the byte model is held against.
 
-Byte model (minimal traffic, the (B, H, N) vectors left out):
-  forward       3 x |mem|: read mem for the similarity, read it again for the
-                reads and the write (the softmax and sharpening sums over all of
-                N come between), write new_mem;
-  fwd+bwd       6 x |mem|: the forward's 3, plus read mem, read dL/dnew_mem,
-                write dL/dmem.
-The kernels' own traffic is higher in the backward (two passes over mem and
-dL/dnew_mem: 5 x |mem|, so 8 x |mem| in all); the fraction reported is of the
-minimal model.  Finishes in well under 3 minutes on an H100.
+Byte model: ``benchmarks.common.op_bytes``, the one every benchmark here uses: the least traffic of a fused
+step, 3 x |mem| forward (read mem for the similarity, read it again for the reads and the write, the softmax
+and sharpening sums over all of N between; write new_mem) and 6 x |mem| forward + backward (plus read mem,
+read dL/dnew_mem, write dL/dmem), each with the (B, H, N) and smaller vectors it must read and write once
+(three times forward + backward). Until 2026-11-27 this benchmark counted the memory's passes alone, about 5%
+fewer bytes at the large shape. The kernels' own traffic is higher in the backward (two passes over mem and
+dL/dnew_mem: 5 x |mem|, so 8 x |mem| in all); the fraction reported is of the minimal model.
+Finishes in well under 3 minutes on an H100.
 """
 
 from __future__ import annotations
@@ -36,8 +35,11 @@ import time
 
 import torch
 
-# Passes over |mem| in the byte model (module docstring), by timing.
-BYTE_MODEL_PASSES = {"fwd": 3, "fwd_bwd": 6, "fwd_graph": 3, "fwd_bwd_graph": 6}
+from . import common
+from .shapes import OpShape
+
+# The byte model's entry (module docstring) of each timing.
+BYTE_MODEL_OPS = {"fwd": "fwd", "fwd_bwd": "fwd_bwd", "fwd_graph": "fwd", "fwd_bwd_graph": "fwd_bwd"}
 
 SHAPES = {
     "paper": dict(B=32, N=128, M=20, R=1, W=1, S=3),
@@ -153,7 +155,8 @@ def main(argv=None):
         R = shp["R"]
         x = make_inputs(**shp, device=device)
         mem_bytes = x["mem"].numel() * x["mem"].element_size()
-        row = dict(shape=shp, mem_bytes=mem_bytes,
+        bytes_model = common.op_bytes(OpShape(name, **shp))
+        row = dict(shape=shp, mem_bytes=mem_bytes, bytes_model=bytes_model,
                    errors={prov: check(fn, reference.memory_step, x, R) for prov, fn in providers.items()
                            if prov != "reference-literal"})
         row["correct"] = max(e for errs in row["errors"].values() for e in errs.values()) < 1e-3
@@ -172,11 +175,11 @@ def main(argv=None):
             # at the large shape (on an H100) a plain forward + backward left the GPU idle for a fifth of it.
             row[prov] = dict(fwd=fwd, fwd_bwd=both, fwd_graph=bench_graph(lambda: fn(*x.values(), R)),
                              fwd_bwd_graph=bench_graph(fwd_bwd))
-            for key, passes in BYTE_MODEL_PASSES.items():
+            for key, op in BYTE_MODEL_OPS.items():
                 if "p50_us" in row[prov][key]:
-                    row[prov][f"{key}_GBps"] = passes * mem_bytes / (row[prov][key]["p50_us"] * 1e-6) / 1e9
+                    row[prov][f"{key}_GBps"] = bytes_model[op] / (row[prov][key]["p50_us"] * 1e-6) / 1e9
         row["speedups"] = speedups(row)
-        for key in BYTE_MODEL_PASSES:
+        for key in BYTE_MODEL_OPS:
             if f"{key}_GBps" in row["triton"]:
                 row[f"triton_{key}_frac_copy"] = row["triton"][f"{key}_GBps"] / row["copy_GBps"]
         result["shapes"][name] = row

@@ -17,7 +17,7 @@
 # named at the end and the later parts still run; a limit of 0 skips a part. The
 # limits below add up to 490 s
 # (plus 3 s grace each: 514 s at worst); override them with T_TESTS, T_KERNELS,
-# T_PROFILE, T_SUMS, T_CHUNKS, T_RUN, T_LONG, T_SASS, and pass extra runner arguments
+# T_PROFILE, T_SUMS, T_RUN, T_LONG, T_SASS, and pass extra runner arguments
 # in RUN_ARGS, split at spaces, no quotes inside (for example
 # RUN_ARGS="--providers reference,triton,triton-graph --filter train_step|paper").
 #
@@ -123,10 +123,6 @@ fi
 if [ "${SWEEP:-0}" = 1 ]; then
     part sweep_blocks "$T_SWEEP" "$PY" -m benchmarks.sweep_blocks --quick --budget $(( T_SWEEP - 15 )) --out "$OUT"
 fi
-
-# T_CHUNKS (default 0: skipped): benchmarks.batch_chunks, the large step over chunks of the batch in turn
-# against one call (fp32 and bf16), into $OUT/batch_chunks.json.
-part batch_chunks "${T_CHUNKS:-0}" "$PY" -m benchmarks.batch_chunks --out "$OUT"
 
 # Budgets a little under the limits, so that each writes its JSON and table itself.
 # shellcheck disable=SC2086  # RUN_ARGS is a list of arguments

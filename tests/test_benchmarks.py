@@ -336,28 +336,3 @@ def test_importing_a_benchmark_module_leaves_the_interpreter_setting_alone():
                           timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.strip() == "ok"
-
-
-def test_batch_chunks_runs_the_step_over_chunks_as_over_the_whole_batch():
-    # The kernels under the interpreter (conftest): no kernel sums across batch items, so chunks of the batch
-    # give the whole batch's outputs and gradients bit for bit (the large-memory regime, for which chunks are).
-    from benchmarks import batch_chunks
-    from benchmarks.shapes import OpShape
-    from fastntm import kernels, reference
-    from fastntm.kernels import _config
-
-    shape = OpShape("chunks", B=2, N=37, M=13, R=1, W=1)
-    x = common.op_inputs(shape, torch.device("cpu"))
-    cot = common.cotangents(reference.memory_step(*x, shape.R))
-    with _config.force(block_n=16):
-        whole = batch_chunks.chunked_step(x, shape.R, shape.B, cot)[1](gather=True)
-        forward, forward_backward = batch_chunks.chunked_step(x, shape.R, 1, cot)
-        assert len(forward()) == shape.B
-        chunked = forward_backward(gather=True)
-        assert forward_backward() is None
-        xg = [t.clone().requires_grad_() for t in x]
-        out = kernels.memory_step(*xg, shape.R)
-        expected = [*out, *torch.autograd.grad(out, xg, cot)]
-    assert [t.shape for t in chunked] == [t.shape for t in expected]
-    for a, b, c in zip(chunked, whole, expected):
-        assert torch.equal(a, b) and torch.equal(b, c)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check: the GPU tests and the benchmarks, in one run of under 8 minutes.
+# GPU check: the GPU tests and the benchmarks, in one run of under 10 minutes (the limits below).
 #
 #   OUT=/some/folder bash benchmarks/gpu_check.sh     # else ./gpu_results
 #
@@ -11,22 +11,23 @@
 # $OUT/bench_kernels.json (when benchmarks/bench_kernels.py exists),
 # $OUT/kernel_profile.json (device time per kernel, benchmarks.kernel_profile),
 # $OUT/block_sums.json (the sums of block partials, kernel against torch, benchmarks.bench_block_sums),
+# $OUT/launch_cost.json (the host's time a Triton launch of the step, benchmarks.launch_cost),
 # $OUT/sass_model.json (warp-instructions the same tree's kernels issue at the large
 # shape, benchmarks.sass_model: the measured times calibrate it) and ends with the
 # key figures. Every part runs under `timeout`; one that fails or runs out of time is
 # named at the end and the later parts still run; a limit of 0 skips a part. The
-# limits below add up to 490 s
-# (plus 3 s grace each: 514 s at worst); override them with T_TESTS, T_KERNELS,
-# T_PROFILE, T_SUMS, T_RUN, T_LONG, T_SASS, and pass extra runner arguments
+# limits below add up to 510 s
+# (plus 3 s grace each: 537 s at worst); override them with T_TESTS, T_KERNELS,
+# T_PROFILE, T_SUMS, T_LAUNCH, T_RUN, T_LONG, T_SASS, and pass extra runner arguments
 # in RUN_ARGS, split at spaces, no quotes inside (for example
 # RUN_ARGS="--providers reference,triton,triton-graph --filter train_step|paper").
 #
 # SWEEP=1 also runs the block-size sweep (benchmarks.sweep_blocks --quick, after
 # bench_kernels, whose compiled default kernels it reuses from Triton's cache),
 # writing $OUT/sweep_blocks.json, under its own limit T_SWEEP (default 150 s; its
-# --budget stops it 15 s before). That adds 153 s at worst, 667 s in all: lower
+# --budget stops it 15 s before). That adds 153 s at worst, 690 s in all: lower
 # T_RUN and T_LONG to keep a margin under the machine's ten minutes (SWEEP=1 with
-# T_TESTS=90 T_KERNELS=30 T_PROFILE=40 T_SWEEP=150 T_RUN=90 T_LONG=20: 525 s, 552 s
+# T_TESTS=90 T_KERNELS=30 T_PROFILE=40 T_SWEEP=150 T_RUN=90 T_LONG=20: 545 s, 575 s
 # at worst).
 #
 # BASE=<commit> (or a FILE.tar from `git archive -o FILE.tar <commit>`, carried to a machine whose .git may
@@ -51,6 +52,7 @@ T_RUN="${T_RUN:-115}"
 T_LONG="${T_LONG:-60}"
 T_SWEEP="${T_SWEEP:-150}"
 T_SASS="${T_SASS:-30}"
+T_LAUNCH="${T_LAUNCH:-20}"
 START=$(date +%s)
 SUMMARY=()
 
@@ -97,6 +99,8 @@ fi
 part kernel_profile "$T_PROFILE" "$PY" -m benchmarks.kernel_profile --device cuda --out "$OUT"
 
 part block_sums "$T_SUMS" "$PY" -m benchmarks.bench_block_sums --device cuda --out "$OUT"
+
+part launch_cost "$T_LAUNCH" "$PY" -m benchmarks.launch_cost --out "$OUT"
 
 if [ -n "${BASE:-}" ]; then
     BASE_TREE="$(mktemp -d)"

@@ -336,3 +336,29 @@ def test_importing_a_benchmark_module_leaves_the_interpreter_setting_alone():
                           timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.strip() == "ok"
+
+
+def test_launch_cost_times_each_kernel_launch_of_a_call_and_unwraps():
+    # Under the interpreter (conftest) the kernels run on CPU tensors; what is checked is the wrapping: every
+    # launch of a large-memory forward is counted under its kernel's name, and undo restores the kernels.
+    import importlib
+
+    from benchmarks import launch_cost
+    from benchmarks.shapes import OpShape
+    from fastntm.kernels import _config
+
+    step = importlib.import_module("fastntm.kernels.memory_step")
+    shape = OpShape("launches", B=1, N=37, M=13, R=1, W=1)
+    x = common.op_inputs(shape, torch.device("cpu"))
+    with _config.force(block_n=16):
+        expected = step._forward(*x, shape.R, True)
+        spent, undo = launch_cost._timed_runs(step)
+        try:
+            got = step._forward(*x, shape.R, True)
+        finally:
+            undo()
+    assert sorted(spent) == ["_read_write_kernel", "_shift_sharpen_kernel", "_similarity_kernel",
+                             "_softmax_merge_kernel", "_sum_blocks_kernel"]
+    assert all(len(v) == 1 and v[0] > 0 for v in spent.values())
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    assert "run" not in vars(step._similarity_kernel)

@@ -69,6 +69,8 @@ FP32_POINTERS = {"p_K", "p_max", "p_sum", "p_P", "p_pmax", "p_psum", "p_pw", "p_
                  "p_sums", "p_pdbeta", "p_part", "p_dkrows", "p_ck", "p_cn", "p_x"}
 # The large-memory passes over (B, H, N) vectors and block partials, launched like ``_shift_sharpen_kernel``.
 VECTOR_KERNELS = ("_shift_sharpen_kernel", "_softmax_merge_kernel", "_sharpen_bwd_kernel", "_interp_bwd_kernel")
+SHIFT_KERNELS = ("_shift_sharpen_kernel", "_sharpen_bwd_kernel")
+"""Those that take the shift's half-width K as a constant (``memory_step._shift``)."""
 
 # Triton launches of one forward / backward step, by regime (plus torch's sums of one-number block partials:
 # large-memory forward 1, the sharpening's; backward 1, the shift pass's partials of sum dwc wc, for the
@@ -124,7 +126,10 @@ def kernel_configs():
             out.append(("_mem_bwd_kernel", dict(HAS_DK=has_dk, BN=bwd_bn, BM=blk.BM), bwd_nw))
     for log_n in range(4, 21):
         BV = _config.vector_block(2**log_n)
-        out += [(name, dict(BN=BV), 4) for name in VECTOR_KERNELS]
+        out += [(name, dict(BN=BV), 4) for name in VECTOR_KERNELS if name not in SHIFT_KERNELS]
+        # A build for each S: the paper's (K = 1) at every block, and K = 2 at the largest.
+        out += [(name, dict(K=K, BN=BV), 4) for name in SHIFT_KERNELS
+                for K in ((1, 2) if BV == _config.vector_block(2**20) else (1,))]
         out += [("_softmax_bwd_kernel", dict(BN=BV, BM=BM), 4) for BM in BLOCK_MS]
     out += [("_head_grads_kernel", dict(BN=64, BP=8, BM=BM), 4) for BM in BLOCK_MS]
     out += [("_sum_blocks_kernel", dict(BR=2**i, BX=16), _config.SUM_WARPS)

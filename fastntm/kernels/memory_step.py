@@ -179,14 +179,6 @@ def _wg(b_K, b_wp, b_beta, b_g, b_max, b_sum):
 
 
 @triton.jit
-def _wg_at(p_K, p_wp, o_src, m_n, b_beta, b_g, b_max, b_sum):
-    """``wg`` of one head at rows ``o_src``, from the stored logits."""
-    b_K = tl.load(p_K + o_src, mask=m_n, other=0.0)
-    b_wp = tl.load(p_wp + o_src, mask=m_n, other=0.0).to(tl.float32)
-    return _wg(b_K, b_wp, b_beta, b_g, b_max, b_sum)
-
-
-@triton.jit
 def _erase_add(b_keep, b_add, b_w, p_e, p_a, o_hw, o_m, m_m):
     """One write head's factor ``1 - w e`` of the erase product and term ``w a`` of the add sum."""
     b_e = tl.load(p_e + o_hw + o_m, mask=m_m, other=0.0).to(tl.float32)
@@ -202,18 +194,49 @@ def _store_written(p_rows, b_mem, b_keep, b_add, s_new_n, o_n, o_m, m_nm):
 
 
 @triton.jit
-def _shift(p_K, p_wp, p_s, b_beta, b_g, b_max, b_sum, o_n, m_n, N, K, BN: tl.constexpr):
-    """``ws[n] = sum_j s[j + K] wg[(n - j) mod N]`` at rows ``o_n`` of one head (not 0 on masked rows).
+def _wg_row(p_K, p_wp, o, b_beta, b_g, b_max, b_sum):
+    """``wg`` of one head at the one row ``o`` (in [0, N)), from the stored logits."""
+    return _wg(tl.load(p_K + o), tl.load(p_wp + o).to(tl.float32), b_beta, b_g, b_max, b_sum)
 
-    ``wg`` is recomputed at each source row from the stored logits, so rows of other blocks cost one load.
+
+@triton.jit
+def _shift(p_K, p_wp, p_s, b_beta, b_g, b_max, b_sum, n0, o_n, m_n, N, K: tl.constexpr, BN: tl.constexpr):
+    """``ws[n] = sum_j s[j + K] wg[(n - j) mod N]``, ``j`` from ``-K`` to ``K``, at the block's rows ``o_n``
+    (from row ``n0``) of one head (not 0 on masked rows).
+
+    ``wg`` is made once at the block's rows, from the stored logits, and each tap takes its rows from that
+    vector (``tl.gather``, through shared memory). The few rows a tap needs from past the block's ends (the
+    halo: up to ``|j|`` a tap, wrapping around N as often as the shift does) are made a row at a time, each
+    next row by ``_next_shift``. ``K`` is a constant, so the taps' loops unroll: with a runtime ``K``, their
+    nested loops left ptxas short of predicate registers in unspecialized builds (8 to 24-byte stack
+    frames). The taps are summed in the order ``j = -K .. K``. Where each tap remade ``wg`` at its source rows from the logits,
+    the shift-sharpen pass issued 19.0 warp-instructions a memory row against 11.6, and the sharpening
+    backward 23.2 against 16.5 (sass model, large shape, fp32, sm_90).
     """
-    S = 2 * K + 1
+    r = tl.arange(0, BN)
+    rows = tl.minimum(N - n0, BN)
+    b_wg = _wg(tl.load(p_K + o_n, mask=m_n, other=0.0), tl.load(p_wp + o_n, mask=m_n, other=0.0).to(tl.float32),
+               b_beta, b_g, b_max, b_sum)
     b_ws = tl.zeros([BN], dtype=tl.float32)
-    d, _ = _tap_shifts(K, N)
-    for j in range(S):
-        o_src = _circular(o_n, d, N)
-        b_ws += tl.load(p_s + j).to(tl.float32) * _wg_at(p_K, p_wp, o_src, m_n, b_beta, b_g, b_max, b_sum)
-        d = _next_shift(d, 1, N)
+    after = _next_shift(n0 + rows - 1, 1, N)  # the row after the block's last, mod N
+    before = _next_shift(n0, -1, N)  # the row before its first
+    for t in tl.static_range(K):  # j = t - K < 0: source rows r - j, past the block's end for its last -j rows
+        i = r + (K - t)
+        b_src = tl.gather(b_wg, tl.minimum(i, BN - 1), 0)
+        o, past = after, i - rows  # the u-th row past the block's last is at past == u
+        for u in tl.static_range(K - t):
+            b_src = tl.where(past == u, _wg_row(p_K, p_wp, o, b_beta, b_g, b_max, b_sum), b_src)
+            o = _next_shift(o, 1, N)
+        b_ws += tl.load(p_s + t).to(tl.float32) * b_src
+    b_ws += tl.load(p_s + K).to(tl.float32) * b_wg
+    for j in tl.static_range(1, K + 1):  # source rows r - j, before the block's start for its first j rows
+        i = r - j
+        b_src = tl.gather(b_wg, tl.maximum(i, 0), 0)
+        o, ahead = before, j - 1 - r  # the u-th row before the block's first is at ahead == u
+        for u in tl.static_range(j):
+            b_src = tl.where(ahead == u, _wg_row(p_K, p_wp, o, b_beta, b_g, b_max, b_sum), b_src)
+            o = _next_shift(o, -1, N)
+        b_ws += tl.load(p_s + K + j).to(tl.float32) * b_src
     return b_ws
 
 
@@ -392,24 +415,26 @@ def _softmax_merge_kernel(p_pmax, p_psum, p_max, p_sum, NB, BN: tl.constexpr):
 
 
 @triton.jit
-def _shifted_block(p_K, p_wp, p_beta, p_g, p_s, p_max, p_sum, i_n, i_bh, N, K, BN: tl.constexpr):
+def _shifted_block(p_K, p_wp, p_beta, p_g, p_s, p_max, p_sum, i_n, i_bh, N, K: tl.constexpr, BN: tl.constexpr):
     """``ws`` of head ``i_bh`` on block ``i_n`` (``_shift``, from the stored logits), its rows and their mask:
     the large-memory sharpening passes, forward and backward, make it the same way."""
-    o_n = i_n * BN + tl.arange(0, BN)
+    n0 = i_n * BN
+    o_n = n0 + tl.arange(0, BN)
     m_n = o_n < N
     b_ws = _shift(p_K + i_bh * N, p_wp + i_bh * N, p_s + i_bh * (2 * K + 1), tl.load(p_beta + i_bh).to(tl.float32),
-                  tl.load(p_g + i_bh).to(tl.float32), tl.load(p_max + i_bh), tl.load(p_sum + i_bh), o_n, m_n, N, K, BN)
+                  tl.load(p_g + i_bh).to(tl.float32), tl.load(p_max + i_bh), tl.load(p_sum + i_bh), n0, o_n, m_n, N, K,
+                  BN)
     return b_ws, o_n, m_n
 
 
 @triton.jit
-def _shift_sharpen_kernel(p_K, p_wp, p_beta, p_g, p_s, p_gamma, p_max, p_sum, p_pw, p_pP, N, K, NB,
+def _shift_sharpen_kernel(p_K, p_wp, p_beta, p_g, p_s, p_gamma, p_max, p_sum, p_pw, p_pP, N, K: tl.constexpr, NB,
                           BN: tl.constexpr):
     """Large memory, pass 2: ``ws^gamma`` of head ``i_bh`` on block ``i_n`` (fp32) and its block sum.
 
-    This pass and the addressing chain's backward passes take the shift's half-width ``K`` (``S = 2K + 1``
-    taps), as the on-chip kernels do: Triton makes K = 1 (S = 3) a constant and the tap loops unroll
-    (sass model, large shape, sm_90: 2-11% fewer instructions a pass)."""
+    This pass and the sharpening's backward take the shift's half-width ``K`` (``S = 2K + 1`` taps) as a
+    constant, a build for each S (``_shift``); the shift pass of the backward and the on-chip kernels take it
+    at run time, where Triton makes K = 1 (S = 3) a constant and their tap loops unroll."""
     i_n, i_bh = _block_and_item(NB)
     b_ws, o_n, m_n = _shifted_block(p_K, p_wp, p_beta, p_g, p_s, p_max, p_sum, i_n, i_bh, N, K, BN)
     _, b_p = _sharpened(b_ws, tl.load(p_gamma + i_bh).to(tl.float32), m_n)
@@ -528,7 +553,7 @@ def _dw_at(p_dwrw, p_dw, o, m_n, HAS_DW):
 
 @triton.jit(do_not_specialize=("HAS_DW",))
 def _sharpen_bwd_kernel(p_dwrw, p_dw, p_K, p_wp, p_beta, p_g, p_s, p_gamma, p_max, p_sum, p_v, p_psums,
-                        N, K, NB, HAS_DW, BN: tl.constexpr):
+                        N, K: tl.constexpr, NB, HAS_DW, BN: tl.constexpr):
     """Addressing backward, pass 1, head ``i_bh`` on block ``i_n``: the sharpening, up to its sums.
 
     With ``c = max(ws, 1e-30)``, ``p = c^gamma``, ``w = p / Pe`` (``Pe = P + eps``, ``P = sum_n p``) and

@@ -252,11 +252,11 @@ def test_write_matches_reference(W, BN):
         check_op(kernels.write, reference.write, {"mem": x["mem"], "w": x["w_prev"], "e": x["e"], "a": x["a"]})
 
 
-@pytest.mark.parametrize("BN", [None, 16], ids=["auto", "BN16"])
-def test_shift_wider_than_memory_wraps(BN):
-    # S = 7 > N = 5: shifts wrap more than once around the memory.
+@pytest.mark.parametrize("BN, S", [(None, 7), (16, 7), (16, 23)], ids=["auto", "BN16", "BN16-S23"])
+def test_shift_wider_than_memory_wraps(BN, S):
+    # S > N = 5: shifts wrap more than once around the memory; at S = 23 (K = 11 > 2N) a tap's halo rows too.
     with _config.force_block_n(BN):
-        check_op(kernels.memory_step, reference.memory_step, kernel_inputs(2, 5, 13, 2, 1, 7), extra=(1,))
+        check_op(kernels.memory_step, reference.memory_step, kernel_inputs(2, 5, 13, 2, 1, S), extra=(1,))
 
 
 def test_shift_wider_than_a_block():

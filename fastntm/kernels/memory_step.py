@@ -10,10 +10,12 @@ Forward, two regimes (``_config.choose``):
   1. ``_similarity_kernel``: cosine logits ``K`` (stored, fp32) and per-block
      max / sum-exp partials of ``beta * K``, merged a head a program by
      ``_softmax_merge_kernel``;
-  2. ``_shift_sharpen_kernel``: the shift needs ``wg`` at rows of the
-     neighbouring blocks (the halo); ``wg[n] = g exp(beta K[n] - max) / sumexp
-     + (1 - g) w_prev[n]`` is recomputed at any row from the stored logits, so
-     no block waits for another. Stores ``ws^gamma`` and per-block sums;
+  2. ``_shift_sharpen_kernel``: ``wg[n] = g exp(beta K[n] - max) / sumexp
+     + (1 - g) w_prev[n]`` is made once at the block's rows, and each shift tap
+     takes its rows from it by ``tl.gather``; the rows of the neighbouring
+     blocks that the taps need (the halo) are remade one at a time from the
+     stored logits, so no block waits for another. Stores ``ws^gamma`` and
+     per-block sums;
   3. ``_read_write_kernel``: normalise ``w``, per-block read partials, write.
   The read partials are summed by ``_sum_blocks_kernel``, the sharpening's (one
   number a block) by torch: each in a fixed order, as in the merge, so results
@@ -209,9 +211,12 @@ def _shift(p_K, p_wp, p_s, b_beta, b_g, b_max, b_sum, n0, o_n, m_n, N, K: tl.con
     halo: up to ``|j|`` a tap, wrapping around N as often as the shift does) are made a row at a time, each
     next row by ``_next_shift``. ``K`` is a constant, so the taps' loops unroll: with a runtime ``K``, their
     nested loops left ptxas short of predicate registers in unspecialized builds (8 to 24-byte stack
-    frames). The taps are summed in the order ``j = -K .. K``. Where each tap remade ``wg`` at its source rows from the logits,
-    the shift-sharpen pass issued 19.0 warp-instructions a memory row against 11.6, and the sharpening
-    backward 23.2 against 16.5 (sass model, large shape, fp32, sm_90).
+    frames). The halo's work grows as K^2 (K (K + 1) / 2 rows a side), against 2K + 1 loads of every row
+    before: S = 3, the paper's, makes 2. The taps are summed in the order ``j = -K .. K``.
+
+    Where each tap remade ``wg`` at its source rows from the logits, the shift-sharpen pass issued 19.0
+    warp-instructions a memory row against 11.6, and the sharpening backward 23.2 against 16.5 (sass model,
+    large shape, fp32, sm_90).
     """
     r = tl.arange(0, BN)
     rows = tl.minimum(N - n0, BN)

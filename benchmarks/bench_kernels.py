@@ -38,8 +38,8 @@ import torch
 from . import common
 from .shapes import OpShape
 
-# The byte model's entry (module docstring) of each timing.
-BYTE_MODEL_OPS = {"fwd": "fwd", "fwd_bwd": "fwd_bwd", "fwd_graph": "fwd", "fwd_bwd_graph": "fwd_bwd"}
+# Each op timed by plain calls and replayed from a CUDA graph; a timing's bytes are its op's (module docstring).
+TIMINGS = ("fwd", "fwd_bwd", "fwd_graph", "fwd_bwd_graph")
 
 SHAPES = {
     "paper": dict(B=32, N=128, M=20, R=1, W=1, S=3),
@@ -106,7 +106,7 @@ def speedups(row):
     out = {}
     for prov in ("reference", "reference-literal"):
         out[prov] = {key: row[prov][key]["p50_us"] / row["triton"][key]["p50_us"]
-                     for key in ("fwd", "fwd_bwd", "fwd_graph", "fwd_bwd_graph")
+                     for key in TIMINGS
                      if "p50_us" in row[prov].get(key, {}) and "p50_us" in row["triton"].get(key, {})}
     return out
 
@@ -175,11 +175,12 @@ def main(argv=None):
             # at the large shape (on an H100) a plain forward + backward left the GPU idle for a fifth of it.
             row[prov] = dict(fwd=fwd, fwd_bwd=both, fwd_graph=bench_graph(lambda: fn(*x.values(), R)),
                              fwd_bwd_graph=bench_graph(fwd_bwd))
-            for key, op in BYTE_MODEL_OPS.items():
+            for key in TIMINGS:
                 if "p50_us" in row[prov][key]:
+                    op = key.removesuffix("_graph")
                     row[prov][f"{key}_GBps"] = bytes_model[op] / (row[prov][key]["p50_us"] * 1e-6) / 1e9
         row["speedups"] = speedups(row)
-        for key in BYTE_MODEL_OPS:
+        for key in TIMINGS:
             if f"{key}_GBps" in row["triton"]:
                 row[f"triton_{key}_frac_copy"] = row["triton"][f"{key}_GBps"] / row["copy_GBps"]
         result["shapes"][name] = row

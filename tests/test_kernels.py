@@ -109,22 +109,22 @@ ONCHIP_KERNELS = ("_memory_step_onchip_kernel", "_onchip_heads_bwd_kernel", "_on
 FORCED_CASES = [
     (dict(block_n=16, num_warps=2, vector_block=32),
      {("_similarity_kernel", 16, 2, None), ("_shift_sharpen_kernel", 32, 4, None), ("_read_write_kernel", 16, 2, None),
-      ("_read_write_bwd_kernel", 16, 2, None), ("_sharpen_bwd_kernel", 32, 4, None),
-      ("_interp_bwd_kernel", 32, 4, None), ("_softmax_bwd_kernel", 32, 4, None),
+      ("_read_write_bwd_kernel", 16, 2, None), ("_shift_sharpen_bwd_kernel", 32, 4, None),
+      ("_softmax_bwd_kernel", 32, 4, None),
       ("_mem_bwd_kernel", 16, 2, None), ("_softmax_merge_kernel", 32, 4, None),
       ("_head_grads_kernel", 64, 4, None)}),
     # The backward's passes over memory on blocks and warps of their own.
     (dict(block_n=32, num_warps=1, bwd_block_n=16, bwd_warps=8, vector_block=32),
      {("_similarity_kernel", 32, 1, None), ("_shift_sharpen_kernel", 32, 4, None), ("_read_write_kernel", 32, 1, None),
-      ("_read_write_bwd_kernel", 16, 8, None), ("_sharpen_bwd_kernel", 32, 4, None),
-      ("_interp_bwd_kernel", 32, 4, None), ("_softmax_bwd_kernel", 32, 4, None),
+      ("_read_write_bwd_kernel", 16, 8, None), ("_shift_sharpen_bwd_kernel", 32, 4, None),
+      ("_softmax_bwd_kernel", 32, 4, None),
       ("_mem_bwd_kernel", 16, 8, None), ("_softmax_merge_kernel", 32, 4, None),
       ("_head_grads_kernel", 64, 4, None)}),
     # The similarity pass on blocks and warps of its own: 3 blocks of 16 rows, where the others take 2 of 32.
     (dict(block_n=32, sim_block_n=16, sim_warps=2, vector_block=32),
      {("_similarity_kernel", 16, 2, None), ("_shift_sharpen_kernel", 32, 4, None), ("_read_write_kernel", 32, 4, None),
-      ("_read_write_bwd_kernel", 32, 4, None), ("_sharpen_bwd_kernel", 32, 4, None),
-      ("_interp_bwd_kernel", 32, 4, None), ("_softmax_bwd_kernel", 32, 4, None),
+      ("_read_write_bwd_kernel", 32, 4, None), ("_shift_sharpen_bwd_kernel", 32, 4, None),
+      ("_softmax_bwd_kernel", 32, 4, None),
       ("_mem_bwd_kernel", 32, 4, None), ("_softmax_merge_kernel", 32, 4, None),
       ("_head_grads_kernel", 64, 4, None)}),
     (dict(onchip_warps=2, onchip_bwd_warps=16),
@@ -150,10 +150,11 @@ def test_memory_step_with_forced_warps_and_vector_block(settings, expected):
 
 def test_reductions_of_block_partials_loop_more_than_once():
     # 69 blocks of 16 rows: the softmax merge takes its partials in 5 chunks of 16 (each chunk's lanes
-    # rescaled as the running max moves), _head_grads_kernel in 2 of 64, and at S = 7 its 10 columns in 2
-    # chunks of 8, and _sum_blocks_kernel in 5 loads of 16 rows; elsewhere one chunk holds them all.
+    # rescaled as the running max moves), _head_grads_kernel dL/dbeta's in 2 of 64, and _sum_blocks_kernel
+    # in 5 loads of 16 rows, at S = 5 the shift-sharpen backward's 18 columns in 2 strips of 16; elsewhere
+    # one chunk holds them all. (_head_grads_kernel's dL/ds loops over chunks of 8 taps at S = 37, below.)
     with _config.force(block_n=16, vector_block=16, sum_rows=16):
-        check_op(kernels.memory_step, reference.memory_step, kernel_inputs(1, 1100, 13, 2, 1, 7), extra=(1,))
+        check_op(kernels.memory_step, reference.memory_step, kernel_inputs(1, 1100, 13, 2, 1, 5), extra=(1,))
 
 
 @pytest.mark.parametrize("shape, dtype", [((3, 37, 2, 13), torch.float32), ((1, 69, 40), torch.bfloat16),
@@ -261,10 +262,10 @@ def test_shift_wider_than_memory_wraps(BN, S):
 
 def test_shift_wider_than_a_block():
     # K = 18 > BN = 16: the shift's halo (forward and backward) reaches past the neighbouring block; the last
-    # block of N = 40 is ragged.
+    # block of N = 40 is ragged. S = 37 > 8: _head_grads_kernel takes dL/ds in 5 chunks of 8 taps.
     with _config.force_block_n(16):
         # B = 1 and 3 blocks: the interpreter checks every int32 operation for overflow, and the shift passes'
-        # halo unrolls K (K + 1) / 2 rows a side (60 s at N = 130 under the interpreter, 9 blocks).
+        # halo unrolls K rows a side, each of the backward's made from S rows of wg.
         check_op(kernels.memory_step, reference.memory_step, kernel_inputs(1, 40, 13, 2, 1, 37), extra=(1,))
 
 

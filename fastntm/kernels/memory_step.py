@@ -235,11 +235,12 @@ def _rows_from(row: tl.constexpr, args, o, step: tl.constexpr, N, COUNT: tl.cons
 
 
 @triton.jit
-def _halo(row: tl.constexpr, args, after, before, N, K: tl.constexpr):
-    """``(past, ahead)``: ``row(o, *args)`` at the K rows past a block's last (``after``, ``after + 1``, ...)
-    and at the K rows before its first (``before``, ``before - 1``, ...), mod N, as two tuples: each halo row
-    made once, for every tap that takes it."""
-    return _rows_from(row, args, after, 1, N, K), _rows_from(row, args, before, -1, N, K)
+def _taps(p_s, K: tl.constexpr):
+    """The shift's ``S = 2K + 1`` weights of one head, fp32, as a tuple: loaded once for every use."""
+    out = ()
+    for t in tl.static_range(2 * K + 1):
+        out = out + (tl.load(p_s + t).to(tl.float32),)
+    return out
 
 
 @triton.jit
@@ -247,7 +248,7 @@ def _tap(b_x, past, ahead, off: tl.constexpr, rows, BN: tl.constexpr):
     """``x[(n + off) mod N]`` at a block's rows ``n = n0 + r`` (``r < rows``), for a constant ``off``: from the
     block's own vector ``b_x`` (``tl.gather``, through shared memory), except at the ``|off|`` rows whose
     source lies past the block's end (``off > 0``) or before its start (``off < 0``), which take it from
-    ``_halo``'s ``past`` or ``ahead``. ``off`` a constant, so that the loop over the halo unrolls: with a
+    ``past`` (x at the rows after the block's last, in order) or ``ahead`` (before its first, going back). ``off`` a constant, so that the loop over the halo unrolls: with a
     runtime one, nested loops left ptxas short of predicate registers in unspecialized builds (8 to 24-byte
     stack frames). On masked rows (``r >= rows``) the value is some row of ``b_x`` or of the halo."""
     i = tl.arange(0, BN) + off
@@ -265,21 +266,19 @@ def _tap(b_x, past, ahead, off: tl.constexpr, rows, BN: tl.constexpr):
 
 
 @triton.jit
-def _shift(b_wg, wg_rows, p_s, n0, N, K: tl.constexpr, BN: tl.constexpr):
-    """``ws[n] = sum_j s[j + K] wg[(n - j) mod N]``, ``j`` from ``-K`` to ``K``, at the block's rows (from row
-    ``n0``) of one head (not 0 on masked rows), from ``wg`` at the block's rows (``b_wg``) and at the K rows
-    a side past them (the halo, ``_wg_row(o, *wg_rows)``, made a row at a time): each tap takes its rows
-    from those (``_tap``). The taps are summed in the order ``j = -K .. K``.
+def _shift(b_wg, past, ahead, taps, rows, K: tl.constexpr, BN: tl.constexpr):
+    """``ws[n] = sum_j s[j + K] wg[(n - j) mod N]``, ``j`` from ``-K`` to ``K``, at a block's rows of one head
+    (not 0 on masked rows), from ``wg`` at the block's rows (``b_wg``) and at the K rows a side past them (the
+    halo, ``past`` and ``ahead``, made a row at a time by ``_wg_row``): each tap takes its rows from those
+    (``_tap``). ``taps``: the weights ``s`` (``_taps``). The taps are summed in the order ``j = -K .. K``.
 
     Where each tap remade ``wg`` at its source rows from the logits, the shift-sharpen pass issued 19.0
     warp-instructions a memory row against 11.6, and the sharpening backward 23.2 against 16.5 (sass model,
     large shape, fp32, sm_90).
     """
-    rows, after, before = _block_edges(n0, N, BN)
-    past, ahead = _halo(_wg_row, wg_rows, after, before, N, K)
     b_ws = tl.zeros([BN], dtype=tl.float32)
     for t in tl.static_range(2 * K + 1):  # j = t - K: source rows n - j
-        b_ws += tl.load(p_s + t).to(tl.float32) * _tap(b_wg, past, ahead, K - t, rows, BN)
+        b_ws += taps[t] * _tap(b_wg, past, ahead, K - t, rows, BN)
     return b_ws
 
 
@@ -309,34 +308,56 @@ def _dw_at(p_dwrw, p_dw, o, m_n, HAS_DW):
 
 
 @triton.jit
-def _sharpen_bwd_halo(wg_rows, p_s, b_gamma, p_dwrw, p_dw, HAS_DW, after, before, N, K: tl.constexpr):
-    """``(past_v, past_x, ahead_v, ahead_x)``: ``v`` (``_sharpened_slope``) and ``x = dw v`` of one head at
-    the K rows past a block's last and the K before its first (``_halo``'s rows), as tuples: the sharpening
-    backward's halo. ``ws`` at each is ``_shift``'s taps, in its order, over ``wg`` (``_wg_row(., *wg_rows)``)
-    at the 3K rows about each end of the block, each of those made once: so these ``ws`` are the neighbouring
-    block's, bit for bit."""
+def _edge_wg(wg_rows, after, before, N, K: tl.constexpr):
+    """``(wg_past, wg_ahead)``: ``wg`` of one head (``_wg_row(., *wg_rows)``) at the 3K rows about each end of
+    a block, as tuples, each row made once: ``wg_past[i]`` at row ``after - K + i`` (the block's last K rows,
+    then the 2K past it), ``wg_ahead[i]`` at row ``before + K - i`` (its first K rows, then the 2K before
+    it), mod N. Rows K to 2K - 1 of each are ``_shift``'s halo; all of them, ``_sharpen_bwd_halo``'s."""
     kneg, kN = _tap_shifts(K, N)
     o = after + kneg  # (after - K) mod N
     wg_past = _rows_from(_wg_row, wg_rows, tl.where(o >= N, o - N, o), 1, N, 3 * K)
     o = before + kN  # (before + K) mod N
-    wg_ahead = _rows_from(_wg_row, wg_rows, tl.where(o >= N, o - N, o), -1, N, 3 * K)
-    taps = ()
-    for t in tl.static_range(2 * K + 1):
-        taps = taps + (tl.load(p_s + t).to(tl.float32),)
+    return wg_past, _rows_from(_wg_row, wg_rows, tl.where(o >= N, o - N, o), -1, N, 3 * K)
+
+
+@triton.jit
+def _part(t, start: tl.constexpr, COUNT: tl.constexpr):
+    """``t[start : start + COUNT]`` of a tuple."""
+    out = ()
+    for u in tl.static_range(COUNT):
+        out = out + (t[start + u],)
+    return out
+
+
+@triton.jit
+def _sharpen_bwd_halo(wg_past, wg_ahead, taps, b_gamma, p_dwrw, p_dw, HAS_DW, after, before, N, K: tl.constexpr):
+    """``(past_v, past_x, ahead_v, ahead_x)``: ``v`` (``_sharpened_slope``) and ``x = dw v`` of one head at
+    the K rows past a block's last and the K before its first, as tuples: the sharpening backward's halo.
+    ``ws`` at each is ``_shift``'s taps, in its order, over ``_edge_wg``'s rows, so these ``ws`` are the
+    neighbouring block's, bit for bit."""
     past_v, past_x, ahead_v, ahead_x = (), (), (), ()
     o_past, o_ahead = after, before
     for u in tl.static_range(K):
         b_ws_past = tl.zeros([], dtype=tl.float32)
         b_ws_ahead = tl.zeros([], dtype=tl.float32)
         for t in tl.static_range(2 * K + 1):  # j = t - K: source rows n - j
-            b_ws_past += taps[t] * wg_past[u + 2 * K - t]  # wg_past[i] at row after - K + i
-            b_ws_ahead += taps[t] * wg_ahead[u + t]  # wg_ahead[i] at row before + K - i
+            b_ws_past += taps[t] * wg_past[u + 2 * K - t]
+            b_ws_ahead += taps[t] * wg_ahead[u + t]
         _, _, b_v = _sharpened_slope(b_ws_past, b_gamma, o_past < N)
         past_v, past_x = past_v + (b_v,), past_x + (_dw_at(p_dwrw, p_dw, o_past, o_past < N, HAS_DW) * b_v,)
         _, _, b_v = _sharpened_slope(b_ws_ahead, b_gamma, o_ahead < N)
         ahead_v, ahead_x = ahead_v + (b_v,), ahead_x + (_dw_at(p_dwrw, p_dw, o_ahead, o_ahead < N, HAS_DW) * b_v,)
         o_past, o_ahead = _next_shift(o_past, 1, N), _next_shift(o_ahead, -1, N)
     return past_v, past_x, ahead_v, ahead_x
+
+
+@triton.jit
+def _sharpen_totals(p_sums, i_bh, S):
+    """``(row, 1 / Pe, dot1)`` of head ``i_bh`` from ``_shift_sharpen_bwd_kernel``'s sums over N (a row of
+    ``2S + 8``, ``row`` its pointer): ``Pe = P + eps``, ``dot1 = sum_n dw p / Pe``."""
+    p_tot = p_sums + i_bh * (2 * S + 8)
+    b_rPe = 1.0 / (tl.load(p_tot) + 1e-16)
+    return p_tot, b_rPe, tl.load(p_tot + 1) * b_rPe
 
 
 @triton.jit
@@ -519,7 +540,9 @@ def _shift_sharpen_kernel(p_K, p_wp, p_beta, p_g, p_s, p_gamma, p_max, p_sum, p_
     m_n = o_n < N
     wg_rows = _head_rows(p_K, p_wp, p_beta, p_g, p_max, p_sum, i_bh, N)
     _, _, b_wg = _block_wg(o_n, m_n, *wg_rows)
-    b_ws = _shift(b_wg, wg_rows, p_s + i_bh * (2 * K + 1), n0, N, K, BN)
+    rows, after, before = _block_edges(n0, N, BN)
+    past, ahead = _rows_from(_wg_row, wg_rows, after, 1, N, K), _rows_from(_wg_row, wg_rows, before, -1, N, K)
+    b_ws = _shift(b_wg, past, ahead, _taps(p_s + i_bh * (2 * K + 1), K), rows, K, BN)
     _, b_p = _sharpened(b_ws, tl.load(p_gamma + i_bh).to(tl.float32), m_n)
     tl.store(p_pw + i_bh * N + o_n, b_p, mask=m_n)
     tl.store(p_pP + i_bh * NB + i_n, tl.sum(b_p, 0))
@@ -664,10 +687,13 @@ def _shift_sharpen_bwd_kernel(p_dwrw, p_dw, p_K, p_wp, p_beta, p_g, p_s, p_gamma
     m_n = o_n < N
     wg_rows = _head_rows(p_K, p_wp, p_beta, p_g, p_max, p_sum, i_bh, N)
     b_wc, b_wp, b_wg = _block_wg(o_n, m_n, *wg_rows)
-    p_s += i_bh * S
+    taps = _taps(p_s + i_bh * S, K)
     b_gamma = tl.load(p_gamma + i_bh).to(tl.float32)
+    rows, after, before = _block_edges(n0, N, BN)
+    wg_past, wg_ahead = _edge_wg(wg_rows, after, before, N, K)
+    b_ws = _shift(b_wg, _part(wg_past, K, K), _part(wg_ahead, K, K), taps, rows, K, BN)
     # Masked rows: p, v, x, wc, w_prev and wg are 0, so they add nothing to the sums.
-    b_logc, b_p, b_v = _sharpened_slope(_shift(b_wg, wg_rows, p_s, n0, N, K, BN), b_gamma, m_n)
+    b_logc, b_p, b_v = _sharpened_slope(b_ws, b_gamma, m_n)
     p_dwrw += i_bh * N
     p_dw += i_bh * N
     b_dw = _dw_at(p_dwrw, p_dw, o_n, m_n, HAS_DW)
@@ -678,17 +704,15 @@ def _shift_sharpen_bwd_kernel(p_dwrw, p_dw, p_K, p_wp, p_beta, p_g, p_s, p_gamma
     tl.store(p_blk + 1, tl.sum(b_dw * b_p, 0))
     tl.store(p_blk + 2, tl.sum(b_dw * b_plogc, 0))
     tl.store(p_blk + 3, tl.sum(b_plogc, 0))
-    rows, after, before = _block_edges(n0, N, BN)
-    past_v, past_x, ahead_v, ahead_x = _sharpen_bwd_halo(wg_rows, p_s, b_gamma, p_dwrw, p_dw, HAS_DW, after, before,
-                                                         N, K)
+    past_v, past_x, ahead_v, ahead_x = _sharpen_bwd_halo(wg_past, wg_ahead, taps, b_gamma, p_dwrw, p_dw, HAS_DW,
+                                                         after, before, N, K)
     b_xs = tl.zeros([BN], dtype=tl.float32)
     b_vs = tl.zeros([BN], dtype=tl.float32)
     for t in tl.static_range(S):  # j = t - K: source rows n + j
-        b_st = tl.load(p_s + t).to(tl.float32)
         b_xj = _tap(b_x, past_x, ahead_x, t - K, rows, BN)
         b_vj = _tap(b_v, past_v, ahead_v, t - K, rows, BN)
-        b_xs += b_st * b_xj
-        b_vs += b_st * b_vj
+        b_xs += taps[t] * b_xj
+        b_vs += taps[t] * b_vj
         tl.store(p_blk + 4 + t, tl.sum(b_wg * b_xj, 0))
         tl.store(p_blk + 4 + S + t, tl.sum(b_wg * b_vj, 0))
     b_gate = b_wc - b_wp
@@ -723,9 +747,7 @@ def _softmax_bwd_kernel(p_K, p_xs, p_vs, p_g, p_beta, p_max, p_sum, p_sums, p_k,
     b_cn = tl.zeros([BN], dtype=tl.float32)
     for h in range(H):
         i_bh = i_b * H + h
-        p_tot = p_sums + i_bh * (2 * S + 8)
-        b_rPe = 1.0 / (tl.load(p_tot) + 1e-16)
-        b_dot1 = tl.load(p_tot + 1) * b_rPe
+        p_tot, b_rPe, b_dot1 = _sharpen_totals(p_sums, i_bh, S)
         b_g = tl.load(p_g + i_bh).to(tl.float32)
         b_dot2 = b_g * ((tl.load(p_tot + 2 * S + 6) - b_dot1 * tl.load(p_tot + 2 * S + 7)) * b_rPe)
         b_dwg = (tl.load(p_xs + i_bh * N + o_n, mask=m_n, other=0.0)
@@ -820,9 +842,7 @@ def _head_grads_kernel(p_sums, p_pdbeta, p_dkrows, p_k, p_beta, p_dk, p_dbeta, p
     """
     i_bh = tl.program_id(0).to(tl.int64)
     dt = p_dk.dtype.element_ty
-    p_tot = p_sums + i_bh * (2 * S + 8)
-    b_rPe = 1.0 / (tl.load(p_tot) + 1e-16)
-    b_dot1 = tl.load(p_tot + 1) * b_rPe
+    p_tot, b_rPe, b_dot1 = _sharpen_totals(p_sums, i_bh, S)
     tl.store(p_dgamma + i_bh, ((tl.load(p_tot + 2) - b_dot1 * tl.load(p_tot + 3)) * b_rPe).to(dt))
     tl.store(p_dg + i_bh, ((tl.load(p_tot + 2 * S + 4) - b_dot1 * tl.load(p_tot + 2 * S + 5)) * b_rPe).to(dt))
     for c0 in range(0, S, BP):
@@ -1146,17 +1166,18 @@ def _address_bwd(k, beta, g, s, gamma, w_prev, K, mx, se, dw_rw, dw, blk):
     # Without a given dL/dw the kernel still gets a real pointer, never read.
     dw = dw if has_dw else dw_rw
     xs, vs = empty((2, B, H, N), torch.float32, dev)
-    psums = empty((B, H, NB, 2 * S + 8), torch.float32, dev)
+    PS = 2 * S + 8  # the first pass's sums a block (its docstring)
+    psums = empty((B, H, NB, PS), torch.float32, dev)
     _shift_sharpen_bwd_kernel[(NB * B * H,)](dw_rw, dw, K, w_prev, beta, g, s, gamma, mx, se, xs, vs, psums, N,
                                              (S - 1) // 2, NB, int(has_dw), BN=BV, num_warps=4)
-    sums = _sum_blocks(psums.view(B * H, NB, 2 * S + 8), torch.float32, empty, blk.sum_rows, blk.sum_warps)
+    sums = _sum_blocks(psums.view(B * H, NB, PS), torch.float32, empty, blk.sum_rows, blk.sum_warps)
     dwp = empty((B, H, N), w_prev.dtype, dev)
     pdbeta = empty((B, H, NB), torch.float32, dev)
     ck = empty((B, H, N), torch.float32, dev)
     cn = empty((B, N), torch.float32, dev)
     _softmax_bwd_kernel[(NB * B,)](K, xs, vs, g, beta, mx, se, sums, k, ck, cn, dwp, pdbeta, N, k.shape[2], H, NB,
                                    S, BN=BV, BM=_config.block_m(k.shape[2]), num_warps=4)
-    return ck, cn, sums.view(B, H, 2 * S + 8), pdbeta, dwp
+    return ck, cn, sums.view(B, H, PS), pdbeta, dwp
 
 
 def _head_grads(k, beta, sums, pdbeta, dk_rows):

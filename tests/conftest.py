@@ -11,3 +11,24 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+STATIC_CHECKS = "test_static_checks_pass_with_the_interpreter_off"
+
+
+def _static_checks_module(session):
+    return next((item.module for item in session.items if item.name == STATIC_CHECKS), None)
+
+
+def pytest_collection_finish(session):
+    """Start the static kernel checks' subprocess (``tests/test_kernels_static.py``) once it is known to be
+    selected: it compiles on both cores for minutes, and runs beside the interpreter tests, not after them."""
+    module = _static_checks_module(session)
+    if module is not None and not session.config.option.collectonly:
+        module.start_in_background()
+
+
+def pytest_sessionfinish(session):
+    module = _static_checks_module(session)
+    if module is not None:
+        module.stop_in_background()

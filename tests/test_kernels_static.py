@@ -7,7 +7,8 @@ Set ``FASTNTM_STATIC_TABLE=path`` to also write the table to a file, and ``FASTN
 (default ``fp32,bf16``) to check other tensor dtypes, e.g. ``fp32,bf16,fp16``. The compilation needs the
 interpreter off (it replaces the compiler); ``tests/conftest.py`` turns it on by default without a
 GPU, so under the interpreter (a plain ``pytest`` run) one test reruns this file in a fresh process
-with ``TRITON_INTERPRET=0`` and passes when it passes.
+with ``TRITON_INTERPRET=0`` and passes when it passes; that process starts when collection ends and runs
+beside the other tests.
 
 Each configuration is compiled twice. ``any``: no argument specialized, the code a launch gets when
 sizes and strides are not multiples of 16 (M = 20: scalar loads); the on-chip kernels, which take N and
@@ -24,6 +25,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -263,11 +265,41 @@ def test_no_config_spills_registers(results):
         for r in spilling)
 
 
+_in_background = {}
+
+
+def start_in_background():
+    """Start this file's checks in a fresh process with the interpreter off, output to a temporary file.
+
+    ``tests/conftest.py`` calls this once collection ends, where the test below is selected: the compiles take
+    about half of the suite's time on two cores, and the interpreter tests, which use one, run beside them.
+    """
+    if not INTERPRETING or "run" in _in_background:
+        return
+    out = tempfile.TemporaryFile(mode="w+")
+    proc = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", __file__],
+                            env=dict(os.environ, TRITON_INTERPRET="0"), stdout=out, stderr=subprocess.STDOUT,
+                            text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    _in_background["run"] = (proc, out)
+
+
+def stop_in_background():
+    """Kill the checks' process if the session ends before the test below has waited for it (``-x``, Ctrl-C)."""
+    proc, out = _in_background.pop("run", (None, None))
+    if proc is not None:
+        proc.kill()
+        proc.wait()
+        out.close()
+
+
 @pytest.mark.skipif(not INTERPRETING, reason="the interpreter is off, so the static checks above ran in this "
-                    "process; this test only reruns them in a subprocess when the interpreter is on")
+                    "process; this test only waits for them in a subprocess when the interpreter is on")
 def test_static_checks_pass_with_the_interpreter_off():
-    env = dict(os.environ, TRITON_INTERPRET="0")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", __file__],
-                          env=env, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
-    print(proc.stdout[-20000:])
-    assert proc.returncode == 0, f"static checks failed (rc {proc.returncode}):\n{proc.stdout[-20000:]}\n{proc.stderr[-5000:]}"
+    start_in_background()  # a no-op where conftest.py started them
+    proc, out = _in_background.pop("run")
+    with out:
+        returncode = proc.wait()
+        out.seek(0)
+        output = out.read()
+    print(output[-20000:])
+    assert returncode == 0, f"static checks failed (rc {returncode}):\n{output[-25000:]}"

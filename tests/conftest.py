@@ -20,6 +20,11 @@ def _static_checks_module(session):
     return next((item.module for item in session.items if item.name == STATIC_CHECKS), None)
 
 
+def pytest_collection_modifyitems(session, config, items):
+    """The static checks' test last: it waits for their subprocess, which the other tests run beside."""
+    items.sort(key=lambda item: item.name == STATIC_CHECKS)
+
+
 def pytest_collection_finish(session):
     """Start the static kernel checks' subprocess (``tests/test_kernels_static.py``) once it is known to be
     selected: it compiles on both cores for minutes, and runs beside the interpreter tests, not after them."""

@@ -269,8 +269,9 @@ def test_sass_model_gives_each_loop_of_the_large_step_its_trip_count(tmp_path):
     data = json.loads(out.read_text())
     counts = {c["name"]: c for c in data["fwd"] + data["bwd"]}
     H, R, S = data["shape"]["R"] + data["shape"]["W"], data["shape"]["R"], data["shape"]["S"]
-    # The loops over heads and over shift taps, found in the SASS and matched to their for statements.
-    assert [trips for _, trips in counts["_similarity_kernel"]["loops"]] == [H]
+    # The loops over heads and over shift taps, found in the SASS and matched to their for statements. The
+    # similarity pass takes its heads in one tensor-core product (H <= 8): straight code.
+    assert counts["_similarity_kernel"]["loops"] == []
     assert [trips for _, trips in counts["_read_write_kernel"]["loops"]] == [R]
     # The shift's taps: two loops of K trips (K = (S - 1) / 2 = 1, a constant to Triton: straight code).
     assert S == 3 and counts["_shift_sharpen_kernel"]["loops"] == []

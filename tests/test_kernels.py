@@ -93,6 +93,7 @@ STEP_CASES = [
     (3, 130, 13, 1, 1, 3, None),  # one read head, W = 0
     (2, 37, 13, 4, 1, 3, None),  # on-chip, three write heads
     (2, 64, 32, 3, 1, 3, None),  # on-chip, N = BN and M = BM: no masked rows or columns
+    (1, 37, 13, 18, 17, 3, 16),  # 18 heads: the similarity pass's products of 8 heads, three times
 ]
 
 

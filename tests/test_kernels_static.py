@@ -114,7 +114,9 @@ def kernel_configs():
                 out += [(name, dict(BC=bc, **bm, **nm), blk.bwd_warps)
                         for name in ("_onchip_heads_bwd_kernel", "_onchip_mem_bwd_kernel")]
         else:
-            out.append(("_similarity_kernel", dict(BN=blk.sim_BN, BM=blk.BM), blk.sim_warps))
+            # The heads' products once or twice over (H up to 8, and up to 16).
+            out += [("_similarity_kernel", dict(BN=blk.sim_BN, BM=blk.BM, BH=_config.SIMILARITY_HEADS, HG=hg),
+                     blk.sim_warps) for hg in (1, 2)]
             out.append(("_read_write_kernel", dict(NORMALIZE=True, WRITE=True, **bm), nw))
         # Standalone read and write use the read/write kernel in both regimes.
         for write in (True, False):

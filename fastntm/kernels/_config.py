@@ -283,6 +283,12 @@ def sim_block_n(BM: int) -> int:
     return 32 if BM == 64 else max(16, SIM_BLOCK_ELEMENTS // BM)
 
 
+SIMILARITY_HEADS = 8
+"""Heads of one tensor-core product in the similarity pass (an mma's width), which takes more heads in
+groups of 8 (straight code, a compile for each count of groups). At 16 the product took up to 219 registers
+(BN 32, BM 64, fp32, sm_80) and its two groups spilled (BN 16, BM 128, sm_90)."""
+
+
 def vector_block(N: int) -> int:
     """The dispatch's own block of the vector pass: up to ``VECTOR_BLOCK`` rows."""
     return min(VECTOR_BLOCK, max(16, next_pow2(N)))

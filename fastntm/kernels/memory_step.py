@@ -7,9 +7,10 @@ Forward, two regimes (``_config.choose``):
   addressing and the read, or the write; the shift takes its source rows from the
   program's own vector (``tl.gather``, through shared memory), not from global memory;
 * large memory: N split in blocks of BN rows, three passes:
-  1. ``_similarity_kernel``: cosine logits ``K`` (stored, fp32) and per-block
-     max / sum-exp partials of ``beta * K``, merged a head a program by
-     ``_softmax_merge_kernel``;
+  1. ``_similarity_kernel``: cosine logits ``K`` (stored, fp32; the dot
+     products of up to 8 heads one tensor-core product, tf32 three times
+     over) and per-block max / sum-exp partials of ``beta * K``, merged a head
+     a program by ``_softmax_merge_kernel``;
   2. ``_shift_sharpen_kernel``: ``wg[n] = g exp(beta K[n] - max) / sumexp
      + (1 - g) w_prev[n]`` is made once at the block's rows, and each shift tap
      takes its rows from it by ``tl.gather``; the rows of the neighbouring
@@ -454,48 +455,69 @@ def _memory_step_onchip_kernel(p_mem, p_k, p_beta, p_g, p_s, p_gamma, p_wp, p_e,
 
 
 @triton.jit
+def _tf32_split(b_x):
+    """``(hi, lo)`` with ``hi + lo == x`` exactly: ``hi`` is ``x`` cut to tf32's 10 mantissa bits. A tensor core
+    reads a tf32 operand's top 19 bits, so it reads ``hi`` whole and ``lo`` (under 2^-10 |x|) to within 2^-11
+    of itself. Two integer and float instructions an element, where a rounding conversion took more."""
+    b_hi = (b_x.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
+    return b_hi, b_x - b_hi
+
+
+@triton.jit
 def _similarity_kernel(p_mem, p_k, p_beta, p_K, p_pmax, p_psum, s_mem_b, s_mem_n, N, M, H, NB,
-                       BN: tl.constexpr, BM: tl.constexpr):
+                       BN: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr, HG: tl.constexpr):
     """Large memory, pass 1: logits of every head on rows of block ``i_n``; max and sum-exp partials.
 
     Rows are int32 offsets ``o_n`` from the block's first row ``n0`` (int64), in every large-memory kernel:
     a tile of 64-bit offsets or pointers takes twice the registers.
 
-    The block is held as (BN, BM / BC, BC): rows of chunks of BC elements, one 32-byte sector. With the
-    chunk axis the slowest, Triton gives a sector to two lanes and a row's chunks to the same two, so
-    each head's dot products over M are sums in registers and one shuffle. A (BN, BM) tile puts a row on
-    16 lanes (BM = 64, fp32): four shuffle levels a row and head, and at one warp the kernel issued 2.4
-    times the instructions (``benchmarks/sass_model.py``, large shape).
+    The dot products of BH heads at a time are one (BN, BM) x (BM, BH) product on the tensor cores, in tf32
+    three times over: with ``x = x_hi + x_lo`` (``_tf32_split``), ``mem k = mem_hi k_hi + mem_hi k_lo +
+    mem_lo k_hi``, each product of tf32 values exact in fp32 and summed in fp32; what is left out,
+    ``mem_lo k_lo`` and ``mem_lo``'s last bits, is within about 2^-21 |mem[n, m] k[m]| a term, the size of
+    fp32's own rounding of a sum of M terms. A bf16 or fp16 slot is tf32 already (``mem_lo = 0``): two
+    products. The logits are the product times the reciprocals of the norms (a division a logit took 13
+    instructions). Looping over heads on CUDA cores took 204 warp-instructions a head and block (one warp,
+    BN 32, BM 64, fp32, sm_90) and 1,346 a block of 5 heads; this takes 936 (``benchmarks/sass_model.py``).
+
+    The block is loaded as (BN, BM / BC, BC): rows of chunks of BC elements, one 32-byte sector, with the
+    chunk axis the slowest, so Triton gives a sector to two lanes and a row's chunks to the same two and the
+    row norms are sums in registers and one shuffle (as a (BN, BM) tile: four shuffle levels a row, and 153
+    against 84 instructions for the load).
     """
     BC: tl.constexpr = 256 // p_mem.dtype.element_ty.primitive_bitwidth
     i_n, i_b = _block_and_item(NB)
     i_n = i_n.to(tl.int64)
     n0 = i_n * BN
     o_n = tl.arange(0, BN)
-    o_m = _chunked_columns(BM, BC)
+    o_c = _chunked_columns(BM, BC)
     m_n = o_n < N - n0
+    b_mem = tl.load(p_mem + i_b * s_mem_b + n0 * s_mem_n + o_n[:, None, None] * s_mem_n + o_c[None, :, :],
+                    mask=m_n[:, None, None] & (o_c < M)[None, :, :], other=0.0).to(tl.float32)
+    b_rmn = 1.0 / tl.maximum(tl.sqrt(_chunked_row_sums(b_mem * b_mem)), 1e-8)
+    b_mem_hi, b_mem_lo = _tf32_split(tl.reshape(b_mem, (BN, BM)))
+    o_m = tl.arange(0, BM)
     m_m = o_m < M
-    b_mem = tl.load(p_mem + i_b * s_mem_b + n0 * s_mem_n + o_n[:, None, None] * s_mem_n + o_m[None, :, :],
-                    mask=m_n[:, None, None] & m_m[None, :, :], other=0.0).to(tl.float32)
-    b_mn = tl.maximum(tl.sqrt(_chunked_row_sums(b_mem * b_mem)), 1e-8)
-    # The first head's, unmasked: H >= 1 (``fastntm.validation``; a mask cost 2 registers and 1% more instructions).
-    b_k = tl.load(p_k + i_b * H * M + o_m, mask=m_m, other=0.0)
-    b_beta = tl.load(p_beta + i_b * H)
-    for h in range(H):
-        i_bh = i_b * H + h
-        # The next head's key and beta, a head ahead and before this head's stores (which they might alias, so
-        # the compiler keeps a load after them): at one warp a program, each load's latency on the head's chain
-        # of sums was the program's.
-        m_h = h + 1 < H
-        b_k_next = tl.load(p_k + (i_bh + 1) * M + o_m, mask=m_m & m_h, other=0.0)
-        b_beta_next = tl.load(p_beta + i_bh + 1, mask=m_h, other=0.0)
-        b_K = _cosine(b_mem, b_mn, b_k.to(tl.float32))
-        tl.store(p_K + i_bh * N + n0 + o_n, b_K, mask=m_n)
-        b_z = tl.where(m_n, b_beta.to(tl.float32) * b_K, float("-inf"))
+    for g in tl.static_range(HG):
+        o_h = g * BH + tl.arange(0, BH)
+        m_h = o_h < H
+        i_bh = i_b * H + o_h
+        # k as (BM, BH): the product's second operand.
+        b_k = tl.load(p_k + i_bh[None, :] * M + o_m[:, None], mask=m_m[:, None] & m_h[None, :],
+                      other=0.0).to(tl.float32)
+        b_rkn = 1.0 / tl.maximum(tl.sqrt(tl.sum(b_k * b_k, 0)), 1e-8)
+        b_beta = tl.load(p_beta + i_bh, mask=m_h, other=0.0).to(tl.float32)
+        b_k_hi, b_k_lo = _tf32_split(b_k)
+        b_dot = tl.dot(b_mem_hi, b_k_lo, input_precision="tf32")
+        if p_mem.dtype.element_ty == tl.float32:
+            b_dot = tl.dot(b_mem_lo, b_k_hi, b_dot, input_precision="tf32")
+        b_dot = tl.dot(b_mem_hi, b_k_hi, b_dot, input_precision="tf32")
+        b_K = b_dot * b_rmn[:, None] * b_rkn[None, :]
+        tl.store(p_K + i_bh[None, :] * N + n0 + o_n[:, None], b_K, mask=m_n[:, None] & m_h[None, :])
+        b_z = tl.where(m_n[:, None], b_beta[None, :] * b_K, float("-inf"))
         b_max = tl.max(b_z, 0)
-        tl.store(p_pmax + i_bh * NB + i_n, b_max)
-        tl.store(p_psum + i_bh * NB + i_n, tl.sum(tl.exp(b_z - b_max), 0))
-        b_k, b_beta = b_k_next, b_beta_next
+        tl.store(p_pmax + i_bh * NB + i_n, b_max, mask=m_h)
+        tl.store(p_psum + i_bh * NB + i_n, tl.sum(tl.exp(b_z - b_max[None, :]), 0), mask=m_h)
 
 
 @triton.jit
@@ -1127,10 +1149,12 @@ def _forward(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads: int, rw: bool):
             num_warps=blk.num_warps, maxnreg=_config.onchip_maxnreg(blk.num_warps))
         return w, r, new, K, mx, se, P
     NB = _config.n_blocks(N, blk.sim_BN)
+    BH = _config.SIMILARITY_HEADS
     pmax = empty((B, H, NB), torch.float32, dev)
     psum = empty((B, H, NB), torch.float32, dev)
     _similarity_kernel[(NB * B,)](mem, k, beta, K, pmax, psum, mem.stride(0), mem.stride(1), N, M, H, NB,
-                                BN=blk.sim_BN, BM=blk.BM, num_warps=blk.sim_warps)
+                                BN=blk.sim_BN, BM=blk.BM, BH=BH, HG=_config.n_blocks(H, BH),
+                                num_warps=blk.sim_warps)
     # Chunks of the vector pass's rows, up to 1,024 (at 8,192, which a sweep may force, 4 warps spilled).
     _softmax_merge_kernel[(B * H,)](pmax, psum, mx, se, NB, BN=min(blk.BV, 1024), num_warps=4)
     NBV = _config.n_blocks(N, blk.BV)

@@ -58,9 +58,10 @@ INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 aot = pytest.mark.skipif(INTERPRETING, reason="AOT compilation needs the interpreter off (run in a subprocess below)")
 
 # Compile options the host code passes at launch, beyond num_warps.
-LAUNCH_OPTIONS = {"_memory_step_onchip_kernel": dict(maxnreg=_config.ONCHIP_MAXNREG),
-                  "_onchip_heads_bwd_kernel": dict(maxnreg=_config.ONCHIP_MAXNREG),
-                  "_onchip_mem_bwd_kernel": dict(maxnreg=_config.ONCHIP_MAXNREG)}
+LAUNCH_OPTIONS = {"_memory_step_onchip_kernel": dict(maxnreg=_config.MAXNREG),
+                  "_onchip_heads_bwd_kernel": dict(maxnreg=_config.MAXNREG),
+                  "_onchip_mem_bwd_kernel": dict(maxnreg=_config.MAXNREG),
+                  "_read_write_bwd_kernel": dict(maxnreg=_config.MAXNREG)}
 ARCHS = (80, 90)
 DTYPES = tuple(os.environ.get("FASTNTM_STATIC_DTYPES", "fp32,bf16").split(","))
 """Dtypes of the tensors the kernels load and store. fp16 compiles to within a few registers of bf16 (and
@@ -115,7 +116,7 @@ def kernel_configs():
                         for name in ("_onchip_heads_bwd_kernel", "_onchip_mem_bwd_kernel")]
         else:
             # The heads' products once or twice over (H up to 8, and up to 16).
-            out += [("_similarity_kernel", dict(BN=blk.sim_BN, BM=blk.BM, BH=_config.SIMILARITY_HEADS, HG=hg),
+            out += [("_similarity_kernel", dict(BN=blk.sim_BN, BM=blk.BM, BH=_config.PRODUCT_HEADS, HG=hg),
                      blk.sim_warps) for hg in (1, 2)]
             out.append(("_read_write_kernel", dict(NORMALIZE=True, WRITE=True, **bm), nw))
         # Standalone read and write use the read/write kernel in both regimes.
@@ -124,7 +125,9 @@ def kernel_configs():
         # The two-pass backward: large memory (with the cosine's dL/dk), and standalone read and write in
         # both regimes (without).
         bwd_bn, bwd_nw = blk.memory_bwd
-        out.append(("_read_write_bwd_kernel", dict(BN=bwd_bn, BM=blk.BM), bwd_nw))
+        # The reads' dL/dw in 0 (no dL/dr, or a write alone), 1 or 2 products of 8 heads.
+        out += [("_read_write_bwd_kernel", dict(RG=rg, BH=_config.PRODUCT_HEADS, BN=bwd_bn, BM=blk.BM), bwd_nw)
+                for rg in (0, 1, 2)]
         for has_dk in (False,) if blk.onchip else (True, False):
             out.append(("_mem_bwd_kernel", dict(HAS_DK=has_dk, BN=bwd_bn, BM=blk.BM), bwd_nw))
     for log_n in range(4, 21):

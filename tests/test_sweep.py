@@ -113,8 +113,8 @@ def test_environment_rejects_a_bad_setting_by_name(monkeypatch, text, message):
         _config.choose(128, 20)
 
 
-def test_onchip_register_limit_leaves_every_warp_count_launchable():
-    assert [_config.onchip_maxnreg(w) for w in (1, 4, 8, 16, 32)] == [255, 255, 255, 128, 64]
+def test_register_limit_leaves_every_warp_count_launchable():
+    assert [_config.maxnreg(w) for w in (1, 4, 8, 16, 32)] == [255, 255, 255, 128, 64]
 
 
 # ---------------------------------------------------------------- the sweep

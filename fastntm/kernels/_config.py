@@ -55,14 +55,18 @@ REGISTERS_PER_SM = 65536
 """32-bit registers of one SM on sm_80 and sm_90: a program of ``32 * num_warps`` threads gets at most
 ``REGISTERS_PER_SM // (32 * num_warps)`` registers a thread, or it cannot launch."""
 
-ONCHIP_MAXNREG = 255
-"""Register limit of the on-chip kernels. Left to itself, ptxas caps a configuration at an occupancy step
-(96, 128 or 168 registers) and spills a few bytes to stay there: the backward at BN=64, BM=32, 8 warps, sm_80;
-the forward with bf16 or fp16 tensors at BN=64, BM=32, 4 warps, sm_90 and BN=64, BM=16, 4 warps, sm_80 (a
-packed predicate of the final store's mask). These kernels run a few programs per batch item (the forward one
-a read head and one for the write heads, the backward one), so the occupancy
-lost (2 or 3 programs of 4 warps per SM instead of 3 or 5; 8-warp programs fit one per SM either way) shows
-only when B is several times the SM count."""
+MAXNREG = 255
+"""Register limit of the on-chip kernels and of ``_read_write_bwd_kernel``. Left to itself, ptxas caps a
+configuration at an occupancy step (72, 96, 128 or 168 registers) and spills a few bytes to stay there: the
+on-chip backward at BN=64, BM=32, 8 warps, sm_80; the on-chip forward with bf16 or fp16 tensors at BN=64,
+BM=32, 4 warps, sm_90 and BN=64, BM=16, 4 warps, sm_80 (a packed predicate of the final store's mask);
+the read-write backward, since its reads' dL/dw became a tensor-core product, unaligned with bf16 tensors
+at BN=128, BM=32, 8 warps, sm_80 and BN=16, BM=128, 4 warps, sm_90 (8 to 16 bytes, masks and the mem tile
+held through the product). The on-chip kernels run a few programs per batch item (the forward one a read
+head and one for the write heads, the backward one), so the occupancy lost (2 or 3 programs of 4 warps per
+SM instead of 3 or 5; 8-warp programs fit one per SM either way) shows only when B is several times the SM
+count. The read-write backward at the large shape kept its registers (127, fp32, sm_90, as launched); with
+bf16 tensors it took 107 where ptxas chose 95."""
 
 ONCHIP_BWD_WARPS = 4
 """Warps of the on-chip backward's programs, at every on-chip size. At the paper's size (BN 128, BM 32, the
@@ -145,9 +149,9 @@ def sum_block_rows(NB: int, rows: int) -> int:
     return min(rows, max(16, next_pow2(NB)))
 
 
-def onchip_maxnreg(num_warps: int) -> int:
-    """``ONCHIP_MAXNREG``, or less where a program of ``num_warps`` could not launch with it (over 8 warps)."""
-    return min(ONCHIP_MAXNREG, REGISTERS_PER_SM // (32 * num_warps))
+def maxnreg(num_warps: int) -> int:
+    """``MAXNREG``, or less where a program of ``num_warps`` could not launch with it (over 8 warps)."""
+    return min(MAXNREG, REGISTERS_PER_SM // (32 * num_warps))
 
 
 def large_warps(M: int) -> tuple[int, int]:
@@ -283,10 +287,11 @@ def sim_block_n(BM: int) -> int:
     return 32 if BM == 64 else max(16, SIM_BLOCK_ELEMENTS // BM)
 
 
-SIMILARITY_HEADS = 8
-"""Heads of one tensor-core product in the similarity pass (an mma's width), which takes more heads in
-groups of 8 (straight code, a compile for each count of groups). At 16 the product took up to 219 registers
-(BN 32, BM 64, fp32, sm_80) and its two groups spilled (BN 16, BM 128, sm_90)."""
+PRODUCT_HEADS = 8
+"""Heads of one tensor-core product (an mma's width): the similarity pass's logits, the backward's dL/dw of
+the reads. More heads take further products (straight code, a compile for each count of groups). At 16 the
+similarity pass's product took up to 219 registers (BN 32, BM 64, fp32, sm_80) and its two groups spilled
+(BN 16, BM 128, sm_90)."""
 
 
 def vector_block(N: int) -> int:

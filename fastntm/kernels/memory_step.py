@@ -625,7 +625,7 @@ def _read_write_kernel(p_mem, p_w, p_P, p_e, p_a, p_wout, p_rpart, p_new,
 @triton.jit(do_not_specialize=("RD", "WD"))
 def _read_write_bwd_kernel(p_mem, p_w, p_e, p_a, p_dr, p_dnew, p_dw, p_depart, p_dapart,
                            s_mem_b, s_mem_n, s_dnew_b, s_dnew_n, N, M, R, W, NB, RD, WD,
-                           BN: tl.constexpr, BM: tl.constexpr):
+                           RG: tl.constexpr, BH: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr):
     """dL/dw (fp32, all R + W heads) from the reads and the write; dL/de, dL/da as per-block partials (B, NB, W, M).
 
     ``RD`` (R or 0) and ``WD`` (W or 0) say whether dL/dr and dL/dnew_mem were given. The write heads'
@@ -634,6 +634,12 @@ def _read_write_bwd_kernel(p_mem, p_w, p_e, p_a, p_dr, p_dnew, p_dw, p_depart, p
     (sass model, sm_90), where a loop over WD, a runtime value, stayed a loop. The
     erase product without head h is rebuilt from the other heads, never by dividing by
     ``1 - w e`` (unstable where it is near zero).
+
+    The reads' ``dw_h[n] = mem[n] dr_h`` are ``RG`` (BN, BM) x (BM, BH) products on the tensor cores, tf32
+    three times over as in ``_similarity_kernel``: 875 warp-instructions a warp where a loop over heads took
+    1,170 (two warps, BN 32, BM 64, fp32, sm_90, the large shape's 4 reads; ``benchmarks/sass_model.py``).
+    They come before dL/dnew_mem is loaded, so that its tile is not held through them beside mem's parts
+    (after the write heads, ptxas spilled in six configurations), and launch with ``_config.MAXNREG``.
     """
     i_n, i_b = _block_and_item(NB)
     i_n = i_n.to(tl.int64)
@@ -644,23 +650,38 @@ def _read_write_bwd_kernel(p_mem, p_w, p_e, p_a, p_dr, p_dnew, p_dw, p_depart, p
     m_m = o_m < M
     m_nm = m_n[:, None] & m_m[None, :]
     H = R + W
+    # In mem's dtype until used: a bf16 tile held through the products takes half the registers.
     b_mem = tl.load(p_mem + i_b * s_mem_b + n0 * s_mem_n + o_n[:, None] * s_mem_n + o_m[None, :],
-                    mask=m_nm, other=0.0).to(tl.float32)
+                    mask=m_nm, other=0.0)
+    if RG > 0:
+        # A bf16 or fp16 slot is a tf32 value already: no low part.
+        b_mem_hi, b_mem_lo = _tf32_split(b_mem) if p_mem.dtype.element_ty == tl.float32 else (
+            b_mem.to(tl.float32), None)
+    for g in tl.static_range(RG):
+        o_h = g * BH + tl.arange(0, BH)
+        m_h = o_h < RD
+        b_dr = tl.load(p_dr + (i_b * R + o_h[None, :]) * M + o_m[:, None], mask=m_m[:, None] & m_h[None, :],
+                       other=0.0).to(tl.float32)
+        b_dr_hi, b_dr_lo = _tf32_split(b_dr)
+        b_dot = tl.dot(b_mem_hi, b_dr_lo, input_precision="tf32")
+        if p_mem.dtype.element_ty == tl.float32:
+            b_dot = tl.dot(b_mem_lo, b_dr_hi, b_dot, input_precision="tf32")
+        b_dot = tl.dot(b_mem_hi, b_dr_hi, b_dot, input_precision="tf32")
+        tl.store(p_dw + (i_b * H + o_h[None, :]) * N + n0 + o_n[:, None], b_dot, mask=m_n[:, None] & m_h[None, :])
     # Loaded once, before the loop (masked off without dL/dnew_mem): its addresses, a tile of 64-bit
     # pointers where rows are not 16-aligned, no longer live through it (2 warps spilled, sm_80 and sm_90).
     b_dnew = tl.load(p_dnew + i_b * s_dnew_b + n0 * s_dnew_n + o_n[:, None] * s_dnew_n + o_m[None, :],
                      mask=m_nm & (WD != 0), other=0.0).to(tl.float32)
-    for h in range(RD):
-        b_dr = tl.load(p_dr + (i_b * R + h) * M + o_m, mask=m_m, other=0.0).to(tl.float32)
-        tl.store(p_dw + (i_b * H + h) * N + n0 + o_n, tl.sum(b_mem * b_dr[None, :], 1), mask=m_n)
+    b_mem = b_mem.to(tl.float32)
+    p_ww = p_w + (i_b * H + R) * N + n0  # the write heads' w at the block
     for hw in range(W):
         # dnew * mem * (the other heads' erase factors), built in place: no tile of the factors alone.
         b_derase = b_dnew * b_mem
         for h2 in range(W):
-            b_w2 = tl.load(p_w + (i_b * H + R + h2) * N + n0 + o_n, mask=m_n, other=0.0).to(tl.float32)
+            b_w2 = tl.load(p_ww + h2 * N + o_n, mask=m_n, other=0.0).to(tl.float32)
             b_e2 = tl.load(p_e + (i_b * W + h2) * M + o_m, mask=m_m, other=0.0).to(tl.float32)
             b_derase *= tl.where(h2 == hw, 1.0, 1.0 - b_w2[:, None] * b_e2[None, :])
-        b_w = tl.load(p_w + (i_b * H + R + hw) * N + n0 + o_n, mask=m_n, other=0.0).to(tl.float32)
+        b_w = tl.load(p_ww + hw * N + o_n, mask=m_n, other=0.0).to(tl.float32)
         b_e = tl.load(p_e + (i_b * W + hw) * M + o_m, mask=m_m, other=0.0).to(tl.float32)
         b_a = tl.load(p_a + (i_b * W + hw) * M + o_m, mask=m_m, other=0.0).to(tl.float32)
         b_dw = tl.sum(b_dnew * b_a[None, :] - b_derase * b_e[None, :], 1)
@@ -1146,10 +1167,10 @@ def _forward(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads: int, rw: bool):
             K, mx, se, P,
             mem.stride(0), mem.stride(1), new.stride(0) if rw else 0, new.stride(1) if rw else 0,
             H, R, W, (S - 1) // 2, N=N, M=M, RW=rw, BN=blk.BN, BM=blk.BM, BC=_onchip_chunk(mem, blk.BM),
-            num_warps=blk.num_warps, maxnreg=_config.onchip_maxnreg(blk.num_warps))
+            num_warps=blk.num_warps, maxnreg=_config.maxnreg(blk.num_warps))
         return w, r, new, K, mx, se, P
     NB = _config.n_blocks(N, blk.sim_BN)
-    BH = _config.SIMILARITY_HEADS
+    BH = _config.PRODUCT_HEADS
     pmax = empty((B, H, NB), torch.float32, dev)
     psum = empty((B, H, NB), torch.float32, dev)
     _similarity_kernel[(NB * B,)](mem, k, beta, K, pmax, psum, mem.stride(0), mem.stride(1), N, M, H, NB,
@@ -1226,6 +1247,7 @@ def _read_write_bwd(mem, w, e, a, dr, dnew, R: int, W: int, grad_dtype, blk=None
     blk = blk or _config.choose(N, M)
     BN, warps = blk.memory_bwd
     NB = _config.n_blocks(N, BN)
+    BH = _config.PRODUCT_HEADS
     has_dr, has_dnew = dr is not None and R > 0, dnew is not None and W > 0
     full = (has_dr or R == 0) and (has_dnew or W == 0)
     alloc = empty if full else (lambda shape, dtype, dev: torch.zeros(shape, dtype=dtype, device=dev))
@@ -1237,7 +1259,8 @@ def _read_write_bwd(mem, w, e, a, dr, dnew, R: int, W: int, grad_dtype, blk=None
         _read_write_bwd_kernel[(NB * B,)](
             mem, w, _nz(e, mem), _nz(a, mem), dr if has_dr else mem, dn, dw, _nz(depart, mem), _nz(dapart, mem),
             mem.stride(0), mem.stride(1), dn.stride(0), dn.stride(1), N, M, R, W, NB,
-            R if has_dr else 0, W if has_dnew else 0, BN=BN, BM=blk.BM, num_warps=warps)
+            R if has_dr else 0, W if has_dnew else 0, RG=_config.n_blocks(R, BH) if has_dr else 0, BH=BH,
+            BN=BN, BM=blk.BM, num_warps=warps, maxnreg=_config.maxnreg(warps))
     if not has_dnew:
         zeros = torch.zeros((2, B, W, M), dtype=grad_dtype, device=mem.device)
         return dw, zeros[0], zeros[1]
@@ -1294,7 +1317,7 @@ def _onchip_bwd(mem, k, beta, g, s, gamma, w_prev, e, a, w, K, mx, se, dw, dr, d
     dr = dr if has_dr else mem
     dn = mem if dnew is None else dnew
     options = dict(BN=blk.BN, BM=blk.BM, BC=_onchip_chunk(mem, blk.BM), num_warps=blk.bwd_warps,
-                   maxnreg=_config.onchip_maxnreg(blk.bwd_warps))
+                   maxnreg=_config.maxnreg(blk.bwd_warps))
     _onchip_heads_bwd_kernel[(B, H)](
         mem, k, beta, g, s, gamma, w_prev, _nz(e, mem), _nz(a, mem), w, K, mx, se,
         w if dw is None else dw, dr, dn, dk, dbeta, dg, ds, dgamma, dwp, _nz(de, dk), _nz(da, dk), c, cn,

@@ -650,13 +650,11 @@ def _read_write_bwd_kernel(p_mem, p_w, p_e, p_a, p_dr, p_dnew, p_dw, p_depart, p
     m_m = o_m < M
     m_nm = m_n[:, None] & m_m[None, :]
     H = R + W
-    # In mem's dtype until used: a bf16 tile held through the products takes half the registers.
     b_mem = tl.load(p_mem + i_b * s_mem_b + n0 * s_mem_n + o_n[:, None] * s_mem_n + o_m[None, :],
-                    mask=m_nm, other=0.0)
+                    mask=m_nm, other=0.0).to(tl.float32)
     if RG > 0:
         # A bf16 or fp16 slot is a tf32 value already: no low part.
-        b_mem_hi, b_mem_lo = _tf32_split(b_mem) if p_mem.dtype.element_ty == tl.float32 else (
-            b_mem.to(tl.float32), None)
+        b_mem_hi, b_mem_lo = _tf32_split(b_mem) if p_mem.dtype.element_ty == tl.float32 else (b_mem, None)
     for g in tl.static_range(RG):
         o_h = g * BH + tl.arange(0, BH)
         m_h = o_h < RD
@@ -672,7 +670,6 @@ def _read_write_bwd_kernel(p_mem, p_w, p_e, p_a, p_dr, p_dnew, p_dw, p_depart, p
     # pointers where rows are not 16-aligned, no longer live through it (2 warps spilled, sm_80 and sm_90).
     b_dnew = tl.load(p_dnew + i_b * s_dnew_b + n0 * s_dnew_n + o_n[:, None] * s_dnew_n + o_m[None, :],
                      mask=m_nm & (WD != 0), other=0.0).to(tl.float32)
-    b_mem = b_mem.to(tl.float32)
     p_ww = p_w + (i_b * H + R) * N + n0  # the write heads' w at the block
     for hw in range(W):
         # dnew * mem * (the other heads' erase factors), built in place: no tile of the factors alone.

@@ -464,6 +464,19 @@ def _tf32_split(b_x):
 
 
 @triton.jit
+def _tf32x3_dot(b_a_hi, b_a_lo, b_b, A_IS_TF32: tl.constexpr):
+    """``a b`` in fp32 on the tensor cores: ``a_hi b_lo + a_lo b_hi + a_hi b_hi``, the small terms first, with
+    ``a``'s parts from ``_tf32_split`` (split once, before the loads of every ``b`` it meets: split after them,
+    the similarity pass took 168 registers, not 133) and ``b``'s split here. Two products where ``a`` is a
+    tf32 value already (``A_IS_TF32``: loaded from bf16 or fp16), ``a_lo`` unused."""
+    b_b_hi, b_b_lo = _tf32_split(b_b)
+    b_dot = tl.dot(b_a_hi, b_b_lo, input_precision="tf32")
+    if not A_IS_TF32:
+        b_dot = tl.dot(b_a_lo, b_b_hi, b_dot, input_precision="tf32")
+    return tl.dot(b_a_hi, b_b_hi, b_dot, input_precision="tf32")
+
+
+@triton.jit
 def _similarity_kernel(p_mem, p_k, p_beta, p_K, p_pmax, p_psum, s_mem_b, s_mem_n, N, M, H, NB,
                        BN: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr, HG: tl.constexpr):
     """Large memory, pass 1: logits of every head on rows of block ``i_n``; max and sum-exp partials.
@@ -507,11 +520,7 @@ def _similarity_kernel(p_mem, p_k, p_beta, p_K, p_pmax, p_psum, s_mem_b, s_mem_n
                       other=0.0).to(tl.float32)
         b_rkn = 1.0 / tl.maximum(tl.sqrt(tl.sum(b_k * b_k, 0)), 1e-8)
         b_beta = tl.load(p_beta + i_bh, mask=m_h, other=0.0).to(tl.float32)
-        b_k_hi, b_k_lo = _tf32_split(b_k)
-        b_dot = tl.dot(b_mem_hi, b_k_lo, input_precision="tf32")
-        if p_mem.dtype.element_ty == tl.float32:
-            b_dot = tl.dot(b_mem_lo, b_k_hi, b_dot, input_precision="tf32")
-        b_dot = tl.dot(b_mem_hi, b_k_hi, b_dot, input_precision="tf32")
+        b_dot = _tf32x3_dot(b_mem_hi, b_mem_lo, b_k, p_mem.dtype.element_ty != tl.float32)
         b_K = b_dot * b_rmn[:, None] * b_rkn[None, :]
         tl.store(p_K + i_bh[None, :] * N + n0 + o_n[:, None], b_K, mask=m_n[:, None] & m_h[None, :])
         b_z = tl.where(m_n[:, None], b_beta[None, :] * b_K, float("-inf"))
@@ -653,18 +662,13 @@ def _read_write_bwd_kernel(p_mem, p_w, p_e, p_a, p_dr, p_dnew, p_dw, p_depart, p
     b_mem = tl.load(p_mem + i_b * s_mem_b + n0 * s_mem_n + o_n[:, None] * s_mem_n + o_m[None, :],
                     mask=m_nm, other=0.0).to(tl.float32)
     if RG > 0:
-        # A bf16 or fp16 slot is a tf32 value already: no low part.
-        b_mem_hi, b_mem_lo = _tf32_split(b_mem) if p_mem.dtype.element_ty == tl.float32 else (b_mem, None)
+        b_mem_hi, b_mem_lo = _tf32_split(b_mem)
     for g in tl.static_range(RG):
         o_h = g * BH + tl.arange(0, BH)
         m_h = o_h < RD
         b_dr = tl.load(p_dr + (i_b * R + o_h[None, :]) * M + o_m[:, None], mask=m_m[:, None] & m_h[None, :],
                        other=0.0).to(tl.float32)
-        b_dr_hi, b_dr_lo = _tf32_split(b_dr)
-        b_dot = tl.dot(b_mem_hi, b_dr_lo, input_precision="tf32")
-        if p_mem.dtype.element_ty == tl.float32:
-            b_dot = tl.dot(b_mem_lo, b_dr_hi, b_dot, input_precision="tf32")
-        b_dot = tl.dot(b_mem_hi, b_dr_hi, b_dot, input_precision="tf32")
+        b_dot = _tf32x3_dot(b_mem_hi, b_mem_lo, b_dr, p_mem.dtype.element_ty != tl.float32)
         tl.store(p_dw + (i_b * H + o_h[None, :]) * N + n0 + o_n[:, None], b_dot, mask=m_n[:, None] & m_h[None, :])
     # Loaded once, before the loop (masked off without dL/dnew_mem): its addresses, a tile of 64-bit
     # pointers where rows are not 16-aligned, no longer live through it (2 warps spilled, sm_80 and sm_90).

@@ -150,11 +150,13 @@ def test_memory_step_with_forced_warps_and_vector_block(settings, expected):
 
 
 def test_reductions_of_block_partials_loop_more_than_once():
-    # 69 blocks of 16 rows: the softmax merge takes its partials in 5 chunks of 16 (each chunk's lanes
-    # rescaled as the running max moves), _head_grads_kernel dL/dbeta's in 2 of 64, and _sum_blocks_kernel
-    # in 5 loads of 16 rows, at S = 5 the shift-sharpen backward's 18 columns in 2 strips of 16; elsewhere
-    # one chunk holds them all. (_head_grads_kernel's dL/ds loops over chunks of 8 taps at S = 37, below.)
-    with _config.force(block_n=16, vector_block=16, sum_rows=16):
+    # 69 memory blocks of 16 rows and 18 vector blocks of 64: the softmax merge takes the 69 partials in
+    # 2 chunks of 64 (the running max rescaling the first chunk's lanes), _sum_blocks_kernel the reads' in 5
+    # loads of 16 rows, and the shift-sharpen backward's 18 in 2, its 18 columns at S = 5 in 2 strips of 16;
+    # _head_grads_kernel dL/dbeta's 18 in 2 loads of 16 (sum_rows); elsewhere one chunk holds them all.
+    # (_head_grads_kernel's dL/ds loops over chunks of 8 taps at S = 37, below.) Vector blocks of 64, not
+    # 16: the interpreter runs a program of the shift passes in about the same time at either.
+    with _config.force(block_n=16, vector_block=64, sum_rows=16):
         check_op(kernels.memory_step, reference.memory_step, kernel_inputs(1, 1100, 13, 2, 1, 5), extra=(1,))
 
 

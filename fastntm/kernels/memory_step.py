@@ -1226,9 +1226,10 @@ def _address_bwd(k, beta, g, s, gamma, w_prev, K, mx, se, dw_rw, dw, blk):
     return ck, cn, sums.view(B, H, PS), pdbeta, dwp
 
 
-def _head_grads(k, beta, sums, pdbeta, dk_rows):
+def _head_grads(k, beta, sums, pdbeta, dk_rows, sum_rows: int):
     """(dk, dbeta, dg, ds, dgamma) in the parameters' dtype, from ``_address_bwd``'s sums and dL/dbeta's block
-    partials, and the memory pass's part of dL/dk (B, H, M), fp32: ``_head_grads_kernel``, a program a head."""
+    partials, and the memory pass's part of dL/dk (B, H, M), fp32: ``_head_grads_kernel``, a program a head,
+    taking the partials 64 rows a load, or ``sum_rows`` (``Blocks.sum_rows``) where that is fewer."""
     B, H, NB = pdbeta.shape
     S = (sums.shape[2] - 8) // 2
     M = k.shape[2]
@@ -1237,7 +1238,7 @@ def _head_grads(k, beta, sums, pdbeta, dk_rows):
     dbeta, dg, dgamma = (empty((B, H), k.dtype, k.device) for _ in range(3))
     ds = empty((B, H, S), k.dtype, k.device)
     _head_grads_kernel[(B * H,)](sums, pdbeta, dk_rows, k, beta, dk, dbeta, dg, ds, dgamma, NB, M, S,
-                                 BN=64, BP=8, BM=_config.block_m(M), num_warps=4)
+                                 BN=min(64, sum_rows), BP=8, BM=_config.block_m(M), num_warps=4)
     return dk, dbeta, dg, ds, dgamma
 
 
@@ -1342,7 +1343,7 @@ def _backward(mem, k, beta, g, s, gamma, w_prev, e, a, w, K, mx, se, dw, dr, dne
     dw_rw, de, da = _read_write_bwd(mem, w, e, a, dr, dnew, R, W, pd, blk)
     ck, cn, sums, pdbeta, dwp = _address_bwd(k, beta, g, s, gamma, w_prev, K, mx, se, dw_rw, dw, blk)
     dmem, dk_rows = _mem_bwd(mem, w, e, dr, dnew, k, (ck, cn), R, W, blk)
-    dk, dbeta, dg, ds, dgamma = _head_grads(k, beta, sums, pdbeta, dk_rows)
+    dk, dbeta, dg, ds, dgamma = _head_grads(k, beta, sums, pdbeta, dk_rows, blk.sum_rows)
     return dmem, dk, dbeta, dg, ds, dgamma, dwp.to(pd), de, da
 
 

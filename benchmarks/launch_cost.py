@@ -94,7 +94,7 @@ def measure(shape, calls: int) -> dict:
     step = importlib.import_module("fastntm.kernels.memory_step")
     x = common.op_inputs(shape, torch.device("cuda"))
     R = shape.R
-    w, r, new, K, mx, se, _ = step._forward(*x, R, True)
+    w, r, new, K, mx, se = step._forward(*x, R, True)
     cot = common.cotangents((w, r, new))
     forward = lambda: step._forward(*x, R, True)  # noqa: E731
     backward = lambda: step._backward(*x, w, K, mx, se, *cot, R)  # noqa: E731

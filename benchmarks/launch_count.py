@@ -106,7 +106,7 @@ def count_memory_step(shape_name: str) -> dict[str, dict]:
     ms, R = launches.memory_step, shape.R
     args = launches.memory_step_args(shape)
     with launches.recording() as fwd_launches, DeviceOps() as fwd_ops:
-        w, r, new, K, mx, se, _ = ms._forward(*args, R, True)
+        w, r, new, K, mx, se = ms._forward(*args, R, True)
     with launches.recording() as bwd_launches, DeviceOps() as bwd_ops:
         ms._backward(*args, w, K, mx, se, w, r, new, R)
     return {part: {"triton": dict(collections.Counter(launch.name for launch in ls)), "torch": dict(ops.counts)}

@@ -229,7 +229,7 @@ def record_step(shape, dtype: torch.dtype):
     ms, R = launches.memory_step, shape.R
     args = launches.memory_step_args(shape, dtype)
     with launches.recording() as fwd:
-        w, r, new, K, mx, se, _ = ms._forward(*args, R, True)
+        w, r, new, K, mx, se = ms._forward(*args, R, True)
     with launches.recording() as bwd:
         ms._backward(*args, w, K, mx, se, w, r, new, R)
     return fwd, bwd

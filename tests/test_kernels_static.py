@@ -159,11 +159,11 @@ def _run_host_code(N, M, R, W, S, dtype, mem_dtype):
 
     mem, k, beta, g, s, gamma, w_prev, e, a = t(1, N, M, dtype=mem_dtype), t(1, H, M), t(1, H), t(1, H), \
         t(1, H, S), t(1, H), t(1, H, N), t(1, W, M), t(1, W, M)
-    w, r, new, K, mx, se, _ = ms._forward(mem, k, beta, g, s, gamma, w_prev, e, a, R, True)
+    w, r, new, K, mx, se = ms._forward(mem, k, beta, g, s, gamma, w_prev, e, a, R, True)
     ms._backward(mem, k, beta, g, s, gamma, w_prev, e, a, w, K, mx, se, w, r, new, R)
     ms._backward(mem, k, beta, g, s, gamma, w_prev, e, a, w, K, mx, se, None, None, None, R)
     none = t(1, 0, M)
-    w, _, _, K, mx, se, _ = ms._forward(mem, k, beta, g, s, gamma, w_prev, none, none, H, False)
+    w, _, _, K, mx, se = ms._forward(mem, k, beta, g, s, gamma, w_prev, none, none, H, False)
     ms._backward(mem, k, beta, g, s, gamma, w_prev, none, none, w, K, mx, se, w, None, None, H)
     w_read, w_write = w[:, :R].contiguous(), w[:, R:].contiguous()
     kread._read_bwd(mem, w_read, kread._read_fwd(mem, w_read))

@@ -15,7 +15,7 @@ class Address(torch.autograd.Function):
     def forward(ctx, mem, k, beta, g, s, gamma, w_prev):
         args = [_contig(t) for t in (mem, k, beta, g, s, gamma, w_prev)]
         none = k.new_empty((k.shape[0], 0, k.shape[2]))
-        w, _, _, K, mx, se, _ = _op(memory_step_fwd, _forward)(*args, none, none, k.shape[1], False)
+        w, _, _, K, mx, se = _op(memory_step_fwd, _forward)(*args, none, none, k.shape[1], False)
         ctx.save_for_backward(*args, none, w, K, mx, se)
         return w
 

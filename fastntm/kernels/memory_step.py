@@ -362,7 +362,7 @@ def _sharpen_totals(p_sums, i_bh, S):
 
 
 @triton.jit
-def _onchip_address(b_mem, b_mn, p_k, p_beta, p_g, p_s, p_gamma, p_wp, p_w, p_K, p_max, p_sum, p_P,
+def _onchip_address(b_mem, b_mn, p_k, p_beta, p_g, p_s, p_gamma, p_wp, p_w, p_K, p_max, p_sum,
                     i_bh, o_n, o_m, m_n, m_m, N, M, K, BN: tl.constexpr):
     """One head's weighting over the whole memory; returns it rounded to w's dtype (as the reference reads with it).
 
@@ -389,14 +389,13 @@ def _onchip_address(b_mem, b_mn, p_k, p_beta, p_g, p_s, p_gamma, p_wp, p_w, p_K,
     tl.store(p_K + i_bh * N + o_n, b_K, mask=m_n)
     tl.store(p_max + i_bh, b_max)
     tl.store(p_sum + i_bh, b_sum)
-    tl.store(p_P + i_bh, b_P)
     tl.store(p_w + i_bh * N + o_n, b_w, mask=m_n)
     return b_w.to(tl.float32)
 
 
 @triton.jit
 def _memory_step_onchip_kernel(p_mem, p_k, p_beta, p_g, p_s, p_gamma, p_wp, p_e, p_a,
-                               p_w, p_r, p_new, p_K, p_max, p_sum, p_P,
+                               p_w, p_r, p_new, p_K, p_max, p_sum,
                                s_mem_b, s_mem_n, s_new_b, s_new_n, H, R, W, K,
                                RW: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr,
                                N: tl.constexpr, M: tl.constexpr):
@@ -439,7 +438,7 @@ def _memory_step_onchip_kernel(p_mem, p_k, p_beta, p_g, p_s, p_gamma, p_wp, p_e,
                     other=0.0).to(tl.float32)
     b_mn = tl.maximum(tl.sqrt(_chunked_row_sums(b_mem * b_mem)), 1e-8)
     if i_g < R:
-        b_w = _onchip_address(b_mem, b_mn, p_k, p_beta, p_g, p_s, p_gamma, p_wp, p_w, p_K, p_max, p_sum, p_P,
+        b_w = _onchip_address(b_mem, b_mn, p_k, p_beta, p_g, p_s, p_gamma, p_wp, p_w, p_K, p_max, p_sum,
                               i_b * H + i_g, o_n, o_m, m_n, m_m, N, M, K, BN)
         if RW:
             b_r = tl.sum(b_w[:, None, None] * b_mem, 0)
@@ -448,7 +447,7 @@ def _memory_step_onchip_kernel(p_mem, p_k, p_beta, p_g, p_s, p_gamma, p_wp, p_e,
         b_keep = tl.full([BN, BM // BC, BC], 1.0, dtype=tl.float32)
         b_add = tl.zeros([BN, BM // BC, BC], dtype=tl.float32)
         for hw in range(W):
-            b_w = _onchip_address(b_mem, b_mn, p_k, p_beta, p_g, p_s, p_gamma, p_wp, p_w, p_K, p_max, p_sum, p_P,
+            b_w = _onchip_address(b_mem, b_mn, p_k, p_beta, p_g, p_s, p_gamma, p_wp, p_w, p_K, p_max, p_sum,
                                   i_b * H + R + hw, o_n, o_m, m_n, m_m, N, M, K, BN)
             b_keep, b_add = _erase_add(b_keep, b_add, b_w, p_e, p_a, (i_b * W + hw) * M, o_m, m_m)
         _store_written(p_new + i_b * s_new_b, b_mem, b_keep, b_add, s_new_n, o_n, o_m, m_nm)
@@ -1146,7 +1145,7 @@ def _read_write(mem, w, P, e, a, R: int, W: int, normalize: bool, wout, write: b
 
 
 def _forward(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads: int, rw: bool):
-    """(w, r, new_mem, K, max, sumexp, P); with ``rw=False`` only the addressing (r, new_mem empty)."""
+    """(w, r, new_mem, K, max, sumexp); with ``rw=False`` only the addressing (r, new_mem empty)."""
     empty = _config.allocator()
     B, N, M = mem.shape
     H, S = k.shape[1], s.shape[2]
@@ -1158,18 +1157,17 @@ def _forward(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads: int, rw: bool):
     K = empty((B, H, N), torch.float32, dev)
     mx = empty((B, H), torch.float32, dev)
     se = empty((B, H), torch.float32, dev)
-    P = empty((B, H), torch.float32, dev)
     if blk.onchip:
         r = empty((B, R if rw else 0, M), k.dtype, dev)
         new = empty((B, N, M) if rw else (0,), mem.dtype, dev)
         programs = R + (1 if rw else 0)  # one a read head, one for the write heads (a copy where W = 0)
         _memory_step_onchip_kernel[(B, programs)](
             mem, k, beta, g, s, gamma, w_prev, _nz(e, mem), _nz(a, mem), w, _nz(r, w), _nz(new, mem),
-            K, mx, se, P,
+            K, mx, se,
             mem.stride(0), mem.stride(1), new.stride(0) if rw else 0, new.stride(1) if rw else 0,
             H, R, W, (S - 1) // 2, N=N, M=M, RW=rw, BN=blk.BN, BM=blk.BM, BC=_onchip_chunk(mem, blk.BM),
             num_warps=blk.num_warps, maxnreg=_config.maxnreg(blk.num_warps))
-        return w, r, new, K, mx, se, P
+        return w, r, new, K, mx, se
     NB = _config.n_blocks(N, blk.sim_BN)
     BH = _config.PRODUCT_HEADS
     pmax = empty((B, H, NB), torch.float32, dev)
@@ -1184,12 +1182,12 @@ def _forward(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads: int, rw: bool):
     pP = empty((B, H, NBV), torch.float32, dev)
     _shift_sharpen_kernel[(NBV * B * H,)](K, w_prev, beta, g, s, gamma, mx, se, pw, pP, N, (S - 1) // 2, NBV,
                                         BN=blk.BV, num_warps=4)
-    torch.sum(pP, dim=-1, out=P)
+    P = pP.sum(dim=-1)
     if not rw:
         w.copy_(pw / (P[..., None] + SHARPEN_EPS))
-        return w, mem.new_empty((B, 0, M), dtype=k.dtype), mem.new_empty((0,)), K, mx, se, P
+        return w, mem.new_empty((B, 0, M), dtype=k.dtype), mem.new_empty((0,)), K, mx, se
     r, new = _read_write(mem, pw, P, e, a, R, W, normalize=True, wout=w, write=True, blk=blk)
-    return w, r, new, K, mx, se, P
+    return w, r, new, K, mx, se
 
 
 def _address_bwd(k, beta, g, s, gamma, w_prev, K, mx, se, dw_rw, dw, blk):
@@ -1356,7 +1354,7 @@ T = torch.Tensor
 
 @torch.library.custom_op("fastntm::memory_step_fwd", mutates_args=())
 def memory_step_fwd(mem: T, k: T, beta: T, g: T, s: T, gamma: T, w_prev: T, e: T, a: T,
-                    num_reads: int, rw: bool) -> tuple[T, T, T, T, T, T, T]:
+                    num_reads: int, rw: bool) -> tuple[T, T, T, T, T, T]:
     return _forward(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads, rw)
 
 
@@ -1368,7 +1366,7 @@ def _(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads, rw):
     r = k.new_empty((B, num_reads if rw else 0, M))
     new = mem.new_empty((B, N, M) if rw else (0,))
     return (k.new_empty((B, H, N)), r, new, mem.new_empty((B, H, N), dtype=f32),
-            mem.new_empty((B, H), dtype=f32), mem.new_empty((B, H), dtype=f32), mem.new_empty((B, H), dtype=f32))
+            mem.new_empty((B, H), dtype=f32), mem.new_empty((B, H), dtype=f32))
 
 
 @torch.library.custom_op("fastntm::memory_step_bwd", mutates_args=())
@@ -1405,7 +1403,7 @@ class MemoryStep(torch.autograd.Function):
     @staticmethod
     def forward(ctx, mem, k, beta, g, s, gamma, w_prev, e, a, num_reads):
         args = [_contig(t) for t in (mem, k, beta, g, s, gamma, w_prev, e, a)]
-        w, r, new, K, mx, se, _ = _op(memory_step_fwd, _forward)(*args, num_reads, True)
+        w, r, new, K, mx, se = _op(memory_step_fwd, _forward)(*args, num_reads, True)
         ctx.save_for_backward(*args, w, K, mx, se)
         ctx.num_reads = num_reads
         ctx.set_materialize_grads(False)

@@ -1184,7 +1184,7 @@ def _forward(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads: int, rw: bool):
                                         BN=blk.BV, num_warps=4)
     P = pP.sum(dim=-1)
     if not rw:
-        w.copy_(pw / (P[..., None] + SHARPEN_EPS))
+        torch.div(pw, P[..., None] + SHARPEN_EPS, out=w)  # rounded once, to w's dtype, without an fp32 copy
         return w, mem.new_empty((B, 0, M), dtype=k.dtype), mem.new_empty((0,)), K, mx, se
     r, new = _read_write(mem, pw, P, e, a, R, W, normalize=True, wout=w, write=True, blk=blk)
     return w, r, new, K, mx, se

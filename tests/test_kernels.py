@@ -14,6 +14,7 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -21,6 +22,11 @@ import fastntm.functional as F
 from fastntm import kernels, reference
 from fastntm.kernels import _config
 from helpers import kernel_inputs, relative_error
+
+triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
+from triton._C.libtriton import ir  # noqa: E402
+from triton.runtime import interpreter  # noqa: E402
 
 pytestmark = [
     pytest.mark.skipif(
@@ -34,6 +40,32 @@ pytestmark = [
 
 # ||ref - out|| / ||ref||, per dtype of the head parameters (interpreter: exact fp32 arithmetic order aside).
 TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+_interpreted_dot = interpreter.InterpreterBuilder.create_dot
+_TF32 = ir.INPUT_PRECISION.TF32
+
+
+def _tf32_operand(x):
+    """An fp32 operand as a tensor core reads it in a tf32 product: its top 19 bits (sign, exponent, 10 bits
+    of mantissa); other dtypes as they are."""
+    if x.data.dtype != np.float32:
+        return x
+    bits = np.ascontiguousarray(x.data).view(np.uint32) & np.uint32(0xFFFFE000)
+    return interpreter.TensorHandle(bits.view(np.float32), x.dtype)
+
+
+def _tensor_core_dot(self, a, b, acc, input_precision, max_num_imprecise_acc):
+    if input_precision == _TF32:
+        a, b = _tf32_operand(a), _tf32_operand(b)
+    return _interpreted_dot(self, a, b, acc, input_precision, max_num_imprecise_acc)
+
+
+@pytest.fixture(autouse=True)
+def tensor_core_operands(monkeypatch):
+    """Every ``tl.dot`` in these tests reads its tf32 operands as a GPU's tensor cores do. The interpreter
+    multiplies them whole, so there a product left in plain tf32 matched the reference as closely as the
+    kernels' tf32 three times over (test_a_plain_tf32_product_fails_against_the_reference)."""
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", _tensor_core_dot)
 
 
 def assert_close(out, ref, tol, what):
@@ -391,6 +423,33 @@ def test_model_dispatches_the_head_parameters_to_the_kernels(monkeypatch):
     monkeypatch.setattr(kernels, "_head_parameters", lambda *a: calls.append(1) or reference.head_parameters(*a))
     FastNTM(3, 2, memory_slots=8, memory_width=5, backend="triton")(torch.rand(2, 1, 3))
     assert calls == [1, 1]
+
+
+@triton.jit
+def _plain_tf32_dot(b_a_hi, b_a_lo, b_b, A_IS_TF32: tl.constexpr):
+    return tl.dot(b_a_hi + b_a_lo, b_b, input_precision="tf32")
+
+
+def test_a_plain_tf32_product_fails_against_the_reference(monkeypatch):
+    # One tf32 product where the kernels take three, with the fixture's tensor-core operands: the similarity
+    # pass's misses the reference's w by about 3e-4, and the backward reads' (swapped in after the forward) the
+    # gradients by about 8e-4, where tf32 three times over keeps both near 1e-6. The interpreter's own tl.dot
+    # put the plain products within 1e-6 too, so without the fixture no test here could tell them apart.
+    ms = importlib.import_module("fastntm.kernels.memory_step")
+    x = kernel_inputs(2, 70, 20, 5, 4, 3)
+    xk = {n: t.clone().requires_grad_() for n, t in x.items()}
+    xr = {n: t.double().requires_grad_() for n, t in x.items()}
+    ref = reference.memory_step(*xr.values(), 4)
+    cot = [torch.randn(r.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64) for r in ref]
+    dk_ref = torch.autograd.grad(ref, xr["k"], cot)[0]
+    with _config.force_block_n(16):
+        w = kernels.memory_step(*xk.values(), 4)
+        monkeypatch.setattr(ms, "_tf32x3_dot", _plain_tf32_dot)
+        dk_plain = torch.autograd.grad(w, xk["k"], [c.float() for c in cot])[0]
+        w_plain = kernels.memory_step(*x.values(), 4)[0]
+    assert relative_error(ref[0], w[0]) < 1e-5
+    assert relative_error(ref[0], w_plain) > TOL[torch.float32]
+    assert relative_error(dk_ref, dk_plain) > TOL[torch.float32]
 
 
 def test_bit_identical_run_to_run():

@@ -11,7 +11,8 @@ each of those steps is done in numpy: the operands cut as the hardware reads the
 pass on CUDA cores), and the same split with the fourth product ``mem_lo k_lo``. Errors are
 ``|dot - exact| / (|mem[n]| |k|)``, the error of the cosine, over rows near the key (cosine about 1, where a
 large ``beta`` makes the logits' errors count) and random rows. The tensor cores' own order of additions
-within an mma is not modelled.
+within an mma is not modelled. ``tests/test_kernels.py`` runs the kernels under the interpreter with every
+tf32 ``tl.dot`` operand cut by ``tf32`` here, as the hardware reads it.
 """
 
 from __future__ import annotations

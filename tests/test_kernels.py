@@ -23,6 +23,9 @@ from fastntm import kernels, reference
 from fastntm.kernels import _config
 from helpers import kernel_inputs, relative_error
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ is not part of the installed package
+from benchmarks.tf32_error import tf32  # noqa: E402
+
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 from triton._C.libtriton import ir  # noqa: E402
@@ -46,12 +49,11 @@ _TF32 = ir.INPUT_PRECISION.TF32
 
 
 def _tf32_operand(x):
-    """An fp32 operand as a tensor core reads it in a tf32 product: its top 19 bits (sign, exponent, 10 bits
-    of mantissa); other dtypes as they are."""
+    """An fp32 operand as a tensor core reads it in a tf32 product (``benchmarks.tf32_error.tf32``: its top 19
+    bits); other dtypes as they are."""
     if x.data.dtype != np.float32:
         return x
-    bits = np.ascontiguousarray(x.data).view(np.uint32) & np.uint32(0xFFFFE000)
-    return interpreter.TensorHandle(bits.view(np.float32), x.dtype)
+    return interpreter.TensorHandle(tf32(np.ascontiguousarray(x.data)), x.dtype)
 
 
 def _tensor_core_dot(self, a, b, acc, input_precision, max_num_imprecise_acc):
@@ -171,7 +173,6 @@ FORCED_CASES = [
                               "onchip-warps2-bwd16"])
 def test_memory_step_with_forced_warps_and_vector_block(settings, expected):
     # The interpreter ignores warps: this holds the host's plumbing of each setting to the launches it makes.
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from benchmarks.sweep_blocks import recording_launches
 
     with _config.force(**settings), recording_launches() as launches:
@@ -210,7 +211,6 @@ def test_block_partial_sums_match_float64(shape, dtype):
 
 
 def test_block_sums_take_their_forced_loads():
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from benchmarks.sweep_blocks import recording_launches
 
     with _config.force(block_n=16, sum_rows=16, sum_warps=2), recording_launches() as launches:
@@ -231,7 +231,6 @@ def test_memory_step_partial_gradients(used, BN):
 def test_onchip_tiles_chunk_rows_that_load_element_by_element(M, offset, chunk):
     # Rows that load 16 bytes a thread (M and the pointer 16-aligned) are whole in a tile; others are held
     # in chunks of 4 columns (see _memory_step_onchip_kernel).
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from benchmarks.sweep_blocks import recording_launches
 
     x = kernel_inputs(2, 37, M, 2, 1, 3)
@@ -510,7 +509,6 @@ def test_fake_tensors_go_through_the_custom_ops():
 
 
 def test_host_overhead_benchmark_runs():
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from benchmarks import host_overhead
 
     result = host_overhead.run(calls=20)

@@ -70,6 +70,8 @@ spilled nowhere when last checked), so it is left out by default to keep the run
 FP32_POINTERS = {"p_K", "p_max", "p_sum", "p_P", "p_pmax", "p_psum", "p_pw", "p_pP", "p_rpart", "p_depart",
                  "p_dapart", "p_dkpart", "p_scr", "p_dwrw", "p_dot", "p_v", "p_dwc", "p_pdot", "p_psums",
                  "p_sums", "p_xs", "p_vs", "p_pdbeta", "p_dkrows", "p_ck", "p_cn", "p_x"}
+# A tensor-core instruction taking tf32 operands: mma.sync (sm_80 on) or wgmma (sm_90).
+TF32_MMA = re.compile(r"\b(?:mma\.sync|wgmma\.mma_async)\S*\.tf32\b")
 # The large-memory passes over (B, H, N) vectors and block partials, launched like ``_shift_sharpen_kernel``.
 VECTOR_KERNELS = ("_shift_sharpen_kernel", "_softmax_merge_kernel", "_shift_sharpen_bwd_kernel")
 SHIFT_KERNELS = ("_shift_sharpen_kernel", "_shift_sharpen_bwd_kernel")
@@ -216,7 +218,8 @@ def compile_one(job):
     regs, stack = (int(re.search(rf"\b{key}:(\d+)", usage).group(1)) for key in ("REG", "STACK"))
     shown = {k: v for k, v in spec.own_consts().items() if signature.get(k) == "constexpr"}
     return dict(kernel=name, consts=shown, num_warps=options["num_warps"], arch=arch, dtype=dtype, label=label,
-                regs=regs, stack=stack, shared=compiled.metadata.shared)
+                regs=regs, stack=stack, shared=compiled.metadata.shared,
+                tf32_mma=bool(TF32_MMA.search(compiled.asm["ptx"])))
 
 
 def all_jobs():
@@ -268,6 +271,20 @@ def test_no_config_spills_registers(results):
     assert not spilling, "spills (stack frame): " + "; ".join(
         f"{r['kernel']} {r['consts']} warps={r['num_warps']} sm_{r['arch']} {r['dtype']}: {r['stack']} B"
         for r in spilling)
+
+
+@aot
+def test_the_products_run_on_the_tensor_cores(results):
+    # The similarity pass's logits and the backward reads' dL/dw (RG product groups) are tl.dot products, tf32
+    # three times over: they pay on tensor cores, where on CUDA cores three products would be three times the
+    # multiply-adds they replaced. A dot Triton cannot give the tensor cores becomes multiply-adds without a
+    # word; the PTX says which it got. No other kernel has a product.
+    for r in results:
+        products = r["kernel"] == "_similarity_kernel" or (
+            r["kernel"] == "_read_write_bwd_kernel" and r["consts"].get("RG", 0) > 0)
+        assert r["tf32_mma"] == products, (
+            f"{r['kernel']} {r['consts']} warps={r['num_warps']} sm_{r['arch']} {r['dtype']} ({r['label']}): "
+            f"{'no' if products else 'a'} tf32 tensor-core instruction")
 
 
 _in_background = {}

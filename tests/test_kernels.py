@@ -188,7 +188,8 @@ def test_reductions_of_block_partials_loop_more_than_once():
     # loads of 16 rows, and the shift-sharpen backward's 18 in 2, its 18 columns at S = 5 in 2 strips of 16;
     # _head_grads_kernel dL/dbeta's 18 in 2 loads of 16 (sum_rows); elsewhere one chunk holds them all.
     # (_head_grads_kernel's dL/ds loops over chunks of 8 taps at S = 37, below.) Vector blocks of 64, not
-    # 16: the interpreter runs a program of the shift passes in about the same time at either.
+    # 16: a shift-pass program costs the interpreter about as much at either size, so 18 programs a head where
+    # 69 halve the test's time.
     with _config.force(block_n=16, vector_block=64, sum_rows=16):
         check_op(kernels.memory_step, reference.memory_step, kernel_inputs(1, 1100, 13, 2, 1, 5), extra=(1,))
 

@@ -519,15 +519,44 @@ def test_host_overhead_benchmark_runs():
     assert "autograd engine" in host_overhead.report(result)
 
 
-def test_torch_compile_traces_without_graph_breaks():
+@pytest.mark.parametrize("block_n", [None, 16], ids=["on-chip", "large"])
+def test_the_custom_ops_pass_opcheck(block_n):
+    """``torch.library.opcheck`` of the ops torch.compile sees: schema, fake implementations (shapes, dtypes,
+    strides) against the kernels, and outputs that alias neither the inputs nor each other: torch refuses a
+    call that breaks that wherever the op runs, as the large-memory backward under torch.compile did (its
+    dL/de and dL/da shared a buffer). bf16 memory with fp32 parameters, every gradient given and some absent."""
+    from fastntm.kernels.memory_step import memory_step_bwd, memory_step_fwd
+    from fastntm.kernels.read import read_bwd
+    from fastntm.kernels.write import write_bwd
+
+    x = kernel_inputs(1, 37, 13, 3, 1, 3, mem_dtype=torch.bfloat16)
+    args = tuple(x.values())
+    mem, w_write = x["mem"], x["w_prev"][:, 1:]
+
+    def opcheck(op, args):  # aot_dispatch_dynamic too: test_torch_compile_traces_without_graph_breaks
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+
+    with _config.force(block_n=block_n):
+        opcheck(memory_step_fwd, (*args, 1, True))
+        w, r, new, *saved = memory_step_fwd(*args, 1, True)
+        dw, dr, dnew = torch.randn_like(w), torch.randn_like(r), torch.randn_like(new)
+        opcheck(memory_step_bwd, (*args, w, *saved, dw, dr, dnew, 1))
+        opcheck(memory_step_bwd, (*args, w, *saved, None, dr, None, 1))
+        opcheck(read_bwd, (mem, w[:, :1], dr))
+        opcheck(write_bwd, (mem, w_write, x["e"], x["a"], dnew))
+
+
+@pytest.mark.parametrize("block_n", [None, 16], ids=["on-chip", "large"])
+def test_torch_compile_traces_without_graph_breaks(block_n):
     x = kernel_inputs(1, 37, 13, 2, 1, 3)
     xs = [t.clone().requires_grad_() for t in x.values()]
     fn = torch.compile(lambda *a: kernels.memory_step(*a, 1), fullgraph=True, backend="aot_eager")
-    out = fn(*xs)
-    ref = reference.memory_step(*x.values(), 1)
-    for o, r in zip(out, ref):
-        assert_close(o, r, TOL[torch.float32], "compiled output")
-    sum(o.sum() for o in out).backward()
+    with _config.force(block_n=block_n):
+        out = fn(*xs)
+        ref = reference.memory_step(*x.values(), 1)
+        for o, r in zip(out, ref):
+            assert_close(o, r, TOL[torch.float32], "compiled output")
+        sum(o.sum() for o in out).backward()
     assert all(t.grad is not None for t in xs)
 
 

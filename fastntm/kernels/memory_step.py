@@ -1352,6 +1352,13 @@ def _backward(mem, k, beta, g, s, gamma, w_prev, e, a, w, K, mx, se, dw, dr, dne
 T = torch.Tensor
 
 
+def _unaliased(grads):
+    """``grads`` with the last, dL/da, copied out of the buffer it shares with dL/de (``_read_write_bwd`` sums
+    both in one launch). A custom op's outputs may not alias each other: torch checks it wherever the op runs
+    (under torch.compile, say), and refuses the call. Eager calls skip the ops (``_op``) and the copy."""
+    return (*grads[:-1], grads[-1].clone())
+
+
 @torch.library.custom_op("fastntm::memory_step_fwd", mutates_args=())
 def memory_step_fwd(mem: T, k: T, beta: T, g: T, s: T, gamma: T, w_prev: T, e: T, a: T,
                     num_reads: int, rw: bool) -> tuple[T, T, T, T, T, T]:
@@ -1373,7 +1380,7 @@ def _(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads, rw):
 def memory_step_bwd(mem: T, k: T, beta: T, g: T, s: T, gamma: T, w_prev: T, e: T, a: T, w: T, K: T,
                     mx: T, se: T, dw: Optional[T], dr: Optional[T], dnew: Optional[T],
                     num_reads: int) -> tuple[T, T, T, T, T, T, T, T, T]:
-    return _backward(mem, k, beta, g, s, gamma, w_prev, e, a, w, K, mx, se, dw, dr, dnew, num_reads)
+    return _unaliased(_backward(mem, k, beta, g, s, gamma, w_prev, e, a, w, K, mx, se, dw, dr, dnew, num_reads))
 
 
 @memory_step_bwd.register_fake

@@ -2,7 +2,7 @@
 
 import torch
 
-from .memory_step import T, _contig, _mem_bwd, _op, _read_write, _read_write_bwd
+from .memory_step import T, _contig, _mem_bwd, _op, _read_write, _read_write_bwd, _unaliased
 
 
 def _write_fwd(mem: T, w: T, e: T, a: T) -> T:
@@ -17,7 +17,11 @@ def _write_bwd(mem: T, w: T, e: T, a: T, dnew: T) -> tuple[T, T, T, T]:
 
 
 write_fwd = torch.library.custom_op("fastntm::write_fwd", _write_fwd, mutates_args=())
-write_bwd = torch.library.custom_op("fastntm::write_bwd", _write_bwd, mutates_args=())
+def _write_bwd_op(mem: T, w: T, e: T, a: T, dnew: T) -> tuple[T, T, T, T]:
+    return _unaliased(_write_bwd(mem, w, e, a, dnew))
+
+
+write_bwd = torch.library.custom_op("fastntm::write_bwd", _write_bwd_op, mutates_args=())
 
 
 @write_fwd.register_fake

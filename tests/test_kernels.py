@@ -525,9 +525,10 @@ def test_the_custom_ops_pass_opcheck(block_n):
     strides) against the kernels, and outputs that alias neither the inputs nor each other: torch refuses a
     call that breaks that wherever the op runs, as the large-memory backward under torch.compile did (its
     dL/de and dL/da shared a buffer). bf16 memory with fp32 parameters, every gradient given and some absent."""
+    from fastntm.kernels.heads import head_parameters_bwd, head_parameters_fwd
     from fastntm.kernels.memory_step import memory_step_bwd, memory_step_fwd
-    from fastntm.kernels.read import read_bwd
-    from fastntm.kernels.write import write_bwd
+    from fastntm.kernels.read import read_bwd, read_fwd
+    from fastntm.kernels.write import write_bwd, write_fwd
 
     x = kernel_inputs(1, 37, 13, 3, 1, 3, mem_dtype=torch.bfloat16)
     args = tuple(x.values())
@@ -542,8 +543,17 @@ def test_the_custom_ops_pass_opcheck(block_n):
         dw, dr, dnew = torch.randn_like(w), torch.randn_like(r), torch.randn_like(new)
         opcheck(memory_step_bwd, (*args, w, *saved, dw, dr, dnew, 1))
         opcheck(memory_step_bwd, (*args, w, *saved, None, dr, None, 1))
+        none = x["k"].new_empty((1, 0, 13))  # addressing alone (``address.py``)
+        opcheck(memory_step_fwd, (*args[:7], none, none, 3, False))
+        opcheck(memory_step_bwd, (*args[:7], none, none, w, *saved, dw, None, None, 3))
+        opcheck(read_fwd, (mem, w[:, :1]))
         opcheck(read_bwd, (mem, w[:, :1], dr))
+        opcheck(write_fwd, (mem, w_write, x["e"], x["a"]))
         opcheck(write_bwd, (mem, w_write, x["e"], x["a"], dnew))
+    raw = torch.randn(2, 3 * (13 + 3 + 3) + 2 * 2 * 13)
+    k, beta, g, s, gamma, e, a = head_parameters_fwd(raw, 3, 2, 13, 3)
+    opcheck(head_parameters_fwd, (raw, 3, 2, 13, 3))
+    opcheck(head_parameters_bwd, (raw, *(torch.randn_like(t) for t in (k, beta, g, s, gamma, e, a)), 3, 2, 13, 3))
 
 
 @pytest.mark.parametrize("block_n", [None, 16], ids=["on-chip", "large"])

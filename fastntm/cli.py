@@ -73,6 +73,8 @@ positive_int = _number(int, "a positive integer", lambda v: v >= 1)
 nonnegative_int = _number(int, "a non-negative integer", lambda v: v >= 0)
 positive_float = _number(float, "a positive number", lambda v: 0 < v < float("inf"))
 nonnegative_float = _number(float, "a number >= 0", lambda v: v >= 0)
+# torch's generators take seeds in [-2**63, 2**64 - 1], and training seeds its data generator with seed + 1.
+seed_int = _number(int, "an integer in [-2**63, 2**64 - 2]", lambda v: -(2**63) <= v <= 2**64 - 2)
 
 
 def length_list(text: str) -> list[int]:
@@ -134,7 +136,7 @@ def _add_train(commands, common) -> None:
     g.add_argument("--lr", type=positive_float, help=f"learning rate [{d.lr}]")
     g.add_argument("--optimizer", choices=("adam", "rmsprop", "sgd"), help=f"[{d.optimizer}]")
     g.add_argument("--clip", type=nonnegative_float, help=f"gradient norm clip, 0 for none [{d.clip}]")
-    g.add_argument("--seed", type=int, help=f"seed of the weights and the training data [{d.seed}]")
+    g.add_argument("--seed", type=seed_int, help=f"seed of the weights and the training data [{d.seed}]")
     g.add_argument("--device", choices=("cpu", "cuda", "auto"), help=f"[{d.device}]")
     g.add_argument("--out", type=Path, help="output folder (default: runs/TASK)")
     g.add_argument("--resume", action="store_true",
@@ -197,7 +199,7 @@ def _add_eval(commands, common) -> None:
                                                        "training maximum)")
     p.add_argument("--batches", type=positive_int, default=10, help="batches per length (default 10)")
     p.add_argument("--batch-size", type=positive_int, default=32, help="sequences per batch (default 32)")
-    p.add_argument("--seed", type=int, default=2024, help="seed of the eval sequences (default 2024)")
+    p.add_argument("--seed", type=seed_int, default=2024, help="seed of the eval sequences (default 2024)")
     p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto", help="(default auto)")
     p.add_argument("--out", type=Path, help="JSON file to write (default: CHECKPOINT/eval.json)")
     p.set_defaults(run=run_eval)
@@ -216,13 +218,22 @@ def _add_plot(commands, common) -> None:
     p.add_argument("checkpoint", type=Path, metavar="CHECKPOINT", help="a run folder or its model.safetensors")
     p.add_argument("--length", type=positive_int,
                    help="the task's length knob (as in 'fastntm eval'); default: the training maximum")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sequence (default 0)")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of the sequence (default 0)")
     p.add_argument("--out", type=Path, help="output folder (default: CHECKPOINT/plots)")
     p.set_defaults(run=run_plot)
 
 
 class CommandError(Exception):
     """A problem with the user's request, reported as one line without a traceback."""
+
+
+def _check_folder(folder: Path) -> None:
+    """Raise before any work unless ``folder`` is a folder or can be made one: no file at it or above it."""
+    for path in (folder, *folder.parents):
+        if path.exists():
+            if not path.is_dir():
+                raise CommandError(f"cannot write to {folder}: {path} is a file, not a folder")
+            return
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -274,6 +285,7 @@ def run_train(args) -> int:
     from .training import CONFIG_FILE, STATE_FILE, TrainConfig, Trainer, shutdown_distributed
 
     out = args.out if args.out is not None else Path("runs") / args.task
+    _check_folder(out)
     model_args = _given(args, "model_")
     task_args = _task_args(args.task, _given(args, "task_"))
     overrides = _training_overrides(args)
@@ -328,6 +340,10 @@ def run_eval(args) -> int:
     try:
         folder = checkpoint_folder(args.checkpoint)
         device = resolve_device(args.device)
+        out = args.out if args.out is not None else folder / "eval.json"
+        if out.is_dir():
+            raise CommandError(f"--out {out} is a folder; give the JSON file to write, such as {out / 'eval.json'}")
+        _check_folder(out.parent)
         model, task, saved = load_model(folder, device)
         lengths = args.lengths or [max_length(task) * k for k in (1, 2, 4)]
         rows_in = [("train", {})] + [(str(n), length_overrides(task, n)) for n in lengths]
@@ -357,10 +373,10 @@ def run_eval(args) -> int:
         if "optimal_cost" in row:
             line += f"  {row['optimal_cost']:>10.4f}"
         print(line)
-    out = args.out if args.out is not None else folder / "eval.json"
     report = {"checkpoint": str(folder), "task": task.name, "step": saved.get("step"), "unit": unit,
               "length_knob": _knob_name(task.name), "batches": args.batches, "batch_size": args.batch_size,
               "seed": args.seed, "rows": rows}
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")
     return 0
@@ -385,9 +401,12 @@ def _ngrams_optimal(task, args, overrides) -> float:
 
 def run_plot(args) -> int:
     from .plotting import plot_checkpoint
+    from .training import checkpoint_folder
 
     try:
-        paths = plot_checkpoint(args.checkpoint, length=args.length, seed=args.seed, out=args.out)
+        out = args.out if args.out is not None else checkpoint_folder(args.checkpoint) / "plots"
+        _check_folder(out)
+        paths = plot_checkpoint(args.checkpoint, length=args.length, seed=args.seed, out=out)
     except (ValueError, FileNotFoundError) as error:
         raise CommandError(str(error)) from None
     for path in paths:

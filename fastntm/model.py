@@ -22,7 +22,7 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from . import functional
+from . import functional, validation
 from .backend import BACKENDS
 
 MEMORY_INITS = ("constant", "learned", "random")
@@ -69,6 +69,8 @@ class Trace:
 
     @property
     def weights(self) -> torch.Tensor:
+        if not self.steps:
+            raise ValueError("the trace holds no steps: run the model inside the 'with model.record()' block")
         return torch.stack(self.steps)
 
     @property
@@ -89,6 +91,9 @@ class LSTMController(nn.Module):
         self.num_layers = num_layers
         sizes = [input_size] + [hidden_size] * (num_layers - 1)
         self.cells = nn.ModuleList(nn.LSTMCell(n, hidden_size) for n in sizes)
+
+    def state_shapes(self, batch_size: int) -> tuple[tuple[int, ...], ...]:
+        return ((self.num_layers, batch_size, self.hidden_size),) * 2
 
     def initial_state(self, batch_size: int, device, dtype) -> tuple[torch.Tensor, ...]:
         zeros = torch.zeros(self.num_layers, batch_size, self.hidden_size, device=device, dtype=dtype)
@@ -116,6 +121,9 @@ class MLPController(nn.Module):
         self.hidden_size = hidden_size
         sizes = [input_size] + [hidden_size] * num_layers
         self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(sizes[:-1], sizes[1:]))
+
+    def state_shapes(self, batch_size: int) -> tuple[tuple[int, ...], ...]:
+        return ()
 
     def initial_state(self, batch_size: int, device, dtype) -> tuple[torch.Tensor, ...]:
         return ()
@@ -273,6 +281,8 @@ class NTMCell(nn.Module):
         return self.output(features) if self.output is not None else features
 
     def forward(self, x: torch.Tensor, state: NTMState) -> tuple[torch.Tensor, NTMState]:
+        _check_x(self, "x", x, "(B, input_size)")
+        _check_state(self, state, x, x.shape[0])
         features, state = self.features(x, state)
         return self.readout(features), state
 
@@ -421,14 +431,17 @@ class FastNTM(nn.Module):
     @contextlib.contextmanager
     def record(self) -> Iterator[Trace]:
         """Record every step's weightings (detached) while the block runs."""
-        self._trace = Trace(self.cell.num_reads)
+        # Nested blocks: the inner one records its steps, then the outer one goes on recording.
+        outer, self._trace = self._trace, Trace(self.cell.num_reads)
         try:
             yield self._trace
         finally:
-            self._trace = None
+            self._trace = outer
 
     def forward(self, x: torch.Tensor, state: NTMState | None = None) -> tuple[torch.Tensor, NTMState]:
-        self._check_input(x, state, layout="(B, T, input_size)" if self.batch_first else "(T, B, input_size)")
+        _check_x(self.cell, "x", x, "(B, T, input_size)" if self.batch_first else "(T, B, input_size)")
+        if state is not None:
+            _check_state(self.cell, state, x, x.shape[0] if self.batch_first else x.shape[1])
         if self.batch_first:
             x = x.transpose(0, 1)
         if state is None:
@@ -442,50 +455,75 @@ class FastNTM(nn.Module):
     def step(self, x_t: torch.Tensor, state: NTMState | None = None) -> tuple[torch.Tensor, NTMState]:
         """One step for streams: ``x_t`` (B, input_size) -> ``(y_t, state)``, the same as
         the matching step of ``forward``."""
-        if not isinstance(x_t, torch.Tensor) or x_t.dim() != 2:
-            shape = tuple(x_t.shape) if isinstance(x_t, torch.Tensor) else type(x_t).__name__
-            raise ValueError(f"x_t must have shape (B, input_size) with input_size = {self.cell.input_size}, got {shape}")
-        self._check_input(x_t[None], state, "(B, input_size)")
+        _check_x(self.cell, "x_t", x_t, "(B, input_size)")
         if state is None:
             state = self.initial_state(x_t.shape[0], x_t.device, x_t.dtype)
-        y_t, state = self.cell(x_t, state)
+        y_t, state = self.cell(x_t, state)  # which checks the state
         if self._trace is not None:
             self._trace.steps.append(state.weights.detach())
         return y_t, state
 
-    def _check_input(self, x, state: NTMState | None, layout: str) -> None:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 3 or x.shape[-1] != self.cell.input_size:
-            shape = tuple(x.shape) if layout != "(B, input_size)" else tuple(x.shape[1:])
-            raise ValueError(f"x must have shape {layout} with input_size = {self.cell.input_size}, got {shape}")
-        if not x.is_floating_point():
-            raise TypeError(f"x must have a floating dtype, got {x.dtype}")
-        if x.shape[0] == 0 or x.shape[1] == 0:
-            raise ValueError(f"x must have at least one step and one sequence, got shape {tuple(x.shape)}")
-        if state is None:
-            return
-        if not isinstance(state, NTMState):
-            raise TypeError(f"state must be an NTMState or None, got {type(state).__name__}")
-        B = x.shape[0] if self.batch_first and layout != "(B, input_size)" else x.shape[1]
-        c = self.cell
-        expected = {
-            "state.memory": (state.memory, (B, c.memory_slots, c.memory_width)),
-            "state.weights": (state.weights, (B, c.num_heads, c.memory_slots)),
-            "state.reads": (state.reads, (B, c.num_reads, c.memory_width)),
-        }
-        controller = c.controller.initial_state(B, "meta", x.dtype)
-        if len(state.controller) != len(controller):
-            raise ValueError(
-                f"state.controller must hold {len(controller)} tensors for this model's {c.controller_kind} controller, "
-                f"got {len(state.controller)}"
-            )
-        expected.update({f"state.controller[{i}]": (t, tuple(ref.shape)) for i, (t, ref) in enumerate(zip(state.controller, controller))})
-        for name, (t, shape) in expected.items():
-            if tuple(t.shape) != shape:
-                raise ValueError(f"{name} must have shape {shape} for this model and batch {B}, got {tuple(t.shape)}")
-            if t.device != x.device:
-                raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+
+def _autocasting(device: torch.device) -> bool:
+    return torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type)
+
+
+def _check_x(cell: NTMCell, name: str, x, layout: str) -> None:
+    """``x`` of shape ``layout`` ((B, input_size) or a sequence of those), floating, not empty, finite, on
+    the model's device and, outside autocast, in its parameters' dtype."""
+    ndim = layout.count(",") + 1  # the layout names each dimension
+    parameter = cell.heads.weight
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != ndim or x.shape[-1] != cell.input_size:
+        raise ValueError(f"{name} must have shape {layout} with input_size = {cell.input_size}, got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must have a floating dtype, got {x.dtype}")
+    if 0 in x.shape[:-1]:
+        needs = "at least one step and one sequence" if ndim == 3 else "at least one sequence"
+        raise ValueError(f"{name} must have {needs}, got shape {tuple(x.shape)}")
+    if x.device != parameter.device:
+        raise ValueError(f"{name} is on {x.device} but the model is on {parameter.device}")
+    if x.dtype != parameter.dtype and not _autocasting(x.device):
+        raise TypeError(f"{name} has dtype {x.dtype} but the model's parameters have {parameter.dtype}; cast one "
+                        f"to the other (or run under torch.autocast)")
+    validation.check_range(name, x, None, None)
+
+
+def _check_state(cell: NTMCell, state, x: torch.Tensor, B: int) -> None:
+    """``state`` fits ``cell`` and batch ``B``: shapes, on ``x``'s device, floating, in ``x``'s dtype outside
+    autocast (``state.memory`` in any floating dtype: ``memory_dtype``), finite, weightings >= 0."""
+    if not isinstance(state, NTMState):
+        raise TypeError(f"state must be an NTMState, got {type(state).__name__}")
+    if not isinstance(state.controller, (tuple, list)):
+        raise TypeError(f"state.controller must be a tuple of tensors, got {type(state.controller).__name__}")
+    expected = {
+        "state.memory": (state.memory, (B, cell.memory_slots, cell.memory_width)),
+        "state.weights": (state.weights, (B, cell.num_heads, cell.memory_slots)),
+        "state.reads": (state.reads, (B, cell.num_reads, cell.memory_width)),
+    }
+    shapes = cell.controller.state_shapes(B)
+    if len(state.controller) != len(shapes):
+        raise ValueError(
+            f"state.controller must hold {len(shapes)} tensors for this model's {cell.controller_kind} controller, "
+            f"got {len(state.controller)}"
+        )
+    expected.update({f"state.controller[{i}]": (t, shape)
+                     for i, (t, shape) in enumerate(zip(state.controller, shapes))})
+    same_dtype = not _autocasting(x.device)
+    for name, (t, shape) in expected.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape} for this model and batch {B}, got {tuple(t.shape)}")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must have a floating dtype, got {t.dtype}")
+        if same_dtype and name != "state.memory" and t.dtype != x.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}; the state must share x's dtype")
+    validation.check_ranges([(name, t, 0.0 if name == "state.weights" else None, None)
+                             for name, (t, _) in expected.items()])
 
 
 def _memory_dtype(value) -> torch.dtype | None:

@@ -92,6 +92,8 @@ def _check_addressing_structure(mem, k, beta, g, s, gamma, w_prev) -> tuple[int,
     B, N, M = check_mem(mem)
     for name, t, nd in (("k", k, 3), ("beta", beta, 2), ("g", g, 2), ("s", s, 3), ("gamma", gamma, 2), ("w_prev", w_prev, 3)):
         check_tensor(name, t, nd)
+    if N < 1:
+        raise ValueError(f"mem must have at least one slot to address: shape (B, N, M) with N >= 1, got {_shape(mem)}")
     H = k.shape[1]
     if H < 1:
         raise ValueError(f"k must address at least one head: shape (B, H, M) with H >= 1, got {_shape(k)}")

@@ -157,8 +157,9 @@ def test_plot_writes_nonempty_pngs(trained, tmp_path, capsys):
         (["train", "copy", "--steps", "0"], "positive integer"),
         (["train", "copy", "--optimizer", "lbfgs"], "invalid choice"),
         (["eval", "x", "--lengths", "20,abc"], "comma-separated"),
+        (["eval", "x", "--seed", str(2**64)], "argument --seed: expected an integer in [-2**63, 2**64 - 2]"),
     ],
-    ids=["task", "lr", "steps", "optimizer", "lengths"],
+    ids=["task", "lr", "steps", "optimizer", "lengths", "seed"],
 )
 def test_bad_arguments_exit_with_a_message(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -178,6 +179,23 @@ def test_errors_after_parsing_are_one_line(tmp_path, trained, capsys):
     assert "no checkpoint" in capsys.readouterr().err
     assert main(["eval", str(tmp_path / "none")]) == 2
     assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_output_paths_blocked_by_a_file_fail_before_any_work(tmp_path, trained, capsys):
+    # Once tracebacks: train and plot at mkdir, eval at writing eval.json after the whole evaluation.
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert main(["train", "copy", "--out", str(blocker / "run"), "--steps", "1", *TINY_FLAGS, *FAST]) == 2
+    assert f"cannot write to {blocker / 'run'}: {blocker} is a file, not a folder" in capsys.readouterr().err
+    assert main(["plot", str(trained), "--out", str(blocker)]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    assert main(["eval", str(trained), "--out", str(blocker / "eval.json")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    assert main(["eval", str(trained), "--out", str(tmp_path)]) == 2
+    assert "is a folder; give the JSON file to write" in capsys.readouterr().err
+    out = tmp_path / "new" / "eval.json"
+    assert main(["eval", str(trained), "--out", str(out), "--batches", "1", "--batch-size", "2", "--lengths", "2"]) == 0
+    assert json.loads(out.read_text())["rows"]
 
 
 def test_no_arguments_print_help(capsys):

@@ -344,6 +344,10 @@ BAD_INPUTS = [
     pytest.param(lambda t: t.update(beta=t["beta"] * float("nan")), ValueError, "beta contains NaN", id="beta-nan"),
     pytest.param(lambda t: t.update(beta=t["beta"] + float("inf")), ValueError, "beta must be finite", id="beta-inf"),
     pytest.param(lambda t: t.update(k="key"), TypeError, "k must be a torch.Tensor", id="k-not-tensor"),
+    # Once a ZeroDivisionError from inside the reference's circular shift.
+    pytest.param(lambda t: t.update(mem=t["mem"][:, :0], w_prev=t["w_prev"][..., :0]), ValueError,
+                 "mem must have at least one slot to address: shape (B, N, M) with N >= 1, got (3, 0, 13)",
+                 id="mem-no-slots"),
 ]
 
 

@@ -84,7 +84,7 @@ def test_streaming_one_step_at_a_time_equals_one_pass():
 
 def test_step_rejects_bad_input():
     ntm = make()
-    with pytest.raises(ValueError, match=r"x must have shape \(B, input_size\) with input_size = 4"):
+    with pytest.raises(ValueError, match=r"x_t must have shape \(B, input_size\) with input_size = 4"):
         ntm.step(torch.rand(2, 5))
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
 import subprocess
 import sys
 
@@ -198,6 +200,76 @@ def test_step_rejects_a_sequence_or_a_vector():
     for x_t in (torch.rand(4, 2, 3), torch.rand(3)):
         with pytest.raises(ValueError, match=r"x_t must have shape \(B, input_size\) with input_size = 3"):
             ntm.step(x_t)
+
+
+def test_step_names_x_t_in_its_errors():
+    ntm = make()
+    with pytest.raises(ValueError, match=re.escape("x_t must have at least one sequence, got shape (0, 3)")):
+        ntm.step(torch.rand(0, 3))
+    with pytest.raises(TypeError, match="x_t must have a floating dtype"):
+        ntm.step(torch.ones(2, 3, dtype=torch.long))
+
+
+def test_forward_rejects_x_and_state_of_another_dtype_or_device_or_kind_naming_them():
+    ntm = make()
+    x = torch.rand(4, 2, 3)
+    _, state = ntm(x)
+    with pytest.raises(TypeError, match=re.escape("x has dtype torch.float64 but the model's parameters have torch.float32")):
+        ntm(x.double())
+    with pytest.raises(ValueError, match="x is on meta but the model is on cpu"):
+        ntm(x.to("meta"))
+    bad = [
+        (dataclasses.replace(state, weights=state.weights.double()), TypeError,
+         "state.weights has dtype torch.float64 but x has torch.float32"),
+        (dataclasses.replace(state, controller=(state.controller[0].long(), state.controller[1])), TypeError,
+         "state.controller[0] must have a floating dtype"),
+        (dataclasses.replace(state, memory=None), TypeError, "state.memory must be a torch.Tensor, got NoneType"),
+        (dataclasses.replace(state, controller=None), TypeError, "state.controller must be a tuple of tensors"),
+    ]
+    for bad_state, error, message in bad:
+        with pytest.raises(error, match=re.escape(message)):
+            ntm(x, bad_state)
+    bf16_memory = make(memory_dtype=torch.bfloat16)
+    _, state = bf16_memory(x)
+    bf16_memory(x, state)  # memory in its own dtype is fine
+
+
+def test_forward_rejects_non_finite_input_and_state_naming_them():
+    ntm = make()
+    x = torch.rand(4, 2, 3)
+    _, state = ntm(x)
+    with pytest.raises(ValueError, match="x contains NaN"):  # once "beta contains NaN", from inside the step
+        ntm(x * float("nan"))
+    with pytest.raises(ValueError, match="state.memory contains NaN"):
+        ntm(x, dataclasses.replace(state, memory=state.memory * float("nan")))
+    with pytest.raises(ValueError, match=re.escape("state.weights must lie in [0.0, inf]")):
+        ntm(x, dataclasses.replace(state, weights=-state.weights))
+
+
+def test_cell_checks_its_input_and_state_naming_them():
+    cell = NTMCell(3, 2, **SMALL)
+    state = cell.initial_state(2)
+    with pytest.raises(ValueError, match=re.escape("x must have shape (B, input_size) with input_size = 3, got (2, 5)")):
+        cell(torch.rand(2, 5), state)
+    with pytest.raises(ValueError, match=re.escape("state.memory must have shape (3, 13, 5) for this model and batch 3")):
+        cell(torch.rand(3, 3), state)
+    with pytest.raises(TypeError, match="state must be an NTMState, got NoneType"):
+        cell(torch.rand(2, 3), None)
+
+
+def test_nested_record_blocks_each_keep_their_steps():
+    ntm = make()
+    x = torch.rand(4, 2, 3)
+    with ntm.record() as outer:
+        ntm(x)
+        with ntm.record() as inner:
+            ntm(x)
+        ntm(x)
+    assert len(inner.steps) == 4 and len(outer.steps) == 8
+    with ntm.record() as empty:
+        pass
+    with pytest.raises(ValueError, match="the trace holds no steps"):
+        empty.weights
 
 
 def test_forward_runs_under_cpu_autocast():

@@ -60,6 +60,13 @@ class NTMState:
         return self.memory.shape[0]
 
 
+# A pytree node: torch.export (and torch.utils._pytree's users) take a state as its tensors, in or out of a model.
+torch.export.register_dataclass(NTMState, serialized_type_name="fastntm.NTMState")
+# torch.load's default (weights_only=True) unpickles only what is allowed: a saved state, or an exported program
+# whose example inputs hold one.
+torch.serialization.add_safe_globals([NTMState])
+
+
 @dataclasses.dataclass
 class Trace:
     """Weightings recorded by ``FastNTM.record()``: ``weights`` (T, B, H, N), read heads first."""

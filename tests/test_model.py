@@ -272,6 +272,30 @@ def test_nested_record_blocks_each_keep_their_steps():
         empty.weights
 
 
+def test_a_state_saves_and_loads_with_torch_load_defaults(tmp_path):
+    ntm = make()
+    _, state = ntm(torch.rand(4, 2, 3))
+    torch.save(state.detach(), tmp_path / "state.pt")
+    loaded = torch.load(tmp_path / "state.pt")  # weights_only=True: NTMState is an allowed global
+    assert isinstance(loaded, NTMState)
+    for a, b in zip(torch.utils._pytree.tree_leaves(loaded), torch.utils._pytree.tree_leaves(state)):
+        assert torch.equal(a, b)
+
+
+def test_torch_export_takes_and_returns_a_state(tmp_path):
+    ntm = make()
+    x = torch.rand(3, 2, 3)
+    _, state = ntm(x)
+    state = state.detach()
+    exported = torch.export.export(ntm, (x, state))
+    torch.export.save(exported, tmp_path / "ntm.pt2")
+    y, new_state = torch.export.load(tmp_path / "ntm.pt2").module()(x, state)
+    y_eager, state_eager = ntm(x, state)
+    assert isinstance(new_state, NTMState)
+    torch.testing.assert_close(y, y_eager)
+    torch.testing.assert_close(new_state.memory, state_eager.memory)
+
+
 def test_forward_runs_under_cpu_autocast():
     ntm = make()
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -117,3 +117,21 @@ def test_head_parameters_match_reference_on_gpu(dtype):
     cot = [torch.randn_like(r) for r in ref]
     (gk,), (gr,) = torch.autograd.grad(out, xk, cot), torch.autograd.grad(ref, xr, cot)
     assert relative_error(gr, gk) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("N", [128, 8192], ids=["on-chip", "large"])
+def test_torch_compile_of_the_kernels_on_gpu(N):
+    # The ops as torch.compile calls them (custom ops, fake implementations), forward and backward, against
+    # the same kernels called eagerly: bit for bit, as the same launches run.
+    from fastntm import kernels
+
+    x = kernel_inputs(2, N, 64, 3, 2, 3, device="cuda")
+    fn = torch.compile(lambda *a: kernels.memory_step(*a, 2), fullgraph=True, backend="aot_eager")
+    runs = []
+    for step in (fn, lambda *a: kernels.memory_step(*a, 2)):
+        xs = [t.clone().requires_grad_() for t in x.values()]
+        out = step(*xs)
+        grads = torch.autograd.grad(out, xs, [torch.ones_like(o) for o in out])
+        runs.append([t.detach() for t in (*out, *grads)])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)

@@ -119,13 +119,15 @@ def test_head_parameters_match_reference_on_gpu(dtype):
     assert relative_error(gr, gk) <= TOL[dtype]
 
 
-@pytest.mark.parametrize("N", [128, 8192], ids=["on-chip", "large"])
-def test_torch_compile_of_the_kernels_on_gpu(N):
+@pytest.mark.parametrize("N, M", [(128, 20), (8192, 64)], ids=["on-chip", "large"])
+def test_torch_compile_of_the_kernels_on_gpu(N, M):
     # The ops as torch.compile calls them (custom ops, fake implementations), forward and backward, against
     # the same kernels called eagerly: bit for bit, as the same launches run.
     from fastntm import kernels
+    from fastntm.kernels import _config
 
-    x = kernel_inputs(2, N, 64, 3, 2, 3, device="cuda")
+    assert _config.choose(N, M).onchip == (N == 128)  # each case in the regime it names
+    x = kernel_inputs(2, N, M, 3, 2, 3, device="cuda")
     fn = torch.compile(lambda *a: kernels.memory_step(*a, 2), fullgraph=True, backend="aot_eager")
     runs = []
     for step in (fn, lambda *a: kernels.memory_step(*a, 2)):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 import torch.utils.checkpoint
@@ -306,14 +306,14 @@ def default_checkpoint_every(steps: int, state: NTMState) -> int:
 AUTO_STORE_BYTES = 64 * 2**20
 
 
-def unroll(cell: NTMCell, x: torch.Tensor, state: NTMState, checkpoint_every: int = 0, trace: "Trace | None" = None):
+def unroll(cell: NTMCell, x: torch.Tensor, state: NTMState, checkpoint_every: int = 0, traces: Sequence["Trace"] = ()):
     """Run ``cell`` over ``x`` (T, B, input_size) from ``state``: ``(y (T, B, ...), final state)``.
 
     With ``checkpoint_every = C > 0`` and gradients on, the forward pass keeps the
     state only at every C-th step (and each step's output); backward recomputes
     each segment from its first state. Gradients equal the store-everything path
     (C = 0) to rounding. Memory for T steps falls from T copies of the memory to
-    about T / C + C.
+    about T / C + C. Each trace of ``traces`` gets every step's weightings (detached).
     """
     segment = checkpoint_every if checkpoint_every > 0 and torch.is_grad_enabled() else x.shape[0]
     outputs = []
@@ -324,13 +324,13 @@ def unroll(cell: NTMCell, x: torch.Tensor, state: NTMState, checkpoint_every: in
             # The cell draws no random numbers: no RNG state to save, which also keeps the
             # segment capturable in a CUDA graph (saving it reads the generator on the host).
             y, weights, flat = torch.utils.checkpoint.checkpoint(
-                _run_segment, cell, x_segment, trace is not None, *flat, use_reentrant=False, preserve_rng_state=False
+                _run_segment, cell, x_segment, bool(traces), *flat, use_reentrant=False, preserve_rng_state=False
             )
             state = NTMState(flat[0], flat[1], flat[2], tuple(flat[3:]))
         else:
-            y, weights, state = _run_steps(cell, x_segment, state, trace is not None)
+            y, weights, state = _run_steps(cell, x_segment, state, bool(traces))
         outputs.append(y)
-        if trace is not None:
+        for trace in traces:
             trace.steps.extend(weights.detach().unbind(0))
     features = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
     return cell.readout(features), state
@@ -424,7 +424,7 @@ class FastNTM(nn.Module):
         )
         self.checkpoint_every = checkpoint_every
         self.batch_first = batch_first
-        self._trace: Trace | None = None
+        self._traces: list[Trace] = []  # of the record() blocks open now, outermost first
 
     def extra_repr(self) -> str:
         return f"checkpoint_every={self.checkpoint_every!r}, batch_first={self.batch_first}"
@@ -437,13 +437,15 @@ class FastNTM(nn.Module):
 
     @contextlib.contextmanager
     def record(self) -> Iterator[Trace]:
-        """Record every step's weightings (detached) while the block runs."""
-        # Nested blocks: the inner one records its steps, then the outer one goes on recording.
-        outer, self._trace = self._trace, Trace(self.cell.num_reads)
+        """Record every step's weightings (detached) while the block runs; a block inside another
+        records its own steps, and the outer one records them too."""
+        trace = Trace(self.cell.num_reads)
+        self._traces.append(trace)
         try:
-            yield self._trace
+            yield trace
         finally:
-            self._trace = outer
+            # By identity: two traces with the same steps compare equal.
+            del self._traces[next(i for i, t in enumerate(self._traces) if t is trace)]
 
     def forward(self, x: torch.Tensor, state: NTMState | None = None) -> tuple[torch.Tensor, NTMState]:
         _check_x(self.cell, "x", x, "(B, T, input_size)" if self.batch_first else "(T, B, input_size)")
@@ -456,7 +458,7 @@ class FastNTM(nn.Module):
         every = self.checkpoint_every
         if every == "auto":
             every = default_checkpoint_every(x.shape[0], state)
-        y, state = unroll(self.cell, x, state, every, self._trace)
+        y, state = unroll(self.cell, x, state, every, self._traces)
         return (y.transpose(0, 1) if self.batch_first else y), state
 
     def step(self, x_t: torch.Tensor, state: NTMState | None = None) -> tuple[torch.Tensor, NTMState]:
@@ -465,10 +467,13 @@ class FastNTM(nn.Module):
         _check_x(self.cell, "x_t", x_t, "(B, input_size)")
         if state is None:
             state = self.initial_state(x_t.shape[0], x_t.device, x_t.dtype)
-        y_t, state = self.cell(x_t, state)  # which checks the state
-        if self._trace is not None:
-            self._trace.steps.append(state.weights.detach())
-        return y_t, state
+        else:
+            _check_state(self.cell, state, x_t, x_t.shape[0])
+        # The cell's parts, not its forward, which would check x_t and the state again.
+        features, state = self.cell.features(x_t, state)
+        for trace in self._traces:
+            trace.steps.append(state.weights.detach())
+        return self.cell.readout(features), state
 
 
 def _autocasting(device: torch.device) -> bool:

@@ -265,7 +265,8 @@ def test_nested_record_blocks_each_keep_their_steps():
         with ntm.record() as inner:
             ntm(x)
         ntm(x)
-    assert len(inner.steps) == 4 and len(outer.steps) == 8
+    assert len(inner.steps) == 4 and len(outer.steps) == 12
+    torch.testing.assert_close(outer.weights[4:8], inner.weights)
     with ntm.record() as empty:
         pass
     with pytest.raises(ValueError, match="the trace holds no steps"):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -282,7 +283,7 @@ def _task_args(task: str, given: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_train(args) -> int:
-    from .training import CONFIG_FILE, STATE_FILE, TrainConfig, Trainer, shutdown_distributed
+    from .training import STATE_FILE, TrainConfig, Trainer, checkpoint_folder, read_config, shutdown_distributed
 
     out = args.out if args.out is not None else Path("runs") / args.task
     _check_folder(out)
@@ -293,7 +294,7 @@ def run_train(args) -> int:
         if args.resume:
             if not (out / STATE_FILE).is_file():
                 raise CommandError(f"--resume: no checkpoint in {out} (expected {out / STATE_FILE})")
-            saved = json.loads((out / CONFIG_FILE).read_text())
+            saved = read_config(checkpoint_folder(out))
             _check_same(args.task, saved, model_args, task_args)
             trainer = Trainer.resume(out, progress=not args.no_progress, **overrides)
         else:
@@ -324,11 +325,22 @@ def run_train(args) -> int:
 def _check_same(task: str, saved: dict[str, Any], model_args: dict[str, Any], task_args: dict[str, Any]) -> None:
     if saved["task"]["name"] != task:
         raise CommandError(f"--resume: the checkpoint was trained on {saved['task']['name']}, not {task}")
-    for kind, given, have in (("model", model_args, saved["model"]), ("task", task_args, saved["task"]["args"])):
+    # config.json holds only the model flags that were given: the others were FastNTM's defaults.
+    model = {**_model_defaults(), **saved["model"]}
+    for kind, given, have in (("model", model_args, model), ("task", task_args, saved["task"]["args"])):
         changed = {k: v for k, v in given.items() if have.get(k) != v}
         if changed:
             listed = ", ".join(f"{k}={v!r} (saved {have.get(k)!r})" for k, v in changed.items())
             raise CommandError(f"--resume cannot change the {kind}: {listed}")
+
+
+def _model_defaults() -> dict[str, Any]:
+    from .model import FastNTM
+
+    defaults = {k: p.default for k, p in inspect.signature(FastNTM).parameters.items() if p.default is not p.empty}
+    # None: the memory takes the model's dtype, and training builds float32 models.
+    defaults["memory_dtype"] = "float32"
+    return defaults
 
 
 # --- eval ----------------------------------------------------------------------------

@@ -56,8 +56,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from .graphs import CapturedStep
 from .model import FastNTM
@@ -313,11 +313,47 @@ def model_constructor_args(config: TrainConfig, task: Task) -> dict[str, Any]:
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[FastNTM, Task, dict[str, Any]]:
     """The model, task and saved ``config.json`` of a checkpoint (its folder or its ``model.safetensors``)."""
     folder = checkpoint_folder(path)
-    saved = json.loads((folder / CONFIG_FILE).read_text())
+    saved = read_config(folder)
     task = make_task(saved["task"]["name"], **saved["task"]["args"])
     model = FastNTM(**saved["model"])
-    model.load_state_dict(load_file(folder / MODEL_FILE, device="cpu"))
+    _load_weights(model, folder, "cpu")
     return model.to(device).eval(), task, saved
+
+
+def read_config(folder: str | os.PathLike) -> dict[str, Any]:
+    """The ``config.json`` of a run folder; ValueError naming the file when it is damaged or not a run's."""
+    path = Path(folder) / CONFIG_FILE
+    try:
+        saved = json.loads(path.read_text())
+    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{path} is damaged: {error}") from None
+    try:
+        fits = all(isinstance(x, dict) for x in (saved["model"], saved["training"], saved["task"]["args"]))
+        fits = fits and isinstance(saved["task"]["name"], str)
+    except (KeyError, TypeError):
+        fits = False
+    if not fits:
+        raise ValueError(f"{path} is not the config.json of a fastntm run: it needs model, task (name and args) "
+                         f"and training entries")
+    return saved
+
+
+def _load_weights(model: FastNTM, folder: Path, device: str | torch.device) -> int:
+    """Load ``folder``'s weights into ``model``; returns the step they were saved at (-1: not recorded).
+
+    ValueError naming the file when it is damaged or does not fit the model of ``config.json``.
+    """
+    path = folder / MODEL_FILE
+    try:
+        with safe_open(path, framework="pt", device=str(device)) as f:
+            weights = {name: f.get_tensor(name) for name in f.keys()}
+            step = int((f.metadata() or {}).get("step", -1))
+        model.load_state_dict(weights)
+    except SafetensorError as error:
+        raise ValueError(f"{path} is damaged: {error}") from None
+    except RuntimeError as error:  # load_state_dict: tensors missing, unexpected or of another shape
+        raise ValueError(f"{path} does not fit the model in {CONFIG_FILE}: {' '.join(str(error).split())}") from None
+    return step
 
 
 def checkpoint_folder(path: str | os.PathLike) -> Path:
@@ -489,22 +525,26 @@ class Trainer:
         folder = checkpoint_folder(out)
         if not (folder / STATE_FILE).is_file():
             raise FileNotFoundError(f"no trainer state to resume from: {folder / STATE_FILE} is missing")
-        saved = json.loads((folder / CONFIG_FILE).read_text())
+        saved = read_config(folder)
         training = {**saved["training"], **overrides}
-        # The optimiser's saved state only fits the optimiser that made it.
-        for fixed in ("task", "task_args", "model_args", "optimizer"):
+        # The optimiser's saved state only fits the optimiser that made it. The seed only draws the
+        # first weights and the data stream's start, both long past: a new one would change nothing
+        # but config.json's record of the run.
+        for fixed in ("task", "task_args", "model_args", "optimizer", "seed"):
             if fixed in overrides and overrides[fixed] != saved["training"][fixed]:
                 raise ValueError(f"cannot change {fixed} when resuming: saved {saved['training'][fixed]!r}")
         trainer = cls(TrainConfig.from_dict(training), folder, progress=progress)
-        state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=False)
-        with safe_open(folder / MODEL_FILE, framework="pt") as f:
-            weights_step = int((f.metadata() or {}).get("step", -1))
+        try:
+            state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=False)
+        except Exception as error:  # a damaged file fails as EOFError, UnpicklingError, RuntimeError, ...
+            raise ValueError(f"{folder / STATE_FILE} is damaged: {type(error).__name__}: "
+                             f"{' '.join(str(error).split())}") from None
+        weights_step = _load_weights(trainer.model, folder, trainer.device)
         if weights_step != state["step"]:
             raise RuntimeError(
                 f"checkpoint in {folder} is inconsistent: weights from step {weights_step}, state from step "
                 f"{state['step']} (a save was interrupted); cannot resume exactly"
             )
-        trainer.model.load_state_dict(load_file(folder / MODEL_FILE, device=str(trainer.device)))
         _load_optimizer_state(trainer.optimizer, state["optimizer"])
         for group in trainer.optimizer.param_groups:
             group["lr"] = trainer.config.lr
@@ -518,20 +558,26 @@ class Trainer:
         trainer.window_loss, trainer.window_cost, trainer.window_steps = state["window"]
         trainer.last_eval_cost = state["last_eval_cost"]
         trainer.evals_below_target = state["evals_below_target"]
+        if not 0 < TrainConfig.from_dict(saved["training"]).stop_cost <= trainer.config.stop_cost:
+            # The count is of evaluations in a row below the saved target, which says nothing of a
+            # lower one (and 0 never stops): the new target starts its own count.
+            trainer.evals_below_target = 0
         if not trainer.config.curriculum:
             trainer.curriculum_max = None
         elif state["curriculum_max"] is not None:
             trainer.curriculum_max = state["curriculum_max"]
-        trainer._truncate_log()
         return trainer
 
     def _truncate_log(self) -> None:
-        """Drop log rows written after the checkpoint (a run that died past it)."""
+        """Drop log rows written after the checkpoint: a run that died past it, or one that died before
+        its first checkpoint in the folder that a fresh run now takes."""
         path = self.out / LOG_FILE
         if not path.is_file() or not self.dist.is_main:
             return
         with open(path, newline="") as f:
-            rows = [row for row in csv.DictReader(f) if int(row["step"]) <= self.step]
+            # A row without a step (a header or line damaged by hand) is dropped rather than stopping the run.
+            rows = [row for row in csv.DictReader(f)
+                    if (row.get("step") or "").isdigit() and int(row["step"]) <= self.step]
         self._write_log(rows, mode="w")
 
     def _write_log(self, rows: list[dict[str, Any]], mode: str = "a") -> None:
@@ -585,6 +631,7 @@ class Trainer:
         c = self.config
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
+        self._truncate_log()
         reached = self.evals_below_target >= c.target_patience
         bar = None
         if self.progress:

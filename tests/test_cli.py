@@ -90,6 +90,76 @@ def test_resume_refuses_another_optimizer(trained, capsys):
     assert "cannot change optimizer when resuming" in capsys.readouterr().err
 
 
+def test_resume_takes_model_flags_given_at_their_defaults(trained, capsys):
+    # config.json records only the model flags given; these defaults were refused as "(saved None)".
+    assert main(["train", "copy", "--out", str(trained), "--resume", "--steps", "4", "--controller", "lstm",
+                 "--memory-dtype", "float32", "--memory-slots", "8", "--no-progress"]) == 0
+    assert main(["train", "copy", "--out", str(trained), "--resume", "--controller", "mlp", "--no-progress"]) == 2
+    assert "cannot change the model: controller='mlp' (saved 'lstm')" in capsys.readouterr().err
+
+
+def test_resume_refuses_another_seed(trained, capsys):
+    # The seed was taken, and written to config.json, while the saved data stream went on unchanged.
+    assert main(["train", "copy", "--out", str(trained), "--resume", "--steps", "5", "--seed", "7",
+                 "--no-progress"]) == 2
+    assert "cannot change seed when resuming: saved 0" in capsys.readouterr().err
+    assert json.loads((trained / "config.json").read_text())["training"]["seed"] == 0
+
+
+def test_resume_with_a_lower_target_trains_on(tmp_path):
+    # A run that met a target of 1000 bits was reported as meeting 0 or 0.001 at once, with no step taken.
+    Trainer(tiny_config(steps=10, target_cost=1000.0, target_patience=1), tmp_path, progress=False).fit()
+    # Evaluations below 1000 are below 2000 too: that count stands.
+    assert Trainer.resume(tmp_path, progress=False, target_cost=2000.0).evals_below_target == 1
+    result = Trainer.resume(tmp_path, progress=False, target_cost=0.0).fit()
+    assert result.step == 10 and not result.reached_target
+
+
+def test_a_fresh_run_replaces_the_log_of_one_stopped_before_its_first_checkpoint(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    step = Trainer.train_step
+
+    def interrupted(self):
+        if self.step == 4:
+            raise KeyboardInterrupt
+        return step(self)
+
+    monkeypatch.setattr(Trainer, "train_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(tiny_config(steps=6), out, progress=False).fit()
+    assert not (out / "trainer_state.pt").exists() and (out / "log.csv").is_file()
+    monkeypatch.undo()
+    Trainer(tiny_config(steps=6), out, progress=False).fit()
+    steps = [line.split(",")[0] for line in (out / "log.csv").read_text().splitlines()[1:]]
+    assert steps == ["2", "4", "6"]  # was 2, 4, 2, 4, 6
+
+
+@pytest.mark.parametrize(
+    "name, damage, message",
+    [
+        ("model.safetensors", b"\x00" * 10, "model.safetensors is damaged"),
+        ("config.json", b'{"task": ', "config.json is damaged"),
+        ("config.json", b"{}", "is not the config.json of a fastntm run"),
+    ],
+    ids=["weights", "config-cut", "config-empty"],
+)
+@pytest.mark.parametrize("command", ["eval", "plot", "resume"])
+def test_a_damaged_checkpoint_is_a_one_line_error(trained, capsys, command, name, damage, message):
+    # Once tracebacks (SafetensorError, KeyError) or a JSON error that named no file.
+    (trained / name).write_bytes(damage)
+    argv = {"eval": ["eval", str(trained)], "plot": ["plot", str(trained)],
+            "resume": ["train", "copy", "--out", str(trained), "--resume", "--steps", "5", "--no-progress"]}[command]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_a_damaged_trainer_state_is_a_one_line_error(trained, capsys):
+    (trained / "trainer_state.pt").write_bytes(b"")  # was an EOFError traceback
+    assert main(["train", "copy", "--out", str(trained), "--resume", "--steps", "5", "--no-progress"]) == 2
+    assert "trainer_state.pt is damaged: EOFError" in capsys.readouterr().err
+
+
 def test_cuda_graph_is_refused_on_the_cpu(tmp_path, capsys):
     assert main(["train", "copy", "--cuda-graph", "--device", "cpu", "--out", str(tmp_path / "run"), *FAST]) == 2
     assert "--cuda-graph (cuda_graph=True) captures the step in a CUDA graph and needs a CUDA device, got cpu" in (

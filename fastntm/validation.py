@@ -1,7 +1,8 @@
 """Input checks for the functional ops: every rule raises before any work is done.
 
 Shapes, dtypes and devices are always checked. Value ranges (``beta >= 0``,
-``g`` and ``e`` in [0, 1], ``gamma >= 1``, ``s`` and ``w_prev`` >= 0) need the
+``g`` and ``e`` in [0, 1], ``gamma >= 1``, ``s`` and ``w_prev`` >= 0, ``k`` and
+``a`` finite; not ``mem``, whose check would cost a pass over memory) need the
 values, which on a GPU costs a device synchronisation, so they are checked for
 CPU tensors always and for CUDA tensors only when ``FASTNTM_CHECK_VALUES=1``.
 Nothing is value-checked while ``torch.compile`` traces.
@@ -111,15 +112,15 @@ def _check_addressing_structure(mem, k, beta, g, s, gamma, w_prev) -> tuple[int,
     return B, N, M, H
 
 
-def _addressing_ranges(beta, g, s, gamma, w_prev) -> list:
-    return [("beta", beta, 0.0, None), ("g", g, 0.0, 1.0), ("s", s, 0.0, None), ("gamma", gamma, 1.0, None),
+def _addressing_ranges(k, beta, g, s, gamma, w_prev) -> list:
+    return [("k", k, None, None), ("beta", beta, 0.0, None), ("g", g, 0.0, 1.0), ("s", s, 0.0, None), ("gamma", gamma, 1.0, None),
             ("w_prev", w_prev, 0.0, None)]
 
 
 def check_addressing(mem, k, beta, g, s, gamma, w_prev) -> tuple[int, int, int, int]:
     """Check the addressing inputs; return (B, N, M, H)."""
     dims = _check_addressing_structure(mem, k, beta, g, s, gamma, w_prev)
-    check_ranges(_addressing_ranges(beta, g, s, gamma, w_prev))
+    check_ranges(_addressing_ranges(k, beta, g, s, gamma, w_prev))
     return dims
 
 
@@ -141,7 +142,7 @@ def check_write(mem, w, e, a) -> None:
     check_shape("a", a, (B, W, M), "(B, W, M)")
     check_same_device({"mem": mem, "w": w, "e": e, "a": a})
     check_same_dtype({"w": w, "e": e, "a": a})
-    check_ranges([("w", w, 0.0, None), ("e", e, 0.0, 1.0)])
+    check_ranges([("w", w, 0.0, None), ("e", e, 0.0, 1.0), ("a", a, None, None)])
 
 
 def check_num_reads(num_reads, H: int) -> None:
@@ -162,7 +163,7 @@ def check_memory_step(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads) -> Non
     check_shape("a", a, (B, W, M), f"(B, H - num_reads, M) with H = {H}, num_reads = {num_reads}")
     check_same_device({"mem": mem, "e": e, "a": a})
     check_same_dtype({"k": k, "e": e, "a": a})
-    check_ranges([*_addressing_ranges(beta, g, s, gamma, w_prev), ("e", e, 0.0, 1.0)])
+    check_ranges([*_addressing_ranges(k, beta, g, s, gamma, w_prev), ("e", e, 0.0, 1.0), ("a", a, None, None)])
 
 
 def check_head_parameters(raw, num_reads, num_writes, memory_width, shift_width) -> None:

@@ -343,6 +343,8 @@ BAD_INPUTS = [
     pytest.param(lambda t: t.update(e=t["e"] + 2), ValueError, "e must lie in [0.0, 1.0]", id="e-above-one"),
     pytest.param(lambda t: t.update(beta=t["beta"] * float("nan")), ValueError, "beta contains NaN", id="beta-nan"),
     pytest.param(lambda t: t.update(beta=t["beta"] + float("inf")), ValueError, "beta must be finite", id="beta-inf"),
+    pytest.param(lambda t: t["k"].__setitem__((0, 1, 2), float("nan")), ValueError, "k contains NaN", id="k-nan"),
+    pytest.param(lambda t: t["a"].__setitem__((2, 0, 0), float("-inf")), ValueError, "a must be finite", id="a-inf"),
     pytest.param(lambda t: t.update(k="key"), TypeError, "k must be a torch.Tensor", id="k-not-tensor"),
     # Once a ZeroDivisionError from inside the reference's circular shift.
     pytest.param(lambda t: t.update(mem=t["mem"][:, :0], w_prev=t["w_prev"][..., :0]), ValueError,
@@ -392,6 +394,8 @@ def test_read_and_write_reject_mismatched_shapes():
         F.write(mem, w, torch.rand(2, 2, 3), torch.rand(2, 1, 3))
     with pytest.raises(ValueError, match=r"e must lie in \[0.0, 1.0\]"):
         F.write(mem, w, torch.rand(2, 1, 3) - 2, torch.rand(2, 1, 3))
+    with pytest.raises(ValueError, match="a contains NaN"):
+        F.write(mem, w, torch.rand(2, 1, 3), torch.full((2, 1, 3), float("nan")))
 
 
 def test_failed_checks_leave_inputs_untouched():

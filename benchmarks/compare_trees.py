@@ -86,7 +86,8 @@ def main(argv=None) -> int:
     ap.add_argument("--shape", default="copy-b32", help="a name of benchmarks.shapes.TRAIN_SHAPES (or TINY_TRAIN_SHAPES)")
     ap.add_argument("--rounds", type=int, default=16)
     ap.add_argument("--steps", type=int, default=5, help="steps a round")
-    ap.add_argument("--backend", default="reference")
+    ap.add_argument("--backend", choices=("reference", "reference-compile"), default="reference",
+                    help="the provider of benchmarks.run timed (CPU only)")
     ap.add_argument("--worker", metavar="SHAPE", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
@@ -94,7 +95,21 @@ def main(argv=None) -> int:
         return 0
     if not (args.old and args.new):
         ap.error("give the old and the new tree")
-    r = compare(args.old, args.new, args.shape, args.rounds, args.steps, args.backend)
+    for tree in (args.old, args.new):  # a worker imports the tree's fastntm and benchmarks.cases
+        needs = [os.path.join(tree, "fastntm", "__init__.py"), os.path.join(tree, "benchmarks", "cases.py")]
+        if not all(os.path.isfile(f) for f in needs):
+            ap.error(f"{tree} is not a fastntm source tree: it needs fastntm/__init__.py and benchmarks/cases.py")
+    from benchmarks.shapes import TINY_TRAIN_SHAPES, TRAIN_SHAPES
+
+    if args.shape not in {**TRAIN_SHAPES, **TINY_TRAIN_SHAPES}:
+        ap.error(f"--shape {args.shape!r} is not one of {', '.join({**TRAIN_SHAPES, **TINY_TRAIN_SHAPES})}")
+    if args.rounds < 1 or args.steps < 1:
+        ap.error(f"--rounds and --steps must be positive, got {args.rounds} and {args.steps}")
+    try:
+        r = compare(args.old, args.new, args.shape, args.rounds, args.steps, args.backend)
+    except RuntimeError as exc:  # a worker that did not start has printed its own traceback above
+        print(f"compare_trees: {exc}", file=sys.stderr)
+        return 1
     print(f"{r['shape']} ({r['backend']}): old {r['old_median_ms']:.1f} ms, new {r['new_median_ms']:.1f} ms "
           f"(medians of {r['rounds']} rounds of {r['steps']} steps); new / old paired: median {r['ratio_median']:.3f}, "
           f"range {r['ratio_min']:.3f} - {r['ratio_max']:.3f}")

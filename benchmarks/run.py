@@ -205,7 +205,7 @@ def parse_args(argv):
     size = ap.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="fewer shapes and repeats (CPU: under two minutes)")
     size.add_argument("--tiny", action="store_true", help="toy shapes, seconds in all (the smoke test)")
-    ap.add_argument("--filter", default=None, help="regex on case names (op/shape/provider); "
+    ap.add_argument("--filter", type=_pattern, default=None, help="regex on case names (op/shape/provider); "
                     f"'{LONG_SEQUENCE}' runs the long-sequence benchmark")
     ap.add_argument("--providers", default=None, help="comma-separated subset of the device's providers")
     ap.add_argument("--out", default=os.environ.get("OUT") or "runs/bench", help="folder for results.json, bench.png")
@@ -214,6 +214,14 @@ def parse_args(argv):
     ap.add_argument("--long-gpu-large", action="store_true",
                     help="with the long-sequence benchmark on CUDA: also B 16, N 65536, M 64, T 1000")
     return ap.parse_args(argv)
+
+
+def _pattern(text: str) -> str:
+    try:
+        re.compile(text)
+    except re.error as exc:
+        raise argparse.ArgumentTypeError(f"not a regular expression: {exc}") from None
+    return text
 
 
 def main(argv=None) -> int:
@@ -231,7 +239,19 @@ def main(argv=None) -> int:
         print(f"benchmarks.run: providers {unknown} not available on {device.type}; choose from {available}",
               file=sys.stderr)
         return 2
-    os.makedirs(args.out, exist_ok=True)
+    cases = build_cases(device, mode, providers, args.filter)
+    if not cases and not (args.filter and re.search(args.filter, LONG_SEQUENCE)):
+        names = [c.name for c in build_cases(device, mode, providers, None)]
+        example = f", named op/shape/provider as {names[0]}" if names else ""
+        print(f"benchmarks.run: --filter {args.filter!r} matches none of this run's {len(names)} cases ({mode}, "
+              f"{device.type}, providers {', '.join(providers)}){example}", file=sys.stderr)
+        return 2
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as exc:
+        why = "a file of that name is there" if isinstance(exc, FileExistsError) else exc.strerror
+        print(f"benchmarks.run: --out {args.out} cannot be the results folder: {why}", file=sys.stderr)
+        return 2
     json_path = os.path.join(args.out, "results.json")
 
     env = common.environment(device)
@@ -245,7 +265,6 @@ def main(argv=None) -> int:
         result["rows"] = rows
         common.write_json(json_path, result)
 
-    cases = build_cases(device, mode, providers, args.filter)
     t0 = time.perf_counter()
     per_case, min_reps = TIMING[device.type, mode]
     rows = run_cases(cases, device, copy, time_per_case_s=per_case, min_reps=min_reps, budget_s=budget, on_row=save)

@@ -12,6 +12,7 @@ gives the warp-instructions an SM issued a clock: near 4, the kernels are bound 
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -125,9 +126,13 @@ def sweep_lines(sweep) -> list[str]:
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    folder = argv[0] if argv else os.environ.get("OUT") or "gpu_results"
-    print("\n".join(summarise(folder)))
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.summary", description=__doc__.splitlines()[0])
+    ap.add_argument("folder", nargs="?", default=os.environ.get("OUT") or "gpu_results",
+                    help="the results folder (default: $OUT, else gpu_results)")
+    args = ap.parse_args(argv)
+    if not os.path.isdir(args.folder):
+        ap.error(f"{args.folder} is not a folder")
+    print("\n".join(summarise(args.folder)))
     return 0
 
 

@@ -76,7 +76,7 @@ def errors(rows: int, width: int, seed: int = 0) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", type=int, default=20000)
     p.add_argument("--width", type=int, default=64, help="M, the slot width")
     p.add_argument("--json", help="write the errors here")

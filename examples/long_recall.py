@@ -37,6 +37,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 from typing import Iterator, NamedTuple
@@ -340,6 +341,7 @@ def _totals(prior: dict, seen: int, seconds: float, history: list) -> dict:
 
 
 def save(path, model: RecallModel, task: TaskConfig, model_args: dict, info: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     torch.save(dict(state_dict=model.state_dict(), task=dataclasses.asdict(task), model_args=model_args,
                     info=info), path)
 
@@ -418,7 +420,61 @@ def parse_args(argv=None):
     e.add_argument("--chunk", type=int, default=512, help="steps per chunk (state carried between chunks)")
     e.add_argument("--distractor", choices=DISTRACTORS, default=None, help="override the trained distractor kind")
     e.add_argument("--threads", type=int, default=0)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    problem = _problem(args)
+    if problem:
+        sub.choices[args.command].error(problem)
+    return args
+
+
+def _parents(path: str) -> list[str]:
+    """The folders above ``path``, nearest first."""
+    folders, folder = [], os.path.dirname(os.path.abspath(path))
+    while folder not in folders:
+        folders.append(folder)
+        folder = os.path.dirname(folder)
+    return folders
+
+
+def _problem(args) -> str | None:
+    """What is wrong with the flags, found before anything runs: a bad ``--out`` would otherwise fail
+    at the first validation, after minutes of training, and a bad count deep in the loop."""
+    if args.threads < 0:
+        return f"--threads must be >= 0 (0: torch's default), got {args.threads}"
+    if args.command == "eval":
+        if not os.path.isfile(args.checkpoint):
+            return f"no checkpoint file {args.checkpoint}"
+        if not all(g.strip().isdigit() for g in args.gaps.split(",")):
+            return f"--gaps must be whole numbers >= 0 separated by commas, got {args.gaps!r}"
+        counts = ("sequences", "batch", "chunk")
+    else:
+        counts = ("steps", "batch", "eval_every", "val_size")
+        for name in ("gap", "gap_start", "gap_min", "pairs_start"):
+            if getattr(args, name) < 0:
+                return f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}"
+        if args.gap_min > min(args.gap_start, args.gap):
+            return f"--gap-min {args.gap_min} is above the first largest gap min(--gap-start, --gap) = " \
+                   f"{min(args.gap_start, args.gap)}"
+        if args.gap_start < args.gap and (args.gap_start < 1 or args.gap_growth <= 1):
+            return f"the curriculum would never reach --gap {args.gap}: it needs --gap-start >= 1 and " \
+                   f"--gap-growth > 1, got {args.gap_start} and {args.gap_growth}"
+        if os.path.isdir(args.out):
+            return f"--out {args.out} is a folder; give the checkpoint file to write, such as {args.out}/recall.pt"
+        # The folder is made at the first save; a file in its way would stop the run there.
+        blocked = [f for f in _parents(args.out) if os.path.exists(f) and not os.path.isdir(f)]
+        if blocked:
+            return f"--out {args.out} cannot be written: {blocked[0]} is a file, not a folder"
+        if args.init_from and not os.path.isfile(args.init_from):
+            return f"no checkpoint file {args.init_from} (--init-from)"
+        if not args.init_from:
+            try:
+                TaskConfig(args.keys, args.values, args.pairs, args.distractors, args.distractor, args.pair_gap)
+            except ValueError as exc:
+                return f"{exc} (--pairs, --keys, --values, --distractors, --pair-gap)"
+    for name in counts:
+        if getattr(args, name) < 1:
+            return f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}"
+    return None
 
 
 def main(argv=None):

@@ -48,6 +48,27 @@ def test_tiny_run_writes_every_field(tmp_path):
     assert (tmp_path / "bench.png").stat().st_size > 0
 
 
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--filter", "no-such-case"], "matches none of this run's 7 cases (tiny, cpu, providers reference)"),
+        (["--filter", "("], "argument --filter: not a regular expression"),
+        (["--filter", "tiny-copy", "--out", "{file}"], "cannot be the results folder: a file of that name is there"),
+    ],
+    ids=["filter-matches-nothing", "filter-not-a-regex", "out-is-a-file"],
+)
+def test_runner_refuses_bad_flags_before_measuring_anything(tmp_path, capsys, args, message):
+    (tmp_path / "file").write_text("")
+    argv = ["--tiny", "--device", "cpu", "--providers", "reference", "--out", str(tmp_path / "out")]
+    argv += [a.format(file=tmp_path / "file") for a in args]
+    try:
+        code = run.main(argv)
+    except SystemExit as exc:  # argparse's own refusals
+        code = exc.code
+    assert code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_byte_model_counts_memory_three_and_six_times():
     shape = OpShape("x", B=2, N=1000, M=10, R=1, W=1, S=3)
     mem = 2 * 1000 * 10 * 4
@@ -257,6 +278,34 @@ def test_compare_trees_times_both_trees_in_alternating_rounds():
     assert len(r["p50_ms"]["old"]) == len(r["p50_ms"]["new"]) == 2
     assert all(t > 0 for t in r["p50_ms"]["old"] + r["p50_ms"]["new"])
     assert r["ratio_min"] <= r["ratio_median"] <= r["ratio_max"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["{tmp}", "{root}"], "is not a fastntm source tree"),
+        (["{root}/README.md", "{root}"], "is not a fastntm source tree"),
+        (["{root}", "{root}", "--shape", "nope"], "--shape 'nope' is not one of"),
+        (["{root}", "{root}", "--rounds", "0"], "--rounds and --steps must be positive"),
+        (["{root}", "{root}", "--backend", "nope"], "invalid choice: 'nope'"),
+    ],
+    ids=["empty-folder", "a-file", "shape", "rounds", "backend"],
+)
+def test_compare_trees_refuses_what_it_cannot_time_before_starting_workers(tmp_path, capsys, args, message):
+    from benchmarks import compare_trees
+
+    with pytest.raises(SystemExit) as exc:
+        compare_trees.main([a.format(tmp=tmp_path, root=ROOT) for a in args])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_summary_has_help_and_refuses_a_missing_folder(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        summary.main(["--help"])
+    assert exc.value.code == 0 and "usage: python -m benchmarks.summary" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        summary.main([str(tmp_path / "missing")])
+    assert exc.value.code == 2 and "is not a folder" in capsys.readouterr().err
 
 
 def test_sass_model_gives_each_loop_of_the_large_step_its_trip_count(tmp_path):

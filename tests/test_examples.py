@@ -83,7 +83,7 @@ def test_streamed_logits_equal_one_forward(lr):
 
 
 def test_train_and_eval_commands(lr, tmp_path, capsys):
-    out = tmp_path / "tiny.pt"
+    out = tmp_path / "made" / "tiny.pt"  # a folder the first save makes
     info = lr.main(
         ["train", "--out", str(out), "--steps", "4", "--batch", "4", "--gap", "6", "--gap-start", "3",
          "--eval-every", "2", "--val-size", "8", "--keys", "4", "--values", "3", "--pairs", "2",
@@ -160,3 +160,34 @@ def test_init_from_continues_training(lr, tmp_path):
     # lr 0: the weights are exactly the ones loaded.
     for (name, p0), p1 in zip(model0.state_dict().items(), model1.state_dict().values()):
         assert torch.equal(p0, p1), name
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "--steps", "0"], "--steps must be positive"),
+        (["train", "--eval-every", "0"], "--eval-every must be positive"),
+        (["train", "--val-size", "0"], "--val-size must be positive"),
+        (["train", "--gap-min", "20", "--gap-start", "10"], "--gap-min 20 is above the first largest gap"),
+        (["train", "--gap-start", "0"], "the curriculum would never reach --gap 100"),
+        (["train", "--gap-growth", "1"], "the curriculum would never reach --gap 100"),
+        (["train", "--pairs", "9"], "num_pairs must be in 1..num_keys=8"),
+        (["train", "--out", "{tmp}/run.pt/x.pt"], "run.pt is a file, not a folder"),
+        (["train", "--init-from", "{tmp}/missing.pt"], "no checkpoint file"),
+        (["eval", "{tmp}/missing.pt"], "no checkpoint file"),
+        (["eval", "{tmp}/run.pt", "--gaps", "10,-5"], "--gaps must be whole numbers >= 0"),
+        (["eval", "{tmp}/run.pt", "--chunk", "0"], "--chunk must be positive"),
+        (["eval", "{tmp}/run.pt", "--sequences", "0"], "--sequences must be positive"),
+    ],
+    ids=["steps", "eval-every", "val-size", "gap-min", "gap-start-0", "gap-growth-1", "pairs", "out-folder",
+         "init-from", "eval-checkpoint", "eval-gaps", "eval-chunk", "eval-sequences"],
+)
+def test_bad_flags_are_refused_before_anything_runs(lr, tmp_path, capsys, args, message):
+    (tmp_path / "run.pt").write_bytes(b"")
+    argv = [a.format(tmp=tmp_path) for a in args]
+    if argv[0] == "train" and "--out" not in argv:
+        argv += ["--out", str(tmp_path / "out.pt")]
+    with pytest.raises(SystemExit) as exc:
+        lr.parse_args(argv)
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out.pt").exists()

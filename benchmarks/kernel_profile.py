@@ -57,9 +57,10 @@ KERNEL_TRAFFIC = {
     "_read_write_kernel": (2, 2),  # reads mem, writes new_mem; reads ws^gamma, writes w
     "_read_write_bwd_kernel": (2, 1),  # reads mem and dL/dnew_mem; writes dL/dw (reads w of the write heads)
     "_mem_bwd_kernel": (3, 2),  # reads mem and dL/dnew_mem, writes dL/dmem; reads w and dL/dK / |k|
-    "_shift_sharpen_bwd_kernel": (0, 6),  # reads dL/dw (from the reads and write, and the given one), K,
-    # w_prev; writes the shift's backward of dw v and of v
-    "_softmax_bwd_kernel": (0, 5),  # reads K and those two; writes dL/dw_prev, dL/dK / |k| (and a (B, N) row sum)
+    "_sharpen_bwd_kernel": (0, 6),  # reads dL/dw (from the reads and write, and the given one), K, w_prev;
+    # writes the total dL/dw (in place, where one is given) and gamma p / c
+    "_interp_bwd_kernel": (0, 6),  # reads those two, K, w_prev; writes dL/dw_prev and dL/dwc
+    "_softmax_bwd_kernel": (0, 3),  # reads K and dL/dwc; writes dL/dK / |k| (and a (B, N) row sum)
 }
 
 # What each kind of profile aggregates: a short label for the tables, and what it means.

@@ -144,22 +144,22 @@ ONCHIP_KERNELS = ("_memory_step_onchip_kernel", "_onchip_heads_bwd_kernel", "_on
 FORCED_CASES = [
     (dict(block_n=16, num_warps=2, vector_block=32),
      {("_similarity_kernel", 16, 2, None), ("_shift_sharpen_kernel", 32, 4, None), ("_read_write_kernel", 16, 2, None),
-      ("_read_write_bwd_kernel", 16, 2, 255), ("_shift_sharpen_bwd_kernel", 32, 4, None),
-      ("_softmax_bwd_kernel", 32, 4, None),
+      ("_read_write_bwd_kernel", 16, 2, 255), ("_sharpen_bwd_kernel", 32, 4, None),
+      ("_interp_bwd_kernel", 32, 4, None), ("_softmax_bwd_kernel", 32, 4, None),
       ("_mem_bwd_kernel", 16, 2, None), ("_softmax_merge_kernel", 32, 4, None),
       ("_head_grads_kernel", 64, 4, None)}),
     # The backward's passes over memory on blocks and warps of their own.
     (dict(block_n=32, num_warps=1, bwd_block_n=16, bwd_warps=8, vector_block=32),
      {("_similarity_kernel", 32, 1, None), ("_shift_sharpen_kernel", 32, 4, None), ("_read_write_kernel", 32, 1, None),
-      ("_read_write_bwd_kernel", 16, 8, 255), ("_shift_sharpen_bwd_kernel", 32, 4, None),
-      ("_softmax_bwd_kernel", 32, 4, None),
+      ("_read_write_bwd_kernel", 16, 8, 255), ("_sharpen_bwd_kernel", 32, 4, None),
+      ("_interp_bwd_kernel", 32, 4, None), ("_softmax_bwd_kernel", 32, 4, None),
       ("_mem_bwd_kernel", 16, 8, None), ("_softmax_merge_kernel", 32, 4, None),
       ("_head_grads_kernel", 64, 4, None)}),
     # The similarity pass on blocks and warps of its own: 3 blocks of 16 rows, where the others take 2 of 32.
     (dict(block_n=32, sim_block_n=16, sim_warps=2, vector_block=32),
      {("_similarity_kernel", 16, 2, None), ("_shift_sharpen_kernel", 32, 4, None), ("_read_write_kernel", 32, 4, None),
-      ("_read_write_bwd_kernel", 32, 4, 255), ("_shift_sharpen_bwd_kernel", 32, 4, None),
-      ("_softmax_bwd_kernel", 32, 4, None),
+      ("_read_write_bwd_kernel", 32, 4, 255), ("_sharpen_bwd_kernel", 32, 4, None),
+      ("_interp_bwd_kernel", 32, 4, None), ("_softmax_bwd_kernel", 32, 4, None),
       ("_mem_bwd_kernel", 32, 4, None), ("_softmax_merge_kernel", 32, 4, None),
       ("_head_grads_kernel", 64, 4, None)}),
     (dict(onchip_warps=2, onchip_bwd_warps=16),
@@ -185,13 +185,12 @@ def test_memory_step_with_forced_warps_and_vector_block(settings, expected):
 def test_reductions_of_block_partials_loop_more_than_once():
     # 69 memory blocks of 16 rows and 18 vector blocks of 64: the softmax merge takes the 69 partials in
     # 2 chunks of 64 (the running max rescaling the first chunk's lanes), _sum_blocks_kernel the reads' in 5
-    # loads of 16 rows, and the shift-sharpen backward's 18 in 2, its 18 columns at S = 5 in 2 strips of 16;
-    # _head_grads_kernel dL/dbeta's 18 in 2 loads of 16 (sum_rows); elsewhere one chunk holds them all.
-    # (_head_grads_kernel's dL/ds loops over chunks of 8 taps at S = 37, below.) Vector blocks of 64, not
-    # 16: a shift-pass program costs the interpreter about as much at either size, so 18 programs a head where
+    # loads of 16 rows, _head_grads_kernel the vector passes' 18 in 2 loads of 16 (sum_rows) and, at S = 7,
+    # its 10 columns in 2 chunks of 8; elsewhere one chunk holds them all. Vector blocks of 64, not 16: a
+    # vector-pass program costs the interpreter about as much at either size, so 18 programs a head where
     # 69 halve the test's time.
     with _config.force(block_n=16, vector_block=64, sum_rows=16):
-        check_op(kernels.memory_step, reference.memory_step, kernel_inputs(1, 1100, 13, 2, 1, 5), extra=(1,))
+        check_op(kernels.memory_step, reference.memory_step, kernel_inputs(1, 1100, 13, 2, 1, 7), extra=(1,))
 
 
 @pytest.mark.parametrize("shape, dtype", [((3, 37, 2, 13), torch.float32), ((1, 69, 40), torch.bfloat16),
@@ -297,10 +296,10 @@ def test_shift_wider_than_memory_wraps(BN, S):
 
 def test_shift_wider_than_a_block():
     # K = 18 > BN = 16: the shift's halo (forward and backward) reaches past the neighbouring block; the last
-    # block of N = 40 is ragged. S = 37 > 8: _head_grads_kernel takes dL/ds in 5 chunks of 8 taps.
+    # block of N = 40 is ragged.
     with _config.force_block_n(16):
         # B = 1 and 3 blocks: the interpreter checks every int32 operation for overflow, and the shift passes'
-        # halo unrolls K rows a side, each of the backward's made from S rows of wg.
+        # halo unrolls K (K + 1) / 2 rows a side (60 s at N = 130 under the interpreter, 9 blocks).
         check_op(kernels.memory_step, reference.memory_step, kernel_inputs(1, 40, 13, 2, 1, 37), extra=(1,))
 
 
@@ -318,6 +317,33 @@ def test_shift_moves_focus_forward(BN):
         check_op(kernels.memory_step, reference.memory_step, x, extra=(1,))
         w = kernels.memory_step(*x.values(), 1)[0]
     assert w[:, 0].argmax(-1).tolist() == [0, 0] and w[:, 1].argmax(-1).tolist() == [21, 21]
+
+
+@pytest.mark.parametrize("M, seed, bound", [(40, 1051, None), (20, 7, 10)], ids=["M40", "M20-ill-conditioned"])
+def test_sharp_focus_gradients_as_precise_as_the_reference(M, seed, bound):
+    # A content head focused on one slot (beta 100, g 1: the softmax's largest weight 0.9986): dL/dbeta and
+    # dL/dk come from sums over rows that nearly cancel. The large-memory backward once took the sharpening's
+    # and the shift's backward as x - dot1 v with x = dw v (d81ba13, reverted): the products rounded before
+    # the subtraction, and dL/dbeta missed by 2.3e-3 here at M 40, by 5.3 (all of it) at M 20, where the
+    # fp32 reference misses by 6.2e-6 and 2.7e-4. Bound: 1e-4, or `bound` times the fp32 reference's miss.
+    x = kernel_inputs(1, 97, M, 1, 0, 7, seed=seed)
+    x["beta"][:] = 100.0
+    x["g"][:] = 1.0
+    cot = torch.randn(1, 1, 97, generator=torch.Generator().manual_seed(3))
+    names = ["beta", "k"]
+
+    def grads(fn, dtype):
+        xs = {n: t.to(dtype).requires_grad_() for n, t in x.items()}
+        return torch.autograd.grad(fn(*xs.values(), 0)[0], [xs[n] for n in names], cot.to(dtype))
+
+    truth, ref = grads(reference.memory_step, torch.float64), grads(reference.memory_step, torch.float32)
+    with _config.force(block_n=32):
+        assert not _config.choose(97, M).onchip
+        out = grads(kernels.memory_step, torch.float32)
+    for name, t, r, o in zip(names, truth, ref, out):
+        err = relative_error(t, o)
+        limit = max(1e-4, (bound or 0) * relative_error(t, r))
+        assert err <= limit, f"dL/d{name}: {err:.1e} from float64, limit {limit:.1e}"
 
 
 @pytest.mark.parametrize("BN", [None, 16], ids=["auto", "BN16"])

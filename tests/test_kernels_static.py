@@ -69,18 +69,19 @@ spilled nowhere when last checked), so it is left out by default to keep the run
 # Pointers that are fp32 whatever the tensors' dtype: saved logits and sums, scratch, per-block partials.
 FP32_POINTERS = {"p_K", "p_max", "p_sum", "p_P", "p_pmax", "p_psum", "p_pw", "p_pP", "p_rpart", "p_depart",
                  "p_dapart", "p_dkpart", "p_scr", "p_dwrw", "p_dot", "p_v", "p_dwc", "p_pdot", "p_psums",
-                 "p_sums", "p_xs", "p_vs", "p_pdbeta", "p_dkrows", "p_ck", "p_cn", "p_x"}
+                 "p_sums", "p_pdbeta", "p_part", "p_dkrows", "p_ck", "p_cn", "p_x"}
 # A tensor-core instruction taking tf32 operands: mma.sync (sm_80 on) or wgmma (sm_90).
 TF32_MMA = re.compile(r"\b(?:mma\.sync|wgmma\.mma_async)\S*\.tf32\b")
 # The large-memory passes over (B, H, N) vectors and block partials, launched like ``_shift_sharpen_kernel``.
-VECTOR_KERNELS = ("_shift_sharpen_kernel", "_softmax_merge_kernel", "_shift_sharpen_bwd_kernel")
-SHIFT_KERNELS = ("_shift_sharpen_kernel", "_shift_sharpen_bwd_kernel")
+VECTOR_KERNELS = ("_shift_sharpen_kernel", "_softmax_merge_kernel", "_sharpen_bwd_kernel", "_interp_bwd_kernel")
+SHIFT_KERNELS = ("_shift_sharpen_kernel", "_sharpen_bwd_kernel")
 """Those that take the shift's half-width K as a constant (``memory_step._shift``)."""
 
-# Triton launches of one forward / backward step, by regime (plus, in the large-memory forward, torch's sum of
-# the sharpening's one-number block partials). ``_sum_blocks_kernel`` sums the reads' partials, dL/de's and
-# dL/da's (one launch), the shift-sharpen backward's and dL/dk's.
-LAUNCHES = {True: "fwd 1, bwd 2", False: "fwd 5, bwd 8"}
+# Triton launches of one forward / backward step, by regime (plus torch's sums of one-number block partials:
+# large-memory forward 1, the sharpening's; backward 1, the shift pass's partials of sum dwc wc, for the
+# softmax's backward). ``_sum_blocks_kernel`` sums the reads' partials, dL/de's and dL/da's (one launch), the
+# sharpening backward's and dL/dk's.
+LAUNCHES = {True: "fwd 1, bwd 2", False: "fwd 5, bwd 9"}
 
 # (N, M, R, W, S) of benchmarks/shapes.py's paper, medium and large shapes, and a width that is not a multiple
 # of 16 (Triton specializes the pointers, not M and the row strides). The batch is a grid dimension, never a

@@ -30,24 +30,25 @@ neighbours by ``tl.gather``, as in the forward), its dL/dk, and the cosine's
 factors of its rows to small scratch buffers; then ``_onchip_mem_bwd_kernel``,
 a program a batch item: dL/dmem from the write, the reads and every head's
 factors. Large memory, two
-passes over memory with two over (B, H, N) vectors between:
+passes over memory with three over (B, H, N) vectors between:
 
 * ``_read_write_bwd_kernel`` (one pass over mem and dnew): dL/dw from the reads
   and the write, per-block partials of dL/de and dL/da;
-* the addressing chain backward (``_address_bwd``): ``_shift_sharpen_bwd_kernel``,
-  blocks of rows of one head a program, as the forward's shift-sharpen pass
-  (the sharpening's backward and the shift's, which is linear, taken of its
-  two parts apart, since their mix needs sums over N; the halo made from the
-  stored logits, as in the forward); ``_sum_blocks_kernel`` sums its block
-  partials; then ``_softmax_bwd_kernel``, blocks of rows of every head a program
-  (the interpolation's backward, dL/dw_prev stored, and the softmax's: dL/dK
-  over |k| stored, with sum_h dL/dK K a row; block partials of dL/dbeta);
+* the addressing chain backward (``_address_bwd``), blocks of rows of one head
+  a program, as the forward's shift-sharpen pass: ``_sharpen_bwd_kernel`` (the
+  sharpening's sums, and the two factors of dL/dws stored), ``_interp_bwd_kernel``
+  (dL/dws at the shift's taps, the halo's from the stored factors; dL/dw_prev,
+  dL/dwc stored; dL/dgamma, dL/ds, dL/dg); then, blocks of rows of every head a program,
+  ``_softmax_bwd_kernel`` (the softmax backward: dL/dK over |k| stored, with
+  sum_h dL/dK K a row; dL/dbeta); each reduction over N that a later pass
+  needs as block partials summed between the launches (the sharpening's by
+  ``_sum_blocks_kernel``, the shift pass's one number a block by torch);
 * ``_mem_bwd_kernel`` (one pass): dL/dmem from the write, the reads and the
   cosine similarity, and per-block partials of dL/dk;
 * ``_sum_blocks_kernel`` sums the memory passes' partials (of dL/de and dL/da
   in one launch, of dL/dk in another);
 * ``_head_grads_kernel``, a program a head: dL/dk, dL/dbeta, dL/dg, dL/ds and
-  dL/dgamma from their sums and partials, in the parameters' dtype.
+  dL/dgamma from their partials, in the parameters' dtype.
 
 Compute is fp32; loads and stores are in each tensor's dtype. The (B, H, N),
 (B, H, M) and (B, H) tensors are made contiguous and indexed from their shapes;
@@ -196,90 +197,52 @@ def _store_written(p_rows, b_mem, b_keep, b_add, s_new_n, o_n, o_m, m_nm):
 
 
 @triton.jit
-def _wg_row(o, p_K, p_wp, b_beta, b_g, b_max, b_sum):
+def _wg_row(p_K, p_wp, o, b_beta, b_g, b_max, b_sum):
     """``wg`` of one head at the one row ``o`` (in [0, N)), from the stored logits."""
     return _wg(tl.load(p_K + o), tl.load(p_wp + o).to(tl.float32), b_beta, b_g, b_max, b_sum)
 
 
 @triton.jit
-def _head_rows(p_K, p_wp, p_beta, p_g, p_max, p_sum, i_bh, N):
-    """``(p_K, p_wp, beta, g, max, sum)`` of head ``i_bh``: what ``_wg_row`` and ``_block_wg`` take after the rows."""
-    return (p_K + i_bh * N, p_wp + i_bh * N, tl.load(p_beta + i_bh).to(tl.float32), tl.load(p_g + i_bh).to(tl.float32),
-            tl.load(p_max + i_bh), tl.load(p_sum + i_bh))
+def _shift(p_K, p_wp, p_s, b_beta, b_g, b_max, b_sum, n0, o_n, m_n, N, K: tl.constexpr, BN: tl.constexpr):
+    """``ws[n] = sum_j s[j + K] wg[(n - j) mod N]``, ``j`` from ``-K`` to ``K``, at the block's rows ``o_n``
+    (from row ``n0``) of one head (not 0 on masked rows).
 
-
-@triton.jit
-def _block_wg(o_n, m_n, p_K, p_wp, b_beta, b_g, b_max, b_sum):
-    """``(wc, w_prev, wg)`` of one head at a block's rows ``o_n``, all 0 on masked rows (``wg`` as ``_wg`` makes it)."""
-    b_wc = tl.where(m_n, _softmax_at(tl.load(p_K + o_n, mask=m_n, other=0.0), b_beta, b_max, b_sum), 0.0)
-    b_wp = tl.load(p_wp + o_n, mask=m_n, other=0.0).to(tl.float32)
-    return b_wc, b_wp, b_g * b_wc + (1.0 - b_g) * b_wp
-
-
-@triton.jit
-def _block_edges(n0, N, BN: tl.constexpr):
-    """``(rows, after, before)`` of the block of rows from ``n0``: how many lie within N, the row after its
-    last and the row before its first (mod N)."""
-    rows = tl.minimum(N - n0, BN)
-    return rows, _next_shift(n0 + rows - 1, 1, N), _next_shift(n0, -1, N)
-
-
-@triton.jit
-def _rows_from(row: tl.constexpr, args, o, step: tl.constexpr, N, COUNT: tl.constexpr):
-    """``row(o, *args)`` at ``COUNT`` rows from ``o``, each next ``step`` (1 or -1) on, mod N, as a tuple: by
-    ``_next_shift``, so that a shift wider than the memory wraps as often as it needs."""
-    out = ()
-    for u in tl.static_range(COUNT):
-        out = out + (row(o, *args),)
-        o = _next_shift(o, step, N)
-    return out
-
-
-@triton.jit
-def _taps(p_s, K: tl.constexpr):
-    """The shift's ``S = 2K + 1`` weights of one head, fp32, as a tuple: loaded once for every use."""
-    out = ()
-    for t in tl.static_range(2 * K + 1):
-        out = out + (tl.load(p_s + t).to(tl.float32),)
-    return out
-
-
-@triton.jit
-def _tap(b_x, past, ahead, off: tl.constexpr, rows, BN: tl.constexpr):
-    """``x[(n + off) mod N]`` at a block's rows ``n = n0 + r`` (``r < rows``), for a constant ``off``: from the
-    block's own vector ``b_x`` (``tl.gather``, through shared memory), except at the ``|off|`` rows whose
-    source lies past the block's end (``off > 0``) or before its start (``off < 0``), which take it from
-    ``past`` (x at the rows after the block's last, in order) or ``ahead`` (before its first, going back). ``off`` a constant, so that the loop over the halo unrolls: with a
-    runtime one, nested loops left ptxas short of predicate registers in unspecialized builds (8 to 24-byte
-    stack frames). On masked rows (``r >= rows``) the value is some row of ``b_x`` or of the halo."""
-    i = tl.arange(0, BN) + off
-    if off > 0:
-        b_src = tl.gather(b_x, tl.minimum(i, BN - 1), 0)
-        for u in tl.static_range(off):  # the u-th row past the block's last
-            b_src = tl.where(i - rows == u, past[u], b_src)
-    elif off < 0:
-        b_src = tl.gather(b_x, tl.maximum(i, 0), 0)
-        for u in tl.static_range(-off):  # the u-th row before its first
-            b_src = tl.where(-1 - i == u, ahead[u], b_src)
-    else:
-        b_src = b_x
-    return b_src
-
-
-@triton.jit
-def _shift(b_wg, past, ahead, taps, rows, K: tl.constexpr, BN: tl.constexpr):
-    """``ws[n] = sum_j s[j + K] wg[(n - j) mod N]``, ``j`` from ``-K`` to ``K``, at a block's rows of one head
-    (not 0 on masked rows), from ``wg`` at the block's rows (``b_wg``) and at the K rows a side past them (the
-    halo, ``past`` and ``ahead``, made a row at a time by ``_wg_row``): each tap takes its rows from those
-    (``_tap``). ``taps``: the weights ``s`` (``_taps``). The taps are summed in the order ``j = -K .. K``.
+    ``wg`` is made once at the block's rows, from the stored logits, and each tap takes its rows from that
+    vector (``tl.gather``, through shared memory). The few rows a tap needs from past the block's ends (the
+    halo: up to ``|j|`` a tap, wrapping around N as often as the shift does) are made a row at a time, each
+    next row by ``_next_shift``. ``K`` is a constant, so the taps' loops unroll: with a runtime ``K``, their
+    nested loops left ptxas short of predicate registers in unspecialized builds (8 to 24-byte stack
+    frames). The halo's work grows as K^2 (K (K + 1) / 2 rows a side), against 2K + 1 loads of every row
+    before: S = 3, the paper's, makes 2. The taps are summed in the order ``j = -K .. K``.
 
     Where each tap remade ``wg`` at its source rows from the logits, the shift-sharpen pass issued 19.0
     warp-instructions a memory row against 11.6, and the sharpening backward 23.2 against 16.5 (sass model,
     large shape, fp32, sm_90).
     """
+    r = tl.arange(0, BN)
+    rows = tl.minimum(N - n0, BN)
+    b_wg = _wg(tl.load(p_K + o_n, mask=m_n, other=0.0), tl.load(p_wp + o_n, mask=m_n, other=0.0).to(tl.float32),
+               b_beta, b_g, b_max, b_sum)
     b_ws = tl.zeros([BN], dtype=tl.float32)
-    for t in tl.static_range(2 * K + 1):  # j = t - K: source rows n - j
-        b_ws += taps[t] * _tap(b_wg, past, ahead, K - t, rows, BN)
+    after = _next_shift(n0 + rows - 1, 1, N)  # the row after the block's last, mod N
+    before = _next_shift(n0, -1, N)  # the row before its first
+    for t in tl.static_range(K):  # j = t - K < 0: source rows r - j, past the block's end for its last -j rows
+        i = r + (K - t)
+        b_src = tl.gather(b_wg, tl.minimum(i, BN - 1), 0)
+        o, past = after, i - rows  # the u-th row past the block's last is at past == u
+        for u in tl.static_range(K - t):
+            b_src = tl.where(past == u, _wg_row(p_K, p_wp, o, b_beta, b_g, b_max, b_sum), b_src)
+            o = _next_shift(o, 1, N)
+        b_ws += tl.load(p_s + t).to(tl.float32) * b_src
+    b_ws += tl.load(p_s + K).to(tl.float32) * b_wg
+    for j in tl.static_range(1, K + 1):  # source rows r - j, before the block's start for its first j rows
+        i = r - j
+        b_src = tl.gather(b_wg, tl.maximum(i, 0), 0)
+        o, ahead = before, j - 1 - r  # the u-th row before the block's first is at ahead == u
+        for u in tl.static_range(j):
+            b_src = tl.where(ahead == u, _wg_row(p_K, p_wp, o, b_beta, b_g, b_max, b_sum), b_src)
+            o = _next_shift(o, -1, N)
+        b_ws += tl.load(p_s + K + j).to(tl.float32) * b_src
     return b_ws
 
 
@@ -289,76 +252,6 @@ def _sharpened(b_ws, b_gamma, m_n):
     the backward's recomputed ``p`` is the forward's, bit for bit."""
     b_logc = tl.log(tl.maximum(b_ws, 1e-30))
     return b_logc, tl.where(m_n, tl.exp(b_gamma * b_logc), 0.0)
-
-
-@triton.jit
-def _sharpened_slope(b_ws, b_gamma, m_n):
-    """``(log c, p, v)`` (``_sharpened``) with ``v = dp/dws = gamma p / c`` where ``ws >= 1e-30``, else 0 (the
-    clamp's slope); 0 on masked rows."""
-    b_logc, b_p = _sharpened(b_ws, b_gamma, m_n)
-    return b_logc, b_p, tl.where(b_ws >= 1e-30, b_gamma * b_p / tl.maximum(b_ws, 1e-30), 0.0)
-
-
-@triton.jit
-def _dw_at(p_dwrw, p_dw, o, m_n, HAS_DW):
-    """dL/dw of the addressing chain at offsets ``o``: from the reads and the write (fp32), plus the given
-    dL/dw where ``HAS_DW`` (0 or 1, left unspecialized: one compiled kernel either way; a masked-off load moves
-    no data)."""
-    b_dw = tl.load(p_dwrw + o, mask=m_n, other=0.0)
-    return b_dw + tl.load(p_dw + o, mask=m_n & (HAS_DW != 0), other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _edge_wg(wg_rows, after, before, N, K: tl.constexpr):
-    """``(wg_past, wg_ahead)``: ``wg`` of one head (``_wg_row(., *wg_rows)``) at the 3K rows about each end of
-    a block, as tuples, each row made once: ``wg_past[i]`` at row ``after - K + i`` (the block's last K rows,
-    then the 2K past it), ``wg_ahead[i]`` at row ``before + K - i`` (its first K rows, then the 2K before
-    it), mod N. Rows K to 2K - 1 of each are ``_shift``'s halo; all of them, ``_sharpen_bwd_halo``'s."""
-    kneg, kN = _tap_shifts(K, N)
-    o = after + kneg  # (after - K) mod N
-    wg_past = _rows_from(_wg_row, wg_rows, tl.where(o >= N, o - N, o), 1, N, 3 * K)
-    o = before + kN  # (before + K) mod N
-    return wg_past, _rows_from(_wg_row, wg_rows, tl.where(o >= N, o - N, o), -1, N, 3 * K)
-
-
-@triton.jit
-def _part(t, start: tl.constexpr, COUNT: tl.constexpr):
-    """``t[start : start + COUNT]`` of a tuple."""
-    out = ()
-    for u in tl.static_range(COUNT):
-        out = out + (t[start + u],)
-    return out
-
-
-@triton.jit
-def _sharpen_bwd_halo(wg_past, wg_ahead, taps, b_gamma, p_dwrw, p_dw, HAS_DW, after, before, N, K: tl.constexpr):
-    """``(past_v, past_x, ahead_v, ahead_x)``: ``v`` (``_sharpened_slope``) and ``x = dw v`` of one head at
-    the K rows past a block's last and the K before its first, as tuples: the sharpening backward's halo.
-    ``ws`` at each is ``_shift``'s taps, in its order, over ``_edge_wg``'s rows, so these ``ws`` are the
-    neighbouring block's, bit for bit."""
-    past_v, past_x, ahead_v, ahead_x = (), (), (), ()
-    o_past, o_ahead = after, before
-    for u in tl.static_range(K):
-        b_ws_past = tl.zeros([], dtype=tl.float32)
-        b_ws_ahead = tl.zeros([], dtype=tl.float32)
-        for t in tl.static_range(2 * K + 1):  # j = t - K: source rows n - j
-            b_ws_past += taps[t] * wg_past[u + 2 * K - t]
-            b_ws_ahead += taps[t] * wg_ahead[u + t]
-        _, _, b_v = _sharpened_slope(b_ws_past, b_gamma, o_past < N)
-        past_v, past_x = past_v + (b_v,), past_x + (_dw_at(p_dwrw, p_dw, o_past, o_past < N, HAS_DW) * b_v,)
-        _, _, b_v = _sharpened_slope(b_ws_ahead, b_gamma, o_ahead < N)
-        ahead_v, ahead_x = ahead_v + (b_v,), ahead_x + (_dw_at(p_dwrw, p_dw, o_ahead, o_ahead < N, HAS_DW) * b_v,)
-        o_past, o_ahead = _next_shift(o_past, 1, N), _next_shift(o_ahead, -1, N)
-    return past_v, past_x, ahead_v, ahead_x
-
-
-@triton.jit
-def _sharpen_totals(p_sums, i_bh, S):
-    """``(row, 1 / Pe, dot1)`` of head ``i_bh`` from ``_shift_sharpen_bwd_kernel``'s sums over N (a row of
-    ``2S + 8``, ``row`` its pointer): ``Pe = P + eps``, ``dot1 = sum_n dw p / Pe``."""
-    p_tot = p_sums + i_bh * (2 * S + 8)
-    b_rPe = 1.0 / (tl.load(p_tot) + 1e-16)
-    return p_tot, b_rPe, tl.load(p_tot + 1) * b_rPe
 
 
 @triton.jit
@@ -557,22 +450,28 @@ def _softmax_merge_kernel(p_pmax, p_psum, p_max, p_sum, NB, BN: tl.constexpr):
 
 
 @triton.jit
+def _shifted_block(p_K, p_wp, p_beta, p_g, p_s, p_max, p_sum, i_n, i_bh, N, K: tl.constexpr, BN: tl.constexpr):
+    """``ws`` of head ``i_bh`` on block ``i_n`` (``_shift``, from the stored logits), its rows and their mask:
+    the large-memory sharpening passes, forward and backward, make it the same way."""
+    n0 = i_n * BN
+    o_n = n0 + tl.arange(0, BN)
+    m_n = o_n < N
+    b_ws = _shift(p_K + i_bh * N, p_wp + i_bh * N, p_s + i_bh * (2 * K + 1), tl.load(p_beta + i_bh).to(tl.float32),
+                  tl.load(p_g + i_bh).to(tl.float32), tl.load(p_max + i_bh), tl.load(p_sum + i_bh), n0, o_n, m_n, N, K,
+                  BN)
+    return b_ws, o_n, m_n
+
+
+@triton.jit
 def _shift_sharpen_kernel(p_K, p_wp, p_beta, p_g, p_s, p_gamma, p_max, p_sum, p_pw, p_pP, N, K: tl.constexpr, NB,
                           BN: tl.constexpr):
     """Large memory, pass 2: ``ws^gamma`` of head ``i_bh`` on block ``i_n`` (fp32) and its block sum.
 
-    This pass and its backward take the shift's half-width ``K`` (``S = 2K + 1`` taps) as a constant, a build
-    for each S (``_shift``); the on-chip kernels take it at run time, where Triton makes K = 1 (S = 3) a
-    constant and their tap loops unroll."""
+    This pass and the sharpening's backward take the shift's half-width ``K`` (``S = 2K + 1`` taps) as a
+    constant, a build for each S (``_shift``); the shift pass of the backward and the on-chip kernels take it
+    at run time, where Triton makes K = 1 (S = 3) a constant and their tap loops unroll."""
     i_n, i_bh = _block_and_item(NB)
-    n0 = i_n * BN
-    o_n = n0 + tl.arange(0, BN)
-    m_n = o_n < N
-    wg_rows = _head_rows(p_K, p_wp, p_beta, p_g, p_max, p_sum, i_bh, N)
-    _, _, b_wg = _block_wg(o_n, m_n, *wg_rows)
-    rows, after, before = _block_edges(n0, N, BN)
-    past, ahead = _rows_from(_wg_row, wg_rows, after, 1, N, K), _rows_from(_wg_row, wg_rows, before, -1, N, K)
-    b_ws = _shift(b_wg, past, ahead, _taps(p_s + i_bh * (2 * K + 1), K), rows, K, BN)
+    b_ws, o_n, m_n = _shifted_block(p_K, p_wp, p_beta, p_g, p_s, p_max, p_sum, i_n, i_bh, N, K, BN)
     _, b_p = _sharpened(b_ws, tl.load(p_gamma + i_bh).to(tl.float32), m_n)
     tl.store(p_pw + i_bh * N + o_n, b_p, mask=m_n)
     tl.store(p_pP + i_bh * NB + i_n, tl.sum(b_p, 0))
@@ -691,97 +590,106 @@ def _read_write_bwd_kernel(p_mem, p_w, p_e, p_a, p_dr, p_dnew, p_dw, p_depart, p
         tl.store(p_dapart + o_part, tl.sum(b_dnew * b_w[:, None], 0), mask=m_m, eviction_policy="evict_last")
 
 
+@triton.jit
+def _dw_at(p_dwrw, p_dw, o, m_n, HAS_DW):
+    """dL/dw of the addressing chain at offsets ``o``: from the reads and the write (fp32), plus the given
+    dL/dw where ``HAS_DW`` (0 or 1, left unspecialized: one compiled kernel either way; a masked-off load moves
+    no data)."""
+    b_dw = tl.load(p_dwrw + o, mask=m_n, other=0.0)
+    return b_dw + tl.load(p_dw + o, mask=m_n & (HAS_DW != 0), other=0.0).to(tl.float32)
+
+
 @triton.jit(do_not_specialize=("HAS_DW",))
-def _shift_sharpen_bwd_kernel(p_dwrw, p_dw, p_K, p_wp, p_beta, p_g, p_s, p_gamma, p_max, p_sum, p_xs, p_vs, p_psums,
-                              N, K: tl.constexpr, NB, HAS_DW, BN: tl.constexpr):
-    """Addressing backward, pass 1, head ``i_bh`` on block ``i_n``: the sharpening and the shift, up to the
-    sums over every row that they need.
+def _sharpen_bwd_kernel(p_dwrw, p_dw, p_K, p_wp, p_beta, p_g, p_s, p_gamma, p_max, p_sum, p_v, p_psums,
+                        N, K: tl.constexpr, NB, HAS_DW, BN: tl.constexpr):
+    """Addressing backward, pass 1, head ``i_bh`` on block ``i_n``: the sharpening, up to its sums.
 
-    With ``c = max(ws, 1e-30)``, ``p = c^gamma``, ``w = p / Pe`` (``Pe = P + eps``, ``P = sum_n p``),
-    ``dot1 = sum_n dw w`` and ``v = gamma p / c`` (``_sharpened_slope``): ``dws = (dw - dot1) v / Pe =
-    (x - dot1 v) / Pe`` with ``x = dw v``; ``dgamma = sum_n (dw - dot1) w log c``. The shift's backward is
-    linear, so it is taken of ``x`` and ``v`` apart, here, before ``dot1`` and ``P`` are known:
-    ``xs[n] = sum_j s[j + K] x[(n + j) mod N]`` and ``vs`` likewise (fp32, stored), so that
-    ``dwg = (xs - dot1 vs) / Pe`` at any row in the next pass. ``x`` and ``v`` of the rows that the taps take
-    from past the block's ends (the halo) are made here from the stored logits (``_sharpen_bwd_halo``), so
-    no block waits for another.
+    With ``c = max(ws, 1e-30)``, ``p = c^gamma``, ``w = p / Pe`` (``Pe = P + eps``, ``P = sum_n p``) and
+    ``dot1 = sum_n dw w``: ``dws = (dw - dot1) gamma w / c = (dw - dot1) v / Pe``, with ``v = gamma p / c``
+    where ``ws >= 1e-30``, else 0; and ``dgamma = sum_n (dw - dot1) w log c``. ``P`` and ``dot1`` are sums
+    over every row, so this pass stores what the next needs to finish at any row: ``v`` (fp32), and the
+    total ``dw``, the given dL/dw added in place to ``p_dwrw`` (fp32, from the reads and the write) where
+    ``HAS_DW`` (a program reads and writes only its own rows of it). And block partials (B, H, NB, 4) of
+    ``P``, ``sum_n dw p``, ``sum_n dw p log c`` and ``sum_n p log c``. ``ws`` and ``p`` are recomputed as the
+    forward does (``_shifted_block``, ``_sharpened``), the halo from the stored logits: ``p`` and its block sums are the
+    forward's, bit for bit. One recompute, where a pass for the sums and another for dws took one each.
 
-    Block partials (B, H, NB, 2S + 8) of the sums that the next pass and ``_head_grads_kernel`` finish the
-    gradients with:
-    ``P``, ``sum_n dw p``, ``sum_n dw p log c``, ``sum_n p log c``; for dL/ds (``ds[j + K] = sum_n dws[n]
-    wg[(n - j) mod N] = sum_n wg[n] dws[(n + j) mod N]``), ``sum_n wg[n] x[(n + j) mod N]`` at each tap, then
-    the same of ``v``; for dL/dg (``sum_n dwg (wc - w_prev)``) and for ``dot2 = sum_n dwc wc`` (``dwc = g
-    dwg``), the sums of ``xs`` and ``vs`` times ``wc - w_prev``, then times ``wc``.
-
-    ``ws`` and ``p`` are recomputed as the forward makes them (``_block_wg``, ``_shift``, ``_sharpened``):
-    ``p`` and its block sums are the forward's, bit for bit. Not the saved ``w``: in bf16 its rounding,
-    through ``dot1 = sum_n dw w``, spoils dL/dgamma (a difference of nearly equal sums). The given dL/dw
-    (``HAS_DW``: 0 or 1, left unspecialized) is added to ``p_dwrw``'s (from the reads and the write) as it is
-    loaded, the halo's too.
-
-    With the shift's backward here rather than in a pass of its own between this and the softmax's (which
-    loaded dw and v at every tap and stored dL/dwc for the softmax's), the addressing backward moves 11
-    (B, H, N) vectors where it moved 15, in a launch and a torch sum fewer.
+    Not the saved ``w``: in bf16 its rounding, through ``dot1 = sum_n dw w``, spoils dL/dgamma (a difference
+    of nearly equal sums).
     """
-    S: tl.constexpr = 2 * K + 1
     i_n, i_bh = _block_and_item(NB)
-    n0 = i_n * BN
-    o_n = n0 + tl.arange(0, BN)
-    m_n = o_n < N
-    wg_rows = _head_rows(p_K, p_wp, p_beta, p_g, p_max, p_sum, i_bh, N)
-    b_wc, b_wp, b_wg = _block_wg(o_n, m_n, *wg_rows)
-    taps = _taps(p_s + i_bh * S, K)
     b_gamma = tl.load(p_gamma + i_bh).to(tl.float32)
-    rows, after, before = _block_edges(n0, N, BN)
-    wg_past, wg_ahead = _edge_wg(wg_rows, after, before, N, K)
-    b_ws = _shift(b_wg, _part(wg_past, K, K), _part(wg_ahead, K, K), taps, rows, K, BN)
-    # Masked rows: p, v, x, wc, w_prev and wg are 0, so they add nothing to the sums.
-    b_logc, b_p, b_v = _sharpened_slope(b_ws, b_gamma, m_n)
-    p_dwrw += i_bh * N
-    p_dw += i_bh * N
-    b_dw = _dw_at(p_dwrw, p_dw, o_n, m_n, HAS_DW)
-    b_x = b_dw * b_v
+    b_ws, o_n, m_n = _shifted_block(p_K, p_wp, p_beta, p_g, p_s, p_max, p_sum, i_n, i_bh, N, K, BN)
+    # Masked rows get p = 0 and load dw = 0, so they add nothing below.
+    b_logc, b_p = _sharpened(b_ws, b_gamma, m_n)
+    b_dw = _dw_at(p_dwrw, p_dw, i_bh * N + o_n, m_n, HAS_DW)
+    tl.store(p_dwrw + i_bh * N + o_n, b_dw, mask=m_n & (HAS_DW != 0))
+    tl.store(p_v + i_bh * N + o_n, tl.where(b_ws >= 1e-30, b_gamma * b_p / tl.maximum(b_ws, 1e-30), 0.0), mask=m_n)
     b_plogc = b_p * b_logc
-    p_blk = p_psums + (i_bh * NB + i_n) * (2 * S + 8)
+    p_blk = p_psums + (i_bh * NB + i_n) * 4
     tl.store(p_blk, tl.sum(b_p, 0))
     tl.store(p_blk + 1, tl.sum(b_dw * b_p, 0))
     tl.store(p_blk + 2, tl.sum(b_dw * b_plogc, 0))
     tl.store(p_blk + 3, tl.sum(b_plogc, 0))
-    past_v, past_x, ahead_v, ahead_x = _sharpen_bwd_halo(wg_past, wg_ahead, taps, b_gamma, p_dwrw, p_dw, HAS_DW,
-                                                         after, before, N, K)
-    b_xs = tl.zeros([BN], dtype=tl.float32)
-    b_vs = tl.zeros([BN], dtype=tl.float32)
-    for t in tl.static_range(S):  # j = t - K: source rows n + j
-        b_xj = _tap(b_x, past_x, ahead_x, t - K, rows, BN)
-        b_vj = _tap(b_v, past_v, ahead_v, t - K, rows, BN)
-        b_xs += taps[t] * b_xj
-        b_vs += taps[t] * b_vj
-        tl.store(p_blk + 4 + t, tl.sum(b_wg * b_xj, 0))
-        tl.store(p_blk + 4 + S + t, tl.sum(b_wg * b_vj, 0))
-    b_gate = b_wc - b_wp
-    tl.store(p_blk + 2 * S + 4, tl.sum(b_xs * b_gate, 0))
-    tl.store(p_blk + 2 * S + 5, tl.sum(b_vs * b_gate, 0))
-    tl.store(p_blk + 2 * S + 6, tl.sum(b_xs * b_wc, 0))
-    tl.store(p_blk + 2 * S + 7, tl.sum(b_vs * b_wc, 0))
-    tl.store(p_xs + i_bh * N + o_n, b_xs, mask=m_n)
-    tl.store(p_vs + i_bh * N + o_n, b_vs, mask=m_n)
 
 
 @triton.jit
-def _softmax_bwd_kernel(p_K, p_xs, p_vs, p_g, p_beta, p_max, p_sum, p_sums, p_k, p_ck, p_cn, p_dwp, p_pdbeta,
-                        N, M, H, NB, S, BN: tl.constexpr, BM: tl.constexpr):
-    """Addressing backward, pass 2, block ``i_n`` of item ``i_b``, every head: the interpolation's and the
-    softmax's backward, and the cosine's factors of each row, for ``_mem_bwd_kernel``.
+def _interp_bwd_kernel(p_dw, p_v, p_psums, p_sums, p_K, p_wp, p_beta, p_g, p_s, p_max, p_sum, p_dwp, p_dwc,
+                       p_parts, p_pdot, N, K, NB, SP, BN: tl.constexpr):
+    """Addressing backward, pass 2, head ``i_bh`` on block ``i_n``: the sharpening's end, the shift and the
+    interpolation.
 
-    From pass 1's sums over every row (given, (B, H, 2S + 8)): ``Pe = P + eps``, ``dot1 = sum_n dw p / Pe``
-    and ``dot2 = g (sum_n xs wc - dot1 sum_n vs wc) / Pe``. Then at each row ``dwg = (xs - dot1 vs) / Pe``,
-    ``dw_prev = (1 - g) dwg`` (stored in its dtype), ``dwc = g dwg``, ``dz = wc (dwc - dot2)``,
-    ``dK = beta dz``. Stores ``ck = dK / max(|k|, eps)`` (B, H, N) and ``cn = sum_h dK K`` (B, N), fp32, and
-    block partials of ``dbeta = sum_n dz K`` (B, H, NB).
+    From pass 1's sums over blocks (given, (B, H, 4); the first two, ``P`` and ``sum_n dw p``): ``Pe = P + eps``,
+    ``dot1 = sum_n dw p / Pe``; then at any row ``dws = (dw - dot1) v / Pe`` from the total dL/dw and pass
+    1's ``v``. ``dwg[n] = sum_j s[j + K] dws[(n + j) mod N]`` (the halo from the stored vectors);
+    ``dw_prev = (1 - g) dwg`` (stored in its dtype); ``dwc = g dwg`` (stored, fp32). Block partials,
+    ``S + 2`` values from ``p_parts`` every ``SP``: dL/dgamma, ``(sum_n dw p log c - dot1 sum_n p log c) / Pe``
+    from this block's partials of pass 1; ``ds[j + K] = sum_n dws[n] wg[(n - j) mod N]
+    = sum_n wg[n] dws[(n + j) mod N]``; ``dg = sum_n dwg (wc - w_prev)``; and of ``dot2 = sum_n dwc wc``
+    (B, H, NB). dL/ds is taken here, from the taps' dws that dwg needs and this block's own wg.
+    """
+    S = 2 * K + 1
+    i_n, i_bh = _block_and_item(NB)
+    o_n = i_n * BN + tl.arange(0, BN)
+    m_n = o_n < N
+    b_rPe = 1.0 / (tl.load(p_sums + i_bh * 4) + 1e-16)
+    b_dot1 = tl.load(p_sums + i_bh * 4 + 1) * b_rPe
+    b_g = tl.load(p_g + i_bh).to(tl.float32)
+    b_K = tl.load(p_K + i_bh * N + o_n, mask=m_n, other=0.0)
+    b_wp = tl.load(p_wp + i_bh * N + o_n, mask=m_n, other=0.0).to(tl.float32)
+    # Rows past N: wc finite (_softmax_at), dws 0 (masked loads), so they add nothing to the sums.
+    b_wc = _softmax_at(b_K, tl.load(p_beta + i_bh).to(tl.float32), tl.load(p_max + i_bh), tl.load(p_sum + i_bh))
+    b_wg = b_g * b_wc + (1.0 - b_g) * b_wp  # as _wg makes it
+    p_blk = p_parts + (i_bh * NB + i_n) * SP
+    p_sharpen = p_psums + (i_bh * NB + i_n) * 4
+    tl.store(p_blk, (tl.load(p_sharpen + 2) - b_dot1 * tl.load(p_sharpen + 3)) * b_rPe)
+    b_dwg = tl.zeros([BN], dtype=tl.float32)
+    _, d = _tap_shifts(K, N)
+    for j in range(S):
+        o_src = i_bh * N + _circular(o_n, d, N)
+        b_dws = (tl.load(p_dw + o_src, mask=m_n, other=0.0) - b_dot1) * tl.load(p_v + o_src, mask=m_n, other=0.0)
+        b_dws *= b_rPe
+        b_dwg += tl.load(p_s + i_bh * S + j).to(tl.float32) * b_dws
+        tl.store(p_blk + 1 + j, tl.sum(b_wg * b_dws, 0))
+        d = _next_shift(d, -1, N)
+    tl.store(p_blk + 1 + S, tl.sum(b_dwg * (b_wc - b_wp), 0))
+    tl.store(p_dwp + i_bh * N + o_n, ((1.0 - b_g) * b_dwg).to(p_dwp.dtype.element_ty), mask=m_n)
+    b_dwc = b_g * b_dwg
+    tl.store(p_dwc + i_bh * N + o_n, b_dwc, mask=m_n)
+    tl.store(p_pdot + i_bh * NB + i_n, tl.sum(b_dwc * b_wc, 0))
 
-    Here, a row to a thread, rather than in the pass over memory, whose programs hold each row's vector
-    values on many threads. The key's norm is taken here, M products a program and head, where torch took
-    two launches for it.
+
+@triton.jit
+def _softmax_bwd_kernel(p_K, p_dwc, p_beta, p_max, p_sum, p_dot, p_k, p_ck, p_cn, p_pdbeta, N, M, H, NB, SP,
+                        BN: tl.constexpr, BM: tl.constexpr):
+    """Addressing backward, pass 3, block ``i_n`` of item ``i_b``, every head: the softmax backward and the
+    cosine's factors of each row, for ``_mem_bwd_kernel``.
+
+    From dL/dwc and ``dot2 = sum_n dwc wc`` (given): ``dz = wc (dwc - dot2)``, ``dK = beta dz``. Stores
+    ``ck = dK / max(|k|, eps)`` (B, H, N) and ``cn = sum_h dK K`` (B, N), fp32; block partials of
+    ``dbeta = sum_n dz K``, every ``SP`` values from ``p_pdbeta``. Here, a row to a thread, rather than in the
+    pass over memory, whose programs hold each row's vector values on many threads. The key's norm is taken
+    here, M products a program and head, where torch took two launches for it.
     """
     i_n, i_b = _block_and_item(NB)
     o_n = i_n * BN + tl.arange(0, BN)
@@ -790,19 +698,14 @@ def _softmax_bwd_kernel(p_K, p_xs, p_vs, p_g, p_beta, p_max, p_sum, p_sums, p_k,
     b_cn = tl.zeros([BN], dtype=tl.float32)
     for h in range(H):
         i_bh = i_b * H + h
-        p_tot, b_rPe, b_dot1 = _sharpen_totals(p_sums, i_bh, S)
-        b_g = tl.load(p_g + i_bh).to(tl.float32)
-        b_dot2 = b_g * ((tl.load(p_tot + 2 * S + 6) - b_dot1 * tl.load(p_tot + 2 * S + 7)) * b_rPe)
-        b_dwg = (tl.load(p_xs + i_bh * N + o_n, mask=m_n, other=0.0)
-                 - b_dot1 * tl.load(p_vs + i_bh * N + o_n, mask=m_n, other=0.0)) * b_rPe
-        tl.store(p_dwp + i_bh * N + o_n, ((1.0 - b_g) * b_dwg).to(p_dwp.dtype.element_ty), mask=m_n)
         b_k = tl.load(p_k + i_bh * M + o_m, mask=o_m < M, other=0.0).to(tl.float32)
         b_kn = tl.maximum(tl.sqrt(tl.sum(b_k * b_k, 0)), 1e-8)
         b_K = tl.load(p_K + i_bh * N + o_n, mask=m_n, other=0.0)
         b_beta = tl.load(p_beta + i_bh).to(tl.float32)
         b_wc = tl.where(m_n, _softmax_at(b_K, b_beta, tl.load(p_max + i_bh), tl.load(p_sum + i_bh)), 0.0)
-        b_dz = b_wc * (b_g * b_dwg - b_dot2)
-        tl.store(p_pdbeta + i_bh * NB + i_n, tl.sum(b_dz * b_K, 0))
+        b_dwc = tl.load(p_dwc + i_bh * N + o_n, mask=m_n, other=0.0)
+        b_dz = b_wc * (b_dwc - tl.load(p_dot + i_bh))
+        tl.store(p_pdbeta + (i_bh * NB + i_n) * SP, tl.sum(b_dz * b_K, 0))
         b_dK = b_beta * b_dz
         tl.store(p_ck + i_bh * N + o_n, b_dK / b_kn, mask=m_n)
         b_cn += b_dK * b_K
@@ -868,38 +771,33 @@ def _mem_bwd_kernel(p_mem, p_w, p_e, p_dr, p_dnew, p_k, p_ck, p_cn, p_dmem, p_dk
 
 
 @triton.jit
-def _head_grads_kernel(p_sums, p_pdbeta, p_dkrows, p_k, p_beta, p_dk, p_dbeta, p_dg, p_ds, p_dgamma, NB, M, S,
+def _head_grads_kernel(p_part, p_dkrows, p_k, p_beta, p_dk, p_dbeta, p_dg, p_ds, p_dgamma, NB, M, S, SP,
                        BN: tl.constexpr, BP: tl.constexpr, BM: tl.constexpr):
-    """Large-memory backward, last, head ``i_bh``: dL/dgamma, dL/ds, dL/dg and dL/dbeta, and dL/dk.
+    """Large-memory backward, last, head ``i_bh``: dL/dgamma, dL/ds, dL/dg and dL/dbeta, the sums of their
+    ``NB`` block partials (a row of ``SP = S + 3`` values a block, in that order), taken in a fixed order;
+    and ``dk = dk_rows - beta dbeta k / max(|k|, eps)^2`` (the norm's term only where ``|k| >= eps``), with
+    ``dk_rows = sum_n c[n] mem[n]`` from ``_mem_bwd_kernel`` and ``sum_n dK K = beta dbeta``. Stored in the
+    parameters' dtype: one launch where torch took about fifteen, each a few microseconds at any size.
 
-    From the sums over N of ``_shift_sharpen_bwd_kernel``'s block partials (a row of ``2S + 8``), with
-    ``Pe = P + eps`` and ``dot1 = sum_n dw p / Pe``: ``dgamma = (sum_n dw p log c - dot1 sum_n p log c) / Pe``,
-    ``ds[j + K] = (sum_n wg[n] x[(n + j) mod N] - dot1 sum_n wg[n] v[(n + j) mod N]) / Pe`` and
-    ``dg = (sum_n xs (wc - w_prev) - dot1 sum_n vs (wc - w_prev)) / Pe``; ``dbeta`` the sum of its ``NB``
-    block partials from ``_softmax_bwd_kernel``, in a fixed order; ``dk = dk_rows - beta dbeta k /
-    max(|k|, eps)^2`` (the norm's term only where ``|k| >= eps``), with ``dk_rows = sum_n c[n] mem[n]`` from
-    ``_mem_bwd_kernel`` and ``sum_n dK K = beta dbeta``. Stored in the parameters' dtype: one launch where
-    torch took about fifteen, each a few microseconds at any size.
-
-    dL/ds in chunks of ``BP`` taps, so that one compiled kernel takes any S.
+    The columns in chunks of ``BP``, so that one compiled kernel takes any S.
     """
     i_bh = tl.program_id(0).to(tl.int64)
-    dt = p_dk.dtype.element_ty
-    p_tot, b_rPe, b_dot1 = _sharpen_totals(p_sums, i_bh, S)
-    tl.store(p_dgamma + i_bh, ((tl.load(p_tot + 2) - b_dot1 * tl.load(p_tot + 3)) * b_rPe).to(dt))
-    tl.store(p_dg + i_bh, ((tl.load(p_tot + 2 * S + 4) - b_dot1 * tl.load(p_tot + 2 * S + 5)) * b_rPe).to(dt))
-    for c0 in range(0, S, BP):
-        o_c = c0 + tl.arange(0, BP)
-        m_c = o_c < S
-        b_ds = (tl.load(p_tot + 4 + o_c, mask=m_c, other=0.0)
-                - b_dot1 * tl.load(p_tot + 4 + S + o_c, mask=m_c, other=0.0)) * b_rPe
-        tl.store(p_ds + i_bh * S + o_c, b_ds.to(dt), mask=m_c)
     o_b = tl.arange(0, BN)
-    b_acc = tl.zeros([BN], dtype=tl.float32)
-    for i0 in range(0, NB, BN):
-        b_acc += tl.load(p_pdbeta + i_bh * NB + i0 + o_b, mask=i0 + o_b < NB, other=0.0)
-    b_dbeta = tl.sum(b_acc, 0)
-    tl.store(p_dbeta + i_bh, b_dbeta.to(dt))
+    dt = p_dk.dtype.element_ty
+    b_dbeta = tl.zeros([], dtype=tl.float32)
+    for c0 in range(0, SP, BP):
+        o_c = c0 + tl.arange(0, BP)
+        b_acc = tl.zeros([BN, BP], dtype=tl.float32)
+        for i0 in range(0, NB, BN):
+            m = (i0 + o_b < NB)[:, None] & (o_c < SP)[None, :]
+            b_acc += tl.load(p_part + (i_bh * NB + i0 + o_b)[:, None] * SP + o_c[None, :], mask=m, other=0.0)
+        b_tot = tl.sum(b_acc, 0)
+        # One value a column; each scalar gradient is stored from the lane of its column.
+        tl.store(p_dgamma + i_bh + o_c * 0, b_tot.to(dt), mask=o_c == 0)
+        tl.store(p_ds + i_bh * S + o_c - 1, b_tot.to(dt), mask=(o_c >= 1) & (o_c <= S))
+        tl.store(p_dg + i_bh + o_c * 0, b_tot.to(dt), mask=o_c == S + 1)
+        tl.store(p_dbeta + i_bh + o_c * 0, b_tot.to(dt), mask=o_c == S + 2)
+        b_dbeta += tl.sum(tl.where(o_c == S + 2, b_tot, 0.0), 0)
     o_m = tl.arange(0, BM)
     m_m = o_m < M
     b_k = tl.load(p_k + i_bh * M + o_m, mask=m_m, other=0.0).to(tl.float32)
@@ -1192,13 +1090,17 @@ def _forward(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads: int, rw: bool):
 
 def _address_bwd(k, beta, g, s, gamma, w_prev, K, mx, se, dw_rw, dw, blk):
     """The addressing chain backward down to the logits, from dL/dw (``dw_rw`` from the reads and the write,
-    fp32, plus ``dw`` if given): (ck, cn, sums, pdbeta, dw_prev), with ``ck`` and ``cn`` the cosine's factors
-    that ``_mem_bwd_kernel`` takes, ``sums`` (B, H, 2S + 8) and ``pdbeta`` (B, H, NB) what
-    ``_head_grads_kernel`` finishes dL/dgamma, dL/ds, dL/dg and dL/dbeta from, and dw_prev in its dtype.
+    fp32, plus ``dw`` if given; the sum is left in ``dw_rw``): (ck, cn, parts, dw_prev), with ``ck`` and
+    ``cn`` the cosine's factors that ``_mem_bwd_kernel`` takes (``_softmax_bwd_kernel``), ``parts`` the block
+    partials (B, H, NB, S + 3) of dL/dgamma, dL/ds, dL/dg and dL/dbeta, for ``_head_grads_kernel``, and
+    dw_prev in its dtype.
 
-    Two passes over blocks of ``blk.BV`` rows: ``_shift_sharpen_bwd_kernel``, each head's (the sharpening
-    and the shift, up to their sums over N), and ``_softmax_bwd_kernel``, every head's (the interpolation and
-    the softmax); between them ``_sum_blocks`` sums the first's partials.
+    Two passes over blocks of ``blk.BV`` rows of each head (the sharpening, up to its sums; its end, the shift,
+    with dL/ds, and the interpolation), then one over blocks of every head (the softmax), the per-(b, h)
+    sums that a pass needs reduced before it (``_sum_blocks``, and torch for the shift pass's one number a
+    block). The four gradients' partials share one buffer,
+    each block's in a row, so that one launch finishes them all. The shift's taps read dws's two factors
+    at rows of neighbouring blocks, so no pass writes a buffer that it reads there.
     """
     empty = _config.allocator()
     B, H, N = K.shape
@@ -1206,36 +1108,42 @@ def _address_bwd(k, beta, g, s, gamma, w_prev, K, mx, se, dw_rw, dw, blk):
     dev = K.device
     BV = blk.BV
     NB = _config.n_blocks(N, BV)
+    grid = (NB * B * H,)
     has_dw = dw is not None
     # Without a given dL/dw the kernel still gets a real pointer, never read.
     dw = dw if has_dw else dw_rw
-    xs, vs = empty((2, B, H, N), torch.float32, dev)
-    PS = 2 * S + 8  # the first pass's sums a block (its docstring)
-    psums = empty((B, H, NB, PS), torch.float32, dev)
-    _shift_sharpen_bwd_kernel[(NB * B * H,)](dw_rw, dw, K, w_prev, beta, g, s, gamma, mx, se, xs, vs, psums, N,
-                                             (S - 1) // 2, NB, int(has_dw), BN=BV, num_warps=4)
-    sums = _sum_blocks(psums.view(B * H, NB, PS), torch.float32, empty, blk.sum_rows, blk.sum_warps)
+    v = empty((B, H, N), torch.float32, dev)
+    psums = empty((B, H, NB, 4), torch.float32, dev)
+    _sharpen_bwd_kernel[grid](dw_rw, dw, K, w_prev, beta, g, s, gamma, mx, se, v, psums, N, (S - 1) // 2, NB,
+                              int(has_dw), BN=BV, num_warps=4)
+    # All four columns summed, of which pass 2 takes P and sum dw p (the other two it takes a block at a time):
+    # torch took 12 us (H100, large shape) to sum the first two alone, a strided view.
+    sums = _sum_blocks(psums.view(B * H, NB, 4), torch.float32, empty, blk.sum_rows, blk.sum_warps)
     dwp = empty((B, H, N), w_prev.dtype, dev)
-    pdbeta = empty((B, H, NB), torch.float32, dev)
+    parts = empty((B, H, NB, S + 3), torch.float32, dev)  # per block: dgamma, ds (S), dg, dbeta
+    pdot = empty((B, H, NB), torch.float32, dev)
+    dwc = empty((B, H, N), torch.float32, dev)
+    _interp_bwd_kernel[grid](dw_rw, v, psums, sums, K, w_prev, beta, g, s, mx, se, dwp, dwc, parts, pdot,
+                             N, (S - 1) // 2, NB, S + 3, BN=BV, num_warps=4)
+    dot = pdot.sum(-1)
     ck = empty((B, H, N), torch.float32, dev)
     cn = empty((B, N), torch.float32, dev)
-    _softmax_bwd_kernel[(NB * B,)](K, xs, vs, g, beta, mx, se, sums, k, ck, cn, dwp, pdbeta, N, k.shape[2], H, NB,
-                                   S, BN=BV, BM=_config.block_m(k.shape[2]), num_warps=4)
-    return ck, cn, sums.view(B, H, PS), pdbeta, dwp
+    _softmax_bwd_kernel[(NB * B,)](K, dwc, beta, mx, se, dot, k, ck, cn, parts[..., S + 2], N, k.shape[2], H, NB,
+                                   S + 3, BN=BV, BM=_config.block_m(k.shape[2]), num_warps=4)
+    return ck, cn, parts, dwp
 
 
-def _head_grads(k, beta, sums, pdbeta, dk_rows, sum_rows: int):
-    """(dk, dbeta, dg, ds, dgamma) in the parameters' dtype, from ``_address_bwd``'s sums and dL/dbeta's block
-    partials, and the memory pass's part of dL/dk (B, H, M), fp32: ``_head_grads_kernel``, a program a head,
-    taking the partials 64 rows a load, or ``sum_rows`` (``Blocks.sum_rows``) where that is fewer."""
-    B, H, NB = pdbeta.shape
-    S = (sums.shape[2] - 8) // 2
+def _head_grads(k, beta, parts, dk_rows, sum_rows: int):
+    """(dk, dbeta, dg, ds, dgamma) in the parameters' dtype, from ``_address_bwd``'s block partials and the
+    memory pass's part of dL/dk (B, H, M), fp32: ``_head_grads_kernel``, a program a head, taking the
+    partials 64 rows a load, or ``sum_rows`` (``Blocks.sum_rows``) where that is fewer."""
+    B, H, NB, SP = parts.shape
     M = k.shape[2]
     empty = _config.allocator()
     dk = empty((B, H, M), k.dtype, k.device)
     dbeta, dg, dgamma = (empty((B, H), k.dtype, k.device) for _ in range(3))
-    ds = empty((B, H, S), k.dtype, k.device)
-    _head_grads_kernel[(B * H,)](sums, pdbeta, dk_rows, k, beta, dk, dbeta, dg, ds, dgamma, NB, M, S,
+    ds = empty((B, H, SP - 3), k.dtype, k.device)
+    _head_grads_kernel[(B * H,)](parts, dk_rows, k, beta, dk, dbeta, dg, ds, dgamma, NB, M, SP - 3, SP,
                                  BN=min(64, sum_rows), BP=8, BM=_config.block_m(M), num_warps=4)
     return dk, dbeta, dg, ds, dgamma
 
@@ -1339,9 +1247,9 @@ def _backward(mem, k, beta, g, s, gamma, w_prev, e, a, w, K, mx, se, dw, dr, dne
         return _onchip_bwd(mem, k, beta, g, s, gamma, w_prev, e, a, w, K, mx, se, dw, dr, dnew, R, blk)
     pd = k.dtype
     dw_rw, de, da = _read_write_bwd(mem, w, e, a, dr, dnew, R, W, pd, blk)
-    ck, cn, sums, pdbeta, dwp = _address_bwd(k, beta, g, s, gamma, w_prev, K, mx, se, dw_rw, dw, blk)
+    ck, cn, parts, dwp = _address_bwd(k, beta, g, s, gamma, w_prev, K, mx, se, dw_rw, dw, blk)
     dmem, dk_rows = _mem_bwd(mem, w, e, dr, dnew, k, (ck, cn), R, W, blk)
-    dk, dbeta, dg, ds, dgamma = _head_grads(k, beta, sums, pdbeta, dk_rows, blk.sum_rows)
+    dk, dbeta, dg, ds, dgamma = _head_grads(k, beta, parts, dk_rows, blk.sum_rows)
     return dmem, dk, dbeta, dg, ds, dgamma, dwp.to(pd), de, da
 
 

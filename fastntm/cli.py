@@ -101,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train, evaluate and plot Neural Turing Machines on the tasks of Graves et al. (2014).",
         epilog="Run 'fastntm COMMAND --help' for a command's options.",
     )
+    import torch
+
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"fastntm {__version__} (torch {torch.__version__})")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     # The model's ops are small: one thread is about as fast as several, and on a busy
     # machine extra threads only wait for each other.

@@ -219,6 +219,18 @@ def test_plot_writes_nonempty_pngs(trained, tmp_path, capsys):
         assert data.startswith(b"\x89PNG") and len(data) > 1000
 
 
+def test_version(capsys):
+    from importlib.metadata import version
+
+    from fastntm import __version__
+
+    assert __version__ == version("fastntm")  # pyproject.toml's, as installed
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == f"fastntm {__version__} (torch {torch.__version__})"
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

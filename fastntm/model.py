@@ -99,9 +99,6 @@ class LSTMController(nn.Module):
         sizes = [input_size] + [hidden_size] * (num_layers - 1)
         self.cells = nn.ModuleList(nn.LSTMCell(n, hidden_size) for n in sizes)
 
-    def state_shapes(self, batch_size: int) -> tuple[tuple[int, ...], ...]:
-        return ((self.num_layers, batch_size, self.hidden_size),) * 2
-
     def initial_state(self, batch_size: int, device, dtype) -> tuple[torch.Tensor, ...]:
         zeros = torch.zeros(self.num_layers, batch_size, self.hidden_size, device=device, dtype=dtype)
         return zeros, zeros
@@ -128,9 +125,6 @@ class MLPController(nn.Module):
         self.hidden_size = hidden_size
         sizes = [input_size] + [hidden_size] * num_layers
         self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(sizes[:-1], sizes[1:]))
-
-    def state_shapes(self, batch_size: int) -> tuple[tuple[int, ...], ...]:
-        return ()
 
     def initial_state(self, batch_size: int, device, dtype) -> tuple[torch.Tensor, ...]:
         return ()
@@ -514,7 +508,8 @@ def _check_state(cell: NTMCell, state, x: torch.Tensor, B: int) -> None:
         "state.weights": (state.weights, (B, cell.num_heads, cell.memory_slots)),
         "state.reads": (state.reads, (B, cell.num_reads, cell.memory_width)),
     }
-    shapes = cell.controller.state_shapes(B)
+    # The controller's own state, as its initial state has it (on the meta device: shapes alone, no memory).
+    shapes = [tuple(t.shape) for t in cell.controller.initial_state(B, "meta", x.dtype)]
     if len(state.controller) != len(shapes):
         raise ValueError(
             f"state.controller must hold {len(shapes)} tensors for this model's {cell.controller_kind} controller, "

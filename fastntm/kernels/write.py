@@ -17,6 +17,8 @@ def _write_bwd(mem: T, w: T, e: T, a: T, dnew: T) -> tuple[T, T, T, T]:
 
 
 write_fwd = torch.library.custom_op("fastntm::write_fwd", _write_fwd, mutates_args=())
+
+
 def _write_bwd_op(mem: T, w: T, e: T, a: T, dnew: T) -> tuple[T, T, T, T]:
     return _unaliased(_write_bwd(mem, w, e, a, dnew))
 

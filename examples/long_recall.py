@@ -436,14 +436,25 @@ def _parents(path: str) -> list[str]:
     return folders
 
 
+def _checkpoint_problem(path: str, flag: str) -> str | None:
+    """Why ``path`` is not a checkpoint that ``load`` takes, or None: a damaged file is found before any work,
+    as one line, not a traceback from deep in torch.load or load_state_dict."""
+    if not os.path.isfile(path):
+        return f"no checkpoint file {path}{flag}"
+    try:
+        load(path)
+    except Exception as exc:  # what torch.load and load_state_dict raise depends on the damage
+        first_line = (str(exc).splitlines() or [""])[0]
+        return f"{path} is not a checkpoint of this script{flag}: {type(exc).__name__}: {first_line[:200]}"
+    return None
+
+
 def _problem(args) -> str | None:
     """What is wrong with the flags, found before anything runs: a bad ``--out`` would otherwise fail
     at the first validation, after minutes of training, and a bad count deep in the loop."""
     if args.threads < 0:
         return f"--threads must be >= 0 (0: torch's default), got {args.threads}"
     if args.command == "eval":
-        if not os.path.isfile(args.checkpoint):
-            return f"no checkpoint file {args.checkpoint}"
         if not all(g.strip().isdigit() for g in args.gaps.split(",")):
             return f"--gaps must be whole numbers >= 0 separated by commas, got {args.gaps!r}"
         counts = ("sequences", "batch", "chunk")
@@ -464,8 +475,6 @@ def _problem(args) -> str | None:
         blocked = [f for f in _parents(args.out) if os.path.exists(f) and not os.path.isdir(f)]
         if blocked:
             return f"--out {args.out} cannot be written: {blocked[0]} is a file, not a folder"
-        if args.init_from and not os.path.isfile(args.init_from):
-            return f"no checkpoint file {args.init_from} (--init-from)"
         if not args.init_from:
             try:
                 TaskConfig(args.keys, args.values, args.pairs, args.distractors, args.distractor, args.pair_gap)
@@ -474,7 +483,9 @@ def _problem(args) -> str | None:
     for name in counts:
         if getattr(args, name) < 1:
             return f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}"
-    return None
+    if args.command == "eval":
+        return _checkpoint_problem(args.checkpoint, "")
+    return _checkpoint_problem(args.init_from, " (--init-from)") if args.init_from else None
 
 
 def main(argv=None):

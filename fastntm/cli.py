@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import inspect
 import json
+import shlex
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -76,6 +77,7 @@ positive_float = _number(float, "a positive number", lambda v: 0 < v < float("in
 nonnegative_float = _number(float, "a number >= 0", lambda v: v >= 0)
 # torch's generators take seeds in [-2**63, 2**64 - 1], and training seeds its data generator with seed + 1.
 seed_int = _number(int, "an integer in [-2**63, 2**64 - 2]", lambda v: -(2**63) <= v <= 2**64 - 2)
+generator_seed = _number(int, "an integer in [-2**63, 2**64 - 1]", lambda v: -(2**63) <= v <= 2**64 - 1)
 
 
 def length_list(text: str) -> list[int]:
@@ -205,7 +207,7 @@ def _add_eval(commands, common) -> None:
                                                        "training maximum)")
     p.add_argument("--batches", type=positive_int, default=10, help="batches per length (default 10)")
     p.add_argument("--batch-size", type=positive_int, default=32, help="sequences per batch (default 32)")
-    p.add_argument("--seed", type=seed_int, default=2024, help="seed of the eval sequences (default 2024)")
+    p.add_argument("--seed", type=generator_seed, default=2024, help="seed of the eval sequences (default 2024)")
     p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto", help="(default auto)")
     p.add_argument("--out", type=Path, help="JSON file to write (default: CHECKPOINT/eval.json)")
     p.set_defaults(run=run_eval)
@@ -224,7 +226,7 @@ def _add_plot(commands, common) -> None:
     p.add_argument("checkpoint", type=Path, metavar="CHECKPOINT", help="a run folder or its model.safetensors")
     p.add_argument("--length", type=positive_int,
                    help="the task's length knob (as in 'fastntm eval'); default: the training maximum")
-    p.add_argument("--seed", type=seed_int, default=0, help="seed of the sequence (default 0)")
+    p.add_argument("--seed", type=generator_seed, default=0, help="seed of the sequence (default 0)")
     p.add_argument("--out", type=Path, help="output folder (default: CHECKPOINT/plots)")
     p.set_defaults(run=run_plot)
 
@@ -261,6 +263,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CommandError as error:
         print(f"fastntm {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as interrupt:  # Ctrl-C: a line, not a traceback; 130 as a shell reports SIGINT
+        print(f"fastntm {args.command}: interrupted{f'; {interrupt}' if str(interrupt) else ''}", file=sys.stderr)
+        return 130
 
 
 # --- train ---------------------------------------------------------------------------
@@ -312,6 +317,12 @@ def run_train(args) -> int:
         raise CommandError(str(error)) from None
     try:
         result = trainer.fit()
+    except KeyboardInterrupt:
+        shutdown_distributed(wait_for_all=False)
+        if (out / STATE_FILE).is_file():
+            command = f"fastntm train {args.task} --out {shlex.quote(str(out))} --resume"
+            raise KeyboardInterrupt(f"'{command}' continues from the last checkpoint") from None
+        raise KeyboardInterrupt("no checkpoint was written yet") from None
     except BaseException:
         shutdown_distributed(wait_for_all=False)
         raise

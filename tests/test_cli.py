@@ -239,15 +239,38 @@ def test_version(capsys):
         (["train", "copy", "--steps", "0"], "positive integer"),
         (["train", "copy", "--optimizer", "lbfgs"], "invalid choice"),
         (["eval", "x", "--lengths", "20,abc"], "comma-separated"),
-        (["eval", "x", "--seed", str(2**64)], "argument --seed: expected an integer in [-2**63, 2**64 - 2]"),
+        (["train", "copy", "--seed", str(2**64 - 1)], "argument --seed: expected an integer in [-2**63, 2**64 - 2]"),
+        (["eval", "x", "--seed", str(2**64)], "argument --seed: expected an integer in [-2**63, 2**64 - 1]"),
     ],
-    ids=["task", "lr", "steps", "optimizer", "lengths", "seed"],
+    ids=["task", "lr", "steps", "optimizer", "lengths", "train-seed", "eval-seed"],
 )
 def test_bad_arguments_exit_with_a_message(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_eval_and_plot_take_the_generators_largest_seed(trained, tmp_path, capsys):
+    # Training seeds its data with seed + 1, so its --seed stops one short of 2**64 - 1; eval and plot do not.
+    seed = str(2**64 - 1)
+    assert main(["eval", str(trained), "--lengths", "3", "--batches", "1", "--batch-size", "2", "--seed", seed,
+                 "--out", str(tmp_path / "eval.json")]) == 0
+    assert main(["plot", str(trained), "--seed", seed, "--out", str(tmp_path / "plots")]) == 0
+    assert json.loads((tmp_path / "eval.json").read_text())["seed"] == 2**64 - 1
+
+
+def test_ctrl_c_in_training_is_one_line_saying_how_to_go_on(trained, tmp_path, monkeypatch, capsys):
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "train_step", interrupted)
+    capsys.readouterr()
+    assert main(["train", "copy", "--out", str(tmp_path / "new"), *TINY_FLAGS, *FAST]) == 130
+    assert capsys.readouterr().err == "fastntm train: interrupted; no checkpoint was written yet\n"
+    assert main(["train", "copy", "--out", str(trained), "--resume", "--steps", "9", "--no-progress"]) == 130
+    assert capsys.readouterr().err == (f"fastntm train: interrupted; 'fastntm train copy --out {trained} --resume' "
+                                       "continues from the last checkpoint\n")
 
 
 def test_errors_after_parsing_are_one_line(tmp_path, trained, capsys):

@@ -178,9 +178,12 @@ def test_init_from_continues_training(lr, tmp_path):
         (["eval", "{tmp}/run.pt", "--gaps", "10,-5"], "--gaps must be whole numbers >= 0"),
         (["eval", "{tmp}/run.pt", "--chunk", "0"], "--chunk must be positive"),
         (["eval", "{tmp}/run.pt", "--sequences", "0"], "--sequences must be positive"),
+        (["eval", "{tmp}/run.pt"], "run.pt is not a checkpoint of this script: "),
+        (["train", "--init-from", "{tmp}/run.pt"], "run.pt is not a checkpoint of this script (--init-from): "),
     ],
     ids=["steps", "eval-every", "val-size", "gap-min", "gap-start-0", "gap-growth-1", "pairs", "out-folder",
-         "init-from", "eval-checkpoint", "eval-gaps", "eval-chunk", "eval-sequences"],
+         "init-from", "eval-checkpoint", "eval-gaps", "eval-chunk", "eval-sequences", "eval-damaged",
+         "init-from-damaged"],
 )
 def test_bad_flags_are_refused_before_anything_runs(lr, tmp_path, capsys, args, message):
     (tmp_path / "run.pt").write_bytes(b"")

@@ -436,13 +436,13 @@ def _parents(path: str) -> list[str]:
     return folders
 
 
-def _checkpoint_problem(path: str, flag: str) -> str | None:
+def _checkpoint_problem(path: str, flag: str, distractor: str | None = None) -> str | None:
     """Why ``path`` is not a checkpoint that ``load`` takes, or None: a damaged file is found before any work,
     as one line, not a traceback from deep in torch.load or load_state_dict."""
     if not os.path.isfile(path):
         return f"no checkpoint file {path}{flag}"
     try:
-        load(path)
+        load(path, distractor)
     except Exception as exc:  # what torch.load and load_state_dict raise depends on the damage
         first_line = (str(exc).splitlines() or [""])[0]
         return f"{path} is not a checkpoint of this script{flag}: {type(exc).__name__}: {first_line[:200]}"
@@ -484,7 +484,7 @@ def _problem(args) -> str | None:
         if getattr(args, name) < 1:
             return f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}"
     if args.command == "eval":
-        return _checkpoint_problem(args.checkpoint, "")
+        return _checkpoint_problem(args.checkpoint, "", args.distractor)
     return _checkpoint_problem(args.init_from, " (--init-from)") if args.init_from else None
 
 

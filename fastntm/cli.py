@@ -321,7 +321,7 @@ def run_train(args) -> int:
         shutdown_distributed(wait_for_all=False)
         if (out / STATE_FILE).is_file():
             command = f"fastntm train {args.task} --out {shlex.quote(str(out))} --resume"
-            raise KeyboardInterrupt(f"'{command}' continues from the last checkpoint") from None
+            raise KeyboardInterrupt(f"to continue from the last checkpoint: {command}") from None
         raise KeyboardInterrupt("no checkpoint was written yet") from None
     except BaseException:
         shutdown_distributed(wait_for_all=False)

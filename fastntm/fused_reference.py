@@ -73,19 +73,15 @@ def _to(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
-@functools.lru_cache(maxsize=64)
-def _ones(M: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A vector of M ones, made once: the right side of ``_row_norms``' matrix-vector product."""
-    return torch.ones(M, dtype=dtype, device=device)
-
-
 def _row_norms(mem: torch.Tensor) -> torch.Tensor:
     """``|mem[b, n]|`` as (B, 1, N), computed as ``sqrt((mem * mem) @ 1)``: on a CPU a matrix-vector
     product sums rows of a few dozen faster than ``vector_norm``'s reduction (about 50 vs 80 us at
     B 32, N 128, M 20). Both sum the squares unscaled (the same overflow to inf, and underflow to 0
     far below the 1e-8 floor), so they agree to float32 rounding."""
     B, N, M = mem.shape
-    return torch.mv(mem.square().reshape(B * N, M), _ones(M, mem.dtype, mem.device)).sqrt_().view(B, 1, N)
+    # The ones made at each call, not cached: a first call inside a CUDA graph's capture would cache a
+    # tensor of the graph's pool, filled only when the graph replays.
+    return torch.mv(mem.square().reshape(B * N, M), mem.new_ones(M)).sqrt_().view(B, 1, N)
 
 
 def _inverse_square(norm: torch.Tensor) -> torch.Tensor:

@@ -269,8 +269,8 @@ def test_ctrl_c_in_training_is_one_line_saying_how_to_go_on(trained, tmp_path, m
     assert main(["train", "copy", "--out", str(tmp_path / "new"), *TINY_FLAGS, *FAST]) == 130
     assert capsys.readouterr().err == "fastntm train: interrupted; no checkpoint was written yet\n"
     assert main(["train", "copy", "--out", str(trained), "--resume", "--steps", "9", "--no-progress"]) == 130
-    assert capsys.readouterr().err == (f"fastntm train: interrupted; 'fastntm train copy --out {trained} --resume' "
-                                       "continues from the last checkpoint\n")
+    assert capsys.readouterr().err == ("fastntm train: interrupted; to continue from the last checkpoint: "
+                                       f"fastntm train copy --out {trained} --resume\n")
 
 
 def test_errors_after_parsing_are_one_line(tmp_path, trained, capsys):

@@ -424,3 +424,39 @@ def test_tf32_three_times_over_keeps_the_cosine_within_fp32s_error():
         # A few fp32 roundings of the cosine, like the multiply-adds: not tf32's 2^-11 (4.9e-4).
         assert kernel["max"] < 1e-6 and fp32["max"] < 1e-6, case
         assert kernel["mean"] < 5 * fp32["mean"], case
+
+
+def test_sharp_focus_study_finds_the_kernels_rounding_like_the_fp32_reference(tmp_path, capsys):
+    # The study end to end: a step focused on single slots (beta 300, g 1), three draws, both regimes. Three
+    # draws only bound gross losses: one draw's fp32 reference can miss 10x less than the next draw's (here
+    # dL/dbeta, 7.7e-6 in one draw, where 1-ulp moves of its inputs give a median of 3.7e-5). A cancellation
+    # taken in the wrong order (d81ba13, reverted at stop 25) put dL/dbeta hundreds of times past it.
+    from benchmarks import sharp_focus
+
+    sharp_focus.main(["--shape", "2,11,6,1,1,3", "--beta", "300", "--g", "1", "--seeds", "3",
+                      "--json", str(tmp_path / "sharp.json")])
+    assert "on-chip:" in capsys.readouterr().out
+    result = json.loads((tmp_path / "sharp.json").read_text())
+    assert sorted(result["regimes"]) == ["large", "on-chip"]
+    for regime, rows in result["regimes"].items():
+        assert {"w", "r", "new_mem", "mem", "k", "beta", "gamma", "e", "a"} <= set(rows), regime
+        assert "w_prev" not in rows  # its gradient is 0 at g = 1
+        for name, row in rows.items():
+            assert 0 < row["median_error"] < 1e-3 and row["summed_ratio"] < 50, (regime, name, row)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--shape", "2,11,6"], "six integers"), (["--shape", "2,11,6,1,1,4"], "S odd"),
+    (["--shape", "2,11,200,1,1,3"], "M up to 128"), (["--seeds", "0"], "at least 1"),
+    (["--beta", "nan"], "finite value > 0"), (["--g", "2"], "in [0, 1]"),
+    (["--blocks-env"], "FASTNTM_BLOCKS is set"),
+])
+def test_sharp_focus_study_refuses_bad_flags(args, message, capsys, monkeypatch):
+    from benchmarks import sharp_focus
+
+    if args == ["--blocks-env"]:  # a forced block would override the study's own choice of regime
+        monkeypatch.setenv("FASTNTM_BLOCKS", "block_n=16")
+        args = []
+    with pytest.raises(SystemExit):
+        sharp_focus.main(args)
+    assert message in capsys.readouterr().err

@@ -415,15 +415,21 @@ def test_launch_cost_times_each_kernel_launch_of_a_call_and_unwraps():
     assert "run" not in vars(step._similarity_kernel)
 
 
-def test_tf32_three_times_over_keeps_the_cosine_within_fp32s_error():
+def test_tf32_three_times_over_keeps_the_cosine_within_a_few_fp32_roundings():
     from benchmarks import tf32_error
 
-    result = tf32_error.errors(rows=2000, width=64)
-    for case in result.values():
-        fp32, kernel = case["fp32 multiply-add"], case["tf32 x3 (the kernel)"]
-        # A few fp32 roundings of the cosine, like the multiply-adds: not tf32's 2^-11 (4.9e-4).
-        assert kernel["max"] < 1e-6 and fp32["max"] < 1e-6, case
-        assert kernel["mean"] < 5 * fp32["mean"], case
+    for width in (8, 64):
+        result = tf32_error.errors(rows=2000, width=width)
+        for case in result.values():
+            fp32, kernel = case["fp32 multiply-add"], case["tf32 x3 (the kernel)"]
+            # A few fp32 roundings of the cosine, like the multiply-adds: not tf32's 2^-11 (4.9e-4).
+            assert kernel["max"] < 1e-6 and fp32["max"] < 1e-6, case
+            assert kernel["mean"] < case["tf32 x3, both cut"]["mean"], (width, case)
+        # Near the key the terms agree in sign, and where both operands' x_hi is cut (stop 23 to 25) what the
+        # products leave out leans one way: 3x (M 64) to 10x (M 8) fp32's mean error. The kernels round the
+        # keys' x_hi (the memory tile's, rounded, cost registers): half that.
+        near = result["near the key"]
+        assert near["tf32 x3 (the kernel)"]["mean"] < 0.6 * near["tf32 x3, both cut"]["mean"], (width, near)
 
 
 def test_sharp_focus_study_finds_the_kernels_rounding_like_the_fp32_reference(tmp_path, capsys):

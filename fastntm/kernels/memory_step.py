@@ -347,11 +347,26 @@ def _memory_step_onchip_kernel(p_mem, p_k, p_beta, p_g, p_s, p_gamma, p_wp, p_e,
 
 
 @triton.jit
-def _tf32_split(b_x):
-    """``(hi, lo)`` with ``hi + lo == x`` exactly: ``hi`` is ``x`` cut to tf32's 10 mantissa bits. A tensor core
-    reads a tf32 operand's top 19 bits, so it reads ``hi`` whole and ``lo`` (under 2^-10 |x|) to within 2^-11
-    of itself. Two integer and float instructions an element, where a rounding conversion took more."""
-    b_hi = (b_x.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
+def _tf32_split(b_x, ROUND: tl.constexpr):
+    """``(hi, lo)`` with ``hi + lo == x`` exactly: ``hi`` is ``x`` with tf32's 10 mantissa bits, cut (its low 13
+    bits cleared) or, with ``ROUND``, rounded to the nearest (ties away from zero: half the dropped bits' unit
+    added first). A tensor core reads a tf32 operand's top 19 bits, so it reads ``hi`` whole and ``lo`` (under
+    2^-10 |x| cut, 2^-11 rounded) to within 2^-10 of itself. Two or three integer and float instructions an
+    element, where a rounding conversion took more.
+
+    A cut ``hi`` is never larger than ``x``: ``lo`` has ``x``'s sign, and what the three products leave out
+    (``mem_lo k_lo``, ``lo`` past tf32) leans one way in every term, which near the key, where the terms agree
+    in sign, adds up. The memory tile is cut nonetheless: rounded, the similarity pass (as launched at the
+    large shape, sm_90) took 245 registers, where with the tile cut it takes 136, and 9% more instructions (a
+    float rounding, ``x (1 + 2^-12)`` cut, took 245 too). The small operand (the keys, dL/dr) is rounded:
+    3 registers and 2% more instructions than both cut, and half their error near the key (``python -m
+    benchmarks.tf32_error``, M 8 / 64: cosine error 2.5e-7 / 2.8e-7 both cut, 1.2e-7 / 1.4e-7 now, 0.5e-7 /
+    0.9e-7 both rounded, 0.2e-7 / 0.8e-7 for fp32 multiply-adds). Rounding takes ``x`` within about 2^-12
+    (relative) of the largest float to inf, far past where the norms' squares overflow."""
+    b_bits = b_x.to(tl.uint32, bitcast=True)
+    if ROUND:
+        b_bits += 0x1000
+    b_hi = (b_bits & 0xFFFFE000).to(tl.float32, bitcast=True)
     return b_hi, b_x - b_hi
 
 
@@ -359,9 +374,9 @@ def _tf32_split(b_x):
 def _tf32x3_dot(b_a_hi, b_a_lo, b_b, A_IS_TF32: tl.constexpr):
     """``a b`` in fp32 on the tensor cores: ``a_hi b_lo + a_lo b_hi + a_hi b_hi``, the small terms first, with
     ``a``'s parts from ``_tf32_split`` (split once, before the loads of every ``b`` it meets: split after them,
-    the similarity pass took 168 registers, not 133) and ``b``'s split here. Two products where ``a`` is a
+    the similarity pass took 168 registers, not 133, at stop 23) and ``b``'s split here. Two products where ``a`` is a
     tf32 value already (``A_IS_TF32``: loaded from bf16 or fp16), ``a_lo`` unused."""
-    b_b_hi, b_b_lo = _tf32_split(b_b)
+    b_b_hi, b_b_lo = _tf32_split(b_b, ROUND=True)
     b_dot = tl.dot(b_a_hi, b_b_lo, input_precision="tf32")
     if not A_IS_TF32:
         b_dot = tl.dot(b_a_lo, b_b_hi, b_dot, input_precision="tf32")
@@ -379,11 +394,13 @@ def _similarity_kernel(p_mem, p_k, p_beta, p_K, p_pmax, p_psum, s_mem_b, s_mem_n
     The dot products of BH heads at a time are one (BN, BM) x (BM, BH) product on the tensor cores, in tf32
     three times over: with ``x = x_hi + x_lo`` (``_tf32_split``), ``mem k = mem_hi k_hi + mem_hi k_lo +
     mem_lo k_hi``, each product of tf32 values exact in fp32 and summed in fp32; what is left out,
-    ``mem_lo k_lo`` and ``mem_lo``'s last bits, is within about 2^-21 |mem[n, m] k[m]| a term, the size of
-    fp32's own rounding of a sum of M terms. A bf16 or fp16 slot is tf32 already (``mem_lo = 0``): two
-    products. The logits are the product times the reciprocals of the norms (a division a logit took 13
-    instructions). Looping over heads on CUDA cores took 204 warp-instructions a head and block (one warp,
-    BN 32, BM 64, fp32, sm_90) and 1,346 a block of 5 heads; this takes 936 (``benchmarks/sass_model.py``).
+    ``mem_lo k_lo`` and the ``lo`` parts' last bits, is within about 2^-21 |mem[n, m] k[m]| a term; near the
+    key, where the terms agree in sign, the cosine's error is about 2x fp32's at M = 64 and 5x at M = 8
+    (``_tf32_split``, which cuts the memory tile and rounds the keys). A bf16 or fp16 slot is tf32 already
+    (``mem_lo = 0``): two products. The logits are the product times the reciprocals of the norms (a division
+    a logit took 13 instructions). Looping over heads on CUDA cores took 204 warp-instructions a head and
+    block (one warp, BN 32, BM 64, fp32, sm_90) and 1,346 a block of 5 heads; this takes 952 (936 with the
+    keys' split cut; ``benchmarks/sass_model.py``).
 
     The block is loaded as (BN, BM / BC, BC): rows of chunks of BC elements, one 32-byte sector, with the
     chunk axis the slowest, so Triton gives a sector to two lanes and a row's chunks to the same two and the
@@ -400,7 +417,7 @@ def _similarity_kernel(p_mem, p_k, p_beta, p_K, p_pmax, p_psum, s_mem_b, s_mem_n
     b_mem = tl.load(p_mem + i_b * s_mem_b + n0 * s_mem_n + o_n[:, None, None] * s_mem_n + o_c[None, :, :],
                     mask=m_n[:, None, None] & (o_c < M)[None, :, :], other=0.0).to(tl.float32)
     b_rmn = 1.0 / tl.maximum(tl.sqrt(_chunked_row_sums(b_mem * b_mem)), 1e-8)
-    b_mem_hi, b_mem_lo = _tf32_split(tl.reshape(b_mem, (BN, BM)))
+    b_mem_hi, b_mem_lo = _tf32_split(tl.reshape(b_mem, (BN, BM)), ROUND=False)
     o_m = tl.arange(0, BM)
     m_m = o_m < M
     for g in tl.static_range(HG):
@@ -560,7 +577,7 @@ def _read_write_bwd_kernel(p_mem, p_w, p_e, p_a, p_dr, p_dnew, p_dw, p_depart, p
     b_mem = tl.load(p_mem + i_b * s_mem_b + n0 * s_mem_n + o_n[:, None] * s_mem_n + o_m[None, :],
                     mask=m_nm, other=0.0).to(tl.float32)
     if RG > 0:
-        b_mem_hi, b_mem_lo = _tf32_split(b_mem)
+        b_mem_hi, b_mem_lo = _tf32_split(b_mem, ROUND=False)
     for g in tl.static_range(RG):
         o_h = g * BH + tl.arange(0, BH)
         m_h = o_h < RD

@@ -478,6 +478,43 @@ def test_a_plain_tf32_product_fails_against_the_reference(monkeypatch):
     assert relative_error(dk_ref, dk_plain) > TOL[torch.float32]
 
 
+@triton.jit
+def _keys_cut_tf32x3_dot(b_a_hi, b_a_lo, b_b, A_IS_TF32: tl.constexpr):
+    """``memory_step._tf32x3_dot`` with the keys' split cut, as at stops 23 to 25."""
+    b_b_hi = (b_b.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
+    b_dot = tl.dot(b_a_hi, b_b - b_b_hi, input_precision="tf32")
+    if not A_IS_TF32:
+        b_dot = tl.dot(b_a_lo, b_b_hi, b_dot, input_precision="tf32")
+    return tl.dot(b_a_hi, b_b_hi, b_dot, input_precision="tf32")
+
+
+def test_rounded_key_split_halves_the_logits_error_near_the_key(monkeypatch):
+    # Rows near the key (cosine about 1, where a large beta magnifies the logits' errors), the large regime's
+    # logits with the fixture's tensor-core operands. With both operands' tf32 split cut, what the products
+    # leave out leans one way in every term: ``python -m benchmarks.tf32_error`` puts the cosine's mean error
+    # at M 64 at 2.9e-7 cut, 1.5e-7 with the keys rounded, 0.8e-7 for fp32 multiply-adds.
+    ms = importlib.import_module("fastntm.kernels.memory_step")
+    gen = torch.Generator().manual_seed(0)
+    B, N, M = 1, 256, 64
+    k = torch.randn(B, 1, M, generator=gen)
+    x = kernel_inputs(B, N, M, 1, 1, 3)
+    x["mem"] = k + 1e-3 * torch.randn(B, N, M, generator=gen)
+    x["k"] = k
+    truth = reference.content_similarity(x["mem"].double(), x["k"].double())
+
+    def logits_error():
+        with _config.force_block_n(32):
+            K = ms._forward(*x.values(), 1, False)[3]
+        return float((K.double() - truth).abs().mean())
+
+    rounded = logits_error()
+    monkeypatch.setattr(ms, "_tf32x3_dot", _keys_cut_tf32x3_dot)
+    cut = logits_error()
+    fp32 = float((reference.content_similarity(x["mem"], x["k"]).double() - truth).abs().mean())
+    # Here (256 rows): 2.2e-7 rounded, 4.1e-7 cut, 0.9e-7 for the fp32 reference's logits.
+    assert rounded < 0.7 * cut and rounded < 4 * fp32, (rounded, cut, fp32)
+
+
 def test_bit_identical_run_to_run():
     # The interpreter runs programs one at a time, in one order, so here this checks that no result depends
     # on what its buffers held before (the second run's are NaN-filled); test_kernels_gpu.py checks the order.

@@ -12,13 +12,15 @@
 # $OUT/kernel_profile.json (device time per kernel, benchmarks.kernel_profile),
 # $OUT/block_sums.json (the sums of block partials, kernel against torch, benchmarks.bench_block_sums),
 # $OUT/launch_cost.json (the host's time a Triton launch of the step, benchmarks.launch_cost),
+# $OUT/sharp_focus.json (the kernels' precision at sharp focus against the fp32 reference's, on the
+# tensor cores themselves: benchmarks.sharp_focus, 1-ulp moves of a draw where two slots compete),
 # $OUT/sass_model.json (warp-instructions the same tree's kernels issue at the large
 # shape, benchmarks.sass_model: the measured times calibrate it) and ends with the
 # key figures. Every part runs under `timeout`; one that fails or runs out of time is
 # named at the end and the later parts still run; a limit of 0 skips a part. The
-# limits below add up to 510 s
-# (plus 3 s grace each: 537 s at worst); override them with T_TESTS, T_KERNELS,
-# T_PROFILE, T_SUMS, T_LAUNCH, T_RUN, T_LONG, T_SASS, and pass extra runner arguments
+# limits below add up to 550 s
+# (plus 3 s grace each: 580 s at worst); override them with T_TESTS, T_KERNELS,
+# T_PROFILE, T_SUMS, T_LAUNCH, T_PRECISION, T_RUN, T_LONG, T_SASS, and pass extra runner arguments
 # in RUN_ARGS, split at spaces, no quotes inside (for example
 # RUN_ARGS="--providers reference,triton,triton-graph --filter train_step|paper").
 #
@@ -53,6 +55,7 @@ T_LONG="${T_LONG:-60}"
 T_SWEEP="${T_SWEEP:-150}"
 T_SASS="${T_SASS:-30}"
 T_LAUNCH="${T_LAUNCH:-20}"
+T_PRECISION="${T_PRECISION:-40}"
 START=$(date +%s)
 SUMMARY=()
 
@@ -101,6 +104,9 @@ part kernel_profile "$T_PROFILE" "$PY" -m benchmarks.kernel_profile --device cud
 part block_sums "$T_SUMS" "$PY" -m benchmarks.bench_block_sums --device cuda --out "$OUT"
 
 part launch_cost "$T_LAUNCH" "$PY" -m benchmarks.launch_cost --out "$OUT"
+
+part sharp_focus "$T_PRECISION" "$PY" -m benchmarks.sharp_focus --device cuda --shape 2,11,6,1,1,3 --beta 300 \
+    --g 1 --seeds 16 --jitter 1 --json "$OUT/sharp_focus.json"
 
 if [ -n "${BASE:-}" ]; then
     BASE_TREE="$(mktemp -d)"

@@ -31,6 +31,8 @@ import triton.language as tl  # noqa: E402
 from triton._C.libtriton import ir  # noqa: E402
 from triton.runtime import interpreter  # noqa: E402
 
+from fastntm.kernels.memory_step import _tf32_split  # noqa: E402
+
 pytestmark = [
     pytest.mark.skipif(
         not getattr(kernels, "INTERPRETING", False),
@@ -481,8 +483,8 @@ def test_a_plain_tf32_product_fails_against_the_reference(monkeypatch):
 @triton.jit
 def _keys_cut_tf32x3_dot(b_a_hi, b_a_lo, b_b, A_IS_TF32: tl.constexpr):
     """``memory_step._tf32x3_dot`` with the keys' split cut, as at stops 23 to 25."""
-    b_b_hi = (b_b.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
-    b_dot = tl.dot(b_a_hi, b_b - b_b_hi, input_precision="tf32")
+    b_b_hi, b_b_lo = _tf32_split(b_b, ROUND=False)
+    b_dot = tl.dot(b_a_hi, b_b_lo, input_precision="tf32")
     if not A_IS_TF32:
         b_dot = tl.dot(b_a_lo, b_b_hi, b_dot, input_precision="tf32")
     return tl.dot(b_a_hi, b_b_hi, b_dot, input_precision="tf32")

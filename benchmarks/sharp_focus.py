@@ -73,17 +73,17 @@ def _errors(shape: OpShape, beta: float, g: float | None, seed: int, regimes: di
     if g is not None:
         x[3] = torch.full_like(x[3], g)
 
-    def run(fn, dtype):
+    def outputs_and_grads(fn, dtype):
         xs = [t.to(dtype).requires_grad_() for t in x]
         out = fn(*xs, shape.R)
         cot = [c.float().to(dtype) for c in common.cotangents(out, seed=draw + 1)]  # drawn on the CPU
         return [o.detach() for o in out] + list(torch.autograd.grad(out, xs, cot, allow_unused=True))
 
-    truth = run(reference.memory_step, torch.float64)
-    results = {"fp32 reference": run(reference.memory_step, torch.float32)}
+    truth = outputs_and_grads(reference.memory_step, torch.float64)
+    results = {"fp32 reference": outputs_and_grads(reference.memory_step, torch.float32)}
     for regime, force in regimes.items():
         with force():
-            results[regime] = run(kernels.memory_step, torch.float32)
+            results[regime] = outputs_and_grads(kernels.memory_step, torch.float32)
     kept = [i for i, t in enumerate(truth) if t is not None and t.numel() > 0]
     norms = {"float64": {NAMES[i]: truth[i].norm().item() for i in kept}}
     for provider, outs in results.items():

@@ -36,7 +36,9 @@
 # lack the commit) also runs bench_kernels and kernel_profile from that commit's tree, after this
 # tree's, into $OUT/base/ (their JSON, and the commit's hash in $OUT/base/commit; the log is $OUT/log): old
 # and new kernels timed on one machine a minute apart, each beside its own reference rows, which should
-# agree between the two runs. Limits T_KERNELS and T_PROFILE again (up to 176 s more).
+# agree between the two runs. Limits T_KERNELS and T_PROFILE again (up to 176 s more). Several trees,
+# BASE="a.tar b.tar", each into $OUT/base-a, $OUT/base-b, T_KERNELS + T_PROFILE each; BASE_SHAPES (for
+# example "large") narrows the shapes they time (bench_kernels' and kernel_profile's names: large is both).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
@@ -108,27 +110,30 @@ part launch_cost "$T_LAUNCH" "$PY" -m benchmarks.launch_cost --out "$OUT"
 part sharp_focus "$T_PRECISION" "$PY" -m benchmarks.sharp_focus --device cuda --shape 2,11,6,1,1,3 --beta 300 \
     --g 1 --seeds 16 --jitter 1 --json "$OUT/sharp_focus.json"
 
-if [ -n "${BASE:-}" ]; then
+# shellcheck disable=SC2086  # BASE is a list of trees
+for base in ${BASE:-}; do
     BASE_TREE="$(mktemp -d)"
-    BASE_OUT="$(cd "$OUT" && pwd)/base"
+    # One base tree: $OUT/base (as before); several: $OUT/base-NAME, NAME the file's or commit's name.
+    name="$(basename "$base" .tar)"; name="${name#base-}"
+    case "$BASE" in *" "*) BASE_OUT="$(cd "$OUT" && pwd)/base-$name" ;; *) BASE_OUT="$(cd "$OUT" && pwd)/base" ;; esac
     mkdir -p "$BASE_OUT"
-    if [ -f "$BASE" ]; then  # a tree from `git archive -o FILE.tar REV`: the device's .git may lack REV
-        tar -x -C "$BASE_TREE" -f "$BASE" && git get-tar-commit-id < "$BASE" > "$BASE_OUT/commit"
+    if [ -f "$base" ]; then  # a tree from `git archive -o FILE.tar REV`: the device's .git may lack REV
+        tar -x -C "$BASE_TREE" -f "$base" && git get-tar-commit-id < "$base" > "$BASE_OUT/commit"
     else
-        git archive "$BASE" | tar -x -C "$BASE_TREE" && git rev-parse "$BASE" > "$BASE_OUT/commit"
+        git archive "$base" | tar -x -C "$BASE_TREE" && git rev-parse "$base" > "$BASE_OUT/commit"
     fi
     if [ $? -eq 0 ]; then
         # From the base tree's folder: `python -m` puts the current folder first on the path.
-        part "bench_kernels at $BASE" "$T_KERNELS" env -C "$BASE_TREE" PYTHONPATH=. \
-            "$PY" -m benchmarks.bench_kernels --out "$BASE_OUT"
-        part "kernel_profile at $BASE" "$T_PROFILE" env -C "$BASE_TREE" PYTHONPATH=. \
-            "$PY" -m benchmarks.kernel_profile --device cuda --out "$BASE_OUT"
+        part "bench_kernels at $base" "$T_KERNELS" env -C "$BASE_TREE" PYTHONPATH=. \
+            "$PY" -m benchmarks.bench_kernels --shapes "${BASE_SHAPES:-paper,large}" --out "$BASE_OUT"
+        part "kernel_profile at $base" "$T_PROFILE" env -C "$BASE_TREE" PYTHONPATH=. \
+            "$PY" -m benchmarks.kernel_profile --device cuda --shapes "${BASE_SHAPES:-paper-b32,large}" --out "$BASE_OUT"
     else
-        say "=== BASE=$BASE: could not extract the base tree or its commit"
-        SUMMARY+=("base $BASE: could not extract the base tree or its commit")
+        say "=== BASE $base: could not extract the base tree or its commit"
+        SUMMARY+=("base $base: could not extract the base tree or its commit")
     fi
     rm -rf "$BASE_TREE"
-fi
+done
 
 if [ "${SWEEP:-0}" = 1 ]; then
     part sweep_blocks "$T_SWEEP" "$PY" -m benchmarks.sweep_blocks --quick --budget $(( T_SWEEP - 15 )) --out "$OUT"

@@ -35,7 +35,7 @@ def no_env_overrides(monkeypatch):
 def test_force_sets_each_part_of_the_choice_and_restores_it():
     default_large, default_onchip = _config.choose(65536, 64), _config.choose(128, 20)
     assert (default_large.onchip, default_large.BN, default_large.num_warps, default_large.BV) == (False, 64, 2, 1024)
-    assert (default_large.sim_BN, default_large.sim_warps) == (32, 1)
+    assert (default_large.sim_BN, default_large.sim_warps) == (64, 2)
     assert (default_onchip.onchip, default_onchip.num_warps, default_onchip.bwd_warps) == (True, 8, 4)
     assert default_large.memory_bwd == (32, 2) and default_onchip.memory_bwd == (128, 8)
     with _config.force(block_n=64, num_warps=8, vector_block=256):
@@ -143,7 +143,7 @@ def test_candidates_cover_the_requested_grid_default_first():
     assert [c.settings["num_warps"] for c in quick[2:6:3]] == [1, 1]
     # The forward's default before 64 rows at two warps: 32 at one.
     assert dict(block_n=32, num_warps=1, vector_block=1024, bwd_block_n=32, bwd_warps=default.bwd_warps,
-                sim_block_n=32, sim_warps=1) in [c.settings for c in quick]
+                sim_block_n=64, sim_warps=2) in [c.settings for c in quick]
     sim = [(c.settings["sim_block_n"], c.settings["sim_warps"]) for c in quick if c.axis == "sim"]
     assert sim == [(16, 1), (32, 1), (16, 2), (32, 2), (64, 2)]  # (64, 1): 128 elements a thread
     assert (128, 2) not in [(c.settings.get("bwd_block_n"), c.settings.get("bwd_warps")) for c in quick[1:]]

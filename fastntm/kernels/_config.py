@@ -277,14 +277,24 @@ def large_block_n(BM: int, warps: int = 1) -> int:
 
 
 def sim_block_n(BM: int) -> int:
-    """Rows of a similarity-pass program: ``SIM_BLOCK_ELEMENTS``, but 32 rows at BM = 64.
+    """Rows of a similarity-pass program: ``SIM_BLOCK_ELEMENTS``, but 64 rows at BM = 64 (at two warps,
+    ``sim_warps``: the same elements a thread as 32 rows at one).
 
-    At 16 rows and BM = 64 the pass fits twice the programs to an SM (64 registers, 32 to an SM, where ncu had
-    found it at 25% occupancy, limited by registers), but on the H100 32 rows ran the forward 1.7% and 2.1%
-    faster in two sweeps, each on one tree (404.3 against 411.1 us, ``benchmarks/results/h100-2026-11-26-e``;
-    389.8 against 398.1, ``h100-2026-11-26-g``, after the pass loaded each head's key a head ahead). Other
-    widths are as they were: not timed, and at BM = 16 twice the rows took 255 registers (unaligned, bf16)."""
-    return 32 if BM == 64 else max(16, SIM_BLOCK_ELEMENTS // BM)
+    At BM = 64: 16 rows a program fit twice the programs to an SM (64 registers, 32 to an SM, where ncu had
+    found the pass at 25% occupancy, limited by registers), but on the H100 32 rows ran the forward 1.7% and
+    2.1% faster in two sweeps (404.3 against 411.1 us, ``benchmarks/results/h100-2026-11-26-e``; 389.8 against
+    398.1, ``h100-2026-11-26-g``). Since the pass's products went to the tensor cores, 64 rows at two warps ran
+    the forward 0.5% faster than 32 at one in two sweeps, in CUDA graphs (359.7 against 361.6 us and 360.2
+    against 361.9, ``h100-2026-11-27-b`` runs 1 and 2), with half the softmax partials to merge: in run 3's
+    profile the pass and the merge took 118.7 + 2.7 us where 32 rows at one warp took 119.3 + 3.8. Other widths
+    are as they were: not timed, and at BM = 16 twice the rows took 255 registers (unaligned, bf16)."""
+    return 64 if BM == 64 else max(16, SIM_BLOCK_ELEMENTS // BM)
+
+
+def sim_warps(BM: int, rows: int) -> int:
+    """Warps of a similarity-pass program of ``rows`` rows: two at ``sim_block_n``'s 64 rows of BM = 64, else
+    one (a forced block of fewer rows keeps the one warp that it had)."""
+    return 2 if BM == 64 and rows >= 64 else 1
 
 
 PRODUCT_HEADS = 8
@@ -316,12 +326,13 @@ def _choose(N: int, M: int, forced: Overrides) -> Blocks:
                       vector_block(N), full, full, warps, forced.sum_rows or SUM_ROWS, forced.sum_warps or SUM_WARPS)
     warps, bwd_warps = large_warps(M)
     BN = forced.block_n or large_block_n(BM, 1 if forced.num_warps else warps)
+    sim_BN = forced.sim_block_n or forced.block_n or sim_block_n(BM)
     # A forced BN alone forces the vector pass's and the backward's blocks too: tests at small N get several.
     return Blocks(False, BN, BM, forced.num_warps or warps, forced.bwd_warps or forced.num_warps or bwd_warps,
                   forced.vector_block or forced.block_n or vector_block(N),
                   forced.bwd_block_n or forced.block_n or large_block_n(BM),
-                  forced.sim_block_n or forced.block_n or sim_block_n(BM),
-                  forced.sim_warps or forced.num_warps or 1, forced.sum_rows or SUM_ROWS, forced.sum_warps or SUM_WARPS)
+                  sim_BN, forced.sim_warps or forced.num_warps or sim_warps(BM, sim_BN),
+                  forced.sum_rows or SUM_ROWS, forced.sum_warps or SUM_WARPS)
 
 
 def supported(M: int) -> bool:

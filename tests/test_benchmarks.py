@@ -325,8 +325,9 @@ def test_sass_model_gives_each_loop_of_the_large_step_its_trip_count(tmp_path):
     # The shift's taps: two loops of K trips (K = (S - 1) / 2 = 1, a constant to Triton: straight code).
     assert S == 3 and counts["_shift_sharpen_kernel"]["loops"] == []
     assert H in [trips for _, trips in counts["_mem_bwd_kernel"]["loops"]]
-    # A range with a step: 65,536 / 32 = 2,048 block partials a head, 1,024 a trip (it once counted 2,048).
-    assert [trips for _, trips in counts["_softmax_merge_kernel"]["loops"]] == [2]
+    # A range with a step: 65,536 / 64 = 1,024 block partials a head, 1,024 a trip, so one trip (it once
+    # counted the range's length, which would be 1,024 here).
+    assert [trips for _, trips in counts["_softmax_merge_kernel"]["loops"]] == [1]
     for c in counts.values():
         assert all(trips is not None for _, trips in c["loops"]), c
         if len(c["loops"]) == 1:  # the loop's body once a trip, the rest once

@@ -37,8 +37,10 @@
 # tree's, into $OUT/base/ (their JSON, and the commit's hash in $OUT/base/commit; the log is $OUT/log): old
 # and new kernels timed on one machine a minute apart, each beside its own reference rows, which should
 # agree between the two runs. Limits T_KERNELS and T_PROFILE again (up to 176 s more). Several trees,
-# BASE="a.tar b.tar", each into $OUT/base-a, $OUT/base-b, T_KERNELS + T_PROFILE each; BASE_SHAPES (for
-# example "large") narrows the shapes they time (bench_kernels' and kernel_profile's names: large is both).
+# BASE="a.tar b.tar" (split at blanks), each into $OUT/base-a, $OUT/base-b (a leading "base-" dropped; a
+# second tree of one name is skipped), T_KERNELS + T_PROFILE each. BASE_SHAPES=large narrows the shapes
+# the base trees time: `large` is the one shape both scripts name alike (the paper's is `paper` to
+# bench_kernels, `paper-b32` to kernel_profile).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
@@ -110,12 +112,18 @@ part launch_cost "$T_LAUNCH" "$PY" -m benchmarks.launch_cost --out "$OUT"
 part sharp_focus "$T_PRECISION" "$PY" -m benchmarks.sharp_focus --device cuda --shape 2,11,6,1,1,3 --beta 300 \
     --g 1 --seeds 16 --jitter 1 --json "$OUT/sharp_focus.json"
 
-# shellcheck disable=SC2086  # BASE is a list of trees
-for base in ${BASE:-}; do
+read -ra BASES -d "" <<< "${BASE:-}" || true  # split at blanks and newlines
+for base in ${BASES[@]+"${BASES[@]}"}; do
     BASE_TREE="$(mktemp -d)"
     # One base tree: $OUT/base (as before); several: $OUT/base-NAME, NAME the file's or commit's name.
     name="$(basename "$base" .tar)"; name="${name#base-}"
-    case "$BASE" in *" "*) BASE_OUT="$(cd "$OUT" && pwd)/base-$name" ;; *) BASE_OUT="$(cd "$OUT" && pwd)/base" ;; esac
+    if [ "${#BASES[@]}" -gt 1 ]; then BASE_OUT="$(cd "$OUT" && pwd)/base-$name"; else BASE_OUT="$(cd "$OUT" && pwd)/base"; fi
+    if [ -e "$BASE_OUT" ]; then
+        say "=== BASE $base: $BASE_OUT exists (two trees of one name?); skipped"
+        SUMMARY+=("base $base: $BASE_OUT exists; skipped")
+        rm -rf "$BASE_TREE"
+        continue
+    fi
     mkdir -p "$BASE_OUT"
     if [ -f "$base" ]; then  # a tree from `git archive -o FILE.tar REV`: the device's .git may lack REV
         tar -x -C "$BASE_TREE" -f "$base" && git get-tar-commit-id < "$base" > "$BASE_OUT/commit"
@@ -125,9 +133,9 @@ for base in ${BASE:-}; do
     if [ $? -eq 0 ]; then
         # From the base tree's folder: `python -m` puts the current folder first on the path.
         part "bench_kernels at $base" "$T_KERNELS" env -C "$BASE_TREE" PYTHONPATH=. \
-            "$PY" -m benchmarks.bench_kernels --shapes "${BASE_SHAPES:-paper,large}" --out "$BASE_OUT"
+            "$PY" -m benchmarks.bench_kernels ${BASE_SHAPES:+--shapes "$BASE_SHAPES"} --out "$BASE_OUT"
         part "kernel_profile at $base" "$T_PROFILE" env -C "$BASE_TREE" PYTHONPATH=. \
-            "$PY" -m benchmarks.kernel_profile --device cuda --shapes "${BASE_SHAPES:-paper-b32,large}" --out "$BASE_OUT"
+            "$PY" -m benchmarks.kernel_profile --device cuda ${BASE_SHAPES:+--shapes "$BASE_SHAPES"} --out "$BASE_OUT"
     else
         say "=== BASE $base: could not extract the base tree or its commit"
         SUMMARY+=("base $base: could not extract the base tree or its commit")

@@ -51,6 +51,9 @@ def test_force_sets_each_part_of_the_choice_and_restores_it():
             assert (blk.BN, blk.num_warps, blk.memory_bwd) == (64, 8, (16, 2))
     with _config.force(num_warps=1):  # one warp's rows: the default's 64 at one warp spilled
         assert (_config.choose(65536, 64).BN, _config.choose(65536, 64).num_warps) == (32, 1)
+        assert (_config.choose(65536, 64).sim_BN, _config.choose(65536, 64).sim_warps) == (32, 1)  # likewise
+    with _config.force(sim_warps=1):
+        assert (_config.choose(65536, 64).sim_BN, _config.choose(65536, 64).sim_warps) == (32, 1)
     with _config.force(bwd_block_n=16, bwd_warps=2):
         assert _config.choose(128, 20) == default_onchip  # large-memory backward settings leave on-chip alone
     with _config.force(onchip_warps=2, onchip_bwd_warps=16):

@@ -276,9 +276,10 @@ def large_block_n(BM: int, warps: int = 1) -> int:
     return max(16, BLOCK_ELEMENTS * (warps if warps <= 2 else 1) // BM)
 
 
-def sim_block_n(BM: int) -> int:
-    """Rows of a similarity-pass program: ``SIM_BLOCK_ELEMENTS``, but 64 rows at BM = 64 (at two warps,
-    ``sim_warps``: the same elements a thread as 32 rows at one).
+def sim_block_n(BM: int, warps: int | None = None) -> int:
+    """Rows of a similarity-pass program of ``warps`` warps (None: the dispatch's, ``sim_warps``):
+    ``SIM_BLOCK_ELEMENTS``, but at BM = 64 64 rows, or 32 where the warps are forced to one (the same
+    elements a thread either way; 64 rows at one warp took 255 registers).
 
     At BM = 64: 16 rows a program fit twice the programs to an SM (64 registers, 32 to an SM, where ncu had
     found the pass at 25% occupancy, limited by registers), but on the H100 32 rows ran the forward 1.7% and
@@ -288,7 +289,9 @@ def sim_block_n(BM: int) -> int:
     against 361.9, ``h100-2026-11-27-b`` runs 1 and 2), with half the softmax partials to merge: in run 3's
     profile the pass and the merge took 118.7 + 2.7 us where 32 rows at one warp took 119.3 + 3.8. Other widths
     are as they were: not timed, and at BM = 16 twice the rows took 255 registers (unaligned, bf16)."""
-    return 64 if BM == 64 else max(16, SIM_BLOCK_ELEMENTS // BM)
+    if BM == 64:
+        return 32 if warps == 1 else 64
+    return max(16, SIM_BLOCK_ELEMENTS // BM)
 
 
 def sim_warps(BM: int, rows: int) -> int:
@@ -326,7 +329,7 @@ def _choose(N: int, M: int, forced: Overrides) -> Blocks:
                       vector_block(N), full, full, warps, forced.sum_rows or SUM_ROWS, forced.sum_warps or SUM_WARPS)
     warps, bwd_warps = large_warps(M)
     BN = forced.block_n or large_block_n(BM, 1 if forced.num_warps else warps)
-    sim_BN = forced.sim_block_n or forced.block_n or sim_block_n(BM)
+    sim_BN = forced.sim_block_n or forced.block_n or sim_block_n(BM, forced.sim_warps or forced.num_warps)
     # A forced BN alone forces the vector pass's and the backward's blocks too: tests at small N get several.
     return Blocks(False, BN, BM, forced.num_warps or warps, forced.bwd_warps or forced.num_warps or bwd_warps,
                   forced.vector_block or forced.block_n or vector_block(N),

@@ -16,7 +16,7 @@ rows, ``large_block_n``; ``bwd_warps`` to a forced ``num_warps``, else to the
 backward's own default; at a shape that runs on-chip they change nothing);
 ``sim_block_n`` and ``sim_warps`` the forward's similarity pass apart from its
 read-write pass (defaulting to a forced ``block_n`` and ``num_warps``, else to
-its own); ``onchip_warps`` and ``onchip_bwd_warps`` the on-chip forward's (and
+its own, ``sim_blocks``); ``onchip_warps`` and ``onchip_bwd_warps`` the on-chip forward's (and
 the standalone read and write's) and backward's, ``vector_block`` the rows of a
 vector-pass program, ``sum_rows`` and ``sum_warps`` the sums of block partials
 (``Blocks.sum_rows``: the passes over memory's and the sharpening backward's). The
@@ -44,7 +44,7 @@ ONCHIP_MAX_ELEMENTS = 4096
 BLOCK_ELEMENTS = 2048
 """Target BN * BM a warp of a large-memory program of one or two warps (at four, of the program)."""
 SIM_BLOCK_ELEMENTS = 1024
-"""Target BN * BM of a similarity-pass program, one warp, but at BM = 64 (``sim_block_n``). A block's partials
+"""Target BN * BM of a similarity-pass program, one warp, but at BM = 64 (``sim_blocks``). A block's partials
 are two numbers a head, so block size costs no traffic here."""
 MAX_BM = 128
 """Widest slot the kernels take (BM = next_pow2(M)); wider slots use the reference."""
@@ -276,10 +276,11 @@ def large_block_n(BM: int, warps: int = 1) -> int:
     return max(16, BLOCK_ELEMENTS * (warps if warps <= 2 else 1) // BM)
 
 
-def sim_block_n(BM: int, warps: int | None = None) -> int:
-    """Rows of a similarity-pass program of ``warps`` warps (None: the dispatch's, ``sim_warps``):
-    ``SIM_BLOCK_ELEMENTS``, but at BM = 64 64 rows, or 32 where the warps are forced to one (the same
-    elements a thread either way; 64 rows at one warp took 255 registers).
+def sim_blocks(BM: int, rows: int | None = None, warps: int | None = None) -> tuple[int, int]:
+    """(rows, warps) of a similarity-pass program, given the forced ones (None: the dispatch's). At BM = 64,
+    64 rows at two warps; with the warps forced to one, 32 rows (the same elements a thread; 64 rows at one
+    warp took 255 registers); a forced block of fewer than 64 rows keeps one warp. Other widths
+    ``SIM_BLOCK_ELEMENTS`` at one warp.
 
     At BM = 64: 16 rows a program fit twice the programs to an SM (64 registers, 32 to an SM, where ncu had
     found the pass at 25% occupancy, limited by registers), but on the H100 32 rows ran the forward 1.7% and
@@ -289,15 +290,9 @@ def sim_block_n(BM: int, warps: int | None = None) -> int:
     against 361.9, ``h100-2026-11-27-b`` runs 1 and 2), with half the softmax partials to merge: in run 3's
     profile the pass and the merge took 118.7 + 2.7 us where 32 rows at one warp took 119.3 + 3.8. Other widths
     are as they were: not timed, and at BM = 16 twice the rows took 255 registers (unaligned, bf16)."""
-    if BM == 64:
-        return 32 if warps == 1 else 64
-    return max(16, SIM_BLOCK_ELEMENTS // BM)
-
-
-def sim_warps(BM: int, rows: int) -> int:
-    """Warps of a similarity-pass program of ``rows`` rows: two at ``sim_block_n``'s 64 rows of BM = 64, else
-    one (a forced block of fewer rows keeps the one warp that it had)."""
-    return 2 if BM == 64 and rows >= 64 else 1
+    if rows is None:
+        rows = (32 if warps == 1 else 64) if BM == 64 else max(16, SIM_BLOCK_ELEMENTS // BM)
+    return rows, warps or (2 if BM == 64 and rows >= 64 else 1)
 
 
 PRODUCT_HEADS = 8
@@ -329,12 +324,12 @@ def _choose(N: int, M: int, forced: Overrides) -> Blocks:
                       vector_block(N), full, full, warps, forced.sum_rows or SUM_ROWS, forced.sum_warps or SUM_WARPS)
     warps, bwd_warps = large_warps(M)
     BN = forced.block_n or large_block_n(BM, 1 if forced.num_warps else warps)
-    sim_BN = forced.sim_block_n or forced.block_n or sim_block_n(BM, forced.sim_warps or forced.num_warps)
+    sim_BN, sim_warps = sim_blocks(BM, forced.sim_block_n or forced.block_n, forced.sim_warps or forced.num_warps)
     # A forced BN alone forces the vector pass's and the backward's blocks too: tests at small N get several.
     return Blocks(False, BN, BM, forced.num_warps or warps, forced.bwd_warps or forced.num_warps or bwd_warps,
                   forced.vector_block or forced.block_n or vector_block(N),
                   forced.bwd_block_n or forced.block_n or large_block_n(BM),
-                  sim_BN, forced.sim_warps or forced.num_warps or sim_warps(BM, sim_BN),
+                  sim_BN, sim_warps,
                   forced.sum_rows or SUM_ROWS, forced.sum_warps or SUM_WARPS)
 
 

@@ -114,17 +114,17 @@ part sharp_focus "$T_PRECISION" "$PY" -m benchmarks.sharp_focus --device cuda --
 
 read -ra BASES -d "" <<< "${BASE:-}" || true  # split at blanks and newlines
 for base in ${BASES[@]+"${BASES[@]}"}; do
-    BASE_TREE="$(mktemp -d)"
     # One base tree: $OUT/base (as before); several: $OUT/base-NAME, NAME the file's or commit's name.
-    name="$(basename "$base" .tar)"; name="${name#base-}"
-    if [ "${#BASES[@]}" -gt 1 ]; then BASE_OUT="$(cd "$OUT" && pwd)/base-$name"; else BASE_OUT="$(cd "$OUT" && pwd)/base"; fi
+    name="$(basename "$base" .tar)"
+    BASE_OUT="$(cd "$OUT" && pwd)/base"
+    [ "${#BASES[@]}" -gt 1 ] && BASE_OUT+="-${name#base-}"
     if [ -e "$BASE_OUT" ]; then
         say "=== BASE $base: $BASE_OUT exists (two trees of one name?); skipped"
         SUMMARY+=("base $base: $BASE_OUT exists; skipped")
-        rm -rf "$BASE_TREE"
         continue
     fi
     mkdir -p "$BASE_OUT"
+    BASE_TREE="$(mktemp -d)"
     if [ -f "$base" ]; then  # a tree from `git archive -o FILE.tar REV`: the device's .git may lack REV
         tar -x -C "$BASE_TREE" -f "$base" && git get-tar-commit-id < "$base" > "$BASE_OUT/commit"
     else

@@ -10,7 +10,11 @@ the warm-up, not timed) and ``triton`` (``backend="triton"``, CUDA only). For
 ``train_step`` alone, on CUDA alone: ``triton-graph`` and ``reference-graph``, the
 same step through ``fastntm.graphs.CapturedStep`` (captured once in a CUDA
 graph, replayed at every call; Adam with ``capturable=True``). Their peak memory
-is near zero: the graph's memory is allocated at capture, in the warm-up.
+is near zero: the graph's memory is allocated at capture, in the warm-up. For
+``train_step`` alone, on a CPU: ``baseline``, a model of the NTM code in common
+use (``benchmarks.baseline_ntm``: its own step, loss and optimiser on the same
+batch), the side of the issue's CPU targets; it is checked against its own
+float64 copy.
 
 ``Case.prepare()`` builds the inputs and the timed callable, runs it once (the
 warm-up; for ``reference-compile`` the compile) and measures its relative error
@@ -39,6 +43,8 @@ from .shapes import OpShape, TrainShape
 OPS = ("memory_step.fwd", "memory_step.fwd_bwd", "train_step")
 PROVIDERS = ("reference", "reference-compile", "triton")
 GRAPH_PROVIDERS = ("triton-graph", "reference-graph")
+BASELINE = "baseline"
+TRAIN_ONLY_PROVIDERS = (*GRAPH_PROVIDERS, BASELINE)
 
 
 def providers_for(device: torch.device) -> tuple[str, ...]:
@@ -46,9 +52,10 @@ def providers_for(device: torch.device) -> tuple[str, ...]:
     return PROVIDERS if device.type == "cuda" else PROVIDERS[:2]
 
 
-def graph_providers_for(device: torch.device) -> tuple[str, ...]:
-    """The providers of ``train_step`` alone on ``device``: the whole step replayed from a CUDA graph."""
-    return GRAPH_PROVIDERS if device.type == "cuda" else ()
+def train_only_providers_for(device: torch.device) -> tuple[str, ...]:
+    """The providers of ``train_step`` alone on ``device``: on CUDA the whole step replayed from a CUDA
+    graph; on a CPU the baseline."""
+    return GRAPH_PROVIDERS if device.type == "cuda" else (BASELINE,)
 
 
 def allow_many_compiles() -> None:
@@ -92,11 +99,10 @@ class Case:
         """Build, warm (compile) and check; sets ``fn`` and ``rel_err``. May raise."""
         if self.provider == "triton" and self.device.type != "cuda":
             raise RuntimeError("the Triton kernels run on CUDA only")
-        if self.provider in GRAPH_PROVIDERS:
-            if self.op != "train_step":
-                raise ValueError(f"{self.provider} times train_step only, not {self.op}")
-            if self.device.type != "cuda":
-                raise RuntimeError("CUDA graphs need a CUDA device")
+        if self.provider in TRAIN_ONLY_PROVIDERS and self.op != "train_step":
+            raise ValueError(f"{self.provider} times train_step only, not {self.op}")
+        if self.provider in GRAPH_PROVIDERS and self.device.type != "cuda":
+            raise RuntimeError("CUDA graphs need a CUDA device")
         if self.op == "train_step":
             self.fn, self.rel_err = _train_case(self.shape, self.provider, self.device)
         else:
@@ -185,6 +191,10 @@ def _train_error(truth, batch, logits, grads) -> float:
 def _train_case(shape: TrainShape, provider: str, device: torch.device):
     from fastntm import FastNTM
 
+    if provider == BASELINE:
+        from . import baseline_ntm
+
+        return baseline_ntm.train_case(shape, device)
     task, batch = copy_batch(shape, device)
     torch.manual_seed(0)
     model = FastNTM(

@@ -34,7 +34,7 @@ import time
 import torch
 
 from . import common
-from .cases import GRAPH_PROVIDERS, OPS, Case, graph_providers_for, providers_for
+from .cases import OPS, TRAIN_ONLY_PROVIDERS, Case, providers_for, train_only_providers_for
 from .shapes import OP_SHAPES, QUICK_SKIP, TINY_OP_SHAPES, TINY_TRAIN_SHAPES, TRAIN_SHAPES, in_sweep
 
 # torch.compile takes tens of seconds a graph on a CPU; these shapes keep a run bounded.
@@ -68,7 +68,7 @@ def build_cases(device: torch.device, mode: str, providers, pattern: str | None)
     groups += [(op, shape) for shape in op_shapes.values() for op in OPS if op != "train_step"]
     for op, shape in groups:
         for provider in providers:
-            if provider in GRAPH_PROVIDERS and op != "train_step":
+            if provider in TRAIN_ONLY_PROVIDERS and op != "train_step":
                 continue
             if provider == "reference-compile":
                 if shape.name not in compile_shapes:
@@ -232,7 +232,7 @@ def main(argv=None) -> int:
         return 2
     mode = "tiny" if args.tiny else "quick" if args.quick else "full"
     budget = args.budget if args.budget is not None else {"tiny": 60, "quick": 90, "full": 1800}[mode]
-    available = providers_for(device) + graph_providers_for(device)
+    available = providers_for(device) + train_only_providers_for(device)
     providers = args.providers.split(",") if args.providers else list(available)
     unknown = [p for p in providers if p not in available]
     if unknown:

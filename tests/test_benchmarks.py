@@ -24,7 +24,7 @@ def test_tiny_run_writes_every_field(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT)
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.run", "--tiny", "--device", "cpu", "--providers", "reference",
+        [sys.executable, "-m", "benchmarks.run", "--tiny", "--device", "cpu", "--providers", "reference,baseline",
          "--out", str(tmp_path)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
     )
@@ -36,6 +36,8 @@ def test_tiny_run_writes_every_field(tmp_path):
     assert result["copy"]["copy_GBps"] > 0
     rows = result["rows"]
     assert {r["op"] for r in rows} == {"memory_step.fwd", "memory_step.fwd_bwd", "train_step"}
+    assert {r["provider"] for r in rows if r["op"] != "train_step"} == {"reference"}  # the baseline trains only
+    assert {r["provider"] for r in rows if r["op"] == "train_step"} == {"reference", "baseline"}
     for r in rows:
         assert r["status"] == "ok", r
         assert r["rel_err"] <= r["tolerance"]
@@ -278,6 +280,58 @@ def test_compare_trees_times_both_trees_in_alternating_rounds():
     assert len(r["p50_ms"]["old"]) == len(r["p50_ms"]["new"]) == 2
     assert all(t > 0 for t in r["p50_ms"]["old"] + r["p50_ms"]["new"])
     assert r["ratio_min"] <= r["ratio_median"] <= r["ratio_max"]
+
+
+def test_baseline_memory_step_is_the_spec_with_its_shift_mirrored():
+    """The baseline (a model of the NTM code in common use) does the same work as fastntm: SPEC.md's step,
+    its shift taps in the other order."""
+    from benchmarks import baseline_ntm
+    from fastntm import reference
+
+    gen = torch.Generator().manual_seed(3)
+    B, N, M = 3, 17, 5
+
+    def rand(*size):
+        return torch.rand(*size, generator=gen, dtype=torch.float64)
+
+    mem = torch.randn(B, N, M, generator=gen, dtype=torch.float64)
+    heads = [[torch.randn(B, M, generator=gen, dtype=torch.float64), rand(B, 1) * 5, rand(B, 1),
+              torch.softmax(rand(B, 3) * 4, -1), 1 + rand(B, 1) * 3, torch.softmax(rand(B, N) * 4, -1)]
+             for _ in range(2)]
+    e, a = rand(B, M), torch.randn(B, M, generator=gen, dtype=torch.float64)
+    w_read, w_write, r, new_mem = baseline_ntm.memory_step(mem, heads[0], [*heads[1], e, a])
+
+    k, beta, g, s, gamma, w_prev = (torch.stack(pair, dim=1) for pair in zip(*heads))
+    w_ref, r_ref, mem_ref = reference.memory_step(mem, k, beta[..., 0], g[..., 0], s.flip(-1), gamma[..., 0], w_prev,
+                                                  e[:, None], a[:, None], 1)
+    for out, ref in ((w_read, w_ref[:, 0]), (w_write, w_ref[:, 1]), (r, r_ref[:, 0]), (new_mem, mem_ref)):
+        torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_versus_baseline_checks_both_steps_then_times_them_in_alternating_rounds(tmp_path, capsys):
+    from benchmarks import versus_baseline
+
+    assert versus_baseline.main(["--shapes", "tiny-copy", "--rounds", "2", "--steps", "1", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "versus_baseline.json").read_text())
+    (r,) = result["shapes"]
+    assert r["shape"] == "tiny-copy" and set(r["rel_err"]) == {"reference", "baseline"}
+    assert all(err <= common.TOLERANCE[torch.float32] for err in r["rel_err"].values())
+    assert len(r["p50_ms"]["reference"]) == len(r["p50_ms"]["baseline"]) == len(r["speedups"]) == 2
+    assert r["speedup_min"] <= r["speedup_median"] <= r["speedup_max"]
+    assert r["target"] is None and r["rounds_meeting_target"] is None  # the targets are for copy-b1 and copy-b32
+    assert "baseline / fastntm paired" in capsys.readouterr().out
+    assert versus_baseline.TARGETS == {"copy-b1": 2.0, "copy-b32": 8.0}
+
+
+@pytest.mark.parametrize("args, message", [(["--shapes", "copy-b1,nope"], "nope not among"),
+                                           (["--steps", "0"], "--rounds and --steps must be positive")],
+                         ids=["shape", "steps"])
+def test_versus_baseline_refuses_bad_flags_before_building_anything(tmp_path, capsys, args, message):
+    from benchmarks import versus_baseline
+
+    with pytest.raises(SystemExit) as exc:
+        versus_baseline.main([*args, "--out", str(tmp_path)])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

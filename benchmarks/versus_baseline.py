@@ -1,0 +1,109 @@
+"""fastntm's copy-task training step against the baseline's, side by side: the issue's CPU targets.
+
+    python -m benchmarks.versus_baseline                       # copy-b1 and copy-b32, 16 rounds of 5 steps
+    python -m benchmarks.versus_baseline --shapes copy-b32 --rounds 30 --out runs/versus
+
+The targets are ratios, fastntm at least 2x faster than the NTM code in common use at batch 1 and 8x at
+batch 32, while this VM's pace moves by up to 2x between minutes. So both steps are built in one process,
+each checked first (``benchmarks.cases``: fastntm's against the float64 literal reference, the
+baseline's, a model of that code in ``benchmarks.baseline_ntm``, against its own float64 copy), and timed
+in short rounds that alternate between them (ABBA order): both see the same load to within seconds. A
+round's figure is the p50 of a few steps; the speed-up is the median over rounds of the paired ratio
+``baseline / fastntm``, with its range and how many rounds met the target. Same threads for both (torch's
+default here); writes ``versus_baseline.json`` (machine, versions, commit, every round) to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+from . import common
+from .cases import BASELINE, Case
+from .shapes import TINY_TRAIN_SHAPES, TRAIN_SHAPES
+
+TARGETS = {"copy-b1": 2.0, "copy-b32": 8.0}  # the issue's: baseline / fastntm at least this
+PROVIDERS = ("reference", BASELINE)  # fastntm on a CPU, and the baseline
+
+
+def p50_ms(fn, steps: int) -> float:
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def compare(shape, rounds: int, steps: int, log=print) -> dict:
+    """Check both providers at ``shape`` (raising on a mismatch), then time them in alternating rounds."""
+    device = torch.device("cpu")
+    steps_of = {}
+    errors = {}
+    for provider in PROVIDERS:
+        case = Case("train_step", shape, provider, device)
+        case.prepare()
+        tolerance = common.TOLERANCE[torch.float32]
+        if not case.rel_err <= tolerance:  # NaN included
+            raise RuntimeError(f"{case.name}: relative error {case.rel_err:.2e} > {tolerance:.0e}; nothing timed")
+        steps_of[provider], errors[provider] = case.fn, case.rel_err
+    p50s = {provider: [] for provider in PROVIDERS}
+    for r in range(rounds):
+        for provider in PROVIDERS if r % 2 == 0 else PROVIDERS[::-1]:
+            p50s[provider].append(p50_ms(steps_of[provider], steps))
+    speedups = [b / f for f, b in zip(p50s["reference"], p50s[BASELINE])]
+    target = TARGETS.get(shape.name)
+    result = dict(
+        shape=shape.name, shape_params=shape.as_dict(), rounds=rounds, steps=steps, rel_err=errors, p50_ms=p50s,
+        fastntm_median_ms=statistics.median(p50s["reference"]), baseline_median_ms=statistics.median(p50s[BASELINE]),
+        speedup_median=statistics.median(speedups), speedup_min=min(speedups), speedup_max=max(speedups),
+        speedups=speedups, target=target,
+        rounds_meeting_target=None if target is None else sum(s >= target for s in speedups),
+    )
+    met = "" if target is None else f"; target {target:g}x met in {result['rounds_meeting_target']} of {rounds} rounds"
+    log(f"{shape.name}: fastntm {result['fastntm_median_ms']:.1f} ms, baseline {result['baseline_median_ms']:.1f} ms "
+        f"(medians of {rounds} rounds of {steps} steps); baseline / fastntm paired: median "
+        f"{result['speedup_median']:.2f}x, range {result['speedup_min']:.2f} - {result['speedup_max']:.2f}{met}")
+    return result
+
+
+def main(argv=None) -> int:
+    known = {**TRAIN_SHAPES, **TINY_TRAIN_SHAPES}
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.versus_baseline", description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", default=",".join(TRAIN_SHAPES),
+                    help=f"comma-separated names of benchmarks.shapes' training shapes ({', '.join(known)})")
+    ap.add_argument("--rounds", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=5, help="steps a round")
+    ap.add_argument("--out", default=os.environ.get("OUT") or "runs/versus", help="folder for versus_baseline.json")
+    args = ap.parse_args(argv)
+    names = args.shapes.split(",")
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        ap.error(f"--shapes: {', '.join(unknown)} not among {', '.join(known)}")
+    if args.rounds < 1 or args.steps < 1:
+        ap.error(f"--rounds and --steps must be positive, got {args.rounds} and {args.steps}")
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as exc:
+        ap.error(f"--out {args.out} cannot be the results folder: {exc.strerror or exc}")
+    env = common.environment(torch.device("cpu"))
+    print(f"benchmarks.versus_baseline on {env['device']}, {torch.get_num_threads()} threads")
+    result = {"environment": env, "args": vars(args), "shapes": []}
+    for name in names:
+        try:
+            result["shapes"].append(compare(known[name], args.rounds, args.steps))
+        except RuntimeError as exc:
+            print(f"versus_baseline: {exc}", file=sys.stderr)
+            return 1
+        common.write_json(os.path.join(args.out, "versus_baseline.json"), result)
+    print(f"results: {os.path.join(args.out, 'versus_baseline.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

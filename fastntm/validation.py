@@ -65,13 +65,16 @@ def check_range(name: str, t: torch.Tensor, low: float | None, high: float | Non
 
 def check_ranges(checks) -> None:
     """``check_range`` of each ``(name, tensor, low, high)`` in order, the tensors on one device, which
-    decides once whether their values are checked."""
+    decides once whether their values are checked. Every bound comes to the host in one transfer (on a
+    CPU a fifth of the time of one ``float()`` a bound; on a GPU one synchronisation)."""
+    checks = [check for check in checks if check[1].numel()]
     if not checks or not _values_checked(checks[0][1].device):
         return
-    for name, t, low, high in checks:
-        if t.numel():
-            lo, hi = torch.aminmax(t.detach())
-            _check_bounds(name, float(lo), float(hi), low, high)
+    with torch.no_grad():
+        # stack promotes: bf16 and fp16 bounds are exact in fp32, fp64 ones stay fp64.
+        bounds = torch.stack([bound for _, t, _, _ in checks for bound in torch.aminmax(t)]).tolist()
+    for (name, _, low, high), lo, hi in zip(checks, bounds[::2], bounds[1::2]):
+        _check_bounds(name, lo, hi, low, high)
 
 
 def _check_bounds(name: str, lo: float, hi: float, low: float | None, high: float | None) -> None:

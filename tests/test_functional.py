@@ -368,6 +368,20 @@ def test_memory_step_rejects_bad_num_reads(num_reads, error):
         F.memory_step(*t.values(), num_reads=num_reads)
 
 
+def test_value_checks_read_every_dtype_exactly():
+    """The bounds of all checked tensors come to the host together: bf16 and fp64 among fp32 keep their
+    values (no fp64 bound rounded to fp32's inf), and the first tensor out of range is the one named."""
+    from fastntm import validation
+
+    fine = [("x", torch.full((2, 3), 0.5, dtype=torch.bfloat16), 0.0, 1.0),
+            ("y", torch.full((2,), 1e300, dtype=torch.float64), None, None),
+            ("z", torch.ones(3), 1.0, 1.0), ("empty", torch.empty(0), 0.0, 0.0)]
+    validation.check_ranges(fine)
+    with pytest.raises(ValueError, match=re.escape("w must lie in [0.0, 1.0], got values in [-0.5, 0.5]")):
+        validation.check_ranges([*fine, ("w", torch.tensor([-0.5, 0.5], dtype=torch.bfloat16), 0.0, 1.0),
+                                 ("v", torch.tensor([float("nan")]), None, None)])
+
+
 def test_shapes_are_checked_before_values_and_values_in_argument_order():
     t = step_inputs(B=3, N=37, M=13, R=1, W=2, dtype=torch.float32, requires_grad=False)
     t.update(beta=-t["beta"], e=t["e"] + 2)

@@ -190,6 +190,7 @@ def _train_error(truth, batch, logits, grads) -> float:
 
 def _train_case(shape: TrainShape, provider: str, device: torch.device):
     from fastntm import FastNTM
+    from fastntm.training import _make_optimizer
 
     if provider == BASELINE:
         from . import baseline_ntm
@@ -214,7 +215,7 @@ def _train_case(shape: TrainShape, provider: str, device: torch.device):
     err = _train_error(truth, batch, y, grads)
     del truth
 
-    optimiser = torch.optim.Adam(params, lr=1e-4)
+    optimiser = _make_optimizer("adam", params, lr=1e-4)  # Adam as the trainer makes it
 
     def fn():
         optimiser.zero_grad(set_to_none=True)

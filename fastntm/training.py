@@ -375,26 +375,35 @@ def _atomic_write(path: Path, write) -> None:
 
 def _make_optimizer(name: str, params, lr: float, capturable: bool = False) -> torch.optim.Optimizer:
     """``capturable``: keep the step count on the device, so that a CUDA graph can capture the step
-    (SGD keeps none)."""
+    (SGD keeps none). On a CPU, where PyTorch's default is a loop of about a dozen ops a parameter,
+    Adam and SGD take their fused step and RMSprop its foreach one (at the copy task's model: Adam
+    0.26 against 1.2 ms a step, SGD 0.15 against 0.34, RMSprop 0.64 against 0.88); on a GPU the
+    defaults stand."""
+    params = list(params)
+    on_cpu = all(p.device.type == "cpu" for p in params)
+    fused = foreach = True if on_cpu else None
     if name == "adam":
-        return torch.optim.Adam(params, lr=lr, capturable=capturable)
+        return torch.optim.Adam(params, lr=lr, capturable=capturable, fused=fused)
     if name == "rmsprop":
-        # The paper's choice; momentum 0.9 as in its experiments.
-        return torch.optim.RMSprop(params, lr=lr, momentum=0.9, alpha=0.95, eps=1e-4, capturable=capturable)
-    return torch.optim.SGD(params, lr=lr, momentum=0.9)
+        # The paper's choice; momentum 0.9 as in its experiments. No fused RMSprop in PyTorch.
+        return torch.optim.RMSprop(params, lr=lr, momentum=0.9, alpha=0.95, eps=1e-4, capturable=capturable,
+                                   foreach=foreach)
+    return torch.optim.SGD(params, lr=lr, momentum=0.9, fused=fused)
 
 
 def _load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
-    """``optimizer.load_state_dict(saved)``, keeping ``optimizer``'s own ``capturable``.
+    """``optimizer.load_state_dict(saved)``, keeping ``optimizer``'s own ``capturable``, ``fused`` and
+    ``foreach``.
 
     ``load_state_dict`` takes every group setting from ``saved`` and places each
     ``step`` count by it (on the device when capturable, else where it was saved), so
-    a run resumed with ``--cuda-graph`` turned on or off would otherwise keep the
-    saved run's choice.
+    a run resumed with ``--cuda-graph`` turned on or off, or on another device, would
+    otherwise keep the saved run's choices.
     """
     for group, own in zip(saved["param_groups"], optimizer.param_groups):
-        if "capturable" in own:
-            group["capturable"] = own["capturable"]
+        for setting in ("capturable", "fused", "foreach"):
+            if setting in own:
+                group[setting] = own[setting]
     optimizer.load_state_dict(saved)
 
 

@@ -184,6 +184,14 @@ def test_a_cuda_graph_run_resumes_on_the_cpu_without_the_flag(trained, capsys):
     assert saved["step"] == 4 and saved["training"]["cuda_graph"] is False
 
 
+@pytest.mark.parametrize("optimizer, setting", [("adam", "fused"), ("sgd", "fused"), ("rmsprop", "foreach")])
+def test_the_trainers_optimizers_take_their_fast_step_on_the_cpu(tmp_path, optimizer, setting):
+    trainer = Trainer(tiny_config(steps=2, optimizer=optimizer), tmp_path, progress=False)
+    assert trainer.optimizer.param_groups[0][setting] is True
+    trainer.fit()
+    assert Trainer.resume(tmp_path, progress=False).optimizer.param_groups[0][setting] is True
+
+
 def test_inconsistent_checkpoint_is_refused(tmp_path):
     trainer = Trainer(tiny_config(steps=2), tmp_path, progress=False)
     trainer.fit()

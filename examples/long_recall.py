@@ -261,8 +261,7 @@ def train(args) -> dict:
     if args.init_from:
         # Continue from a saved model: its task and model sizes are kept (the task and model
         # flags are ignored); the optimiser starts afresh. Gap, pairs and lr flags apply.
-        model, task, init_info = load(args.init_from)
-        model_args = torch.load(args.init_from, map_location="cpu", weights_only=True)["model_args"]
+        model, task, model_args, init_info = load(args.init_from)
         prior = dict(seen=init_info.get("total_seen", init_info.get("seen", 0)),
                      seconds=init_info.get("total_seconds", init_info.get("seconds", 0.0)),
                      history=init_info.get("history", []))
@@ -346,7 +345,8 @@ def save(path, model: RecallModel, task: TaskConfig, model_args: dict, info: dic
                     info=info), path)
 
 
-def load(path, distractor: str | None = None) -> tuple[RecallModel, TaskConfig, dict]:
+def load(path, distractor: str | None = None) -> tuple[RecallModel, TaskConfig, dict, dict]:
+    """``(model, task, model_args, info)`` from a checkpoint of ``save``, read once."""
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     task_args = dict(ckpt["task"])
     if distractor is not None:
@@ -354,13 +354,13 @@ def load(path, distractor: str | None = None) -> tuple[RecallModel, TaskConfig, 
     task = TaskConfig(**task_args)
     model = RecallModel(task, **ckpt["model_args"])
     model.load_state_dict(ckpt["state_dict"])
-    return model, task, ckpt["info"]
+    return model, task, ckpt["model_args"], ckpt["info"]
 
 
 def eval_command(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, task, info = load(args.checkpoint, args.distractor)
+    model, task, _, info = load(args.checkpoint, args.distractor)
     results = {}
     print(f"checkpoint: step {info.get('step')}, {info.get('total_seen', info.get('seen'))} sequences, "
           f"{info.get('total_seconds', info.get('seconds', 0)):.0f}s; "

@@ -90,7 +90,7 @@ def test_train_and_eval_commands(lr, tmp_path, capsys):
          "--distractors", "2", "--slots", "6", "--width", "4", "--controller-size", "8", "--threads", "1"]
     )
     assert info["step"] == 4 and info["seen"] == 16 and len(info["history"]) == 2
-    model, task, saved = lr.load(out)
+    model, task, _, saved = lr.load(out)
     assert task.num_pairs == 2 and saved["step"] == 4
     results = lr.main(["eval", str(out), "--gaps", "3,40", "--sequences", "6", "--batch", "4", "--chunk", "16"])
     assert set(results) == {3, 40} and all(0.0 <= a <= 1.0 for a in results.values())
@@ -134,7 +134,7 @@ def test_pairs_curriculum_advances(lr, tmp_path):
     )
     stages = [(h["max_pairs"], h["max_gap"]) for h in info["history"]]
     assert stages == [(1, 2), (2, 2), (4, 2), (4, 4)]
-    model, task, _ = lr.load(tmp_path / "c.pt")
+    model, task, _, _ = lr.load(tmp_path / "c.pt")
     assert task.num_pairs == 4 and task.pair_gap == 1
 
 
@@ -145,7 +145,7 @@ def test_init_from_continues_training(lr, tmp_path):
          "--eval-every", "2", "--val-size", "4", "--keys", "4", "--values", "3", "--pairs", "2", "--distractor",
          "zeros", "--slots", "6", "--width", "4", "--controller", "mlp", "--controller-size", "8", "--threads", "1"]
     )
-    model0, task0, _ = lr.load(first)
+    model0, task0, model_args0, _ = lr.load(first)
     second = tmp_path / "second.pt"
     # Task and model flags are taken from the checkpoint (these defaults would not fit it).
     info = lr.main(
@@ -155,8 +155,8 @@ def test_init_from_continues_training(lr, tmp_path):
     )
     assert info["init_from"] == str(first) and info["seen"] == 12 and info["total_seen"] == 8 + 12
     assert [h["stage"] for h in info["history"]] == [0, 1] and info["history"][-1]["max_gap"] == 12
-    model1, task1, saved = lr.load(second)
-    assert task1 == task0 and saved["total_seen"] == 20
+    model1, task1, model_args1, saved = lr.load(second)
+    assert task1 == task0 and model_args1 == model_args0 and saved["total_seen"] == 20
     # lr 0: the weights are exactly the ones loaded.
     for (name, p0), p1 in zip(model0.state_dict().items(), model1.state_dict().values()):
         assert torch.equal(p0, p1), name

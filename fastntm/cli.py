@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import inspect
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -264,7 +265,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fastntm {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as interrupt:  # Ctrl-C: a line, not a traceback; 130 as a shell reports SIGINT
-        print(f"fastntm {args.command}: interrupted{f'; {interrupt}' if str(interrupt) else ''}", file=sys.stderr)
+        # Under torchrun every rank gets the signal: the line once, from rank 0.
+        if os.environ.get("RANK", "0") == "0":
+            print(f"fastntm {args.command}: interrupted{f'; {interrupt}' if str(interrupt) else ''}", file=sys.stderr)
         return 130
 
 

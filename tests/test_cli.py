@@ -281,6 +281,19 @@ def test_ctrl_c_in_training_is_one_line_saying_how_to_go_on(trained, tmp_path, m
                                        f"fastntm train copy --out {trained} --resume\n")
 
 
+def test_ctrl_c_under_torchrun_is_one_line_from_rank_0_alone(tmp_path, monkeypatch, capsys):
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "train_step", interrupted)
+    monkeypatch.setenv("RANK", "1")  # what torchrun sets; WORLD_SIZE stays 1, so no process group is joined
+    assert main(["train", "copy", "--out", str(tmp_path / "new"), *TINY_FLAGS, *FAST]) == 130
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("RANK", "0")
+    assert main(["train", "copy", "--out", str(tmp_path / "other"), *TINY_FLAGS, *FAST]) == 130
+    assert capsys.readouterr().err == "fastntm train: interrupted; no checkpoint was written yet\n"
+
+
 def test_errors_after_parsing_are_one_line(tmp_path, trained, capsys):
     assert main(["train", "copy", "--min-repeats", "2", "--out", str(tmp_path / "new")]) == 2
     assert "--min-repeats does not apply to task copy" in capsys.readouterr().err

@@ -15,8 +15,8 @@ is written from its published design, keeping what sets its speed:
   grow with the batch (the issue's 120 ms at B 1 against 670 ms at B 32);
 * sharpening as ``w ** gamma`` over its sum plus 1e-16;
 * a one-layer ``nn.LSTM`` controller called one step at a time, learned initial ``(h, c)``; one
-  ``nn.Linear`` per head, its output sliced into columns (a slice each) and squashed (``relu`` on k, beta and
-  gamma - 1, ``softmax(relu(s))``, ``sigmoid`` on g and e);
+  ``nn.Linear`` per head, its output sliced into columns (a slice each) and squashed (k copied, ``softplus``
+  on beta and gamma - 1, ``sigmoid`` on g and e, ``softmax`` on s);
 * the output ``sigmoid(fc([h, r]))``, copied step by step into a zeros tensor; ``BCELoss``; every
   gradient clamped to [-10, 10]; RMSprop (lr 1e-4, momentum 0.9, alpha 0.95).
 
@@ -45,7 +45,8 @@ def address(mem, k, beta, g, s, gamma, w_prev):
     wg = g * wc + (1 - g) * w_prev
     ws = torch.zeros_like(wg)
     for b in range(wg.shape[0]):  # one sequence at a time, as that code does
-        padded = torch.cat([wg[b, -1:], wg[b], wg[b, :1]])
+        row = wg[b]
+        padded = torch.cat([row[-1:], row, row[:1]])
         ws[b] = F.conv1d(padded.view(1, 1, -1), s[b].view(1, 1, -1)).view(-1)
     w = ws**gamma
     return w / (w.sum(dim=1, keepdim=True) + 1e-16)
@@ -104,7 +105,7 @@ class BaselineNTM(nn.Module):
     def _head(self, layer, bounds, h):
         out = layer(h)
         k, beta, g, s, gamma, *ea = (out[:, start:end] for start, end in bounds)  # a slice each, as that code has
-        params = [F.relu(k), F.relu(beta), torch.sigmoid(g), F.softmax(F.relu(s), dim=1), 1 + F.relu(gamma)]
+        params = [k.clone(), F.softplus(beta), torch.sigmoid(g), F.softmax(s, dim=1), 1 + F.softplus(gamma)]
         if ea:
             params += [torch.sigmoid(ea[0]), ea[1]]
         return params

@@ -11,6 +11,11 @@ in short rounds that alternate between them (ABBA order): both see the same load
 round's figure is the p50 of a few steps; the speed-up is the median over rounds of the paired ratio
 ``baseline / fastntm``, with its range and how many rounds met the target. Same threads for both (torch's
 default here); writes ``versus_baseline.json`` (machine, versions, commit, every round) to ``--out``.
+
+``--pytorch-ntm PATH`` times a clone of that code too (``git clone
+https://github.com/loudinthecloud/pytorch-ntm PATH``; its ``ntm`` package imported from there, nothing of it
+kept here), in the same rounds, stepped as its ``train_batch`` steps it: the ratio ``pytorch-ntm /
+baseline`` says how closely the model keeps to it, and ``pytorch-ntm / fastntm`` is the target's own ratio.
 """
 
 from __future__ import annotations
@@ -22,13 +27,15 @@ import sys
 import time
 
 import torch
+from torch import nn
 
-from . import common
+from . import cases, common
 from .cases import BASELINE, Case
 from .shapes import TINY_TRAIN_SHAPES, TRAIN_SHAPES
 
 TARGETS = {"copy-b1": 2.0, "copy-b32": 8.0}  # the issue's: baseline / fastntm at least this
 PROVIDERS = ("reference", BASELINE)  # fastntm on a CPU, and the baseline
+PYTORCH_NTM = "pytorch-ntm"
 
 
 def p50_ms(fn, steps: int) -> float:
@@ -40,8 +47,49 @@ def p50_ms(fn, steps: int) -> float:
     return statistics.median(times) * 1e3
 
 
-def compare(shape, rounds: int, steps: int, log=print) -> dict:
-    """Check both providers at ``shape`` (raising on a mismatch), then time them in alternating rounds."""
+def pytorch_ntm_step(path: str, shape):
+    """The copy-task training step of a pytorch-ntm clone at ``path``, as its ``train_batch`` runs one (less
+    its cost count, as for the baseline): feed the sequence and the delimiter, then read ``length`` outputs
+    with no input into a zeros tensor, ``BCELoss``, backward, gradients clamped to [-10, 10], RMSprop."""
+    if not os.path.isfile(os.path.join(path, "ntm", "aio.py")):
+        raise RuntimeError(f"--pytorch-ntm {path}: no ntm/aio.py there; clone loudinthecloud/pytorch-ntm into it")
+    sys.path.insert(0, os.path.abspath(path))
+    try:
+        from ntm.aio import EncapsulatedNTM
+    finally:
+        sys.path.pop(0)
+    task, batch = cases.copy_batch(shape, torch.device("cpu"))
+    inputs, targets = batch.inputs[: shape.length + 1], batch.targets[shape.length + 1 :]
+    torch.manual_seed(0)
+    # One "head" there is a read head and a write head.
+    net = EncapsulatedNTM(task.input_size, task.output_size, shape.controller_size, 1, 1, shape.N, shape.M)
+    criterion = nn.BCELoss()
+    optimiser = torch.optim.RMSprop(net.parameters(), lr=1e-4, momentum=0.9, alpha=0.95)
+
+    def step():
+        optimiser.zero_grad()
+        net.init_sequence(inputs.shape[1])
+        for x in inputs:
+            net(x)
+        y = torch.zeros(targets.shape)
+        for i in range(shape.length):
+            y[i], _ = net()
+        loss = criterion(y, targets)
+        loss.backward()
+        for p in net.parameters():
+            if p.grad is not None:
+                p.grad.clamp_(-10, 10)
+        optimiser.step()
+        return loss
+
+    if not torch.isfinite(step()):
+        raise RuntimeError(f"{PYTORCH_NTM} at {shape.name}: the loss is not finite; nothing timed")
+    return step
+
+
+def compare(shape, rounds: int, steps: int, pytorch_ntm: str | None = None, log=print) -> dict:
+    """Check both providers at ``shape`` (raising on a mismatch), then time them in alternating rounds
+    (with a pytorch-ntm clone's step too, given its path)."""
     device = torch.device("cpu")
     steps_of = {}
     errors = {}
@@ -52,10 +100,15 @@ def compare(shape, rounds: int, steps: int, log=print) -> dict:
         if not case.rel_err <= tolerance:  # NaN included
             raise RuntimeError(f"{case.name}: relative error {case.rel_err:.2e} > {tolerance:.0e}; nothing timed")
         steps_of[provider], errors[provider] = case.fn, case.rel_err
-    p50s = {provider: [] for provider in PROVIDERS}
+    if pytorch_ntm:
+        if shape.R != 1 or shape.W != 1:
+            raise RuntimeError(f"{PYTORCH_NTM} has one read and one write head; {shape.name} has {shape.R} + {shape.W}")
+        steps_of[PYTORCH_NTM] = pytorch_ntm_step(pytorch_ntm, shape)
+    names = list(steps_of)
+    p50s = {name: [] for name in names}
     for r in range(rounds):
-        for provider in PROVIDERS if r % 2 == 0 else PROVIDERS[::-1]:
-            p50s[provider].append(p50_ms(steps_of[provider], steps))
+        for name in names if r % 2 == 0 else names[::-1]:
+            p50s[name].append(p50_ms(steps_of[name], steps))
     speedups = [b / f for f, b in zip(p50s["reference"], p50s[BASELINE])]
     target = TARGETS.get(shape.name)
     result = dict(
@@ -69,6 +122,19 @@ def compare(shape, rounds: int, steps: int, log=print) -> dict:
     log(f"{shape.name}: fastntm {result['fastntm_median_ms']:.1f} ms, baseline {result['baseline_median_ms']:.1f} ms "
         f"(medians of {rounds} rounds of {steps} steps); baseline / fastntm paired: median "
         f"{result['speedup_median']:.2f}x, range {result['speedup_min']:.2f} - {result['speedup_max']:.2f}{met}")
+    if pytorch_ntm:
+        real = p50s[PYTORCH_NTM]
+        over_fastntm = [t / f for t, f in zip(real, p50s["reference"])]
+        over_baseline = [t / b for t, b in zip(real, p50s[BASELINE])]
+        result.update(pytorch_ntm=os.path.abspath(pytorch_ntm), pytorch_ntm_median_ms=statistics.median(real),
+                      pytorch_ntm_speedup_median=statistics.median(over_fastntm),
+                      pytorch_ntm_speedup_min=min(over_fastntm), pytorch_ntm_speedup_max=max(over_fastntm),
+                      pytorch_ntm_over_baseline_median=statistics.median(over_baseline),
+                      pytorch_ntm_over_baseline_min=min(over_baseline), pytorch_ntm_over_baseline_max=max(over_baseline))
+        log(f"{shape.name}: pytorch-ntm {result['pytorch_ntm_median_ms']:.1f} ms; pytorch-ntm / fastntm paired: median "
+            f"{result['pytorch_ntm_speedup_median']:.2f}x ({min(over_fastntm):.2f} - {max(over_fastntm):.2f}); "
+            f"pytorch-ntm / baseline: {result['pytorch_ntm_over_baseline_median']:.3f} "
+            f"({min(over_baseline):.3f} - {max(over_baseline):.3f})")
     return result
 
 
@@ -80,6 +146,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=16)
     ap.add_argument("--steps", type=int, default=5, help="steps a round")
     ap.add_argument("--out", default=os.environ.get("OUT") or "runs/versus", help="folder for versus_baseline.json")
+    ap.add_argument("--pytorch-ntm", metavar="PATH", help="a clone of loudinthecloud/pytorch-ntm, timed too")
     args = ap.parse_args(argv)
     names = args.shapes.split(",")
     unknown = [n for n in names if n not in known]
@@ -87,6 +154,8 @@ def main(argv=None) -> int:
         ap.error(f"--shapes: {', '.join(unknown)} not among {', '.join(known)}")
     if args.rounds < 1 or args.steps < 1:
         ap.error(f"--rounds and --steps must be positive, got {args.rounds} and {args.steps}")
+    if args.pytorch_ntm and not os.path.isfile(os.path.join(args.pytorch_ntm, "ntm", "aio.py")):
+        ap.error(f"--pytorch-ntm {args.pytorch_ntm}: no ntm/aio.py there; clone loudinthecloud/pytorch-ntm into it")
     try:
         os.makedirs(args.out, exist_ok=True)
     except OSError as exc:
@@ -96,7 +165,7 @@ def main(argv=None) -> int:
     result = {"environment": env, "args": vars(args), "shapes": []}
     for name in names:
         try:
-            result["shapes"].append(compare(known[name], args.rounds, args.steps))
+            result["shapes"].append(compare(known[name], args.rounds, args.steps, args.pytorch_ntm))
         except RuntimeError as exc:
             print(f"versus_baseline: {exc}", file=sys.stderr)
             return 1

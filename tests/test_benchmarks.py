@@ -17,7 +17,7 @@ sys.path.insert(0, str(ROOT))  # benchmarks/ is not part of the installed packag
 
 from benchmarks import common, run, summary  # noqa: E402
 from benchmarks.cases import Case  # noqa: E402
-from benchmarks.shapes import OP_SHAPES, TINY_OP_SHAPES, OpShape  # noqa: E402
+from benchmarks.shapes import OP_SHAPES, TINY_OP_SHAPES, TINY_TRAIN_SHAPES, OpShape  # noqa: E402
 
 
 def test_tiny_run_writes_every_field(tmp_path):
@@ -321,6 +321,34 @@ def test_versus_baseline_checks_both_steps_then_times_them_in_alternating_rounds
     assert r["target"] is None and r["rounds_meeting_target"] is None  # the targets are for copy-b1 and copy-b32
     assert "baseline / fastntm paired" in capsys.readouterr().out
     assert versus_baseline.TARGETS == {"copy-b1": 2.0, "copy-b32": 8.0}
+
+
+def test_versus_baseline_times_a_pytorch_ntm_clone_in_the_same_rounds(tmp_path, monkeypatch):
+    """--pytorch-ntm imports ntm.aio.EncapsulatedNTM from a clone; here a stand-in with its interface."""
+    from benchmarks import versus_baseline
+
+    (tmp_path / "clone" / "ntm").mkdir(parents=True)
+    (tmp_path / "clone" / "ntm" / "__init__.py").write_text("")
+    (tmp_path / "clone" / "ntm" / "aio.py").write_text(
+        "import torch\n"
+        "class EncapsulatedNTM(torch.nn.Module):\n"
+        "    def __init__(self, num_inputs, num_outputs, controller_size, controller_layers, num_heads, N, M):\n"
+        "        super().__init__()\n"
+        "        self.num_inputs, self.fc = num_inputs, torch.nn.Linear(num_inputs, num_outputs)\n"
+        "    def init_sequence(self, batch_size):\n"
+        "        self.batch_size = batch_size\n"
+        "    def forward(self, x=None):\n"
+        "        x = torch.zeros(self.batch_size, self.num_inputs) if x is None else x\n"
+        "        return torch.sigmoid(self.fc(x)), None\n")
+    monkeypatch.delitem(sys.modules, "ntm", raising=False)
+    monkeypatch.delitem(sys.modules, "ntm.aio", raising=False)
+    r = versus_baseline.compare(TINY_TRAIN_SHAPES["tiny-copy"], rounds=2, steps=1,
+                                pytorch_ntm=str(tmp_path / "clone"), log=lambda line: None)
+    assert len(r["p50_ms"]["pytorch-ntm"]) == len(r["p50_ms"]["reference"]) == 2
+    assert r["pytorch_ntm_speedup_min"] <= r["pytorch_ntm_speedup_median"] <= r["pytorch_ntm_speedup_max"]
+    assert r["pytorch_ntm_over_baseline_median"] > 0
+    with pytest.raises(SystemExit):
+        versus_baseline.main(["--pytorch-ntm", str(tmp_path), "--out", str(tmp_path / "out")])  # no ntm/aio.py
 
 
 @pytest.mark.parametrize("args, message", [(["--shapes", "copy-b1,nope"], "nope not among"),

@@ -265,8 +265,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fastntm {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as interrupt:  # Ctrl-C: a line, not a traceback; 130 as a shell reports SIGINT
-        # Under torchrun every rank gets the signal: the line once, from rank 0.
-        if os.environ.get("RANK", "0") == "0":
+        # Under torchrun every rank gets the signal: the line once, from rank 0 (ranks as the trainer counts them:
+        # one process alone is rank 0, whatever RANK its environment holds).
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or os.environ.get("RANK", "0") == "0":
             print(f"fastntm {args.command}: interrupted{f'; {interrupt}' if str(interrupt) else ''}", file=sys.stderr)
         return 130
 

@@ -281,17 +281,20 @@ def test_ctrl_c_in_training_is_one_line_saying_how_to_go_on(trained, tmp_path, m
                                        f"fastntm train copy --out {trained} --resume\n")
 
 
-def test_ctrl_c_under_torchrun_is_one_line_from_rank_0_alone(tmp_path, monkeypatch, capsys):
-    def interrupted(self):
-        raise KeyboardInterrupt
+@pytest.mark.parametrize("world_size, rank, printed", [("2", "1", False), ("2", "0", True), ("1", "1", True)],
+                         ids=["torchrun-rank-1", "torchrun-rank-0", "alone-with-a-stray-RANK"])
+def test_ctrl_c_under_torchrun_is_one_line_from_rank_0_alone(tmp_path, monkeypatch, capsys, world_size, rank, printed):
+    from fastntm import cli
 
-    monkeypatch.setattr(Trainer, "train_step", interrupted)
-    monkeypatch.setenv("RANK", "1")  # what torchrun sets; WORLD_SIZE stays 1, so no process group is joined
+    def interrupted(args):  # the command, stopped before it joins any process group
+        raise KeyboardInterrupt("no checkpoint was written yet")
+
+    monkeypatch.setattr(cli, "run_train", interrupted)
+    monkeypatch.setenv("WORLD_SIZE", world_size)
+    monkeypatch.setenv("RANK", rank)
     assert main(["train", "copy", "--out", str(tmp_path / "new"), *TINY_FLAGS, *FAST]) == 130
-    assert capsys.readouterr().err == ""
-    monkeypatch.setenv("RANK", "0")
-    assert main(["train", "copy", "--out", str(tmp_path / "other"), *TINY_FLAGS, *FAST]) == 130
-    assert capsys.readouterr().err == "fastntm train: interrupted; no checkpoint was written yet\n"
+    line = "fastntm train: interrupted; no checkpoint was written yet\n"
+    assert capsys.readouterr().err == (line if printed else "")
 
 
 def test_errors_after_parsing_are_one_line(tmp_path, trained, capsys):

@@ -4,8 +4,9 @@ The kernel issue's CPU targets (2x at batch 1, 8x at batch 32) are set against "
 code": the most-forked PyTorch NTM (loudinthecloud/pytorch-ntm, BSD-3) and the code derived from it.
 Its figures in the issue (~120 ms and ~670 ms a copy-task step at length 10) were taken once, while
 this VM's pace moves by up to 2x from minute to minute; a ratio is only sound when both sides run
-side by side. That code is not a dependency (nor on PyPI), and none of it is copied here. This module
-is written from its published design, keeping what sets its speed:
+side by side. That code (Copyright (c) 2017 Guy Zana, BSD 3-Clause) is not a dependency, nor on PyPI,
+and this module copies none of it: it is written here from that code's design, keeping what sets its
+speed (its memory operations are one-line PyTorch expressions, each as costly as that code's):
 
 * memory, reads and the erase/add write batched over sequences, one head at a time, the write's
   erase and add as two batched outer products (``matmul`` of (N, 1) by (1, M));
@@ -41,25 +42,25 @@ SHIFT_WIDTH = 3  # that code's shift is fixed at one slot either way
 
 def address(mem, k, beta, g, s, gamma, w_prev):
     """One head's weighting (B, N) on ``mem`` (B, N, M): ``k`` (B, M), ``s`` (B, 3), the rest (B, 1)."""
-    wc = F.softmax(beta * F.cosine_similarity(mem + 1e-16, k.unsqueeze(1) + 1e-16, dim=-1), dim=1)
-    wg = g * wc + (1 - g) * w_prev
-    ws = torch.zeros_like(wg)
-    for b in range(wg.shape[0]):  # one sequence at a time, as that code does
-        row = wg[b]
-        padded = torch.cat([row[-1:], row, row[:1]])
-        ws[b] = F.conv1d(padded.view(1, 1, -1), s[b].view(1, 1, -1)).view(-1)
-    w = ws**gamma
-    return w / (w.sum(dim=1, keepdim=True) + 1e-16)
+    similarity = F.cosine_similarity(mem + 1e-16, k[:, None] + 1e-16, dim=2)
+    content = torch.softmax(beta * similarity, 1)
+    gated = content * g + w_prev * (1 - g)
+    shifted = torch.zeros_like(gated)
+    for b in range(len(gated)):  # one sequence at a time, as that code does
+        row = gated[b]
+        circle = torch.cat([row[-1:], row, row[:1]])
+        shifted[b] = F.conv1d(circle.view(1, 1, -1), s[b].view(1, 1, -1)).view(-1)
+    sharp = shifted.pow(gamma)
+    return sharp / (sharp.sum(1, keepdim=True) + 1e-16)
 
 
 def read(mem, w):
-    return torch.matmul(w.unsqueeze(1), mem).squeeze(1)
+    return (w[:, None] @ mem)[:, 0]
 
 
 def write(mem, w, e, a):
-    erase = torch.matmul(w.unsqueeze(-1), e.unsqueeze(1))
-    add = torch.matmul(w.unsqueeze(-1), a.unsqueeze(1))
-    return mem * (1 - erase) + add
+    """Erase then add, each a batched outer product (N, 1) x (1, M)."""
+    return mem * (1 - w[:, :, None] @ e[:, None]) + w[:, :, None] @ a[:, None]
 
 
 def memory_step(mem, read_params, write_params):
@@ -126,7 +127,7 @@ class BaselineNTM(nn.Module):
         """Feed ``inputs`` (T, B, input_size), then ``output_steps`` zero inputs; the outputs of those
         (output_steps, B, output_size), as probabilities."""
         B = inputs.shape[1]
-        state = (
+        state = (  # copies of the learned starts, made as that code makes them
             self.initial_memory.clone().repeat(B, 1, 1),
             self.initial_read.clone().repeat(B, 1),
             (self.h0.clone().repeat(1, B, 1), self.c0.clone().repeat(1, B, 1)),

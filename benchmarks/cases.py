@@ -189,13 +189,13 @@ def _train_error(truth, batch, logits, grads) -> float:
 
 
 def _train_case(shape: TrainShape, provider: str, device: torch.device):
-    from fastntm import FastNTM
-    from fastntm.training import _make_optimizer
-
     if provider == BASELINE:
         from . import baseline_ntm
 
         return baseline_ntm.train_case(shape, device)
+    from fastntm import FastNTM
+    from fastntm.training import _make_optimizer
+
     task, batch = copy_batch(shape, device)
     torch.manual_seed(0)
     model = FastNTM(

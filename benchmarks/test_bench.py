@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from benchmarks import common
-from benchmarks.cases import OPS, Case, providers_for, train_only_providers_for
+from benchmarks.cases import BASELINE, OPS, Case, providers_for
 from benchmarks.run import COMPILE_SHAPES
 from benchmarks.shapes import OP_SHAPES, QUICK_SKIP, TRAIN_SHAPES
 
@@ -31,8 +31,9 @@ SKIP = QUICK_SKIP[DEVICE.type] if MODE == "quick" else set()
 
 def _params():
     compile_shapes = COMPILE_SHAPES[(DEVICE.type, MODE)]
-    for provider in providers_for(DEVICE) + train_only_providers_for(DEVICE):
-        for op in OPS if provider in providers_for(DEVICE) else ("train_step",):
+    # The baseline times the training step alone, on a CPU alone.
+    for provider in providers_for(DEVICE) + ((BASELINE,) if DEVICE.type == "cpu" else ()):
+        for op in OPS if provider != BASELINE else ("train_step",):
             shapes = TRAIN_SHAPES if op == "train_step" else OP_SHAPES
             for shape in shapes.values():
                 if shape.name in SKIP or (provider == "reference-compile" and shape.name not in compile_shapes):

@@ -47,12 +47,20 @@ def p50_ms(fn, steps: int) -> float:
     return statistics.median(times) * 1e3
 
 
+def pytorch_ntm_problem(path: str) -> str | None:
+    """Why ``path`` is not a pytorch-ntm clone, or None."""
+    if not os.path.isfile(os.path.join(path, "ntm", "aio.py")):
+        return f"--pytorch-ntm {path}: no ntm/aio.py there; clone loudinthecloud/pytorch-ntm into it"
+    return None
+
+
 def pytorch_ntm_step(path: str, shape):
     """The copy-task training step of a pytorch-ntm clone at ``path``, as its ``train_batch`` runs one (less
     its cost count, as for the baseline): feed the sequence and the delimiter, then read ``length`` outputs
     with no input into a zeros tensor, ``BCELoss``, backward, gradients clamped to [-10, 10], RMSprop."""
-    if not os.path.isfile(os.path.join(path, "ntm", "aio.py")):
-        raise RuntimeError(f"--pytorch-ntm {path}: no ntm/aio.py there; clone loudinthecloud/pytorch-ntm into it")
+    problem = pytorch_ntm_problem(path)
+    if problem:
+        raise RuntimeError(problem)
     sys.path.insert(0, os.path.abspath(path))
     try:
         from ntm.aio import EncapsulatedNTM
@@ -83,7 +91,7 @@ def pytorch_ntm_step(path: str, shape):
         return loss
 
     if not torch.isfinite(step()):
-        raise RuntimeError(f"{PYTORCH_NTM} at {shape.name}: the loss is not finite; nothing timed")
+        raise RuntimeError(f"--pytorch-ntm {path} at {shape.name}: the loss is not finite; nothing timed")
     return step
 
 
@@ -102,7 +110,7 @@ def compare(shape, rounds: int, steps: int, pytorch_ntm: str | None = None, log=
         steps_of[provider], errors[provider] = case.fn, case.rel_err
     if pytorch_ntm:
         if shape.R != 1 or shape.W != 1:
-            raise RuntimeError(f"{PYTORCH_NTM} has one read and one write head; {shape.name} has {shape.R} + {shape.W}")
+            raise RuntimeError(f"--pytorch-ntm runs one read and one write head; {shape.name} has {shape.R} + {shape.W}")
         steps_of[PYTORCH_NTM] = pytorch_ntm_step(pytorch_ntm, shape)
     names = list(steps_of)
     p50s = {name: [] for name in names}
@@ -154,8 +162,8 @@ def main(argv=None) -> int:
         ap.error(f"--shapes: {', '.join(unknown)} not among {', '.join(known)}")
     if args.rounds < 1 or args.steps < 1:
         ap.error(f"--rounds and --steps must be positive, got {args.rounds} and {args.steps}")
-    if args.pytorch_ntm and not os.path.isfile(os.path.join(args.pytorch_ntm, "ntm", "aio.py")):
-        ap.error(f"--pytorch-ntm {args.pytorch_ntm}: no ntm/aio.py there; clone loudinthecloud/pytorch-ntm into it")
+    if args.pytorch_ntm and pytorch_ntm_problem(args.pytorch_ntm):
+        ap.error(pytorch_ntm_problem(args.pytorch_ntm))
     try:
         os.makedirs(args.out, exist_ok=True)
     except OSError as exc:

@@ -308,6 +308,25 @@ def test_baseline_memory_step_is_the_spec_with_its_shift_mirrored():
         torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
 
 
+def test_versus_baseline_alternates_its_rounds_and_pairs_their_ratios(monkeypatch):
+    from benchmarks import versus_baseline
+
+    calls = []
+
+    def fake_p50_ms(fn, steps):  # fastntm's step is the first timed: 10 ms; the baseline's 30 ms
+        calls.append(fn)
+        return 10.0 if fn is calls[0] else 30.0
+
+    monkeypatch.setattr(versus_baseline, "p50_ms", fake_p50_ms)
+    monkeypatch.setitem(versus_baseline.TARGETS, "tiny-copy", 2.5)
+    r = versus_baseline.compare(TINY_TRAIN_SHAPES["tiny-copy"], rounds=3, steps=1, log=lambda line: None)
+    fastntm, baseline = calls[0], calls[1]
+    assert calls == [fastntm, baseline, baseline, fastntm, fastntm, baseline]  # ABBA
+    assert r["p50_ms"] == {"reference": [10.0] * 3, "baseline": [30.0] * 3}
+    assert r["speedups"] == [3.0] * 3 and r["speedup_median"] == 3.0  # baseline / fastntm
+    assert r["target"] == 2.5 and r["rounds_meeting_target"] == 3
+
+
 def test_versus_baseline_checks_both_steps_then_times_them_in_alternating_rounds(tmp_path, capsys):
     from benchmarks import versus_baseline
 
@@ -340,8 +359,9 @@ def test_versus_baseline_times_a_pytorch_ntm_clone_in_the_same_rounds(tmp_path, 
         "    def forward(self, x=None):\n"
         "        x = torch.zeros(self.batch_size, self.num_inputs) if x is None else x\n"
         "        return torch.sigmoid(self.fc(x)), None\n")
-    monkeypatch.delitem(sys.modules, "ntm", raising=False)
-    monkeypatch.delitem(sys.modules, "ntm.aio", raising=False)
+    for name in ("ntm", "ntm.aio"):  # set, then removed: undoing both leaves sys.modules as it was
+        monkeypatch.setitem(sys.modules, name, None)
+        monkeypatch.delitem(sys.modules, name)
     r = versus_baseline.compare(TINY_TRAIN_SHAPES["tiny-copy"], rounds=2, steps=1,
                                 pytorch_ntm=str(tmp_path / "clone"), log=lambda line: None)
     assert len(r["p50_ms"]["pytorch-ntm"]) == len(r["p50_ms"]["reference"]) == 2

@@ -242,16 +242,17 @@ def test_loading_optimizer_state_keeps_the_optimizers_own_capturable(own_captura
         assert float(optimizer.state[param]["step"]) == 2.0
 
 
-@pytest.mark.parametrize("own_fused", [True, None], ids=["into-fused", "into-default"])
-def test_loading_optimizer_state_keeps_the_optimizers_own_fused(own_fused):
-    # A CPU run's Adam is fused; the same run resumed elsewhere keeps the choice of its new optimiser.
+@pytest.mark.parametrize("setting", ["fused", "foreach"])
+@pytest.mark.parametrize("own", [True, None], ids=["into-set", "into-default"])
+def test_loading_optimizer_state_keeps_the_optimizers_own_fused_and_foreach(setting, own):
+    # A CPU run's Adam is fused (its RMSprop foreach); a run resumed elsewhere keeps its new optimiser's choice.
     param = torch.nn.Parameter(torch.ones(3))
     param.grad = torch.ones(3)
-    saved_by = torch.optim.Adam([param], lr=0.1, fused=not own_fused or None)
+    saved_by = torch.optim.Adam([param], lr=0.1, **{setting: None if own else True})
     saved_by.step()
-    optimizer = torch.optim.Adam([param], lr=0.1, fused=own_fused)
+    optimizer = torch.optim.Adam([param], lr=0.1, **{setting: own})
     _load_optimizer_state(optimizer, saved_by.state_dict())
-    assert optimizer.param_groups[0]["fused"] is own_fused
+    assert optimizer.param_groups[0][setting] is own
     optimizer.step()
     assert float(optimizer.state[param]["step"]) == 2.0
 

@@ -37,9 +37,11 @@ def _kernels() -> ModuleType | None:
 REFERENCE = SimpleNamespace(
     head_parameters=reference.head_parameters, address=reference.address, read=reference.read,
     write=reference.write, memory_step=fused_reference.memory_step,
+    memory_step_from_heads=fused_reference.memory_step_from_heads,
 )
-"""The plain PyTorch path: the literal spec, but ``memory_step`` as one autograd node with a hand-derived
-backward (``fused_reference``), equal to the literal composition and several times cheaper per step on a CPU.
+"""The plain PyTorch path: the literal spec, but ``memory_step`` (and ``memory_step_from_heads``, with the
+head parameters' squashing) as one autograd node with a hand-derived backward (``fused_reference``), equal to
+the literal composition and several times cheaper per step on a CPU.
 Built at import, not on first use: ``torch.compile`` cannot trace the namespace's construction."""
 
 

@@ -33,6 +33,7 @@ import torch
 
 # The module, not the function: backend.py imports this module while it is itself being imported.
 from . import backend
+from . import reference
 from .reference import COSINE_EPS, SHARPEN_EPS, SHARPEN_FLOOR, compute_dtype
 
 
@@ -115,6 +116,11 @@ def _write(mem, w_write, e, a, erase_factors):
 class MemoryStep(torch.autograd.Function):
     @staticmethod
     def forward(ctx, mem, k, beta, g, s, gamma, w_prev, e, a, num_reads):
+        return MemoryStep._forward(ctx, mem, k, beta, g, s, gamma, w_prev, e, a, num_reads)
+
+    @staticmethod
+    def _forward(ctx, mem, k, beta, g, s, gamma, w_prev, e, a, num_reads, *also_saved):
+        """The step; saves what ``_backward`` needs, then ``also_saved`` (``ctx.saved_tensors[SAVED:]``)."""
         dtype = compute_dtype(mem, k)
         ctx.dtypes = (mem.dtype, k.dtype)
         stored_mem = mem  # saved as given: bf16 memory stays bf16 between forward and backward
@@ -145,7 +151,7 @@ class MemoryStep(torch.autograd.Function):
         # With one write head nothing of size (B, N, M) is saved but the input memory.
         ctx.save_for_backward(
             stored_mem, k, beta, g, s, gamma, w_prev, e, a, k_norm, mem_norm, denominator, similarity, wc, wg,
-            ws, c, log_c, w, erase_factors,
+            ws, c, log_c, w, erase_factors, *also_saved,
         )
         if ctx.dtypes == (dtype, dtype):  # .to is a dispatcher call even where it returns its input
             return w, r, new_mem
@@ -159,9 +165,11 @@ class MemoryStep(torch.autograd.Function):
             return MemoryStep._backward(ctx, dw, dr, dnew)
 
     @staticmethod
-    def _backward(ctx, dw, dr, dnew):
+    def _backward(ctx, dw, dr, dnew, saved=None):
+        """The gradients of ``forward``'s inputs; ``saved``: ``ctx.saved_tensors``, where a caller holds them
+        already (each read of that property unpacks every tensor again)."""
         (mem, k, beta, g, s, gamma, w_prev, e, a, k_norm, mem_norm, denominator, similarity, wc, wg,
-         ws, c, log_c, w, erase_factors) = ctx.saved_tensors
+         ws, c, log_c, w, erase_factors) = (ctx.saved_tensors if saved is None else saved)[:SAVED]
         R, dtype = ctx.num_reads, k.dtype
         mem = _to(mem, dtype)
         S, W = s.shape[-1], e.shape[1]
@@ -242,7 +250,63 @@ class MemoryStep(torch.autograd.Function):
         return (dmem, *grads, None)
 
 
+SAVED = 20  # tensors MemoryStep._forward saves for its own backward
+
+
+class MemoryStepFromHeads(torch.autograd.Function):
+    """``head_parameters`` then ``memory_step`` as one node: the head layer's raw output in, its gradient out.
+
+    The squashing's backward, from the step's gradients of the squashed parameters (``beta =
+    softplus(x)``, ``g = sigmoid(x)``, ``s = softmax(x)``, ``gamma = 1 + softplus(x)``, ``e = sigmoid(x)``,
+    ``k`` and ``a`` as they are): ``dx_beta = dbeta sigmoid(x_beta)``, ``dx_g = dg g (1 - g)``, ``dx_s = s
+    (ds - sum(ds s))``, ``dx_gamma = dgamma sigmoid(x_gamma)``, ``dx_e = de e (1 - e)``. As one node it
+    saves a CPU step the dozen autograd nodes of the squashing and their bookkeeping.
+    """
+
+    @staticmethod
+    def forward(ctx, mem, raw, w_prev, num_reads, num_writes, shift_width):
+        k, beta, g, s, gamma, e, a = reference.head_parameters(raw, num_reads, num_writes, mem.shape[-1], shift_width)
+        ctx.layout = (num_reads + num_writes, num_writes, mem.shape[-1], shift_width)
+        return MemoryStep._forward(ctx, mem, k, beta, g, s, gamma, w_prev, e, a, num_reads, raw)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dw, dr, dnew):
+        saved = ctx.saved_tensors
+        with backend.autocast_off(ctx.device):
+            dmem, dk, dbeta, dg, ds, dgamma, dw_prev, de, da, _ = MemoryStep._backward(ctx, dw, dr, dnew, saved)
+            return (dmem, MemoryStepFromHeads._raw_grad(ctx, saved, dk, dbeta, dg, ds, dgamma, de, da), dw_prev,
+                    None, None, None)
+
+    @staticmethod
+    def _raw_grad(ctx, saved, dk, dbeta, dg, ds, dgamma, de, da):
+        # g (B, H, 1), s and e as the step saved them, in its compute dtype (fp32 or fp64).
+        g, s, e, raw = saved[3], saved[4], saved[7], saved[SAVED]
+        H, W, M, S = ctx.layout
+        B, dtype = raw.shape[0], g.dtype
+        x = _to(raw, dtype)
+        heads = x[:, : H * (M + S + 3)].view(B, H, M + S + 3)
+        d_heads = torch.cat([
+            _to(dk, dtype),
+            _to(dbeta, dtype).unsqueeze(-1) * torch.sigmoid(heads[..., M : M + 1]),
+            _to(dg, dtype).unsqueeze(-1) * torch.addcmul(g, g, g, value=-1),
+            torch._softmax_backward_data(_to(ds, dtype), s, -1, dtype),
+            _to(dgamma, dtype).unsqueeze(-1) * torch.sigmoid(heads[..., M + S + 2 :]),
+        ], dim=-1).view(B, -1)
+        if W == 0:
+            return _to(d_heads, raw.dtype)
+        # de and da are None where no gradient reached the new memory.
+        d_erase = torch.zeros_like(e) if de is None else _to(de, dtype) * torch.addcmul(e, e, e, value=-1)
+        d_add = torch.zeros_like(e) if da is None else _to(da, dtype)
+        return _to(torch.cat([d_heads, torch.cat([d_erase, d_add], dim=-1).view(B, -1)], dim=1), raw.dtype)
+
+
 def memory_step(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads):
     """``fastntm.reference.memory_step``, computed as one autograd node (see the module docstring).
     ``fastntm.functional`` calls it with autocast off."""
     return MemoryStep.apply(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads)
+
+
+def memory_step_from_heads(mem, raw, w_prev, num_reads, num_writes, shift_width):
+    """``fastntm.reference.memory_step_from_heads`` as one autograd node (``MemoryStepFromHeads``)."""
+    return MemoryStepFromHeads.apply(mem, raw, w_prev, num_reads, num_writes, shift_width)

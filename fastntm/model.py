@@ -7,7 +7,7 @@ One step (SPEC.md, read-then-write)::
 
     h_t    = controller([x_t, r_{t-1}], state)
     params = heads(h_t)                      # k, beta, g, s, gamma, e, a
-    w_t, r_t, M_t = memory_step(M_{t-1}, params, w_{t-1})
+    w_t, r_t, M_t = memory_step(M_{t-1}, params, w_{t-1})   # these two: memory_step_from_heads
     y_t    = output([h_t, r_t])
 """
 
@@ -268,12 +268,15 @@ class NTMCell(nn.Module):
         """One step: the controller's output ``h_t`` and the new state (whose ``reads`` are ``r_t``)."""
         controller_in = torch.cat([x, state.reads.flatten(1)], dim=-1)
         h, controller_state = self.controller(controller_in, state.controller)
+        raw = self.heads(h)
         # Under autocast the head layer's outputs come out in the low dtype while the
         # carried weightings do not: run the step in the wider of the two.
-        k, beta, g, s, gamma, e, a = self.head_parameters(h, state.weights.dtype)
-        w, r, memory = functional.memory_step(
-            state.memory, k, beta, g, s, gamma, state.weights.to(k.dtype), e, a, num_reads=self.num_reads,
-            backend=self.backend,
+        wide = torch.promote_types(raw.dtype, state.weights.dtype)
+        raw = raw if raw.dtype == wide else raw.to(wide)  # .to is a dispatcher call even where it returns raw
+        weights = state.weights if state.weights.dtype == wide else state.weights.to(wide)
+        w, r, memory = functional.memory_step_from_heads(
+            state.memory, raw, weights, num_reads=self.num_reads, num_writes=self.num_writes,
+            shift_width=2 * self.shift_range + 1, backend=self.backend,
         )
         return h, NTMState(memory, w, r, controller_state)
 

@@ -113,3 +113,9 @@ def memory_step(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads):
     r = read(mem, w[:, :num_reads])
     new_mem = write(mem, w[:, num_reads:], e, a)
     return w, r, new_mem
+
+
+def memory_step_from_heads(mem, raw, w_prev, num_reads, num_writes, shift_width):
+    """``memory_step`` on the parameters ``head_parameters`` makes of ``raw`` (M = mem's width)."""
+    k, beta, g, s, gamma, e, a = head_parameters(raw, num_reads, num_writes, mem.shape[-1], shift_width)
+    return memory_step(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads)

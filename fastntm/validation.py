@@ -187,3 +187,21 @@ def check_head_parameters(raw, num_reads, num_writes, memory_width, shift_width)
     if raw.shape[1] != width:
         raise ValueError(f"raw must have shape (B, H (M + S + 3) + 2 W M) = (B, {width}) with H = {H}, W = {W}, "
                          f"M = {M}, S = {S}, got {_shape(raw)}")
+
+
+def check_memory_step_from_heads(mem, raw, w_prev, num_reads, num_writes, shift_width) -> None:
+    """``mem``, then ``raw`` against it (``check_head_parameters`` with M = mem's width, the same batch), then
+    ``w_prev``; values: ``raw`` finite and ``w_prev`` >= 0. The squashed parameters are in range by
+    construction, so ``raw`` needs no other bound."""
+    B, N, M = check_mem(mem)
+    if N < 1:
+        raise ValueError(f"mem must have at least one slot to address: shape (B, N, M) with N >= 1, got {_shape(mem)}")
+    check_head_parameters(raw, num_reads, num_writes, M, shift_width)
+    if raw.shape[0] != B:
+        raise ValueError(f"raw must have mem's batch B = {B} in its first dimension, got shape {_shape(raw)}")
+    H = num_reads + num_writes
+    check_tensor("w_prev", w_prev, 3)
+    check_shape("w_prev", w_prev, (B, H, N), f"(B, H, N) with H = num_reads + num_writes = {H}")
+    check_same_device({"mem": mem, "raw": raw, "w_prev": w_prev})
+    check_same_dtype({"raw": raw, "w_prev": w_prev})
+    check_ranges([("raw", raw, None, None), ("w_prev", w_prev, 0.0, None)])

@@ -291,6 +291,90 @@ def test_head_parameters_gradcheck_in_float64():
     assert torch.autograd.gradcheck(lambda x: F.head_parameters(x, **sizes), (raw,))
 
 
+# memory_step_from_heads: head_parameters then memory_step, as one op.
+
+
+def from_heads_inputs(B, N, M, R, W, S, dtype=torch.float64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    sizes, width = head_layout(R=R, W=W, M=M, S=S)
+    return (torch.randn(B, N, M, generator=gen, dtype=dtype).requires_grad_(),
+            (2 * torch.randn(B, width, generator=gen, dtype=dtype)).requires_grad_(),
+            torch.softmax(torch.randn(B, R + W, N, generator=gen, dtype=dtype), -1).requires_grad_())
+
+
+def two_ops(mem, raw, w_prev, R, W, S):
+    k, beta, g, s, gamma, e, a = F.head_parameters(raw, num_reads=R, num_writes=W, memory_width=mem.shape[-1],
+                                                   shift_width=S, backend="reference")
+    return F.memory_step(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads=R, backend="reference")
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_memory_step_from_heads_gradcheck_in_float64(shape):
+    R, W, S = shape["R"], shape["W"], shape["S"]
+    x = from_heads_inputs(**shape)
+    assert torch.autograd.gradcheck(
+        lambda m, raw, w: F.memory_step_from_heads(m, raw, w, num_reads=R, num_writes=W, shift_width=S), x)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("unused", [None, "w", "r", "new_mem"], ids=["all-used", "no-dw", "no-dr", "no-dnew"])
+def test_memory_step_from_heads_is_head_parameters_then_memory_step(shape, dtype, unused):
+    R, W, S = shape["R"], shape["W"], shape["S"]
+    x = from_heads_inputs(**shape, dtype=dtype)
+    one = F.memory_step_from_heads(*x, num_reads=R, num_writes=W, shift_width=S)
+    two = two_ops(*x, R, W, S)
+    for name, got, expected in zip(("w", "r", "new_mem"), one, two):
+        assert_close(expected, got, name)
+    used = [i for i, name in enumerate(("w", "r", "new_mem")) if name != unused]
+    cot = [torch.randn_like(one[i]) for i in used]
+    got = torch.autograd.grad([one[i] for i in used], x, cot, allow_unused=True)
+    expected = torch.autograd.grad([two[i] for i in used], x, cot, allow_unused=True)
+    for name, g_expected, g_got in zip(("mem", "raw", "w_prev"), expected, got):
+        if g_expected is None:  # no path from this input to the outputs used; zero to autograd either way
+            assert g_got is None or not g_got.any(), name
+        else:
+            assert_close(g_expected, g_got, f"d{name}", dtype)
+
+
+def test_memory_step_from_heads_keeps_bf16_memory_and_stays_finite_at_extreme_raw_values():
+    mem, raw, w_prev = from_heads_inputs(B=2, N=7, M=4, R=1, W=2, S=3, dtype=torch.float32)
+    raw = (raw.detach().sign() * torch.tensor([1e4, 50.0, 0.0]).repeat(raw.shape[1])[: raw.shape[1]]).requires_grad_()
+    mem = mem.detach().bfloat16().requires_grad_()
+    w, r, new_mem = F.memory_step_from_heads(mem, raw, w_prev, num_reads=1, num_writes=2, shift_width=3)
+    assert new_mem.dtype == torch.bfloat16 and w.dtype == r.dtype == torch.float32
+    (w.sum() + r.sum() + new_mem.float().sum()).backward()
+    assert mem.grad.dtype == torch.bfloat16
+    assert all(torch.isfinite(t).all() for t in (w, r, new_mem, mem.grad, raw.grad, w_prev.grad))
+
+
+BAD_FROM_HEADS = [
+    pytest.param(lambda x: x.update(raw=x["raw"][:, :-1]), ValueError,
+                 "raw must have shape (B, H (M + S + 3) + 2 W M) = (B, 46) with H = 3", id="raw-width"),
+    pytest.param(lambda x: x.update(raw=x["raw"][:1]), ValueError, "raw must have mem's batch B = 2", id="raw-batch"),
+    pytest.param(lambda x: x.update(w_prev=x["w_prev"][..., :-1]), ValueError,
+                 "w_prev must have shape (B, H, N) with H = num_reads + num_writes = 3", id="w_prev-slots"),
+    pytest.param(lambda x: x.update(w_prev=x["w_prev"].double()), TypeError, "w_prev has dtype torch.float64",
+                 id="w_prev-dtype"),
+    pytest.param(lambda x: x.update(mem=x["mem"][:, :0], w_prev=x["w_prev"][..., :0]), ValueError,
+                 "mem must have at least one slot to address", id="mem-no-slots"),
+    pytest.param(lambda x: x["raw"].__setitem__((1, 5), float("nan")), ValueError, "raw contains NaN", id="raw-nan"),
+    pytest.param(lambda x: x.update(w_prev=-x["w_prev"]), ValueError, "w_prev must lie in [0.0, inf]",
+                 id="w_prev-negative"),
+]
+
+
+@pytest.mark.parametrize("corrupt, error, message", BAD_FROM_HEADS)
+def test_memory_step_from_heads_rejects_bad_input_naming_the_argument(corrupt, error, message):
+    mem, raw, w_prev = (t.detach() for t in from_heads_inputs(B=2, N=7, M=4, R=1, W=2, S=3, dtype=torch.float32))
+    x = {"mem": mem, "raw": raw, "w_prev": w_prev}
+    corrupt(x)
+    with pytest.raises(error, match=re.escape(message)):
+        F.memory_step_from_heads(x["mem"], x["raw"], x["w_prev"], num_reads=1, num_writes=2, shift_width=3)
+    with pytest.raises(TypeError, match="num_writes must be an int"):
+        F.memory_step_from_heads(mem, raw, w_prev, num_reads=1, num_writes=2.0, shift_width=3)
+
+
 BAD_HEAD_SIZES = [
     pytest.param(dict(num_reads=-1), ValueError, "num_reads must be at least 0", id="reads-negative"),
     pytest.param(dict(num_writes=1.0), TypeError, "num_writes must be an int", id="writes-float"),

@@ -444,6 +444,18 @@ def test_head_parameters_take_rows_of_a_wider_tensor_in_place(monkeypatch):
              tol=TOL[torch.float32])
 
 
+@pytest.mark.parametrize("BN", [None, 16], ids=["on-chip", "BN16"])
+def test_memory_step_from_heads_runs_the_head_and_step_kernels_in_turn(BN):
+    B, N, M, R, W, S = 3, 37, 13, 1, 2, 5
+    gen = torch.Generator().manual_seed(2)
+    x = {"mem": torch.randn(B, N, M, generator=gen),
+         "raw": 2 * torch.randn(B, (R + W) * (M + S + 3) + 2 * W * M, generator=gen),
+         "w_prev": torch.softmax(torch.randn(B, R + W, N, generator=gen), -1)}
+    with _config.force_block_n(BN):
+        check_op(kernels.memory_step_from_heads, reference.memory_step_from_heads, x, extra=(R, W, S),
+                 tol=TOL[torch.float32])
+
+
 def test_model_dispatches_the_head_parameters_to_the_kernels(monkeypatch):
     from fastntm import FastNTM
 

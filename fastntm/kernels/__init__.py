@@ -1,7 +1,8 @@
 """Fused Triton kernels for the NTM memory step.
 
 Only ``fastntm.backend`` imports this package. It exposes ``head_parameters``,
-``address``, ``read``, ``write`` and ``memory_step`` with the signatures of ``fastntm.reference``, and
+``address``, ``read``, ``write``, ``memory_step`` and ``memory_step_from_heads`` with the signatures of
+``fastntm.reference``, and
 ``AVAILABLE``, true when the kernels can run here (Triton imports, and CUDA is
 available or ``TRITON_INTERPRET=1`` was set before this import).
 
@@ -37,7 +38,7 @@ if AVAILABLE:
     from .read import read as _read
     from .write import write as _write
 
-__all__ = ["AVAILABLE", "head_parameters", "address", "read", "write", "memory_step"]
+__all__ = ["AVAILABLE", "head_parameters", "address", "read", "write", "memory_step", "memory_step_from_heads"]
 
 
 def _kernel_ok(mem, *tensors) -> bool:
@@ -92,3 +93,10 @@ def memory_step(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads):
         return _fused_reference.memory_step(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads)
     _check_no_tangents("memory_step", mem, k, beta, g, s, gamma, w_prev, e, a)
     return _memory_step(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads)
+
+
+def memory_step_from_heads(mem, raw, w_prev, num_reads, num_writes, shift_width):
+    """``head_parameters`` then ``memory_step``, each its own kernels; see
+    ``fastntm.reference.memory_step_from_heads``."""
+    k, beta, g, s, gamma, e, a = head_parameters(raw, num_reads, num_writes, mem.shape[-1], shift_width)
+    return memory_step(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads)

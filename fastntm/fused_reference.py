@@ -121,6 +121,8 @@ class MemoryStep(torch.autograd.Function):
     @staticmethod
     def _forward(ctx, mem, k, beta, g, s, gamma, w_prev, e, a, num_reads, *also_saved):
         """The step; saves what ``_backward`` needs, then ``also_saved`` (``ctx.saved_tensors[SAVED:]``)."""
+        # An output no loss reaches gets None, not zeros: its part of the backward is skipped, not run on zeros.
+        ctx.set_materialize_grads(False)
         dtype = compute_dtype(mem, k)
         ctx.dtypes = (mem.dtype, k.dtype)
         stored_mem = mem  # saved as given: bf16 memory stays bf16 between forward and backward
@@ -275,30 +277,37 @@ class MemoryStepFromHeads(torch.autograd.Function):
         saved = ctx.saved_tensors
         with backend.autocast_off(ctx.device):
             dmem, dk, dbeta, dg, ds, dgamma, dw_prev, de, da, _ = MemoryStep._backward(ctx, dw, dr, dnew, saved)
-            return (dmem, MemoryStepFromHeads._raw_grad(ctx, saved, dk, dbeta, dg, ds, dgamma, de, da), dw_prev,
-                    None, None, None)
+            d_raw = MemoryStepFromHeads._raw_grad(ctx, saved, dk, dbeta, dg, ds, dgamma, de, da) \
+                if ctx.needs_input_grad[1] else None
+            return dmem, d_raw, dw_prev, None, None, None
 
     @staticmethod
     def _raw_grad(ctx, saved, dk, dbeta, dg, ds, dgamma, de, da):
-        # g (B, H, 1), s and e as the step saved them, in its compute dtype (fp32 or fp64).
-        g, s, e, raw = saved[3], saved[4], saved[7], saved[SAVED]
+        g, s, e, raw = saved[3], saved[4], saved[7], saved[SAVED]  # g (B, H, 1), in the step's compute dtype
         H, W, M, S = ctx.layout
         B, dtype = raw.shape[0], g.dtype
         x = _to(raw, dtype)
         heads = x[:, : H * (M + S + 3)].view(B, H, M + S + 3)
+        if raw.dtype != dtype:
+            # The step saw g, s and e rounded to raw's dtype (bf16's sigmoid(7) is 1): their derivatives come
+            # from x, unrounded, as autograd's through the two ops would.
+            g, s = torch.sigmoid(heads[..., M + 1 : M + 2]), torch.softmax(heads[..., M + 2 : M + 2 + S], dim=-1)
+            e = torch.sigmoid(x[:, H * (M + S + 3) :].view(B, W, 2 * M)[..., :M])
+        ds = _to(ds, dtype)
         d_heads = torch.cat([
             _to(dk, dtype),
             _to(dbeta, dtype).unsqueeze(-1) * torch.sigmoid(heads[..., M : M + 1]),
             _to(dg, dtype).unsqueeze(-1) * torch.addcmul(g, g, g, value=-1),
-            torch._softmax_backward_data(_to(ds, dtype), s, -1, dtype),
+            (ds - torch.linalg.vecdot(ds, s).unsqueeze(-1)).mul_(s),
             _to(dgamma, dtype).unsqueeze(-1) * torch.sigmoid(heads[..., M + S + 2 :]),
-        ], dim=-1).view(B, -1)
+        ], dim=-1).view(B, H * (M + S + 3))  # sizes named: a view of an empty batch cannot infer them
         if W == 0:
             return _to(d_heads, raw.dtype)
         # de and da are None where no gradient reached the new memory.
         d_erase = torch.zeros_like(e) if de is None else _to(de, dtype) * torch.addcmul(e, e, e, value=-1)
         d_add = torch.zeros_like(e) if da is None else _to(da, dtype)
-        return _to(torch.cat([d_heads, torch.cat([d_erase, d_add], dim=-1).view(B, -1)], dim=1), raw.dtype)
+        d_writes = torch.cat([d_erase, d_add], dim=-1).view(B, 2 * W * M)
+        return _to(torch.cat([d_heads, d_writes], dim=1), raw.dtype)
 
 
 def memory_step(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads):

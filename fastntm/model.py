@@ -249,16 +249,6 @@ class NTMCell(nn.Module):
             controller=self.controller.initial_state(B, device, dtype),
         )
 
-    def head_parameters(self, h: torch.Tensor, dtype: torch.dtype | None = None):
-        """``k, beta, g, s, gamma, e, a`` from the controller output, activations as in SPEC.md,
-        computed in the wider of ``dtype`` and the head layer's output dtype."""
-        raw = self.heads(h)
-        return functional.head_parameters(
-            raw if dtype is None else raw.to(torch.promote_types(raw.dtype, dtype)), num_reads=self.num_reads,
-            num_writes=self.num_writes, memory_width=self.memory_width, shift_width=2 * self.shift_range + 1,
-            backend=self.backend,
-        )
-
     def features(self, x: torch.Tensor, state: NTMState) -> tuple[torch.Tensor, NTMState]:
         """One step up to the output layer: ``([h_t, r_t], new_state)``."""
         h, state = self.step(x, state)

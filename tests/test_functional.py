@@ -337,6 +337,29 @@ def test_memory_step_from_heads_is_head_parameters_then_memory_step(shape, dtype
             assert_close(g_expected, g_got, f"d{name}", dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_memory_step_from_heads_in_low_precision_is_the_two_ops(dtype):
+    # 7 in every slot of the first row: bf16's sigmoid(7) rounds to 1, whose derivative g (1 - g) would be 0.
+    mem, raw, w_prev = (t.detach() for t in from_heads_inputs(B=3, N=7, M=4, R=1, W=2, S=3, dtype=torch.float32))
+    raw[0] = 7.0
+    x = [t.to(dtype).requires_grad_() for t in (mem, raw, w_prev)]
+    x2 = [t.detach().clone().requires_grad_() for t in x]
+    one = F.memory_step_from_heads(*x, num_reads=1, num_writes=2, shift_width=3)
+    two = two_ops(*x2, 1, 2, 3)
+    cot = [torch.randn(o.shape).to(dtype) for o in one]
+    for a, b in zip(torch.autograd.grad(one, x, cot) + one, torch.autograd.grad(two, x2, cot) + two):
+        assert a.dtype == b.dtype == dtype
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_memory_step_from_heads_of_an_empty_batch():
+    mem, raw, w_prev = (t[:0].detach().requires_grad_() for t in from_heads_inputs(B=2, N=7, M=4, R=1, W=2, S=3))
+    w, r, new_mem = F.memory_step_from_heads(mem, raw, w_prev, num_reads=1, num_writes=2, shift_width=3)
+    assert (w.shape, r.shape, new_mem.shape) == ((0, 3, 7), (0, 1, 4), (0, 7, 4))
+    grads = torch.autograd.grad((w.sum() + r.sum() + new_mem.sum()), (mem, raw, w_prev))
+    assert [g.shape for g in grads] == [(0, 7, 4), (0, 46), (0, 3, 7)]
+
+
 def test_memory_step_from_heads_keeps_bf16_memory_and_stays_finite_at_extreme_raw_values():
     mem, raw, w_prev = from_heads_inputs(B=2, N=7, M=4, R=1, W=2, S=3, dtype=torch.float32)
     raw = (raw.detach().sign() * torch.tensor([1e4, 50.0, 0.0]).repeat(raw.shape[1])[: raw.shape[1]]).requires_grad_()

@@ -8,7 +8,8 @@ and counts those that would run a device kernel. Views, allocations and the valu
 call makes and a CUDA call skips are left out; a Triton custom op counts one. The launches
 themselves are stubbed out (``host_overhead.stubbed_launches``): the count depends on the shapes
 alone. Per time step is the slope between two sequence lengths; the rest is the fixed part (the
-output layer, the loss, the stacking).
+output layer, the loss, the stacking, less what the last step's backward skips: its new memory reaches
+no loss), which can be negative.
 
 On a CPU, PyTorch runs ``nn.LSTMCell`` as a dozen ops that CUDA runs as two matmuls and one fused
 kernel, and the backward's weight-gradient sums differ too, so the totals here are higher than a

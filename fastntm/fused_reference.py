@@ -113,6 +113,9 @@ def _write(mem, w_write, e, a, erase_factors):
     return torch.baddbmm(mem * erase_factors.prod(dim=1), w_write.transpose(1, 2), a)
 
 
+SAVED = 20  # tensors MemoryStep._forward saves for its own backward
+
+
 class MemoryStep(torch.autograd.Function):
     @staticmethod
     def forward(ctx, mem, k, beta, g, s, gamma, w_prev, e, a, num_reads):
@@ -164,14 +167,14 @@ class MemoryStep(torch.autograd.Function):
     def backward(ctx, dw, dr, dnew):
         # Backward runs from the autograd engine, outside ``functional``'s autocast guard.
         with backend.autocast_off(ctx.device):
-            return MemoryStep._backward(ctx, dw, dr, dnew)
+            return MemoryStep._backward(ctx, dw, dr, dnew, ctx.saved_tensors)
 
     @staticmethod
-    def _backward(ctx, dw, dr, dnew, saved=None):
-        """The gradients of ``forward``'s inputs; ``saved``: ``ctx.saved_tensors``, where a caller holds them
-        already (each read of that property unpacks every tensor again)."""
+    def _backward(ctx, dw, dr, dnew, saved):
+        """The gradients of ``forward``'s inputs, from ``saved = ctx.saved_tensors`` (read once by the caller:
+        each read of that property unpacks every tensor again)."""
         (mem, k, beta, g, s, gamma, w_prev, e, a, k_norm, mem_norm, denominator, similarity, wc, wg,
-         ws, c, log_c, w, erase_factors) = (ctx.saved_tensors if saved is None else saved)[:SAVED]
+         ws, c, log_c, w, erase_factors) = saved[:SAVED]
         R, dtype = ctx.num_reads, k.dtype
         mem = _to(mem, dtype)
         S, W = s.shape[-1], e.shape[1]
@@ -250,9 +253,6 @@ class MemoryStep(torch.autograd.Function):
             dmem = dmem.to(mem_dtype)
             grads = tuple(None if t is None else t.to(out_dtype) for t in grads)
         return (dmem, *grads, None)
-
-
-SAVED = 20  # tensors MemoryStep._forward saves for its own backward
 
 
 class MemoryStepFromHeads(torch.autograd.Function):

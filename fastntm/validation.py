@@ -92,12 +92,16 @@ def check_mem(mem) -> tuple[int, int, int]:
     return _shape(mem)
 
 
+def _check_has_slots(mem) -> None:
+    if mem.shape[1] < 1:
+        raise ValueError(f"mem must have at least one slot to address: shape (B, N, M) with N >= 1, got {_shape(mem)}")
+
+
 def _check_addressing_structure(mem, k, beta, g, s, gamma, w_prev) -> tuple[int, int, int, int]:
     B, N, M = check_mem(mem)
     for name, t, nd in (("k", k, 3), ("beta", beta, 2), ("g", g, 2), ("s", s, 3), ("gamma", gamma, 2), ("w_prev", w_prev, 3)):
         check_tensor(name, t, nd)
-    if N < 1:
-        raise ValueError(f"mem must have at least one slot to address: shape (B, N, M) with N >= 1, got {_shape(mem)}")
+    _check_has_slots(mem)
     H = k.shape[1]
     if H < 1:
         raise ValueError(f"k must address at least one head: shape (B, H, M) with H >= 1, got {_shape(k)}")
@@ -194,8 +198,7 @@ def check_memory_step_from_heads(mem, raw, w_prev, num_reads, num_writes, shift_
     ``w_prev``; values: ``raw`` finite and ``w_prev`` >= 0. The squashed parameters are in range by
     construction, so ``raw`` needs no other bound."""
     B, N, M = check_mem(mem)
-    if N < 1:
-        raise ValueError(f"mem must have at least one slot to address: shape (B, N, M) with N >= 1, got {_shape(mem)}")
+    _check_has_slots(mem)
     check_head_parameters(raw, num_reads, num_writes, M, shift_width)
     if raw.shape[0] != B:
         raise ValueError(f"raw must have mem's batch B = {B} in its first dimension, got shape {_shape(raw)}")

@@ -11,9 +11,11 @@ the warm-up, not timed) and ``triton`` (``backend="triton"``, CUDA only). For
 same step through ``fastntm.graphs.CapturedStep`` (captured once in a CUDA
 graph, replayed at every call; Adam with ``capturable=True``). Their peak memory
 is near zero: the graph's memory is allocated at capture, in the warm-up. For
-``train_step`` alone, on a CPU: ``baseline``, a model of the NTM code in common
-use (``benchmarks.baseline_ntm``: its own step, loss and optimiser on the same
-batch), the side of the issue's CPU targets; it is checked against its own
+``train_step`` alone, on a CPU: ``compiled``, the model with ``backend="compiled"``
+(its memory step through ``torch.compile``, the rest eager; for the memory step
+alone that is ``reference-compile``), and ``baseline``, a model of the NTM code in
+common use (``benchmarks.baseline_ntm``: its own step, loss and optimiser on the
+same batch), the side of the issue's CPU targets; it is checked against its own
 float64 copy.
 
 ``Case.prepare()`` builds the inputs and the timed callable, runs it once (the
@@ -44,7 +46,9 @@ OPS = ("memory_step.fwd", "memory_step.fwd_bwd", "train_step")
 PROVIDERS = ("reference", "reference-compile", "triton")
 GRAPH_PROVIDERS = ("triton-graph", "reference-graph")
 BASELINE = "baseline"
-TRAIN_ONLY_PROVIDERS = (*GRAPH_PROVIDERS, BASELINE)
+COMPILED = "compiled"
+TRAIN_ONLY_PROVIDERS = (*GRAPH_PROVIDERS, COMPILED, BASELINE)
+COMPILE_PROVIDERS = ("reference-compile", COMPILED)  # their warm-up compiles
 
 
 def providers_for(device: torch.device) -> tuple[str, ...]:
@@ -54,8 +58,8 @@ def providers_for(device: torch.device) -> tuple[str, ...]:
 
 def train_only_providers_for(device: torch.device) -> tuple[str, ...]:
     """The providers of ``train_step`` alone on ``device``: on CUDA the whole step replayed from a CUDA
-    graph; on a CPU the baseline."""
-    return GRAPH_PROVIDERS if device.type == "cuda" else (BASELINE,)
+    graph; on a CPU the compiled memory step and the baseline."""
+    return GRAPH_PROVIDERS if device.type == "cuda" else (COMPILED, BASELINE)
 
 
 def allow_many_compiles() -> None:
@@ -111,6 +115,8 @@ class Case:
 
 
 def _backend(provider: str) -> str:
+    if provider == COMPILED:
+        return COMPILED
     return "triton" if provider.startswith("triton") else "reference"
 
 
@@ -205,8 +211,9 @@ def _train_case(shape: TrainShape, provider: str, device: torch.device):
     if provider in GRAPH_PROVIDERS:
         return _graph_train_case(model, batch)
     truth = _float64_truth(model)
-    if provider == "reference-compile":
+    if provider in COMPILE_PROVIDERS:
         allow_many_compiles()
+    if provider == "reference-compile":
         model.cell.compile(dynamic=False)
 
     params = list(model.parameters())

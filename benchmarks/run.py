@@ -7,7 +7,7 @@
     python -m benchmarks.run --filter long_sequence      # the long-sequence benchmark
 
 Every case (``op/shape/provider``, see ``benchmarks.cases``) is first built,
-warmed (compiled, for ``reference-compile``) and checked against the float64
+warmed (compiled, for ``reference-compile`` and ``compiled``) and checked against the float64
 literal reference; only then is anything timed. A case that fails to build or
 compile is a ``skipped`` row with its error; one whose relative error exceeds
 the tolerance is a ``MISMATCH`` row and gets no speed figure.
@@ -34,7 +34,7 @@ import time
 import torch
 
 from . import common
-from .cases import OPS, TRAIN_ONLY_PROVIDERS, Case, providers_for, train_only_providers_for
+from .cases import COMPILE_PROVIDERS, OPS, TRAIN_ONLY_PROVIDERS, Case, providers_for, train_only_providers_for
 from .shapes import OP_SHAPES, QUICK_SKIP, TINY_OP_SHAPES, TINY_TRAIN_SHAPES, TRAIN_SHAPES, in_sweep
 
 # torch.compile takes tens of seconds a graph on a CPU; these shapes keep a run bounded.
@@ -70,7 +70,7 @@ def build_cases(device: torch.device, mode: str, providers, pattern: str | None)
         for provider in providers:
             if provider in TRAIN_ONLY_PROVIDERS and op != "train_step":
                 continue
-            if provider == "reference-compile":
+            if provider in COMPILE_PROVIDERS:
                 if shape.name not in compile_shapes:
                     continue
                 if (device.type, mode) == ("cpu", "quick") and op not in COMPILE_OPS_QUICK_CPU:
@@ -79,7 +79,7 @@ def build_cases(device: torch.device, mode: str, providers, pattern: str | None)
     if pattern:
         cases = [c for c in cases if re.search(pattern, c.name)]
     # A budget cuts from the end: the sweep's extra points, then the compiled rows.
-    return sorted(cases, key=lambda c: (c.provider == "reference-compile", c.shape.name.startswith("sweep-")))
+    return sorted(cases, key=lambda c: (c.provider in COMPILE_PROVIDERS, c.shape.name.startswith("sweep-")))
 
 
 def row_of(case: Case) -> dict:
@@ -95,7 +95,7 @@ def run_cases(cases: list[Case], device: torch.device, copy: dict, *, time_per_c
     for case in cases:  # phase 1: build, warm and check everything
         row = rows[case.name]
         left = budget_s - (time.perf_counter() - start)
-        compile_s = COMPILE_RESERVE_S[device.type] if case.provider == "reference-compile" else 0
+        compile_s = COMPILE_RESERVE_S[device.type] if case.provider in COMPILE_PROVIDERS else 0
         if left < compile_s + (len(ready) + 1) * (time_per_case_s + 0.3):
             row.update(status="skipped", error="time budget spent before warm-up")
             continue

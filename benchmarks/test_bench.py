@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from benchmarks import common
-from benchmarks.cases import BASELINE, OPS, Case, providers_for
+from benchmarks.cases import COMPILE_PROVIDERS, OPS, TRAIN_ONLY_PROVIDERS, Case, providers_for, train_only_providers_for
 from benchmarks.run import COMPILE_SHAPES
 from benchmarks.shapes import OP_SHAPES, QUICK_SKIP, TRAIN_SHAPES
 
@@ -31,12 +31,12 @@ SKIP = QUICK_SKIP[DEVICE.type] if MODE == "quick" else set()
 
 def _params():
     compile_shapes = COMPILE_SHAPES[(DEVICE.type, MODE)]
-    # The baseline times the training step alone, on a CPU alone.
-    for provider in providers_for(DEVICE) + ((BASELINE,) if DEVICE.type == "cpu" else ()):
-        for op in OPS if provider != BASELINE else ("train_step",):
+    # The train-only providers time the training step alone (on a CPU: the compiled memory step, the baseline).
+    for provider in providers_for(DEVICE) + train_only_providers_for(DEVICE):
+        for op in OPS if provider not in TRAIN_ONLY_PROVIDERS else ("train_step",):
             shapes = TRAIN_SHAPES if op == "train_step" else OP_SHAPES
             for shape in shapes.values():
-                if shape.name in SKIP or (provider == "reference-compile" and shape.name not in compile_shapes):
+                if shape.name in SKIP or (provider in COMPILE_PROVIDERS and shape.name not in compile_shapes):
                     continue
                 yield pytest.param(op, shape, provider, id=f"{op}-{shape.name}-{provider}")
 
@@ -47,7 +47,7 @@ def test_bench(benchmark, op, shape, provider):
     try:
         case.prepare()
     except Exception as exc:
-        if provider == "reference-compile":
+        if provider in COMPILE_PROVIDERS:
             pytest.skip(f"torch.compile failed here: {type(exc).__name__}: {exc}"[:300])
         raise
     tolerance = common.TOLERANCE[torch.float32]

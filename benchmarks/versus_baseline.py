@@ -2,6 +2,7 @@
 
     python -m benchmarks.versus_baseline                       # copy-b1 and copy-b32, 16 rounds of 5 steps
     python -m benchmarks.versus_baseline --shapes copy-b32 --rounds 30 --out runs/versus
+    python -m benchmarks.versus_baseline --compiled          # fastntm with backend="compiled" too
 
 The targets are ratios, fastntm at least 2x faster than the NTM code in common use at batch 1 and 8x at
 batch 32, while this VM's pace moves by up to 2x between minutes. So both steps are built in one process,
@@ -16,6 +17,10 @@ default here); writes ``versus_baseline.json`` (machine, versions, commit, every
 https://github.com/loudinthecloud/pytorch-ntm PATH``; its ``ntm`` package imported from there, nothing of it
 kept here), in the same rounds, stepped as its ``train_batch`` steps it: the ratio ``pytorch-ntm /
 baseline`` says how closely the model keeps to it, and ``pytorch-ntm / fastntm`` is the target's own ratio.
+
+``--compiled`` adds fastntm with ``backend="compiled"`` (``fastntm.backend``: its memory step through
+``torch.compile``, Inductor's C++ on a CPU) to the same rounds; its ratios are under ``compiled`` in the JSON,
+beside those of fastntm run eagerly (the default backend), which stay at the top level.
 """
 
 from __future__ import annotations
@@ -30,11 +35,10 @@ import torch
 from torch import nn
 
 from . import cases, common
-from .cases import BASELINE, Case
+from .cases import BASELINE, COMPILED, Case
 from .shapes import TINY_TRAIN_SHAPES, TRAIN_SHAPES
 
 TARGETS = {"copy-b1": 2.0, "copy-b32": 8.0}  # the issue's: baseline / fastntm at least this
-PROVIDERS = ("reference", BASELINE)  # fastntm on a CPU, and the baseline
 PYTORCH_NTM = "pytorch-ntm"
 
 
@@ -95,13 +99,22 @@ def pytorch_ntm_step(path: str, shape):
     return step
 
 
-def compare(shape, rounds: int, steps: int, pytorch_ntm: str | None = None, log=print) -> dict:
+def _paired(numerators, denominators, target=None) -> dict:
+    """The paired ratios ``numerators[i] / denominators[i]``: every one, median, range, rounds at ``target``."""
+    ratios = [n / d for n, d in zip(numerators, denominators)]
+    return dict(ratios=ratios, median=statistics.median(ratios), min=min(ratios), max=max(ratios),
+                rounds_meeting_target=None if target is None else sum(r >= target for r in ratios))
+
+
+def compare(shape, rounds: int, steps: int, pytorch_ntm: str | None = None, compiled: bool = False,
+            log=print) -> dict:
     """Check both providers at ``shape`` (raising on a mismatch), then time them in alternating rounds
-    (with a pytorch-ntm clone's step too, given its path)."""
+    (with fastntm's compiled memory step too if ``compiled``, and a pytorch-ntm clone's step, given its path)."""
     device = torch.device("cpu")
     steps_of = {}
     errors = {}
-    for provider in PROVIDERS:
+    fastntm = ("reference", COMPILED) if compiled else ("reference",)
+    for provider in (*fastntm, BASELINE):
         case = Case("train_step", shape, provider, device)
         case.prepare()
         tolerance = common.TOLERANCE[torch.float32]
@@ -117,32 +130,47 @@ def compare(shape, rounds: int, steps: int, pytorch_ntm: str | None = None, log=
     for r in range(rounds):
         for name in names if r % 2 == 0 else names[::-1]:
             p50s[name].append(p50_ms(steps_of[name], steps))
-    speedups = [b / f for f, b in zip(p50s["reference"], p50s[BASELINE])]
     target = TARGETS.get(shape.name)
+    vs_baseline = _paired(p50s[BASELINE], p50s["reference"], target)
     result = dict(
         shape=shape.name, shape_params=shape.as_dict(), rounds=rounds, steps=steps, rel_err=errors, p50_ms=p50s,
         fastntm_median_ms=statistics.median(p50s["reference"]), baseline_median_ms=statistics.median(p50s[BASELINE]),
-        speedup_median=statistics.median(speedups), speedup_min=min(speedups), speedup_max=max(speedups),
-        speedups=speedups, target=target,
-        rounds_meeting_target=None if target is None else sum(s >= target for s in speedups),
+        speedup_median=vs_baseline["median"], speedup_min=vs_baseline["min"], speedup_max=vs_baseline["max"],
+        speedups=vs_baseline["ratios"], target=target, rounds_meeting_target=vs_baseline["rounds_meeting_target"],
     )
     met = "" if target is None else f"; target {target:g}x met in {result['rounds_meeting_target']} of {rounds} rounds"
     log(f"{shape.name}: fastntm {result['fastntm_median_ms']:.1f} ms, baseline {result['baseline_median_ms']:.1f} ms "
         f"(medians of {rounds} rounds of {steps} steps); baseline / fastntm paired: median "
         f"{result['speedup_median']:.2f}x, range {result['speedup_min']:.2f} - {result['speedup_max']:.2f}{met}")
+    if compiled:
+        over_compiled = _paired(p50s[BASELINE], p50s[COMPILED], target)
+        result["compiled"] = dict(
+            median_ms=statistics.median(p50s[COMPILED]), over_baseline=over_compiled,
+            over_reference=_paired(p50s[COMPILED], p50s["reference"]),
+        )
+        met = "" if target is None else f"; target {target:g}x met in {over_compiled['rounds_meeting_target']} of {rounds}"
+        log(f"{shape.name}: fastntm compiled {result['compiled']['median_ms']:.1f} ms; baseline / compiled paired: "
+            f"median {over_compiled['median']:.2f}x, range {over_compiled['min']:.2f} - {over_compiled['max']:.2f}{met}; "
+            f"compiled / eager {result['compiled']['over_reference']['median']:.3f}")
     if pytorch_ntm:
         real = p50s[PYTORCH_NTM]
-        over_fastntm = [t / f for t, f in zip(real, p50s["reference"])]
-        over_baseline = [t / b for t, b in zip(real, p50s[BASELINE])]
+        over_fastntm = _paired(real, p50s["reference"], target)
+        over_baseline = _paired(real, p50s[BASELINE])
         result.update(pytorch_ntm=os.path.abspath(pytorch_ntm), pytorch_ntm_median_ms=statistics.median(real),
-                      pytorch_ntm_speedup_median=statistics.median(over_fastntm),
-                      pytorch_ntm_speedup_min=min(over_fastntm), pytorch_ntm_speedup_max=max(over_fastntm),
-                      pytorch_ntm_over_baseline_median=statistics.median(over_baseline),
-                      pytorch_ntm_over_baseline_min=min(over_baseline), pytorch_ntm_over_baseline_max=max(over_baseline))
+                      pytorch_ntm_speedup_median=over_fastntm["median"],
+                      pytorch_ntm_speedup_min=over_fastntm["min"], pytorch_ntm_speedup_max=over_fastntm["max"],
+                      pytorch_ntm_over_baseline_median=over_baseline["median"],
+                      pytorch_ntm_over_baseline_min=over_baseline["min"],
+                      pytorch_ntm_over_baseline_max=over_baseline["max"])
         log(f"{shape.name}: pytorch-ntm {result['pytorch_ntm_median_ms']:.1f} ms; pytorch-ntm / fastntm paired: median "
-            f"{result['pytorch_ntm_speedup_median']:.2f}x ({min(over_fastntm):.2f} - {max(over_fastntm):.2f}); "
-            f"pytorch-ntm / baseline: {result['pytorch_ntm_over_baseline_median']:.3f} "
-            f"({min(over_baseline):.3f} - {max(over_baseline):.3f})")
+            f"{over_fastntm['median']:.2f}x ({over_fastntm['min']:.2f} - {over_fastntm['max']:.2f}); "
+            f"pytorch-ntm / baseline: {over_baseline['median']:.3f} ({over_baseline['min']:.3f} - "
+            f"{over_baseline['max']:.3f})")
+        if compiled:
+            real_over_compiled = _paired(real, p50s[COMPILED], target)
+            result["compiled"]["over_pytorch_ntm"] = real_over_compiled
+            log(f"{shape.name}: pytorch-ntm / fastntm compiled paired: median {real_over_compiled['median']:.2f}x "
+                f"({real_over_compiled['min']:.2f} - {real_over_compiled['max']:.2f})")
     return result
 
 
@@ -155,6 +183,9 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=5, help="steps a round")
     ap.add_argument("--out", default=os.environ.get("OUT") or "runs/versus", help="folder for versus_baseline.json")
     ap.add_argument("--pytorch-ntm", metavar="PATH", help="a clone of loudinthecloud/pytorch-ntm, timed too")
+    ap.add_argument("--compiled", action="store_true",
+                    help="time fastntm with backend='compiled' too (its memory step through torch.compile; the "
+                         "compile, tens of seconds a shape, before the rounds)")
     args = ap.parse_args(argv)
     names = args.shapes.split(",")
     unknown = [n for n in names if n not in known]
@@ -173,7 +204,7 @@ def main(argv=None) -> int:
     result = {"environment": env, "args": vars(args), "shapes": []}
     for name in names:
         try:
-            result["shapes"].append(compare(known[name], args.rounds, args.steps, args.pytorch_ntm))
+            result["shapes"].append(compare(known[name], args.rounds, args.steps, args.pytorch_ntm, args.compiled))
         except RuntimeError as exc:
             print(f"versus_baseline: {exc}", file=sys.stderr)
             return 1

@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from .backend import BACKENDS
 from .tasks import TASKS
 
 # (flag, task field, type, help); a flag is accepted only by tasks that have the field.
@@ -176,6 +177,11 @@ def _add_train(commands, common) -> None:
                         "CUDA only, one process [off]")
     g.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_const", const=False,
                    help="turn a resumed run's --cuda-graph off (to resume it on a CPU, say)")
+    g.add_argument("--backend", choices=BACKENDS,
+                   help="the memory ops' implementation: auto (Triton kernels on CUDA, else the reference path), "
+                        "reference, triton, or compiled (the reference path through torch.compile: tens of seconds "
+                        "of compiling at the start, then on a CPU about 0.7 of the step's time at the paper's size; "
+                        "needs a C++ compiler) [auto]")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     m = p.add_argument_group("model")
     for flag, dest, kind, text in MODEL_FLAGS:
@@ -282,7 +288,7 @@ def _given(args, prefix: str) -> dict[str, Any]:
 def _training_overrides(args) -> dict[str, Any]:
     names = ("steps", "batch_size", "lr", "optimizer", "clip", "seed", "device", "eval_every", "eval_batches",
              "eval_batch_size", "checkpoint_every", "target_cost", "target_patience", "curriculum", "curriculum_start",
-             "curriculum_step", "curriculum_threshold", "cuda_graph")
+             "curriculum_step", "curriculum_threshold", "cuda_graph", "backend")
     return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
 
 

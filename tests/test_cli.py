@@ -358,3 +358,29 @@ def test_each_task_trains_a_few_steps(tmp_path, name):
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
     cost = evaluate(trainer.model, trainer.task, batches=1, batch_size=2, seed=0)
     assert cost >= 0
+
+
+def test_backend_is_a_training_choice_that_checkpoints_do_not_keep(tmp_path):
+    """``--backend compiled`` trains and evaluates through torch.compile (at tests/test_compiled.py's shape,
+    whose graph the two share); the checkpoint loads with the default backend."""
+    out = tmp_path / "run"
+    flags = ["--memory-slots", "16", "--memory-width", "4", "--controller-size", "8", "--batch-size", "2",
+             "--eval-batch-size", "2", "--eval-every", "2", "--eval-batches", "1", "--no-progress"]
+    assert main(["train", "copy", "--steps", "2", "--max-len", "3", "--backend", "compiled", "--out", str(out),
+                 *flags]) == 0
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["training"]["backend"] == "compiled" and "backend" not in saved["model"]
+    assert json.loads((out / "log.csv").read_text().splitlines()[1].split(",")[4]) >= 0  # an eval cost
+    model, _, _ = load_model(out)
+    assert model.cell.backend == "auto"
+    assert Trainer.resume(out, progress=False, backend="reference").model.cell.backend == "reference"
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(backend="fast"), "backend must be one of"),
+    (dict(model_args={**TINY, "backend": "reference"}), "model_args must not hold 'backend'"),
+    (dict(backend="compiled", cuda_graph=True), "choose one"),
+])
+def test_a_bad_backend_choice_is_refused_naming_it(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_config(**kwargs)

@@ -37,7 +37,9 @@ from . import common
 from .cases import COMPILE_PROVIDERS, OPS, TRAIN_ONLY_PROVIDERS, Case, providers_for, train_only_providers_for
 from .shapes import OP_SHAPES, QUICK_SKIP, TINY_OP_SHAPES, TINY_TRAIN_SHAPES, TRAIN_SHAPES, in_sweep
 
-# torch.compile takes tens of seconds a graph on a CPU; these shapes keep a run bounded.
+# torch.compile takes tens of seconds a graph on a CPU; these shapes keep a run bounded (the compiled providers'
+# training steps, ``compiled`` and ``reference-compile``, run in full mode: ``benchmarks.versus_baseline --compiled``
+# times ``compiled`` against the baseline).
 COMPILE_SHAPES = {
     ("cpu", "quick"): {"paper-b32"},
     ("cpu", "full"): {"paper-b1", "paper-b32", "medium", "copy-b1", "copy-b32"},

@@ -31,7 +31,8 @@ SKIP = QUICK_SKIP[DEVICE.type] if MODE == "quick" else set()
 
 def _params():
     compile_shapes = COMPILE_SHAPES[(DEVICE.type, MODE)]
-    # The train-only providers time the training step alone (on a CPU: the compiled memory step, the baseline).
+    # The train-only providers time the training step alone: on CUDA the graph replays; on a CPU the baseline, and
+    # with FASTNTM_BENCH_FULL=1 the compiled memory step (COMPILE_SHAPES: the quick set compiles paper-b32 alone).
     for provider in providers_for(DEVICE) + train_only_providers_for(DEVICE):
         for op in OPS if provider not in TRAIN_ONLY_PROVIDERS else ("train_step",):
             shapes = TRAIN_SHAPES if op == "train_step" else OP_SHAPES

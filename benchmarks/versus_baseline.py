@@ -145,13 +145,13 @@ def compare(shape, rounds: int, steps: int, pytorch_ntm: str | None = None, comp
     if compiled:
         over_compiled = _paired(p50s[BASELINE], p50s[COMPILED], target)
         result["compiled"] = dict(
-            median_ms=statistics.median(p50s[COMPILED]), over_baseline=over_compiled,
-            over_reference=_paired(p50s[COMPILED], p50s["reference"]),
+            median_ms=statistics.median(p50s[COMPILED]), baseline_over_compiled=over_compiled,
+            compiled_over_reference=_paired(p50s[COMPILED], p50s["reference"]),
         )
         met = "" if target is None else f"; target {target:g}x met in {over_compiled['rounds_meeting_target']} of {rounds}"
         log(f"{shape.name}: fastntm compiled {result['compiled']['median_ms']:.1f} ms; baseline / compiled paired: "
             f"median {over_compiled['median']:.2f}x, range {over_compiled['min']:.2f} - {over_compiled['max']:.2f}{met}; "
-            f"compiled / eager {result['compiled']['over_reference']['median']:.3f}")
+            f"compiled / eager {result['compiled']['compiled_over_reference']['median']:.3f}")
     if pytorch_ntm:
         real = p50s[PYTORCH_NTM]
         over_fastntm = _paired(real, p50s["reference"], target)
@@ -168,7 +168,7 @@ def compare(shape, rounds: int, steps: int, pytorch_ntm: str | None = None, comp
             f"{over_baseline['max']:.3f})")
         if compiled:
             real_over_compiled = _paired(real, p50s[COMPILED], target)
-            result["compiled"]["over_pytorch_ntm"] = real_over_compiled
+            result["compiled"]["pytorch_ntm_over_compiled"] = real_over_compiled
             log(f"{shape.name}: pytorch-ntm / fastntm compiled paired: median {real_over_compiled['median']:.2f}x "
                 f"({real_over_compiled['min']:.2f} - {real_over_compiled['max']:.2f})")
     return result

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import warnings
 from types import ModuleType, SimpleNamespace
 from typing import Callable
 
@@ -51,9 +52,11 @@ Built at import, not on first use: ``torch.compile`` cannot trace the namespace'
 
 def _eager_only(args) -> bool:
     """Calls that run the reference eagerly under ``backend="compiled"``: inside a trace or another compile
-    (which take the reference's ops into their own graph), on meta tensors (shapes only), and with
-    forward-mode AD tangents (the reference's answer to those, not a compile's)."""
+    (which take the reference's ops into their own graph), under a ``torch.func`` transform, on meta tensors
+    (shapes only), and with forward-mode AD tangents (the reference's answer to those, not a compile's)."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return True
+    if torch._C._functorch.peek_interpreter_stack() is not None:  # grad, vmap, jacrev...: dynamo refuses them
         return True
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
     if any(t.is_meta for t in tensors):
@@ -79,10 +82,21 @@ def _one_graph_args(args) -> tuple:
     return tuple(out)
 
 
+@functools.cache
+def _warn_recompile_limit(op: str) -> None:
+    warnings.warn(
+        f"backend='compiled': {op} has compiled as many graphs as torch._dynamo.config.recompile_limit allows "
+        f"({torch._dynamo.config.recompile_limit}); calls needing another (a new dtype, shape or grad mode) run "
+        "the reference uncompiled. Raise the limit to compile them too",
+        stacklevel=4,
+    )
+
+
 def _compiled(op: str, compiler: str = "inductor") -> Callable:
     """``REFERENCE``'s ``op`` through ``torch.compile(backend=compiler)`` (whole graph, backward included),
-    compiled at its first call (and again for each new dtype, and once more, with dynamic sizes, for a
-    second shape)."""
+    compiled at its first call (and again for each new dtype or grad mode, and once more, with dynamic
+    sizes, for a second shape). Past dynamo's limit of graphs a function (``torch._dynamo.config.
+    recompile_limit``, 8) a call of yet another kind runs the reference eagerly, with one warning."""
     eager = getattr(REFERENCE, op)
     compiled = None
 
@@ -94,6 +108,9 @@ def _compiled(op: str, compiler: str = "inductor") -> Callable:
             compiled = torch.compile(eager, backend=compiler, fullgraph=True)
         try:
             return compiled(*_one_graph_args(args))
+        except torch._dynamo.exc.FailOnRecompileLimitHit:
+            _warn_recompile_limit(op)
+            return eager(*args)
         except torch._dynamo.exc.BackendCompilerFailed as error:
             raise RuntimeError(
                 f"backend='compiled' could not compile {op} ({type(error.inner_exception).__name__}: "

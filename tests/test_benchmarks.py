@@ -328,6 +328,32 @@ def test_versus_baseline_alternates_its_rounds_and_pairs_their_ratios(monkeypatc
     assert r["target"] == 2.5 and r["rounds_meeting_target"] == 3
 
 
+def test_versus_baseline_pairs_the_compiled_step_with_the_others_in_the_same_rounds(monkeypatch):
+    """``compiled=True``: fastntm with backend='compiled' checked and timed beside the eager step and the baseline
+    (tiny-copy's memory step is tests/test_compiled.py's shape: one graph for both)."""
+    from benchmarks import versus_baseline
+
+    order = []
+
+    def fake_p50_ms(fn, steps):  # by first appearance: fastntm eager 10 ms, compiled 5 ms, baseline 30 ms
+        if fn not in order:
+            order.append(fn)
+        return (10.0, 5.0, 30.0)[order.index(fn)]
+
+    monkeypatch.setattr(versus_baseline, "p50_ms", fake_p50_ms)
+    monkeypatch.setitem(versus_baseline.TARGETS, "tiny-copy", 4.0)
+    r = versus_baseline.compare(TINY_TRAIN_SHAPES["tiny-copy"], rounds=2, steps=1, compiled=True, log=lambda line: None)
+    assert set(r["rel_err"]) == {"reference", "compiled", "baseline"}
+    assert all(err <= common.TOLERANCE[torch.float32] for err in r["rel_err"].values())
+    assert r["p50_ms"] == {"reference": [10.0] * 2, "compiled": [5.0] * 2, "baseline": [30.0] * 2}
+    assert r["speedup_median"] == 3.0 and r["rounds_meeting_target"] == 0  # eager: baseline / fastntm
+    compiled = r["compiled"]
+    assert compiled["median_ms"] == 5.0
+    assert compiled["baseline_over_compiled"]["median"] == 6.0
+    assert compiled["baseline_over_compiled"]["rounds_meeting_target"] == 2
+    assert compiled["compiled_over_reference"]["median"] == 0.5
+
+
 def test_versus_baseline_checks_both_steps_then_times_them_in_alternating_rounds(tmp_path, capsys):
     from benchmarks import versus_baseline
 

@@ -10,6 +10,7 @@ nothing, at an awkward shape.
 from __future__ import annotations
 
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -21,6 +22,17 @@ from helpers import assert_close, step_inputs
 
 B, N, M, R, W, S = 2, 16, 4, 1, 1, 3  # tiny-copy's memory step
 WIDTH = (R + W) * (M + S + 3) + 2 * W * M
+
+
+def ran_compiled(fn) -> bool:
+    """Whether ``fn()`` ran a compiled graph (the profiler marks each such call)."""
+    with torch.profiler.profile() as prof:
+        fn()
+    return any(e.name.startswith("Torch-Compiled Region") for e in prof.events())
+
+
+def never_compile(graph, example_inputs):
+    raise AssertionError("compiled where the reference itself should have run")
 
 
 def from_heads_inputs(case: str, seed=0):
@@ -52,6 +64,8 @@ def test_compiled_memory_step_from_heads_matches_the_reference_at_the_edges(used
         for name, expected, got in zip(("w", "r", "new_mem", "dmem", "draw", "dw_prev"), *outs.values()):
             assert torch.isfinite(got).all(), f"{case}: {name}"
             assert_close(expected, got, f"{case}: {name}")
+    assert ran_compiled(lambda: F.memory_step_from_heads(*x, num_reads=R, num_writes=W, shift_width=S,
+                                                         backend="compiled"))
 
 
 def test_model_with_the_compiled_backend_matches_the_reference_model():
@@ -61,6 +75,7 @@ def test_model_with_the_compiled_backend_matches_the_reference_model():
     eager = copy.deepcopy(model)
     eager.cell.backend = "reference"
     x = torch.rand(5, B, 9)
+    assert ran_compiled(lambda: model(x))
     for checkpoint_every in (0, 2):  # checkpointed segments rerun the compiled step in backward
         model.checkpoint_every = eager.checkpoint_every = checkpoint_every
         y, state = model(x)
@@ -121,18 +136,29 @@ def test_compiled_is_a_backend_and_the_environment_can_choose_it(monkeypatch):
         FastNTM(9, 8, backend="compile")
 
 
-def test_compiled_backend_runs_the_reference_itself_on_meta_tensors_forward_ad_and_inside_a_compile():
+def test_compiled_backend_runs_the_reference_itself_where_a_compile_does_not_apply(monkeypatch):
+    """Meta tensors, forward-mode AD, torch.func transforms and another compile around the op: the reference
+    runs (a compile here would fail the test) and answers as it does under ``backend="reference"``."""
+    monkeypatch.setattr(backend, "COMPILED", SimpleNamespace(
+        **{op: backend._compiled(op, compiler=never_compile) for op in backend.OPS}))
     t = step_inputs(B=2, N=11, M=5, R=1, W=1, S=3, dtype=torch.float32, requires_grad=False)
     w, r, new_mem = F.memory_step(*(v.to("meta") for v in t.values()), num_reads=1, backend="compiled")
     assert (w.shape, r.shape, new_mem.shape) == ((2, 2, 11), (2, 1, 5), (2, 11, 5))
 
     import torch.autograd.forward_ad as fwAD
 
-    tangent = torch.randn_like(t["mem"])
+    mem, w_read = t["mem"], t["w_prev"][:, :1]
+    tangent = torch.randn_like(mem)
     with fwAD.dual_level():
-        jvps = [fwAD.unpack_dual(F.read(fwAD.make_dual(t["mem"], tangent), t["w_prev"][:, :1], backend=name)).tangent
+        jvps = [fwAD.unpack_dual(F.read(fwAD.make_dual(mem, tangent), w_read, backend=name)).tangent
                 for name in ("reference", "compiled")]
     assert_close(*jvps, "read's tangent")
+
+    grad_of = {name: torch.func.grad(lambda m, name=name: F.read(m, w_read, backend=name).square().sum())(mem)
+               for name in ("reference", "compiled")}
+    assert_close(grad_of["reference"], grad_of["compiled"], "torch.func.grad of read")
+    batched = torch.func.vmap(lambda m, w: F.read(m[None], w[None], backend="compiled")[0])(mem, w_read)
+    assert_close(reference.read(mem, w_read), batched, "torch.func.vmap of read")
 
     def step(*x):  # another compile around the op takes the reference's ops into its own graph
         return F.memory_step(*x, num_reads=1, backend="compiled")
@@ -140,6 +166,18 @@ def test_compiled_backend_runs_the_reference_itself_on_meta_tensors_forward_ad_a
     outer = torch.compile(step, backend="aot_eager", fullgraph=True)
     for name, ref, out in zip(("w", "r", "new_mem"), reference.memory_step(*t.values(), 1), outer(*t.values())):
         assert_close(ref, out, name)
+
+
+def test_past_the_recompile_limit_calls_run_the_reference_with_one_warning():
+    read = backend._compiled("read", compiler="eager")
+    backend._warn_recompile_limit.cache_clear()
+    calls = [step_inputs(B=2, N=11, M=5, R=1, W=1, S=3, dtype=dtype, requires_grad=False)
+             for dtype in (torch.float32, torch.float64, torch.float32)]
+    with torch._dynamo.config.patch(recompile_limit=1, automatic_dynamic_shapes=False):
+        with pytest.warns(UserWarning, match="recompile_limit allows"):
+            outs = [read(t["mem"], t["w_prev"][:, :1]) for t in calls]
+    for t, out in zip(calls, outs):
+        assert_close(reference.read(t["mem"], t["w_prev"][:, :1]), out, f"read in {out.dtype}")
 
 
 def test_a_failed_compile_is_a_clear_error_naming_the_way_out():

@@ -83,21 +83,21 @@ def _one_graph_args(args) -> tuple:
 
 
 @functools.cache
-def _warn_recompile_limit(op: str) -> None:
+def _warn_recompile_limit(name: str) -> None:
     warnings.warn(
-        f"backend='compiled': {op} has compiled as many graphs as torch._dynamo.config.recompile_limit allows "
+        f"backend='compiled': {name} has compiled as many graphs as torch._dynamo.config.recompile_limit allows "
         f"({torch._dynamo.config.recompile_limit}); calls needing another (a new dtype, shape or grad mode) run "
-        "the reference uncompiled. Raise the limit to compile them too",
+        "uncompiled. Raise the limit to compile them too",
         stacklevel=4,
     )
 
 
-def _compiled(op: str, compiler: str = "inductor") -> Callable:
-    """``REFERENCE``'s ``op`` through ``torch.compile(backend=compiler)`` (whole graph, backward included),
-    compiled at its first call (and again for each new dtype or grad mode, and once more, with dynamic
-    sizes, for a second shape). Past dynamo's limit of graphs a function (``torch._dynamo.config.
-    recompile_limit``, 8) a call of yet another kind runs the reference eagerly, with one warning."""
-    eager = getattr(REFERENCE, op)
+def compile_lazily(eager: Callable, name: str, compiler: str | Callable = "inductor") -> Callable:
+    """``eager`` through ``torch.compile(backend=compiler)`` (whole graph, backward included), compiled at its
+    first call (and again for each new dtype or grad mode, and once more, with dynamic sizes, for a second
+    shape); ``eager`` itself where a compile does not apply (``_eager_only``). Past dynamo's limit of graphs a
+    function (``torch._dynamo.config.recompile_limit``, 8) a call of yet another kind runs ``eager``, with one
+    warning."""
     compiled = None
 
     def call(*args):
@@ -109,22 +109,27 @@ def _compiled(op: str, compiler: str = "inductor") -> Callable:
         try:
             return compiled(*_one_graph_args(args))
         except torch._dynamo.exc.FailOnRecompileLimitHit:
-            _warn_recompile_limit(op)
+            _warn_recompile_limit(name)
             return eager(*args)
         except torch._dynamo.exc.BackendCompilerFailed as error:
             raise RuntimeError(
-                f"backend='compiled' could not compile {op} ({type(error.inner_exception).__name__}: "
+                f"backend='compiled' could not compile {name} ({type(error.inner_exception).__name__}: "
                 f"{error.inner_exception}); on a CPU torch.compile needs a C++ compiler (g++ or clang++). "
                 "Use backend='reference' to run the same path uncompiled"
             ) from error
 
-    call.__name__ = call.__qualname__ = op
+    call.__name__ = call.__qualname__ = name
     return call
+
+
+def _compiled(op: str, compiler: str | Callable = "inductor") -> Callable:
+    """``REFERENCE``'s ``op``, compiled lazily."""
+    return compile_lazily(getattr(REFERENCE, op), op, compiler)
 
 
 COMPILED = SimpleNamespace(**{op: _compiled(op) for op in OPS})
 """The reference path (``REFERENCE``) through ``torch.compile``, op by op. On a CPU its memory step runs as a
-few fused C++ loops in place of ~100 dispatched ops: about 0.7 of the eager training step at the paper's size."""
+few fused C++ loops in place of ~100 dispatched ops: 0.7 - 0.8 of the eager training step at the paper's size."""
 
 
 def resolve(backend: str, device: torch.device) -> str:

@@ -23,7 +23,8 @@ import torch.utils.checkpoint
 from torch import nn
 
 from . import functional, validation
-from .backend import BACKENDS
+from .backend import BACKENDS, compile_lazily
+from .backend import resolve as resolve_backend
 
 MEMORY_INITS = ("constant", "learned", "random")
 CONTROLLERS = ("lstm", "mlp")
@@ -100,8 +101,9 @@ class LSTMController(nn.Module):
         self.cells = nn.ModuleList(nn.LSTMCell(n, hidden_size) for n in sizes)
 
     def initial_state(self, batch_size: int, device, dtype) -> tuple[torch.Tensor, ...]:
-        zeros = torch.zeros(self.num_layers, batch_size, self.hidden_size, device=device, dtype=dtype)
-        return zeros, zeros
+        # Two tensors, not one twice: a compiled step (backend="compiled") guards on which inputs alias.
+        return tuple(torch.zeros(self.num_layers, batch_size, self.hidden_size, device=device, dtype=dtype)
+                     for _ in range(2))
 
     def forward(self, x: torch.Tensor, state: tuple[torch.Tensor, ...]):
         h_prev, c_prev = state
@@ -255,7 +257,18 @@ class NTMCell(nn.Module):
         return torch.cat([h, state.reads.flatten(1)], dim=-1), state
 
     def step(self, x: torch.Tensor, state: NTMState) -> tuple[torch.Tensor, NTMState]:
-        """One step: the controller's output ``h_t`` and the new state (whose ``reads`` are ``r_t``)."""
+        """One step: the controller's output ``h_t`` and the new state (whose ``reads`` are ``r_t``).
+
+        Under ``backend="compiled"`` the whole step (controller, head layer, memory step) is one compiled
+        graph: on a CPU the controller's small ops cost as much as the memory step's, and their autograd
+        nodes as much again."""
+        if resolve_backend(self.backend, x.device) != "compiled":
+            return self._step(x, state)
+        h, memory, weights, reads, *controller = _compiled_flat_step(
+            self, x, state.memory, state.weights, state.reads, *state.controller)
+        return h, NTMState(memory, weights, reads, tuple(controller))
+
+    def _step(self, x: torch.Tensor, state: NTMState) -> tuple[torch.Tensor, NTMState]:
         controller_in = torch.cat([x, state.reads.flatten(1)], dim=-1)
         h, controller_state = self.controller(controller_in, state.controller)
         raw = self.heads(h)
@@ -279,6 +292,15 @@ class NTMCell(nn.Module):
         _check_state(self, state, x, x.shape[0])
         features, state = self.features(x, state)
         return self.readout(features), state
+
+
+def _flat_step(cell: NTMCell, x: torch.Tensor, memory, weights, reads, *controller):
+    """``cell._step`` on the state's tensors, returning them as a tuple: what ``torch.compile`` takes."""
+    h, state = cell._step(x, NTMState(memory, weights, reads, tuple(controller)))
+    return h, state.memory, state.weights, state.reads, *state.controller
+
+
+_compiled_flat_step = compile_lazily(_flat_step, "the model's step")
 
 
 def default_checkpoint_every(steps: int, state: NTMState) -> int:

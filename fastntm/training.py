@@ -134,8 +134,8 @@ class TrainConfig:
 
     ``backend``: the model's (``fastntm.backend``); ``"compiled"`` compiles its memory step
     with ``torch.compile`` at the first steps (tens of seconds on a CPU, and again for the
-    evaluation's no-grad graph), then runs the copy task's step at the paper's size in about
-    0.7 of the time of ``"auto"`` on a CPU. A training choice, not the model's: checkpoints
+    evaluation's no-grad graph), then runs the copy task's step at the paper's size in 0.7 - 0.8
+    of the time of ``"auto"`` on a CPU. A training choice, not the model's: checkpoints
     load with ``"auto"``.
     """
 

@@ -180,7 +180,7 @@ def _add_train(commands, common) -> None:
     g.add_argument("--backend", choices=BACKENDS,
                    help="the memory ops' implementation: auto (Triton kernels on CUDA, else the reference path), "
                         "reference, triton, or compiled (the reference path through torch.compile: tens of seconds "
-                        "of compiling at the start, then on a CPU 0.7 - 0.8 of the step's time at the paper's size; "
+                        "of compiling at the start, then on a CPU about 0.6 of the step's time at the paper's size; "
                         "needs a C++ compiler) [auto]")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     m = p.add_argument_group("model")

@@ -132,10 +132,10 @@ class TrainConfig:
     ``cuda_graph``: run each step as a captured CUDA graph (``CapturedStep``); needs
     a CUDA device and one process.
 
-    ``backend``: the model's (``fastntm.backend``); ``"compiled"`` compiles its memory step
+    ``backend``: the model's (``fastntm.backend``); ``"compiled"`` compiles the model's step
     with ``torch.compile`` at the first steps (tens of seconds on a CPU, and again for the
-    evaluation's no-grad graph), then runs the copy task's step at the paper's size in 0.7 - 0.8
-    of the time of ``"auto"`` on a CPU. A training choice, not the model's: checkpoints
+    evaluation's no-grad graph), then runs the copy task's step at the paper's size in about
+    0.6 of the time of ``"auto"`` on a CPU. A training choice, not the model's: checkpoints
     load with ``"auto"``.
     """
 

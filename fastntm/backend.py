@@ -51,15 +51,20 @@ Built at import, not on first use: ``torch.compile`` cannot trace the namespace'
 
 
 def _eager_only(args) -> bool:
-    """Calls that run the reference eagerly under ``backend="compiled"``: inside a trace or another compile
-    (which take the reference's ops into their own graph), under a ``torch.func`` transform, on meta tensors
-    (shapes only), and with forward-mode AD tangents (the reference's answer to those, not a compile's)."""
+    """Calls that run uncompiled under ``backend="compiled"``: inside a trace or another compile (which take
+    the ops into their own graph), under a ``torch.func`` transform, under autocast (the model's step; the
+    memory ops inside it switch autocast off and run compiled), on meta tensors (shapes only), and with
+    forward-mode AD tangents (the reference's answer to those, not a compile's)."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return True
     if torch._C._functorch.peek_interpreter_stack() is not None:  # grad, vmap, jacrev...: dynamo refuses them
         return True
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
     if any(t.is_meta for t in tensors):
+        return True
+    # A graph traced under autocast would hand the memory step's own backward the low dtype it switches off.
+    if any(torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)
+           for kind in {t.device.type for t in tensors}):
         return True
     from torch.autograd import forward_ad
 

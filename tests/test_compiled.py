@@ -87,6 +87,15 @@ def test_model_with_the_compiled_backend_matches_the_reference_model():
         for (name, p), p_ref in zip(model.named_parameters(), eager.parameters()):
             assert_close(p_ref.grad, p.grad, f"d{name}")
             p.grad = p_ref.grad = None
+    # Under autocast the step runs uncompiled around its memory step, which switches autocast off and runs compiled.
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, _ = model(x)
+        y_ref, _ = eager(x)
+    assert_close(y_ref.float(), y.float(), "logits under autocast", torch.bfloat16)
+    y.float().square().sum().backward()
+    y_ref.float().square().sum().backward()
+    for (name, p), p_ref in zip(model.named_parameters(), eager.parameters()):
+        assert_close(p_ref.grad, p.grad, f"d{name} under autocast", torch.bfloat16)
 
 
 def _calls(t, R_, W_, S_):

@@ -73,10 +73,15 @@ def _eager_only(args) -> bool:
 
 def _one_graph_args(args) -> tuple:
     """``args`` as the compiled graph of most calls takes them: tensors contiguous, and, where one needs a
-    gradient, each floating one made to need one. A model's first step (its constant initial memory is
-    expanded over the batch, its initial weightings need no gradient) then runs the graph of its other
-    steps instead of compiling two of its own; the gradients nothing reads cost a few fused stores."""
-    grads = torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+    gradient (a module's parameters count), each floating one made to need one. A model's first step (its
+    constant initial memory is expanded over the batch, its initial weightings need no gradient), or its
+    first after ``state.detach()``, then runs the graph of its other steps instead of compiling one of its
+    own; the gradients nothing reads cost a few fused stores."""
+    grads = torch.is_grad_enabled() and any(
+        a.requires_grad if isinstance(a, torch.Tensor)
+        else isinstance(a, torch.nn.Module) and any(p.requires_grad for p in a.parameters())
+        for a in args
+    )
     out = []
     for a in args:
         if isinstance(a, torch.Tensor):
@@ -101,20 +106,27 @@ def compile_lazily(eager: Callable, name: str, compiler: str | Callable = "induc
     """``eager`` through ``torch.compile(backend=compiler)`` (whole graph, backward included), compiled at its
     first call (and again for each new dtype or grad mode, and once more, with dynamic sizes, for a second
     shape); ``eager`` itself where a compile does not apply (``_eager_only``). Past dynamo's limit of graphs a
-    function (``torch._dynamo.config.recompile_limit``, 8) a call of yet another kind runs ``eager``, with one
-    warning."""
+    function (``torch._dynamo.config.recompile_limit``, 8, counted over every model or op of the process that
+    shares ``eager``) a call of yet another kind runs ``eager``, with one warning, and the graphs already
+    compiled keep running."""
     compiled = None
+    full = False  # past the limit: no more compiles, nor dynamo's message at each call that would need one
 
     def call(*args):
-        nonlocal compiled
+        nonlocal compiled, full
         if _eager_only(args):
             return eager(*args)
         if compiled is None:
             compiled = torch.compile(eager, backend=compiler, fullgraph=True)
+        graph_args = _one_graph_args(args)
+        if full:
+            with torch.compiler.set_stance("eager_on_recompile"):
+                return compiled(*graph_args)
         try:
-            return compiled(*_one_graph_args(args))
+            return compiled(*graph_args)
         except torch._dynamo.exc.FailOnRecompileLimitHit:
             _warn_recompile_limit(name)
+            full = True
             return eager(*args)
         except torch._dynamo.exc.BackendCompilerFailed as error:
             raise RuntimeError(

@@ -68,14 +68,17 @@ def test_compiled_memory_step_from_heads_matches_the_reference_at_the_edges(used
                                                          backend="compiled"))
 
 
-def test_model_with_the_compiled_backend_matches_the_reference_model():
+def test_model_with_the_compiled_backend_matches_the_reference_model(monkeypatch):
     torch.manual_seed(0)
     model = FastNTM(9, 8, memory_slots=N, memory_width=M, controller_size=8, num_reads=R, num_writes=W,
                     backend="compiled")
     eager = copy.deepcopy(model)
     eager.cell.backend = "reference"
     x = torch.rand(5, B, 9)
-    assert ran_compiled(lambda: model(x))
+    with monkeypatch.context() as patch:  # no compiled memory op to be found: the graph is the whole step's
+        patch.setattr(backend, "COMPILED", SimpleNamespace(
+            **{op: backend._compiled(op, compiler=never_compile) for op in backend.OPS}))
+        assert ran_compiled(lambda: model(x))
     for checkpoint_every in (0, 2):  # checkpointed segments rerun the compiled step in backward
         model.checkpoint_every = eager.checkpoint_every = checkpoint_every
         y, state = model(x)
@@ -177,14 +180,23 @@ def test_compiled_backend_runs_the_reference_itself_where_a_compile_does_not_app
         assert_close(ref, out, name)
 
 
-def test_past_the_recompile_limit_calls_run_the_reference_with_one_warning():
-    read = backend._compiled("read", compiler="eager")
+def test_past_the_recompile_limit_calls_run_the_reference_with_one_warning(recwarn):
+    """With room for one graph: the first kind of call compiles and keeps running compiled; the others run the
+    reference, warned about once."""
+    def read_with(compiler):  # a function of its own: dynamo counts graphs per code object
+        def read(mem, w):
+            return reference.read(mem, w)
+        return backend.compile_lazily(read, "read", compiler)
+
+    read = read_with("eager")
     backend._warn_recompile_limit.cache_clear()
     calls = [step_inputs(B=2, N=11, M=5, R=1, W=1, S=3, dtype=dtype, requires_grad=False)
-             for dtype in (torch.float32, torch.float64, torch.float32)]
+             for dtype in (torch.float32, torch.float64, torch.float64, torch.float32)]
     with torch._dynamo.config.patch(recompile_limit=1, automatic_dynamic_shapes=False):
-        with pytest.warns(UserWarning, match="recompile_limit allows"):
-            outs = [read(t["mem"], t["w_prev"][:, :1]) for t in calls]
+        outs = [read(t["mem"], t["w_prev"][:, :1]) for t in calls]
+        assert ran_compiled(lambda: read(calls[0]["mem"], calls[0]["w_prev"][:, :1]))
+        assert not ran_compiled(lambda: read(calls[1]["mem"], calls[1]["w_prev"][:, :1]))
+    assert [str(w.message).split(":")[0] for w in recwarn] == ["backend='compiled'"]
     for t, out in zip(calls, outs):
         assert_close(reference.read(t["mem"], t["w_prev"][:, :1]), out, f"read in {out.dtype}")
 

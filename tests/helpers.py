@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import types
+
 import torch
 
 NAMES = ("mem", "k", "beta", "g", "s", "gamma", "w_prev", "e", "a")
@@ -79,3 +81,23 @@ def assert_close(ref: torch.Tensor, out: torch.Tensor, name: str, dtype: torch.d
 def grads(outputs, inputs: dict[str, torch.Tensor], cotangents) -> dict[str, torch.Tensor]:
     got = torch.autograd.grad(outputs, list(inputs.values()), cotangents, allow_unused=True)
     return {n: torch.zeros_like(t) if g is None else g for (n, t), g in zip(inputs.items(), got)}
+
+
+def compile_model_steps_cheaply(monkeypatch) -> list:
+    """Models with ``backend="compiled"`` compile their step with dynamo's ``aot_eager`` (its trace and
+    AOTAutograd's forward and backward graphs, run eagerly: no Inductor, no seconds of C++) for tests of what
+    is wired to them, not of Inductor (``tests/test_compiled.py``). Returns the list the compiler appends each
+    graph to. The step is a function of its own here, so its graphs count apart from the real one's."""
+    from fastntm import backend, model
+
+    graphs = []
+    aot_eager = torch._dynamo.lookup_backend("aot_eager")
+
+    def compiler(graph, example_inputs):
+        graphs.append(graph)
+        return aot_eager(graph, example_inputs)
+
+    code = model._flat_step.__code__
+    step = types.FunctionType(code.replace(), model._flat_step.__globals__, "flat_step")
+    monkeypatch.setattr(model, "_compiled_flat_step", backend.compile_lazily(step, "the model's step", compiler))
+    return graphs

@@ -14,6 +14,8 @@ from fastntm.cli import main
 from fastntm.tasks import TASKS, make_task
 from fastntm.training import TrainConfig, Trainer, evaluate, load_model, masked_bce
 
+from helpers import compile_model_steps_cheaply
+
 TINY = {"memory_slots": 8, "memory_width": 4, "controller_size": 8}
 TINY_FLAGS = ["--memory-slots", "8", "--memory-width", "4", "--controller-size", "8"]
 FAST = ["--eval-every", "2", "--eval-batches", "1", "--eval-batch-size", "2", "--batch-size", "2", "--no-progress"]
@@ -360,14 +362,16 @@ def test_each_task_trains_a_few_steps(tmp_path, name):
     assert cost >= 0
 
 
-def test_backend_is_a_training_choice_that_checkpoints_do_not_keep(tmp_path):
-    """``--backend compiled`` trains and evaluates through torch.compile (at tests/test_compiled.py's shape,
-    whose graph the two share); the checkpoint loads with the default backend."""
+def test_backend_is_a_training_choice_that_checkpoints_do_not_keep(tmp_path, monkeypatch):
+    """``--backend compiled`` trains and evaluates through torch.compile (here ``aot_eager``'s graphs: Inductor's
+    are tests/test_compiled.py's); the checkpoint loads with the default backend."""
+    graphs = compile_model_steps_cheaply(monkeypatch)
     out = tmp_path / "run"
     flags = ["--memory-slots", "16", "--memory-width", "4", "--controller-size", "8", "--batch-size", "2",
              "--eval-batch-size", "2", "--eval-every", "2", "--eval-batches", "1", "--no-progress"]
     assert main(["train", "copy", "--steps", "2", "--max-len", "3", "--backend", "compiled", "--out", str(out),
                  *flags]) == 0
+    assert len(graphs) == 2  # training's and evaluation's (no-grad) steps
     saved = json.loads((out / "config.json").read_text())
     assert saved["training"]["backend"] == "compiled" and "backend" not in saved["model"]
     assert json.loads((out / "log.csv").read_text().splitlines()[1].split(",")[4]) >= 0  # an eval cost

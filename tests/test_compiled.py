@@ -1,10 +1,10 @@
 """``backend="compiled"``: the reference path through ``torch.compile``.
 
-Inductor's compile takes seconds a graph on two cores, so the tests that compile for real share one
-shape, that of ``benchmarks.shapes``' ``tiny-copy`` model (B 2, N 16, M 4, one read and one write head,
-S 3), and so one graph of ``memory_step_from_heads``. Every op's dispatch and trace (whole graph, backward
-included) is checked with dynamo's ``aot_eager`` backend, which traces as Inductor's does but compiles
-nothing, at an awkward shape.
+Inductor's compile takes tens of seconds a graph on two cores, so one graph compiles for real:
+``memory_step_from_heads`` at the shape of ``benchmarks.shapes``' ``tiny-copy`` model (B 2, N 16, M 4,
+one read and one write head, S 3), which the model's tests share. Every op's dispatch and trace (whole
+graph, backward included), and the model's whole step, are checked with dynamo's ``aot_eager`` backend,
+which traces as Inductor's does but compiles nothing.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 import fastntm.functional as F
 from fastntm import FastNTM, backend, reference
 
-from helpers import assert_close, step_inputs
+from helpers import assert_close, compile_model_steps_cheaply, step_inputs
 
 B, N, M, R, W, S = 2, 16, 4, 1, 1, 3  # tiny-copy's memory step
 WIDTH = (R + W) * (M + S + 3) + 2 * W * M
@@ -69,6 +69,11 @@ def test_compiled_memory_step_from_heads_matches_the_reference_at_the_edges(used
 
 
 def test_model_with_the_compiled_backend_matches_the_reference_model(monkeypatch):
+    """The whole step as one graph, every step of a sequence in the same one. Its graphs are ``aot_eager``'s
+    here (dynamo's trace and guards as Inductor gets them; the suite's time allows one Inductor compile of the
+    step's math, the test above): every benchmark run checks the Inductor-compiled step against float64 before
+    timing it."""
+    graphs = compile_model_steps_cheaply(monkeypatch)
     torch.manual_seed(0)
     model = FastNTM(9, 8, memory_slots=N, memory_width=M, controller_size=8, num_reads=R, num_writes=W,
                     backend="compiled")
@@ -79,6 +84,7 @@ def test_model_with_the_compiled_backend_matches_the_reference_model(monkeypatch
         patch.setattr(backend, "COMPILED", SimpleNamespace(
             **{op: backend._compiled(op, compiler=never_compile) for op in backend.OPS}))
         assert ran_compiled(lambda: model(x))
+    assert len(graphs) == 1  # the first step's constant memory and weightings included
     for checkpoint_every in (0, 2):  # checkpointed segments rerun the compiled step in backward
         model.checkpoint_every = eager.checkpoint_every = checkpoint_every
         y, state = model(x)

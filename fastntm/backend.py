@@ -19,6 +19,7 @@ from types import ModuleType, SimpleNamespace
 from typing import Callable
 
 import torch
+from torch.autograd import forward_ad
 
 from . import fused_reference, reference
 
@@ -63,11 +64,9 @@ def _eager_only(args) -> bool:
     if any(t.is_meta for t in tensors):
         return True
     # A graph traced under autocast would hand the memory step's own backward the low dtype it switches off.
-    if any(torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)
-           for kind in {t.device.type for t in tensors}):
+    # The tensors share a device (the ops check it), so the first one's is the call's.
+    if tensors and autocasting(tensors[0].device.type):
         return True
-    from torch.autograd import forward_ad
-
     return forward_ad._current_level >= 0 and any(forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
@@ -77,10 +76,9 @@ def _one_graph_args(args) -> tuple:
     constant initial memory is expanded over the batch, its initial weightings need no gradient), or its
     first after ``state.detach()``, then runs the graph of its other steps instead of compiling one of its
     own; the gradients nothing reads cost a few fused stores."""
-    grads = torch.is_grad_enabled() and any(
-        a.requires_grad if isinstance(a, torch.Tensor)
-        else isinstance(a, torch.nn.Module) and any(p.requires_grad for p in a.parameters())
-        for a in args
+    grads = torch.is_grad_enabled() and (
+        any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+        or any(isinstance(a, torch.nn.Module) and any(p.requires_grad for p in a.parameters()) for a in args)
     )
     out = []
     for a in args:
@@ -180,12 +178,22 @@ def resolve(backend: str, device: torch.device) -> str:
     return backend
 
 
+_AUTOCAST_AVAILABLE: dict[str, bool] = {}  # torch.amp.is_autocast_available takes ~8 us; this runs every op
+
+
+def autocasting(kind: str) -> bool:
+    """Whether autocast is on for device type ``kind``."""
+    available = _AUTOCAST_AVAILABLE.get(kind)
+    if available is None:
+        available = _AUTOCAST_AVAILABLE[kind] = torch.amp.is_autocast_available(kind)
+    return available and torch.is_autocast_enabled(kind)
+
+
 def autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
     """Autocast switched off for ``device`` where it is on: every op computes in fp32 (SPEC.md),
     and under autocast the reference path's bmm and einsum would compute in the low dtype."""
-    kind = device.type
-    if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
-        return torch.autocast(kind, enabled=False)
+    if autocasting(device.type):
+        return torch.autocast(device.type, enabled=False)
     return contextlib.nullcontext()
 
 

@@ -23,7 +23,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from . import functional, validation
-from .backend import BACKENDS, compile_lazily
+from .backend import BACKENDS, autocasting, compile_lazily
 from .backend import resolve as resolve_backend
 
 MEMORY_INITS = ("constant", "learned", "random")
@@ -487,10 +487,6 @@ class FastNTM(nn.Module):
         return self.cell.readout(features), state
 
 
-def _autocasting(device: torch.device) -> bool:
-    return torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type)
-
-
 def _check_x(cell: NTMCell, name: str, x, layout: str) -> None:
     """``x`` of shape ``layout`` ((B, input_size) or a sequence of those), floating, not empty, finite, on
     the model's device and, outside autocast, in its parameters' dtype."""
@@ -507,7 +503,7 @@ def _check_x(cell: NTMCell, name: str, x, layout: str) -> None:
         raise ValueError(f"{name} must have {needs}, got shape {tuple(x.shape)}")
     if x.device != parameter.device:
         raise ValueError(f"{name} is on {x.device} but the model is on {parameter.device}")
-    if x.dtype != parameter.dtype and not _autocasting(x.device):
+    if x.dtype != parameter.dtype and not autocasting(x.device.type):
         raise TypeError(f"{name} has dtype {x.dtype} but the model's parameters have {parameter.dtype}; cast one "
                         f"to the other (or run under torch.autocast)")
     validation.check_range(name, x, None, None)
@@ -534,7 +530,7 @@ def _check_state(cell: NTMCell, state, x: torch.Tensor, B: int) -> None:
         )
     expected.update({f"state.controller[{i}]": (t, shape)
                      for i, (t, shape) in enumerate(zip(state.controller, shapes))})
-    same_dtype = not _autocasting(x.device)
+    same_dtype = not autocasting(x.device.type)
     for name, (t, shape) in expected.items():
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")

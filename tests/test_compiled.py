@@ -35,6 +35,11 @@ def never_compile(graph, example_inputs):
     raise AssertionError("compiled where the reference itself should have run")
 
 
+def ops_that_must_not_compile() -> SimpleNamespace:
+    """A stand-in for ``backend.COMPILED`` whose ops fail the test if they compile anything."""
+    return SimpleNamespace(**{op: backend._compiled(op, compiler=never_compile) for op in backend.OPS})
+
+
 def from_heads_inputs(case: str, seed=0):
     gen = torch.Generator().manual_seed(seed)
     mem = torch.randn(B, N, M, generator=gen)
@@ -81,8 +86,7 @@ def test_model_with_the_compiled_backend_matches_the_reference_model(monkeypatch
     eager.cell.backend = "reference"
     x = torch.rand(5, B, 9)
     with monkeypatch.context() as patch:  # no compiled memory op to be found: the graph is the whole step's
-        patch.setattr(backend, "COMPILED", SimpleNamespace(
-            **{op: backend._compiled(op, compiler=never_compile) for op in backend.OPS}))
+        patch.setattr(backend, "COMPILED", ops_that_must_not_compile())
         assert ran_compiled(lambda: model(x))
     assert len(graphs) == 1  # the first step's constant memory and weightings included
     for checkpoint_every in (0, 2):  # checkpointed segments rerun the compiled step in backward
@@ -157,8 +161,7 @@ def test_compiled_is_a_backend_and_the_environment_can_choose_it(monkeypatch):
 def test_compiled_backend_runs_the_reference_itself_where_a_compile_does_not_apply(monkeypatch):
     """Meta tensors, forward-mode AD, torch.func transforms and another compile around the op: the reference
     runs (a compile here would fail the test) and answers as it does under ``backend="reference"``."""
-    monkeypatch.setattr(backend, "COMPILED", SimpleNamespace(
-        **{op: backend._compiled(op, compiler=never_compile) for op in backend.OPS}))
+    monkeypatch.setattr(backend, "COMPILED", ops_that_must_not_compile())
     t = step_inputs(B=2, N=11, M=5, R=1, W=1, S=3, dtype=torch.float32, requires_grad=False)
     w, r, new_mem = F.memory_step(*(v.to("meta") for v in t.values()), num_reads=1, backend="compiled")
     assert (w.shape, r.shape, new_mem.shape) == ((2, 2, 11), (2, 1, 5), (2, 11, 5))

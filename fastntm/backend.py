@@ -51,14 +51,21 @@ the literal composition and several times cheaper per step on a CPU.
 Built at import, not on first use: ``torch.compile`` cannot trace the namespace's construction."""
 
 
+def transformed(tensors) -> bool:
+    """Whether a ``torch.func`` transform (grad, vmap, jacrev...) is active, or a tensor of ``tensors`` carries a
+    forward-mode AD tangent: calls that an ``autograd.Function`` with a hand-derived backward cannot serve
+    (``fused_reference`` hands them to the literal composition)."""
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return True
+    return forward_ad._current_level >= 0 and any(forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+
+
 def _eager_only(args) -> bool:
     """Calls that run uncompiled under ``backend="compiled"``: inside a trace or another compile (which take
     the ops into their own graph), under a ``torch.func`` transform, under autocast (the model's step; the
     memory ops inside it switch autocast off and run compiled), on meta tensors (shapes only), and with
     forward-mode AD tangents (the reference's answer to those, not a compile's)."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
-        return True
-    if torch._C._functorch.peek_interpreter_stack() is not None:  # grad, vmap, jacrev...: dynamo refuses them
         return True
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
     if any(t.is_meta for t in tensors):
@@ -67,7 +74,7 @@ def _eager_only(args) -> bool:
     # The tensors share a device (the ops check it), so the first one's is the call's.
     if tensors and autocasting(tensors[0].device.type):
         return True
-    return forward_ad._current_level >= 0 and any(forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+    return transformed(tensors)  # dynamo refuses torch.func transforms; tangents want the reference's answer
 
 
 def _one_graph_args(args) -> tuple:
@@ -148,31 +155,36 @@ few fused C++ loops in place of ~100 dispatched ops (the copy task's training st
 alone took 0.70 - 0.77 of the eager step's time; ``FastNTM`` compiles its whole step, 0.6)."""
 
 
-def resolve(backend: str, device: torch.device) -> str:
+def resolve(backend: str, device: torch.device | str) -> str:
     """Name the backend that an op with tensors on ``device`` runs: "reference", "triton" or "compiled"."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
+    device = torch.device(device) if isinstance(device, str) else device
+    from_env = backend == "auto"
+    if from_env:
         backend = os.environ.get("FASTNTM_BACKEND", "auto")
         if backend not in BACKENDS:
             raise ValueError(f"FASTNTM_BACKEND must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         return "triton" if device.type == "cuda" and _kernels() is not None else "reference"
+    if backend == "reference":
+        return backend
+    chosen = f"FASTNTM_BACKEND={backend} (under backend='auto')" if from_env else f"backend={backend!r}"
     if backend == "triton":
         if device.type != "cuda" and not interpreting():
             raise RuntimeError(
-                f"backend='triton' runs on CUDA tensors, got tensors on {device}; "
+                f"{chosen} runs on CUDA tensors, got tensors on {device}; "
                 "set TRITON_INTERPRET=1 before importing fastntm to run the kernels on the CPU"
             )
         if _kernels() is None:
             raise RuntimeError(
-                "backend='triton' needs the fastntm Triton kernels, which could not be loaded "
+                f"{chosen} needs the fastntm Triton kernels, which could not be loaded "
                 "(is triton installed?); use backend='reference' or 'auto'"
             )
     # Inside a compile it is supported, and dynamo may not trace its own check.
     if backend == "compiled" and not torch.compiler.is_compiling() and not torch._dynamo.is_dynamo_supported():
         raise RuntimeError(
-            "backend='compiled' runs the reference path through torch.compile, which this Python or platform "
+            f"{chosen} runs the reference path through torch.compile, which this Python or platform "
             "does not support; use backend='reference'"
         )
     return backend

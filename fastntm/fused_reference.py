@@ -6,6 +6,13 @@ for every step. This computes the same function as one ``autograd.Function``
 whose backward is written out below, in a few vectorised ops. Tests hold it to
 the literal reference (values and every gradient) and to ``gradcheck``.
 
+Where the hand-derived backward cannot serve, the literal composition answers,
+slower but the same function: under a ``torch.func`` transform or with
+forward-mode AD tangents it runs in place of the node; a backward taken with
+``create_graph=True`` (gradient penalties, Hessian-vector products) or under
+vmap (``jacobian(vectorize=True)``) recomputes it from the saved inputs and
+differentiates it (``differentiate_literal``). The Triton kernels' nodes do the same.
+
 Backward, with ``dw``, ``dr``, ``dM`` the incoming gradients (SPEC.md's names):
 
 * write, ``M_t = M P + sum_h w_h a_h`` with ``P = prod_h E_h``, ``E_h = 1 - w_h e_h``:
@@ -116,10 +123,48 @@ def _write(mem, w_write, e, a, erase_factors):
 SAVED = 20  # tensors MemoryStep._forward saves for its own backward
 
 
+def hand_derived_serves(grads) -> bool:
+    """Whether a hand-derived backward (this module's, or the Triton kernels') can take these incoming
+    gradients: not in a backward taken with
+    ``create_graph=True`` (it computes from values saved without their history, so its result could not be
+    differentiated), nor under vmap (``autograd.grad(is_grads_batched=True)``, ``jacobian(vectorize=True)``),
+    which its in-place ops refuse."""
+    if torch.is_grad_enabled():
+        return False
+    functorch = torch._C._functorch
+    return not any(g is not None and (functorch.is_batchedtensor(g) or functorch.is_legacy_batchedtensor(g))
+                   for g in grads)
+
+
+def differentiate_literal(ctx, literal, inputs, constants, grads) -> tuple:
+    """The inputs' gradients through ``literal`` (the spec's composition of ops), recomputed with autograd
+    recording, where the hand-derived backward does not serve (``hand_derived_serves``); differentiable
+    in turn under ``create_graph=True``. ``inputs`` are the op's tensor inputs as saved (with their
+    history), ``constants`` its other arguments; the result has a slot for each of both."""
+    create_graph = torch.is_grad_enabled()
+    wanted = [i for i, needed in enumerate(ctx.needs_input_grad[: len(inputs)]) if needed]
+    found = [None] * len(wanted)
+    with torch.enable_grad(), backend.autocast_off(inputs[0].device):
+        outputs = literal(*inputs, *constants)
+        outputs = (outputs,) if isinstance(outputs, torch.Tensor) else outputs
+        used = [(out, grad) for out, grad in zip(outputs, grads) if grad is not None]
+        if wanted and used:
+            # Retained: under vmap the call may run once a batch element (vmap's fallback), on this one graph.
+            found = torch.autograd.grad([out for out, _ in used], [inputs[i] for i in wanted],
+                                        [grad for _, grad in used], create_graph=create_graph, retain_graph=True,
+                                        allow_unused=True)
+    result = [None] * (len(inputs) + len(constants))
+    for i, grad in zip(wanted, found):
+        result[i] = grad
+    return tuple(result)
+
+
 class MemoryStep(torch.autograd.Function):
     @staticmethod
     def forward(ctx, mem, k, beta, g, s, gamma, w_prev, e, a, num_reads):
-        return MemoryStep._forward(ctx, mem, k, beta, g, s, gamma, w_prev, e, a, num_reads)
+        # The inputs as given, after what the backward needs: a backward of the backward recomputes from them.
+        return MemoryStep._forward(ctx, mem, k, beta, g, s, gamma, w_prev, e, a, num_reads,
+                                   k, beta, g, s, gamma, w_prev, e, a)
 
     @staticmethod
     def _forward(ctx, mem, k, beta, g, s, gamma, w_prev, e, a, num_reads, *also_saved):
@@ -163,11 +208,14 @@ class MemoryStep(torch.autograd.Function):
         return w.to(ctx.dtypes[1]), r.to(ctx.dtypes[1]), new_mem.to(ctx.dtypes[0])
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dw, dr, dnew):
+        saved = ctx.saved_tensors
+        if not hand_derived_serves((dw, dr, dnew)):
+            return differentiate_literal(ctx, reference.memory_step, (saved[0], *saved[SAVED:]), (ctx.num_reads,),
+                                          (dw, dr, dnew))
         # Backward runs from the autograd engine, outside ``functional``'s autocast guard.
         with backend.autocast_off(ctx.device):
-            return MemoryStep._backward(ctx, dw, dr, dnew, ctx.saved_tensors)
+            return MemoryStep._backward(ctx, dw, dr, dnew, saved)
 
     @staticmethod
     def _backward(ctx, dw, dr, dnew, saved):
@@ -269,12 +317,15 @@ class MemoryStepFromHeads(torch.autograd.Function):
     def forward(ctx, mem, raw, w_prev, num_reads, num_writes, shift_width):
         k, beta, g, s, gamma, e, a = reference.head_parameters(raw, num_reads, num_writes, mem.shape[-1], shift_width)
         ctx.layout = (num_reads + num_writes, num_writes, mem.shape[-1], shift_width)
-        return MemoryStep._forward(ctx, mem, k, beta, g, s, gamma, w_prev, e, a, num_reads, raw)
+        return MemoryStep._forward(ctx, mem, k, beta, g, s, gamma, w_prev, e, a, num_reads, raw, w_prev)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dw, dr, dnew):
         saved = ctx.saved_tensors
+        if not hand_derived_serves((dw, dr, dnew)):
+            H, W, _, S = ctx.layout
+            return differentiate_literal(ctx, reference.memory_step_from_heads, (saved[0], *saved[SAVED:]),
+                                          (H - W, W, S), (dw, dr, dnew))
         with backend.autocast_off(ctx.device):
             dmem, dk, dbeta, dg, ds, dgamma, dw_prev, de, da, _ = MemoryStep._backward(ctx, dw, dr, dnew, saved)
             d_raw = MemoryStepFromHeads._raw_grad(ctx, saved, dk, dbeta, dg, ds, dgamma, de, da) \
@@ -311,11 +362,17 @@ class MemoryStepFromHeads(torch.autograd.Function):
 
 
 def memory_step(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads):
-    """``fastntm.reference.memory_step``, computed as one autograd node (see the module docstring).
+    """``fastntm.reference.memory_step``, computed as one autograd node (see the module docstring); under a
+    ``torch.func`` transform or with forward-mode AD tangents, the literal composition itself.
     ``fastntm.functional`` calls it with autocast off."""
+    if backend.transformed((mem, k, beta, g, s, gamma, w_prev, e, a)):
+        return reference.memory_step(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads)
     return MemoryStep.apply(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads)
 
 
 def memory_step_from_heads(mem, raw, w_prev, num_reads, num_writes, shift_width):
-    """``fastntm.reference.memory_step_from_heads`` as one autograd node (``MemoryStepFromHeads``)."""
+    """``fastntm.reference.memory_step_from_heads`` as one autograd node (``MemoryStepFromHeads``), or the
+    literal composition where ``memory_step`` takes it."""
+    if backend.transformed((mem, raw, w_prev)):
+        return reference.memory_step_from_heads(mem, raw, w_prev, num_reads, num_writes, shift_width)
     return MemoryStepFromHeads.apply(mem, raw, w_prev, num_reads, num_writes, shift_width)

@@ -79,6 +79,11 @@ class Trace:
     def weights(self) -> torch.Tensor:
         if not self.steps:
             raise ValueError("the trace holds no steps: run the model inside the 'with model.record()' block")
+        shapes = {tuple(step.shape) for step in self.steps}
+        if len(shapes) > 1:
+            raise ValueError(f"the trace's steps have different shapes (B, H, N), {sorted(shapes)}: calls with "
+                             "different batch sizes inside one 'with model.record()' block; record each in a block "
+                             "of its own")
         return torch.stack(self.steps)
 
     @property
@@ -243,6 +248,8 @@ class NTMCell(nn.Module):
         """The state before the first step, for ``batch_size`` sequences; memory in
         ``memory_dtype`` when one was given (bf16 storage, fp32 arithmetic)."""
         _check_positive_int("batch_size", batch_size)
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
         device = device if device is not None else self.initial_memory.device
         dtype = dtype if dtype is not None else self.initial_memory.dtype
         B, R, H, N, M = batch_size, self.num_reads, self.num_heads, self.memory_slots, self.memory_width
@@ -253,24 +260,26 @@ class NTMCell(nn.Module):
             controller=self.controller.initial_state(B, device, dtype),
         )
 
-    def features(self, x: torch.Tensor, state: NTMState) -> tuple[torch.Tensor, NTMState]:
+    # The steps below check nothing: ``forward`` and ``FastNTM`` check x and the state once, then step.
+
+    def _features(self, x: torch.Tensor, state: NTMState) -> tuple[torch.Tensor, NTMState]:
         """One step up to the output layer: ``([h_t, r_t], new_state)``."""
-        h, state = self.step(x, state)
+        h, state = self._step(x, state)
         return torch.cat([h, state.reads.flatten(1)], dim=-1), state
 
-    def step(self, x: torch.Tensor, state: NTMState) -> tuple[torch.Tensor, NTMState]:
+    def _step(self, x: torch.Tensor, state: NTMState) -> tuple[torch.Tensor, NTMState]:
         """One step: the controller's output ``h_t`` and the new state (whose ``reads`` are ``r_t``).
 
         Under ``backend="compiled"`` the whole step (controller, head layer, memory step) is one compiled
         graph: on a CPU the controller's small ops cost as much as the memory step's, and their autograd
         nodes as much again."""
         if resolve_backend(self.backend, x.device) != "compiled":
-            return self._step(x, state)
+            return self._eager_step(x, state)
         h, memory, weights, reads, *controller = _compiled_flat_step(
             self, x, state.memory, state.weights, state.reads, *state.controller)
         return h, NTMState(memory, weights, reads, tuple(controller))
 
-    def _step(self, x: torch.Tensor, state: NTMState) -> tuple[torch.Tensor, NTMState]:
+    def _eager_step(self, x: torch.Tensor, state: NTMState) -> tuple[torch.Tensor, NTMState]:
         controller_in = torch.cat([x, state.reads.flatten(1)], dim=-1)
         h, controller_state = self.controller(controller_in, state.controller)
         raw = self.heads(h)
@@ -292,13 +301,13 @@ class NTMCell(nn.Module):
     def forward(self, x: torch.Tensor, state: NTMState) -> tuple[torch.Tensor, NTMState]:
         _check_x(self, "x", x, "(B, input_size)")
         _check_state(self, state, x, x.shape[0])
-        features, state = self.features(x, state)
+        features, state = self._features(x, state)
         return self.readout(features), state
 
 
 def _flat_step(cell: NTMCell, x: torch.Tensor, memory, weights, reads, *controller):
-    """``cell._step`` on the state's tensors, returning them as a tuple: what ``torch.compile`` takes."""
-    h, state = cell._step(x, NTMState(memory, weights, reads, tuple(controller)))
+    """``cell._eager_step`` on the state's tensors, returning them as a tuple: what ``torch.compile`` takes."""
+    h, state = cell._eager_step(x, NTMState(memory, weights, reads, tuple(controller)))
     return h, state.memory, state.weights, state.reads, *state.controller
 
 
@@ -324,9 +333,12 @@ def unroll(cell: NTMCell, x: torch.Tensor, state: NTMState, checkpoint_every: in
     state only at every C-th step (and each step's output); backward recomputes
     each segment from its first state. Gradients equal the store-everything path
     (C = 0) to rounding. Memory for T steps falls from T copies of the memory to
-    about T / C + C. Each trace of ``traces`` gets every step's weightings (detached).
+    about T / C + C. Under a ``torch.func`` transform, whose grad takes no saved-tensor hooks, every step is
+    stored. Each trace of ``traces`` gets every step's weightings (detached).
     """
-    segment = checkpoint_every if checkpoint_every > 0 and torch.is_grad_enabled() else x.shape[0]
+    checkpointed = (checkpoint_every > 0 and torch.is_grad_enabled()
+                    and torch._C._functorch.peek_interpreter_stack() is None)
+    segment = checkpoint_every if checkpointed else x.shape[0]
     outputs = []
     for start in range(0, x.shape[0], segment):
         x_segment = x[start : start + segment]
@@ -355,7 +367,7 @@ def _run_steps(cell: NTMCell, x: torch.Tensor, state: NTMState, keep_weights: bo
     graph a training step costs about its number of kernels, and a join is one a step."""
     hs, reads, weights = [], [], []
     for x_t in x:
-        h_t, state = cell.step(x_t, state)
+        h_t, state = cell._step(x_t, state)
         hs.append(h_t)
         reads.append(state.reads)
         if keep_weights:
@@ -418,6 +430,8 @@ class FastNTM(nn.Module):
         super().__init__()
         if checkpoint_every != "auto":
             _check_nonnegative_int("checkpoint_every", checkpoint_every)
+        if not isinstance(batch_first, bool):
+            raise TypeError(f"batch_first must be a bool, got {batch_first!r}")
         self.cell = NTMCell(
             input_size,
             output_size,
@@ -481,15 +495,23 @@ class FastNTM(nn.Module):
         else:
             _check_state(self.cell, state, x_t, x_t.shape[0])
         # The cell's parts, not its forward, which would check x_t and the state again.
-        features, state = self.cell.features(x_t, state)
+        features, state = self.cell._features(x_t, state)
         for trace in self._traces:
             trace.steps.append(state.weights.detach())
         return self.cell.readout(features), state
 
 
+def _autocast_dtypes(cell: NTMCell, kind: str) -> tuple[torch.dtype, ...] | None:
+    """Under autocast on device type ``kind``, the dtypes that the model's inputs may have: its parameters'
+    and autocast's (the controller's layers take no other); None outside autocast."""
+    if not autocasting(kind):
+        return None
+    return tuple(dict.fromkeys((cell.heads.weight.dtype, torch.get_autocast_dtype(kind))))
+
+
 def _check_x(cell: NTMCell, name: str, x, layout: str) -> None:
     """``x`` of shape ``layout`` ((B, input_size) or a sequence of those), floating, not empty, finite, on
-    the model's device and, outside autocast, in its parameters' dtype."""
+    the model's device and in its parameters' dtype (under autocast, or in autocast's)."""
     ndim = layout.count(",") + 1  # the layout names each dimension
     parameter = cell.heads.weight
     if not isinstance(x, torch.Tensor):
@@ -503,15 +525,20 @@ def _check_x(cell: NTMCell, name: str, x, layout: str) -> None:
         raise ValueError(f"{name} must have {needs}, got shape {tuple(x.shape)}")
     if x.device != parameter.device:
         raise ValueError(f"{name} is on {x.device} but the model is on {parameter.device}")
-    if x.dtype != parameter.dtype and not autocasting(x.device.type):
+    allowed = _autocast_dtypes(cell, x.device.type)
+    if allowed is None and x.dtype != parameter.dtype:
         raise TypeError(f"{name} has dtype {x.dtype} but the model's parameters have {parameter.dtype}; cast one "
                         f"to the other (or run under torch.autocast)")
+    if allowed is not None and x.dtype not in allowed:
+        raise TypeError(f"{name} has dtype {x.dtype}; under autocast it must have the model's parameters' or "
+                        f"autocast's, one of {allowed}")
     validation.check_range(name, x, None, None)
 
 
 def _check_state(cell: NTMCell, state, x: torch.Tensor, B: int) -> None:
-    """``state`` fits ``cell`` and batch ``B``: shapes, on ``x``'s device, floating, in ``x``'s dtype outside
-    autocast (``state.memory`` in any floating dtype: ``memory_dtype``), finite, weightings >= 0."""
+    """``state`` fits ``cell`` and batch ``B``: shapes, on ``x``'s device, floating, in ``x``'s dtype (under
+    autocast, in the parameters' or autocast's; ``state.memory`` in any floating dtype: ``memory_dtype``),
+    finite, weightings in [0, 1]."""
     if not isinstance(state, NTMState):
         raise TypeError(f"state must be an NTMState, got {type(state).__name__}")
     if not isinstance(state.controller, (tuple, list)):
@@ -530,7 +557,7 @@ def _check_state(cell: NTMCell, state, x: torch.Tensor, B: int) -> None:
         )
     expected.update({f"state.controller[{i}]": (t, shape)
                      for i, (t, shape) in enumerate(zip(state.controller, shapes))})
-    same_dtype = not autocasting(x.device.type)
+    allowed = _autocast_dtypes(cell, x.device.type)
     for name, (t, shape) in expected.items():
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -540,10 +567,15 @@ def _check_state(cell: NTMCell, state, x: torch.Tensor, B: int) -> None:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
         if not t.is_floating_point():
             raise TypeError(f"{name} must have a floating dtype, got {t.dtype}")
-        if same_dtype and name != "state.memory" and t.dtype != x.dtype:
+        if name == "state.memory":
+            continue
+        if allowed is None and t.dtype != x.dtype:
             raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}; the state must share x's dtype")
-    validation.check_ranges([(name, t, 0.0 if name == "state.weights" else None, None)
-                             for name, (t, _) in expected.items()])
+        if allowed is not None and t.dtype not in allowed:
+            raise TypeError(f"{name} has dtype {t.dtype}; under autocast it must have the model's parameters' or "
+                            f"autocast's, one of {allowed}")
+    bounds = {"state.weights": (0.0, 1.0)}
+    validation.check_ranges([(name, t, *bounds.get(name, (None, None))) for name, (t, _) in expected.items()])
 
 
 def _memory_dtype(value) -> torch.dtype | None:

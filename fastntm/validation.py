@@ -1,11 +1,14 @@
 """Input checks for the functional ops: every rule raises before any work is done.
 
 Shapes, dtypes and devices are always checked. Value ranges (``beta >= 0``,
-``g`` and ``e`` in [0, 1], ``gamma >= 1``, ``s`` and ``w_prev`` >= 0, ``k`` and
-``a`` finite; not ``mem``, whose check would cost a pass over memory) need the
+``g`` and ``e`` in [0, 1], ``gamma >= 1``, ``w_prev`` in [0, 1], ``s`` in
+[0, 1] with each row summing to at most 1 (``SUM_SLACK`` above it for
+rounding), the weightings of ``read`` and ``write`` >= 0, ``k``, ``a`` and
+``raw`` finite; not ``mem``, whose check would cost a pass over memory) need the
 values, which on a GPU costs a device synchronisation, so they are checked for
 CPU tensors always and for CUDA tensors only when ``FASTNTM_CHECK_VALUES=1``.
-Nothing is value-checked while ``torch.compile`` traces.
+Nothing is value-checked while ``torch.compile`` traces or under a ``torch.func``
+transform.
 """
 
 from __future__ import annotations
@@ -14,6 +17,12 @@ import math
 import os
 
 import torch
+
+
+SUM_SLACK = 2**-8
+"""How far above 1 a row of ``s`` may sum: bf16 rounds each entry by up to 2^-9 of itself. With ``w_prev`` in
+[0, 1], every shifted weighting ``ws`` is then at most 1 + 2^-8, and the sharpening's ``ws^gamma`` stays finite
+up to gamma 22,000 in fp32 (beyond 1 it overflows, to inf / inf = NaN). Rows summing to less are allowed."""
 
 
 def _shape(t: torch.Tensor) -> tuple[int, ...]:
@@ -54,9 +63,14 @@ def check_same_dtype(named: dict[str, torch.Tensor]) -> None:
 
 
 def _values_checked(device: torch.device) -> bool:
-    if torch.compiler.is_compiling():
+    # A transform's wrapped tensors (vmap's batched ones) have no values to bring to the host.
+    if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
         return False
     return device.type == "cpu" or os.environ.get("FASTNTM_CHECK_VALUES", "0") == "1"
+
+
+DISTRIBUTION = "distribution"
+"""``check_ranges``' upper bound for a distribution: values in [low, 1], each row summing to at most 1."""
 
 
 def check_range(name: str, t: torch.Tensor, low: float | None, high: float | None) -> None:
@@ -70,11 +84,17 @@ def check_ranges(checks) -> None:
     checks = [check for check in checks if check[1].numel()]
     if not checks or not _values_checked(checks[0][1].device):
         return
+    distributions = [(name, t) for name, t, _, high in checks if high == DISTRIBUTION]
     with torch.no_grad():
         # stack promotes: bf16 and fp16 bounds are exact in fp32, fp64 ones stay fp64.
-        bounds = torch.stack([bound for _, t, _, _ in checks for bound in torch.aminmax(t)]).tolist()
+        bounds = torch.stack([bound for _, t, _, _ in checks for bound in torch.aminmax(t)]
+                             + [t.sum(dim=-1, dtype=torch.float32).amax() for _, t in distributions]).tolist()
     for (name, _, low, high), lo, hi in zip(checks, bounds[::2], bounds[1::2]):
-        _check_bounds(name, lo, hi, low, high)
+        _check_bounds(name, lo, hi, low, 1.0 if high == DISTRIBUTION else high)
+    for (name, _), largest in zip(distributions, bounds[2 * len(checks):]):
+        if largest > 1 + SUM_SLACK:
+            raise ValueError(f"{name} must be a distribution: each row (last dimension) summing to at most 1, "
+                             f"got a row summing to {largest:g}")
 
 
 def _check_bounds(name: str, lo: float, hi: float, low: float | None, high: float | None) -> None:
@@ -120,8 +140,8 @@ def _check_addressing_structure(mem, k, beta, g, s, gamma, w_prev) -> tuple[int,
 
 
 def _addressing_ranges(k, beta, g, s, gamma, w_prev) -> list:
-    return [("k", k, None, None), ("beta", beta, 0.0, None), ("g", g, 0.0, 1.0), ("s", s, 0.0, None), ("gamma", gamma, 1.0, None),
-            ("w_prev", w_prev, 0.0, None)]
+    return [("k", k, None, None), ("beta", beta, 0.0, None), ("g", g, 0.0, 1.0), ("s", s, 0.0, DISTRIBUTION),
+            ("gamma", gamma, 1.0, None), ("w_prev", w_prev, 0.0, 1.0)]
 
 
 def check_addressing(mem, k, beta, g, s, gamma, w_prev) -> tuple[int, int, int, int]:
@@ -136,6 +156,7 @@ def check_read(mem, w) -> None:
     check_tensor("w", w, 3)
     check_shape("w", w, (B, w.shape[1], N), "(B, R, N)")
     check_same_device({"mem": mem, "w": w})
+    check_ranges([("w", w, 0.0, None)])
 
 
 def check_write(mem, w, e, a) -> None:
@@ -174,6 +195,12 @@ def check_memory_step(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads) -> Non
 
 
 def check_head_parameters(raw, num_reads, num_writes, memory_width, shift_width) -> None:
+    """``_check_head_layout``, then ``raw`` finite."""
+    _check_head_layout(raw, num_reads, num_writes, memory_width, shift_width)
+    check_ranges([("raw", raw, None, None)])
+
+
+def _check_head_layout(raw, num_reads, num_writes, memory_width, shift_width) -> None:
     """The sizes first (each an int in range), then raw's shape against them."""
     for name, value, low in (("num_reads", num_reads, 0), ("num_writes", num_writes, 0),
                              ("memory_width", memory_width, 1), ("shift_width", shift_width, 1)):
@@ -194,12 +221,12 @@ def check_head_parameters(raw, num_reads, num_writes, memory_width, shift_width)
 
 
 def check_memory_step_from_heads(mem, raw, w_prev, num_reads, num_writes, shift_width) -> None:
-    """``mem``, then ``raw`` against it (``check_head_parameters`` with M = mem's width, the same batch), then
-    ``w_prev``; values: ``raw`` finite and ``w_prev`` >= 0. The squashed parameters are in range by
+    """``mem``, then ``raw`` against it (``_check_head_layout`` with M = mem's width, the same batch), then
+    ``w_prev``; values: ``raw`` finite and ``w_prev`` in [0, 1]. The squashed parameters are in range by
     construction, so ``raw`` needs no other bound."""
     B, N, M = check_mem(mem)
     _check_has_slots(mem)
-    check_head_parameters(raw, num_reads, num_writes, M, shift_width)
+    _check_head_layout(raw, num_reads, num_writes, M, shift_width)
     if raw.shape[0] != B:
         raise ValueError(f"raw must have mem's batch B = {B} in its first dimension, got shape {_shape(raw)}")
     H = num_reads + num_writes
@@ -207,4 +234,4 @@ def check_memory_step_from_heads(mem, raw, w_prev, num_reads, num_writes, shift_
     check_shape("w_prev", w_prev, (B, H, N), f"(B, H, N) with H = num_reads + num_writes = {H}")
     check_same_device({"mem": mem, "raw": raw, "w_prev": w_prev})
     check_same_dtype({"raw": raw, "w_prev": w_prev})
-    check_ranges([("raw", raw, None, None), ("w_prev", w_prev, 0.0, None)])
+    check_ranges([("raw", raw, None, None), ("w_prev", w_prev, 0.0, 1.0)])

@@ -382,8 +382,10 @@ BAD_FROM_HEADS = [
     pytest.param(lambda x: x.update(mem=x["mem"][:, :0], w_prev=x["w_prev"][..., :0]), ValueError,
                  "mem must have at least one slot to address", id="mem-no-slots"),
     pytest.param(lambda x: x["raw"].__setitem__((1, 5), float("nan")), ValueError, "raw contains NaN", id="raw-nan"),
-    pytest.param(lambda x: x.update(w_prev=-x["w_prev"]), ValueError, "w_prev must lie in [0.0, inf]",
+    pytest.param(lambda x: x.update(w_prev=-x["w_prev"]), ValueError, "w_prev must lie in [0.0, 1.0]",
                  id="w_prev-negative"),
+    pytest.param(lambda x: x.update(w_prev=x["w_prev"] * 1e3), ValueError, "w_prev must lie in [0.0, 1.0]",
+                 id="w_prev-above-one"),
 ]
 
 
@@ -447,6 +449,12 @@ BAD_INPUTS = [
     pytest.param(lambda t: t.update(gamma=t["gamma"] * 0.5), ValueError, "gamma must lie in [1.0, inf]", id="gamma-below-one"),
     pytest.param(lambda t: t.update(s=-t["s"]), ValueError, "s must lie in", id="s-negative"),
     pytest.param(lambda t: t.update(w_prev=-t["w_prev"]), ValueError, "w_prev must lie in", id="w_prev-negative"),
+    # Once NaN weightings: a weighting of 1e3 sharpened by gamma 20 overflows, inf / inf.
+    pytest.param(lambda t: t.update(w_prev=t["w_prev"] * 1e3), ValueError, "w_prev must lie in [0.0, 1.0]",
+                 id="w_prev-above-one"),
+    pytest.param(lambda t: t.update(s=torch.full_like(t["s"], 0.5)), ValueError,
+                 "s must be a distribution: each row (last dimension) summing to at most 1, got a row summing to 2.5",
+                 id="s-sums-above-one"),
     pytest.param(lambda t: t.update(e=t["e"] + 2), ValueError, "e must lie in [0.0, 1.0]", id="e-above-one"),
     pytest.param(lambda t: t.update(beta=t["beta"] * float("nan")), ValueError, "beta contains NaN", id="beta-nan"),
     pytest.param(lambda t: t.update(beta=t["beta"] + float("inf")), ValueError, "beta must be finite", id="beta-inf"),
@@ -517,6 +525,18 @@ def test_read_and_write_reject_mismatched_shapes():
         F.write(mem, w, torch.rand(2, 1, 3) - 2, torch.rand(2, 1, 3))
     with pytest.raises(ValueError, match="a contains NaN"):
         F.write(mem, w, torch.rand(2, 1, 3), torch.full((2, 1, 3), float("nan")))
+    with pytest.raises(ValueError, match=r"w must lie in \[0.0, inf\]"):  # as write's w; read took it once
+        F.read(mem, -w)
+    with pytest.raises(ValueError, match="w contains NaN"):
+        F.read(mem, torch.full_like(w, float("nan")))
+
+
+def test_head_parameters_reject_non_finite_raw():
+    sizes, width = head_layout()
+    raw = torch.zeros(2, width)
+    raw[1, 3] = float("inf")
+    with pytest.raises(ValueError, match="raw must be finite"):  # once inf and NaN parameters, no word
+        F.head_parameters(raw, **sizes)
 
 
 def test_failed_checks_leave_inputs_untouched():
@@ -546,8 +566,11 @@ def test_backend_environment_variable_is_honoured_and_checked(monkeypatch):
 
 def test_triton_backend_on_cpu_without_the_interpreter_is_a_clear_error(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+    with pytest.raises(RuntimeError, match="backend='triton' runs on CUDA tensors.*TRITON_INTERPRET=1"):
         backend.resolve("triton", torch.device("cpu"))
+    monkeypatch.setenv("FASTNTM_BACKEND", "triton")  # the error names what chose the kernels
+    with pytest.raises(RuntimeError, match=re.escape("FASTNTM_BACKEND=triton (under backend='auto') runs on CUDA")):
+        backend.resolve("auto", "cpu")
 
 
 def test_auto_backend_runs_the_reference_on_cpu(monkeypatch):
@@ -592,24 +615,95 @@ def test_meta_tensors_give_shapes_through_the_reference_path():
     assert (w.shape, r.shape, new_mem.shape) == ((2, 2, 16), (2, 1, 8), (2, 16, 8))
 
 
-@pytest.mark.parametrize("op", ["memory_step", "address", "read", "write"])
-def test_triton_backend_refuses_forward_mode_ad_rather_than_dropping_tangents(op):
+def op_calls(backend_name):
+    """Each op as ``(op, literal, inputs)``: the op on ``backend_name`` and ``fastntm.reference``'s composition,
+    functions of the same fp32 inputs (the kernels take fp32; fp64 runs the reference on every backend), at a
+    small awkward shape with a non-contiguous memory (the kernels' nodes copy it)."""
+    t = step_inputs(B=2, N=7, M=3, R=1, W=2, S=3, dtype=torch.float32, requires_grad=False)
+    t["mem"] = t["mem"].transpose(1, 2).contiguous().transpose(1, 2)
+    R, W, M, S = 1, 2, 3, 3
+    raw = torch.randn(2, 3 * (M + S + 3) + 2 * W * M, generator=torch.Generator().manual_seed(1))
+    heads = dict(num_reads=R, num_writes=W, memory_width=M, shift_width=S)
+    on = dict(backend=backend_name)
+    addressing_inputs = [t[n] for n in ("mem", "k", "beta", "g", "s", "gamma", "w_prev")]
+    return {
+        "memory_step": (lambda *x: F.memory_step(*x, num_reads=R, **on), lambda *x: reference.memory_step(*x, R),
+                        list(t.values())),
+        "memory_step_from_heads": (
+            lambda m, x, w: F.memory_step_from_heads(m, x, w, num_reads=R, num_writes=W, shift_width=S, **on),
+            lambda m, x, w: reference.memory_step_from_heads(m, x, w, R, W, S), [t["mem"], raw, t["w_prev"]]),
+        "address": (lambda *x: F.address(*x, **on), reference.address, addressing_inputs),
+        "read": (lambda m, w: F.read(m, w, **on), reference.read, [t["mem"], t["w_prev"][:, :R]]),
+        "write": (lambda m, w, e, a: F.write(m, w, e, a, **on), reference.write,
+                  [t["mem"], t["w_prev"][:, R:], t["e"], t["a"]]),
+        "head_parameters": (lambda x: F.head_parameters(x, **heads, **on),
+                            lambda x: reference.head_parameters(x, R, W, M, S), [raw]),
+    }
+
+
+def as_tuple(out):
+    return (out,) if isinstance(out, torch.Tensor) else tuple(out)
+
+
+@pytest.mark.parametrize("backend_name", ["reference", "triton"])
+@pytest.mark.parametrize("op", ["memory_step", "memory_step_from_heads", "address", "read", "write",
+                                "head_parameters"])
+def test_higher_order_autograd_and_torch_func_give_the_literal_specs_answers(op, backend_name):
+    """Where a hand-derived backward cannot serve (fused_reference's nodes and the kernels'), the literal
+    composition answers: a backward of a backward (create_graph=True; once an error on the reference path
+    and, from the kernels, second derivatives silently missing), a vmapped backward (is_grads_batched),
+    forward-mode AD (once refused by the kernels), torch.func.grad and vmap (once errors about setup_context
+    and a vmapped value check)."""
+    call, literal, inputs = op_calls(backend_name)[op]
+    gen = torch.Generator().manual_seed(2)
+
+    def like(t):
+        return torch.randn(t.shape, generator=gen, dtype=t.dtype)
+
+    def second_order(fn):
+        xs = [x.detach().requires_grad_() for x in inputs]
+        outs = as_tuple(fn(*xs))
+        first = torch.autograd.grad(outs, xs, cotangents, create_graph=True, allow_unused=True)
+        penalty = sum((g * v).sum() for g, v in zip(first, directions) if g is not None)
+        return [g for g in torch.autograd.grad(penalty, xs, allow_unused=True)]
+
+    def batched_vjp(fn):
+        xs = [x.detach().requires_grad_() for x in inputs]
+        return torch.autograd.grad(as_tuple(fn(*xs)), xs, [torch.stack([c, 2 * c]) for c in cotangents],
+                                   is_grads_batched=True, allow_unused=True)
+
+    cotangents = [like(o) for o in as_tuple(literal(*inputs))]
+    directions = [like(x) for x in inputs]
+    for name, got, expected in (("second order", second_order(call), second_order(literal)),
+                                ("batched vjp", batched_vjp(call), batched_vjp(literal))):
+        for i, (g, e) in enumerate(zip(got, expected)):
+            assert (g is None) == (e is None), f"{name}, input {i}"
+            if e is not None:
+                assert_close(e, g, f"{name}, input {i}")
+
+    tangents = directions
+    out, jvp = torch.func.jvp(lambda *x: as_tuple(call(*x)), tuple(inputs), tuple(tangents))
+    ref_out, ref_jvp = torch.func.jvp(lambda *x: as_tuple(literal(*x)), tuple(inputs), tuple(tangents))
+    for i, (g, e) in enumerate(zip(jvp, ref_jvp)):
+        assert_close(e, g, f"jvp, output {i}")
     import torch.autograd.forward_ad as fwAD
 
-    t = step_inputs(B=2, N=16, M=8, R=1, W=1, dtype=torch.float32, requires_grad=False)
     with fwAD.dual_level():
-        mem = fwAD.make_dual(t["mem"], torch.ones_like(t["mem"]))
-        w = t["w_prev"]
-        calls = {
-            "memory_step": lambda: F.memory_step(mem, *list(t.values())[1:], num_reads=1, backend="triton"),
-            "address": lambda: F.address(mem, t["k"], t["beta"], t["g"], t["s"], t["gamma"], w, backend="triton"),
-            "read": lambda: F.read(mem, w[:, :1], backend="triton"),
-            "write": lambda: F.write(mem, w[:, 1:], t["e"], t["a"], backend="triton"),
-        }
-        with pytest.raises(NotImplementedError, match="forward-mode AD"):
-            calls[op]()
-        # without a tangent the kernels run as usual inside a dual level
-        F.read(t["mem"], w[:, :1], backend="triton")
+        duals = [fwAD.make_dual(x, v) for x, v in zip(inputs, tangents)]
+        dual_jvp = [fwAD.unpack_dual(o).tangent for o in as_tuple(call(*duals))]
+    for i, (g, e) in enumerate(zip(dual_jvp, ref_jvp)):
+        assert_close(e, g, f"forward-mode AD, output {i}")
+
+    def loss(fn):
+        return lambda *x: sum((o * c).sum() for o, c in zip(as_tuple(fn(*x)), cotangents))
+
+    argnums = tuple(range(len(inputs)))
+    for i, (g, e) in enumerate(zip(torch.func.grad(loss(call), argnums)(*inputs),
+                                   torch.func.grad(loss(literal), argnums)(*inputs))):
+        assert_close(e, g, f"torch.func.grad, input {i}")
+    batched = torch.func.vmap(lambda *x: as_tuple(call(*(t[None] for t in x))))(*inputs)
+    for i, (g, e) in enumerate(zip(batched, as_tuple(literal(*inputs)))):
+        assert_close(e, g.squeeze(1), f"torch.func.vmap, output {i}")
 
 
 def test_jit_trace_of_the_triton_path_records_the_op_and_reruns_on_new_inputs():

@@ -175,6 +175,10 @@ def test_forward_rejects_bad_input():
     ntm.batch_first = True
     with pytest.raises(ValueError, match=r"\(B, T, input_size\)"):
         ntm(torch.rand(4, 2, 5))
+    with pytest.raises(TypeError, match="batch_first must be a bool, got 'yes'"):
+        make(batch_first="yes")
+    with pytest.raises(TypeError, match="dtype must be a floating torch.dtype or None, got torch.int64"):
+        ntm.initial_state(2, dtype=torch.int64)  # once zeros, the 1e-6 memory truncated, and no word
 
 
 def test_cell_is_exported_and_usable_alone():
@@ -242,8 +246,10 @@ def test_forward_rejects_non_finite_input_and_state_naming_them():
         ntm(x * float("nan"))
     with pytest.raises(ValueError, match="state.memory contains NaN"):
         ntm(x, dataclasses.replace(state, memory=state.memory * float("nan")))
-    with pytest.raises(ValueError, match=re.escape("state.weights must lie in [0.0, inf]")):
+    with pytest.raises(ValueError, match=re.escape("state.weights must lie in [0.0, 1.0]")):
         ntm(x, dataclasses.replace(state, weights=-state.weights))
+    with pytest.raises(ValueError, match=re.escape("state.weights must lie in [0.0, 1.0]")):
+        ntm(x, dataclasses.replace(state, weights=state.weights + 1))
 
 
 def test_cell_checks_its_input_and_state_naming_them():
@@ -271,6 +277,11 @@ def test_nested_record_blocks_each_keep_their_steps():
         pass
     with pytest.raises(ValueError, match="the trace holds no steps"):
         empty.weights
+    with ntm.record() as mixed:
+        ntm(x)
+        ntm(x[:, :1])
+    with pytest.raises(ValueError, match="different batch sizes inside one 'with model.record\\(\\)' block"):
+        mixed.weights
 
 
 def test_a_state_saves_and_loads_with_torch_load_defaults(tmp_path):
@@ -303,6 +314,49 @@ def test_forward_runs_under_cpu_autocast():
         y, state = ntm(torch.rand(4, 2, 3))
     y.float().sum().backward()
     assert torch.isfinite(y.float()).all() and state.weights.dtype == torch.float32
+
+
+def test_under_autocast_x_and_state_take_the_parameters_or_autocasts_dtype_and_no_other():
+    ntm = make()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for dtype in (torch.float32, torch.bfloat16):
+            _, state = ntm(torch.rand(4, 2, 3, dtype=dtype))
+            ntm(torch.rand(4, 2, 3), state)
+        allowed = re.escape("one of (torch.float32, torch.bfloat16)")
+        # Once errors from inside the LSTM cell's autocast, naming neither x nor the state.
+        for dtype in (torch.float16, torch.float64):
+            with pytest.raises(TypeError, match=f"x has dtype {dtype}; under autocast .* {allowed}"):
+                ntm(torch.rand(4, 2, 3, dtype=dtype))
+            with pytest.raises(TypeError, match=f"state.weights has dtype {dtype}; under autocast .* {allowed}"):
+                ntm(torch.rand(4, 2, 3), ntm.initial_state(2, dtype=dtype))
+
+
+def test_gradient_penalty_jacobian_and_torch_func_grad_of_the_model_match_the_literal_step(monkeypatch):
+    """The model's memory step is one node with a hand-derived backward; a backward of the backward
+    (create_graph=True), a vectorised Jacobian and torch.func.grad go through the literal composition, and
+    give what the model built on it gives. Checkpointed, as long sequences are (torch.func.grad, which takes
+    no saved-tensor hooks, stores every step instead)."""
+    from fastntm import backend, reference
+
+    torch.manual_seed(0)
+    ntm = FastNTM(3, 2, memory_slots=6, memory_width=4, controller_size=8, num_writes=2,
+                  checkpoint_every=2).double()
+    params = dict(ntm.named_parameters())
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+
+    def answers():
+        xr = x.clone().requires_grad_()
+        y, _ = ntm(xr)
+        (dx,) = torch.autograd.grad(y.square().sum(), xr, create_graph=True)
+        penalty = torch.autograd.grad(dx.square().sum(), list(params.values()))
+        jacobian = torch.autograd.functional.jacobian(lambda xx: ntm(xx)[0], x, vectorize=True)
+        loss = lambda p: torch.func.functional_call(ntm, p, (x,))[0].square().sum()  # noqa: E731
+        return [*penalty, jacobian, *torch.func.grad(loss)(params).values()]
+
+    got = answers()
+    monkeypatch.setattr(backend.REFERENCE, "memory_step_from_heads", reference.memory_step_from_heads)
+    for i, (expected, g) in enumerate(zip(answers(), got)):
+        torch.testing.assert_close(g, expected, rtol=1e-9, atol=1e-12, msg=f"answer {i}")
 
 
 def test_torch_compile_traces_a_cell_step_without_graph_breaks_in_a_fresh_process():

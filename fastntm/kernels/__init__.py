@@ -8,7 +8,9 @@ available or ``TRITON_INTERPRET=1`` was set before this import).
 
 Inputs the kernels do not take (float64, or slots wider than
 ``_config.MAX_BM``, or zero heads for ``read``/``write``, or for ``head_parameters``
-shift widths over ``_config.MAX_BM``) run the reference path:
+shift widths over ``_config.MAX_BM``), and calls under a ``torch.func`` transform or
+with forward-mode AD tangents (the kernels have backward formulas only), run the
+reference path:
 for ``memory_step`` the fused one (``fastntm.fused_reference``), as
 ``backend="reference"`` does, whose backward reads nothing on the host (the
 literal spec's erase product does, and a CUDA graph cannot capture that).
@@ -17,7 +19,6 @@ literal spec's erase product does, and a CUDA graph cannot capture that).
 import os
 
 import torch
-import torch.autograd.forward_ad as _forward_ad
 
 try:
     import triton  # noqa: F401
@@ -30,6 +31,7 @@ else:
 if AVAILABLE:
     from .. import fused_reference as _fused_reference
     from .. import reference as _reference
+    from ..backend import transformed as _transformed
     from . import _config
     from .address import address as _address
     from .heads import head_parameters as _head_parameters
@@ -42,32 +44,24 @@ __all__ = ["AVAILABLE", "head_parameters", "address", "read", "write", "memory_s
 
 
 def _kernel_ok(mem, *tensors) -> bool:
-    return _config.supported(mem.shape[-1]) and all(t.dtype != torch.float64 for t in (mem, *tensors))
-
-
-def _check_no_tangents(op: str, *tensors) -> None:
-    """The kernels have backward formulas only; a dual tensor (forward-mode AD) would lose its
-    tangent without a word, since its ``requires_grad`` is False."""
-    if _forward_ad._current_level >= 0 and any(_forward_ad.unpack_dual(t).tangent is not None for t in tensors):
-        raise NotImplementedError(
-            f"{op}: the Triton kernels have no forward-mode AD (jvp); an input carries a tangent. "
-            "Use backend='reference' for forward-mode AD"
-        )
+    """Whether the kernels take a call on ``mem`` and ``tensors``. Not a dual tensor's (forward-mode AD), whose
+    tangent a kernel would drop without a word, its ``requires_grad`` being False."""
+    tensors = (mem, *tensors)
+    return (_config.supported(mem.shape[-1]) and all(t.dtype != torch.float64 for t in tensors)
+            and not _transformed(tensors))
 
 
 def head_parameters(raw, num_reads, num_writes, memory_width, shift_width):
     """``k, beta, g, s, gamma, e, a``; see ``fastntm.reference.head_parameters``."""
-    if raw.dtype == torch.float64 or not _heads_supported(memory_width, shift_width):
+    if raw.dtype == torch.float64 or not _heads_supported(memory_width, shift_width) or _transformed((raw,)):
         return _reference.head_parameters(raw, num_reads, num_writes, memory_width, shift_width)
-    _check_no_tangents("head_parameters", raw)
     return _head_parameters(raw, num_reads, num_writes, memory_width, shift_width)
 
 
 def address(mem, k, beta, g, s, gamma, w_prev):
     """Weightings (B, H, N) of all heads; see ``fastntm.reference.address``."""
-    if not _kernel_ok(mem, k):
+    if not _kernel_ok(mem, k, beta, g, s, gamma, w_prev):
         return _reference.address(mem, k, beta, g, s, gamma, w_prev)
-    _check_no_tangents("address", mem, k, beta, g, s, gamma, w_prev)
     return _address(mem, k, beta, g, s, gamma, w_prev)
 
 
@@ -75,23 +69,20 @@ def read(mem, w):
     """Reads (B, R, M); see ``fastntm.reference.read``."""
     if not _kernel_ok(mem, w) or w.shape[1] == 0:
         return _reference.read(mem, w)
-    _check_no_tangents("read", mem, w)
     return _read(mem, w)
 
 
 def write(mem, w, e, a):
     """New memory (B, N, M); see ``fastntm.reference.write``."""
-    if not _kernel_ok(mem, w) or w.shape[1] == 0:
+    if not _kernel_ok(mem, w, e, a) or w.shape[1] == 0:
         return _reference.write(mem, w, e, a)
-    _check_no_tangents("write", mem, w, e, a)
     return _write(mem, w, e, a)
 
 
 def memory_step(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads):
     """``(w, r, new_mem)`` of one fused step; see ``fastntm.reference.memory_step``."""
-    if not _kernel_ok(mem, k):
+    if not _kernel_ok(mem, k, beta, g, s, gamma, w_prev, e, a):
         return _fused_reference.memory_step(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads)
-    _check_no_tangents("memory_step", mem, k, beta, g, s, gamma, w_prev, e, a)
     return _memory_step(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads)
 
 

@@ -7,21 +7,27 @@ shift-sharpen passes and a final normalisation.
 
 import torch
 
-from .memory_step import _backward, _contig, _forward, _op, memory_step_bwd, memory_step_fwd
+from .. import reference
+from ..fused_reference import differentiate_literal, hand_derived_serves
+from .memory_step import _backward, _contig, _forward, _given, _op, _save, memory_step_bwd, memory_step_fwd
 
 
 class Address(torch.autograd.Function):
     @staticmethod
     def forward(ctx, mem, k, beta, g, s, gamma, w_prev):
-        args = [_contig(t) for t in (mem, k, beta, g, s, gamma, w_prev)]
+        inputs = (mem, k, beta, g, s, gamma, w_prev)
+        args = [_contig(t) for t in inputs]
         none = k.new_empty((k.shape[0], 0, k.shape[2]))
         w, _, _, K, mx, se = _op(memory_step_fwd, _forward)(*args, none, none, k.shape[1], False)
-        ctx.save_for_backward(*args, none, w, K, mx, se)
+        _save(ctx, inputs, args, none, w, K, mx, se)
         return w
 
     @staticmethod
     def backward(ctx, dw):
-        mem, k, beta, g, s, gamma, w_prev, none, w, K, mx, se = ctx.saved_tensors
+        saved = ctx.saved_tensors
+        if not hand_derived_serves((dw,)):
+            return differentiate_literal(ctx, reference.address, _given(ctx, saved, 7), (), (dw,))
+        mem, k, beta, g, s, gamma, w_prev, none, w, K, mx, se = saved[:12]
         grads = _op(memory_step_bwd, _backward)(mem, k, beta, g, s, gamma, w_prev, none, none, w, K, mx, se,
                                                 _contig(dw), None, None, k.shape[1])
         return grads[:7]

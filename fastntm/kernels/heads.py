@@ -20,7 +20,9 @@ import triton
 import triton.language as tl
 
 from . import _config
-from .memory_step import T, _contig, _nz, _op
+from .. import reference
+from ..fused_reference import differentiate_literal, hand_derived_serves
+from .memory_step import T, _contig, _given, _nz, _op, _save
 
 # ----------------------------------------------------------------------------
 # Triton kernels
@@ -186,14 +188,19 @@ def _rows(raw: T) -> T:
 class HeadParameters(torch.autograd.Function):
     @staticmethod
     def forward(ctx, raw, H, W, M, S):
-        raw = _rows(raw)
-        ctx.save_for_backward(raw)
+        rows = _rows(raw)
+        _save(ctx, (raw,), (rows,))
         ctx.sizes = (H, W, M, S)
-        return _op(head_parameters_fwd, _forward)(raw, H, W, M, S)
+        return _op(head_parameters_fwd, _forward)(rows, H, W, M, S)
 
     @staticmethod
     def backward(ctx, *grads):
-        (raw,) = ctx.saved_tensors
+        saved = ctx.saved_tensors
+        if not hand_derived_serves(grads):
+            H, W, M, S = ctx.sizes
+            return differentiate_literal(ctx, reference.head_parameters, _given(ctx, saved, 1), (H - W, W, M, S),
+                                         grads)
+        raw = saved[0]
         draw = _op(head_parameters_bwd, _backward)(raw, *(_contig(g) for g in grads), *ctx.sizes)
         return draw, None, None, None, None
 

@@ -62,6 +62,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import reference
+from ..fused_reference import differentiate_literal, hand_derived_serves
 from . import _config
 
 SHARPEN_EPS = 1e-16
@@ -1331,19 +1333,41 @@ def _contig(t):
     return t if t is None or t.is_contiguous() else t.contiguous()
 
 
+def _save(ctx, inputs, args, *extra) -> None:
+    """``ctx.save_for_backward(*args, *extra)``, ``args`` being the ``inputs`` as the kernels take them, then
+    each input that ``args`` holds a copy of: a backward that differentiates the reference
+    (``fused_reference.differentiate_literal``) needs the inputs with their history, which a copy made
+    inside ``forward`` lacks."""
+    ctx.copied = [i for i, (given, taken) in enumerate(zip(inputs, args)) if given is not taken]
+    ctx.save_for_backward(*args, *extra, *(inputs[i] for i in ctx.copied))
+
+
+def _given(ctx, saved, n: int) -> list:
+    """The ``n`` inputs as given, from ``saved = ctx.saved_tensors`` (see ``_save``)."""
+    given = list(saved[:n])
+    for i, t in zip(ctx.copied, saved[len(saved) - len(ctx.copied):]):
+        given[i] = t
+    return given
+
+
 class MemoryStep(torch.autograd.Function):
     @staticmethod
     def forward(ctx, mem, k, beta, g, s, gamma, w_prev, e, a, num_reads):
-        args = [_contig(t) for t in (mem, k, beta, g, s, gamma, w_prev, e, a)]
+        inputs = (mem, k, beta, g, s, gamma, w_prev, e, a)
+        args = [_contig(t) for t in inputs]
         w, r, new, K, mx, se = _op(memory_step_fwd, _forward)(*args, num_reads, True)
-        ctx.save_for_backward(*args, w, K, mx, se)
+        _save(ctx, inputs, args, w, K, mx, se)
         ctx.num_reads = num_reads
         ctx.set_materialize_grads(False)
         return w, r, new
 
     @staticmethod
     def backward(ctx, dw, dr, dnew):
-        grads = _op(memory_step_bwd, _backward)(*ctx.saved_tensors, _contig(dw), _contig(dr), _contig(dnew),
+        saved = ctx.saved_tensors
+        if not hand_derived_serves((dw, dr, dnew)):
+            return differentiate_literal(ctx, reference.memory_step, _given(ctx, saved, 9), (ctx.num_reads,),
+                                         (dw, dr, dnew))
+        grads = _op(memory_step_bwd, _backward)(*saved[:13], _contig(dw), _contig(dr), _contig(dnew),
                                                ctx.num_reads)
         return (*grads, None)
 

@@ -2,7 +2,9 @@
 
 import torch
 
-from .memory_step import T, _contig, _mem_bwd, _op, _read_write, _read_write_bwd
+from .. import reference
+from ..fused_reference import differentiate_literal, hand_derived_serves
+from .memory_step import T, _contig, _given, _mem_bwd, _op, _read_write, _read_write_bwd, _save
 
 
 def _read_fwd(mem: T, w: T) -> T:
@@ -33,13 +35,16 @@ def _(mem, w, dr):
 class Read(torch.autograd.Function):
     @staticmethod
     def forward(ctx, mem, w):
-        mem, w = _contig(mem), _contig(w)
-        ctx.save_for_backward(mem, w)
-        return _op(read_fwd, _read_fwd)(mem, w)
+        args = [_contig(mem), _contig(w)]
+        _save(ctx, (mem, w), args)
+        return _op(read_fwd, _read_fwd)(*args)
 
     @staticmethod
     def backward(ctx, dr):
-        return _op(read_bwd, _read_bwd)(*ctx.saved_tensors, _contig(dr))
+        saved = ctx.saved_tensors
+        if not hand_derived_serves((dr,)):
+            return differentiate_literal(ctx, reference.read, _given(ctx, saved, 2), (), (dr,))
+        return _op(read_bwd, _read_bwd)(*saved[:2], _contig(dr))
 
 
 def read(mem, w):

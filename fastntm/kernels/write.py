@@ -2,7 +2,9 @@
 
 import torch
 
-from .memory_step import T, _contig, _mem_bwd, _op, _read_write, _read_write_bwd, _unaliased
+from .. import reference
+from ..fused_reference import differentiate_literal, hand_derived_serves
+from .memory_step import T, _contig, _given, _mem_bwd, _op, _read_write, _read_write_bwd, _save, _unaliased
 
 
 def _write_fwd(mem: T, w: T, e: T, a: T) -> T:
@@ -39,13 +41,17 @@ def _(mem, w, e, a, dnew):
 class Write(torch.autograd.Function):
     @staticmethod
     def forward(ctx, mem, w, e, a):
-        args = [_contig(t) for t in (mem, w, e, a)]
-        ctx.save_for_backward(*args)
+        inputs = (mem, w, e, a)
+        args = [_contig(t) for t in inputs]
+        _save(ctx, inputs, args)
         return _op(write_fwd, _write_fwd)(*args)
 
     @staticmethod
     def backward(ctx, dnew):
-        return _op(write_bwd, _write_bwd)(*ctx.saved_tensors, _contig(dnew))
+        saved = ctx.saved_tensors
+        if not hand_derived_serves((dnew,)):
+            return differentiate_literal(ctx, reference.write, _given(ctx, saved, 4), (), (dnew,))
+        return _op(write_bwd, _write_bwd)(*saved[:4], _contig(dnew))
 
 
 def write(mem, w, e, a):

@@ -303,7 +303,8 @@ def _task_args(task: str, given: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_train(args) -> int:
-    from .training import STATE_FILE, TrainConfig, Trainer, checkpoint_folder, read_config, shutdown_distributed
+    from .training import (STATE_FILE, TrainConfig, Trainer, checkpoint_folder, finish_interrupted_save,
+                           holds_checkpoint, read_config, shutdown_distributed)
 
     out = args.out if args.out is not None else Path("runs") / args.task
     _check_folder(out)
@@ -312,13 +313,14 @@ def run_train(args) -> int:
     overrides = _training_overrides(args)
     try:
         if args.resume:
+            finish_interrupted_save(out)  # a save stopped between its renames has no trainer_state.pt in place yet
             if not (out / STATE_FILE).is_file():
                 raise CommandError(f"--resume: no checkpoint in {out} (expected {out / STATE_FILE})")
             saved = read_config(checkpoint_folder(out))
             _check_same(args.task, saved, model_args, task_args)
             trainer = Trainer.resume(out, progress=not args.no_progress, **overrides)
         else:
-            if (out / STATE_FILE).is_file():
+            if holds_checkpoint(out):
                 raise CommandError(f"{out} already holds a checkpoint; pass --resume to continue it or pick "
                                    f"another --out")
             config = TrainConfig(task=args.task, task_args=task_args, model_args=model_args, **overrides)
@@ -373,7 +375,8 @@ def _model_defaults() -> dict[str, Any]:
 
 
 def run_eval(args) -> int:
-    from .training import checkpoint_folder, evaluate, length_overrides, load_model, max_length, resolve_device
+    from .training import (CONFIG_FILE, LOG_FILE, MODEL_FILE, STATE_FILE, checkpoint_folder, evaluate,
+                           length_overrides, load_model, max_length, resolve_device)
 
     try:
         folder = checkpoint_folder(args.checkpoint)
@@ -381,6 +384,9 @@ def run_eval(args) -> int:
         out = args.out if args.out is not None else folder / "eval.json"
         if out.is_dir():
             raise CommandError(f"--out {out} is a folder; give the JSON file to write, such as {out / 'eval.json'}")
+        if out.resolve() in {(folder / name).resolve() for name in (CONFIG_FILE, MODEL_FILE, STATE_FILE, LOG_FILE)}:
+            raise CommandError(f"--out {out} is one of the run's own files; give another, such as "
+                               f"{folder / 'eval.json'}")
         _check_folder(out.parent)
         model, task, saved = load_model(folder, device)
         lengths = args.lengths or [max_length(task) * k for k in (1, 2, 4)]

@@ -13,7 +13,8 @@ training args), ``model.safetensors`` (weights), ``trainer_state.pt`` (optimiser
 state, data and global RNG states, step counter, curriculum) and ``log.csv`` (one row
 per evaluation). ``Trainer.resume(out)`` continues where the checkpoint stopped: a run
 of 2N steps and a run of N steps resumed for N more give bitwise equal parameters on
-the CPU.
+the CPU. A new ``Trainer`` refuses a folder that holds a checkpoint, and an interrupted
+save leaves the last complete one to resume from (``Trainer.save_checkpoint``).
 
 Loss: binary cross-entropy with logits, summed over bits and scored steps (``mask``),
 averaged over sequences. Cost: ``Task.cost`` (bit errors per sequence, or bits per
@@ -45,8 +46,10 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import inspect
 import json
 import math
+import numbers
 import os
 import time
 from dataclasses import dataclass, field
@@ -59,7 +62,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .backend import BACKENDS
+from .backend import BACKENDS, resolve as resolve_backend
 from .graphs import CapturedStep
 from .model import FastNTM
 from .tasks import Batch, Task, make_task
@@ -90,6 +93,8 @@ MODEL_FILE = "model.safetensors"
 STATE_FILE = "trainer_state.pt"
 LOG_FILE = "log.csv"
 LOG_FIELDS = ("step", "sequences", "loss", "cost", "eval_cost", "curriculum", "elapsed_s")
+# The order in which a save renames its files into place; the first rename commits the save.
+SAVE_ORDER = (MODEL_FILE, CONFIG_FILE, STATE_FILE)
 
 # The knob that "length L" sets in `evaluate`/`fastntm eval`, per task.
 LENGTH_KNOBS = {
@@ -107,6 +112,7 @@ CURRICULUM_KNOBS = {
     "associative_recall": ("max_items", "max_items"),
 }
 _CURRICULUM_FLOORS = {"copy": "min_len", "repeat_copy": "min_len", "associative_recall": "min_items"}
+CURRICULUM_SETTINGS = ("curriculum_start", "curriculum_step", "curriculum_threshold")
 
 # Default target eval cost (bits per sequence) that stops training; N-grams has none
 # because its cost is bounded below by the optimal estimator, not by zero.
@@ -128,6 +134,15 @@ class TrainConfig:
     (short sequences alone let the controller solve them without the memory, a
     habit it must then unlearn). A sweep of 14 settings and 15 seeds reached the
     target in 300-900 steps with each; this one in 300-400.
+
+    ``curriculum``: only for the tasks of ``CURRICULUM_KNOBS``; ``CURRICULUM_SETTINGS`` other
+    than their defaults need it.
+
+    ``model_args`` and ``task_args`` must be what ``config.json`` can hold: a ``torch.dtype``
+    is kept by its name and a numpy integer as an int (both build the same model and task);
+    anything else that JSON cannot write is refused. ``model_args`` hold ``FastNTM``'s
+    keyword arguments but ``backend`` (``TrainConfig.backend``) and ``batch_first`` (the
+    trainer feeds time-major batches).
 
     ``cuda_graph``: run each step as a captured CUDA graph (``CapturedStep``); needs
     a CUDA device and one process.
@@ -164,29 +179,52 @@ class TrainConfig:
     backend: str = "auto"
 
     def __post_init__(self):
+        for name in ("task_args", "model_args"):
+            args = getattr(self, name)
+            if not isinstance(args, dict):
+                raise ValueError(f"{name} must be a dict, got {args!r}")
+            setattr(self, name, {key: _json_ready(name, key, value) for key, value in args.items()})
         make_task(self.task, **self.task_args)  # names the bad task or argument
+        _check_model_args(self.model_args)
         for name in ("steps", "batch_size", "eval_every", "eval_batches", "eval_batch_size", "checkpoint_every",
                      "target_patience"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not _is_int(value) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
-        if not self.clip >= 0:
+        # torch's generators take seeds in [-2**63, 2**64 - 1], and the data generator is seeded with seed + 1.
+        for name, top, top_text in (("seed", 2**64 - 2, "2**64 - 2"), ("eval_seed", 2**64 - 1, "2**64 - 1")):
+            value = getattr(self, name)
+            if not _is_int(value) or not -(2**63) <= value <= top:
+                raise ValueError(f"{name} must be an integer in [-2**63, {top_text}], got {value!r}")
+        if not (_is_number(self.lr) and 0 < self.lr < math.inf):
+            raise ValueError(f"lr must be a positive finite number, got {self.lr!r}")
+        if not (_is_number(self.clip) and self.clip >= 0):
             raise ValueError(f"clip must be >= 0 (0: no clipping), got {self.clip!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.device not in DEVICES:
             raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
-        if self.target_cost is not None and not self.target_cost >= 0:
+        if self.target_cost is not None and not (_is_number(self.target_cost) and self.target_cost >= 0):
             raise ValueError(f"target_cost must be >= 0, got {self.target_cost!r}")
-        if not isinstance(self.cuda_graph, bool):
-            raise ValueError(f"cuda_graph must be True or False, got {self.cuda_graph!r}")
+        for name in ("curriculum", "cuda_graph"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        for name in ("curriculum_start", "curriculum_step"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or value < 1):
+                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+        if not (_is_number(self.curriculum_threshold) and self.curriculum_threshold >= 0):
+            raise ValueError(f"curriculum_threshold must be >= 0, got {self.curriculum_threshold!r}")
+        if self.curriculum and self.task not in CURRICULUM_KNOBS:
+            raise ValueError(f"curriculum=True (--curriculum) applies to {', '.join(CURRICULUM_KNOBS)}, not to "
+                             f"{self.task}")
+        if not self.curriculum:
+            given = [f"{name}={getattr(self, name)!r} (--{name.replace('_', '-')})" for name in CURRICULUM_SETTINGS
+                     if getattr(self, name) != _default(name)]
+            if given:
+                raise ValueError(f"{', '.join(given)}: no effect without curriculum=True (--curriculum)")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
-        if "backend" in self.model_args:
-            raise ValueError("model_args must not hold 'backend': it is a training choice, TrainConfig.backend "
-                             "(fastntm train --backend), not saved with the model")
         if self.cuda_graph and self.backend == "compiled":
             raise ValueError("cuda_graph=True replays the step's kernels from a CUDA graph; backend='compiled' "
                              "compiles them with torch.compile: choose one")
@@ -200,17 +238,68 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        """The config that ``to_dict`` gave ``data``; fields it lacks take their defaults, unknown keys are refused."""
+        _check_field_names(data, "TrainConfig field")
+        return cls(**data)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _default(name: str):
+    return TrainConfig.__dataclass_fields__[name].default
+
+
+def _check_field_names(names, what: str) -> None:
+    fields = [f.name for f in dataclasses.fields(TrainConfig)]
+    unknown = [name for name in names if name not in fields]
+    if unknown:
+        raise ValueError(f"unknown {what}: {', '.join(map(str, unknown))} (TrainConfig's fields: {', '.join(fields)})")
+
+
+def _json_ready(field_name: str, key: str, value):
+    """``value`` as ``config.json`` keeps it, read back to the same model or task: a ``torch.dtype`` by its
+    name (``FastNTM`` takes either), a numpy integer as an int; ValueError for anything JSON cannot hold,
+    which would otherwise fail at the first checkpoint, after the training before it."""
+    if isinstance(value, torch.dtype):
+        return str(value).removeprefix("torch.")
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{field_name}[{key!r}] = {value!r} cannot be written to config.json: give numbers, "
+                         f"strings, booleans, None, or lists and dicts of them") from None
+    return value
+
+
+def _check_model_args(model_args: dict[str, Any]) -> None:
+    if "backend" in model_args:
+        raise ValueError("model_args must not hold 'backend': it is a training choice, TrainConfig.backend "
+                         "(fastntm train --backend), not saved with the model")
+    if "batch_first" in model_args:
+        raise ValueError("model_args must not hold 'batch_first': the trainer feeds time-major (T, B, I) batches")
+    # The sizes come from the task.
+    allowed = [name for name, p in inspect.signature(FastNTM).parameters.items()
+               if p.kind is p.KEYWORD_ONLY and name not in ("backend", "batch_first")]
+    unknown = [name for name in model_args if name not in allowed]
+    if unknown:
+        raise ValueError(f"model_args has {', '.join(map(repr, unknown))}, not among the FastNTM arguments it may "
+                         f"set: {', '.join(allowed)}")
 
 
 @dataclass
 class TrainResult:
-    """How a ``fit`` ended: the step reached, sequences seen, last eval cost, whether the target was met."""
+    """How a ``fit`` ended: the step reached, sequences seen, eval cost, whether the target was met."""
 
     step: int
     sequences: int
-    eval_cost: float | None
+    eval_cost: float | None  # the weights at ``step``: a run that ends between evaluations is evaluated once more
     reached_target: bool
     elapsed_s: float
 
@@ -292,7 +381,6 @@ def max_length(task: Task) -> int:
 
 
 @torch.no_grad()
-@torch.no_grad()
 def evaluate(
     model: FastNTM,
     task: Task,
@@ -308,6 +396,8 @@ def evaluate(
     The same seed gives the same sequences, so evaluations during training compare like with like.
     No autograd graph is built: nothing here is differentiated.
     """
+    if not _is_int(batches) or batches < 1:
+        raise ValueError(f"batches must be a positive integer, got {batches!r}")
     device = next(model.parameters()).device if device is None else device
     generator = torch.Generator().manual_seed(seed)
     total = 0.0
@@ -382,11 +472,43 @@ def checkpoint_folder(path: str | os.PathLike) -> Path:
     return folder
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write through ``write(tmp_path)`` then rename over ``path``, so a crash never leaves half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
+def holds_checkpoint(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` holds a checkpoint, complete or with a save to finish (``finish_interrupted_save``)."""
+    return any((Path(folder) / name).exists() for name in SAVE_ORDER)
+
+
+def _tmp_path(folder: Path, name: str) -> Path:
+    return folder / f".{name}.tmp"
+
+
+def finish_interrupted_save(folder: str | os.PathLike) -> None:
+    """Leave ``folder`` with one complete checkpoint after a save that stopped part way (``Trainer.save_checkpoint``).
+
+    A save renames its first file (the weights) into place only once every temporary file is written:
+    while the weights' temporary file is there, the previous checkpoint stands and the temporary files,
+    perhaps partial, are deleted; once it is gone, the temporary files left are complete and are renamed
+    into place. Safe to run in several processes at once (each rank under ``torchrun``).
+    """
+    folder = Path(folder)
+    tmps = [_tmp_path(folder, name) for name in SAVE_ORDER]
+    if tmps[0].exists():
+        # The weights' file last: a process that finds it gone finds the others gone too.
+        for tmp in reversed(tmps):
+            tmp.unlink(missing_ok=True)
+        return
+    for name, tmp in zip(SAVE_ORDER, tmps):
+        if tmp.exists():
+            try:
+                os.replace(tmp, folder / name)
+            except FileNotFoundError:  # another process renamed it in the meantime
+                pass
+
+
+def _write_synced(path: Path, write) -> None:
+    """``write(path)``, then flush the file to the disk, so that a power cut after a later rename finds it whole."""
+    write(path)
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
 
 
 def _make_optimizer(name: str, params, lr: float, capturable: bool = False) -> torch.optim.Optimizer:
@@ -453,6 +575,7 @@ class Trainer:
         self.device = resolve_device(config.device)
         if config.cuda_graph:
             _check_cuda_graph(self.device)
+        resolve_backend(config.backend, self.device)  # 'triton' on a CPU, say: fails here, not at the first step
         self.dist = init_distributed(self.device)
         if self.device.type == "cuda" and self.dist.world_size > 1:
             self.device = torch.device("cuda", self.dist.local_rank)
@@ -485,11 +608,13 @@ class Trainer:
         self.last_eval_cost: float | None = None
         self.evals_below_target = 0
         self.curriculum_max = self._initial_curriculum()
+        # Whether the checkpoint in out is this trainer's (resumed from, or saved by it): fit() writes over no other.
+        self._owns_checkpoint = False
 
     # --- curriculum -----------------------------------------------------------------
 
     def _initial_curriculum(self) -> int | None:
-        if not self.config.curriculum or self.config.task not in CURRICULUM_KNOBS:
+        if not self.config.curriculum:
             return None
         top = getattr(self.task, CURRICULUM_KNOBS[self.config.task][1])
         floor = getattr(self.task, _CURRICULUM_FLOORS[self.config.task])
@@ -519,15 +644,21 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> None:
-        """Write weights, config and trainer state, each atomically; all three name the step.
-        Only rank 0 writes."""
+        """Write weights, config and trainer state as one set; all three name the step. Only rank 0 writes.
+
+        Each file is written in full to ``.NAME.tmp`` beside it and flushed to the disk; only then
+        are the three renamed into place, in ``SAVE_ORDER``. A save that stops while it writes leaves
+        the previous checkpoint as it was; one that stops between the renames leaves complete
+        temporary files. ``finish_interrupted_save`` (run by ``resume`` and by the next save) tells
+        the two apart and leaves one complete checkpoint either way.
+        """
+        self._owns_checkpoint = True
         if not self.dist.is_main:
             return
         self.out.mkdir(parents=True, exist_ok=True)
+        finish_interrupted_save(self.out)
         weights = {k: v.detach().to("cpu").contiguous() for k, v in self.model.state_dict().items()}
-        _atomic_write(self.out / MODEL_FILE, lambda p: save_file(weights, p, metadata={"step": str(self.step)}))
         text = json.dumps({**self.saved_config(), "step": self.step}, indent=2) + "\n"
-        _atomic_write(self.out / CONFIG_FILE, lambda p: p.write_text(text))
         state = {
             "step": self.step,
             "sequences": self.sequences,
@@ -541,17 +672,31 @@ class Trainer:
             "evals_below_target": self.evals_below_target,
             "curriculum_max": self.curriculum_max,
         }
-        _atomic_write(self.out / STATE_FILE, lambda p: torch.save(state, p))
+        writers = {
+            MODEL_FILE: lambda p: save_file(weights, p, metadata={"step": str(self.step)}),
+            CONFIG_FILE: lambda p: p.write_text(text),
+            STATE_FILE: lambda p: torch.save(state, p),
+        }
+        for name in SAVE_ORDER:
+            _write_synced(_tmp_path(self.out, name), writers[name])
+        for name in SAVE_ORDER:
+            os.replace(_tmp_path(self.out, name), self.out / name)
 
     @classmethod
     def resume(cls, out: str | os.PathLike, *, progress: bool = True, **overrides) -> "Trainer":
-        """The trainer saved in ``out``, with training arguments ``overrides`` applied (e.g. ``steps``)."""
+        """The trainer saved in ``out``, with training arguments ``overrides`` applied (e.g. ``steps``, which
+        counts the whole run: below the checkpoint's step is an error). ``curriculum=False`` also drops the
+        saved run's ``CURRICULUM_SETTINGS``."""
+        _check_field_names(overrides, "override")
         out = Path(out)
+        finish_interrupted_save(out)
         folder = checkpoint_folder(out)
         if not (folder / STATE_FILE).is_file():
             raise FileNotFoundError(f"no trainer state to resume from: {folder / STATE_FILE} is missing")
         saved = read_config(folder)
         training = {**saved["training"], **overrides}
+        if overrides.get("curriculum") is False:
+            training.update({name: _default(name) for name in CURRICULUM_SETTINGS if name not in overrides})
         # The optimiser's saved state only fits the optimiser that made it. The seed only draws the
         # first weights and the data stream's start, both long past: a new one would change nothing
         # but config.json's record of the run.
@@ -560,7 +705,7 @@ class Trainer:
                 raise ValueError(f"cannot change {fixed} when resuming: saved {saved['training'][fixed]!r}")
         trainer = cls(TrainConfig.from_dict(training), folder, progress=progress)
         try:
-            state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=False)
+            state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
         except Exception as error:  # a damaged file fails as EOFError, UnpicklingError, RuntimeError, ...
             raise ValueError(f"{folder / STATE_FILE} is damaged: {type(error).__name__}: "
                              f"{' '.join(str(error).split())}") from None
@@ -570,6 +715,9 @@ class Trainer:
                 f"checkpoint in {folder} is inconsistent: weights from step {weights_step}, state from step "
                 f"{state['step']} (a save was interrupted); cannot resume exactly"
             )
+        if trainer.config.steps < state["step"]:
+            raise ValueError(f"steps={trainer.config.steps} is below the checkpoint's step {state['step']}: steps "
+                             f"counts the whole run, across resumes")
         _load_optimizer_state(trainer.optimizer, state["optimizer"])
         for group in trainer.optimizer.param_groups:
             group["lr"] = trainer.config.lr
@@ -591,6 +739,7 @@ class Trainer:
             trainer.curriculum_max = None
         elif state["curriculum_max"] is not None:
             trainer.curriculum_max = state["curriculum_max"]
+        trainer._owns_checkpoint = True
         return trainer
 
     def _truncate_log(self) -> None:
@@ -654,6 +803,9 @@ class Trainer:
     def fit(self) -> TrainResult:
         """Train until ``config.steps`` or the target cost; checkpoint at the end either way."""
         c = self.config
+        if not self._owns_checkpoint and holds_checkpoint(self.out):
+            raise FileExistsError(f"{self.out} already holds a run's checkpoint: continue it with "
+                                  f"Trainer.resume({str(self.out)!r}), or train into another folder")
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
         self._truncate_log()
@@ -681,6 +833,12 @@ class Trainer:
                     below = self._end_window() < c.stop_cost
                     self.evals_below_target = self.evals_below_target + 1 if below else 0
                     reached = self.evals_below_target >= c.target_patience
+                    self.elapsed_s = time.perf_counter() - started
+                elif self.step >= c.steps:
+                    # The result and the checkpoint then report the final weights. Off the schedule: no log row,
+                    # no curriculum growth, no count toward the target; and evaluation draws no numbers from
+                    # the RNGs, so a run resumed from here still follows the uninterrupted one.
+                    self.last_eval_cost = self.evaluate()
                     self.elapsed_s = time.perf_counter() - started
                 if self.step % c.checkpoint_every == 0 or reached or self.step >= c.steps:
                     self.save_checkpoint()

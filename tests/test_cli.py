@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -72,8 +74,8 @@ def test_resume_continues_exactly(tmp_path, optimizer):
     split = load_file(tmp_path / "split" / "model.safetensors")
     for name in whole:
         assert torch.equal(whole[name], split[name]), name
-    a = torch.load(tmp_path / "whole" / "trainer_state.pt", weights_only=False)
-    b = torch.load(tmp_path / "split" / "trainer_state.pt", weights_only=False)
+    a = torch.load(tmp_path / "whole" / "trainer_state.pt", weights_only=True)
+    b = torch.load(tmp_path / "split" / "trainer_state.pt", weights_only=True)
     assert a["curriculum_max"] == b["curriculum_max"] == 6
     assert torch.equal(a["data_rng"], b["data_rng"])
     drop_time = lambda p: [r.rsplit(",", 1)[0] for r in p.read_text().splitlines()]  # noqa: E731
@@ -388,3 +390,182 @@ def test_backend_is_a_training_choice_that_checkpoints_do_not_keep(tmp_path, mon
 def test_a_bad_backend_choice_is_refused_naming_it(kwargs, message):
     with pytest.raises(ValueError, match=message):
         tiny_config(**kwargs)
+
+
+def interrupt(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("renames_done", [None, 0, 1, 2], ids=["while-writing", "before-renames", "after-weights",
+                                                                "after-config"])
+def test_an_interrupted_save_leaves_a_checkpoint_that_resumes_exactly(tmp_path, monkeypatch, renames_done):
+    # The three files were each replaced in turn: stopped between two, the step-2 weights were gone and the
+    # step-4 ones refused beside the step-2 state.
+    Trainer(tiny_config(steps=4), tmp_path / "whole", progress=False).fit()
+    out = tmp_path / "split"
+    Trainer(tiny_config(steps=2), out, progress=False).fit()
+    trainer = Trainer.resume(out, progress=False, steps=4)
+    if renames_done is None:
+        monkeypatch.setattr(torch, "save", interrupt)
+    else:
+        replace, calls = os.replace, []
+
+        def interrupted(*args):
+            calls.append(args)
+            (interrupt if len(calls) > renames_done else replace)(*args)
+
+        monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    monkeypatch.undo()
+    resumed = Trainer.resume(out, progress=False, steps=4)
+    assert resumed.step == (4 if renames_done else 2)  # the new set once its first file is in place
+    assert not list(out.glob(".*.tmp"))
+    resumed.fit()
+    whole, split = load_file(tmp_path / "whole" / "model.safetensors"), load_file(out / "model.safetensors")
+    for name in whole:
+        assert torch.equal(whole[name], split[name]), name
+
+
+def test_a_first_save_stopped_between_its_renames_resumes_from_the_command_line(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: (replace if dst.name == "model.safetensors" else interrupt)(
+        src, dst))
+    assert main(["train", "copy", "--steps", "2", "--out", str(out), *TINY_FLAGS, *FAST]) == 130
+    monkeypatch.undo()
+    assert (out / "model.safetensors").is_file() and not (out / "trainer_state.pt").exists()
+    assert main(["train", "copy", "--steps", "2", "--out", str(out), *TINY_FLAGS, *FAST]) == 2
+    assert "already holds a checkpoint; pass --resume" in capsys.readouterr().err
+    assert main(["train", "copy", "--out", str(out), "--resume", "--no-progress"]) == 0
+    assert "step 2," in capsys.readouterr().out
+
+
+def test_resume_loads_no_pickled_code(trained, capsys):
+    # trainer_state.pt was unpickled with weights_only=False: a crafted file ran its code at --resume.
+    marker = trained / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return open, (str(marker), "w")
+
+    state = torch.load(trained / "trainer_state.pt", weights_only=True)
+    torch.save({**state, "payload": Payload()}, trained / "trainer_state.pt")
+    assert main(["train", "copy", "--out", str(trained), "--resume", "--steps", "5", "--no-progress"]) == 2
+    assert "trainer_state.pt is damaged: UnpicklingError" in capsys.readouterr().err
+    assert not marker.exists()
+
+
+def test_a_dtype_and_numpy_integers_in_the_args_are_kept_as_json_and_build_the_same_run(tmp_path):
+    # Both failed at the first checkpoint, after the training, leaving weights without a config.json.
+    config = tiny_config(steps=1, model_args={**TINY, "memory_dtype": torch.bfloat16},
+                         task_args={"max_len": np.int64(5)})
+    assert config.model_args["memory_dtype"] == "bfloat16" and type(config.task_args["max_len"]) is int
+    Trainer(config, tmp_path, progress=False).fit()
+    model, task, _ = load_model(tmp_path)
+    assert model.cell.memory_dtype == torch.bfloat16 and task.max_len == 5
+    with pytest.raises(ValueError, match=r"task_args\['max_len'\] = .* cannot be written to config.json"):
+        tiny_config(task_args={"max_len": object()})
+
+
+def test_a_new_trainer_refuses_a_folder_that_holds_a_run(tmp_path):
+    # It replaced the step-2 checkpoint and emptied the log.
+    Trainer(tiny_config(steps=2), tmp_path, progress=False).fit()
+    log = (tmp_path / "log.csv").read_text()
+    with pytest.raises(FileExistsError, match=f"{tmp_path} already holds a run's checkpoint.*Trainer.resume"):
+        Trainer(tiny_config(steps=1), tmp_path, progress=False).fit()
+    assert (tmp_path / "log.csv").read_text() == log
+    assert json.loads((tmp_path / "config.json").read_text())["step"] == 2
+
+
+def test_a_trainer_fits_again_over_its_own_checkpoint(tmp_path):
+    trainer = Trainer(tiny_config(steps=2), tmp_path, progress=False)
+    trainer.fit()
+    trainer.config.steps = 4
+    assert trainer.fit().step == 4
+
+
+def test_resume_refuses_unknown_overrides(trained):
+    # Both were dropped, and the run went on with steps=3 and lr=0.001.
+    for name in ("stepz", "learning_rate"):
+        with pytest.raises(ValueError, match=f"unknown override: {name} .*steps, batch_size, lr,"):
+            Trainer.resume(trained, progress=False, **{name: 10})
+    with pytest.raises(ValueError, match="unknown TrainConfig field: stepz"):
+        TrainConfig.from_dict({"stepz": 10})
+
+
+def test_resume_refuses_steps_below_the_checkpoints(trained, capsys):
+    # It trained nothing and reported the old step as if done.
+    assert main(["train", "copy", "--out", str(trained), "--resume", "--steps", "2", "--no-progress"]) == 2
+    assert "steps=2 is below the checkpoint's step 3" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["ngrams", "--curriculum"], "curriculum=True (--curriculum) applies to copy, repeat_copy, associative_recall, "
+                                 "not to ngrams"),
+    (["copy", "--curriculum-start", "3"], "curriculum_start=3 (--curriculum-start): no effect without curriculum=True"),
+    (["copy", "--curriculum-threshold", "0.3"], "curriculum_threshold=0.3 (--curriculum-threshold): no effect"),
+], ids=["task-without-one", "start-without-curriculum", "threshold-without-curriculum"])
+def test_curriculum_flags_that_cannot_apply_are_refused(tmp_path, capsys, argv, message):
+    # Each was ignored while config.json recorded it.
+    assert main(["train", *argv, "--steps", "1", "--out", str(tmp_path / "run"), *TINY_FLAGS, *FAST]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_no_curriculum_on_resume_drops_the_saved_curriculum_settings(tmp_path):
+    Trainer(tiny_config(steps=2, curriculum=True, curriculum_start=2), tmp_path, progress=False).fit()
+    resumed = Trainer.resume(tmp_path, progress=False, steps=3, curriculum=False)
+    assert resumed.curriculum_max is None and resumed.config.curriculum_start is None
+
+
+def test_triton_on_the_cpu_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    # It was a traceback at the first step, after the output folder was made.
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert main(["train", "copy", "--backend", "triton", "--device", "cpu", "--steps", "1", "--out",
+                 str(tmp_path / "run"), *TINY_FLAGS, *FAST]) == 2
+    err = capsys.readouterr().err
+    assert "backend='triton' runs on CUDA tensors, got tensors on cpu" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(eval_seed="x"), r"eval_seed must be an integer in \[-2\*\*63, 2\*\*64 - 1\], got 'x'"),
+    (dict(eval_seed=2**64), "eval_seed must be an integer"),
+    (dict(seed=1.5), "seed must be an integer"),
+    (dict(seed=2**64 - 1), r"seed must be an integer in \[-2\*\*63, 2\*\*64 - 2\]"),
+    (dict(lr="0.1"), "lr must be a positive finite number"),
+    (dict(curriculum="no"), "curriculum must be True or False"),
+    (dict(curriculum=True, curriculum_step=0.5), "curriculum_step must be a positive integer or None"),
+    (dict(curriculum=True, curriculum_start=0), "curriculum_start must be a positive integer or None"),
+    (dict(curriculum=True, curriculum_threshold=-1.0), "curriculum_threshold must be >= 0"),
+    (dict(model_args={**TINY, "batch_first": True}), "model_args must not hold 'batch_first'"),
+    (dict(model_args={"memory_slot": 4}), "model_args has 'memory_slot', not among the FastNTM arguments"),
+], ids=["eval_seed-str", "eval_seed-too-big", "seed-float", "seed-too-big", "lr-str", "curriculum-str",
+        "curriculum_step-float", "curriculum_start-0", "curriculum_threshold-negative", "batch_first", "unknown-arg"])
+def test_bad_config_values_are_refused_naming_the_field(kwargs, message):
+    # Each failed late (at the first evaluation, mid-run, in Trainer.__init__) naming no field, or never.
+    with pytest.raises(ValueError, match=message):
+        tiny_config(**kwargs)
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "config.json", "trainer_state.pt", "log.csv"])
+def test_eval_refuses_to_write_over_the_runs_own_files(trained, capsys, name):
+    before = (trained / name).read_bytes()
+    assert main(["eval", str(trained), "--out", str(trained / name), "--batches", "1", "--batch-size", "2"]) == 2
+    assert "is one of the run's own files" in capsys.readouterr().err
+    assert (trained / name).read_bytes() == before
+
+
+def test_evaluate_refuses_zero_batches(trained):
+    model, task, _ = load_model(trained)
+    with pytest.raises(ValueError, match="batches must be a positive integer, got 0"):  # was ZeroDivisionError
+        evaluate(model, task, batches=0, batch_size=2, seed=0)
+
+
+def test_a_run_that_ends_between_evaluations_reports_its_final_weights(tmp_path):
+    # eval_cost was the step-2 evaluation's; the extra one writes no log row.
+    trainer = Trainer(tiny_config(steps=3), tmp_path, progress=False)
+    result = trainer.fit()
+    assert result.eval_cost == trainer.evaluate()
+    assert [line.split(",")[0] for line in (tmp_path / "log.csv").read_text().splitlines()[1:]] == ["2"]

@@ -137,3 +137,25 @@ def test_torch_compile_of_the_kernels_on_gpu(N, M):
         runs.append([t.detach() for t in (*out, *grads)])
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+def test_a_backward_of_the_backward_matches_the_literal_spec_on_gpu():
+    """create_graph=True through the kernels' node (at the paper's size and in the large regime) recomputes the
+    literal composition: second derivatives as the reference's, where the kernels' own gradients have none."""
+    import fastntm.functional as F
+    from fastntm import reference
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    for B, N, M, H, R, S in ((32, 128, 20, 2, 1, 3), (2, 4096, 64, 5, 4, 3)):
+        x = list(kernel_inputs(B, N, M, H, R, S, device="cuda").values())
+
+        def second_order(fn):
+            xs = [t.clone().requires_grad_() for t in x]
+            outs = fn(*xs)
+            first = torch.autograd.grad(outs, xs, [torch.ones_like(o) for o in outs], create_graph=True)
+            return torch.autograd.grad(sum(g.square().sum() for g in first), xs)
+
+        got = second_order(lambda *t: F.memory_step(*t, num_reads=R, backend="triton"))
+        expected = second_order(lambda *t: reference.memory_step(*t, R))
+        for i, (g, e) in enumerate(zip(got, expected)):
+            assert torch.isfinite(g).all() and relative_error(e, g) <= 1e-4, f"N {N}, input {i}"

@@ -145,6 +145,10 @@ def differentiate_literal(ctx, literal, inputs, constants, grads) -> tuple:
     wanted = [i for i, needed in enumerate(ctx.needs_input_grad[: len(inputs)]) if needed]
     found = [None] * len(wanted)
     with torch.enable_grad(), backend.autocast_off(inputs[0].device):
+        # Each wanted input differentiated through an alias of its own: where one input is made from another
+        # (k from mem, say) or one tensor is passed twice, a gradient taken at the tensors themselves would
+        # count the other input's path too.
+        inputs = [t.view_as(t) if i in wanted else t for i, t in enumerate(inputs)]
         outputs = literal(*inputs, *constants)
         outputs = (outputs,) if isinstance(outputs, torch.Tensor) else outputs
         used = [(out, grad) for out, grad in zip(outputs, grads) if grad is not None]

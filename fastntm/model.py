@@ -574,7 +574,7 @@ def _check_state(cell: NTMCell, state, x: torch.Tensor, B: int) -> None:
         if allowed is not None and t.dtype not in allowed:
             raise TypeError(f"{name} has dtype {t.dtype}; under autocast it must have the model's parameters' or "
                             f"autocast's, one of {allowed}")
-    bounds = {"state.weights": (0.0, 1.0)}
+    bounds = {"state.weights": (0.0, validation.WEIGHT)}
     validation.check_ranges([(name, t, *bounds.get(name, (None, None))) for name, (t, _) in expected.items()])
 
 

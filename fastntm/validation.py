@@ -2,8 +2,8 @@
 
 Shapes, dtypes and devices are always checked. Value ranges (``beta >= 0``,
 ``g`` and ``e`` in [0, 1], ``gamma >= 1``, ``w_prev`` in [0, 1], ``s`` in
-[0, 1] with each row summing to at most 1 (``SUM_SLACK`` above it for
-rounding), the weightings of ``read`` and ``write`` >= 0, ``k``, ``a`` and
+[0, 1] with each row summing to at most 1 (those two up to ``ROUNDING_SLACK``
+above 1), the weightings of ``read`` and ``write`` >= 0, ``k``, ``a`` and
 ``raw`` finite; not ``mem``, whose check would cost a pass over memory) need the
 values, which on a GPU costs a device synchronisation, so they are checked for
 CPU tensors always and for CUDA tensors only when ``FASTNTM_CHECK_VALUES=1``.
@@ -19,10 +19,11 @@ import os
 import torch
 
 
-SUM_SLACK = 2**-8
-"""How far above 1 a row of ``s`` may sum: bf16 rounds each entry by up to 2^-9 of itself. With ``w_prev`` in
-[0, 1], every shifted weighting ``ws`` is then at most 1 + 2^-8, and the sharpening's ``ws^gamma`` stays finite
-up to gamma 22,000 in fp32 (beyond 1 it overflows, to inf / inf = NaN). Rows summing to less are allowed."""
+ROUNDING_SLACK = 2**-8
+"""How far above 1 a weighting (``w_prev``) or a row sum of ``s`` may lie: bf16 rounds each entry by up to 2^-9
+of itself, and the GPU's fp32 division a weighting by an ulp or two. Then every shifted weighting ``ws`` is at
+most (1 + 2^-8)^2, and the sharpening's ``ws^gamma`` stays finite up to gamma 11,000 in fp32; without a bound
+it overflows, to inf / inf = NaN. Rows summing to less than 1 are allowed (a zero ``w_prev``, say)."""
 
 
 def _shape(t: torch.Tensor) -> tuple[int, ...]:
@@ -69,8 +70,10 @@ def _values_checked(device: torch.device) -> bool:
     return device.type == "cpu" or os.environ.get("FASTNTM_CHECK_VALUES", "0") == "1"
 
 
+WEIGHT = "weight"
+"""``check_ranges``' upper bound for a weighting: 1, up to ``ROUNDING_SLACK``."""
 DISTRIBUTION = "distribution"
-"""``check_ranges``' upper bound for a distribution: values in [low, 1], each row summing to at most 1."""
+"""``check_ranges``' upper bound for a distribution: ``WEIGHT``'s, and each row summing to at most 1 (as well)."""
 
 
 def check_range(name: str, t: torch.Tensor, low: float | None, high: float | None) -> None:
@@ -90,19 +93,23 @@ def check_ranges(checks) -> None:
         bounds = torch.stack([bound for _, t, _, _ in checks for bound in torch.aminmax(t)]
                              + [t.sum(dim=-1, dtype=torch.float32).amax() for _, t in distributions]).tolist()
     for (name, _, low, high), lo, hi in zip(checks, bounds[::2], bounds[1::2]):
-        _check_bounds(name, lo, hi, low, 1.0 if high == DISTRIBUTION else high)
+        _check_bounds(name, lo, hi, low, high)
     for (name, _), largest in zip(distributions, bounds[2 * len(checks):]):
-        if largest > 1 + SUM_SLACK:
+        if largest > 1 + ROUNDING_SLACK:
             raise ValueError(f"{name} must be a distribution: each row (last dimension) summing to at most 1, "
                              f"got a row summing to {largest:g}")
 
 
-def _check_bounds(name: str, lo: float, hi: float, low: float | None, high: float | None) -> None:
+def _check_bounds(name: str, lo: float, hi: float, low: float | None, high: float | str | None) -> None:
     if lo != lo or hi != hi:
         raise ValueError(f"{name} contains NaN")
     if math.isinf(lo) or math.isinf(hi):
         raise ValueError(f"{name} must be finite, got values in [{lo:g}, {hi:g}]")
-    if (low is not None and lo < low) or (high is not None and hi > high):
+    if high in (WEIGHT, DISTRIBUTION):
+        high, limit = 1.0, 1 + ROUNDING_SLACK
+    else:
+        limit = high
+    if (low is not None and lo < low) or (limit is not None and hi > limit):
         interval = f"[{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
         raise ValueError(f"{name} must lie in {interval}, got values in [{lo:g}, {hi:g}]")
 
@@ -141,7 +148,7 @@ def _check_addressing_structure(mem, k, beta, g, s, gamma, w_prev) -> tuple[int,
 
 def _addressing_ranges(k, beta, g, s, gamma, w_prev) -> list:
     return [("k", k, None, None), ("beta", beta, 0.0, None), ("g", g, 0.0, 1.0), ("s", s, 0.0, DISTRIBUTION),
-            ("gamma", gamma, 1.0, None), ("w_prev", w_prev, 0.0, 1.0)]
+            ("gamma", gamma, 1.0, None), ("w_prev", w_prev, 0.0, WEIGHT)]
 
 
 def check_addressing(mem, k, beta, g, s, gamma, w_prev) -> tuple[int, int, int, int]:
@@ -234,4 +241,4 @@ def check_memory_step_from_heads(mem, raw, w_prev, num_reads, num_writes, shift_
     check_shape("w_prev", w_prev, (B, H, N), f"(B, H, N) with H = num_reads + num_writes = {H}")
     check_same_device({"mem": mem, "raw": raw, "w_prev": w_prev})
     check_same_dtype({"raw": raw, "w_prev": w_prev})
-    check_ranges([("raw", raw, None, None), ("w_prev", w_prev, 0.0, 1.0)])
+    check_ranges([("raw", raw, None, None), ("w_prev", w_prev, 0.0, WEIGHT)])

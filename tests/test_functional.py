@@ -497,6 +497,20 @@ def test_value_checks_read_every_dtype_exactly():
                                  ("v", torch.tensor([float("nan")]), None, None)])
 
 
+def test_weightings_a_rounding_above_one_are_taken():
+    """The GPU's fp32 division can leave a focused weighting an ulp or two above 1, and bf16 a row of s 2^-9
+    above a sum of 1: the checks allow 2^-8 (validation.ROUNDING_SLACK) and refuse what lies beyond."""
+    t = step_inputs(B=2, N=5, M=3, R=1, W=1, S=3, dtype=torch.float32, requires_grad=False)
+    t["w_prev"] = torch.zeros_like(t["w_prev"])
+    t["w_prev"][..., 2] = 1 + 2**-22
+    t["s"] = t["s"] * (1 + 2**-9)
+    w, r, new_mem = F.memory_step(*t.values(), num_reads=1)
+    assert all(torch.isfinite(x).all() for x in (w, r, new_mem))
+    t["w_prev"][..., 2] = 1 + 2**-7
+    with pytest.raises(ValueError, match=re.escape("w_prev must lie in [0.0, 1.0], got values in [0, 1.00781]")):
+        F.memory_step(*t.values(), num_reads=1)
+
+
 def test_shapes_are_checked_before_values_and_values_in_argument_order():
     t = step_inputs(B=3, N=37, M=13, R=1, W=2, dtype=torch.float32, requires_grad=False)
     t.update(beta=-t["beta"], e=t["e"] + 2)
@@ -704,6 +718,33 @@ def test_higher_order_autograd_and_torch_func_give_the_literal_specs_answers(op,
     batched = torch.func.vmap(lambda *x: as_tuple(call(*(t[None] for t in x))))(*inputs)
     for i, (g, e) in enumerate(zip(batched, as_tuple(literal(*inputs)))):
         assert_close(e, g.squeeze(1), f"torch.func.vmap, output {i}")
+
+
+@pytest.mark.parametrize("backend_name", ["reference", "triton"])
+def test_second_order_gradients_where_inputs_are_made_from_one_another(backend_name):
+    """The literal composition is differentiated at an alias of each input: at the tensors themselves, a key
+    made from the memory, one tensor passed as both beta and g, or a read of weightings addressed on the same
+    memory counted the other input's path twice (gradients 0.1 - 0.3 off, first order included)."""
+    t = step_inputs(B=1, N=6, M=4, R=1, W=1, S=3, dtype=torch.float32, requires_grad=False)
+    x = t["mem"].clone().requires_grad_()
+    both = t["g"].clone().requires_grad_()
+
+    def step(ops, mem):
+        memory_step, address, read = ops
+        w, r, new = memory_step(mem, 2 * mem[:, :2], both, both, *(t[n] for n in ("s", "gamma", "w_prev", "e", "a")))
+        w_again = address(mem, t["k"], t["beta"], t["g"], t["s"], t["gamma"], t["w_prev"])
+        return (w * torch.arange(6.0)).sum() + r.square().sum() + new.square().sum() + read(mem, w_again).sum()
+
+    def answers(ops):
+        first = torch.autograd.grad(step(ops, x * 1.0), (x, both), create_graph=True)
+        return [*first, *torch.autograd.grad(sum(g.square().sum() for g in first), (x, both))]
+
+    on = dict(backend=backend_name)
+    got = answers((lambda *a: F.memory_step(*a, num_reads=1, **on), lambda *a: F.address(*a, **on),
+                   lambda *a: F.read(*a, **on)))
+    expected = answers((lambda *a: reference.memory_step(*a, 1), reference.address, reference.read))
+    for name, g, e in zip(("dmem", "d(beta = g)", "d2 mem", "d2 (beta = g)"), got, expected):
+        assert_close(e, g, name)
 
 
 def test_jit_trace_of_the_triton_path_records_the_op_and_reruns_on_new_inputs():

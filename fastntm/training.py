@@ -278,6 +278,18 @@ def _json_ready(field_name: str, key: str, value):
     return value
 
 
+def _effective(name: str, value, task: str):
+    """A training argument as the run takes it: ``task_args`` as the task they build, ``model_args`` over
+    ``FastNTM``'s defaults (a value given equal to its default is no change on resume)."""
+    if name == "task_args":
+        return make_task(task, **value)
+    if name == "model_args":
+        defaults = {k: p.default for k, p in inspect.signature(FastNTM).parameters.items()
+                    if p.kind is p.KEYWORD_ONLY}
+        return {**defaults, **value}
+    return value
+
+
 def _check_model_args(model_args: dict[str, Any]) -> None:
     if "backend" in model_args:
         raise ValueError("model_args must not hold 'backend': it is a training choice, TrainConfig.backend "
@@ -701,7 +713,8 @@ class Trainer:
         # first weights and the data stream's start, both long past: a new one would change nothing
         # but config.json's record of the run.
         for fixed in ("task", "task_args", "model_args", "optimizer", "seed"):
-            if fixed in overrides and overrides[fixed] != saved["training"][fixed]:
+            if fixed in overrides and _effective(fixed, overrides[fixed], saved["training"]["task"]) != \
+                    _effective(fixed, saved["training"][fixed], saved["training"]["task"]):
                 raise ValueError(f"cannot change {fixed} when resuming: saved {saved['training'][fixed]!r}")
         trainer = cls(TrainConfig.from_dict(training), folder, progress=progress)
         try:

@@ -485,6 +485,17 @@ def test_a_trainer_fits_again_over_its_own_checkpoint(tmp_path):
     assert trainer.fit().step == 4
 
 
+def test_resume_takes_task_and_model_args_equal_to_the_saved_ones(trained):
+    # Once refused: the saved {} (the defaults) compared unequal to the defaults given by name.
+    saved = json.loads((trained / "config.json").read_text())["training"]
+    task_args = {**saved["task_args"], "bits": 8}
+    model_args = {**saved["model_args"], "controller": "lstm"}
+    resumed = Trainer.resume(trained, progress=False, task_args=task_args, model_args=model_args)
+    assert resumed.step == 3
+    with pytest.raises(ValueError, match="cannot change task_args when resuming"):
+        Trainer.resume(trained, progress=False, task_args={**saved["task_args"], "bits": 6})
+
+
 def test_resume_refuses_unknown_overrides(trained):
     # Both were dropped, and the run went on with steps=3 and lr=0.001.
     for name in ("stepz", "learning_rate"):

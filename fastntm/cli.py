@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
 import json
 import os
 import shlex
@@ -363,9 +362,9 @@ def _check_same(task: str, saved: dict[str, Any], model_args: dict[str, Any], ta
 
 
 def _model_defaults() -> dict[str, Any]:
-    from .model import FastNTM
+    from .training import model_defaults
 
-    defaults = {k: p.default for k, p in inspect.signature(FastNTM).parameters.items() if p.default is not p.empty}
+    defaults = model_defaults()
     # None: the memory takes the model's dtype, and training builds float32 models.
     defaults["memory_dtype"] = "float32"
     return defaults

@@ -125,10 +125,9 @@ SAVED = 20  # tensors MemoryStep._forward saves for its own backward
 
 def hand_derived_serves(grads) -> bool:
     """Whether a hand-derived backward (this module's, or the Triton kernels') can take these incoming
-    gradients: not in a backward taken with
-    ``create_graph=True`` (it computes from values saved without their history, so its result could not be
-    differentiated), nor under vmap (``autograd.grad(is_grads_batched=True)``, ``jacobian(vectorize=True)``),
-    which its in-place ops refuse."""
+    gradients: not in a backward taken with ``create_graph=True`` (it computes from values saved without their
+    history, so its result could not be differentiated), nor under vmap (``autograd.grad(is_grads_batched=True)``,
+    ``jacobian(vectorize=True)``), which its in-place ops refuse."""
     if torch.is_grad_enabled():
         return False
     functorch = torch._C._functorch

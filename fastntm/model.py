@@ -509,6 +509,13 @@ def _autocast_dtypes(cell: NTMCell, kind: str) -> tuple[torch.dtype, ...] | None
     return tuple(dict.fromkeys((cell.heads.weight.dtype, torch.get_autocast_dtype(kind))))
 
 
+def _check_autocast_dtype(name: str, t: torch.Tensor, allowed: tuple[torch.dtype, ...] | None) -> None:
+    """``t`` in one of the dtypes ``_autocast_dtypes`` allows (None: outside autocast, nothing to check here)."""
+    if allowed is not None and t.dtype not in allowed:
+        raise TypeError(f"{name} has dtype {t.dtype}; under autocast it must have the model's parameters' or "
+                        f"autocast's, one of {allowed}")
+
+
 def _check_x(cell: NTMCell, name: str, x, layout: str) -> None:
     """``x`` of shape ``layout`` ((B, input_size) or a sequence of those), floating, not empty, finite, on
     the model's device and in its parameters' dtype (under autocast, or in autocast's)."""
@@ -529,9 +536,7 @@ def _check_x(cell: NTMCell, name: str, x, layout: str) -> None:
     if allowed is None and x.dtype != parameter.dtype:
         raise TypeError(f"{name} has dtype {x.dtype} but the model's parameters have {parameter.dtype}; cast one "
                         f"to the other (or run under torch.autocast)")
-    if allowed is not None and x.dtype not in allowed:
-        raise TypeError(f"{name} has dtype {x.dtype}; under autocast it must have the model's parameters' or "
-                        f"autocast's, one of {allowed}")
+    _check_autocast_dtype(name, x, allowed)
     validation.check_range(name, x, None, None)
 
 
@@ -571,9 +576,7 @@ def _check_state(cell: NTMCell, state, x: torch.Tensor, B: int) -> None:
             continue
         if allowed is None and t.dtype != x.dtype:
             raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}; the state must share x's dtype")
-        if allowed is not None and t.dtype not in allowed:
-            raise TypeError(f"{name} has dtype {t.dtype}; under autocast it must have the model's parameters' or "
-                            f"autocast's, one of {allowed}")
+        _check_autocast_dtype(name, t, allowed)
     bounds = {"state.weights": (0.0, validation.WEIGHT)}
     validation.check_ranges([(name, t, *bounds.get(name, (None, None))) for name, (t, _) in expected.items()])
 

@@ -44,6 +44,7 @@ task's full distribution, and training stops once its cost stays below
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import inspect
@@ -278,15 +279,18 @@ def _json_ready(field_name: str, key: str, value):
     return value
 
 
+def model_defaults() -> dict[str, Any]:
+    """``FastNTM``'s keyword arguments and their defaults: what ``model_args`` may set, and what it leaves."""
+    return {name: p.default for name, p in inspect.signature(FastNTM).parameters.items() if p.kind is p.KEYWORD_ONLY}
+
+
 def _effective(name: str, value, task: str):
     """A training argument as the run takes it: ``task_args`` as the task they build, ``model_args`` over
     ``FastNTM``'s defaults (a value given equal to its default is no change on resume)."""
     if name == "task_args":
         return make_task(task, **value)
     if name == "model_args":
-        defaults = {k: p.default for k, p in inspect.signature(FastNTM).parameters.items()
-                    if p.kind is p.KEYWORD_ONLY}
-        return {**defaults, **value}
+        return {**model_defaults(), **value}
     return value
 
 
@@ -297,8 +301,7 @@ def _check_model_args(model_args: dict[str, Any]) -> None:
     if "batch_first" in model_args:
         raise ValueError("model_args must not hold 'batch_first': the trainer feeds time-major (T, B, I) batches")
     # The sizes come from the task.
-    allowed = [name for name, p in inspect.signature(FastNTM).parameters.items()
-               if p.kind is p.KEYWORD_ONLY and name not in ("backend", "batch_first")]
+    allowed = [name for name in model_defaults() if name not in ("backend", "batch_first")]
     unknown = [name for name in model_args if name not in allowed]
     if unknown:
         raise ValueError(f"model_args has {', '.join(map(repr, unknown))}, not among the FastNTM arguments it may "
@@ -510,10 +513,8 @@ def finish_interrupted_save(folder: str | os.PathLike) -> None:
         return
     for name, tmp in zip(SAVE_ORDER, tmps):
         if tmp.exists():
-            try:
+            with contextlib.suppress(FileNotFoundError):  # another process renamed it in the meantime
                 os.replace(tmp, folder / name)
-            except FileNotFoundError:  # another process renamed it in the meantime
-                pass
 
 
 def _write_synced(path: Path, write) -> None:

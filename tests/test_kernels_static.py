@@ -300,10 +300,20 @@ def start_in_background():
     if not INTERPRETING or "run" in _in_background:
         return
     out = tempfile.TemporaryFile(mode="w+")
+    # At a lower priority: the interpreter tests keep a core (both, in their own subprocesses) and the compiles
+    # take what is left, so that neither waits on the other until the tests end and the compiles take both.
     proc = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", __file__],
                             env=dict(os.environ, TRITON_INTERPRET="0"), stdout=out, stderr=subprocess.STDOUT,
-                            text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+                            text=True, cwd=os.path.dirname(os.path.dirname(__file__)), preexec_fn=_lower_priority)
     _in_background["run"] = (proc, out)
+
+
+def _lower_priority():
+    os.nice(BACKGROUND_NICENESS)
+
+
+BACKGROUND_NICENESS = 10
+"""Niceness of the compiles run beside the tests: at 10 a process competing for a core gets about a tenth of it."""
 
 
 def stop_in_background():

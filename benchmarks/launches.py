@@ -146,6 +146,23 @@ def compile_kernel(spec: Specialized, arch: int):
                           target=GPUTarget("cuda", arch, 32), options=spec.options)
 
 
+def compile_kernel_for(spec: Specialized, archs) -> list:
+    """``compile_kernel`` for each of ``archs``: the first from the kernel's source, the others from that build's
+    Triton IR (TTIR), which Triton makes the same for every NVIDIA target (its one exception, tensor descriptors
+    lowered to pointers below sm_90, gets a build from source). The front end, Python walking the kernel's
+    source, is about a quarter of a build's time."""
+    first = compile_kernel(spec, archs[0])
+    ttir = first.asm["ttir"]
+    if "tensordesc" in ttir:
+        return [first, *(compile_kernel(spec, arch) for arch in archs[1:])]
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, f"{spec.name}.ttir")
+        with open(path, "w") as f:
+            f.write(ttir)
+        return [first, *(triton.compile(path, target=GPUTarget("cuda", arch, 32), options=spec.options)
+                         for arch in archs[1:])]
+
+
 def run_tool(tool: str, compiled, *flags: str) -> str:
     """Output of ``tool`` (cuobjdump, nvdisasm: Triton's own) on the compiled kernel's cubin, the one a
     launch loads."""

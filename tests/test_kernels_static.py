@@ -24,6 +24,7 @@ each of ``DTYPES``, and with fp32 parameters on memory of each other dtype (``/f
 import importlib
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -306,14 +307,12 @@ def start_in_background():
     out = tempfile.TemporaryFile(mode="w+")
     # At a lower priority: the interpreter tests keep a core (both, in their own subprocesses) and the compiles
     # take what is left, so that neither waits on the other until the tests end and the compiles take both.
-    proc = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", __file__],
+    # (Through nice(1), not preexec_fn: a Python function run between fork and exec can deadlock a threaded parent.)
+    nice = [shutil.which("nice"), "-n", str(BACKGROUND_NICENESS)] if shutil.which("nice") else []
+    proc = subprocess.Popen([*nice, sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", __file__],
                             env=dict(os.environ, TRITON_INTERPRET="0"), stdout=out, stderr=subprocess.STDOUT,
-                            text=True, cwd=os.path.dirname(os.path.dirname(__file__)), preexec_fn=_lower_priority)
+                            text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
     _in_background["run"] = (proc, out)
-
-
-def _lower_priority():
-    os.nice(BACKGROUND_NICENESS)
 
 
 BACKGROUND_NICENESS = 10

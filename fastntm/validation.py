@@ -7,8 +7,9 @@ above 1), the weightings of ``read`` and ``write`` >= 0, ``k``, ``a`` and
 ``raw`` finite; not ``mem``, whose check would cost a pass over memory) need the
 values, which on a GPU costs a device synchronisation, so they are checked for
 CPU tensors always and for CUDA tensors only when ``FASTNTM_CHECK_VALUES=1``.
-Nothing is value-checked while ``torch.compile`` traces or under a ``torch.func``
-transform.
+Under a ``torch.func`` transform the values behind its wrappers are checked
+(all of a ``vmap``'s elements at once). Nothing is value-checked while
+``torch.compile`` traces.
 """
 
 from __future__ import annotations
@@ -64,10 +65,23 @@ def check_same_dtype(named: dict[str, torch.Tensor]) -> None:
 
 
 def _values_checked(device: torch.device) -> bool:
-    # A transform's wrapped tensors (vmap's batched ones) have no values to bring to the host.
-    if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
+    if torch.compiler.is_compiling():
         return False
     return device.type == "cpu" or os.environ.get("FASTNTM_CHECK_VALUES", "0") == "1"
+
+
+def _unwrapped(t: torch.Tensor) -> torch.Tensor:
+    """The tensor behind ``torch.func``'s wrappers (``grad``'s and ``jvp``'s, ``vmap``'s batches), whose values
+    can come to the host where a batched tensor's cannot. A batch dimension is moved first, so that the
+    last dimension is still the one the caller sees (a distribution's rows), and every element's values are
+    checked at once."""
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(t):
+        if functorch.is_batchedtensor(t):
+            t = functorch.get_unwrapped(t).movedim(functorch.maybe_get_bdim(t), 0)
+        else:
+            t = functorch.get_unwrapped(t)
+    return t
 
 
 WEIGHT = "weight"
@@ -87,6 +101,7 @@ def check_ranges(checks) -> None:
     checks = [check for check in checks if check[1].numel()]
     if not checks or not _values_checked(checks[0][1].device):
         return
+    checks = [(name, _unwrapped(t), low, high) for name, t, low, high in checks]
     distributions = [(name, t) for name, t, _, high in checks if high == DISTRIBUTION]
     with torch.no_grad():
         # stack promotes: bf16 and fp16 bounds are exact in fp32, fp64 ones stay fp64.

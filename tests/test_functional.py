@@ -511,6 +511,39 @@ def test_weightings_a_rounding_above_one_are_taken():
         F.memory_step(*t.values(), num_reads=1)
 
 
+TRANSFORMS = {
+    "grad": lambda f, t: torch.func.grad(lambda w_prev: f({**t, "w_prev": w_prev})[1].sum())(t["w_prev"]),
+    "jvp": lambda f, t: torch.func.jvp(lambda w_prev: f({**t, "w_prev": w_prev}), (t["w_prev"],),
+                                       (torch.ones_like(t["w_prev"]),)),
+    # Each batch element one sequence; the batch dimension last in the tensors vmap takes apart.
+    "vmap": lambda f, t: torch.func.vmap(lambda x: f({n: v[None] for n, v in x.items()}), in_dims=(
+        {n: v.dim() - 1 for n, v in t.items()},))({n: v.movedim(0, -1) for n, v in t.items()}),
+    "vmap-of-grad": lambda f, t: torch.func.vmap(torch.func.grad(
+        lambda w_prev, x: f({**{n: v[None] for n, v in x.items()}, "w_prev": w_prev[None]})[1].sum()))(t["w_prev"], t),
+}
+
+
+@pytest.mark.parametrize("transform", TRANSFORMS)
+def test_values_are_checked_under_torch_func_transforms(transform):
+    """Under grad, jvp and vmap the checks read the values behind the transform's wrappers: a vmapped s is
+    checked row by row along its own last dimension, wherever vmap holds the batch."""
+    t = step_inputs(B=3, N=7, M=4, R=1, W=1, S=3, dtype=torch.float32, requires_grad=False)
+
+    def step(x):
+        return F.memory_step(*x.values(), num_reads=1)
+
+    TRANSFORMS[transform](step, t)  # in range: no error
+    bad = {**t, "w_prev": t["w_prev"].clone()}
+    bad["w_prev"][2, 1, 3] = 1.5
+    with pytest.raises(ValueError, match=re.escape("w_prev must lie in [0.0, 1.0], got values in [")):
+        TRANSFORMS[transform](step, bad)
+    bad = {**t, "s": t["s"].clone()}
+    bad["s"][1, 0] = torch.tensor([0.7, 0.0, 0.7])  # each entry in range, the row summing to 1.4
+    with pytest.raises(ValueError, match=re.escape("s must be a distribution: each row (last dimension) summing "
+                                                   "to at most 1, got a row summing to 1.4")):
+        TRANSFORMS[transform](step, bad)
+
+
 def test_shapes_are_checked_before_values_and_values_in_argument_order():
     t = step_inputs(B=3, N=37, M=13, R=1, W=2, dtype=torch.float32, requires_grad=False)
     t.update(beta=-t["beta"], e=t["e"] + 2)

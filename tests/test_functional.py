@@ -520,6 +520,9 @@ TRANSFORMS = {
         {n: v.dim() - 1 for n, v in t.items()},))({n: v.movedim(0, -1) for n, v in t.items()}),
     "vmap-of-grad": lambda f, t: torch.func.vmap(torch.func.grad(
         lambda w_prev, x: f({**{n: v[None] for n, v in x.items()}, "w_prev": w_prev[None]})[1].sum()))(t["w_prev"], t),
+    "grad-of-vmap": lambda f, t: torch.func.grad(lambda w_prev: torch.func.vmap(
+        lambda x, w: f({**{n: v[None] for n, v in x.items()}, "w_prev": w[None]})[1].sum())(t, w_prev).sum())(
+        t["w_prev"]),
 }
 
 

@@ -9,7 +9,7 @@ values, which on a GPU costs a device synchronisation, so they are checked for
 CPU tensors always and for CUDA tensors only when ``FASTNTM_CHECK_VALUES=1``.
 Under a ``torch.func`` transform the values behind its wrappers are checked
 (all of a ``vmap``'s elements at once). Nothing is value-checked while
-``torch.compile`` traces.
+``torch.compile`` (or any tracer of fake tensors) traces.
 """
 
 from __future__ import annotations
@@ -77,6 +77,8 @@ def _unwrapped(t: torch.Tensor) -> torch.Tensor:
     checked at once."""
     functorch = torch._C._functorch
     while functorch.is_functorch_wrapped_tensor(t):
+        if torch._is_functional_tensor(t):  # functionalize's: its writes through views applied first
+            torch._sync(t)
         if functorch.is_batchedtensor(t):
             t = functorch.get_unwrapped(t).movedim(functorch.maybe_get_bdim(t), 0)
         else:
@@ -102,6 +104,9 @@ def check_ranges(checks) -> None:
     if not checks or not _values_checked(checks[0][1].device):
         return
     checks = [(name, _unwrapped(t), low, high) for name, t, low, high in checks]
+    # Traced with fake tensors (make_fx, aot_function), no values exist.
+    if any(torch._subclasses.fake_tensor.is_fake(t) for _, t, _, _ in checks):
+        return
     distributions = [(name, t) for name, t, _, high in checks if high == DISTRIBUTION]
     with torch.no_grad():
         # stack promotes: bf16 and fp16 bounds are exact in fp32, fp64 ones stay fp64.

@@ -547,6 +547,28 @@ def test_values_are_checked_under_torch_func_transforms(transform):
         TRANSFORMS[transform](step, bad)
 
 
+def test_value_checks_read_functionalized_writes_and_skip_fake_tensors():
+    """Under functionalize a view written through its base is checked as written (not as the view was taken);
+    traced with fake tensors (make_fx, through vmap or not) there are no values and no check."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    t = step_inputs(B=3, N=7, M=4, R=1, W=1, S=3, dtype=torch.float32, requires_grad=False)
+
+    def step_on_a_view(x, fill):
+        buffer = torch.full((2, *x["w_prev"].shape), fill)
+        w_prev = buffer[0]  # taken while the buffer holds `fill`; then the inputs' weightings are written
+        buffer.copy_(torch.stack([x["w_prev"]] * 2))
+        return F.memory_step(*{**x, "w_prev": w_prev}.values(), num_reads=1)
+
+    torch.func.functionalize(lambda x: step_on_a_view(x, 2.0))(t)
+    bad = {**t, "w_prev": t["w_prev"] * 3}
+    with pytest.raises(ValueError, match=re.escape("w_prev must lie in [0.0, 1.0]")):
+        torch.func.functionalize(lambda x: step_on_a_view(x, 0.0))(bad)
+    step = torch.func.vmap(lambda x: F.memory_step(*(v[None] for v in x.values()), num_reads=1))
+    make_fx(step, tracing_mode="fake")(t)
+    make_fx(lambda x: F.memory_step(*x.values(), num_reads=1), tracing_mode="fake")(t)
+
+
 def test_shapes_are_checked_before_values_and_values_in_argument_order():
     t = step_inputs(B=3, N=37, M=13, R=1, W=2, dtype=torch.float32, requires_grad=False)
     t.update(beta=-t["beta"], e=t["e"] + 2)

@@ -147,20 +147,24 @@ def compile_kernel(spec: Specialized, arch: int):
 
 
 def compile_kernel_for(spec: Specialized, archs) -> list:
-    """``compile_kernel`` for each of ``archs``: the first from the kernel's source, the others from that build's
-    Triton IR (TTIR), which Triton makes the same for every NVIDIA target (its one exception, tensor descriptors
-    lowered to pointers below sm_90, gets a build from source). The front end, Python walking the kernel's
-    source, is about a quarter of a build's time."""
-    first = compile_kernel(spec, archs[0])
-    ttir = first.asm["ttir"]
-    if "tensordesc" in ttir:
-        return [first, *(compile_kernel(spec, arch) for arch in archs[1:])]
-    with tempfile.TemporaryDirectory() as folder:
-        path = os.path.join(folder, f"{spec.name}.ttir")
-        with open(path, "w") as f:
-            f.write(ttir)
-        return [first, *(triton.compile(path, target=GPUTarget("cuda", arch, 32), options=spec.options)
-                         for arch in archs[1:])]
+    """``compile_kernel`` for each of ``archs``, in their order: the newest from the kernel's source, the others
+    from that build's Triton IR (TTIR), so that Python walks the source once. For these kernels Triton's TTIR is
+    the same for every NVIDIA target (the cubins come out byte for byte the same). Where it need not be, every
+    target builds from source: tensor descriptors (lowered to pointers below sm_90, so the newest target's TTIR
+    still shows them) and fp8 types (whose products' accumulation and allowed types depend on the target)."""
+    newest = max(archs)
+    built = {newest: compile_kernel(spec, newest)}
+    ttir = built[newest].asm["ttir"]
+    if "tensordesc" in ttir or "f8E" in ttir:
+        built.update((arch, compile_kernel(spec, arch)) for arch in archs if arch != newest)
+    else:
+        with tempfile.TemporaryDirectory() as folder:
+            path = os.path.join(folder, f"{spec.name}.ttir")
+            with open(path, "w") as f:
+                f.write(ttir)
+            built.update((arch, triton.compile(path, target=GPUTarget("cuda", arch, 32), options=spec.options))
+                         for arch in archs if arch != newest)
+    return [built[arch] for arch in archs]
 
 
 def run_tool(tool: str, compiled, *flags: str) -> str:

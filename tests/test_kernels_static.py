@@ -10,8 +10,9 @@ GPU, so under the interpreter (a plain ``pytest`` run) one test reruns this file
 with ``TRITON_INTERPRET=0`` and passes when it passes; that process starts when collection ends and runs
 beside the other tests.
 
-Each configuration's sm_90 build starts from its sm_80 build's Triton IR (``benchmarks.launches.compile_kernel_for``:
-the same cubin as a build from source, for a quarter less time). Each configuration is compiled twice. ``any``: no argument specialized, the code a launch gets when
+Each configuration's sm_80 build starts from its sm_90 build's Triton IR (``benchmarks.launches.compile_kernel_for``:
+the same cubin as a build from source, without a second walk of the kernel's source). Each configuration is
+compiled twice. ``any``: no argument specialized, the code a launch gets when
 sizes and strides are not multiples of 16 (M = 20: scalar loads); the on-chip kernels, which take N and
 M as constants, at N = BN - 1 and M = BM - 1 (rows in chunks of 4) or M = BM (whole rows). ``as launched``: the host code runs
 at the benchmark shapes (``LAUNCH_SHAPES``) with its launches recorded, not made, and each recorded
@@ -21,10 +22,12 @@ integers equal to 1 made constants. The host code runs with every gradient given
 each of ``DTYPES``, and with fp32 parameters on memory of each other dtype (``/fp32 params``).
 """
 
+import contextlib
 import importlib
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -311,7 +314,7 @@ def start_in_background():
     nice = [shutil.which("nice"), "-n", str(BACKGROUND_NICENESS)] if shutil.which("nice") else []
     proc = subprocess.Popen([*nice, sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", __file__],
                             env=dict(os.environ, TRITON_INTERPRET="0"), stdout=out, stderr=subprocess.STDOUT,
-                            text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+                            text=True, cwd=os.path.dirname(os.path.dirname(__file__)), start_new_session=True)
     _in_background["run"] = (proc, out)
 
 
@@ -320,10 +323,13 @@ BACKGROUND_NICENESS = 10
 
 
 def stop_in_background():
-    """Kill the checks' process if the session ends before the test below has waited for it (``-x``, Ctrl-C)."""
+    """Kill the checks' processes if the session ends before the test below has waited for them (``-x``,
+    Ctrl-C): the subprocess and its compile workers, one process group (killing the subprocess alone would
+    leave its workers waiting for ever)."""
     proc, out = _in_background.pop("run", (None, None))
     if proc is not None:
-        proc.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         out.close()
 

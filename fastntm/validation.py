@@ -103,9 +103,11 @@ def check_ranges(checks) -> None:
     checks = [check for check in checks if check[1].numel()]
     if not checks or not _values_checked(checks[0][1].device):
         return
-    checks = [(name, _unwrapped(t), low, high) for name, t, low, high in checks]
-    # Traced with fake tensors (make_fx, aot_function), no values exist.
-    if any(torch._subclasses.fake_tensor.is_fake(t) for _, t, _, _ in checks):
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        checks = [(name, _unwrapped(t), low, high) for name, t, low, high in checks]
+    # Traced with fake tensors (make_fx, aot_function), no values exist. is_fake costs microseconds a call
+    # (this runs every step): a plain tensor is never fake.
+    if any(type(t) is not torch.Tensor and torch._subclasses.fake_tensor.is_fake(t) for _, t, _, _ in checks):
         return
     distributions = [(name, t) for name, t, _, high in checks if high == DISTRIBUTION]
     with torch.no_grad():

@@ -10,9 +10,8 @@ GPU, so under the interpreter (a plain ``pytest`` run) one test reruns this file
 with ``TRITON_INTERPRET=0`` and passes when it passes; that process starts when collection ends and runs
 beside the other tests.
 
-Each configuration's sm_80 build starts from its sm_90 build's Triton IR (``benchmarks.launches.compile_kernel_for``:
-the same cubin as a build from source, without a second walk of the kernel's source). Each configuration is
-compiled twice. ``any``: no argument specialized, the code a launch gets when
+Each configuration is compiled two ways, each for both targets (its sm_80 build from its sm_90 build's Triton IR,
+``benchmarks.launches.compile_kernel_for``: the same cubin as a build from source). ``any``: no argument specialized, the code a launch gets when
 sizes and strides are not multiples of 16 (M = 20: scalar loads); the on-chip kernels, which take N and
 M as constants, at N = BN - 1 and M = BM - 1 (rows in chunks of 4) or M = BM (whole rows). ``as launched``: the host code runs
 at the benchmark shapes (``LAUNCH_SHAPES``) with its launches recorded, not made, and each recorded
@@ -297,6 +296,8 @@ def test_the_products_run_on_the_tensor_cores(results):
 
 
 _in_background = {}
+BACKGROUND_NICENESS = 10
+"""Niceness of the compiles run beside the tests: at 10 a process competing for a core gets about a tenth of it."""
 
 
 def start_in_background():
@@ -311,15 +312,12 @@ def start_in_background():
     # At a lower priority: the interpreter tests keep a core (both, in their own subprocesses) and the compiles
     # take what is left, so that neither waits on the other until the tests end and the compiles take both.
     # (Through nice(1), not preexec_fn: a Python function run between fork and exec can deadlock a threaded parent.)
-    nice = [shutil.which("nice"), "-n", str(BACKGROUND_NICENESS)] if shutil.which("nice") else []
+    nice = shutil.which("nice")
+    nice = [nice, "-n", str(BACKGROUND_NICENESS)] if nice else []
     proc = subprocess.Popen([*nice, sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", __file__],
                             env=dict(os.environ, TRITON_INTERPRET="0"), stdout=out, stderr=subprocess.STDOUT,
                             text=True, cwd=os.path.dirname(os.path.dirname(__file__)), start_new_session=True)
     _in_background["run"] = (proc, out)
-
-
-BACKGROUND_NICENESS = 10
-"""Niceness of the compiles run beside the tests: at 10 a process competing for a core gets about a tenth of it."""
 
 
 def stop_in_background():

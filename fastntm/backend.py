@@ -1,10 +1,13 @@
-"""The one place that decides whether an op runs the Triton kernels or the reference.
+"""The one place that decides whether an op runs the Triton kernels, the numba kernels or the reference.
 
-``backend="auto"`` takes the kernels for CUDA tensors when Triton imports, and the
-reference otherwise (CPU tensors included, even under ``TRITON_INTERPRET=1``).
-``FASTNTM_BACKEND`` (auto | reference | triton | compiled) overrides ``"auto"``; an
+``backend="auto"`` takes the Triton kernels for CUDA tensors when Triton imports, the
+numba kernels (``fastntm.numba_step``) for CPU tensors when numba imports, and the
+reference otherwise.
+``FASTNTM_BACKEND`` (auto | reference | triton | numba | compiled) overrides ``"auto"``; an
 explicit ``backend=`` argument overrides both. ``"triton"`` on CPU tensors runs the
 kernels through the Triton interpreter, so only under ``TRITON_INTERPRET=1``.
+``"numba"`` runs the memory step (the op that dominates a step) as one compiled loop nest
+each way on CPU tensors, the other ops as the reference does.
 ``"compiled"`` runs the reference path through ``torch.compile``: on a CPU, Inductor's
 C++ loops fuse the step's small ops, after a compile of seconds per shape and dtype.
 """
@@ -23,7 +26,7 @@ from torch.autograd import forward_ad
 
 from . import fused_reference, reference
 
-BACKENDS = ("auto", "reference", "triton", "compiled")
+BACKENDS = ("auto", "reference", "triton", "numba", "compiled")
 OPS = ("head_parameters", "address", "read", "write", "memory_step", "memory_step_from_heads")
 
 
@@ -38,6 +41,15 @@ def _kernels() -> ModuleType | None:
     except ImportError:
         return None
     return kernels if kernels.AVAILABLE else None
+
+
+@functools.lru_cache(maxsize=None)
+def _numba_step() -> ModuleType | None:
+    try:
+        from . import numba_step
+    except ImportError:
+        return None
+    return numba_step
 
 
 REFERENCE = SimpleNamespace(
@@ -156,7 +168,7 @@ alone took 0.70 - 0.77 of the eager step's time; ``FastNTM`` compiles its whole 
 
 
 def resolve(backend: str, device: torch.device | str) -> str:
-    """Name the backend that an op with tensors on ``device`` runs: "reference", "triton" or "compiled"."""
+    """Name the backend that an op with tensors on ``device`` runs: "reference", "triton", "numba" or "compiled"."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     device = torch.device(device) if isinstance(device, str) else device
@@ -166,10 +178,18 @@ def resolve(backend: str, device: torch.device | str) -> str:
         if backend not in BACKENDS:
             raise ValueError(f"FASTNTM_BACKEND must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return "triton" if device.type == "cuda" and _kernels() is not None else "reference"
+        if device.type == "cuda" and _kernels() is not None:
+            return "triton"
+        return "numba" if device.type == "cpu" and _numba_step() is not None else "reference"
     if backend == "reference":
         return backend
     chosen = f"FASTNTM_BACKEND={backend} (under backend='auto')" if from_env else f"backend={backend!r}"
+    if backend == "numba":
+        if device.type != "cpu":
+            raise RuntimeError(f"{chosen} runs on CPU tensors, got tensors on {device}; use backend='auto'")
+        if _numba_step() is None:
+            raise RuntimeError(f"{chosen} needs numba, which could not be imported (pip install numba); "
+                               "use backend='reference' or 'auto'")
     if backend == "triton":
         if device.type != "cuda" and not interpreting():
             raise RuntimeError(
@@ -214,4 +234,14 @@ def implementation(backend: str, device: torch.device) -> ModuleType | SimpleNam
     chosen = resolve(backend, device)
     if chosen == "triton":
         return _kernels()
+    if chosen == "numba":
+        return _numba_ops()
     return COMPILED if chosen == "compiled" else REFERENCE
+
+
+@functools.lru_cache(maxsize=None)
+def _numba_ops() -> SimpleNamespace:
+    """``REFERENCE`` with the memory step (and its form from the head layer's output) on the numba kernels."""
+    step = _numba_step()
+    return SimpleNamespace(**{**vars(REFERENCE), "memory_step": step.memory_step,
+                              "memory_step_from_heads": step.memory_step_from_heads})

@@ -1,8 +1,8 @@
 """Without a GPU, run the Triton kernels through the interpreter.
 
 Triton reads ``TRITON_INTERPRET`` when a kernel is defined, so it is set here,
-before any test imports fastntm. ``backend="auto"`` still takes the reference
-path for CPU tensors; kernel tests ask for ``backend="triton"``.
+before any test imports fastntm. ``backend="auto"`` still takes the numba
+kernels for CPU tensors; Triton kernel tests ask for ``backend="triton"``.
 """
 
 import os

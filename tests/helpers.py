@@ -4,9 +4,21 @@ from __future__ import annotations
 
 import types
 
+import pytest
 import torch
 
 NAMES = ("mem", "k", "beta", "g", "s", "gamma", "w_prev", "e", "a")
+
+
+def numba_imports() -> bool:
+    """Whether ``backend="numba"`` can run here (a GPU machine may lack numba: ``auto`` then takes the reference)."""
+    from fastntm import backend
+
+    return backend._numba_step() is not None
+
+
+requires_numba = pytest.mark.skipif(not numba_imports(), reason="numba is not installed")
+NUMBA = pytest.param("numba", marks=requires_numba)
 
 # ||ref - out|| / ||ref|| allowed, by dtype of the compared tensors.
 RELATIVE_TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}

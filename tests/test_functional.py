@@ -10,7 +10,7 @@ import torch
 import fastntm.functional as F
 from fastntm import backend, fused_reference, reference
 
-from helpers import NAMES, assert_close, grads, step_inputs
+from helpers import NAMES, NUMBA, assert_close, grads, requires_numba, step_inputs
 
 
 def one_hot(index, size, dtype=torch.float64):
@@ -645,10 +645,12 @@ def test_triton_backend_on_cpu_without_the_interpreter_is_a_clear_error(monkeypa
         backend.resolve("auto", "cpu")
 
 
-def test_auto_backend_runs_the_reference_on_cpu(monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+@requires_numba
+def test_auto_backend_runs_the_numba_kernels_on_cpu_even_under_the_interpreter(monkeypatch):
     monkeypatch.delenv("FASTNTM_BACKEND", raising=False)
-    assert backend.resolve("auto", torch.device("cpu")) == "reference"
+    for interpreting in ("0", "1"):
+        monkeypatch.setenv("TRITON_INTERPRET", interpreting)
+        assert backend.resolve("auto", torch.device("cpu")) == "numba"
 
 
 def test_memory_step_computes_in_float32_under_autocast():
@@ -717,7 +719,7 @@ def as_tuple(out):
     return (out,) if isinstance(out, torch.Tensor) else tuple(out)
 
 
-@pytest.mark.parametrize("backend_name", ["reference", "triton"])
+@pytest.mark.parametrize("backend_name", ["reference", "triton", NUMBA])
 @pytest.mark.parametrize("op", ["memory_step", "memory_step_from_heads", "address", "read", "write",
                                 "head_parameters"])
 def test_higher_order_autograd_and_torch_func_give_the_literal_specs_answers(op, backend_name):
@@ -778,7 +780,7 @@ def test_higher_order_autograd_and_torch_func_give_the_literal_specs_answers(op,
         assert_close(e, g.squeeze(1), f"torch.func.vmap, output {i}")
 
 
-@pytest.mark.parametrize("backend_name", ["reference", "triton"])
+@pytest.mark.parametrize("backend_name", ["reference", "triton", NUMBA])
 def test_second_order_gradients_where_inputs_are_made_from_one_another(backend_name):
     """The literal composition is differentiated at an alias of each input: at the tensors themselves, a key
     made from the memory, one tensor passed as both beta and g, or a read of weightings addressed on the same

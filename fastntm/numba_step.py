@@ -1,0 +1,448 @@
+"""``memory_step`` for CPU tensors as two compiled loop nests (numba), forward and backward.
+
+On a CPU the step's arithmetic is small (a few hundred thousand flops at the paper's size) and
+``fused_reference``'s ~40 ops forward and ~50 backward cost their dispatch, not their work. Here each
+direction is one call of a numba-compiled function that walks the batch once: for every item, the
+content similarities and softmax, interpolation, shift and sharpening of every head, then the reads
+and the write; backward, the same equations as ``fused_reference``'s docstring, in reverse. Float32
+and float64 tensors (compute in the tensors' own dtype; bf16 memory and fp16 go to
+``fused_reference``). Compiled on first use (a few seconds) and cached on disk.
+
+Saved for backward: the inputs, ``w`` and the (B, H, 4, N) vectors K, wc, wg, ws; nothing of size
+(B, N, M) but the input memory. Norms are recomputed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+import torch
+
+from . import backend, fused_reference, reference
+from .reference import COSINE_EPS, SHARPEN_EPS, SHARPEN_FLOOR
+
+# Reassociation lets LLVM vectorise the sums; no 'nnan'/'ninf': NaN and inf must pass through as they do in torch.
+FASTMATH = {"reassoc", "contract", "nsz"}
+# The rows of the saved (B, H, 5, N) vectors: K, wc, wg, ws and log(max(ws, 1e-30)).
+SIMILARITY, CONTENT, GATED, SHIFTED, LOG_FLOORED = range(5)
+VECTORS = 5
+
+# Every loop over the memory's width M is innermost, and every constant is made in the tensors' dtype
+# (``real``): a Python float would promote float32 arithmetic to float64, and stop its vectorising.
+
+
+@numba.njit(cache=True, fastmath=FASTMATH, error_model="numpy")
+def _fill_halo(padded, half):
+    """``padded`` (N + 2 half) holds a circle of N at [half, N + half): copy it into the K = half slots on
+    each side, so that ``padded[j] = circle[(j - half) mod N]`` (the modulo only where it wraps)."""
+    N = padded.shape[0] - 2 * half
+    for j in range(half):
+        padded[j] = padded[half + (j - half) % N]
+        padded[N + half + j] = padded[half + j % N]
+
+
+@numba.njit(cache=True, fastmath=FASTMATH, error_model="numpy")
+def _forward(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads, w, r, new_mem, vectors):
+    B, N, M = mem.shape
+    H, S, W = k.shape[1], s.shape[2], e.shape[1]
+    half = (S - 1) // 2
+    real = mem.dtype.type
+    zero, one = real(0), real(1)
+    eps, floor, sharpen_eps = real(COSINE_EPS), real(SHARPEN_FLOOR), real(SHARPEN_EPS)
+    mem_norm = np.empty(N, mem.dtype)
+    padded = np.empty(N + 2 * half, mem.dtype)  # wg[(j - K) mod N] at j: the circle unrolled by K each side
+    for b in range(B):
+        for n in range(N):
+            total = zero
+            for m in range(M):
+                total += mem[b, n, m] * mem[b, n, m]
+            mem_norm[n] = max(math.sqrt(total), eps)
+        for h in range(H):
+            similarity, content, gated = vectors[b, h, SIMILARITY], vectors[b, h, CONTENT], vectors[b, h, GATED]
+            shifted, log_floored = vectors[b, h, SHIFTED], vectors[b, h, LOG_FLOORED]
+            total = zero
+            for m in range(M):
+                total += k[b, h, m] * k[b, h, m]
+            k_norm = max(math.sqrt(total), eps)
+            # Content: K = dot / (|k| |M_n|), wc = softmax(beta K).
+            largest = real(-np.inf)
+            for n in range(N):
+                dot = zero
+                for m in range(M):
+                    dot += k[b, h, m] * mem[b, n, m]
+                similarity[n] = dot / (k_norm * mem_norm[n])
+                largest = max(largest, beta[b, h] * similarity[n])
+            total = zero
+            for n in range(N):
+                content[n] = math.exp(beta[b, h] * similarity[n] - largest)
+                total += content[n]
+            # Interpolate: wg = g wc + (1 - g) w_prev.
+            for n in range(N):
+                content[n] /= total
+                gated[n] = g[b, h] * content[n] + (one - g[b, h]) * w_prev[b, h, n]
+            # Shift: ws[n] = sum_j s[j + K] wg[n - j] = sum_i s[i] padded[n + 2K - i].
+            for n in range(N):
+                padded[half + n] = gated[n]
+            _fill_halo(padded, half)
+            for n in range(N):
+                shifted[n] = zero
+            for i in range(S):
+                tap, offset = s[b, h, i], 2 * half - i
+                for n in range(N):
+                    shifted[n] += tap * padded[n + offset]
+            # Sharpen: w = c^gamma / (sum c^gamma + 1e-16), c = max(ws, 1e-30).
+            total = zero
+            for n in range(N):
+                log_floored[n] = math.log(max(shifted[n], floor))
+                w[b, h, n] = math.exp(gamma[b, h] * log_floored[n])
+                total += w[b, h, n]
+            for n in range(N):
+                w[b, h, n] /= total + sharpen_eps
+        # Read with the first heads: r = w M; write with the others: M P + sum_h w_h a_h, P = prod_h (1 - w_h e_h).
+        for h in range(num_reads):
+            for m in range(M):
+                r[b, h, m] = zero
+            for n in range(N):
+                weight = w[b, h, n]
+                for m in range(M):
+                    r[b, h, m] += weight * mem[b, n, m]
+        for n in range(N):
+            for m in range(M):
+                new_mem[b, n, m] = mem[b, n, m]
+            for h in range(W):
+                weight = w[b, num_reads + h, n]
+                for m in range(M):
+                    new_mem[b, n, m] *= one - weight * e[b, h, m]
+            for h in range(W):
+                weight = w[b, num_reads + h, n]
+                for m in range(M):
+                    new_mem[b, n, m] += weight * a[b, h, m]
+
+
+@numba.njit(cache=True, fastmath=FASTMATH, error_model="numpy")
+def _backward(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads, w, vectors, dw, dr, dnew,
+              dmem, dk, dbeta, dg, ds, dgamma, dw_prev, de, da):
+    """``dw``, ``dr``, ``dnew`` of size 0 where no gradient came; every output is written whole."""
+    B, N, M = mem.shape
+    H, S, W = k.shape[1], s.shape[2], e.shape[1]
+    half = (S - 1) // 2
+    real = mem.dtype.type
+    zero, one = real(0), real(1)
+    eps, floor = real(COSINE_EPS), real(SHARPEN_FLOOR)
+    has_dw, has_dr, has_dnew = dw.size > 0, dr.size > 0, dnew.size > 0
+    mem_norm = np.empty(N, mem.dtype)
+    norm_terms = np.empty(N, mem.dtype)  # sum_h dK K at each slot: dmem's norm term
+    d_weights = np.empty((H, N), mem.dtype)
+    d_shifted = np.empty(N + 2 * half, mem.dtype)  # dws, its circle unrolled by K each side
+    d_gated = np.empty(N, mem.dtype)
+    d_dot = np.empty((H, N), mem.dtype)
+    keep = np.empty(M, mem.dtype)
+    d_erase = np.empty(M, mem.dtype)
+    for b in range(B):
+        for n in range(N):
+            total = zero
+            for m in range(M):
+                total += mem[b, n, m] * mem[b, n, m]
+            mem_norm[n] = math.sqrt(total)
+            norm_terms[n] = zero
+        for h in range(H):
+            for n in range(N):
+                d_weights[h, n] = dw[b, h, n] if has_dw else zero
+        for h in range(W):
+            for m in range(M):
+                de[b, h, m] = zero
+                da[b, h, m] = zero
+        # Write: dM = dM_t P; dE_h = dM_t M prod_{h' != h} E_h'; dw_h += sum(dM_t a_h - dE_h e_h);
+        # de_h = -w_h^T dE_h; da_h = w_h^T dM_t. Read: dw_R += dr M^T; dM += w_R^T dr.
+        for n in range(N):
+            if has_dnew:
+                for m in range(M):
+                    keep[m] = dnew[b, n, m]
+                for h in range(W):
+                    weight = w[b, num_reads + h, n]
+                    for m in range(M):
+                        keep[m] *= one - weight * e[b, h, m]
+                for m in range(M):
+                    dmem[b, n, m] = keep[m]
+                for h in range(W):
+                    for m in range(M):
+                        d_erase[m] = dnew[b, n, m] * mem[b, n, m]
+                    for other in range(W):  # the other heads' factors multiplied in, not this one's divided out
+                        if other != h:
+                            weight = w[b, num_reads + other, n]
+                            for m in range(M):
+                                d_erase[m] *= one - weight * e[b, other, m]
+                    weight, total = w[b, num_reads + h, n], zero
+                    for m in range(M):
+                        total += dnew[b, n, m] * a[b, h, m] - d_erase[m] * e[b, h, m]
+                        de[b, h, m] -= weight * d_erase[m]
+                        da[b, h, m] += weight * dnew[b, n, m]
+                    d_weights[num_reads + h, n] += total
+            else:
+                for m in range(M):
+                    dmem[b, n, m] = zero
+            if has_dr:
+                for h in range(num_reads):
+                    weight, total = w[b, h, n], zero
+                    for m in range(M):
+                        total += dr[b, h, m] * mem[b, n, m]
+                        dmem[b, n, m] += weight * dr[b, h, m]
+                    d_weights[h, n] += total
+        for h in range(H):
+            similarity, content, gated = vectors[b, h, SIMILARITY], vectors[b, h, CONTENT], vectors[b, h, GATED]
+            shifted, log_floored = vectors[b, h, SHIFTED], vectors[b, h, LOG_FLOORED]
+            # Sharpen: dp p = (dw - sum(dw w)) w; dgamma = sum(dp p log c); dws = dp p gamma / c, 0 below the floor.
+            total = zero
+            for n in range(N):
+                total += d_weights[h, n] * w[b, h, n]
+            d_gamma = zero
+            for n in range(N):
+                dp_p = (d_weights[h, n] - total) * w[b, h, n]
+                d_gamma += dp_p * log_floored[n]
+                d_shifted[n + half] = dp_p * gamma[b, h] / shifted[n] if shifted[n] >= floor else zero
+            dgamma[b, h] = d_gamma
+            _fill_halo(d_shifted, half)
+            # Shift: ds[i] = sum_n dws[n + i - K] wg[n]; dwg[n] = sum_i s[i] dws[n + i - K].
+            for i in range(S):
+                total = zero
+                for n in range(N):
+                    total += d_shifted[n + i] * gated[n]
+                ds[b, h, i] = total
+            for n in range(N):
+                d_gated[n] = zero
+            for i in range(S):
+                tap = s[b, h, i]
+                for n in range(N):
+                    d_gated[n] += tap * d_shifted[n + i]
+            # Interpolate: dwc = g dwg; dg = sum(dwg (wc - w_prev)); dw_prev = (1 - g) dwg.
+            d_g, total = zero, zero
+            for n in range(N):
+                d_g += d_gated[n] * (content[n] - w_prev[b, h, n])
+                dw_prev[b, h, n] = (one - g[b, h]) * d_gated[n]
+                total += g[b, h] * d_gated[n] * content[n]
+            dg[b, h] = d_g
+            # Softmax of z = beta K: dz = wc (dwc - sum(dwc wc)); dbeta = sum(dz K); dK = beta dz.
+            k_norm_sq = zero
+            for m in range(M):
+                k_norm_sq += k[b, h, m] * k[b, h, m]
+            k_norm = math.sqrt(k_norm_sq)
+            d_beta, k_term = zero, zero
+            for n in range(N):
+                dz = content[n] * (g[b, h] * d_gated[n] - total)
+                d_beta += dz * similarity[n]
+                d_similarity = beta[b, h] * dz
+                d_dot[h, n] = d_similarity / (max(k_norm, eps) * max(mem_norm[n], eps))
+                k_term += d_similarity * similarity[n]
+                norm_terms[n] += d_similarity * similarity[n]
+            dbeta[b, h] = d_beta
+            # Cosine: dk = ddot M - sum_n(dK K) k / |k|^2, the norm term only above the floor (the rest below).
+            k_scale = k_term / k_norm_sq if k_norm >= eps else zero
+            for m in range(M):
+                dk[b, h, m] = -k_scale * k[b, h, m]
+        # dM += ddot^T k - sum_h(dK K) M_n / |M_n|^2; dk += ddot M.
+        for n in range(N):
+            scale = norm_terms[n] / (mem_norm[n] * mem_norm[n]) if mem_norm[n] >= eps else zero
+            for m in range(M):
+                dmem[b, n, m] -= scale * mem[b, n, m]
+            for h in range(H):
+                d = d_dot[h, n]
+                for m in range(M):
+                    dmem[b, n, m] += d * k[b, h, m]
+                    dk[b, h, m] += d * mem[b, n, m]
+
+
+@numba.njit(cache=True, fastmath=FASTMATH, error_model="numpy")
+def _sigmoid(x):
+    return 1 / (1 + math.exp(-x))
+
+
+@numba.njit(cache=True, fastmath=FASTMATH, error_model="numpy")
+def _squash(raw, num_reads, num_writes, M, S):
+    """``head_parameters``: k, beta, g, s, gamma, e, a from the head layer's raw output (B, H (M + S + 3) + 2 W M);
+    ``softplus(x) = x`` above 20, as torch's."""
+    B, H, W = raw.shape[0], num_reads + num_writes, num_writes
+    real = raw.dtype.type
+    one, threshold = real(1), real(20)
+    k, s, e, a = (np.empty((B, H, M), raw.dtype), np.empty((B, H, S), raw.dtype), np.empty((B, W, M), raw.dtype),
+                  np.empty((B, W, M), raw.dtype))
+    beta, g, gamma = np.empty((B, H), raw.dtype), np.empty((B, H), raw.dtype), np.empty((B, H), raw.dtype)
+    width, writes = M + S + 3, H * (M + S + 3)
+    for b in range(B):
+        for h in range(H):
+            x = raw[b, h * width : (h + 1) * width]
+            for m in range(M):
+                k[b, h, m] = x[m]
+            beta[b, h] = x[M] if x[M] > threshold else math.log1p(math.exp(x[M]))
+            g[b, h] = _sigmoid(x[M + 1])
+            largest = x[M + 2]
+            for i in range(1, S):
+                largest = max(largest, x[M + 2 + i])
+            total = real(0)
+            for i in range(S):
+                s[b, h, i] = math.exp(x[M + 2 + i] - largest)
+                total += s[b, h, i]
+            for i in range(S):
+                s[b, h, i] /= total
+            z = x[M + S + 2]
+            gamma[b, h] = one + (z if z > threshold else math.log1p(math.exp(z)))
+        for h in range(W):
+            x = raw[b, writes + 2 * M * h : writes + 2 * M * (h + 1)]
+            for m in range(M):
+                e[b, h, m] = _sigmoid(x[m])
+                a[b, h, m] = x[M + m]
+    return k, beta, g, s, gamma, e, a
+
+
+@numba.njit(cache=True, fastmath=FASTMATH, error_model="numpy")
+def _squash_backward(raw, g, s, e, dk, dbeta, dg, ds, dgamma, de, da, d_raw):
+    """``d_raw`` from the squashed parameters' gradients: ``dx_beta = dbeta sigmoid(x)``, ``dx_g = dg g (1 - g)``,
+    ``dx_s = s (ds - sum(ds s))``, ``dx_gamma = dgamma sigmoid(x)``, ``dx_e = de e (1 - e)``, k and a as they are."""
+    B, H, M = dk.shape
+    S, W = ds.shape[2], de.shape[1]
+    one = raw.dtype.type(1)
+    width, writes = M + S + 3, H * (M + S + 3)
+    for b in range(B):
+        for h in range(H):
+            o = h * width
+            for m in range(M):
+                d_raw[b, o + m] = dk[b, h, m]
+            d_raw[b, o + M] = dbeta[b, h] * _sigmoid(raw[b, o + M])
+            d_raw[b, o + M + 1] = dg[b, h] * g[b, h] * (one - g[b, h])
+            total = raw.dtype.type(0)
+            for i in range(S):
+                total += ds[b, h, i] * s[b, h, i]
+            for i in range(S):
+                d_raw[b, o + M + 2 + i] = s[b, h, i] * (ds[b, h, i] - total)
+            d_raw[b, o + M + S + 2] = dgamma[b, h] * _sigmoid(raw[b, o + M + S + 2])
+        for h in range(W):
+            o = writes + 2 * M * h
+            for m in range(M):
+                d_raw[b, o + m] = de[b, h, m] * e[b, h, m] * (one - e[b, h, m])
+                d_raw[b, o + M + m] = da[b, h, m]
+
+
+@numba.njit(cache=True, fastmath=FASTMATH, error_model="numpy")
+def _forward_from_heads(mem, raw, w_prev, num_reads, num_writes, S, w, r, new_mem, vectors):
+    k, beta, g, s, gamma, e, a = _squash(raw, num_reads, num_writes, mem.shape[2], S)
+    _forward(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads, w, r, new_mem, vectors)
+    return k, beta, g, s, gamma, e, a
+
+
+@numba.njit(cache=True, fastmath=FASTMATH, error_model="numpy")
+def _backward_from_heads(mem, raw, k, beta, g, s, gamma, w_prev, e, a, num_reads, w, vectors, dw, dr, dnew,
+                         dmem, d_raw, dw_prev):
+    dk, ds, de, da = np.empty_like(k), np.empty_like(s), np.empty_like(e), np.empty_like(a)
+    dbeta, dg, dgamma = np.empty_like(beta), np.empty_like(g), np.empty_like(gamma)
+    _backward(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads, w, vectors, dw, dr, dnew,
+              dmem, dk, dbeta, dg, ds, dgamma, dw_prev, de, da)
+    _squash_backward(raw, g, s, e, dk, dbeta, dg, ds, dgamma, de, da, d_raw)
+
+
+SUPPORTED_DTYPES = (torch.float32, torch.float64)
+
+
+def serves(*tensors: torch.Tensor) -> bool:
+    """Whether these kernels take a call on ``tensors``: plain CPU tensors (or parameters) of one dtype, float32
+    or float64 (bf16 memory and fp16 compute in float32 through ``fused_reference``), outside anything that
+    traces or transforms the call (``torch.compile``, ``torch.jit.trace``, a dispatch mode such as ``make_fx``'s
+    or ``FakeTensorMode``, a ``torch.func`` transform, forward-mode tangents), which a call into numba would
+    escape: there ``fused_reference``, whose ops they see, serves."""
+    dtype = tensors[0].dtype
+    if dtype not in SUPPORTED_DTYPES:
+        return False
+    for t in tensors:
+        if t.dtype != dtype or t.device.type != "cpu" or (type(t) is not torch.Tensor
+                                                          and type(t) is not torch.nn.Parameter):
+            return False
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._len_torch_dispatch_stack():
+        return False
+    return not backend.transformed(tensors)
+
+
+def _empty(shape, dtype: torch.dtype) -> torch.Tensor:
+    """Every buffer the kernels write (a test fills them with NaN: an element a kernel forgets then fails it)."""
+    return torch.empty(shape, dtype=dtype)
+
+
+def _outputs(mem: torch.Tensor, H: int, R: int):
+    """Empty w (B, H, N), r (B, R, M), new memory (B, N, M) and the saved vectors (B, H, 5, N)."""
+    B, N, M = mem.shape
+    return (_empty((B, H, N), mem.dtype), _empty((B, R, M), mem.dtype), _empty((B, N, M), mem.dtype),
+            _empty((B, H, VECTORS, N), mem.dtype))
+
+
+def _arrays(*tensors: torch.Tensor):
+    return tuple(t.detach().contiguous().numpy() for t in tensors)
+
+
+def _incoming(dtype: torch.dtype, *grads: torch.Tensor | None) -> tuple[np.ndarray, ...]:
+    """The incoming gradients as arrays in ``dtype``; one that did not come (None) as an array of size 0."""
+    missing = np.empty((0, 0, 0), dtype=np.float32 if dtype == torch.float32 else np.float64)
+    return tuple(missing if t is None else t.to(dtype).contiguous().numpy() for t in grads)
+
+
+class MemoryStep(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, mem, k, beta, g, s, gamma, w_prev, e, a, num_reads):
+        ctx.set_materialize_grads(False)
+        w, r, new_mem, vectors = _outputs(mem, k.shape[1], num_reads)
+        _forward(*_arrays(mem, k, beta, g, s, gamma, w_prev, e, a), num_reads,
+                 w.numpy(), r.numpy(), new_mem.numpy(), vectors.numpy())
+        ctx.num_reads = num_reads
+        ctx.save_for_backward(mem, k, beta, g, s, gamma, w_prev, e, a, w, vectors)
+        return w, r, new_mem
+
+    @staticmethod
+    def backward(ctx, dw, dr, dnew):
+        saved = ctx.saved_tensors
+        if not fused_reference.hand_derived_serves((dw, dr, dnew)):
+            return fused_reference.differentiate_literal(ctx, reference.memory_step, saved[:9], (ctx.num_reads,),
+                                                         (dw, dr, dnew))
+        mem, k, beta, g, s, gamma, w_prev, e, a, w, vectors = saved
+        grads = tuple(_empty(t.shape, t.dtype) for t in (mem, k, beta, g, s, gamma, w_prev, e, a))
+        _backward(*_arrays(mem, k, beta, g, s, gamma, w_prev, e, a), ctx.num_reads, w.numpy(), vectors.numpy(),
+                  *_incoming(mem.dtype, dw, dr, dnew), *(t.numpy() for t in grads))
+        return (*grads, None)
+
+
+def memory_step(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads):
+    """``fastntm.reference.memory_step`` as one autograd node computed by numba; ``fused_reference``'s where
+    these kernels do not serve (``serves``)."""
+    if not serves(mem, k, beta, g, s, gamma, w_prev, e, a):
+        return fused_reference.memory_step(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads)
+    return MemoryStep.apply(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads)
+
+
+class MemoryStepFromHeads(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, mem, raw, w_prev, num_reads, num_writes, shift_width):
+        ctx.set_materialize_grads(False)
+        w, r, new_mem, vectors = _outputs(mem, num_reads + num_writes, num_reads)
+        params = _forward_from_heads(*_arrays(mem, raw, w_prev), num_reads, num_writes, shift_width,
+                                     w.numpy(), r.numpy(), new_mem.numpy(), vectors.numpy())
+        ctx.layout = (num_reads, num_writes, shift_width)
+        ctx.save_for_backward(mem, raw, w_prev, w, vectors, *(torch.from_numpy(p) for p in params))
+        return w, r, new_mem
+
+    @staticmethod
+    def backward(ctx, dw, dr, dnew):
+        saved = ctx.saved_tensors
+        if not fused_reference.hand_derived_serves((dw, dr, dnew)):
+            return fused_reference.differentiate_literal(ctx, reference.memory_step_from_heads, saved[:3], ctx.layout,
+                                                         (dw, dr, dnew))
+        mem, raw, w_prev, w, vectors, k, beta, g, s, gamma, e, a = saved
+        dmem, d_raw, dw_prev = (_empty(t.shape, mem.dtype) for t in (mem, raw, w_prev))
+        _backward_from_heads(*_arrays(mem, raw, k, beta, g, s, gamma, w_prev, e, a), ctx.layout[0], w.numpy(),
+                             vectors.numpy(), *_incoming(mem.dtype, dw, dr, dnew), dmem.numpy(), d_raw.numpy(),
+                             dw_prev.numpy())
+        return dmem, d_raw, dw_prev, None, None, None
+
+
+def memory_step_from_heads(mem, raw, w_prev, num_reads, num_writes, shift_width):
+    """``fastntm.reference.memory_step_from_heads`` as one autograd node computed by numba (squashing included);
+    ``fused_reference``'s where these kernels do not serve (``serves``)."""
+    if not serves(mem, raw, w_prev):
+        return fused_reference.memory_step_from_heads(mem, raw, w_prev, num_reads, num_writes, shift_width)
+    return MemoryStepFromHeads.apply(mem, raw, w_prev, num_reads, num_writes, shift_width)

@@ -1,0 +1,210 @@
+"""The numba kernels of the CPU memory step (``fastntm.numba_step``, ``backend="numba"``) against the literal spec."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("numba")  # a GPU machine may lack it
+
+import fastntm.functional as F  # noqa: E402
+from fastntm import FastNTM, backend, fused_reference, numba_step, reference  # noqa: E402
+
+from helpers import NAMES, RELATIVE_TOLERANCE, assert_close, grads, relative_error, step_inputs  # noqa: E402
+from test_functional import EDGE_CASES, SHAPES, edge_inputs, from_heads_inputs  # noqa: E402
+
+MORE_SHAPES = SHAPES + [
+    pytest.param(dict(B=3, N=37, M=13, R=2, W=3, S=5), id="B3-N37-M13-R2-W3-S5"),
+    pytest.param(dict(B=1, N=130, M=20, R=1, W=1, S=3), id="B1-N130-M20-R1-W1-S3"),
+    pytest.param(dict(B=2, N=3, M=2, R=1, W=1, S=9), id="B2-N3-M2-R1-W1-S9"),  # a shift wrapping twice
+]
+OUTPUTS = ("w", "r", "new_mem")
+
+
+def numba_step_of(*x, R):
+    return F.memory_step(*x, num_reads=R, backend="numba")
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Every buffer the kernels write starts as NaN: an element they forget fails the comparison."""
+    monkeypatch.setattr(numba_step, "_empty", lambda shape, dtype: torch.full(shape, float("nan"), dtype=dtype))
+
+
+def assert_as_close_as_the_torch_path(truth, got, torch_path, name):
+    """``got`` within float64's tolerance of the float64 ``truth``, or, in float32, within 4x float32's or twice
+    the error of ``fused_reference`` (the same equations in torch ops) on the same inputs: sums over N slots with
+    cancellation (dgamma, dbeta) miss by up to 3e-5 at N = 130 either way (20 draws: numba 2.8e-5, torch 2.3e-5)."""
+    if got.dtype == torch.float64:
+        assert_close(truth, got, name)
+    else:
+        allowed = max(4 * RELATIVE_TOLERANCE[torch.float32], 2 * relative_error(truth, torch_path))
+        assert relative_error(truth, got) <= allowed, f"{name}: {relative_error(truth, got):.3g} > {allowed:.3g}"
+
+
+@pytest.mark.parametrize("shape", MORE_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("unused", [None, *OUTPUTS], ids=["all-used", "no-dw", "no-dr", "no-dnew"])
+def test_memory_step_matches_the_literal_spec(shape, dtype, unused, poisoned):
+    t = step_inputs(**shape, dtype=dtype)
+    t64 = {n: v.detach().double().requires_grad_() for n, v in t.items()}
+    R = shape["R"]
+    truth = reference.memory_step(*t64.values(), R)
+    got = numba_step_of(*t.values(), R=R)
+    torch_path = fused_reference.memory_step(*t.values(), R)
+    used = [i for i, name in enumerate(OUTPUTS) if name != unused]
+    gen = torch.Generator().manual_seed(1)
+    cotangents = [torch.randn(got[i].shape, generator=gen, dtype=dtype) for i in used]
+    expected = grads([truth[i] for i in used], t64, [c.double() for c in cotangents])
+    found = grads([got[i] for i in used], t, cotangents)
+    torch_found = grads([torch_path[i] for i in used], t, cotangents)
+    for name, e, g, p in [*zip(OUTPUTS, truth, got, torch_path),
+                          *((f"d{n}", expected[n], found[n], torch_found[n]) for n in NAMES)]:
+        assert g.dtype == dtype
+        assert_as_close_as_the_torch_path(e, g, p, name)
+
+
+@pytest.mark.parametrize("shape", MORE_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("unused", [None, *OUTPUTS], ids=["all-used", "no-dw", "no-dr", "no-dnew"])
+def test_memory_step_from_heads_matches_the_literal_spec(shape, dtype, unused, poisoned):
+    R, W, S = shape["R"], shape["W"], shape["S"]
+    x = from_heads_inputs(**shape, dtype=dtype)
+    with torch.no_grad():  # raw over softplus's threshold (20) and at sigmoid's saturation too
+        x[1][:, :3] = torch.tensor([25.0, -30.0, 18.0], dtype=dtype)
+    x64 = [t.detach().double().requires_grad_() for t in x]
+    truth = reference.memory_step_from_heads(*x64, R, W, S)
+    got = F.memory_step_from_heads(*x, num_reads=R, num_writes=W, shift_width=S, backend="numba")
+    torch_path = fused_reference.memory_step_from_heads(*x, R, W, S)
+    used = [i for i, name in enumerate(OUTPUTS) if name != unused]
+    gen = torch.Generator().manual_seed(1)
+    cot = [torch.randn(got[i].shape, generator=gen, dtype=dtype) for i in used]
+    expected = torch.autograd.grad([truth[i] for i in used], x64, [c.double() for c in cot], allow_unused=True)
+    found = torch.autograd.grad([got[i] for i in used], x, cot, allow_unused=True)
+    torch_found = torch.autograd.grad([torch_path[i] for i in used], x, cot, allow_unused=True)
+    for name, e, g, p in zip(OUTPUTS, truth, got, torch_path):
+        assert_as_close_as_the_torch_path(e, g, p, name)
+    for name, e, g, p in zip(("mem", "raw", "w_prev"), expected, found, torch_found):
+        if e is None:
+            assert g is None or not g.any(), name
+        else:
+            assert_as_close_as_the_torch_path(e, g, p, f"d{name}")
+
+
+@pytest.mark.parametrize("shape", SHAPES[:3])
+def test_gradcheck_in_float64(shape):
+    R, W, S = shape["R"], shape["W"], shape["S"]
+    t = step_inputs(**shape)
+    assert torch.autograd.gradcheck(lambda *x: numba_step_of(*x, R=R), tuple(t.values()))
+    assert torch.autograd.gradcheck(
+        lambda *x: F.memory_step_from_heads(*x, num_reads=R, num_writes=W, shift_width=S, backend="numba"),
+        from_heads_inputs(**shape))
+
+
+@pytest.mark.parametrize("case", EDGE_CASES)
+def test_edge_cases_are_finite_and_match_the_literal_spec(case, poisoned):
+    for dtype in (torch.float32, torch.float64):
+        t = edge_inputs(case, dtype)
+        literal, got = reference.memory_step(*t.values(), 1), numba_step_of(*t.values(), R=1)
+        cotangents = [torch.randn_like(o) for o in literal]
+        expected, found = grads(literal, t, cotangents), grads(got, t, cotangents)
+        for name, ref, out in [*zip(OUTPUTS, literal, got), *((f"d{n}", expected[n], found[n]) for n in NAMES)]:
+            assert torch.isfinite(out).all(), f"{name}, {dtype}"
+            if dtype == torch.float64:
+                torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-9, msg=name)
+
+
+def test_results_are_the_same_bits_run_to_run():
+    t = step_inputs(B=3, N=37, M=13, R=1, W=2, S=5, dtype=torch.float32)
+    runs = []
+    for _ in range(2):
+        out = numba_step_of(*t.values(), R=1)
+        runs.append([*out, *grads(out, t, [torch.ones_like(o) for o in out]).values()])
+    for first, second in zip(*runs):
+        assert torch.equal(first, second)
+
+
+def test_non_contiguous_and_expanded_inputs():
+    t = step_inputs(B=3, N=9, M=5, R=1, W=1, S=3, dtype=torch.float32, requires_grad=False)
+    t["mem"] = t["mem"][:1].expand(3, 9, 5)  # as a model's initial memory is
+    t["w_prev"] = t["w_prev"].transpose(1, 2).contiguous().transpose(1, 2)
+    t = {n: v.requires_grad_() if v.is_leaf else v for n, v in t.items()}
+    leaves = {n: v for n, v in t.items() if v.requires_grad}
+    literal, got = reference.memory_step(*t.values(), 1), numba_step_of(*t.values(), R=1)
+    cot = [torch.randn_like(o) for o in literal]
+    for name, ref, out in zip(OUTPUTS, literal, got):
+        assert_close(ref, out, name)
+    expected = torch.autograd.grad(literal, list(leaves.values()), cot)
+    found = torch.autograd.grad(got, list(leaves.values()), cot)
+    for name, e, g in zip(leaves, expected, found):
+        assert_close(e, g, f"d{name}")
+
+
+def test_auto_takes_the_numba_kernels_on_a_cpu(monkeypatch):
+    monkeypatch.delenv("FASTNTM_BACKEND", raising=False)
+    assert backend.resolve("auto", torch.device("cpu")) == "numba"
+    assert backend.implementation("auto", torch.device("cpu")).memory_step is numba_step.memory_step
+    monkeypatch.setenv("FASTNTM_BACKEND", "numba")
+    assert backend.resolve("auto", "cpu") == "numba"
+
+
+def test_numba_backend_refuses_cuda_tensors_and_a_missing_numba(monkeypatch):
+    with pytest.raises(RuntimeError, match="backend='numba' runs on CPU tensors, got tensors on cuda"):
+        backend.resolve("numba", "cuda")
+    monkeypatch.setattr(backend, "_numba_step", lambda: None)  # as where numba does not import
+    assert backend.resolve("auto", "cpu") == "reference"
+    with pytest.raises(RuntimeError, match="backend='numba' needs numba"):
+        backend.resolve("numba", "cpu")
+
+
+def test_where_the_kernels_do_not_serve_fused_reference_does(monkeypatch):
+    """bf16 memory, fp16, a trace or a dispatch mode (the kernels' loops would escape it) go to fused_reference."""
+    calls = []
+    monkeypatch.setattr(numba_step.MemoryStep, "apply", lambda *a: calls.append(a) or pytest.fail("numba ran"))
+    t = step_inputs(B=2, N=7, M=4, R=1, W=1, S=3, dtype=torch.float32, requires_grad=False)
+    bf16_memory = dict(t, mem=t["mem"].bfloat16())
+    numba_step_of(*bf16_memory.values(), R=1)
+    numba_step_of(*(v.half() for v in t.values()), R=1)
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    for mode in ("real", "fake", "symbolic"):
+        graph = make_fx(lambda *x: numba_step_of(*x, R=1), tracing_mode=mode)(*t.values())
+        assert "bmm" in str(graph.code), mode  # the step's ops are in the graph, not skipped
+    assert not calls
+
+
+def test_in_place_change_of_a_saved_input_is_caught_in_backward():
+    t = step_inputs(B=2, N=7, M=4, R=1, W=1, S=3, dtype=torch.float32)
+    mem = t["mem"].detach().clone().requires_grad_()
+    memory = mem * 1.0
+    w, r, new_mem = numba_step_of(memory, *list(t.values())[1:], R=1)
+    with torch.no_grad():
+        memory.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (w.sum() + r.sum() + new_mem.sum()).backward()
+
+
+def test_model_trains_the_same_on_numba_as_on_the_reference():
+    torch.manual_seed(0)
+    kw = dict(memory_slots=11, memory_width=6, controller_size=16, num_reads=2, num_writes=1)
+    on_numba = FastNTM(5, 4, backend="numba", **kw)
+    on_reference = FastNTM(5, 4, backend="reference", **kw)
+    on_reference.load_state_dict(on_numba.state_dict())
+    x = torch.rand(7, 3, 5)
+    for model in (on_numba, on_reference):
+        y, state = model(x)
+        (y.square().sum() + state.memory.square().sum()).backward()
+    y_numba, y_reference = on_numba(x)[0], on_reference(x)[0]
+    assert_close(y_reference, y_numba, "y")
+    for (name, p), q in zip(on_numba.named_parameters(), on_reference.parameters()):
+        assert_close(q.grad, p.grad, f"d{name}")
+
+
+def test_fused_reference_and_numba_are_the_same_function():
+    """Two hand-derived backwards, one in torch ops and one in loops, agree with each other in float64."""
+    t = step_inputs(B=2, N=9, M=4, R=1, W=2, S=3)
+    a, b = fused_reference.memory_step(*t.values(), 1), numba_step_of(*t.values(), R=1)
+    cot = [torch.randn_like(o) for o in a]
+    from_torch, from_loops = grads(a, t, cot), grads(b, t, cot)
+    for name in NAMES:
+        torch.testing.assert_close(from_loops[name], from_torch[name], rtol=1e-9, atol=1e-12, msg=f"d{name}")

@@ -6,7 +6,8 @@ forward, masked binary cross-entropy, backward, Adam).
 
 Providers: ``reference`` (the plain PyTorch path, eager, ``backend="reference"``),
 ``reference-compile`` (the same under ``torch.compile``; compile time is spent in
-the warm-up, not timed) and ``triton`` (``backend="triton"``, CUDA only). For
+the warm-up, not timed), ``triton`` (``backend="triton"``, CUDA only) and ``numba``
+(``backend="numba"``, CPU only: what ``auto`` runs on a CPU where numba imports). For
 ``train_step`` alone, on CUDA alone: ``triton-graph`` and ``reference-graph``, the
 same step through ``fastntm.graphs.CapturedStep`` (captured once in a CUDA
 graph, replayed at every call; Adam with ``capturable=True``). Their peak memory
@@ -43,7 +44,8 @@ from . import common
 from .shapes import OpShape, TrainShape
 
 OPS = ("memory_step.fwd", "memory_step.fwd_bwd", "train_step")
-PROVIDERS = ("reference", "reference-compile", "triton")
+PROVIDERS = ("reference", "reference-compile", "triton", "numba")
+DEVICE_PROVIDER = {"cuda": "triton", "cpu": "numba"}  # the kernels of each device, which the other lacks
 GRAPH_PROVIDERS = ("triton-graph", "reference-graph")
 BASELINE = "baseline"
 COMPILED = "compiled"
@@ -53,7 +55,8 @@ COMPILE_PROVIDERS = ("reference-compile", COMPILED)  # their warm-up compiles
 
 def providers_for(device: torch.device) -> tuple[str, ...]:
     """The providers of every op on ``device``."""
-    return PROVIDERS if device.type == "cuda" else PROVIDERS[:2]
+    others = {p for kind, p in DEVICE_PROVIDER.items() if kind != device.type}
+    return tuple(p for p in PROVIDERS if p not in others)
 
 
 def train_only_providers_for(device: torch.device) -> tuple[str, ...]:
@@ -103,6 +106,8 @@ class Case:
         """Build, warm (compile) and check; sets ``fn`` and ``rel_err``. May raise."""
         if self.provider == "triton" and self.device.type != "cuda":
             raise RuntimeError("the Triton kernels run on CUDA only")
+        if self.provider == "numba" and self.device.type != "cpu":
+            raise RuntimeError("the numba kernels run on a CPU only")
         if self.provider in TRAIN_ONLY_PROVIDERS and self.op != "train_step":
             raise ValueError(f"{self.provider} times train_step only, not {self.op}")
         if self.provider in GRAPH_PROVIDERS and self.device.type != "cuda":
@@ -115,8 +120,8 @@ class Case:
 
 
 def _backend(provider: str) -> str:
-    if provider == COMPILED:
-        return COMPILED
+    if provider in (COMPILED, "numba"):
+        return provider
     return "triton" if provider.startswith("triton") else "reference"
 
 

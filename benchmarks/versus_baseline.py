@@ -18,9 +18,11 @@ https://github.com/loudinthecloud/pytorch-ntm PATH``; its ``ntm`` package import
 kept here), in the same rounds, stepped as its ``train_batch`` steps it: the ratio ``pytorch-ntm /
 baseline`` says how closely the model keeps to it, and ``pytorch-ntm / fastntm`` is the target's own ratio.
 
-``--compiled`` adds fastntm with ``backend="compiled"`` (``fastntm.backend``: its memory step through
-``torch.compile``, Inductor's C++ on a CPU) to the same rounds; its ratios are under ``compiled`` in the JSON,
-beside those of fastntm run eagerly (the default backend), which stay at the top level.
+fastntm runs with its default backend (``auto``: the numba kernels on a CPU where numba imports), whose
+ratios are at the top level of the JSON; the same model on the plain PyTorch path (``backend="reference"``)
+runs in the same rounds, its ratios under ``reference``. ``--compiled`` adds fastntm with
+``backend="compiled"`` (``fastntm.backend``: its step through ``torch.compile``, Inductor's C++ on a CPU) to
+the same rounds; its ratios are under ``compiled``.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ import time
 
 import torch
 from torch import nn
+
+from fastntm.backend import resolve as resolve_backend
 
 from . import cases, common
 from .cases import BASELINE, COMPILED, Case
@@ -113,7 +117,8 @@ def compare(shape, rounds: int, steps: int, pytorch_ntm: str | None = None, comp
     device = torch.device("cpu")
     steps_of = {}
     errors = {}
-    fastntm = ("reference", COMPILED) if compiled else ("reference",)
+    default = resolve_backend("auto", device)  # a provider's name is its backend's
+    fastntm = tuple(dict.fromkeys((default, "reference", *((COMPILED,) if compiled else ()))))
     for provider in (*fastntm, BASELINE):
         case = Case("train_step", shape, provider, device)
         case.prepare()
@@ -131,30 +136,41 @@ def compare(shape, rounds: int, steps: int, pytorch_ntm: str | None = None, comp
         for name in names if r % 2 == 0 else names[::-1]:
             p50s[name].append(p50_ms(steps_of[name], steps))
     target = TARGETS.get(shape.name)
-    vs_baseline = _paired(p50s[BASELINE], p50s["reference"], target)
+    vs_baseline = _paired(p50s[BASELINE], p50s[default], target)
     result = dict(
         shape=shape.name, shape_params=shape.as_dict(), rounds=rounds, steps=steps, rel_err=errors, p50_ms=p50s,
-        fastntm_median_ms=statistics.median(p50s["reference"]), baseline_median_ms=statistics.median(p50s[BASELINE]),
+        backend=default,
+        fastntm_median_ms=statistics.median(p50s[default]), baseline_median_ms=statistics.median(p50s[BASELINE]),
         speedup_median=vs_baseline["median"], speedup_min=vs_baseline["min"], speedup_max=vs_baseline["max"],
         speedups=vs_baseline["ratios"], target=target, rounds_meeting_target=vs_baseline["rounds_meeting_target"],
     )
     met = "" if target is None else f"; target {target:g}x met in {result['rounds_meeting_target']} of {rounds} rounds"
-    log(f"{shape.name}: fastntm {result['fastntm_median_ms']:.1f} ms, baseline {result['baseline_median_ms']:.1f} ms "
-        f"(medians of {rounds} rounds of {steps} steps); baseline / fastntm paired: median "
-        f"{result['speedup_median']:.2f}x, range {result['speedup_min']:.2f} - {result['speedup_max']:.2f}{met}")
+    log(f"{shape.name}: fastntm ({default}) {result['fastntm_median_ms']:.1f} ms, baseline "
+        f"{result['baseline_median_ms']:.1f} ms (medians of {rounds} rounds of {steps} steps); baseline / fastntm "
+        f"paired: median {result['speedup_median']:.2f}x, range {result['speedup_min']:.2f} - "
+        f"{result['speedup_max']:.2f}{met}")
+    if default != "reference":
+        over_reference = _paired(p50s[BASELINE], p50s["reference"], target)
+        result["reference"] = dict(median_ms=statistics.median(p50s["reference"]), baseline_over_reference=over_reference,
+                                   default_over_reference=_paired(p50s[default], p50s["reference"]))
+        met = "" if target is None else f"; target {target:g}x met in {over_reference['rounds_meeting_target']} of {rounds}"
+        log(f"{shape.name}: fastntm (reference) {result['reference']['median_ms']:.1f} ms; baseline / reference "
+            f"paired: median {over_reference['median']:.2f}x, range {over_reference['min']:.2f} - "
+            f"{over_reference['max']:.2f}{met}; {default} / reference "
+            f"{result['reference']['default_over_reference']['median']:.3f}")
     if compiled:
         over_compiled = _paired(p50s[BASELINE], p50s[COMPILED], target)
         result["compiled"] = dict(
             median_ms=statistics.median(p50s[COMPILED]), baseline_over_compiled=over_compiled,
-            compiled_over_reference=_paired(p50s[COMPILED], p50s["reference"]),
+            compiled_over_default=_paired(p50s[COMPILED], p50s[default]),
         )
         met = "" if target is None else f"; target {target:g}x met in {over_compiled['rounds_meeting_target']} of {rounds}"
         log(f"{shape.name}: fastntm compiled {result['compiled']['median_ms']:.1f} ms; baseline / compiled paired: "
             f"median {over_compiled['median']:.2f}x, range {over_compiled['min']:.2f} - {over_compiled['max']:.2f}{met}; "
-            f"compiled / eager {result['compiled']['compiled_over_reference']['median']:.3f}")
+            f"compiled / {default} {result['compiled']['compiled_over_default']['median']:.3f}")
     if pytorch_ntm:
         real = p50s[PYTORCH_NTM]
-        over_fastntm = _paired(real, p50s["reference"], target)
+        over_fastntm = _paired(real, p50s[default], target)
         over_baseline = _paired(real, p50s[BASELINE])
         result.update(pytorch_ntm=os.path.abspath(pytorch_ntm), pytorch_ntm_median_ms=statistics.median(real),
                       pytorch_ntm_speedup_median=over_fastntm["median"],

@@ -18,7 +18,7 @@ sys.path.insert(0, str(ROOT))  # benchmarks/ is not part of the installed packag
 from benchmarks import common, run, summary  # noqa: E402
 from benchmarks.cases import Case  # noqa: E402
 from benchmarks.shapes import OP_SHAPES, TINY_OP_SHAPES, TINY_TRAIN_SHAPES, OpShape  # noqa: E402
-from helpers import compile_model_steps_cheaply  # noqa: E402
+from helpers import compile_model_steps_cheaply, requires_numba  # noqa: E402
 
 
 def test_tiny_run_writes_every_field(tmp_path):
@@ -310,27 +310,36 @@ def test_baseline_memory_step_is_the_spec_with_its_shift_mirrored():
         torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
 
 
+@requires_numba
 def test_versus_baseline_alternates_its_rounds_and_pairs_their_ratios(monkeypatch):
+    """fastntm on its default backend (numba on a CPU) and on the reference path, and the baseline, in ABC CBA
+    order; the top-level ratios are the default backend's."""
     from benchmarks import versus_baseline
 
     calls = []
 
-    def fake_p50_ms(fn, steps):  # fastntm's step is the first timed: 10 ms; the baseline's 30 ms
+    def fake_p50_ms(fn, steps):  # by first appearance: fastntm (numba) 10 ms, fastntm (reference) 20, baseline 30
         calls.append(fn)
-        return 10.0 if fn is calls[0] else 30.0
+        return 10.0 * (calls.index(fn) + 1)
 
     monkeypatch.setattr(versus_baseline, "p50_ms", fake_p50_ms)
     monkeypatch.setitem(versus_baseline.TARGETS, "tiny-copy", 2.5)
     r = versus_baseline.compare(TINY_TRAIN_SHAPES["tiny-copy"], rounds=3, steps=1, log=lambda line: None)
-    fastntm, baseline = calls[0], calls[1]
-    assert calls == [fastntm, baseline, baseline, fastntm, fastntm, baseline]  # ABBA
-    assert r["p50_ms"] == {"reference": [10.0] * 3, "baseline": [30.0] * 3}
+    default, reference, baseline = calls[:3]
+    assert calls == [default, reference, baseline, baseline, reference, default, default, reference, baseline]
+    assert r["backend"] == "numba"
+    assert r["p50_ms"] == {"numba": [10.0] * 3, "reference": [20.0] * 3, "baseline": [30.0] * 3}
     assert r["speedups"] == [3.0] * 3 and r["speedup_median"] == 3.0  # baseline / fastntm
     assert r["target"] == 2.5 and r["rounds_meeting_target"] == 3
+    assert r["reference"]["median_ms"] == 20.0
+    assert r["reference"]["baseline_over_reference"]["median"] == 1.5
+    assert r["reference"]["baseline_over_reference"]["rounds_meeting_target"] == 0
+    assert r["reference"]["default_over_reference"]["median"] == 0.5
 
 
+@requires_numba
 def test_versus_baseline_pairs_the_compiled_step_with_the_others_in_the_same_rounds(monkeypatch):
-    """``compiled=True``: fastntm with backend='compiled' checked and timed beside the eager step and the baseline
+    """``compiled=True``: fastntm with backend='compiled' checked and timed beside the eager steps and the baseline
     (its step compiled by ``aot_eager`` here: Inductor's graphs are tests/test_compiled.py's)."""
     from benchmarks import versus_baseline
 
@@ -338,23 +347,24 @@ def test_versus_baseline_pairs_the_compiled_step_with_the_others_in_the_same_rou
 
     order = []
 
-    def fake_p50_ms(fn, steps):  # by first appearance: fastntm eager 10 ms, compiled 5 ms, baseline 30 ms
+    def fake_p50_ms(fn, steps):  # by first appearance: numba 10 ms, reference 20, compiled 5, baseline 30
         if fn not in order:
             order.append(fn)
-        return (10.0, 5.0, 30.0)[order.index(fn)]
+        return (10.0, 20.0, 5.0, 30.0)[order.index(fn)]
 
     monkeypatch.setattr(versus_baseline, "p50_ms", fake_p50_ms)
     monkeypatch.setitem(versus_baseline.TARGETS, "tiny-copy", 4.0)
     r = versus_baseline.compare(TINY_TRAIN_SHAPES["tiny-copy"], rounds=2, steps=1, compiled=True, log=lambda line: None)
-    assert set(r["rel_err"]) == {"reference", "compiled", "baseline"}
+    assert set(r["rel_err"]) == {"numba", "reference", "compiled", "baseline"}
     assert all(err <= common.TOLERANCE[torch.float32] for err in r["rel_err"].values())
-    assert r["p50_ms"] == {"reference": [10.0] * 2, "compiled": [5.0] * 2, "baseline": [30.0] * 2}
-    assert r["speedup_median"] == 3.0 and r["rounds_meeting_target"] == 0  # eager: baseline / fastntm
+    assert r["p50_ms"] == {"numba": [10.0] * 2, "reference": [20.0] * 2, "compiled": [5.0] * 2,
+                           "baseline": [30.0] * 2}
+    assert r["speedup_median"] == 3.0 and r["rounds_meeting_target"] == 0  # baseline / the default backend
     compiled = r["compiled"]
     assert compiled["median_ms"] == 5.0
     assert compiled["baseline_over_compiled"]["median"] == 6.0
     assert compiled["baseline_over_compiled"]["rounds_meeting_target"] == 2
-    assert compiled["compiled_over_reference"]["median"] == 0.5
+    assert compiled["compiled_over_default"]["median"] == 0.5
     assert graphs  # the compiled provider's step ran compiled
 
 
@@ -364,9 +374,10 @@ def test_versus_baseline_checks_both_steps_then_times_them_in_alternating_rounds
     assert versus_baseline.main(["--shapes", "tiny-copy", "--rounds", "2", "--steps", "1", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "versus_baseline.json").read_text())
     (r,) = result["shapes"]
-    assert r["shape"] == "tiny-copy" and set(r["rel_err"]) == {"reference", "baseline"}
+    default = r["backend"]  # numba where it imports
+    assert r["shape"] == "tiny-copy" and set(r["rel_err"]) == {default, "reference", "baseline"}
     assert all(err <= common.TOLERANCE[torch.float32] for err in r["rel_err"].values())
-    assert len(r["p50_ms"]["reference"]) == len(r["p50_ms"]["baseline"]) == len(r["speedups"]) == 2
+    assert len(r["p50_ms"][default]) == len(r["p50_ms"]["baseline"]) == len(r["speedups"]) == 2
     assert r["speedup_min"] <= r["speedup_median"] <= r["speedup_max"]
     assert r["target"] is None and r["rounds_meeting_target"] is None  # the targets are for copy-b1 and copy-b32
     assert "baseline / fastntm paired" in capsys.readouterr().out

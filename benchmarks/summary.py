@@ -18,7 +18,7 @@ import os
 import sys
 
 KEY_SHAPES = ("paper-b1", "paper-b32", "medium", "large", "copy-b1", "copy-b32")
-FAST_PROVIDERS = ("triton", "triton-graph", "reference-graph", "reference-compile")
+FAST_PROVIDERS = ("triton", "triton-graph", "reference-graph", "reference-compile", "numba")
 
 
 def _load(folder: str, name: str):

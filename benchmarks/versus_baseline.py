@@ -5,10 +5,10 @@
     python -m benchmarks.versus_baseline --compiled          # fastntm with backend="compiled" too
 
 The targets are ratios, fastntm at least 2x faster than the NTM code in common use at batch 1 and 8x at
-batch 32, while this VM's pace moves by up to 2x between minutes. So both steps are built in one process,
+batch 32, while this VM's pace moves by up to 2x between minutes. So every step is built in one process,
 each checked first (``benchmarks.cases``: fastntm's against the float64 literal reference, the
 baseline's, a model of that code in ``benchmarks.baseline_ntm``, against its own float64 copy), and timed
-in short rounds that alternate between them (ABBA order): both see the same load to within seconds. A
+in short rounds that alternate between them (ABC CBA order): all see the same load to within seconds. A
 round's figure is the p50 of a few steps; the speed-up is the median over rounds of the paired ratio
 ``baseline / fastntm``, with its range and how many rounds met the target. Same threads for both (torch's
 default here); writes ``versus_baseline.json`` (machine, versions, commit, every round) to ``--out``.
@@ -103,6 +103,14 @@ def pytorch_ntm_step(path: str, shape):
     return step
 
 
+def default_backend() -> str:
+    """What ``auto`` runs on a CPU where ``FASTNTM_BACKEND`` is not set: the numba kernels where numba imports."""
+    try:
+        return resolve_backend("numba", "cpu")
+    except RuntimeError:
+        return "reference"
+
+
 def _paired(numerators, denominators, target=None) -> dict:
     """The paired ratios ``numerators[i] / denominators[i]``: every one, median, range, rounds at ``target``."""
     ratios = [n / d for n, d in zip(numerators, denominators)]
@@ -112,12 +120,12 @@ def _paired(numerators, denominators, target=None) -> dict:
 
 def compare(shape, rounds: int, steps: int, pytorch_ntm: str | None = None, compiled: bool = False,
             log=print) -> dict:
-    """Check both providers at ``shape`` (raising on a mismatch), then time them in alternating rounds
+    """Check every provider at ``shape`` (raising on a mismatch), then time them in alternating rounds
     (with fastntm's compiled memory step too if ``compiled``, and a pytorch-ntm clone's step, given its path)."""
     device = torch.device("cpu")
     steps_of = {}
     errors = {}
-    default = resolve_backend("auto", device)  # a provider's name is its backend's
+    default = default_backend()  # a provider's name is its backend's
     fastntm = tuple(dict.fromkeys((default, "reference", *((COMPILED,) if compiled else ()))))
     for provider in (*fastntm, BASELINE):
         case = Case("train_step", shape, provider, device)

@@ -7,7 +7,8 @@ reference otherwise.
 explicit ``backend=`` argument overrides both. ``"triton"`` on CPU tensors runs the
 kernels through the Triton interpreter, so only under ``TRITON_INTERPRET=1``.
 ``"numba"`` runs the memory step (the op that dominates a step) as one compiled loop nest
-each way on CPU tensors, the other ops as the reference does.
+each way on CPU tensors, the other ops as the reference does; inside ``torch.compile`` both
+``"numba"`` and ``"auto"`` on a CPU run the reference, which dynamo can trace.
 ``"compiled"`` runs the reference path through ``torch.compile``: on a CPU, Inductor's
 C++ loops fuse the step's small ops, after a compile of seconds per shape and dtype.
 """
@@ -180,13 +181,17 @@ def resolve(backend: str, device: torch.device | str) -> str:
     if backend == "auto":
         if device.type == "cuda" and _kernels() is not None:
             return "triton"
-        return "numba" if device.type == "cpu" and _numba_step() is not None else "reference"
+        # Inside torch.compile, the reference, whose ops dynamo traces (the numba loops it could not).
+        cpu_kernels = device.type == "cpu" and not torch.compiler.is_compiling() and _numba_step() is not None
+        return "numba" if cpu_kernels else "reference"
     if backend == "reference":
         return backend
     chosen = f"FASTNTM_BACKEND={backend} (under backend='auto')" if from_env else f"backend={backend!r}"
     if backend == "numba":
         if device.type != "cpu":
             raise RuntimeError(f"{chosen} runs on CPU tensors, got tensors on {device}; use backend='auto'")
+        if torch.compiler.is_compiling():
+            return "reference"
         if _numba_step() is None:
             raise RuntimeError(f"{chosen} needs numba, which could not be imported (pip install numba); "
                                "use backend='reference' or 'auto'")

@@ -147,9 +147,10 @@ class NTMCell(nn.Module):
 
     ``y_t`` is (B, output_size), or the features ``[h_t, r_t]`` (B, controller_size
     + num_reads * memory_width) when ``output_size`` is None. Arguments as in
-    ``FastNTM``; ``backend`` is ``"auto"`` (the Triton kernels for CUDA tensors, else
-    the reference path), ``"reference"``, ``"triton"``, or ``"compiled"`` (the whole
-    step through ``torch.compile``, see ``step`` and ``fastntm.backend``).
+    ``FastNTM``; ``backend`` is ``"auto"`` (the Triton kernels for CUDA tensors, the
+    numba kernels for CPU tensors where numba imports, else the reference path),
+    ``"reference"``, ``"triton"``, ``"numba"``, or ``"compiled"`` (the whole step through
+    ``torch.compile``, see ``step`` and ``fastntm.backend``).
     """
 
     def __init__(

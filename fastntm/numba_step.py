@@ -6,10 +6,11 @@ direction is one call of a numba-compiled function that walks the batch once: fo
 content similarities and softmax, interpolation, shift and sharpening of every head, then the reads
 and the write; backward, the same equations as ``fused_reference``'s docstring, in reverse. Float32
 and float64 tensors (compute in the tensors' own dtype; bf16 memory and fp16 go to
-``fused_reference``). Compiled on first use (a few seconds) and cached on disk.
+``fused_reference``). Compiled on first use (about 13 s a dtype here, forward and backward) and
+cached on disk; the loops release the GIL.
 
-Saved for backward: the inputs, ``w`` and the (B, H, 4, N) vectors K, wc, wg, ws; nothing of size
-(B, N, M) but the input memory. Norms are recomputed.
+Saved for backward: the inputs, ``w`` and the (B, H, 5, N) vectors K, wc, wg, ws and log(max(ws,
+1e-30)); nothing of size (B, N, M) but the input memory. Norms are recomputed.
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ import torch
 from . import backend, fused_reference, reference
 from .reference import COSINE_EPS, SHARPEN_EPS, SHARPEN_FLOOR
 
-# Reassociation lets LLVM vectorise the sums; no 'nnan'/'ninf': NaN and inf must pass through as they do in torch.
-FASTMATH = {"reassoc", "contract", "nsz"}
+# Reassociation lets LLVM vectorise the sums. No 'nnan'/'ninf': NaN and inf follow IEEE rules. No 'contract': a
+# fused multiply-add would keep beta K's rounding error in beta K - max, where the spec has exactly 0 for the
+# largest logit, and exp() of it overflows at large beta (NaN weightings at beta 3e9 in float32).
+FASTMATH = {"reassoc", "nsz"}
 # The rows of the saved (B, H, 5, N) vectors: K, wc, wg, ws and log(max(ws, 1e-30)).
 SIMILARITY, CONTENT, GATED, SHIFTED, LOG_FLOORED = range(5)
 VECTORS = 5
@@ -33,7 +36,7 @@ VECTORS = 5
 # (``real``): a Python float would promote float32 arithmetic to float64, and stop its vectorising.
 
 
-@numba.njit(cache=True, fastmath=FASTMATH, error_model="numpy")
+@numba.njit(cache=True, nogil=True, fastmath=FASTMATH, error_model="numpy")
 def _fill_halo(padded, half):
     """``padded`` (N + 2 half) holds a circle of N at [half, N + half): copy it into the K = half slots on
     each side, so that ``padded[j] = circle[(j - half) mod N]`` (the modulo only where it wraps)."""
@@ -43,7 +46,7 @@ def _fill_halo(padded, half):
         padded[N + half + j] = padded[half + j % N]
 
 
-@numba.njit(cache=True, fastmath=FASTMATH, error_model="numpy")
+@numba.njit(cache=True, nogil=True, fastmath=FASTMATH, error_model="numpy")
 def _forward(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads, w, r, new_mem, vectors):
     B, N, M = mem.shape
     H, S, W = k.shape[1], s.shape[2], e.shape[1]
@@ -121,7 +124,7 @@ def _forward(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads, w, r, new_mem, 
                     new_mem[b, n, m] += weight * a[b, h, m]
 
 
-@numba.njit(cache=True, fastmath=FASTMATH, error_model="numpy")
+@numba.njit(cache=True, nogil=True, fastmath=FASTMATH, error_model="numpy")
 def _backward(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads, w, vectors, dw, dr, dnew,
               dmem, dk, dbeta, dg, ds, dgamma, dw_prev, de, da):
     """``dw``, ``dr``, ``dnew`` of size 0 where no gradient came; every output is written whole."""
@@ -253,12 +256,12 @@ def _backward(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads, w, vectors, dw
                     dk[b, h, m] += d * mem[b, n, m]
 
 
-@numba.njit(cache=True, fastmath=FASTMATH, error_model="numpy")
-def _sigmoid(x):
-    return 1 / (1 + math.exp(-x))
+@numba.njit(cache=True, nogil=True, fastmath=FASTMATH, error_model="numpy")
+def _sigmoid(x, one):
+    return one / (one + math.exp(-x))
 
 
-@numba.njit(cache=True, fastmath=FASTMATH, error_model="numpy")
+@numba.njit(cache=True, nogil=True, fastmath=FASTMATH, error_model="numpy")
 def _squash(raw, num_reads, num_writes, M, S):
     """``head_parameters``: k, beta, g, s, gamma, e, a from the head layer's raw output (B, H (M + S + 3) + 2 W M);
     ``softplus(x) = x`` above 20, as torch's."""
@@ -275,7 +278,7 @@ def _squash(raw, num_reads, num_writes, M, S):
             for m in range(M):
                 k[b, h, m] = x[m]
             beta[b, h] = x[M] if x[M] > threshold else math.log1p(math.exp(x[M]))
-            g[b, h] = _sigmoid(x[M + 1])
+            g[b, h] = _sigmoid(x[M + 1], one)
             largest = x[M + 2]
             for i in range(1, S):
                 largest = max(largest, x[M + 2 + i])
@@ -290,12 +293,12 @@ def _squash(raw, num_reads, num_writes, M, S):
         for h in range(W):
             x = raw[b, writes + 2 * M * h : writes + 2 * M * (h + 1)]
             for m in range(M):
-                e[b, h, m] = _sigmoid(x[m])
+                e[b, h, m] = _sigmoid(x[m], one)
                 a[b, h, m] = x[M + m]
     return k, beta, g, s, gamma, e, a
 
 
-@numba.njit(cache=True, fastmath=FASTMATH, error_model="numpy")
+@numba.njit(cache=True, nogil=True, fastmath=FASTMATH, error_model="numpy")
 def _squash_backward(raw, g, s, e, dk, dbeta, dg, ds, dgamma, de, da, d_raw):
     """``d_raw`` from the squashed parameters' gradients: ``dx_beta = dbeta sigmoid(x)``, ``dx_g = dg g (1 - g)``,
     ``dx_s = s (ds - sum(ds s))``, ``dx_gamma = dgamma sigmoid(x)``, ``dx_e = de e (1 - e)``, k and a as they are."""
@@ -308,14 +311,14 @@ def _squash_backward(raw, g, s, e, dk, dbeta, dg, ds, dgamma, de, da, d_raw):
             o = h * width
             for m in range(M):
                 d_raw[b, o + m] = dk[b, h, m]
-            d_raw[b, o + M] = dbeta[b, h] * _sigmoid(raw[b, o + M])
+            d_raw[b, o + M] = dbeta[b, h] * _sigmoid(raw[b, o + M], one)
             d_raw[b, o + M + 1] = dg[b, h] * g[b, h] * (one - g[b, h])
             total = raw.dtype.type(0)
             for i in range(S):
                 total += ds[b, h, i] * s[b, h, i]
             for i in range(S):
                 d_raw[b, o + M + 2 + i] = s[b, h, i] * (ds[b, h, i] - total)
-            d_raw[b, o + M + S + 2] = dgamma[b, h] * _sigmoid(raw[b, o + M + S + 2])
+            d_raw[b, o + M + S + 2] = dgamma[b, h] * _sigmoid(raw[b, o + M + S + 2], one)
         for h in range(W):
             o = writes + 2 * M * h
             for m in range(M):
@@ -323,14 +326,14 @@ def _squash_backward(raw, g, s, e, dk, dbeta, dg, ds, dgamma, de, da, d_raw):
                 d_raw[b, o + M + m] = da[b, h, m]
 
 
-@numba.njit(cache=True, fastmath=FASTMATH, error_model="numpy")
+@numba.njit(cache=True, nogil=True, fastmath=FASTMATH, error_model="numpy")
 def _forward_from_heads(mem, raw, w_prev, num_reads, num_writes, S, w, r, new_mem, vectors):
     k, beta, g, s, gamma, e, a = _squash(raw, num_reads, num_writes, mem.shape[2], S)
     _forward(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads, w, r, new_mem, vectors)
     return k, beta, g, s, gamma, e, a
 
 
-@numba.njit(cache=True, fastmath=FASTMATH, error_model="numpy")
+@numba.njit(cache=True, nogil=True, fastmath=FASTMATH, error_model="numpy")
 def _backward_from_heads(mem, raw, k, beta, g, s, gamma, w_prev, e, a, num_reads, w, vectors, dw, dr, dnew,
                          dmem, d_raw, dw_prev):
     dk, ds, de, da = np.empty_like(k), np.empty_like(s), np.empty_like(e), np.empty_like(a)
@@ -362,8 +365,9 @@ def serves(*tensors: torch.Tensor) -> bool:
 
 
 def _empty(shape, dtype: torch.dtype) -> torch.Tensor:
-    """Every buffer the kernels write (a test fills them with NaN: an element a kernel forgets then fails it)."""
-    return torch.empty(shape, dtype=dtype)
+    """Every buffer the kernels write (a test fills them with NaN: an element a kernel forgets then fails it); on
+    the CPU whatever default device a ``with torch.device(...)`` block sets."""
+    return torch.empty(shape, dtype=dtype, device="cpu")
 
 
 def _outputs(mem: torch.Tensor, H: int, R: int):

@@ -70,8 +70,10 @@ def test_memory_step_matches_the_literal_spec(shape, dtype, unused, poisoned):
 def test_memory_step_from_heads_matches_the_literal_spec(shape, dtype, unused, poisoned):
     R, W, S = shape["R"], shape["W"], shape["S"]
     x = from_heads_inputs(**shape, dtype=dtype)
-    with torch.no_grad():  # raw over softplus's threshold (20) and at sigmoid's saturation too
-        x[1][:, :3] = torch.tensor([25.0, -30.0, 18.0], dtype=dtype)
+    M = shape["M"]
+    with torch.no_grad():  # head 0: beta's raw over softplus's threshold (20), g at sigmoid's saturation, gamma's
+        x[1][:, M : M + 2] = torch.tensor([25.0, -30.0], dtype=dtype)  # raw just under the threshold
+        x[1][:, M + S + 2] = 19.5
     x64 = [t.detach().double().requires_grad_() for t in x]
     truth = reference.memory_step_from_heads(*x64, R, W, S)
     got = F.memory_step_from_heads(*x, num_reads=R, num_writes=W, shift_width=S, backend="numba")
@@ -208,3 +210,66 @@ def test_fused_reference_and_numba_are_the_same_function():
     from_torch, from_loops = grads(a, t, cot), grads(b, t, cot)
     for name in NAMES:
         torch.testing.assert_close(from_loops[name], from_torch[name], rtol=1e-9, atol=1e-12, msg=f"d{name}")
+
+
+@pytest.mark.parametrize("dtype, beta", [(torch.float32, 1e12), (torch.float64, 1e30)], ids=["fp32", "fp64"])
+def test_a_saturated_softmax_at_huge_beta_is_exact(dtype, beta):
+    """The largest logit's exponent is exactly 0, as in the spec: a fused multiply-add once left beta K's
+    rounding error there (beta times an ulp), and exp() of it overflowed to NaN weightings; its backward gave
+    dk of order 1 where the exact one is 0."""
+    t = step_inputs(B=4, N=16, M=5, R=1, W=1, S=3, dtype=dtype)
+    with torch.no_grad():
+        t["beta"].fill_(beta)
+    literal, got = reference.memory_step(*t.values(), 1), numba_step_of(*t.values(), R=1)
+    cotangents = [torch.randn_like(o) for o in literal]
+    expected, found = grads(literal, t, cotangents), grads(got, t, cotangents)
+    for name, ref, out in [*zip(OUTPUTS, literal, got), *((f"d{n}", expected[n], found[n]) for n in NAMES)]:
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6 * ref.abs().max().item(), msg=name)
+    assert not found["k"].any() and not found["beta"].any()  # a one-hot softmax passes no gradient back
+
+
+def test_torch_compile_and_export_trace_the_reference_under_auto():
+    """Dynamo cannot trace numba's loops: inside a compile (or a strict export) ``auto`` and ``numba`` on a CPU
+    run the reference path, with no graph break."""
+    t = step_inputs(B=2, N=7, M=4, R=1, W=1, S=3, dtype=torch.float32, requires_grad=False)
+    expected = reference.memory_step(*t.values(), 1)
+    for name in ("auto", "numba"):
+        torch._dynamo.reset()
+        step = torch.compile(lambda *x: F.memory_step(*x, num_reads=1, backend=name), fullgraph=True,
+                             backend="eager")
+        for ref, out in zip(expected, step(*t.values())):
+            assert_close(ref, out, f"compiled, backend={name}")
+
+    class Step(torch.nn.Module):
+        def forward(self, *x):
+            return F.memory_step(*x, num_reads=1)
+
+    exported = torch.export.export(Step(), tuple(t.values()), strict=True)
+    for ref, out in zip(expected, exported.module()(*t.values())):
+        assert_close(ref, out, "exported")
+
+
+def test_outputs_stay_on_the_cpu_under_another_default_device():
+    t = step_inputs(B=2, N=7, M=4, R=1, W=1, S=3, dtype=torch.float32, requires_grad=False)
+    with torch.device("meta"):
+        out = numba_step_of(*t.values(), R=1)
+    for ref, got in zip(reference.memory_step(*t.values(), 1), out):
+        assert_close(ref, got, "under torch.device('meta')")
+
+
+def test_two_threads_at_once_get_each_their_own_answer():
+    """The loops release the GIL; calls from two threads run at once and do not share buffers."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    inputs = [step_inputs(B=8, N=37, M=13, R=1, W=2, S=5, dtype=torch.float32, seed=seed) for seed in range(4)]
+
+    def step_and_grads(t):
+        out = numba_step_of(*t.values(), R=1)
+        return [*out, *grads(out, t, [torch.ones_like(o) for o in out]).values()]
+
+    alone = [step_and_grads(t) for t in inputs]
+    with ThreadPoolExecutor(2) as pool:
+        together = list(pool.map(step_and_grads, inputs * 3))
+    for got, expected in zip(together, alone * 3):
+        for g, e in zip(got, expected):
+            assert torch.equal(g, e)

@@ -6,7 +6,7 @@ direction is one call of a numba-compiled function that walks the batch once: fo
 content similarities and softmax, interpolation, shift and sharpening of every head, then the reads
 and the write; backward, the same equations as ``fused_reference``'s docstring, in reverse. Float32
 and float64 tensors (compute in the tensors' own dtype; bf16 memory and fp16 go to
-``fused_reference``). Compiled on first use (about 13 s a dtype here, forward and backward) and
+``fused_reference``). Compiled on first use (15 s here for the first dtype, forward and backward; 10 s the next) and
 cached on disk; the loops release the GIL.
 
 Saved for backward: the inputs, ``w`` and the (B, H, 5, N) vectors K, wc, wg, ws and log(max(ws,
@@ -268,15 +268,13 @@ def _sigmoid(x, one):
 
 
 @numba.njit(cache=True, nogil=True, fastmath=FASTMATH, error_model="numpy")
-def _squash(raw, num_reads, num_writes, M, S):
+def _squash(raw, k, beta, g, s, gamma, e, a):
     """``head_parameters``: k, beta, g, s, gamma, e, a from the head layer's raw output (B, H (M + S + 3) + 2 W M);
     ``softplus(x) = x`` above 20, as torch's."""
-    B, H, W = raw.shape[0], num_reads + num_writes, num_writes
+    B, H, M = k.shape
+    S, W = s.shape[2], e.shape[1]
     real = raw.dtype.type
     one, threshold = real(1), real(20)
-    k, s, e, a = (np.empty((B, H, M), raw.dtype), np.empty((B, H, S), raw.dtype), np.empty((B, W, M), raw.dtype),
-                  np.empty((B, W, M), raw.dtype))
-    beta, g, gamma = np.empty((B, H), raw.dtype), np.empty((B, H), raw.dtype), np.empty((B, H), raw.dtype)
     width, writes = M + S + 3, H * (M + S + 3)
     for b in range(B):
         for h in range(H):
@@ -301,7 +299,6 @@ def _squash(raw, num_reads, num_writes, M, S):
             for m in range(M):
                 e[b, h, m] = _sigmoid(x[m], one)
                 a[b, h, m] = x[M + m]
-    return k, beta, g, s, gamma, e, a
 
 
 @numba.njit(cache=True, nogil=True, fastmath=FASTMATH, error_model="numpy")
@@ -330,23 +327,6 @@ def _squash_backward(raw, g, s, e, dk, dbeta, dg, ds, dgamma, de, da, d_raw):
             for m in range(M):
                 d_raw[b, o + m] = de[b, h, m] * e[b, h, m] * (one - e[b, h, m])
                 d_raw[b, o + M + m] = da[b, h, m]
-
-
-@numba.njit(cache=True, nogil=True, fastmath=FASTMATH, error_model="numpy")
-def _forward_from_heads(mem, raw, w_prev, num_reads, num_writes, S, w, r, new_mem, vectors):
-    k, beta, g, s, gamma, e, a = _squash(raw, num_reads, num_writes, mem.shape[2], S)
-    _forward(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads, w, r, new_mem, vectors)
-    return k, beta, g, s, gamma, e, a
-
-
-@numba.njit(cache=True, nogil=True, fastmath=FASTMATH, error_model="numpy")
-def _backward_from_heads(mem, raw, k, beta, g, s, gamma, w_prev, e, a, num_reads, w, vectors, dw, dr, dnew,
-                         dmem, d_raw, dw_prev):
-    dk, ds, de, da = np.empty_like(k), np.empty_like(s), np.empty_like(e), np.empty_like(a)
-    dbeta, dg, dgamma = np.empty_like(beta), np.empty_like(g), np.empty_like(gamma)
-    _backward(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads, w, vectors, dw, dr, dnew,
-              dmem, dk, dbeta, dg, ds, dgamma, dw_prev, de, da)
-    _squash_backward(raw, g, s, e, dk, dbeta, dg, ds, dgamma, de, da, d_raw)
 
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
@@ -429,11 +409,19 @@ class MemoryStepFromHeads(torch.autograd.Function):
     @staticmethod
     def forward(ctx, mem, raw, w_prev, num_reads, num_writes, shift_width):
         ctx.set_materialize_grads(False)
-        w, r, new_mem, vectors = _outputs(mem, num_reads + num_writes, num_reads)
-        params = _forward_from_heads(*_arrays(mem, raw, w_prev), num_reads, num_writes, shift_width,
-                                     w.numpy(), r.numpy(), new_mem.numpy(), vectors.numpy())
+        B, _, M = mem.shape
+        H, W, S = num_reads + num_writes, num_writes, shift_width
+        w, r, new_mem, vectors = _outputs(mem, H, num_reads)
+        mem_array, raw_array, w_prev_array = _arrays(mem, raw, w_prev)
+        params = [_empty(shape, mem.dtype) for shape in ((B, H, M), (B, H), (B, H), (B, H, S), (B, H), (B, W, M),
+                                                         (B, W, M))]  # k, beta, g, s, gamma, e, a
+        # Two calls, not one kernel calling both: numba would compile the pair anew (7 s a dtype, cold).
+        k, beta, g, s, gamma, e, a = (p.numpy() for p in params)
+        _squash(raw_array, k, beta, g, s, gamma, e, a)
+        _forward(mem_array, k, beta, g, s, gamma, w_prev_array, e, a, num_reads, w.numpy(), r.numpy(),
+                 new_mem.numpy(), vectors.numpy())
         ctx.layout = (num_reads, num_writes, shift_width)
-        ctx.save_for_backward(mem, raw, w_prev, w, vectors, *(torch.from_numpy(p) for p in params))
+        ctx.save_for_backward(mem, raw, w_prev, w, vectors, *params)
         return w, r, new_mem
 
     @staticmethod
@@ -444,9 +432,12 @@ class MemoryStepFromHeads(torch.autograd.Function):
                                                          (dw, dr, dnew))
         mem, raw, w_prev, w, vectors, k, beta, g, s, gamma, e, a = saved
         dmem, d_raw, dw_prev = (_empty(t.shape, mem.dtype) for t in (mem, raw, w_prev))
-        _backward_from_heads(*_arrays(mem, raw, k, beta, g, s, gamma, w_prev, e, a), ctx.layout[0], w.numpy(),
-                             vectors.numpy(), *_incoming(mem.dtype, dw, dr, dnew), dmem.numpy(), d_raw.numpy(),
-                             dw_prev.numpy())
+        incoming = _incoming(mem.dtype, dw, dr, dnew)
+        mem, raw, k, beta, g, s, gamma, w_prev, e, a = _arrays(mem, raw, k, beta, g, s, gamma, w_prev, e, a)
+        dk, dbeta, dg, ds, dgamma, de, da = (np.empty_like(t) for t in (k, beta, g, s, gamma, e, a))
+        _backward(mem, k, beta, g, s, gamma, w_prev, e, a, ctx.layout[0], w.numpy(), vectors.numpy(), *incoming,
+                  dmem.numpy(), dk, dbeta, dg, ds, dgamma, dw_prev.numpy(), de, da)
+        _squash_backward(raw, g, s, e, dk, dbeta, dg, ds, dgamma, de, da, d_raw.numpy())
         return dmem, d_raw, dw_prev, None, None, None
 
 

@@ -2,12 +2,12 @@
 
 On a CPU the step's arithmetic is small (a few hundred thousand flops at the paper's size) and
 ``fused_reference``'s ~40 ops forward and ~50 backward cost their dispatch, not their work. Here each
-direction is one call of a numba-compiled function that walks the batch once: for every item, the
-content similarities and softmax, interpolation, shift and sharpening of every head, then the reads
-and the write; backward, the same equations as ``fused_reference``'s docstring, in reverse. Float32
-and float64 tensors (compute in the tensors' own dtype; bf16 memory and fp16 go to
-``fused_reference``). Compiled on first use (15 s here for the first dtype, forward and backward; 10 s the next) and
-cached on disk; the loops release the GIL.
+direction is one call of a numba-compiled function (and one more for the head parameters' squashing)
+that walks the batch once: for every item, the content similarities and softmax, interpolation, shift
+and sharpening of every head, then the reads and the write; backward, the same equations as
+``fused_reference``'s docstring, in reverse. Float32 and float64 tensors (compute in the tensors' own
+dtype; bf16 memory and fp16 go to ``fused_reference``). Compiled on first use (15 s here for the first
+dtype, forward and backward; 10 s the next) and cached on disk; the loops release the GIL.
 
 Saved for backward: the inputs, ``w`` and the (B, H, 5, N) vectors K, wc, wg, ws and log(max(ws,
 1e-30)); nothing of size (B, N, M) but the input memory. Norms are recomputed.
@@ -51,6 +51,8 @@ def _fill_halo(padded, half):
 
 @numba.njit(cache=True, nogil=True, fastmath=FASTMATH, error_model="numpy")
 def _forward(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads, w, r, new_mem, vectors):
+    """``memory_step`` into ``w``, ``r``, ``new_mem``, and the vectors backward reads into ``vectors``; the
+    equations (SPEC.md's) head each section."""
     B, N, M = mem.shape
     H, S, W = k.shape[1], s.shape[2], e.shape[1]
     half = (S - 1) // 2
@@ -131,7 +133,8 @@ def _forward(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads, w, r, new_mem, 
 @numba.njit(cache=True, nogil=True, fastmath=FASTMATH, error_model="numpy")
 def _backward(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads, w, vectors, dw, dr, dnew,
               dmem, dk, dbeta, dg, ds, dgamma, dw_prev, de, da):
-    """``dw``, ``dr``, ``dnew`` of size 0 where no gradient came; every output is written whole."""
+    """The gradient of every input of ``_forward`` from ``dw``, ``dr``, ``dnew`` (each of size 0 where no
+    gradient came), written whole; the equations head each section."""
     B, N, M = mem.shape
     H, S, W = k.shape[1], s.shape[2], e.shape[1]
     half = (S - 1) // 2

@@ -12,6 +12,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# One intra-op thread for the tests' own ops (they are small): the static checks' compiles run beside them on the
+# other core, where a second torch thread would spin between ops (tests/test_distributed.py set one thread for
+# every test after it already).
+torch.set_num_threads(1)
+
 
 STATIC_CHECKS = "test_static_checks_pass_with_the_interpreter_off"
 

@@ -181,16 +181,14 @@ def resolve(backend: str, device: torch.device | str) -> str:
     if backend == "auto":
         if device.type == "cuda" and _kernels() is not None:
             return "triton"
-        # Inside torch.compile, the reference, whose ops dynamo traces (the numba loops it could not).
-        cpu_kernels = device.type == "cpu" and not torch.compiler.is_compiling() and _numba_step() is not None
-        return "numba" if cpu_kernels else "reference"
+        backend = "numba" if device.type == "cpu" and _numba_step() is not None else "reference"
     if backend == "reference":
         return backend
     chosen = f"FASTNTM_BACKEND={backend} (under backend='auto')" if from_env else f"backend={backend!r}"
     if backend == "numba":
         if device.type != "cpu":
             raise RuntimeError(f"{chosen} runs on CPU tensors, got tensors on {device}; use backend='auto'")
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling():  # the reference, whose ops dynamo traces (the numba loops it could not)
             return "reference"
         if _numba_step() is None:
             raise RuntimeError(f"{chosen} needs numba, which could not be imported (pip install numba); "

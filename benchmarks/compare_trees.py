@@ -86,8 +86,9 @@ def main(argv=None) -> int:
     ap.add_argument("--shape", default="copy-b32", help="a name of benchmarks.shapes.TRAIN_SHAPES (or TINY_TRAIN_SHAPES)")
     ap.add_argument("--rounds", type=int, default=16)
     ap.add_argument("--steps", type=int, default=5, help="steps a round")
-    ap.add_argument("--backend", choices=("reference", "reference-compile"), default="reference",
-                    help="the provider of benchmarks.run timed (CPU only)")
+    ap.add_argument("--backend", choices=("numba", "reference", "reference-compile"),
+                    help="the provider of benchmarks.run timed (CPU only; default: the CPU's default backend, numba "
+                         "where it imports, which both trees must then have)")
     ap.add_argument("--worker", metavar="SHAPE", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
@@ -95,6 +96,10 @@ def main(argv=None) -> int:
         return 0
     if not (args.old and args.new):
         ap.error("give the old and the new tree")
+    if args.backend is None:
+        from benchmarks.versus_baseline import default_backend
+
+        args.backend = default_backend()
     for tree in (args.old, args.new):  # a worker imports the tree's fastntm and benchmarks.cases
         needs = [os.path.join(tree, "fastntm", "__init__.py"), os.path.join(tree, "benchmarks", "cases.py")]
         if not all(os.path.isfile(f) for f in needs):

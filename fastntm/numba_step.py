@@ -353,36 +353,58 @@ def serves(*tensors: torch.Tensor) -> bool:
     return not backend.transformed(tensors)
 
 
-def _empty(shape, dtype: torch.dtype) -> torch.Tensor:
-    """Every buffer the kernels write (a test fills them with NaN: an element a kernel forgets then fails it); on
-    the CPU whatever default device a ``with torch.device(...)`` block sets."""
-    return torch.empty(shape, dtype=dtype, device="cpu")
+NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
 
 
-def _outputs(mem: torch.Tensor, H: int, R: int):
-    """Empty w (B, H, N), r (B, R, M), new memory (B, N, M) and the saved vectors (B, H, 5, N)."""
-    B, N, M = mem.shape
-    return (_empty((B, H, N), mem.dtype), _empty((B, R, M), mem.dtype), _empty((B, N, M), mem.dtype),
-            _empty((B, H, VECTORS, N), mem.dtype))
+def _empty(shape, dtype) -> np.ndarray:
+    """Every buffer the kernels write, a numpy array (``torch.empty`` costs 5 us a call, ``np.empty`` under 1; a
+    test fills them with NaN: an element a kernel forgets then fails it)."""
+    return np.empty(shape, dtype)
 
 
-def _arrays(*tensors: torch.Tensor):
+def _returned(shape, dtype) -> tuple[torch.Tensor, np.ndarray]:
+    """A buffer the op returns: the tensor, and the array the kernel writes (the same memory, on the CPU whatever
+    default device a ``with torch.device(...)`` block sets)."""
+    array = _empty(shape, dtype)
+    return torch.from_numpy(array), array
+
+
+def _block(dtype, shapes) -> tuple[torch.Tensor, list[np.ndarray]]:
+    """One buffer for arrays of ``shapes``, saved for backward as one tensor (through ``save_for_backward``, so
+    that saved-tensor hooks, checkpointing's among them, see it), and its arrays (views, in order)."""
+    array = _empty(sum(math.prod(shape) for shape in shapes), dtype)
+    return torch.from_numpy(array), _split(array, shapes)
+
+
+def _split(flat: np.ndarray, shapes) -> list[np.ndarray]:
+    views, start = [], 0
+    for shape in shapes:
+        size = math.prod(shape)
+        views.append(flat[start : start + size].reshape(shape))
+        start += size
+    return views
+
+
+def _arrays(*tensors: torch.Tensor) -> tuple[np.ndarray, ...]:
     return tuple(t.detach().contiguous().numpy() for t in tensors)
 
 
-def _incoming(dtype: torch.dtype, *grads: torch.Tensor | None) -> tuple[np.ndarray, ...]:
-    """The incoming gradients as arrays in ``dtype``; one that did not come (None) as an array of size 0."""
-    missing = np.empty((0, 0, 0), dtype=np.float32 if dtype == torch.float32 else np.float64)
-    return tuple(missing if t is None else t.to(dtype).contiguous().numpy() for t in grads)
+def _incoming(like: torch.Tensor, *grads: torch.Tensor | None) -> tuple[np.ndarray, ...]:
+    """The incoming gradients as arrays of ``like``'s dtype; one that did not come (None) as an array of size 0."""
+    missing = np.empty((0, 0, 0), NUMPY_DTYPES[like.dtype])
+    return tuple(missing if t is None else t.detach().to(like.dtype).contiguous().numpy() for t in grads)
 
 
 class MemoryStep(torch.autograd.Function):
     @staticmethod
     def forward(ctx, mem, k, beta, g, s, gamma, w_prev, e, a, num_reads):
         ctx.set_materialize_grads(False)
-        w, r, new_mem, vectors = _outputs(mem, k.shape[1], num_reads)
-        _forward(*_arrays(mem, k, beta, g, s, gamma, w_prev, e, a), num_reads,
-                 w.numpy(), r.numpy(), new_mem.numpy(), vectors.numpy())
+        arrays = _arrays(mem, k, beta, g, s, gamma, w_prev, e, a)
+        (B, N, M), H, dtype = arrays[0].shape, arrays[1].shape[1], arrays[0].dtype
+        (w, w_array), (r, r_array), (new_mem, new_array) = (_returned(shape, dtype) for shape in (
+            (B, H, N), (B, num_reads, M), (B, N, M)))
+        vectors, vectors_array = _returned((B, H, VECTORS, N), dtype)
+        _forward(*arrays, num_reads, w_array, r_array, new_array, vectors_array)
         ctx.num_reads = num_reads
         ctx.save_for_backward(mem, k, beta, g, s, gamma, w_prev, e, a, w, vectors)
         return w, r, new_mem
@@ -393,10 +415,10 @@ class MemoryStep(torch.autograd.Function):
         if not fused_reference.hand_derived_serves((dw, dr, dnew)):
             return fused_reference.differentiate_literal(ctx, reference.memory_step, saved[:9], (ctx.num_reads,),
                                                          (dw, dr, dnew))
-        mem, k, beta, g, s, gamma, w_prev, e, a, w, vectors = saved
-        grads = tuple(_empty(t.shape, t.dtype) for t in (mem, k, beta, g, s, gamma, w_prev, e, a))
-        _backward(*_arrays(mem, k, beta, g, s, gamma, w_prev, e, a), ctx.num_reads, w.numpy(), vectors.numpy(),
-                  *_incoming(mem.dtype, dw, dr, dnew), *(t.numpy() for t in grads))
+        arrays = _arrays(*saved)
+        dtype = arrays[0].dtype
+        grads, grad_arrays = zip(*(_returned(t.shape, dtype) for t in arrays[:9]))
+        _backward(*arrays[:9], ctx.num_reads, *arrays[9:], *_incoming(saved[0], dw, dr, dnew), *grad_arrays)
         return (*grads, None)
 
 
@@ -408,23 +430,31 @@ def memory_step(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads):
     return MemoryStep.apply(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads)
 
 
+def _from_heads_saved(B, N, M, layout) -> list[tuple[int, ...]]:
+    """Shapes of what the step from the head layer saves beyond its inputs and ``w``: the vectors, then the
+    squashed parameters k, beta, g, s, gamma, e, a."""
+    R, W, S = layout
+    H = R + W
+    return [(B, H, VECTORS, N), (B, H, M), (B, H), (B, H), (B, H, S), (B, H), (B, W, M), (B, W, M)]
+
+
 class MemoryStepFromHeads(torch.autograd.Function):
     @staticmethod
     def forward(ctx, mem, raw, w_prev, num_reads, num_writes, shift_width):
         ctx.set_materialize_grads(False)
-        B, _, M = mem.shape
-        H, W, S = num_reads + num_writes, num_writes, shift_width
-        w, r, new_mem, vectors = _outputs(mem, H, num_reads)
         mem_array, raw_array, w_prev_array = _arrays(mem, raw, w_prev)
-        params = [_empty(shape, mem.dtype) for shape in ((B, H, M), (B, H), (B, H), (B, H, S), (B, H), (B, W, M),
-                                                         (B, W, M))]  # k, beta, g, s, gamma, e, a
+        (B, N, M), dtype = mem_array.shape, mem_array.dtype
+        layout = (num_reads, num_writes, shift_width)
+        (w, w_array), (r, r_array), (new_mem, new_array) = (_returned(shape, dtype) for shape in (
+            (B, num_reads + num_writes, N), (B, num_reads, M), (B, N, M)))
+        block, (vectors, *params) = _block(dtype, _from_heads_saved(B, N, M, layout))
+        k, beta, g, s, gamma, e, a = params
         # Two calls, not one kernel calling both: numba would compile the pair anew (7 s a dtype, cold).
-        k, beta, g, s, gamma, e, a = (p.numpy() for p in params)
         _squash(raw_array, k, beta, g, s, gamma, e, a)
-        _forward(mem_array, k, beta, g, s, gamma, w_prev_array, e, a, num_reads, w.numpy(), r.numpy(),
-                 new_mem.numpy(), vectors.numpy())
-        ctx.layout = (num_reads, num_writes, shift_width)
-        ctx.save_for_backward(mem, raw, w_prev, w, vectors, *params)
+        _forward(mem_array, k, beta, g, s, gamma, w_prev_array, e, a, num_reads, w_array, r_array, new_array,
+                 vectors)
+        ctx.layout = layout
+        ctx.save_for_backward(mem, raw, w_prev, w, block)
         return w, r, new_mem
 
     @staticmethod
@@ -433,14 +463,17 @@ class MemoryStepFromHeads(torch.autograd.Function):
         if not fused_reference.hand_derived_serves((dw, dr, dnew)):
             return fused_reference.differentiate_literal(ctx, reference.memory_step_from_heads, saved[:3], ctx.layout,
                                                          (dw, dr, dnew))
-        mem, raw, w_prev, w, vectors, k, beta, g, s, gamma, e, a = saved
-        dmem, d_raw, dw_prev = (_empty(t.shape, mem.dtype) for t in (mem, raw, w_prev))
-        incoming = _incoming(mem.dtype, dw, dr, dnew)
-        mem, raw, k, beta, g, s, gamma, w_prev, e, a = _arrays(mem, raw, k, beta, g, s, gamma, w_prev, e, a)
-        dk, dbeta, dg, ds, dgamma, de, da = (np.empty_like(t) for t in (k, beta, g, s, gamma, e, a))
-        _backward(mem, k, beta, g, s, gamma, w_prev, e, a, ctx.layout[0], w.numpy(), vectors.numpy(), *incoming,
-                  dmem.numpy(), dk, dbeta, dg, ds, dgamma, dw_prev.numpy(), de, da)
-        _squash_backward(raw, g, s, e, dk, dbeta, dg, ds, dgamma, de, da, d_raw.numpy())
+        mem, raw, w_prev, w, block = _arrays(*saved)
+        (B, N, M), dtype = mem.shape, mem.dtype
+        vectors, *params = _split(block, _from_heads_saved(B, N, M, ctx.layout))
+        k, beta, g, s, gamma, e, a = params
+        (dmem, dmem_array), (d_raw, d_raw_array), (dw_prev, dw_prev_array) = (
+            _returned(t.shape, dtype) for t in (mem, raw, w_prev))
+        dk, dbeta, dg, ds, dgamma, de, da = _split(_empty(sum(p.size for p in params), dtype),
+                                                   [p.shape for p in params])
+        _backward(mem, k, beta, g, s, gamma, w_prev, e, a, ctx.layout[0], w, vectors, *_incoming(saved[0], dw, dr, dnew),
+                  dmem_array, dk, dbeta, dg, ds, dgamma, dw_prev_array, de, da)
+        _squash_backward(raw, g, s, e, dk, dbeta, dg, ds, dgamma, de, da, d_raw_array)
         return dmem, d_raw, dw_prev, None, None, None
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -33,7 +34,7 @@ def numba_step_of(*x, R):
 @pytest.fixture
 def poisoned(monkeypatch):
     """Every buffer the kernels write starts as NaN: an element they forget fails the comparison."""
-    monkeypatch.setattr(numba_step, "_empty", lambda shape, dtype: torch.full(shape, float("nan"), dtype=dtype))
+    monkeypatch.setattr(numba_step, "_empty", lambda shape, dtype: np.full(shape, np.nan, dtype))
 
 
 def assert_as_close_as_the_torch_path(truth, got, torch_path, name):

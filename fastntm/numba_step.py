@@ -117,17 +117,23 @@ def _forward(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads, w, r, new_mem, 
                 for m in range(M):
                     read_sums[m] += weight * mem[b, n, m]
             r[b, h] = read_sums
-        for n in range(N):
-            for m in range(M):
-                new_mem[b, n, m] = mem[b, n, m]
-            for h in range(W):
-                weight = w[b, num_reads + h, n]
+        if W == 1:  # the common case in one pass over each row
+            for n in range(N):
+                weight = w[b, num_reads, n]
                 for m in range(M):
-                    new_mem[b, n, m] *= one - weight * e[b, h, m]
-            for h in range(W):
-                weight = w[b, num_reads + h, n]
+                    new_mem[b, n, m] = mem[b, n, m] * (one - weight * e[b, 0, m]) + weight * a[b, 0, m]
+        else:
+            for n in range(N):
                 for m in range(M):
-                    new_mem[b, n, m] += weight * a[b, h, m]
+                    new_mem[b, n, m] = mem[b, n, m]
+                for h in range(W):
+                    weight = w[b, num_reads + h, n]
+                    for m in range(M):
+                        new_mem[b, n, m] *= one - weight * e[b, h, m]
+                for h in range(W):
+                    weight = w[b, num_reads + h, n]
+                    for m in range(M):
+                        new_mem[b, n, m] += weight * a[b, h, m]
 
 
 @numba.njit(cache=True, nogil=True, fastmath=FASTMATH, error_model="numpy")
@@ -166,7 +172,17 @@ def _backward(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads, w, vectors, dw
         # Write: dM = dM_t P; dE_h = dM_t M prod_{h' != h} E_h'; dw_h += sum(dM_t a_h - dE_h e_h);
         # de_h = -w_h^T dE_h; da_h = w_h^T dM_t. Read: dw_R += dr M^T; dM += w_R^T dr.
         for n in range(N):
-            if has_dnew:
+            if has_dnew and W == 1:  # the common case in one pass over each row
+                weight, total = w[b, num_reads, n], zero
+                for m in range(M):
+                    d_new = dnew[b, n, m]
+                    dmem[b, n, m] = d_new * (one - weight * e[b, 0, m])
+                    d_erased = d_new * mem[b, n, m]
+                    total += d_new * a[b, 0, m] - d_erased * e[b, 0, m]
+                    de_sums[0, m] -= weight * d_erased
+                    da_sums[0, m] += weight * d_new
+                d_weights[num_reads, n] += total
+            elif has_dnew:
                 for m in range(M):
                     keep[m] = dnew[b, n, m]
                 for h in range(W):

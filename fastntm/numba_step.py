@@ -401,14 +401,22 @@ def _split(flat: np.ndarray, shapes) -> list[np.ndarray]:
     return views
 
 
+def _array(t: torch.Tensor) -> np.ndarray:
+    """``t``'s values as a C-contiguous array (a copy only where ``t`` is not contiguous). Each torch call here
+    costs microseconds, and a step makes dozens: none is made that the tensor does not need."""
+    if t.requires_grad:
+        t = t.detach()
+    return (t if t.is_contiguous() else t.contiguous()).numpy()
+
+
 def _arrays(*tensors: torch.Tensor) -> tuple[np.ndarray, ...]:
-    return tuple(t.detach().contiguous().numpy() for t in tensors)
+    return tuple(_array(t) for t in tensors)
 
 
 def _incoming(like: torch.Tensor, *grads: torch.Tensor | None) -> tuple[np.ndarray, ...]:
     """The incoming gradients as arrays of ``like``'s dtype; one that did not come (None) as an array of size 0."""
     missing = np.empty((0, 0, 0), NUMPY_DTYPES[like.dtype])
-    return tuple(missing if t is None else t.detach().to(like.dtype).contiguous().numpy() for t in grads)
+    return tuple(missing if t is None else _array(t if t.dtype == like.dtype else t.to(like.dtype)) for t in grads)
 
 
 class MemoryStep(torch.autograd.Function):

@@ -10,7 +10,8 @@ to within seconds. The figure is the median over rounds of the paired ratio ``ne
 
 Each worker runs this file with ``PYTHONPATH`` set to its tree, so it imports that tree's ``fastntm`` and
 ``benchmarks`` (an older tree needs no copy of this file). CPU only, one thread per worker
-(``OMP_NUM_THREADS=1``).
+(``OMP_NUM_THREADS=1``). The step runs on the CPU's default backend (numba where it imports, which both trees
+must then have; ``--backend reference`` for trees from before it).
 """
 
 from __future__ import annotations

@@ -284,6 +284,23 @@ def test_compare_trees_times_both_trees_in_alternating_rounds():
     assert r["ratio_min"] <= r["ratio_median"] <= r["ratio_max"]
 
 
+def test_compare_trees_times_the_cpus_default_backend_unless_told(monkeypatch, capsys):
+    from benchmarks import compare_trees, versus_baseline
+
+    asked = []
+
+    def compare(old, new, shape, rounds, steps, backend):
+        asked.append(backend)
+        return dict(shape=shape, backend=backend, rounds=rounds, steps=steps, old_median_ms=1.0, new_median_ms=1.0,
+                    ratio_median=1.0, ratio_min=1.0, ratio_max=1.0)
+
+    monkeypatch.setattr(compare_trees, "compare", compare)
+    assert compare_trees.main([str(ROOT), str(ROOT)]) == 0
+    assert compare_trees.main([str(ROOT), str(ROOT), "--backend", "reference"]) == 0
+    assert asked == [versus_baseline.default_backend(), "reference"]
+    assert f"({versus_baseline.default_backend()})" in capsys.readouterr().out
+
+
 def test_baseline_memory_step_is_the_spec_with_its_shift_mirrored():
     """The baseline (a model of the NTM code in common use) does the same work as fastntm: SPEC.md's step,
     its shift taps in the other order."""

@@ -372,24 +372,24 @@ def serves(*tensors: torch.Tensor) -> bool:
 NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
 
 
-def _empty(shape, dtype) -> np.ndarray:
-    """Every buffer the kernels write, a numpy array (``torch.empty`` costs 5 us a call, ``np.empty`` under 1; a
-    test fills them with NaN: an element a kernel forgets then fails it)."""
-    return np.empty(shape, dtype)
+def _empty(like: torch.Tensor, shape) -> torch.Tensor:
+    """Every buffer the kernels write: a CPU tensor of ``like``'s dtype, from torch's allocator (which memory
+    profiling sees, where numpy's it does not); a test fills them with NaN: an element a kernel forgets then
+    fails it."""
+    return like.new_empty(shape)
 
 
-def _returned(shape, dtype) -> tuple[torch.Tensor, np.ndarray]:
-    """A buffer the op returns: the tensor, and the array the kernel writes (the same memory, on the CPU whatever
-    default device a ``with torch.device(...)`` block sets)."""
-    array = _empty(shape, dtype)
-    return torch.from_numpy(array), array
+def _returned(like: torch.Tensor, shape) -> tuple[torch.Tensor, np.ndarray]:
+    """A buffer of ``_empty``'s, and the array the kernel writes into it."""
+    tensor = _empty(like, shape)
+    return tensor, tensor.numpy()
 
 
-def _block(dtype, shapes) -> tuple[torch.Tensor, list[np.ndarray]]:
+def _block(like: torch.Tensor, shapes) -> tuple[torch.Tensor, list[np.ndarray]]:
     """One buffer for arrays of ``shapes``, saved for backward as one tensor (through ``save_for_backward``, so
     that saved-tensor hooks, checkpointing's among them, see it), and its arrays (views, in order)."""
-    array = _empty(sum(math.prod(shape) for shape in shapes), dtype)
-    return torch.from_numpy(array), _split(array, shapes)
+    tensor, array = _returned(like, (sum(math.prod(shape) for shape in shapes),))
+    return tensor, _split(array, shapes)
 
 
 def _split(flat: np.ndarray, shapes) -> list[np.ndarray]:
@@ -424,10 +424,9 @@ class MemoryStep(torch.autograd.Function):
     def forward(ctx, mem, k, beta, g, s, gamma, w_prev, e, a, num_reads):
         ctx.set_materialize_grads(False)
         arrays = _arrays(mem, k, beta, g, s, gamma, w_prev, e, a)
-        (B, N, M), H, dtype = arrays[0].shape, arrays[1].shape[1], arrays[0].dtype
-        (w, w_array), (r, r_array), (new_mem, new_array) = (_returned(shape, dtype) for shape in (
-            (B, H, N), (B, num_reads, M), (B, N, M)))
-        vectors, vectors_array = _returned((B, H, VECTORS, N), dtype)
+        (B, N, M), H = arrays[0].shape, arrays[1].shape[1]
+        (w, w_array), (r, r_array), (new_mem, new_array), (vectors, vectors_array) = (
+            _returned(mem, shape) for shape in ((B, H, N), (B, num_reads, M), (B, N, M), (B, H, VECTORS, N)))
         _forward(*arrays, num_reads, w_array, r_array, new_array, vectors_array)
         ctx.num_reads = num_reads
         ctx.save_for_backward(mem, k, beta, g, s, gamma, w_prev, e, a, w, vectors)
@@ -440,8 +439,7 @@ class MemoryStep(torch.autograd.Function):
             return fused_reference.differentiate_literal(ctx, reference.memory_step, saved[:9], (ctx.num_reads,),
                                                          (dw, dr, dnew))
         arrays = _arrays(*saved)
-        dtype = arrays[0].dtype
-        grads, grad_arrays = zip(*(_returned(t.shape, dtype) for t in arrays[:9]))
+        grads, grad_arrays = zip(*(_returned(saved[0], t.shape) for t in arrays[:9]))
         _backward(*arrays[:9], ctx.num_reads, *arrays[9:], *_incoming(saved[0], dw, dr, dnew), *grad_arrays)
         return (*grads, None)
 
@@ -467,11 +465,11 @@ class MemoryStepFromHeads(torch.autograd.Function):
     def forward(ctx, mem, raw, w_prev, num_reads, num_writes, shift_width):
         ctx.set_materialize_grads(False)
         mem_array, raw_array, w_prev_array = _arrays(mem, raw, w_prev)
-        (B, N, M), dtype = mem_array.shape, mem_array.dtype
+        B, N, M = mem_array.shape
         layout = (num_reads, num_writes, shift_width)
-        (w, w_array), (r, r_array), (new_mem, new_array) = (_returned(shape, dtype) for shape in (
+        (w, w_array), (r, r_array), (new_mem, new_array) = (_returned(mem, shape) for shape in (
             (B, num_reads + num_writes, N), (B, num_reads, M), (B, N, M)))
-        block, (vectors, *params) = _block(dtype, _from_heads_saved(B, N, M, layout))
+        block, (vectors, *params) = _block(mem, _from_heads_saved(B, N, M, layout))
         k, beta, g, s, gamma, e, a = params
         # Two calls, not one kernel calling both: numba would compile the pair anew (7 s a dtype, cold).
         _squash(raw_array, k, beta, g, s, gamma, e, a)
@@ -488,15 +486,14 @@ class MemoryStepFromHeads(torch.autograd.Function):
             return fused_reference.differentiate_literal(ctx, reference.memory_step_from_heads, saved[:3], ctx.layout,
                                                          (dw, dr, dnew))
         mem, raw, w_prev, w, block = _arrays(*saved)
-        (B, N, M), dtype = mem.shape, mem.dtype
+        B, N, M = mem.shape
         vectors, *params = _split(block, _from_heads_saved(B, N, M, ctx.layout))
         k, beta, g, s, gamma, e, a = params
         (dmem, dmem_array), (d_raw, d_raw_array), (dw_prev, dw_prev_array) = (
-            _returned(t.shape, dtype) for t in (mem, raw, w_prev))
-        dk, dbeta, dg, ds, dgamma, de, da = _split(_empty(sum(p.size for p in params), dtype),
-                                                   [p.shape for p in params])
-        _backward(mem, k, beta, g, s, gamma, w_prev, e, a, ctx.layout[0], w, vectors, *_incoming(saved[0], dw, dr, dnew),
-                  dmem_array, dk, dbeta, dg, ds, dgamma, dw_prev_array, de, da)
+            _returned(saved[0], t.shape) for t in (mem, raw, w_prev))
+        dk, dbeta, dg, ds, dgamma, de, da = _block(saved[0], [p.shape for p in params])[1]
+        _backward(mem, k, beta, g, s, gamma, w_prev, e, a, ctx.layout[0], w, vectors,
+                  *_incoming(saved[0], dw, dr, dnew), dmem_array, dk, dbeta, dg, ds, dgamma, dw_prev_array, de, da)
         _squash_backward(raw, g, s, e, dk, dbeta, dg, ds, dgamma, de, da, d_raw_array)
         return dmem, d_raw, dw_prev, None, None, None
 

@@ -10,7 +10,9 @@ dtype; bf16 memory and fp16 go to ``fused_reference``). Compiled on first use (1
 dtype, forward and backward; 10 s the next) and cached on disk; the loops release the GIL.
 
 Saved for backward: the inputs, ``w`` and the (B, H, 5, N) vectors K, wc, wg, ws and log(max(ws,
-1e-30)); nothing of size (B, N, M) but the input memory. Norms are recomputed.
+1e-30)) (from the head layer's output, one buffer with the squashed parameters too); nothing of size
+(B, N, M) but the input memory. Norms are recomputed. Buffers come from torch's allocator, where memory
+profiling counts them, and reach the kernels as numpy views of the same memory.
 """
 
 from __future__ import annotations

@@ -10,8 +10,8 @@ to within seconds. The figure is the median over rounds of the paired ratio ``ne
 
 Each worker runs this file with ``PYTHONPATH`` set to its tree, so it imports that tree's ``fastntm`` and
 ``benchmarks`` (an older tree needs no copy of this file). CPU only, one thread per worker
-(``OMP_NUM_THREADS=1``). The step runs on the CPU's default backend (numba where it imports, which both trees
-must then have; ``--backend reference`` for trees from before it).
+(``OMP_NUM_THREADS=1``). The step runs on the CPU's default backend (numba where it imports; ``--backend
+reference`` for trees from before it: a run whose two trees would run different backends stops before timing).
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ def worker(shape_name: str, backend: str) -> None:
         step()
     import fastntm
 
-    print("ready", os.path.dirname(os.path.dirname(os.path.abspath(fastntm.__file__))), flush=True)
+    print("ready", os.path.dirname(os.path.dirname(os.path.abspath(fastntm.__file__))), _resolved_backend(backend),
+          flush=True)
     for line in sys.stdin:
         times = []
         for _ in range(int(line)):
@@ -46,6 +47,24 @@ def worker(shape_name: str, backend: str) -> None:
             step()
             times.append(time.perf_counter() - t0)
         print(f"{statistics.median(times) * 1e3:.4f}", flush=True)
+
+
+def _resolved_backend(provider: str) -> str:
+    """The backend this tree's model runs for ``provider``: the tree's own ``benchmarks.cases`` names it (a tree from
+    before a backend existed names another: "numba" was "reference" before 171731a), its ``fastntm.backend``
+    resolves that on a CPU."""
+    from benchmarks import cases
+    from fastntm.backend import resolve
+
+    return resolve(cases._backend(provider) if hasattr(cases, "_backend") else provider, "cpu")
+
+
+def _check_same_backend(runs: dict, backend: str) -> None:
+    """Refuse two trees whose models would run different backends (``runs``: each tree's ``_resolved_backend``)."""
+    if runs["old"] != runs["new"]:
+        raise RuntimeError(f"--backend {backend}: the old tree's model runs {runs['old']!r}, the new tree's "
+                           f"{runs['new']!r}; pass a --backend both trees have (reference for trees from before the "
+                           "numba kernels)")
 
 
 def compare(old: str, new: str, shape: str, rounds: int, steps: int, backend: str) -> dict:
@@ -58,12 +77,15 @@ def compare(old: str, new: str, shape: str, rounds: int, steps: int, backend: st
             [sys.executable, os.path.abspath(__file__), "--worker", shape, "--backend", backend],
             cwd=tree, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
+        runs = {}
         for (name, proc), tree in zip(procs.items(), (old, new)):
             line = proc.stdout.readline().split()
             if line[:1] != ["ready"]:
                 raise RuntimeError(f"the {name} tree's worker did not start (exit {proc.wait()})")
-            if line[1:] != [os.path.abspath(tree)]:
-                raise RuntimeError(f"the {name} tree's worker imported fastntm from {line[1:]}, not {tree}")
+            if line[1:2] != [os.path.abspath(tree)]:
+                raise RuntimeError(f"the {name} tree's worker imported fastntm from {line[1:2]}, not {tree}")
+            runs[name] = line[2]
+        _check_same_backend(runs, backend)
         p50s = {"old": [], "new": []}
         for r in range(rounds):
             for name in ("old", "new") if r % 2 == 0 else ("new", "old"):

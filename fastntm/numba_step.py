@@ -375,9 +375,9 @@ NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
 
 
 def _empty(like: torch.Tensor, shape) -> torch.Tensor:
-    """Every buffer the kernels write: a CPU tensor of ``like``'s dtype, from torch's allocator (which memory
-    profiling sees, where numpy's it does not); a test fills them with NaN: an element a kernel forgets then
-    fails it."""
+    """Every buffer the kernels write: a tensor of ``like``'s dtype and device (the CPU: ``serves``), from torch's
+    allocator (which memory profiling sees, where numpy's it does not); a test fills them with NaN: an element a
+    kernel forgets then fails it."""
     return like.new_empty(shape)
 
 
@@ -388,8 +388,9 @@ def _returned(like: torch.Tensor, shape) -> tuple[torch.Tensor, np.ndarray]:
 
 
 def _block(like: torch.Tensor, shapes) -> tuple[torch.Tensor, list[np.ndarray]]:
-    """One buffer for arrays of ``shapes``, saved for backward as one tensor (through ``save_for_backward``, so
-    that saved-tensor hooks, checkpointing's among them, see it), and its arrays (views, in order)."""
+    """One buffer for arrays of ``shapes`` and its arrays (views, in order): forward saves its block for backward
+    as one tensor (through ``save_for_backward``, so that saved-tensor hooks, checkpointing's among them, see it);
+    backward takes the head parameters' gradients from one."""
     tensor, array = _returned(like, (sum(math.prod(shape) for shape in shapes),))
     return tensor, _split(array, shapes)
 

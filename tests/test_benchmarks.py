@@ -301,6 +301,20 @@ def test_compare_trees_times_the_cpus_default_backend_unless_told(monkeypatch, c
     assert f"({versus_baseline.default_backend()})" in capsys.readouterr().out
 
 
+def test_compare_trees_refuses_trees_whose_models_run_different_backends(monkeypatch):
+    """A tree from before the numba kernels names "numba" "reference" (its ``cases._backend``): timed beside a newer
+    tree's numba step, the ratio would compare two backends without a word."""
+    from benchmarks import cases, compare_trees, versus_baseline
+
+    default = versus_baseline.default_backend()  # numba where it imports
+    assert compare_trees._resolved_backend(default) == default
+    monkeypatch.setattr(cases, "_backend", lambda provider: "reference")
+    assert compare_trees._resolved_backend("numba") == "reference"
+    compare_trees._check_same_backend({"old": "numba", "new": "numba"}, "numba")
+    with pytest.raises(RuntimeError, match="the old tree's model runs 'reference', the new tree's 'numba'"):
+        compare_trees._check_same_backend({"old": "reference", "new": "numba"}, "numba")
+
+
 def test_baseline_memory_step_is_the_spec_with_its_shift_mirrored():
     """The baseline (a model of the NTM code in common use) does the same work as fastntm: SPEC.md's step,
     its shift taps in the other order."""

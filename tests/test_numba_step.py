@@ -278,13 +278,12 @@ def test_two_threads_at_once_get_each_their_own_answer():
             assert torch.equal(g, e)
 
 
-def test_buffers_come_from_torchs_allocator_where_memory_profiling_sees_them():
+def test_buffers_come_from_torchs_allocator_where_memory_profiling_sees_them(monkeypatch):
     """The benchmarks' peak memory on a CPU is torch.profiler's count of torch's allocator: buffers allocated by
     numpy (as at 08cbc7f) went unseen, and the step's peak read 1.4 MiB at every shape."""
-    import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ is not part of the installed package
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))  # benchmarks/ is not installed
     from benchmarks.common import peak_memory
 
     x = from_heads_inputs(B=4, N=256, M=32, R=1, W=1, S=3, dtype=torch.float32)

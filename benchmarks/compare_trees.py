@@ -52,11 +52,11 @@ def worker(shape_name: str, backend: str) -> None:
 def _resolved_backend(provider: str) -> str:
     """The backend this tree's model runs for ``provider``: the tree's own ``benchmarks.cases`` names it (a tree from
     before a backend existed names another: "numba" was "reference" before 171731a), its ``fastntm.backend``
-    resolves that on a CPU."""
+    resolves that on a CPU. Every tree with a ``benchmarks/cases.py`` has ``_backend``."""
     from benchmarks import cases
     from fastntm.backend import resolve
 
-    return resolve(cases._backend(provider) if hasattr(cases, "_backend") else provider, "cpu")
+    return resolve(cases._backend(provider), "cpu")
 
 
 def _check_same_backend(runs: dict, backend: str) -> None:

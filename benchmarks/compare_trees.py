@@ -9,8 +9,9 @@ to within seconds. The figure is the median over rounds of the paired ratio ``ne
     python -m benchmarks.compare_trees /tmp/old . [--shape copy-b32] [--rounds 16] [--steps 5]
 
 Each worker runs this file with ``PYTHONPATH`` set to its tree, so it imports that tree's ``fastntm`` and
-``benchmarks`` (an older tree needs no copy of this file). CPU only, one thread per worker
-(``OMP_NUM_THREADS=1``). The step runs on the CPU's default backend (numba where it imports; ``--backend
+``benchmarks`` (an older tree needs no copy of this file). CPU only, one thread per worker unless
+``--threads`` says more (``torch.set_num_threads`` and ``OMP_NUM_THREADS``; the workers take turns, never
+running at once). The step runs on the CPU's default backend (numba where it imports; ``--backend
 reference`` for trees from before it: a run whose two trees would run different backends stops before timing).
 """
 
@@ -24,7 +25,7 @@ import sys
 import time
 
 
-def worker(shape_name: str, backend: str) -> None:
+def worker(shape_name: str, backend: str, threads: int) -> None:
     """Build the step (the tree's own ``benchmarks.run`` training step: model, copy batch, Adam), then for
     each line ``n`` on stdin print the p50 in ms of ``n`` steps."""
     import torch
@@ -32,7 +33,7 @@ def worker(shape_name: str, backend: str) -> None:
     from benchmarks.cases import _train_case
     from benchmarks.shapes import TINY_TRAIN_SHAPES, TRAIN_SHAPES
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     step, _ = _train_case({**TRAIN_SHAPES, **TINY_TRAIN_SHAPES}[shape_name], backend, torch.device("cpu"))
     for _ in range(3):
         step()
@@ -67,14 +68,15 @@ def _check_same_backend(runs: dict, backend: str) -> None:
                            "numba kernels)")
 
 
-def compare(old: str, new: str, shape: str, rounds: int, steps: int, backend: str) -> dict:
+def compare(old: str, new: str, shape: str, rounds: int, steps: int, backend: str, threads: int = 1) -> dict:
     procs = {}
     for name, tree in (("old", old), ("new", new)):
         tree = os.path.abspath(tree)
-        env = dict(os.environ, PYTHONPATH=tree, OMP_NUM_THREADS="1")
+        env = dict(os.environ, PYTHONPATH=tree, OMP_NUM_THREADS=str(threads))
         env.pop("TRITON_INTERPRET", None)
         procs[name] = subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), "--worker", shape, "--backend", backend],
+            [sys.executable, os.path.abspath(__file__), "--worker", shape, "--backend", backend, "--threads",
+             str(threads)],
             cwd=tree, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         runs = {}
@@ -97,7 +99,7 @@ def compare(old: str, new: str, shape: str, rounds: int, steps: int, backend: st
             proc.stdin.close()
             proc.wait()
     ratios = [b / a for a, b in zip(p50s["old"], p50s["new"])]
-    return dict(shape=shape, backend=backend, rounds=rounds, steps=steps, p50_ms=p50s,
+    return dict(shape=shape, backend=backend, threads=threads, rounds=rounds, steps=steps, p50_ms=p50s,
                 old_median_ms=statistics.median(p50s["old"]), new_median_ms=statistics.median(p50s["new"]),
                 ratio_median=statistics.median(ratios), ratio_min=min(ratios), ratio_max=max(ratios))
 
@@ -109,13 +111,14 @@ def main(argv=None) -> int:
     ap.add_argument("--shape", default="copy-b32", help="a name of benchmarks.shapes.TRAIN_SHAPES (or TINY_TRAIN_SHAPES)")
     ap.add_argument("--rounds", type=int, default=16)
     ap.add_argument("--steps", type=int, default=5, help="steps a round")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads a worker (default 1)")
     ap.add_argument("--backend", choices=("numba", "reference", "reference-compile"),
                     help="the provider of benchmarks.run timed (CPU only; default: the CPU's default backend, numba "
                          "where it imports, which both trees must then have)")
     ap.add_argument("--worker", metavar="SHAPE", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        worker(args.worker, args.backend)
+        worker(args.worker, args.backend, args.threads)
         return 0
     if not (args.old and args.new):
         ap.error("give the old and the new tree")
@@ -131,14 +134,15 @@ def main(argv=None) -> int:
 
     if args.shape not in {**TRAIN_SHAPES, **TINY_TRAIN_SHAPES}:
         ap.error(f"--shape {args.shape!r} is not one of {', '.join({**TRAIN_SHAPES, **TINY_TRAIN_SHAPES})}")
-    if args.rounds < 1 or args.steps < 1:
-        ap.error(f"--rounds and --steps must be positive, got {args.rounds} and {args.steps}")
+    if args.rounds < 1 or args.steps < 1 or args.threads < 1:
+        ap.error(f"--rounds, --steps and --threads must be positive, got {args.rounds}, {args.steps} and "
+                 f"{args.threads}")
     try:
-        r = compare(args.old, args.new, args.shape, args.rounds, args.steps, args.backend)
+        r = compare(args.old, args.new, args.shape, args.rounds, args.steps, args.backend, args.threads)
     except RuntimeError as exc:  # a worker that did not start has printed its own traceback above
         print(f"compare_trees: {exc}", file=sys.stderr)
         return 1
-    print(f"{r['shape']} ({r['backend']}): old {r['old_median_ms']:.1f} ms, new {r['new_median_ms']:.1f} ms "
+    print(f"{r['shape']} ({r['backend']}, {r['threads']} threads): old {r['old_median_ms']:.1f} ms, new {r['new_median_ms']:.1f} ms "
           f"(medians of {r['rounds']} rounds of {r['steps']} steps); new / old paired: median {r['ratio_median']:.3f}, "
           f"range {r['ratio_min']:.3f} - {r['ratio_max']:.3f}")
     return 0

@@ -278,7 +278,7 @@ def test_bench_kernels_speedups_pair_timings_that_both_providers_have():
 def test_compare_trees_times_both_trees_in_alternating_rounds():
     from benchmarks import compare_trees
 
-    r = compare_trees.compare(str(ROOT), str(ROOT), "tiny-copy", rounds=2, steps=1, backend="reference")
+    r = compare_trees.compare(str(ROOT), str(ROOT), "tiny-copy", rounds=2, steps=1, backend="reference", threads=2)
     assert len(r["p50_ms"]["old"]) == len(r["p50_ms"]["new"]) == 2
     assert all(t > 0 for t in r["p50_ms"]["old"] + r["p50_ms"]["new"])
     assert r["ratio_min"] <= r["ratio_median"] <= r["ratio_max"]
@@ -289,16 +289,16 @@ def test_compare_trees_times_the_cpus_default_backend_unless_told(monkeypatch, c
 
     asked = []
 
-    def compare(old, new, shape, rounds, steps, backend):
-        asked.append(backend)
-        return dict(shape=shape, backend=backend, rounds=rounds, steps=steps, old_median_ms=1.0, new_median_ms=1.0,
-                    ratio_median=1.0, ratio_min=1.0, ratio_max=1.0)
+    def compare(old, new, shape, rounds, steps, backend, threads):
+        asked.append((backend, threads))
+        return dict(shape=shape, backend=backend, threads=threads, rounds=rounds, steps=steps, old_median_ms=1.0,
+                    new_median_ms=1.0, ratio_median=1.0, ratio_min=1.0, ratio_max=1.0)
 
     monkeypatch.setattr(compare_trees, "compare", compare)
     assert compare_trees.main([str(ROOT), str(ROOT)]) == 0
-    assert compare_trees.main([str(ROOT), str(ROOT), "--backend", "reference"]) == 0
-    assert asked == [versus_baseline.default_backend(), "reference"]
-    assert f"({versus_baseline.default_backend()})" in capsys.readouterr().out
+    assert compare_trees.main([str(ROOT), str(ROOT), "--backend", "reference", "--threads", "2"]) == 0
+    assert asked == [(versus_baseline.default_backend(), 1), ("reference", 2)]
+    assert f"({versus_baseline.default_backend()}, 1 threads)" in capsys.readouterr().out
 
 
 def test_compare_trees_refuses_trees_whose_models_run_different_backends(monkeypatch):
@@ -466,10 +466,11 @@ def test_versus_baseline_refuses_bad_flags_before_building_anything(tmp_path, ca
         (["{tmp}", "{root}"], "is not a fastntm source tree"),
         (["{root}/README.md", "{root}"], "is not a fastntm source tree"),
         (["{root}", "{root}", "--shape", "nope"], "--shape 'nope' is not one of"),
-        (["{root}", "{root}", "--rounds", "0"], "--rounds and --steps must be positive"),
+        (["{root}", "{root}", "--rounds", "0"], "must be positive, got 0, 5 and 1"),
+        (["{root}", "{root}", "--threads", "0"], "must be positive, got 16, 5 and 0"),
         (["{root}", "{root}", "--backend", "nope"], "invalid choice: 'nope'"),
     ],
-    ids=["empty-folder", "a-file", "shape", "rounds", "backend"],
+    ids=["empty-folder", "a-file", "shape", "rounds", "threads", "backend"],
 )
 def test_compare_trees_refuses_what_it_cannot_time_before_starting_workers(tmp_path, capsys, args, message):
     from benchmarks import compare_trees

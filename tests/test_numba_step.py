@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -94,6 +98,80 @@ def test_memory_step_from_heads_matches_the_literal_spec(shape, dtype, unused, p
             assert g is None or not g.any(), name
         else:
             assert_as_close_as_the_torch_path(e, g, p, f"d{name}")
+
+
+@pytest.mark.parametrize("shape, unused", CASES)
+def test_a_batch_split_over_threads_is_the_one_thread_step(shape, unused, poisoned, monkeypatch):
+    """Every item written (the buffers start as NaN), with more parts than items too; the same bits for any number
+    of parts (one compiled loop nest runs every part), and within float32's rounding of one thread's (another
+    compile of the same loops). Both ops, forward and backward."""
+    R, W, S = shape["R"], shape["W"], shape["S"]
+    t = step_inputs(**shape, dtype=torch.float32)
+    x = from_heads_inputs(**shape, dtype=torch.float32)
+    used = [i for i, name in enumerate(OUTPUTS) if name != unused]
+
+    def step_and_grads():
+        out = numba_step_of(*t.values(), R=R)
+        from_heads = F.memory_step_from_heads(*x, num_reads=R, num_writes=W, shift_width=S, backend="numba")
+        ones = [torch.ones_like(out[i]) for i in used]
+        return [*out, *grads([out[i] for i in used], t, ones).values(), *from_heads,
+                *grads([from_heads[i] for i in used], dict(enumerate(x)), ones).values()]
+
+    runs = {}
+    for threads in (1, 2, 3, 5):
+        monkeypatch.setattr(numba_step, "threads_for", lambda B, N, M: threads)
+        runs[threads] = step_and_grads()
+    for i, (one, split) in enumerate(zip(runs[1], runs[2])):
+        assert_close(one, split, f"output or gradient {i}, 2 threads")
+    for threads in (3, 5):
+        for i, (two, split) in enumerate(zip(runs[2], runs[threads])):
+            assert torch.equal(two, split), f"output or gradient {i}, {threads} threads"
+
+
+def test_threads_for_a_batch(monkeypatch):
+    """As many threads as torch may use, one per item and per ``THREAD_WORK``; one where numba's threading layer
+    is not thread-safe."""
+    N, M = 128, 20  # THREAD_WORK is four items of this size
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    assert [numba_step.threads_for(B, N, M) for B in (1, 4, 7, 8, 11, 12, 16, 64)] == [1, 1, 1, 2, 2, 3, 4, 4]
+    assert numba_step.threads_for(2, 65536, 64) == 2  # two large items
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # torch.set_num_threads(1): one thread
+    assert numba_step.threads_for(64, N, M) == 1
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    monkeypatch.setitem(numba_step._threading, "safe", False)
+    assert numba_step.threads_for(64, N, M) == 1
+
+
+FORK_THEN_STEP = """
+import os, sys, torch
+from fastntm import numba_step
+sys.path.insert(0, {tests!r})
+from helpers import step_inputs
+torch.set_num_threads(2)
+t = step_inputs(B=8, N=128, M=20, R=1, W=1, S=3, dtype=torch.float32)
+assert numba_step.threads_for(8, 128, 20) == 2, "no split to test"
+def step():
+    out = numba_step.memory_step(*t.values(), 1)
+    torch.autograd.backward(out, [torch.ones_like(o) for o in out])
+step()  # the batch split over numba's threads, which start here
+pid = os.fork()
+if pid == 0:
+    step()
+    os._exit(0 if numba_step.threads_for(8, 128, 20) == 1 else 3)
+_, status = os.waitpid(pid, 0)
+print("child", os.waitstatus_to_exitcode(status))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_child_forked_after_a_split_steps_on_one_thread():
+    """GNU OpenMP's threads do not survive a fork, and numba terminates a forked child that starts a parallel loop
+    after its parent did: the child runs its batches on one thread."""
+    tests = os.path.dirname(os.path.abspath(__file__))
+    proc = subprocess.run([sys.executable, "-c", FORK_THEN_STEP.format(tests=tests)], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "child 0" in proc.stdout, proc.stdout + proc.stderr[-3000:]
 
 
 @pytest.mark.parametrize("shape", SHAPES[:3])
@@ -260,9 +338,13 @@ def test_outputs_stay_on_the_cpu_under_another_default_device():
         assert_close(ref, got, "under torch.device('meta')")
 
 
-def test_two_threads_at_once_get_each_their_own_answer():
-    """The loops release the GIL; calls from two threads run at once and do not share buffers."""
+@pytest.mark.parametrize("split", [1, 2], ids=["whole-batch", "batch-split"])
+def test_two_threads_at_once_get_each_their_own_answer(split, monkeypatch):
+    """The loops release the GIL; calls from two threads run at once and do not share buffers, each with its
+    batch split over numba's threads too."""
     from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.setattr(numba_step, "threads_for", lambda B, N, M: split)
 
     inputs = [step_inputs(B=8, N=37, M=13, R=1, W=2, S=5, dtype=torch.float32, seed=seed) for seed in range(4)]
 

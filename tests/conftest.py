@@ -7,6 +7,7 @@ kernels for CPU tensors; Triton kernel tests ask for ``backend="triton"``.
 
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -16,6 +17,14 @@ if not torch.cuda.is_available():
 # other core, where a second torch thread would spin between ops (tests/test_distributed.py set one thread for
 # every test after it already).
 torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread_after_each_test():
+    """Back to one thread after a test that set more (``fastntm.cli.main`` sets its ``--threads``, default 2)."""
+    yield
+    if torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
 
 
 STATIC_CHECKS = "test_static_checks_pass_with_the_interpreter_off"

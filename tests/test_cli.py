@@ -243,6 +243,20 @@ def test_version(capsys):
     assert capsys.readouterr().out.strip() == f"fastntm {__version__} (torch {torch.__version__})"
 
 
+@pytest.mark.parametrize("cores, local_ranks, threads", [(1, None, 1), (2, None, 2), (64, None, 2), (4, "2", 2),
+                                                       (4, "4", 1), (4, "8", 1), (4, "x", 2)])
+def test_threads_default_to_two_of_this_processs_cores(monkeypatch, cores, local_ranks, threads):
+    from fastntm import cli
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    if local_ranks is None:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local_ranks)
+    assert cli.default_threads() == threads
+    assert cli.build_parser().parse_args(["eval", "runs/x"]).threads == threads
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

@@ -18,6 +18,7 @@ profiling counts them, and reach the kernels as numpy views of the same memory.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -450,24 +451,43 @@ if hasattr(os, "register_at_fork"):
 
 def threads_for(B: int, N: int, M: int) -> int:
     """How many threads a step's batch is split over (contiguous parts of the batch, one a thread): as many as
-    torch may use (``torch.set_num_threads``), at most one per item and per ``THREAD_WORK``; one where numba's
-    threading layer is not thread-safe, and in a child forked after a split."""
-    threads = min(B, torch.get_num_threads(), B * N * M // THREAD_WORK)
+    torch may use (``torch.set_num_threads``) and numba has (``NUMBA_NUM_THREADS``), at most one per item and
+    per ``THREAD_WORK``; one where numba's threading layer is not thread-safe, and in a child forked after a
+    split."""
+    threads = min(B, torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS, B * N * M // THREAD_WORK)
     return threads if threads > 1 and _threading_is_safe() else 1
 
 
+@contextlib.contextmanager
+def _pool_threads(threads: int):
+    """At most ``threads`` of numba's pool for the parallel loops inside: a loop of fewer parts than the pool has
+    threads would wake them all. The setting is the calling thread's, restored after. (Set here, not in the
+    kernels: numba does not cache a kernel that sets it.)"""
+    pool = numba.get_num_threads()
+    if threads >= pool:
+        yield
+        return
+    numba.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(pool)
+
+
 def _forward_on(threads: int, *arrays) -> None:
-    if threads > 1:
-        _forward_threaded(threads, *arrays)
-    else:
+    if threads == 1:
         _forward(*arrays)
+        return
+    with _pool_threads(threads):
+        _forward_threaded(threads, *arrays)
 
 
 def _backward_on(threads: int, *arrays) -> None:
-    if threads > 1:
-        _backward_threaded(threads, *arrays)
-    else:
+    if threads == 1:
         _backward(*arrays)
+        return
+    with _pool_threads(threads):
+        _backward_threaded(threads, *arrays)
 
 
 NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}

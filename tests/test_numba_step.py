@@ -133,13 +133,32 @@ def test_threads_for_a_batch(monkeypatch):
     is not thread-safe."""
     N, M = 128, 20  # THREAD_WORK is four items of this size
     monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    monkeypatch.setattr(numba_step.numba.config, "NUMBA_NUM_THREADS", 8)
     assert [numba_step.threads_for(B, N, M) for B in (1, 4, 7, 8, 11, 12, 16, 64)] == [1, 1, 1, 2, 2, 3, 4, 4]
     assert numba_step.threads_for(2, 65536, 64) == 2  # two large items
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # torch.set_num_threads(1): one thread
     assert numba_step.threads_for(64, N, M) == 1
     monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    monkeypatch.setattr(numba_step.numba.config, "NUMBA_NUM_THREADS", 3)  # numba's pool is the smaller
+    assert numba_step.threads_for(64, N, M) == 3
     monkeypatch.setitem(numba_step._threading, "safe", False)
     assert numba_step.threads_for(64, N, M) == 1
+
+
+@pytest.mark.skipif(numba_step.numba.config.NUMBA_NUM_THREADS < 2, reason="needs two of numba's threads")
+def test_a_split_wakes_as_many_of_numbas_threads_as_it_has_parts(monkeypatch):
+    """``_pool_threads``: fewer parts than numba's pool has threads take that many of them for the call, and the
+    calling thread's setting comes back after (here with one part, the one a two-thread pool can show)."""
+    numba = numba_step.numba
+    seen = []
+    monkeypatch.setattr(numba_step, "_forward_threaded", lambda threads, *arrays: seen.append(numba.get_num_threads()))
+    before = numba.get_num_threads()
+    numba_step._forward_on(before, None)
+    numba_step._forward_on(7, None)  # more parts than threads: all of them
+    with numba_step._pool_threads(1):
+        seen.append(numba.get_num_threads())
+    assert seen == [before, before, 1]
+    assert numba.get_num_threads() == before
 
 
 FORK_THEN_STEP = """

@@ -99,10 +99,11 @@ _TYPES = {"int": positive_int, "nonneg": nonnegative_int}
 
 
 def default_threads() -> int:
-    """Two threads where this process has two cores, else one. At batch 32 the numba kernels split the batch over
-    two (a training step 0.80 of one thread's time on a 2-core VM); the model's torch ops are too small to gain
-    from more, and on a busy machine extra threads only wait for each other. The processes torchrun starts on one
-    machine (``LOCAL_WORLD_SIZE``) share its cores."""
+    """Two threads where this process has two cores, else one. At batch 32 the numba kernels split the batch
+    over two (the copy task's training step took 0.80 of one thread's time, paired rounds on a 2-core VM); the
+    model's torch ops are too small to gain from more, and on a busy machine extra threads only wait for each
+    other. The processes torchrun starts on one machine (``LOCAL_WORLD_SIZE``) share its cores; cores counted
+    are those this process may run on (not a container's CPU quota)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     ranks = os.environ.get("LOCAL_WORLD_SIZE", "1")
     return max(1, min(2, cores // (int(ranks) if ranks.isdigit() and int(ranks) > 0 else 1)))

@@ -425,7 +425,8 @@ def serves(*tensors: torch.Tensor) -> bool:
 
 THREAD_WORK = 4 * 128 * 20
 """The least B N M a thread takes: four paper-size items. With less, splitting the batch costs about what it
-saves (two threads at the paper's size: 0.97 of one thread's time at B 4, 0.91 at B 8, 0.70 at B 32)."""
+saves (the memory step forward + backward on two threads at the paper's size, against one: 0.97 of its time
+at B 4, 0.91 at B 8, 0.70 at B 32; a 2-core VM)."""
 _threading = {"safe": None}  # numba's threading layer is thread-safe; None until first asked
 
 
@@ -439,10 +440,10 @@ def _threading_is_safe() -> bool:
 
 
 def _after_fork_in_child() -> None:
-    # GNU OpenMP's threads do not survive a fork: numba terminates a child that starts a parallel loop after
-    # its parent did. A forked child runs its batches on one thread.
-    if _threading["safe"] is not None:
-        _threading["safe"] = False
+    # GNU OpenMP's threads do not survive a fork: numba terminates a child that starts a parallel loop once its
+    # parent has started numba's threads, which anything in the parent may have done (not only this module).
+    # A forked child runs its batches on one thread.
+    _threading["safe"] = False
 
 
 if hasattr(os, "register_at_fork"):
@@ -452,8 +453,8 @@ if hasattr(os, "register_at_fork"):
 def threads_for(B: int, N: int, M: int) -> int:
     """How many threads a step's batch is split over (contiguous parts of the batch, one a thread): as many as
     torch may use (``torch.set_num_threads``) and numba has (``NUMBA_NUM_THREADS``), at most one per item and
-    per ``THREAD_WORK``; one where numba's threading layer is not thread-safe, and in a child forked after a
-    split."""
+    per ``THREAD_WORK``; one where numba's threading layer is not thread-safe, and in a forked child.
+    ``torch.set_num_threads(1)`` keeps every batch on the calling thread."""
     threads = min(B, torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS, B * N * M // THREAD_WORK)
     return threads if threads > 1 and _threading_is_safe() else 1
 

@@ -298,7 +298,8 @@ def test_compare_trees_times_the_cpus_default_backend_unless_told(monkeypatch, c
     assert compare_trees.main([str(ROOT), str(ROOT)]) == 0
     assert compare_trees.main([str(ROOT), str(ROOT), "--backend", "reference", "--threads", "2"]) == 0
     assert asked == [(versus_baseline.default_backend(), 1), ("reference", 2)]
-    assert f"({versus_baseline.default_backend()}, 1 threads)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"({versus_baseline.default_backend()}, 1 thread)" in out and "(reference, 2 threads)" in out
 
 
 def test_compare_trees_refuses_trees_whose_models_run_different_backends(monkeypatch):

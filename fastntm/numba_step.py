@@ -475,20 +475,13 @@ def _pool_threads(threads: int):
         numba.set_num_threads(pool)
 
 
-def _forward_on(threads: int, *arrays) -> None:
+def _on_threads(threads: int, one_thread, split, *arrays) -> None:
+    """``one_thread(*arrays)``, or ``split(threads, *arrays)`` with ``threads`` of numba's pool."""
     if threads == 1:
-        _forward(*arrays)
+        one_thread(*arrays)
         return
     with _pool_threads(threads):
-        _forward_threaded(threads, *arrays)
-
-
-def _backward_on(threads: int, *arrays) -> None:
-    if threads == 1:
-        _backward(*arrays)
-        return
-    with _pool_threads(threads):
-        _backward_threaded(threads, *arrays)
+        split(threads, *arrays)
 
 
 NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
@@ -550,7 +543,8 @@ class MemoryStep(torch.autograd.Function):
         (B, N, M), H = arrays[0].shape, arrays[1].shape[1]
         (w, w_array), (r, r_array), (new_mem, new_array), (vectors, vectors_array) = (
             _returned(mem, shape) for shape in ((B, H, N), (B, num_reads, M), (B, N, M), (B, H, VECTORS, N)))
-        _forward_on(threads_for(B, N, M), *arrays, num_reads, w_array, r_array, new_array, vectors_array)
+        _on_threads(threads_for(B, N, M), _forward, _forward_threaded, *arrays, num_reads, w_array, r_array,
+                    new_array, vectors_array)
         ctx.num_reads = num_reads
         ctx.save_for_backward(mem, k, beta, g, s, gamma, w_prev, e, a, w, vectors)
         return w, r, new_mem
@@ -563,8 +557,8 @@ class MemoryStep(torch.autograd.Function):
                                                          (dw, dr, dnew))
         arrays = _arrays(*saved)
         grads, grad_arrays = zip(*(_returned(saved[0], t.shape) for t in arrays[:9]))
-        _backward_on(threads_for(*arrays[0].shape), *arrays[:9], ctx.num_reads, *arrays[9:],
-                     *_incoming(saved[0], dw, dr, dnew), *grad_arrays)
+        _on_threads(threads_for(*arrays[0].shape), _backward, _backward_threaded, *arrays[:9], ctx.num_reads,
+                    *arrays[9:], *_incoming(saved[0], dw, dr, dnew), *grad_arrays)
         return (*grads, None)
 
 
@@ -597,8 +591,8 @@ class MemoryStepFromHeads(torch.autograd.Function):
         k, beta, g, s, gamma, e, a = params
         # Two calls, not one kernel calling both: numba would compile the pair anew (7 s a dtype, cold).
         _squash(raw_array, k, beta, g, s, gamma, e, a)
-        _forward_on(threads_for(B, N, M), mem_array, k, beta, g, s, gamma, w_prev_array, e, a, num_reads, w_array,
-                    r_array, new_array, vectors)
+        _on_threads(threads_for(B, N, M), _forward, _forward_threaded, mem_array, k, beta, g, s, gamma,
+                    w_prev_array, e, a, num_reads, w_array, r_array, new_array, vectors)
         ctx.layout = layout
         ctx.save_for_backward(mem, raw, w_prev, w, block)
         return w, r, new_mem
@@ -616,8 +610,9 @@ class MemoryStepFromHeads(torch.autograd.Function):
         (dmem, dmem_array), (d_raw, d_raw_array), (dw_prev, dw_prev_array) = (
             _returned(saved[0], t.shape) for t in (mem, raw, w_prev))
         dk, dbeta, dg, ds, dgamma, de, da = _block(saved[0], [p.shape for p in params])[1]
-        _backward_on(threads_for(B, N, M), mem, k, beta, g, s, gamma, w_prev, e, a, ctx.layout[0], w, vectors,
-                     *_incoming(saved[0], dw, dr, dnew), dmem_array, dk, dbeta, dg, ds, dgamma, dw_prev_array, de, da)
+        _on_threads(threads_for(B, N, M), _backward, _backward_threaded, mem, k, beta, g, s, gamma, w_prev, e, a,
+                    ctx.layout[0], w, vectors, *_incoming(saved[0], dw, dr, dnew), dmem_array, dk, dbeta, dg, ds,
+                    dgamma, dw_prev_array, de, da)
         _squash_backward(raw, g, s, e, dk, dbeta, dg, ds, dgamma, de, da, d_raw_array)
         return dmem, d_raw, dw_prev, None, None, None
 

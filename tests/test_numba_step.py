@@ -154,12 +154,19 @@ def test_a_split_wakes_as_many_of_numbas_threads_as_it_has_parts(monkeypatch):
     monkeypatch.setattr(numba, "get_num_threads", lambda: pool["threads"])
     monkeypatch.setattr(numba, "set_num_threads", lambda n: pool.update(threads=n))
     seen = []
+    monkeypatch.setattr(numba_step, "threads_for", lambda B, N, M: parts)
     for name in ("_forward_threaded", "_backward_threaded"):
-        monkeypatch.setattr(numba_step, name, lambda parts, *arrays, name=name: seen.append((name, parts,
-                                                                                            pool["threads"])))
+        real = getattr(numba_step, name)
+
+        def split(threads, *arrays, name=name, real=real):
+            seen.append((name, threads, pool["threads"]))
+            real(threads, *arrays)
+
+        monkeypatch.setattr(numba_step, name, split)
+    t = step_inputs(B=8, N=16, M=4, R=1, W=1, S=3, dtype=torch.float32)
     for parts in (3, 8, 12):
-        numba_step._forward_on(parts, None)
-        numba_step._backward_on(parts, None)
+        out = numba_step.memory_step(*t.values(), 1)
+        torch.autograd.backward(out, [torch.ones_like(o) for o in out])
     assert [(parts, threads) for _, parts, threads in seen] == [(3, 3), (3, 3), (8, 8), (8, 8), (12, 8), (12, 8)]
     assert [name for name, _, _ in seen[:2]] == ["_forward_threaded", "_backward_threaded"]
     assert pool["threads"] == 8

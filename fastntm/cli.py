@@ -103,10 +103,14 @@ def default_threads() -> int:
     over two (the copy task's training step took 0.80 of one thread's time, paired rounds on a 2-core VM); the
     model's torch ops are too small to gain from more, and on a busy machine extra threads only wait for each
     other. The processes torchrun starts on one machine (``LOCAL_WORLD_SIZE``) share its cores; cores counted
-    are those this process may run on (not a container's CPU quota)."""
+    are those this process may run on (not a container's CPU quota). ``OMP_NUM_THREADS``, where set (torchrun
+    sets 1), is the most."""
+    def positive(name):
+        value = os.environ.get(name, "")
+        return int(value) if value.isdigit() and int(value) > 0 else None
+
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    ranks = os.environ.get("LOCAL_WORLD_SIZE", "1")
-    return max(1, min(2, cores // (int(ranks) if ranks.isdigit() and int(ranks) > 0 else 1)))
+    return max(1, min(2, cores // (positive("LOCAL_WORLD_SIZE") or 1), positive("OMP_NUM_THREADS") or 2))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,8 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--threads", type=positive_int, default=default_threads(),
-                        help="CPU threads for torch and the numba kernels (default 2, or 1 where this process has "
-                             "one core: torchrun's processes share the machine's cores)")
+                        help="CPU threads for torch and the numba kernels (default %(default)s here: 2 where this "
+                             "process has two cores, 1 where it has one or OMP_NUM_THREADS=1; torchrun's processes "
+                             "share the machine's cores)")
     _add_train(commands, common)
     _add_eval(commands, common)
     _add_plot(commands, common)

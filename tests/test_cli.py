@@ -243,16 +243,18 @@ def test_version(capsys):
     assert capsys.readouterr().out.strip() == f"fastntm {__version__} (torch {torch.__version__})"
 
 
-@pytest.mark.parametrize("cores, local_ranks, threads", [(1, None, 1), (2, None, 2), (64, None, 2), (4, "2", 2),
-                                                       (4, "4", 1), (4, "8", 1), (4, "x", 2)])
-def test_threads_default_to_two_of_this_processs_cores(monkeypatch, cores, local_ranks, threads):
+@pytest.mark.parametrize("cores, local_ranks, omp, threads", [
+    (1, None, None, 1), (2, None, None, 2), (64, None, None, 2), (4, "2", None, 2), (4, "4", None, 1),
+    (4, "8", None, 1), (4, "x", None, 2), (4, None, "1", 1), (4, None, "3", 2), (4, None, "", 2), (4, None, "0", 2)])
+def test_threads_default_to_two_of_this_processs_cores(monkeypatch, cores, local_ranks, omp, threads):
     from fastntm import cli
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
-    if local_ranks is None:
-        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    else:
-        monkeypatch.setenv("LOCAL_WORLD_SIZE", local_ranks)
+    for name, value in (("LOCAL_WORLD_SIZE", local_ranks), ("OMP_NUM_THREADS", omp)):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
     assert cli.default_threads() == threads
     assert cli.build_parser().parse_args(["eval", "runs/x"]).threads == threads
 

@@ -142,7 +142,8 @@ def main(argv=None) -> int:
     except RuntimeError as exc:  # a worker that did not start has printed its own traceback above
         print(f"compare_trees: {exc}", file=sys.stderr)
         return 1
-    print(f"{r['shape']} ({r['backend']}, {r['threads']} thread{'s' if r['threads'] > 1 else ''}): old {r['old_median_ms']:.1f} ms, new {r['new_median_ms']:.1f} ms "
+    threads = f"{r['threads']} thread{'s' if r['threads'] > 1 else ''}"
+    print(f"{r['shape']} ({r['backend']}, {threads}): old {r['old_median_ms']:.1f} ms, new {r['new_median_ms']:.1f} ms "
           f"(medians of {r['rounds']} rounds of {r['steps']} steps); new / old paired: median {r['ratio_median']:.3f}, "
           f"range {r['ratio_min']:.3f} - {r['ratio_max']:.3f}")
     return 0

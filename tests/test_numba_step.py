@@ -172,7 +172,9 @@ def test_a_split_wakes_as_many_of_numbas_threads_as_it_has_parts(monkeypatch):
     assert pool["threads"] == 8
 
 
-@pytest.mark.skipif(numba_step.numba.config.NUMBA_NUM_THREADS < 2, reason="needs two of numba's threads")
+@pytest.mark.skipif(numba_step.numba.config.NUMBA_NUM_THREADS < 2,
+                    reason="numba has one thread here (NUMBA_NUM_THREADS=1): there is no lower setting to take and "
+                           "give back")
 def test_numbas_own_setting_comes_back_after_a_split():
     numba = numba_step.numba
     before = numba.get_num_threads()
@@ -205,7 +207,8 @@ print("child", os.waitstatus_to_exitcode(status))
 """
 
 
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+@pytest.mark.skipif(not hasattr(os, "fork"),
+                    reason="this platform has no os.fork (Windows), so there is no forked child to guard")
 def test_a_child_forked_after_a_split_steps_on_one_thread():
     """GNU OpenMP's threads do not survive a fork, and numba terminates a forked child that starts a parallel loop
     once its parent has started numba's threads: the child runs its batches on one thread."""
@@ -213,8 +216,9 @@ def test_a_child_forked_after_a_split_steps_on_one_thread():
     proc = subprocess.run([sys.executable, "-c", FORK_THEN_STEP.format(tests=tests)], capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    if "no split here" in proc.stdout:
-        pytest.skip(proc.stdout.strip())
+    if "no split here" in proc.stdout:  # one core, NUMBA_NUM_THREADS=1, or numba's workqueue layer
+        pytest.skip("this machine never splits a batch, so a forked child has nothing to fall back from: "
+                    + proc.stdout.strip())
     assert "child 0" in proc.stdout, proc.stdout + proc.stderr[-3000:]
 
 

@@ -7,7 +7,6 @@ kernels for CPU tensors; Triton kernel tests ask for ``backend="triton"``.
 
 import os
 
-import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -15,16 +14,10 @@ if not torch.cuda.is_available():
 
 # One intra-op thread for the tests' own ops (they are small): the static checks' compiles run beside them on the
 # other core, where a second torch thread would spin between ops (tests/test_distributed.py set one thread for
-# every test after it already).
+# every test after it already). OMP_NUM_THREADS too, for the processes tests start and for ``fastntm.cli``'s
+# default ``--threads``, which ``main`` sets.
+os.environ["OMP_NUM_THREADS"] = "1"
 torch.set_num_threads(1)
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread_after_each_test():
-    """Back to one thread after a test that set more (``fastntm.cli.main`` sets its ``--threads``, default 2)."""
-    yield
-    if torch.get_num_threads() != 1:
-        torch.set_num_threads(1)
 
 
 STATIC_CHECKS = "test_static_checks_pass_with_the_interpreter_off"

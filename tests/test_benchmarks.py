@@ -278,7 +278,7 @@ def test_bench_kernels_speedups_pair_timings_that_both_providers_have():
 def test_compare_trees_times_both_trees_in_alternating_rounds():
     from benchmarks import compare_trees
 
-    r = compare_trees.compare(str(ROOT), str(ROOT), "tiny-copy", rounds=2, steps=1, backend="reference", threads=2)
+    r = compare_trees.compare(str(ROOT), str(ROOT), "tiny-copy", rounds=2, steps=1, backend="reference", threads=1)
     assert len(r["p50_ms"]["old"]) == len(r["p50_ms"]["new"]) == 2
     assert all(t > 0 for t in r["p50_ms"]["old"] + r["p50_ms"]["new"])
     assert r["ratio_min"] <= r["ratio_median"] <= r["ratio_max"]

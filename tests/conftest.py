@@ -3,6 +3,8 @@
 Triton reads ``TRITON_INTERPRET`` when a kernel is defined, so it is set here,
 before any test imports fastntm. ``backend="auto"`` still takes the numba
 kernels for CPU tensors; Triton kernel tests ask for ``backend="triton"``.
+Under the interpreter, ``interpreter_patch`` makes it skip work it has
+already done (a third of the kernel tests' time), with the same results.
 """
 
 import os
@@ -11,6 +13,10 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+if os.environ.get("TRITON_INTERPRET") == "1":
+    from interpreter_patch import install
+
+    install()
 
 # One intra-op thread for the tests' own ops (they are small): the static checks' compiles run beside them on the
 # other core, where a second torch thread would spin between ops (tests/test_distributed.py set one thread for

@@ -9,6 +9,7 @@ Without it (or when fastntm.kernels was already imported without it in this
 process) every test here is skipped with the reason.
 """
 
+import contextlib
 import importlib
 import os
 import sys
@@ -21,6 +22,7 @@ import torch
 import fastntm.functional as F
 from fastntm import kernels, reference
 from fastntm.kernels import _config
+import interpreter_patch
 from helpers import kernel_inputs, relative_error
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ is not part of the installed package
@@ -542,6 +544,26 @@ def test_bit_identical_run_to_run():
         runs.append([t.detach() for t in (*out, *grads)])
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("BN", [None, 16], ids=["on-chip", "BN16"])
+def test_the_interpreter_patch_changes_no_bit(BN):
+    """tests/interpreter_patch.py's faster interpreter (installed by conftest.py) gives Triton's own interpreter's
+    bits: a step and its head parameters, forward and backward, in both regimes."""
+    if not interpreter_patch.ORIGINALS:
+        pytest.skip("this Triton's interpreter lacks what tests/interpreter_patch.py redoes: it runs unpatched")
+    x = kernel_inputs(1, 37, 13, 3, 2, 5)
+    B, H, W, M, S = 1, 3, 1, 13, 5
+    raw = torch.randn(B, H * (M + S + 3) + 2 * W * M, generator=torch.Generator().manual_seed(2))
+    runs = []
+    for patch in (contextlib.nullcontext, interpreter_patch.removed):
+        xs = [t.clone().requires_grad_() for t in (*x.values(), raw)]
+        with _config.force_block_n(BN), patch():
+            out = kernels.memory_step(*xs[:9], 2) + kernels.head_parameters(xs[9], 2, W, M, S)
+            grads = torch.autograd.grad(out, xs, [torch.ones_like(o) for o in out])
+        runs.append([t.detach() for t in (*out, *grads)])
+    for i, (patched, unpatched) in enumerate(zip(*runs)):
+        assert torch.equal(patched, unpatched), f"output or gradient {i}"
 
 
 def test_functional_backend_triton_runs_kernels_on_cpu_under_interpreter(monkeypatch):

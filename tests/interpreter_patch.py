@@ -2,19 +2,21 @@
 
 1. Triton 3.6's interpreter patches the language modules a kernel's globals name (``tl``, ``tl.core``) when a
    launch starts, and undoes it when the launch ends. It also patches them again on every call of a
-   ``@triton.jit`` helper inside the kernel (``InterpretedFunction.__call__``): a scan of every member of the
-   modules, about 0.4 ms a call. The kernels call helpers in loops, once a program each, so this took over a
-   third of the kernel tests' time (27 of 74 s for ``test_shift_wider_than_a_block`` under cProfile). Inside a
-   launch that scan finds nothing left to patch: the launch (or the helper's first call) has replaced every
-   builtin already, and what a call sets again is what was set. So a helper's call skips it where the modules
-   its globals name have been patched in this launch, and patches as before where not.
-2. ``_get_np_dtype`` builds a dict of 19 dtypes on every call (every cast, splat and masked load); a scalar
-   dtype's answer is now kept. Block types are unhashable and still go through it.
+   ``@triton.jit`` helper inside the kernel (``InterpretedFunction.__call__``), and never undoes that: a scan of
+   every member of the modules, about 0.4 ms a call. The kernels call helpers in loops, once a program each, so
+   this took over a third of the kernel tests' time (27 of 74 s for ``test_shift_wider_than_a_block`` under
+   cProfile). Inside a launch that scan finds nothing left to patch once the launch (or a helper's first call)
+   has patched those modules: every builtin is replaced already, and what a call sets again is what was set. So
+   inside a launch a helper's call skips it where the modules its globals name have been patched in this launch,
+   and patches as before where not. Outside a launch nothing changes.
+2. ``_get_np_dtype`` builds a dict of 18 dtypes on every call (every cast, splat and masked load); a scalar
+   dtype's answer is now kept. Block and pointer types are unhashable and still go through it.
 
 Together they took ``tests/test_kernels.py`` from 251 to 161 s on the 2-core VM (one run each, one after the
 other; the 161 s include this patch's own test). The results are unchanged:
 ``test_the_interpreter_patch_changes_no_bit`` compares a step's outputs and gradients with and without it.
-Where the interpreter lacks the functions this relies on (another Triton), nothing is changed.
+Only Triton 3.6 is patched (the version the tests pin); on another, nothing is changed. Like the interpreter
+itself, this assumes one launch at a time.
 """
 
 from __future__ import annotations
@@ -22,50 +24,59 @@ from __future__ import annotations
 import contextlib
 import functools
 
-ORIGINALS: dict[str, object] = {}
-"""Triton's own functions, by name in ``triton.runtime.interpreter``, once installed."""
+ORIGINALS: dict[tuple[object, str], object] = {}
+"""Triton's own functions, by (owner, name), once installed."""
+SKIPPED = [0]
+"""Helper calls that skipped the patching, so far."""
 
 
 def install() -> bool:
-    """Patch ``triton.runtime.interpreter`` (once); whether its structure allowed it."""
+    """Patch Triton 3.6's interpreter (once); whether it did."""
     try:
+        import triton
         import triton.language as tl
         from triton.runtime import interpreter
     except ImportError:
         return False
     if ORIGINALS:
         return True
-    if not all(hasattr(interpreter, name) for name in ("_patch_lang", "_LangPatchScope", "_get_np_dtype")):
+    if not triton.__version__.startswith("3.6."):
         return False
-    patch_lang, get_np_dtype = interpreter._patch_lang, interpreter._get_np_dtype
+    executor, patch_lang, get_np_dtype = interpreter.GridExecutor, interpreter._patch_lang, interpreter._get_np_dtype
+    launch = executor.__call__
     lang_modules = tl, tl.core  # those ``_patch_lang`` looks for
-    patched: set[int] = set()  # ids of the modules patched in the launch in progress; empty between launches
-    langs_of: dict[object, frozenset[int]] = {}
+    patched: set[int] = set()  # ids of the modules patched in the launch in progress
+    launching = [False]
+    langs_of: dict[tuple[object, int], frozenset[int]] = {}
 
     def langs(fn) -> frozenset[int]:
-        if fn not in langs_of:
-            langs_of[fn] = frozenset(id(v) for v in fn.__globals__.values() if any(v is m for m in lang_modules))
-        return langs_of[fn]
+        # Keyed by the size of the globals too: running a function's rewritten code adds ``tl`` to them.
+        key = fn, len(fn.__globals__)
+        if key not in langs_of:
+            langs_of[key] = frozenset(id(v) for v in fn.__globals__.values() if any(v is m for m in lang_modules))
+        return langs_of[key]
+
+    def launch_patching_once(self, *args, **kwargs):
+        launching[0] = True
+        try:
+            return launch(self, *args, **kwargs)
+        finally:
+            launching[0] = False
+            patched.clear()
 
     def patch_lang_once_per_launch(fn):
-        if patched and langs(fn) <= patched:
-            return interpreter._LangPatchScope()  # a helper's call inside the launch: nothing to patch or undo
+        if launching[0] and langs(fn) and langs(fn) <= patched:
+            SKIPPED[0] += 1
+            return interpreter._LangPatchScope()  # nothing to patch; a helper's scope is never undone anyway
         scope = patch_lang(fn)
-        launch_started = not patched
-        patched.update(langs(fn))
-        if not launch_started:  # a helper naming modules the launch did not (``tl.sum``'s ``core``): patched and
-            return scope  # never undone, as before; its next calls in this launch skip
-        restore = scope.restore
-
-        def restore_and_end_launch():
-            patched.clear()
-            restore()
-
-        scope.restore = restore_and_end_launch
+        if launching[0]:
+            patched.update(langs(fn))
         return scope
 
     of_scalar = functools.cache(get_np_dtype)
-    ORIGINALS.update(_patch_lang=patch_lang, _get_np_dtype=get_np_dtype)
+    ORIGINALS.update({(executor, "__call__"): launch, (interpreter, "_patch_lang"): patch_lang,
+                      (interpreter, "_get_np_dtype"): get_np_dtype})
+    executor.__call__ = launch_patching_once
     interpreter._patch_lang = patch_lang_once_per_launch
     interpreter._get_np_dtype = lambda t: of_scalar(t) if type(t) is tl.dtype else get_np_dtype(t)
     return True
@@ -74,13 +85,11 @@ def install() -> bool:
 @contextlib.contextmanager
 def removed():
     """Triton's own functions back while inside (to compare results with and without the patch)."""
-    from triton.runtime import interpreter
-
-    ours = {name: getattr(interpreter, name) for name in ORIGINALS}
+    ours = {key: getattr(*key) for key in ORIGINALS}
     try:
-        for name, fn in ORIGINALS.items():
-            setattr(interpreter, name, fn)
+        for (owner, name), fn in ORIGINALS.items():
+            setattr(owner, name, fn)
         yield
     finally:
-        for name, fn in ours.items():
-            setattr(interpreter, name, fn)
+        for (owner, name), fn in ours.items():
+            setattr(owner, name, fn)

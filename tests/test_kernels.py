@@ -555,13 +555,16 @@ def test_the_interpreter_patch_changes_no_bit(BN):
     x = kernel_inputs(1, 37, 13, 3, 2, 5)
     B, H, W, M, S = 1, 3, 1, 13, 5
     raw = torch.randn(B, H * (M + S + 3) + 2 * W * M, generator=torch.Generator().manual_seed(2))
-    runs = []
+    runs, skipped = [], []
     for patch in (contextlib.nullcontext, interpreter_patch.removed):
         xs = [t.clone().requires_grad_() for t in (*x.values(), raw)]
+        before = interpreter_patch.SKIPPED[0]
         with _config.force_block_n(BN), patch():
             out = kernels.memory_step(*xs[:9], 2) + kernels.head_parameters(xs[9], 2, W, M, S)
             grads = torch.autograd.grad(out, xs, [torch.ones_like(o) for o in out])
         runs.append([t.detach() for t in (*out, *grads)])
+        skipped.append(interpreter_patch.SKIPPED[0] - before)
+    assert skipped[0] > 0 and skipped[1] == 0  # helper calls skipped the patching, then none did
     for i, (patched, unpatched) in enumerate(zip(*runs)):
         assert torch.equal(patched, unpatched), f"output or gradient {i}"
 

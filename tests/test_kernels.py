@@ -551,7 +551,7 @@ def test_the_interpreter_patch_changes_no_bit(BN):
     """tests/interpreter_patch.py's faster interpreter (installed by conftest.py) gives Triton's own interpreter's
     bits: a step and its head parameters, forward and backward, in both regimes."""
     if not interpreter_patch.ORIGINALS:
-        pytest.skip("this Triton's interpreter lacks what tests/interpreter_patch.py redoes: it runs unpatched")
+        pytest.skip("tests/interpreter_patch.py patches Triton 3.6 only: this Triton's interpreter runs unpatched")
     x = kernel_inputs(1, 37, 13, 3, 2, 5)
     B, H, W, M, S = 1, 3, 1, 13, 5
     raw = torch.randn(B, H * (M + S + 3) + 2 * W * M, generator=torch.Generator().manual_seed(2))

@@ -45,8 +45,7 @@ def install() -> bool:
     executor, patch_lang, get_np_dtype = interpreter.GridExecutor, interpreter._patch_lang, interpreter._get_np_dtype
     launch = executor.__call__
     lang_modules = tl, tl.core  # those ``_patch_lang`` looks for
-    patched: set[int] = set()  # ids of the modules patched in the launch in progress
-    launching = [False]
+    in_launch: list[set[int] | None] = [None]  # ids of the modules patched in the launch in progress, if one is
     langs_of: dict[tuple[object, int], frozenset[int]] = {}
 
     def langs(fn) -> frozenset[int]:
@@ -57,20 +56,20 @@ def install() -> bool:
         return langs_of[key]
 
     def launch_patching_once(self, *args, **kwargs):
-        launching[0] = True
+        in_launch[0] = set()
         try:
             return launch(self, *args, **kwargs)
         finally:
-            launching[0] = False
-            patched.clear()
+            in_launch[0] = None
 
     def patch_lang_once_per_launch(fn):
-        if launching[0] and langs(fn) and langs(fn) <= patched:
+        patched, modules = in_launch[0], langs(fn)
+        if patched is not None and modules and modules <= patched:
             SKIPPED[0] += 1
             return interpreter._LangPatchScope()  # nothing to patch; a helper's scope is never undone anyway
         scope = patch_lang(fn)
-        if launching[0]:
-            patched.update(langs(fn))
+        if patched is not None:
+            patched.update(modules)
         return scope
 
     of_scalar = functools.cache(get_np_dtype)

@@ -63,9 +63,12 @@ def _forward_scratch(mem, s):
 
 
 @numba.njit(cache=True, nogil=True, fastmath=FASTMATH, error_model="numpy")
-def _forward_item(b, mem, k, beta, g, s, gamma, w_prev, e, a, num_reads, w, r, new_mem, vectors, scratch):
+def _forward_item(b, mem, k, beta, g, g_rest, s, gamma, w_prev, e, a, num_reads, w, r, new_mem, vectors, scratch):
     """``memory_step`` of batch item ``b`` into ``w``, ``r``, ``new_mem``, and the vectors backward reads into
-    ``vectors``; the equations (SPEC.md's) head each section."""
+    ``vectors``; the equations (SPEC.md's) head each section. ``g_rest`` holds ``1 - g``, made by the caller:
+    given both ``g`` and ``1 - g``, LLVM's reassociation rewrote ``g wc + (1 - g) w_prev`` as
+    ``w_prev + g (wc - w_prev)``, which at ``g = 1`` loses every ``wc`` below an ulp of ``w_prev`` (and with
+    it the sharpening's gradient there: dL/dg wholly wrong in some draws)."""
     N, M = mem.shape[1], mem.shape[2]
     H, S, W = k.shape[1], s.shape[2], e.shape[1]
     half = (S - 1) // 2
@@ -100,7 +103,7 @@ def _forward_item(b, mem, k, beta, g, s, gamma, w_prev, e, a, num_reads, w, r, n
         # Interpolate: wg = g wc + (1 - g) w_prev.
         for n in range(N):
             content[n] /= total
-            gated[n] = g[b, h] * content[n] + (one - g[b, h]) * w_prev[b, h, n]
+            gated[n] = g[b, h] * content[n] + g_rest[b, h] * w_prev[b, h, n]
         # Shift: ws[n] = sum_j s[j + K] wg[n - j] = sum_i s[i] padded[n + 2K - i].
         for n in range(N):
             padded[half + n] = gated[n]
@@ -300,19 +303,19 @@ def _backward_item(b, mem, k, beta, g, s, gamma, w_prev, e, a, num_reads, w, vec
 # driver and may vectorise a sum differently in each, so the two can differ in the last bits (seen once, between
 # drivers compiled in different processes and loaded from numba's cache).
 @numba.njit(cache=True, nogil=True, fastmath=FASTMATH, error_model="numpy")
-def _forward(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads, w, r, new_mem, vectors):
+def _forward(mem, k, beta, g, g_rest, s, gamma, w_prev, e, a, num_reads, w, r, new_mem, vectors):
     scratch = _forward_scratch(mem, s)
     for b in range(mem.shape[0]):
-        _forward_item(b, mem, k, beta, g, s, gamma, w_prev, e, a, num_reads, w, r, new_mem, vectors, scratch)
+        _forward_item(b, mem, k, beta, g, g_rest, s, gamma, w_prev, e, a, num_reads, w, r, new_mem, vectors, scratch)
 
 
 @numba.njit(cache=True, nogil=True, parallel=True, fastmath=FASTMATH, error_model="numpy")
-def _forward_threaded(threads, mem, k, beta, g, s, gamma, w_prev, e, a, num_reads, w, r, new_mem, vectors):
+def _forward_threaded(threads, mem, k, beta, g, g_rest, s, gamma, w_prev, e, a, num_reads, w, r, new_mem, vectors):
     B = mem.shape[0]
     for part in numba.prange(threads):
         scratch = _forward_scratch(mem, s)
         for b in range(part * B // threads, (part + 1) * B // threads):
-            _forward_item(b, mem, k, beta, g, s, gamma, w_prev, e, a, num_reads, w, r, new_mem, vectors, scratch)
+            _forward_item(b, mem, k, beta, g, g_rest, s, gamma, w_prev, e, a, num_reads, w, r, new_mem, vectors, scratch)
 
 
 @numba.njit(cache=True, nogil=True, fastmath=FASTMATH, error_model="numpy")
@@ -543,8 +546,8 @@ class MemoryStep(torch.autograd.Function):
         (B, N, M), H = arrays[0].shape, arrays[1].shape[1]
         (w, w_array), (r, r_array), (new_mem, new_array), (vectors, vectors_array) = (
             _returned(mem, shape) for shape in ((B, H, N), (B, num_reads, M), (B, N, M), (B, H, VECTORS, N)))
-        _on_threads(threads_for(B, N, M), _forward, _forward_threaded, *arrays, num_reads, w_array, r_array,
-                    new_array, vectors_array)
+        _on_threads(threads_for(B, N, M), _forward, _forward_threaded, *arrays[:4], 1 - arrays[3], *arrays[4:],
+                    num_reads, w_array, r_array, new_array, vectors_array)
         ctx.num_reads = num_reads
         ctx.save_for_backward(mem, k, beta, g, s, gamma, w_prev, e, a, w, vectors)
         return w, r, new_mem
@@ -591,7 +594,7 @@ class MemoryStepFromHeads(torch.autograd.Function):
         k, beta, g, s, gamma, e, a = params
         # Two calls, not one kernel calling both: numba would compile the pair anew (7 s a dtype, cold).
         _squash(raw_array, k, beta, g, s, gamma, e, a)
-        _on_threads(threads_for(B, N, M), _forward, _forward_threaded, mem_array, k, beta, g, s, gamma,
+        _on_threads(threads_for(B, N, M), _forward, _forward_threaded, mem_array, k, beta, g, 1 - g, s, gamma,
                     w_prev_array, e, a, num_reads, w_array, r_array, new_array, vectors)
         ctx.layout = layout
         ctx.save_for_backward(mem, raw, w_prev, w, block)

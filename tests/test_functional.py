@@ -175,6 +175,9 @@ def edge_inputs(case: str, dtype=torch.float32) -> dict[str, torch.Tensor]:
         t["gamma"] = torch.full_like(t["gamma"], 50.0)
     elif case == "zero-key":
         t["k"] = torch.zeros_like(t["k"])
+    elif case == "closed-gate":  # g = 1 and a sharp content focus: wc far below an ulp of w_prev at most slots
+        t["g"] = torch.ones_like(t["g"])
+        t["beta"] = torch.full_like(t["beta"], 100.0)
     elif case == "everything":
         t["mem"][:, ::2] = 0
         t["w_prev"] = torch.zeros_like(t["w_prev"])
@@ -187,7 +190,8 @@ def edge_inputs(case: str, dtype=torch.float32) -> dict[str, torch.Tensor]:
     return {n: v.requires_grad_() for n, v in t.items()}
 
 
-EDGE_CASES = ["zero-memory-rows", "all-zero-memory", "one-hot-focus", "huge-beta", "huge-gamma", "zero-key", "everything"]
+EDGE_CASES = ["zero-memory-rows", "all-zero-memory", "one-hot-focus", "huge-beta", "huge-gamma", "zero-key", "closed-gate",
+              "everything"]
 
 
 @pytest.mark.parametrize("case", EDGE_CASES)

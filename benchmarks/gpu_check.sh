@@ -23,6 +23,8 @@
 # T_PROFILE, T_SUMS, T_LAUNCH, T_PRECISION, T_RUN, T_LONG, T_SASS, and pass extra runner arguments
 # in RUN_ARGS, split at spaces, no quotes inside (for example
 # RUN_ARGS="--providers reference,triton,triton-graph --filter train_step|paper").
+# T_DIFF (default 0: skipped) runs benchmarks.differential on the kernels, both regimes, in fp32 against
+# the float64 spec, at random shapes and edge values, for T_DIFF - 10 s, into $OUT/differential.json.
 #
 # SWEEP=1 also runs the block-size sweep (benchmarks.sweep_blocks --quick, after
 # bench_kernels, whose compiled default kernels it reuses from Triton's cache),
@@ -60,6 +62,7 @@ T_SWEEP="${T_SWEEP:-150}"
 T_SASS="${T_SASS:-30}"
 T_LAUNCH="${T_LAUNCH:-20}"
 T_PRECISION="${T_PRECISION:-40}"
+T_DIFF="${T_DIFF:-0}"
 START=$(date +%s)
 SUMMARY=()
 
@@ -111,6 +114,9 @@ part launch_cost "$T_LAUNCH" "$PY" -m benchmarks.launch_cost --out "$OUT"
 
 part sharp_focus "$T_PRECISION" "$PY" -m benchmarks.sharp_focus --device cuda --shape 2,11,6,1,1,3 --beta 300 \
     --g 1 --seeds 16 --jitter 1 --json "$OUT/sharp_focus.json"
+
+part differential "$T_DIFF" "$PY" -m benchmarks.differential --device cuda --backends triton,triton-large \
+    --dtype fp32 --seconds $(( T_DIFF > 10 ? T_DIFF - 10 : 1 )) --json "$OUT/differential.json"
 
 read -ra BASES -d "" <<< "${BASE:-}" || true  # split at blanks and newlines
 for base in ${BASES[@]+"${BASES[@]}"}; do

@@ -315,7 +315,8 @@ def _forward_threaded(threads, mem, k, beta, g, g_rest, s, gamma, w_prev, e, a, 
     for part in numba.prange(threads):
         scratch = _forward_scratch(mem, s)
         for b in range(part * B // threads, (part + 1) * B // threads):
-            _forward_item(b, mem, k, beta, g, g_rest, s, gamma, w_prev, e, a, num_reads, w, r, new_mem, vectors, scratch)
+            _forward_item(b, mem, k, beta, g, g_rest, s, gamma, w_prev, e, a, num_reads, w, r, new_mem, vectors,
+                          scratch)
 
 
 @numba.njit(cache=True, nogil=True, fastmath=FASTMATH, error_model="numpy")

@@ -649,3 +649,38 @@ def test_sharp_focus_study_refuses_bad_flags(args, message, capsys, monkeypatch)
     with pytest.raises(SystemExit):
         sharp_focus.main(args)
     assert message in capsys.readouterr().err
+
+
+@requires_numba
+def test_differential_comparison_passes_the_cpu_backends_and_flags_a_planted_error(tmp_path):
+    # Twenty fixed draws in float64: the hand-derived backwards (torch ops and numba loops) within 1e-7 of the
+    # literal spec at every shape and edge drawn, where a step whose dL/dgamma is 1e-4 too large is caught.
+    from benchmarks import differential
+
+    steps = differential.providers(torch.device("cpu"))
+
+    def planted(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads):
+        return steps["reference"](mem, k, beta, g, s, gamma + 1e-4 * (gamma - gamma.detach()), w_prev, e, a,
+                                  num_reads=num_reads)
+
+    result = differential.run(["reference", "numba", "planted"], torch.float64, None, 20, 0, torch.device("cpu"),
+                              steps={**steps, "planted": planted}, echo=lambda line: None)
+    assert result["draws"] == 20
+    assert result["flags"] and {(f["backend"], f["value"]) for f in result["flags"]} == {("planted", "dgamma")}
+    assert all(f["error"] == pytest.approx(1e-4, rel=0.01) for f in result["flags"])
+
+
+def test_differential_comparison_command_line(tmp_path, capsys):
+    from benchmarks import differential
+
+    assert differential.main(["--draws", "2", "--backends", "reference", "--json", str(tmp_path / "d.json")]) == 0
+    assert "2 draws" in capsys.readouterr().out
+    result = json.loads((tmp_path / "d.json").read_text())
+    assert result["draws"] == 2 and result["flags"] == [] and "environment" in result
+    differential.main(["--replay", "7", "--backends", "reference"])
+    assert capsys.readouterr().out.startswith("draw 7: {'B'")
+    refused = [(["--backends", "reference,cuda"], "--backends: each of"), (["--draws", "0"], "--draws must be > 0")]
+    for args, message in refused:
+        with pytest.raises(SystemExit):
+            differential.main(args)
+        assert message in capsys.readouterr().err

@@ -1,0 +1,216 @@
+"""Every backend's memory step against the literal spec in float64, at random shapes and edge values.
+
+    python -m benchmarks.differential [--backends reference,numba] [--dtype fp64|fp32] [--seconds 60]
+                                      [--draws N] [--seed 0] [--replay K] [--device cpu|cuda] [--json F]
+
+Each draw takes a shape (B up to 3, N from 1 to 130, M from 1 to 100, R and W from 0 to 3, S from 1 to 9:
+widths past N, N below S, heads of one kind only), some of the spec's edges at random (zero memory rows or
+memory, one-hot ``w_prev``, beta 100 or 1e4, gamma 50, g 0 or 1, one-hot shifts, erase 0 or 1, a zero key, a
+key equal to a row, memory scaled by 1e3), and leaves out some of the outputs' gradients. Every backend
+named computes the outputs and every input's gradient; each is compared with the literal spec
+(``fastntm.reference``) in float64, as is the literal spec in float32, which sets the yardstick: the error
+that fp32 rounding alone gives on that draw. A result is flagged where it is not finite and the fp32
+literal's is, or where its error (``|x - truth| / |truth|`` over the tensor) exceeds
+
+* in float64 (``--dtype fp64``): 1e-7, or a thousandth of the fp32 literal's error where that is larger
+  (fp64 rounds 5e8 times finer: a miss that size is a wrong equation, not rounding);
+* in float32: 1e-4, or 20 times the fp32 literal's error where that is larger. At sharp focus (beta
+  100, gamma 50) one draw's rounding can differ by that much between two right answers (``sharp_focus``
+  has the statistics), so fp32 flags are draws to look at, not verdicts.
+
+Gradients whose true value is below 1e-6 in norm are not judged (a cancellation to about zero). The
+command exits with 1 where a float64 result is flagged or any result is not finite. The
+Triton kernels take float32 (``--dtype fp32``); ``triton-large`` forces the large-memory regime with
+16-row blocks. On a CPU they run under ``TRITON_INTERPRET=1`` only (seconds a draw). ``--replay K`` runs
+draw K of the seed alone and prints its inputs' description.
+
+Found at stop 36: the numba step lost ``wc`` below an ulp of ``w_prev`` at ``g = 1`` (LLVM's reassociation,
+``tests/test_functional.py``'s closed-gate case); float64 dL/dg missed by 0.7%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import random
+import time
+from typing import Callable
+
+import torch
+
+OUTPUTS = ("w", "r", "new_mem")
+INPUTS = ("mem", "k", "beta", "g", "s", "gamma", "w_prev", "e", "a")
+EDGES = ("zero-rows", "zero-memory", "one-hot-w_prev", "beta-100", "beta-1e4", "gamma-50", "g-0", "g-1",
+         "one-hot-shift", "erase-0-or-1", "zero-key", "key-is-a-row", "memory-1e3")
+DTYPES = {"fp64": torch.float64, "fp32": torch.float32}
+
+
+def draw(rng: random.Random) -> tuple[dict, dict[str, torch.Tensor], list[torch.Tensor]]:
+    """A random case: its description, the inputs (float32 values) and the outputs' cotangents (None where
+    left out)."""
+    B, N = rng.choice([1, 1, 2, 3]), rng.choice([1, 2, 3, 5, 7, 16, 17, 31, 37, 64, 65, 97, 130])
+    M, S = rng.choice([1, 2, 3, 8, 13, 20, 33, 64, 100]), rng.choice([1, 3, 3, 5, 7, 9])
+    R, W = rng.choice([0, 1, 1, 2, 3]), rng.choice([0, 1, 1, 2])
+    R = R if R + W else 1
+    H, seed = R + W, rng.randrange(2**31)
+    edges = [edge for edge in EDGES if rng.random() < 0.15]
+    gen = torch.Generator().manual_seed(seed)
+    rand, randn = (lambda *s: torch.rand(*s, generator=gen)), (lambda *s: torch.randn(*s, generator=gen))
+    x = dict(mem=randn(B, N, M), k=randn(B, H, M), beta=rand(B, H) * 5, g=rand(B, H),
+             s=torch.softmax(randn(B, H, S) * 2, -1), gamma=1 + rand(B, H) * 3,
+             w_prev=torch.softmax(randn(B, H, N) * 3, -1), e=rand(B, W, M), a=randn(B, W, M))
+
+    def one_hot(size, classes):
+        return torch.nn.functional.one_hot(torch.randint(0, classes, size, generator=gen), classes).float()
+
+    row = rng.randrange(N)
+    changes: dict[str, Callable[[], None]] = {
+        "zero-rows": lambda: x["mem"][:, row::3].zero_(),
+        "zero-memory": lambda: x["mem"].zero_(),
+        "one-hot-w_prev": lambda: x.update(w_prev=one_hot((B, H), N)),
+        "beta-100": lambda: x["beta"].fill_(100.0),
+        "beta-1e4": lambda: x["beta"].fill_(1e4),
+        "gamma-50": lambda: x["gamma"].fill_(50.0),
+        "g-0": lambda: x["g"].zero_(),
+        "g-1": lambda: x["g"].fill_(1.0),
+        "one-hot-shift": lambda: x.update(s=one_hot((B, H), S)),
+        "erase-0-or-1": lambda: x.update(e=(x["e"] > 0.5).float()),
+        "zero-key": lambda: x["k"][:, 0].zero_(),
+        "key-is-a-row": lambda: x["k"][:, 0].copy_(x["mem"][:, row]),
+        "memory-1e3": lambda: x["mem"].mul_(1e3),
+    }
+    for edge in edges:
+        changes[edge]()
+    left_out = [name for name in OUTPUTS if rng.random() < 0.25]
+    shapes = [(B, H, N), (B, R, M), (B, N, M)]
+    cotangents = [None if name in left_out else torch.randn(*shape, generator=gen)
+                  for name, shape in zip(OUTPUTS, shapes)]
+    case = dict(B=B, N=N, M=M, R=R, W=W, S=S, seed=seed, edges=edges, left_out=left_out)
+    return case, x, cotangents
+
+
+def providers(device: torch.device) -> dict[str, Callable]:
+    """Backend name -> ``fn(*inputs, num_reads)`` giving ``(w, r, new_mem)``."""
+    from fastntm import functional as F
+    from fastntm import reference
+
+    def backend(name: str, **blocks):
+        def step(*x, num_reads):
+            from fastntm.kernels import _config
+
+            with _config.force(**blocks) if blocks else contextlib.nullcontext():
+                return F.memory_step(*x, num_reads=num_reads, backend=name)
+        return step
+
+    return {"literal": lambda *x, num_reads: reference.memory_step(*x, num_reads),
+            "reference": backend("reference"), "numba": backend("numba"), "compiled": backend("compiled"),
+            "triton": backend("triton"), "triton-large": backend("triton", block_n=16)}
+
+
+def evaluate(step: Callable, x: dict, cotangents: list, R: int, dtype: torch.dtype, device) -> dict:
+    """Outputs and every input's gradient (zeros where none flows) of ``step`` in ``dtype``, as float64."""
+    xs = {n: t.to(device, dtype).requires_grad_() for n, t in x.items()}
+    outs = step(*xs.values(), num_reads=R)
+    used = [(o, c.to(device, dtype)) for o, c in zip(outs, cotangents) if c is not None]
+    grads = torch.autograd.grad([o for o, _ in used], list(xs.values()), [c for _, c in used],
+                                allow_unused=True) if used else [None] * len(xs)
+    values = dict(zip(OUTPUTS, outs))
+    values.update({f"d{n}": torch.zeros_like(t) if g is None else g for (n, t), g in zip(xs.items(), grads)})
+    return {n: v.detach().double().cpu() for n, v in values.items()}
+
+
+def errors(values: dict, truth: dict) -> dict[str, float | None]:
+    """Relative error of each value against the truth: inf where not finite, None where the truth is below
+    1e-6 in norm (gradients) or empty."""
+    found = {}
+    for name, t in truth.items():
+        v = values[name]
+        if not torch.isfinite(v).all():
+            found[name] = math.inf
+        elif t.numel() and (t.norm() > 1e-6 or name in OUTPUTS):
+            found[name] = ((v - t).norm() / t.norm().clamp_min(1e-30)).item()
+        else:
+            found[name] = None
+    return found
+
+
+def flagged(error: float | None, yardstick: float | None, dtype: torch.dtype) -> bool:
+    if error is None:
+        return False
+    if math.isinf(error):
+        return yardstick is not None and not math.isinf(yardstick)
+    yard = yardstick if yardstick is not None and not math.isinf(yardstick) else 0.0
+    if dtype == torch.float64:
+        return error > max(1e-7, 1e-3 * yard)
+    return error > max(1e-4, 20 * yard)
+
+
+def run(backends: list[str], dtype: torch.dtype, seconds: float | None, draws: int | None, seed: int,
+        device: torch.device, replay: int | None = None, steps: dict | None = None, echo=print) -> dict:
+    """Draw cases until ``seconds`` or ``draws`` run out (or only draw ``replay``); returns the counts and the
+    flags, each with its draw's number, case, value, error and the fp32 literal's."""
+    steps = steps or providers(device)
+    unknown = [b for b in backends if b not in steps]
+    if unknown:
+        raise ValueError(f"backends must be among {sorted(steps)}, got {unknown}")
+    rng, flags, start, n = random.Random(seed), [], time.perf_counter(), 0
+    while True:
+        if replay is None and ((draws is not None and n >= draws) or
+                               (seconds is not None and time.perf_counter() - start >= seconds)):
+            break
+        case, x, cot = draw(rng)
+        n += 1
+        if replay is not None and n < replay:
+            continue
+        R = case["R"]
+        truth = evaluate(steps["literal"], x, cot, R, torch.float64, device)
+        yardstick = errors(evaluate(steps["literal"], x, cot, R, torch.float32, device), truth)
+        for name in backends:
+            found = errors(evaluate(steps[name], x, cot, R, dtype, device), truth)
+            for value, error in found.items():
+                if flagged(error, yardstick[value], dtype):
+                    flags.append(dict(draw=n, backend=name, value=value, error=error,
+                                      fp32_literal=yardstick[value], case=case))
+                    echo(f"draw {n}: {name} {value} error {error:.3g} (fp32 literal {yardstick[value]}) {case}")
+        if replay is not None:
+            echo(f"draw {n}: {case}")
+            break
+    return dict(draws=n, seconds=time.perf_counter() - start, backends=backends, dtype=str(dtype), seed=seed,
+                flags=flags)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backends", default="reference,numba")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp64")
+    parser.add_argument("--seconds", type=float, default=None, help="time budget (default 60 s without --draws)")
+    parser.add_argument("--draws", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--replay", type=int, default=None, help="run draw K of the seed alone")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    backends, device = args.backends.split(","), torch.device(args.device)
+    unknown = [b for b in backends if b not in providers(device) or b == "literal"]
+    if unknown:
+        parser.error(f"--backends: each of {', '.join(b for b in providers(device) if b != 'literal')}, got {unknown}")
+    for flag, value in (("--seconds", args.seconds), ("--draws", args.draws), ("--replay", args.replay)):
+        if value is not None and not value > 0:
+            parser.error(f"{flag} must be > 0, got {value}")
+    seconds = args.seconds if args.seconds is not None or args.draws is not None else 60.0
+    result = run(backends, DTYPES[args.dtype], seconds, args.draws, args.seed, device, args.replay)
+    print(f"{result['draws']} draws in {result['seconds']:.0f} s, {len(result['flags'])} flagged "
+          f"({', '.join(result['backends'])}, {args.dtype}, seed {args.seed})")
+    if args.json:
+        from benchmarks import common
+
+        common.write_json(args.json, {**result, "environment": common.environment(device)})
+    # In fp32 a flag is a draw to look at, unless its result is not finite (see above).
+    failed = [f for f in result["flags"] if args.dtype == "fp64" or math.isinf(f["error"])]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,13 +1,17 @@
 """Every backend's memory step against the literal spec in float64, at random shapes and edge values.
 
-    python -m benchmarks.differential [--backends reference,numba] [--dtype fp64|fp32] [--seconds 60]
-                                      [--draws N] [--seed 0] [--replay K] [--device cpu|cuda] [--json F]
+    python -m benchmarks.differential [--backends reference,numba] [--ops all] [--dtype fp64|fp32]
+                                      [--seconds 60] [--draws N] [--seed 0] [--replay K] [--device cpu|cuda]
+                                      [--json F]
 
 Each draw takes a shape (B up to 3, N from 1 to 130, M from 1 to 100, R and W from 0 to 3, S from 1 to 9:
 widths past N, N below S, heads of one kind only), some of the spec's edges at random (zero memory rows or
 memory, one-hot ``w_prev``, beta 100 or 1e4, gamma 50, g 0 or 1, one-hot shifts, erase 0 or 1, a zero key, a
-key equal to a row, memory scaled by 1e3), and leaves out some of the outputs' gradients. Every backend
-named computes the outputs and every input's gradient; each is compared with the literal spec
+key equal to a row, memory scaled by 1e3; the head layer's raw output scaled by 1, 5 or 30, which
+saturates its sigmoids), and leaves out some of the outputs' gradients. Each draw runs one of ``--ops``
+in turn (``memory_step``, ``memory_step_from_heads``, ``address``, ``read``, ``write``,
+``head_parameters``; ``all``, the default, cycles through them). Every backend named computes the
+outputs and every input's gradient; each is compared with the literal spec
 (``fastntm.reference``) in float64, as is the literal spec in float32, which sets the yardstick: the error
 that fp32 rounding alone gives on that draw. A result is flagged where it is not finite and the fp32
 literal's is, or where its error (``|x - truth| / |truth|`` over the tensor) exceeds
@@ -41,15 +45,16 @@ from typing import Callable
 import torch
 
 OUTPUTS = ("w", "r", "new_mem")
+HEAD_PARAMETERS = ("k", "beta", "g", "s", "gamma", "e", "a")
 INPUTS = ("mem", "k", "beta", "g", "s", "gamma", "w_prev", "e", "a")
 EDGES = ("zero-rows", "zero-memory", "one-hot-w_prev", "beta-100", "beta-1e4", "gamma-50", "g-0", "g-1",
          "one-hot-shift", "erase-0-or-1", "zero-key", "key-is-a-row", "memory-1e3")
 DTYPES = {"fp64": torch.float64, "fp32": torch.float32}
 
 
-def draw(rng: random.Random) -> tuple[dict, dict[str, torch.Tensor], list[torch.Tensor]]:
-    """A random case: its description, the inputs (float32 values) and the outputs' cotangents (None where
-    left out)."""
+def draw(rng: random.Random) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A random case: its description and the inputs of every op (float32 values; ``raw``, the head layer's
+    output)."""
     B, N = rng.choice([1, 1, 2, 3]), rng.choice([1, 2, 3, 5, 7, 16, 17, 31, 37, 64, 65, 97, 130])
     M, S = rng.choice([1, 2, 3, 8, 13, 20, 33, 64, 100]), rng.choice([1, 3, 3, 5, 7, 9])
     R, W = rng.choice([0, 1, 1, 2, 3]), rng.choice([0, 1, 1, 2])
@@ -83,40 +88,66 @@ def draw(rng: random.Random) -> tuple[dict, dict[str, torch.Tensor], list[torch.
     }
     for edge in edges:
         changes[edge]()
-    left_out = [name for name in OUTPUTS if rng.random() < 0.25]
-    shapes = [(B, H, N), (B, R, M), (B, N, M)]
-    cotangents = [None if name in left_out else torch.randn(*shape, generator=gen)
-                  for name, shape in zip(OUTPUTS, shapes)]
-    case = dict(B=B, N=N, M=M, R=R, W=W, S=S, seed=seed, edges=edges, left_out=left_out)
-    return case, x, cotangents
+    scale = rng.choice([1, 5, 30])
+    x["raw"] = randn(B, H * (M + S + 3) + 2 * W * M) * scale
+    left_out = [i for i in range(7) if rng.random() < 0.25]  # outputs by position: memory_step's w, r, new_mem
+    case = dict(B=B, N=N, M=M, R=R, W=W, S=S, seed=seed, edges=edges, raw_scale=scale, left_out=left_out)
+    return case, x
 
 
-def providers(device: torch.device) -> dict[str, Callable]:
-    """Backend name -> ``fn(*inputs, num_reads)`` giving ``(w, r, new_mem)``."""
+OPS = ("memory_step", "memory_step_from_heads", "address", "read", "write", "head_parameters")
+
+
+def inputs(op: str, x: dict, case: dict) -> dict[str, torch.Tensor]:
+    """The draw's inputs of ``op``: ``read`` and ``write`` take ``w_prev``'s first heads as their weightings."""
+    R, W = case["R"], case["W"]
+    names = {"memory_step": INPUTS, "memory_step_from_heads": ("mem", "raw", "w_prev"),
+             "address": INPUTS[:7], "read": ("mem", "w"), "write": ("mem", "w", "e", "a"), "head_parameters": ("raw",)}
+    x = {**x, "w": x["w_prev"][:, :R] if op == "read" else x["w_prev"][:, R:]}
+    return {n: x[n] for n in names[op]}
+
+
+def call(op: str, backend: str | None, xs: dict, case: dict) -> tuple[torch.Tensor, ...]:
+    """``op`` on ``xs`` through ``fastntm.functional`` with ``backend`` (``triton-large``: the Triton kernels
+    with 16-row blocks), or the literal spec (``fastntm.reference``) where ``backend`` is None."""
     from fastntm import functional as F
     from fastntm import reference
 
-    def backend(name: str, **blocks):
-        def step(*x, num_reads):
-            from fastntm.kernels import _config
+    R, W, S, M = case["R"], case["W"], case["S"], case["M"]
+    layout = dict(num_reads=R, num_writes=W, shift_width=S)
+    if backend is None:
+        fns = {"memory_step": lambda *t: reference.memory_step(*t, R),
+               "memory_step_from_heads": lambda *t: reference.memory_step_from_heads(*t, R, W, S),
+               "head_parameters": lambda raw: reference.head_parameters(raw, R, W, M, S)}
+        out = fns.get(op, getattr(reference, op))(*xs.values())
+    else:
+        from fastntm.kernels import _config
 
-            with _config.force(**blocks) if blocks else contextlib.nullcontext():
-                return F.memory_step(*x, num_reads=num_reads, backend=name)
-        return step
+        name = "triton" if backend == "triton-large" else backend
+        fns = {"memory_step": lambda *t: F.memory_step(*t, num_reads=R, backend=name),
+               "memory_step_from_heads": lambda *t: F.memory_step_from_heads(*t, **layout, backend=name),
+               "head_parameters": lambda raw: F.head_parameters(raw, **layout, memory_width=M, backend=name)}
+        step = fns.get(op, lambda *t: getattr(F, op)(*t, backend=name))
+        with _config.force(block_n=16) if backend == "triton-large" else contextlib.nullcontext():
+            out = step(*xs.values())
+    return out if isinstance(out, tuple) else (out,)
 
-    return {"literal": lambda *x, num_reads: reference.memory_step(*x, num_reads),
-            "reference": backend("reference"), "numba": backend("numba"), "compiled": backend("compiled"),
-            "triton": backend("triton"), "triton-large": backend("triton", block_n=16)}
+
+BACKENDS = ("reference", "numba", "compiled", "triton", "triton-large")
 
 
-def evaluate(step: Callable, x: dict, cotangents: list, R: int, dtype: torch.dtype, device) -> dict:
-    """Outputs and every input's gradient (zeros where none flows) of ``step`` in ``dtype``, as float64."""
-    xs = {n: t.to(device, dtype).requires_grad_() for n, t in x.items()}
-    outs = step(*xs.values(), num_reads=R)
-    used = [(o, c.to(device, dtype)) for o, c in zip(outs, cotangents) if c is not None]
-    grads = torch.autograd.grad([o for o, _ in used], list(xs.values()), [c for _, c in used],
-                                allow_unused=True) if used else [None] * len(xs)
-    values = dict(zip(OUTPUTS, outs))
+def evaluate(op: str, backend: str | Callable | None, x: dict, case: dict, dtype: torch.dtype, device) -> dict:
+    """Outputs and every input's gradient (zeros where none flows) of ``op`` in ``dtype``, as float64. The
+    cotangents are drawn from the case's seed, and left out at the case's ``left_out`` positions."""
+    xs = {n: t.to(device, dtype).requires_grad_() for n, t in inputs(op, x, case).items()}
+    outs = backend(op, xs, case) if callable(backend) else call(op, backend, xs, case)
+    gen = torch.Generator().manual_seed(case["seed"] + 1)
+    cotangents = [torch.randn(o.shape, generator=gen, dtype=torch.float64) for o in outs]
+    used = [(o, c.to(device, dtype)) for i, (o, c) in enumerate(zip(outs, cotangents))
+            if i not in case["left_out"] or len(outs) == 1]
+    grads = torch.autograd.grad([o for o, _ in used], list(xs.values()), [c for _, c in used], allow_unused=True)
+    names = OUTPUTS if op.startswith("memory_step") else HEAD_PARAMETERS if op == "head_parameters" else (op,)
+    values = dict(zip(names, outs))
     values.update({f"d{n}": torch.zeros_like(t) if g is None else g for (n, t), g in zip(xs.items(), grads)})
     return {n: v.detach().double().cpu() for n, v in values.items()}
 
@@ -129,7 +160,7 @@ def errors(values: dict, truth: dict) -> dict[str, float | None]:
         v = values[name]
         if not torch.isfinite(v).all():
             found[name] = math.inf
-        elif t.numel() and (t.norm() > 1e-6 or name in OUTPUTS):
+        elif t.numel() and (t.norm() > 1e-6 or not name.startswith("d")):
             found[name] = ((v - t).norm() / t.norm().clamp_min(1e-30)).item()
         else:
             found[name] = None
@@ -147,43 +178,45 @@ def flagged(error: float | None, yardstick: float | None, dtype: torch.dtype) ->
     return error > max(1e-4, 20 * yard)
 
 
-def run(backends: list[str], dtype: torch.dtype, seconds: float | None, draws: int | None, seed: int,
-        device: torch.device, replay: int | None = None, steps: dict | None = None, echo=print) -> dict:
-    """Draw cases until ``seconds`` or ``draws`` run out (or only draw ``replay``); returns the counts and the
-    flags, each with its draw's number, case, value, error and the fp32 literal's."""
-    steps = steps or providers(device)
-    unknown = [b for b in backends if b not in steps]
-    if unknown:
-        raise ValueError(f"backends must be among {sorted(steps)}, got {unknown}")
+def run(backends: list[str], ops: list[str], dtype: torch.dtype, seconds: float | None, draws: int | None,
+        seed: int, device: torch.device, replay: int | None = None, planted: dict | None = None, echo=print) -> dict:
+    """Draw cases until ``seconds`` or ``draws`` run out (or only draw ``replay``), draw ``n`` running
+    ``ops[n % len(ops)]``; returns the counts and the flags, each with its draw's number, op, case, value,
+    error and the fp32 literal's. ``planted``: more backends, each ``fn(op, inputs, case) -> outputs``."""
+    planted = planted or {}
+    unknown = [b for b in backends if b not in BACKENDS and b not in planted]
+    if unknown or not set(ops) <= set(OPS):
+        raise ValueError(f"backends must be among {BACKENDS} and ops among {OPS}, got {backends} and {ops}")
     rng, flags, start, n = random.Random(seed), [], time.perf_counter(), 0
     while True:
         if replay is None and ((draws is not None and n >= draws) or
                                (seconds is not None and time.perf_counter() - start >= seconds)):
             break
-        case, x, cot = draw(rng)
+        case, x = draw(rng)
         n += 1
         if replay is not None and n < replay:
             continue
-        R = case["R"]
-        truth = evaluate(steps["literal"], x, cot, R, torch.float64, device)
-        yardstick = errors(evaluate(steps["literal"], x, cot, R, torch.float32, device), truth)
+        op = ops[n % len(ops)]
+        truth = evaluate(op, None, x, case, torch.float64, device)
+        yardstick = errors(evaluate(op, None, x, case, torch.float32, device), truth)
         for name in backends:
-            found = errors(evaluate(steps[name], x, cot, R, dtype, device), truth)
+            found = errors(evaluate(op, planted.get(name, name), x, case, dtype, device), truth)
             for value, error in found.items():
                 if flagged(error, yardstick[value], dtype):
-                    flags.append(dict(draw=n, backend=name, value=value, error=error,
+                    flags.append(dict(draw=n, op=op, backend=name, value=value, error=error,
                                       fp32_literal=yardstick[value], case=case))
-                    echo(f"draw {n}: {name} {value} error {error:.3g} (fp32 literal {yardstick[value]}) {case}")
+                    echo(f"draw {n}, {op}: {name} {value} error {error:.3g} (fp32 literal {yardstick[value]}) {case}")
         if replay is not None:
-            echo(f"draw {n}: {case}")
+            echo(f"draw {n}, {op}: {case}")
             break
-    return dict(draws=n, seconds=time.perf_counter() - start, backends=backends, dtype=str(dtype), seed=seed,
-                flags=flags)
+    return dict(draws=n, seconds=time.perf_counter() - start, backends=backends, ops=ops, dtype=str(dtype),
+                seed=seed, flags=flags)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backends", default="reference,numba")
+    parser.add_argument("--ops", default="all", help=f"all, or some of {', '.join(OPS)}")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp64")
     parser.add_argument("--seconds", type=float, default=None, help="time budget (default 60 s without --draws)")
     parser.add_argument("--draws", type=int, default=None)
@@ -193,14 +226,16 @@ def main(argv=None) -> int:
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     backends, device = args.backends.split(","), torch.device(args.device)
-    unknown = [b for b in backends if b not in providers(device) or b == "literal"]
-    if unknown:
-        parser.error(f"--backends: each of {', '.join(b for b in providers(device) if b != 'literal')}, got {unknown}")
+    ops = list(OPS) if args.ops == "all" else args.ops.split(",")
+    if not set(backends) <= set(BACKENDS):
+        parser.error(f"--backends: each of {', '.join(BACKENDS)}, got {args.backends}")
+    if not set(ops) <= set(OPS):
+        parser.error(f"--ops: all, or each of {', '.join(OPS)}, got {args.ops}")
     for flag, value in (("--seconds", args.seconds), ("--draws", args.draws), ("--replay", args.replay)):
         if value is not None and not value > 0:
             parser.error(f"{flag} must be > 0, got {value}")
     seconds = args.seconds if args.seconds is not None or args.draws is not None else 60.0
-    result = run(backends, DTYPES[args.dtype], seconds, args.draws, args.seed, device, args.replay)
+    result = run(backends, ops, DTYPES[args.dtype], seconds, args.draws, args.seed, device, args.replay)
     print(f"{result['draws']} draws in {result['seconds']:.0f} s, {len(result['flags'])} flagged "
           f"({', '.join(result['backends'])}, {args.dtype}, seed {args.seed})")
     if args.json:

@@ -652,34 +652,39 @@ def test_sharp_focus_study_refuses_bad_flags(args, message, capsys, monkeypatch)
 
 
 @requires_numba
-def test_differential_comparison_passes_the_cpu_backends_and_flags_a_planted_error(tmp_path):
-    # Twenty fixed draws in float64: the hand-derived backwards (torch ops and numba loops) within 1e-7 of the
-    # literal spec at every shape and edge drawn, where a step whose dL/dgamma is 1e-4 too large is caught.
+def test_differential_comparison_passes_the_cpu_backends_and_flags_a_planted_error():
+    # Twelve fixed draws of each op in float64: the hand-derived backwards (torch ops and numba loops) within
+    # 1e-7 of the literal spec at every shape and edge drawn, where a step whose dL/dgamma is 1e-4 too large
+    # is caught.
     from benchmarks import differential
 
-    steps = differential.providers(torch.device("cpu"))
+    def planted(op, xs, case):
+        if "gamma" in xs:
+            xs = {**xs, "gamma": xs["gamma"] + 1e-4 * (xs["gamma"] - xs["gamma"].detach())}
+        return differential.call(op, "reference", xs, case)
 
-    def planted(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads):
-        return steps["reference"](mem, k, beta, g, s, gamma + 1e-4 * (gamma - gamma.detach()), w_prev, e, a,
-                                  num_reads=num_reads)
-
-    result = differential.run(["reference", "numba", "planted"], torch.float64, None, 20, 0, torch.device("cpu"),
-                              steps={**steps, "planted": planted}, echo=lambda line: None)
-    assert result["draws"] == 20
-    assert result["flags"] and {(f["backend"], f["value"]) for f in result["flags"]} == {("planted", "dgamma")}
+    ops = list(differential.OPS)
+    result = differential.run(["reference", "numba", "planted"], ops, torch.float64, None, 12 * len(ops), 0,
+                              torch.device("cpu"), planted={"planted": planted}, echo=lambda line: None)
+    assert result["draws"] == 12 * len(ops)
+    assert {(f["backend"], f["op"], f["value"]) for f in result["flags"]} == {
+        ("planted", "memory_step", "dgamma"), ("planted", "address", "dgamma")}
     assert all(f["error"] == pytest.approx(1e-4, rel=0.01) for f in result["flags"])
 
 
 def test_differential_comparison_command_line(tmp_path, capsys):
     from benchmarks import differential
 
-    assert differential.main(["--draws", "2", "--backends", "reference", "--json", str(tmp_path / "d.json")]) == 0
-    assert "2 draws" in capsys.readouterr().out
-    result = json.loads((tmp_path / "d.json").read_text())
-    assert result["draws"] == 2 and result["flags"] == [] and "environment" in result
-    differential.main(["--replay", "7", "--backends", "reference"])
-    assert capsys.readouterr().out.startswith("draw 7: {'B'")
-    refused = [(["--backends", "reference,cuda"], "--backends: each of"), (["--draws", "0"], "--draws must be > 0")]
+    json_path = tmp_path / "d.json"
+    assert differential.main(["--draws", "6", "--backends", "reference", "--json", str(json_path)]) == 0
+    assert "6 draws" in capsys.readouterr().out
+    result = json.loads(json_path.read_text())
+    assert result["draws"] == 6 and result["flags"] == [] and result["ops"] == list(differential.OPS)
+    assert "environment" in result
+    differential.main(["--replay", "7", "--backends", "reference", "--ops", "read,write"])
+    assert capsys.readouterr().out.startswith("draw 7, write: {'B'")
+    refused = [(["--backends", "reference,cuda"], "--backends: each of"), (["--ops", "step"], "--ops: all, or"),
+               (["--draws", "0"], "--draws must be > 0")]
     for args, message in refused:
         with pytest.raises(SystemExit):
             differential.main(args)

@@ -1,6 +1,6 @@
-"""Every backend's memory step against the literal spec in float64, at random shapes and edge values.
+"""Every backend's ops against the literal spec in float64, at random shapes and edge values.
 
-    python -m benchmarks.differential [--backends reference,numba] [--ops all] [--dtype fp64|fp32]
+    python -m benchmarks.differential [--backends reference,numba] [--ops all] [--dtype fp64|fp32|bf16|fp16]
                                       [--seconds 60] [--draws N] [--seed 0] [--replay K] [--device cpu|cuda]
                                       [--json F]
 
@@ -20,13 +20,17 @@ literal's is, or where its error (``|x - truth| / |truth|`` over the tensor) exc
   (fp64 rounds 5e8 times finer: a miss that size is a wrong equation, not rounding);
 * in float32: 1e-4, or 20 times the fp32 literal's error where that is larger. At sharp focus (beta
   100, gamma 50) one draw's rounding can differ by that much between two right answers (``sharp_focus``
-  has the statistics), so fp32 flags are draws to look at, not verdicts.
+  has the statistics), so fp32 flags are draws to look at, not verdicts;
+* in bf16 or fp16 (every input and output in that dtype): 3e-2 (bf16) or 4e-3 (fp16), or 20 times the
+  error of the literal spec given the same 16-bit inputs (which computes in float32 and rounds its
+  results to the dtype), where that is larger. Flags as in float32.
 
 Gradients whose true value is below 1e-6 in norm are not judged (a cancellation to about zero). The
-command exits with 1 where a float64 result is flagged or any result is not finite. The
-Triton kernels take float32 (``--dtype fp32``); ``triton-large`` forces the large-memory regime with
-16-row blocks. On a CPU they run under ``TRITON_INTERPRET=1`` only (seconds a draw). ``--replay K`` runs
-draw K of the seed alone and prints its inputs' description.
+command exits with 1 where a float64 result is flagged, or any result is not finite where the
+yardstick's is. The Triton kernels take fp32, bf16 and fp16, numba float64 and float32 (in another dtype
+the torch path serves ``backend="numba"``); ``triton-large`` forces the large-memory regime with 16-row
+blocks. On a CPU the kernels run under ``TRITON_INTERPRET=1`` only (seconds a draw). ``--replay K`` runs
+draw K of the seed alone and prints its description.
 
 Found at stop 36: the numba step lost ``wc`` below an ulp of ``w_prev`` at ``g = 1`` (LLVM's reassociation,
 ``tests/test_functional.py``'s closed-gate case); float64 dL/dg missed by 0.7%.
@@ -49,7 +53,8 @@ HEAD_PARAMETERS = ("k", "beta", "g", "s", "gamma", "e", "a")
 INPUTS = ("mem", "k", "beta", "g", "s", "gamma", "w_prev", "e", "a")
 EDGES = ("zero-rows", "zero-memory", "one-hot-w_prev", "beta-100", "beta-1e4", "gamma-50", "g-0", "g-1",
          "one-hot-shift", "erase-0-or-1", "zero-key", "key-is-a-row", "memory-1e3")
-DTYPES = {"fp64": torch.float64, "fp32": torch.float32}
+DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+LOW_PRECISION_FLOOR = {torch.bfloat16: 3e-2, torch.float16: 4e-3}  # a few of the dtype's ulps
 
 
 def draw(rng: random.Random) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -167,6 +172,12 @@ def errors(values: dict, truth: dict) -> dict[str, float | None]:
     return found
 
 
+def yardstick_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The literal spec's dtype whose error a backend's in ``dtype`` is measured against: float32, or the
+    16-bit dtype itself (its inputs' and outputs' rounding is the spec's too)."""
+    return dtype if dtype in LOW_PRECISION_FLOOR else torch.float32
+
+
 def flagged(error: float | None, yardstick: float | None, dtype: torch.dtype) -> bool:
     if error is None:
         return False
@@ -175,7 +186,7 @@ def flagged(error: float | None, yardstick: float | None, dtype: torch.dtype) ->
     yard = yardstick if yardstick is not None and not math.isinf(yardstick) else 0.0
     if dtype == torch.float64:
         return error > max(1e-7, 1e-3 * yard)
-    return error > max(1e-4, 20 * yard)
+    return error > max(LOW_PRECISION_FLOOR.get(dtype, 1e-4), 20 * yard)
 
 
 def run(backends: list[str], ops: list[str], dtype: torch.dtype, seconds: float | None, draws: int | None,
@@ -198,7 +209,7 @@ def run(backends: list[str], ops: list[str], dtype: torch.dtype, seconds: float 
             continue
         op = ops[n % len(ops)]
         truth = evaluate(op, None, x, case, torch.float64, device)
-        yardstick = errors(evaluate(op, None, x, case, torch.float32, device), truth)
+        yardstick = errors(evaluate(op, None, x, case, yardstick_dtype(dtype), device), truth)
         for name in backends:
             found = errors(evaluate(op, planted.get(name, name), x, case, dtype, device), truth)
             for value, error in found.items():

@@ -670,6 +670,10 @@ def test_differential_comparison_passes_the_cpu_backends_and_flags_a_planted_err
     assert {(f["backend"], f["op"], f["value"]) for f in result["flags"]} == {
         ("planted", "memory_step", "dgamma"), ("planted", "address", "dgamma")}
     assert all(f["error"] == pytest.approx(1e-4, rel=0.01) for f in result["flags"])
+    for dtype in (torch.bfloat16, torch.float16):  # the torch path's casts: within a few ulps of the spec's own
+        result = differential.run(["reference"], ops, dtype, None, 2 * len(ops), 0, torch.device("cpu"),
+                                  echo=lambda line: None)
+        assert result["flags"] == [], dtype
 
 
 def test_differential_comparison_command_line(tmp_path, capsys):

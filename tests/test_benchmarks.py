@@ -655,7 +655,7 @@ def test_sharp_focus_study_refuses_bad_flags(args, message, capsys, monkeypatch)
 def test_differential_comparison_passes_the_cpu_backends_and_flags_a_planted_error():
     # Twelve fixed draws of each op in float64: the hand-derived backwards (torch ops and numba loops) within
     # 1e-7 of the literal spec at every shape and edge drawn, where a step whose dL/dgamma is 1e-4 too large
-    # is caught.
+    # is caught; two of each in bf16 and fp16 for the torch path.
     from benchmarks import differential
 
     def planted(op, xs, case):
@@ -669,7 +669,8 @@ def test_differential_comparison_passes_the_cpu_backends_and_flags_a_planted_err
     assert result["draws"] == 12 * len(ops)
     assert {(f["backend"], f["op"], f["value"]) for f in result["flags"]} == {
         ("planted", "memory_step", "dgamma"), ("planted", "address", "dgamma")}
-    assert all(f["error"] == pytest.approx(1e-4, rel=0.01) for f in result["flags"])
+    # 1e-4 of dL/dgamma, or less where dL/dgamma is small beside the op's other values (an absolute error there)
+    assert max(f["error"] for f in result["flags"]) == pytest.approx(1e-4, rel=0.01)
     for dtype in (torch.bfloat16, torch.float16):  # the torch path's casts: within a few ulps of the spec's own
         result = differential.run(["reference"], ops, dtype, None, 2 * len(ops), 0, torch.device("cpu"),
                                   echo=lambda line: None)

@@ -14,7 +14,7 @@ or 1, a zero key, a key equal to a row, memory scaled by 1e3; the head layer's r
 and every input's gradient; each is compared with the literal spec (``fastntm.reference``) in float64, as
 is the literal spec in float32, which sets the yardstick: the error that fp32 rounding alone gives on that
 draw. A result is flagged where it is not finite and the yardstick's is, or where its error
-(``|x - truth| / max(|truth|, floor)``, norms over the tensor; the floor below) exceeds
+(``|x - truth| / |truth|``, norms over the tensor; about 0, below) exceeds
 
 * in float64 (``--dtype fp64``): 1e-7, or 1e-5 times the fp32 literal's error where that is larger
   (fp64 rounds 5e8 times finer: a miss that size is a wrong equation, not rounding). Not judged where
@@ -27,9 +27,8 @@ draw. A result is flagged where it is not finite and the yardstick's is, or wher
   error of the literal spec given the same 16-bit inputs (which computes in float32 and rounds its
   results to the dtype), where that is larger. Flags as in float32.
 
-Below 1e-6 of the largest of the op's true values (or below 1e-6) the error is absolute: a true value of
-about 0 on that scale (a cancellation, or a gradient no path reaches, as dL/dw_prev at g = 1) is judged by
-its size. Where the float64 spec itself is not finite, the draw is
+A true value below a millionth of the op's largest (or of 1) is about 0 (a cancellation, or a gradient no
+path reaches, as dL/dw_prev at g = 1): its error is taken beside that largest value, not beside itself. Where the float64 spec itself is not finite, the draw is
 flagged as backend ``literal``. The command exits with 1 where a float64 result is flagged, or any result
 is not finite where the yardstick's is. The Triton kernels take fp32, bf16 and fp16, numba float64 and
 float32 (in another dtype the torch path serves ``backend="numba"``, as it does every op but the memory
@@ -160,11 +159,11 @@ def evaluate(op: str, backend: str | Callable | None, x: dict, case: dict, dtype
 
 
 def errors(values: dict, truth: dict) -> dict[str, float | None]:
-    """``|x - truth| / max(|truth|, floor)`` of each value (norms over the tensor), ``floor`` 1e-6 times the
-    largest of the truth's norms (or 1e-6): relative, and absolute where the truth is about 0 on the op's
-    scale (a cancellation, or a gradient that no path reaches: dL/dw_prev at g = 1), so that what should be
-    0 is judged too; inf where ``x`` is not finite, None where the tensor is empty."""
-    floor = 1e-6 * max([1.0] + [t.norm().item() for t in truth.values() if t.numel()])
+    """Each value's error (norms over the tensor): ``|x - truth| / |truth|``, or ``|x - truth| / scale`` where
+    the truth is below a millionth of ``scale``, the largest of the op's true values (or 1): a value that
+    should be about 0 (a cancellation, or a gradient no path reaches: dL/dw_prev at g = 1) is judged beside
+    the op's size, not its own. inf where ``x`` is not finite, None where the tensor is empty."""
+    scale = max([1.0] + [t.norm().item() for t in truth.values() if t.numel()])
     found = {}
     for name, t in truth.items():
         v = values[name]
@@ -173,7 +172,8 @@ def errors(values: dict, truth: dict) -> dict[str, float | None]:
         elif not torch.isfinite(v).all():
             found[name] = math.inf
         else:
-            found[name] = ((v - t).norm() / t.norm().clamp_min(floor)).item()
+            size = t.norm().item()
+            found[name] = (v - t).norm().item() / (size if size >= 1e-6 * scale else scale)
     return found
 
 

@@ -275,7 +275,7 @@ class MemoryStep(torch.autograd.Function):
 
         dwc = g * dwg
         dg = torch.linalg.vecdot(dwg, wc - w_prev)
-        dw_prev = dwg - dwc
+        dw_prev = (1 - g) * dwg  # not dwg - dwc: near g = 1 that keeps only an ulp of dwg
 
         dz = (dwc - torch.linalg.vecdot(dwc, wc).unsqueeze(-1)).mul_(wc)
         dbeta = torch.linalg.vecdot(dz, similarity)

@@ -38,7 +38,7 @@ the same draw and op as in a run of the same ``--seed`` and ``--ops``.
 
 Found at stop 36: the numba step lost ``wc`` below an ulp of ``w_prev`` at ``g = 1`` (LLVM's reassociation,
 ``tests/test_functional.py``'s closed-gate case; float64 dL/dg missed by 0.7%), and the torch path took
-dL/dw_prev as ``dwg - g dwg`` (2.7% off at ``g = 1 - 2^-20`` in float32; flagged 68 times in 40 s of
+dL/dw_prev as ``dwg - g dwg`` (2.7% off at ``g = 1 - 2^-20`` in float32; flagged 65 - 68 times in 40 s of
 ``--dtype fp32 --ops memory_step,address --backends reference`` once that gate was drawn).
 """
 

@@ -223,7 +223,7 @@ def run(backends: list[str], ops: list[str], dtype: torch.dtype, seconds: float 
             continue
         op = ops[n % len(ops)]
         truth = evaluate(op, None, x, case, torch.float64, device)
-        found = {"literal": {n: math.inf for n, t in truth.items() if not torch.isfinite(t).all()}}
+        found = {"literal": {value: math.inf for value, t in truth.items() if not torch.isfinite(t).all()}}
         if not found["literal"]:  # else the spec itself is not finite here: reported as the literal's flag
             yardstick = errors(evaluate(op, None, x, case, yardstick_dtype(dtype), device), truth)
             found = {name: {value: error for value, error in

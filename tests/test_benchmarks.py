@@ -18,7 +18,7 @@ sys.path.insert(0, str(ROOT))  # benchmarks/ is not part of the installed packag
 from benchmarks import common, run, summary  # noqa: E402
 from benchmarks.cases import Case  # noqa: E402
 from benchmarks.shapes import OP_SHAPES, TINY_OP_SHAPES, TINY_TRAIN_SHAPES, OpShape  # noqa: E402
-from helpers import compile_model_steps_cheaply, requires_numba  # noqa: E402
+from helpers import compile_model_steps_cheaply, numba_imports, requires_numba  # noqa: E402
 
 
 def test_tiny_run_writes_every_field(tmp_path):
@@ -651,12 +651,13 @@ def test_sharp_focus_study_refuses_bad_flags(args, message, capsys, monkeypatch)
     assert message in capsys.readouterr().err
 
 
-@requires_numba
 def test_differential_comparison_passes_the_cpu_backends_and_flags_a_planted_error():
-    # Twelve fixed draws of each op in float64: the hand-derived backwards (torch ops and numba loops) within
-    # 1e-7 of the literal spec at every shape and edge drawn, where a step whose dL/dgamma is 1e-4 too large
-    # is caught; two of each in bf16 and fp16 for the torch path.
+    # Twelve fixed draws of each op in float64: the hand-derived backwards (torch ops, and numba loops where
+    # numba imports) within 1e-7 of the literal spec at every shape and edge drawn, where a step whose
+    # dL/dgamma is 1e-4 too large is caught; two of each in bf16 and fp16 for the torch path.
     from benchmarks import differential
+
+    backends = ["reference", *(["numba"] if numba_imports() else []), "planted"]
 
     def planted(op, xs, case):
         if "gamma" in xs:
@@ -664,7 +665,7 @@ def test_differential_comparison_passes_the_cpu_backends_and_flags_a_planted_err
         return differential.call(op, "reference", xs, case)
 
     ops = list(differential.OPS)
-    result = differential.run(["reference", "numba", "planted"], ops, torch.float64, None, 12 * len(ops), 0,
+    result = differential.run(backends, ops, torch.float64, None, 12 * len(ops), 0,
                               torch.device("cpu"), planted={"planted": planted}, echo=lambda line: None)
     assert result["draws"] == 12 * len(ops)
     assert {(f["backend"], f["op"], f["value"]) for f in result["flags"]} == {

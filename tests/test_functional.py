@@ -846,4 +846,3 @@ def test_jit_trace_of_the_triton_path_records_the_op_and_reruns_on_new_inputs():
     expected = reference.memory_step(*other.values(), 1)
     for name, ref, out in zip(("w", "r", "new_mem"), expected, traced(*other.values())):
         assert_close(ref, out, name, torch.float32)
-

@@ -159,3 +159,31 @@ def test_a_backward_of_the_backward_matches_the_literal_spec_on_gpu():
         expected = second_order(lambda *t: reference.memory_step(*t, R))
         for i, (g, e) in enumerate(zip(got, expected)):
             assert torch.isfinite(g).all() and relative_error(e, g) <= 1e-4, f"N {N}, input {i}"
+
+
+@pytest.mark.parametrize("B, N, M, R, W, S", [(32, 128, 20, 1, 1, 3), (16, 65536, 64, 4, 1, 3)],
+                         ids=["paper", "large"])
+def test_memory_step_from_heads_matches_reference_on_gpu(B, N, M, R, W, S):
+    """The op FastNTM steps through (the head kernel, then the step's), raw head-layer output in, against the
+    reference path's single node and the float64 spec: outputs and the gradients of mem, raw and w_prev."""
+    from fastntm import kernels, reference
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    gen = torch.Generator().manual_seed(3)
+    x = [torch.randn(B, N, M, generator=gen), 2 * torch.randn(B, (R + W) * (M + S + 3) + 2 * W * M, generator=gen),
+         torch.softmax(3 * torch.randn(B, R + W, N, generator=gen), -1)]
+    xk = [t.cuda().requires_grad_() for t in x]
+    xr = [t.cuda().requires_grad_() for t in x]
+    x64 = [t.cuda().double().requires_grad_() for t in x]
+    out = kernels.memory_step_from_heads(*xk, R, W, S)
+    ref = reference.memory_step_from_heads(*xr, R, W, S)
+    truth = reference.memory_step_from_heads(*x64, R, W, S)
+    cot = [torch.randn_like(r) for r in ref]
+    grads = [torch.autograd.grad(o, i, cot) for o, i in ((out, xk), (ref, xr))]
+    grads.append(torch.autograd.grad(truth, x64, [c.double() for c in cot]))
+    names = [f"output {i}" for i in range(len(out))] + ["grad mem", "grad raw", "grad w_prev"]
+    for name, o, r, t in zip(names, (*out, *grads[0]), (*ref, *grads[1]), (*truth, *grads[2])):
+        assert o.dtype == r.dtype and o.shape == r.shape and torch.isfinite(o).all(), name
+        err, ref_err = relative_error(t, o), relative_error(t, r)
+        assert err <= max(TOL[torch.float32], min(2 * ref_err, 50 * TOL[torch.float32])), \
+            f"{name}: {err:.2e} from float64, reference {ref_err:.2e}"

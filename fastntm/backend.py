@@ -67,8 +67,10 @@ Built at import, not on first use: ``torch.compile`` cannot trace the namespace'
 def transformed(tensors) -> bool:
     """Whether a ``torch.func`` transform (grad, vmap, jacrev...) is active, or a tensor of ``tensors`` carries a
     forward-mode AD tangent: calls that an ``autograd.Function`` with a hand-derived backward cannot serve
-    (``fused_reference`` hands them to the literal composition)."""
-    if torch._C._functorch.peek_interpreter_stack() is not None:
+    (``fused_reference`` hands them to the literal composition). Asked as ``_are_functorch_transforms_active``:
+    dynamo reads ``peek_interpreter_stack() is not None`` as true in every trace, which sent compiled calls of the
+    kernels to the reference."""
+    if torch._C._are_functorch_transforms_active():
         return True
     return forward_ad._current_level >= 0 and any(forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 

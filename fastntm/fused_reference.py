@@ -130,6 +130,8 @@ def hand_derived_serves(grads) -> bool:
     ``jacobian(vectorize=True)``), which its in-place ops refuse."""
     if torch.is_grad_enabled():
         return False
+    if torch.compiler.is_compiling():  # dynamo cannot trace the checks below, and it hands a backward no vmap's
+        return True
     functorch = torch._C._functorch
     return not any(g is not None and (functorch.is_batchedtensor(g) or functorch.is_legacy_batchedtensor(g))
                    for g in grads)

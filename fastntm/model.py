@@ -338,7 +338,7 @@ def unroll(cell: NTMCell, x: torch.Tensor, state: NTMState, checkpoint_every: in
     stored. Each trace of ``traces`` gets every step's weightings (detached).
     """
     checkpointed = (checkpoint_every > 0 and torch.is_grad_enabled()
-                    and torch._C._functorch.peek_interpreter_stack() is None)
+                    and not torch._C._are_functorch_transforms_active())
     segment = checkpoint_every if checkpointed else x.shape[0]
     outputs = []
     for start in range(0, x.shape[0], segment):

@@ -103,7 +103,7 @@ def check_ranges(checks) -> None:
     checks = [check for check in checks if check[1].numel()]
     if not checks or not _values_checked(checks[0][1].device):
         return
-    if torch._C._functorch.peek_interpreter_stack() is not None:
+    if torch._C._are_functorch_transforms_active():
         checks = [(name, _unwrapped(t), low, high) for name, t, low, high in checks]
     # Traced with fake tensors (make_fx, aot_function), no values exist. is_fake costs microseconds a call
     # (this runs every step): a plain tensor is never fake.

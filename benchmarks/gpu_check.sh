@@ -25,7 +25,7 @@
 # RUN_ARGS="--providers reference,triton,triton-graph --filter train_step|paper").
 # T_DIFF (default 0: skipped) runs benchmarks.differential on the kernels, both regimes, in fp32 against
 # the float64 spec, at random shapes and edge values, drawing for 2/3 of T_DIFF (a draw of new shapes
-# compiles kernels), into $OUT/differential.json.
+# compiles kernels), into $OUT/differential.json; DIFF_SEED (default 0) picks other draws.
 #
 # SWEEP=1 also runs the block-size sweep (benchmarks.sweep_blocks --quick, after
 # bench_kernels, whose compiled default kernels it reuses from Triton's cache),
@@ -117,7 +117,7 @@ part sharp_focus "$T_PRECISION" "$PY" -m benchmarks.sharp_focus --device cuda --
     --g 1 --seeds 16 --jitter 1 --json "$OUT/sharp_focus.json"
 
 part differential "$T_DIFF" "$PY" -m benchmarks.differential --device cuda --backends triton,triton-large \
-    --dtype fp32 --seconds $(( T_DIFF * 2 / 3 + 1 )) --json "$OUT/differential.json"
+    --dtype fp32 --seconds $(( T_DIFF * 2 / 3 + 1 )) --seed "${DIFF_SEED:-0}" --json "$OUT/differential.json"
 
 read -ra BASES -d "" <<< "${BASE:-}" || true  # split at blanks and newlines
 for base in ${BASES[@]+"${BASES[@]}"}; do

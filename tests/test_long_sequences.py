@@ -43,6 +43,30 @@ def test_checkpointed_gradients_in_float32_match_to_rounding():
         torch.testing.assert_close(g[name], g_ref[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_a_compiled_model_checkpoints_and_has_the_eager_gradients():
+    """torch.compile of the whole model keeps checkpointing (dynamo once read its check for torch.func
+    transforms as true, and every step was stored): its graph holds the segments as checkpoints. Its gradients
+    are the eager model's."""
+    x = torch.rand(4, 2, 4, dtype=torch.float64)
+    model = make(checkpoint_every=2, backend="reference").double()
+    y_ref, g_ref = loss_and_grads(model, x)
+    graphs = []
+
+    def keep_graph(graph, example_inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    torch._dynamo.reset()
+    y, g = loss_and_grads(torch.compile(model, fullgraph=True, backend=keep_graph), x)
+    checkpoints = [node for node in graphs[0].graph.nodes
+                   if node.target is torch.ops.higher_order.tag_activation_checkpoint]
+    assert len(graphs) == 1 and len(checkpoints) == 2
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    for name, grad in g.items():
+        name = name.removeprefix("_orig_mod.")
+        torch.testing.assert_close(grad, g_ref[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
 def test_checkpointing_gives_the_initial_state_its_gradient():
     ntm = make(checkpoint_every=4)
     state = ntm.initial_state(2)

@@ -215,7 +215,9 @@ def resolve(backend: str, device: torch.device | str) -> str:
     return backend
 
 
-_AUTOCAST_AVAILABLE: dict[str, bool] = {}  # torch.amp.is_autocast_available takes ~8 us; this runs every op
+# torch.amp.is_autocast_available takes ~8 us; this runs every op. Filled at import for the common devices: a
+# torch.compile trace that filled it would guard on its contents before, and compile again at the next call.
+_AUTOCAST_AVAILABLE: dict[str, bool] = {kind: torch.amp.is_autocast_available(kind) for kind in ("cpu", "cuda")}
 
 
 def autocasting(kind: str) -> bool:

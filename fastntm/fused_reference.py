@@ -127,10 +127,13 @@ def hand_derived_serves(grads) -> bool:
     """Whether a hand-derived backward (this module's, or the Triton kernels') can take these incoming
     gradients: not in a backward taken with ``create_graph=True`` (it computes from values saved without their
     history, so its result could not be differentiated), nor under vmap (``autograd.grad(is_grads_batched=True)``,
-    ``jacobian(vectorize=True)``), which its in-place ops refuse."""
+    ``jacobian(vectorize=True)``), which its in-place ops refuse. In a ``torch.compile`` trace it serves: dynamo
+    traces a backward with grad mode off and no vmap's gradients, and cannot trace ``is_legacy_batchedtensor``.
+    A backward of that backward then raises (AOTAutograd's "does not support double backward", or, compiled
+    without it, "does not require grad"); it is not computed wrong."""
     if torch.is_grad_enabled():
         return False
-    if torch.compiler.is_compiling():  # dynamo cannot trace the checks below, and it hands a backward no vmap's
+    if torch.compiler.is_compiling():
         return True
     functorch = torch._C._functorch
     return not any(g is not None and (functorch.is_batchedtensor(g) or functorch.is_legacy_batchedtensor(g))
@@ -371,7 +374,8 @@ def _literal_serves(tensors) -> bool:
     with forward-mode AD tangents (``backend.transformed``), and in a ``torch.compile`` trace of tensors off the
     CPU. There, on an H200 (torch 2.11), a compiled FastNTM's gradients through the node missed the eager ones by
     35% (cause not found; the CPU's compile gives the eager ones), where those through the kernels agreed:
-    ``tests/test_kernels_gpu.py``'s compiled-model test checks both."""
+    ``tests/test_kernels_gpu.py``'s compiled-model test checks both. A non-strict ``torch.export`` counts as
+    compiling too, so a program exported from CUDA tensors holds the literal ops."""
     return backend.transformed(tensors) or (torch.compiler.is_compiling() and tensors[0].device.type != "cpu")
 
 

@@ -90,6 +90,22 @@ def test_a_provider_that_fails_to_build_is_a_skipped_row():
     assert rows[0]["status"] == "skipped" and "CUDA" in rows[0]["error"]
 
 
+def test_the_compiled_reference_training_step_runs_a_compiled_graph(monkeypatch):
+    """``reference-compile``'s training step runs the model through torch.compile (here with dynamo's ``eager``, not
+    Inductor's seconds of C++), checked against the float64 model; a compile that compiles nothing (as
+    ``model.cell.compile()`` did: the steps never call the cell's forward) is an error, not an eager time."""
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: compile_(model, **{**kw, "backend": "eager"}))
+    torch._dynamo.reset()
+    case = Case("train_step", TINY_TRAIN_SHAPES["tiny-copy"], "reference-compile", torch.device("cpu"))
+    case.prepare()
+    assert case.rel_err < 1e-5
+    case.fn()
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: model)
+    with pytest.raises(RuntimeError, match="no compiled graph ran"):
+        Case("train_step", TINY_TRAIN_SHAPES["tiny-copy"], "reference-compile", torch.device("cpu")).prepare()
+
+
 def test_a_wrong_provider_gets_no_speed_figure(monkeypatch):
     device = torch.device("cpu")
     case = Case("memory_step.fwd", TINY_OP_SHAPES["tiny-n16"], "reference", device)

@@ -95,6 +95,15 @@ def grads(outputs, inputs: dict[str, torch.Tensor], cotangents) -> dict[str, tor
     return {n: torch.zeros_like(t) if g is None else g for (n, t), g in zip(inputs.items(), got)}
 
 
+def outputs_and_gradients(step, inputs) -> list[torch.Tensor]:
+    """``step(*inputs)``'s outputs, then every input's gradient for cotangents of ones, detached: what two ways
+    of running one op are compared by, bit for bit."""
+    xs = [t.clone().requires_grad_() for t in inputs]
+    out = step(*xs)
+    grads = torch.autograd.grad(out, xs, [torch.ones_like(o) for o in out])
+    return [t.detach() for t in (*out, *grads)]
+
+
 def compile_model_steps_cheaply(monkeypatch) -> list:
     """Models with ``backend="compiled"`` compile their step with dynamo's ``aot_eager`` (its trace and
     AOTAutograd's forward and backward graphs, run eagerly: no Inductor, no seconds of C++) for tests of what

@@ -23,7 +23,7 @@ import fastntm.functional as F
 from fastntm import kernels, reference
 from fastntm.kernels import _config
 import interpreter_patch
-from helpers import kernel_inputs, relative_error
+from helpers import kernel_inputs, outputs_and_gradients, relative_error
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ is not part of the installed package
 from benchmarks.tf32_error import tf32  # noqa: E402
@@ -665,13 +665,8 @@ def test_torch_compile_traces_the_kernels_without_graph_breaks(block_n):
     called eagerly), not the reference: under dynamo a check for torch.func transforms once read true."""
     x = kernel_inputs(1, 37, 13, 2, 1, 3)
     fn = torch.compile(lambda *a: kernels.memory_step(*a, 1), fullgraph=True, backend="aot_eager")
-    runs = []
     with _config.force(block_n=block_n):
-        for step in (fn, lambda *a: kernels.memory_step(*a, 1)):
-            xs = [t.clone().requires_grad_() for t in x.values()]
-            out = step(*xs)
-            grads = torch.autograd.grad(out, xs, [torch.ones_like(o) for o in out])
-            runs.append([t.detach() for t in (*out, *grads)])
+        runs = [outputs_and_gradients(step, x.values()) for step in (fn, lambda *a: kernels.memory_step(*a, 1))]
     for o, r in zip(runs[0], reference.memory_step(*x.values(), 1)):
         assert_close(o, r, TOL[torch.float32], "compiled output")
     for i, (a, b) in enumerate(zip(*runs)):

@@ -6,7 +6,7 @@
 import pytest
 import torch
 
-from helpers import kernel_inputs, relative_error
+from helpers import kernel_inputs, outputs_and_gradients, relative_error
 
 pytestmark = [
     pytest.mark.gpu,
@@ -18,6 +18,16 @@ pytestmark = [
 # 50 times this). The second bound is for ill-conditioned sums: dL/dg sums a million terms of both signs at
 # N = 2^20, and the two paths' fp32 sums, ordered differently, each miss the float64 one by about 1e-3.
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+
+
+def check_against_float64(name, out, ref, truth, tol):
+    """``out`` (kernels) finite, of ``ref``'s (reference path's) dtype and shape, and within ``tol`` of ``truth``
+    (float64), or within twice ``ref``'s own miss, capped at 50 ``tol``."""
+    assert out.dtype == ref.dtype and out.shape == ref.shape and torch.isfinite(out).all(), name
+    if truth.numel():
+        err, ref_err = relative_error(truth, out), relative_error(truth, ref)
+        bound = max(tol, min(2 * ref_err, 50 * tol))  # capped: a reference far off excuses nothing
+        assert err <= bound, f"{name}: {err:.2e} from float64, reference {ref_err:.2e}"
 
 
 CASES = [
@@ -49,22 +59,14 @@ def test_memory_step_matches_reference_on_gpu(case):
     x64 = [t.double().requires_grad_() for t in x.values()]
     out, ref, truth = kernels.memory_step(*xk, R), reference.memory_step(*xr, R), reference.memory_step(*x64, R)
     tol = max(TOL[dtype], TOL[mem_dtype])
-
-    def check(name, o, r, t):
-        assert o.dtype == r.dtype and o.shape == r.shape and torch.isfinite(o).all(), name
-        if t.numel():
-            err, ref_err = relative_error(t, o), relative_error(t, r)
-            bound = max(tol, min(2 * ref_err, 50 * tol))  # capped: a reference far off excuses nothing
-            assert err <= bound, f"{name}: {err:.2e} from float64, reference {ref_err:.2e}"
-
     for i, (o, r, t) in enumerate(zip(out, ref, truth)):
-        check(f"output {i}", o, r, t)
+        check_against_float64(f"output {i}", o, r, t, tol)
     cot = [torch.randn_like(r) for r in ref]
     gk = torch.autograd.grad(out, xk, cot)
     gr = torch.autograd.grad(ref, xr, cot)
     g64 = torch.autograd.grad(truth, x64, [c.double() for c in cot])
     for name, a, b, t in zip(x, gk, gr, g64):
-        check(f"grad {name}", a, b, t)
+        check_against_float64(f"grad {name}", a, b, t, tol)
 
 
 def test_bit_identical_run_to_run_on_gpu():
@@ -129,12 +131,7 @@ def test_torch_compile_of_the_kernels_on_gpu(N, M):
     assert _config.choose(N, M).onchip == (N == 128)  # each case in the regime it names
     x = kernel_inputs(2, N, M, 3, 2, 3, device="cuda")
     fn = torch.compile(lambda *a: kernels.memory_step(*a, 2), fullgraph=True, backend="aot_eager")
-    runs = []
-    for step in (fn, lambda *a: kernels.memory_step(*a, 2)):
-        xs = [t.clone().requires_grad_() for t in x.values()]
-        out = step(*xs)
-        grads = torch.autograd.grad(out, xs, [torch.ones_like(o) for o in out])
-        runs.append([t.detach() for t in (*out, *grads)])
+    runs = [outputs_and_gradients(step, x.values()) for step in (fn, lambda *a: kernels.memory_step(*a, 2))]
     for a, b in zip(*runs):
         assert torch.equal(a, b)
 
@@ -183,10 +180,7 @@ def test_memory_step_from_heads_matches_reference_on_gpu(B, N, M, R, W, S):
     grads.append(torch.autograd.grad(truth, x64, [c.double() for c in cot]))
     names = [f"output {i}" for i in range(len(out))] + ["grad mem", "grad raw", "grad w_prev"]
     for name, o, r, t in zip(names, (*out, *grads[0]), (*ref, *grads[1]), (*truth, *grads[2])):
-        assert o.dtype == r.dtype and o.shape == r.shape and torch.isfinite(o).all(), name
-        err, ref_err = relative_error(t, o), relative_error(t, r)
-        assert err <= max(TOL[torch.float32], min(2 * ref_err, 50 * TOL[torch.float32])), \
-            f"{name}: {err:.2e} from float64, reference {ref_err:.2e}"
+        check_against_float64(name, o, r, t, TOL[torch.float32])
 
 
 @pytest.mark.parametrize("backend", ["triton", "reference"])

@@ -198,7 +198,9 @@ class MemoryStep(torch.autograd.Function):
         c = ws.clamp_min(SHARPEN_FLOOR)
         log_c = c.log()
         p = torch.exp(gamma * log_c)
-        w = p.div_(p.sum(dim=-1, keepdim=True).add_(SHARPEN_EPS))
+        # Out of place: the forward of a compiled node (torch 2.11) that returned a tensor an in-place op had made
+        # sent that output's incoming gradient to another's slot (pytorch/pytorch#180642; torch 2.13 compiles either).
+        w = p / p.sum(dim=-1, keepdim=True).add_(SHARPEN_EPS)
 
         w_read, w_write = w[:, :num_reads], w[:, num_reads:]
         r = torch.bmm(w_read, mem)
@@ -369,21 +371,11 @@ class MemoryStepFromHeads(torch.autograd.Function):
         return _to(torch.cat([d_heads, d_writes], dim=1), raw.dtype)
 
 
-def _literal_serves(tensors) -> bool:
-    """Whether a call runs the literal composition instead of the one node: under a ``torch.func`` transform or
-    with forward-mode AD tangents (``backend.transformed``), and in a ``torch.compile`` trace of tensors off the
-    CPU. There, on an H200 (torch 2.11), a compiled FastNTM's gradients through the node missed the eager ones by
-    35% (cause not found; the CPU's compile gives the eager ones), where those through the kernels agreed:
-    ``tests/test_kernels_gpu.py``'s compiled-model test checks both. A non-strict ``torch.export`` counts as
-    compiling too, so a program exported from CUDA tensors holds the literal ops."""
-    return backend.transformed(tensors) or (torch.compiler.is_compiling() and tensors[0].device.type != "cpu")
-
-
 def memory_step(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads):
     """``fastntm.reference.memory_step``, computed as one autograd node (see the module docstring); under a
-    ``torch.func`` transform or with forward-mode AD tangents, and compiled off the CPU, the literal composition
-    itself (``_literal_serves``). ``fastntm.functional`` calls it with autocast off."""
-    if _literal_serves((mem, k, beta, g, s, gamma, w_prev, e, a)):
+    ``torch.func`` transform or with forward-mode AD tangents, the literal composition itself.
+    ``fastntm.functional`` calls it with autocast off."""
+    if backend.transformed((mem, k, beta, g, s, gamma, w_prev, e, a)):
         return reference.memory_step(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads)
     return MemoryStep.apply(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads)
 
@@ -391,6 +383,6 @@ def memory_step(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads):
 def memory_step_from_heads(mem, raw, w_prev, num_reads, num_writes, shift_width):
     """``fastntm.reference.memory_step_from_heads`` as one autograd node (``MemoryStepFromHeads``), or the
     literal composition where ``memory_step`` takes it."""
-    if _literal_serves((mem, raw, w_prev)):
+    if backend.transformed((mem, raw, w_prev)):
         return reference.memory_step_from_heads(mem, raw, w_prev, num_reads, num_writes, shift_width)
     return MemoryStepFromHeads.apply(mem, raw, w_prev, num_reads, num_writes, shift_width)

@@ -18,6 +18,7 @@ import math
 import os
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 
 
 ROUNDING_SLACK = 2**-8
@@ -105,6 +106,10 @@ def check_ranges(checks) -> None:
         return
     if torch._C._are_functorch_transforms_active():
         checks = [(name, _unwrapped(t), low, high) for name, t, low, high in checks]
+    if forward_ad._current_level >= 0:
+        # Forward-mode AD's dual tensors (which exist only inside a dual level) without their tangents: torch 2.11
+        # has no forward-mode derivative of aminmax and raises, under no_grad too (2.13 has one).
+        checks = [(name, t.detach(), low, high) for name, t, low, high in checks]
     # Traced with fake tensors (make_fx, aot_function), no values exist. is_fake costs microseconds a call
     # (this runs every step): a plain tensor is never fake.
     if any(type(t) is not torch.Tensor and torch._subclasses.fake_tensor.is_fake(t) for _, t, _, _ in checks):

@@ -197,7 +197,7 @@ class MemoryStep(torch.autograd.Function):
         ws = _weighted_windows(_taps(s)[::-1], _circular_windows(wg, S))
         c = ws.clamp_min(SHARPEN_FLOOR)
         log_c = c.log()
-        p = torch.exp(gamma * log_c)
+        p = (gamma * log_c).exp_()
         # Out of place: the forward of a compiled node (torch 2.11) that returned a tensor an in-place op had made
         # sent that output's incoming gradient to another's slot (pytorch/pytorch#180642; torch 2.13 compiles either).
         w = p / p.sum(dim=-1, keepdim=True).add_(SHARPEN_EPS)

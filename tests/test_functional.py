@@ -585,6 +585,30 @@ def test_values_are_checked_under_torch_func_transforms(transform):
         TRANSFORMS[transform](step, bad)
 
 
+def test_values_are_checked_under_forward_mode_ad_without_its_tangents(monkeypatch):
+    """torch 2.11 has no forward-mode derivative of aminmax and raised on a dual tensor, under no_grad too (every
+    op failed under forward_ad there): the checks hand it the values alone, and still catch a bad one."""
+    import torch.autograd.forward_ad as fwAD
+
+    aminmax = torch.aminmax
+
+    def aminmax_without_forward_mode(t):
+        assert fwAD.unpack_dual(t).tangent is None, "a tangent reached aminmax"
+        return aminmax(t)
+
+    monkeypatch.setattr(torch, "aminmax", aminmax_without_forward_mode)
+    t = step_inputs(B=3, N=7, M=4, R=1, W=1, S=3, dtype=torch.float32, requires_grad=False)
+    for w_prev, error in ((t["w_prev"], None), (t["w_prev"].clone().fill_(1.5), "w_prev must lie in [0.0, 1.0]")):
+        with fwAD.dual_level():
+            duals = {name: fwAD.make_dual(x, torch.randn_like(x)) for name, x in {**t, "w_prev": w_prev}.items()}
+            if error is None:
+                w, _, _ = F.memory_step(*duals.values(), num_reads=1)
+                assert fwAD.unpack_dual(w).tangent is not None
+            else:
+                with pytest.raises(ValueError, match=re.escape(error)):
+                    F.memory_step(*duals.values(), num_reads=1)
+
+
 def test_value_checks_read_functionalized_writes_and_skip_fake_tensors():
     """Under functionalize a view written through its base is checked as written (not as the view was taken);
     traced with fake tensors (make_fx, through vmap or not) there are no values and no check."""

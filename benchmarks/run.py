@@ -8,7 +8,10 @@
 
 Every case (``op/shape/provider``, see ``benchmarks.cases``) is first built,
 warmed (compiled, for ``reference-compile`` and ``compiled``) and checked against the float64
-literal reference; only then is anything timed. A case that fails to build or
+literal reference; only then is it timed, in two rounds: the uncompiled cases, then
+the compiled ones, each round warmed whole before its timing, and ``results.json``
+written after every timing (a compile cut short by an outer timeout loses only the
+compiled rows). A case that fails to build or
 compile is a ``skipped`` row with its error; one whose relative error exceeds
 the tolerance is a ``MISMATCH`` row and gets no speed figure.
 
@@ -50,8 +53,11 @@ COMPILE_OPS_QUICK_CPU = {"memory_step.fwd_bwd"}
 # (seconds of timing a case, least calls timed); do_bench on CUDA adds its own warm-up.
 TIMING = {("cpu", "tiny"): (0.05, 3), ("cpu", "quick"): (0.4, 5), ("cpu", "full"): (2.0, 10),
           ("cuda", "tiny"): (0.05, 3), ("cuda", "quick"): (0.2, 5), ("cuda", "full"): (1.0, 10)}
-# A compile starts only with this much of the budget left (about one graph, forward and backward).
+# A compile starts only with this much of the budget left: about one graph of the memory step, forward and
+# backward; for a training step the whole model's (copy-b32: 277 s on the 2-core CPU at stop 37, 90 - 100 s on
+# the H200 at stop 38).
 COMPILE_RESERVE_S = {"cpu": 40, "cuda": 30}
+TRAIN_COMPILE_RESERVE_S = {"cpu": 300, "cuda": 120}
 LONG_SEQUENCE = "long_sequence"
 
 
@@ -91,52 +97,74 @@ def row_of(case: Case) -> dict:
 
 def run_cases(cases: list[Case], device: torch.device, copy: dict, *, time_per_case_s: float, min_reps: int,
               budget_s: float, on_row=lambda rows: None, log=print) -> list[dict]:
+    """Warm, check and time every case in two rounds: the uncompiled cases, then the compiled ones (a whole
+    model's compile takes minutes on a CPU and about 100 s on an H200). A round warms all its cases before it
+    times any, and ``on_row`` saves the rows after every timing, so a compile that outlasts the caller's patience
+    (an outer ``timeout``) costs only the compiled rows."""
     start = time.perf_counter()
     rows = {c.name: row_of(c) for c in cases}
-    ready = []
-    for case in cases:  # phase 1: build, warm and check everything
-        row = rows[case.name]
-        left = budget_s - (time.perf_counter() - start)
-        compile_s = COMPILE_RESERVE_S[device.type] if case.provider in COMPILE_PROVIDERS else 0
-        if left < compile_s + (len(ready) + 1) * (time_per_case_s + 0.3):
-            row.update(status="skipped", error="time budget spent before warm-up")
-            continue
-        t0 = time.perf_counter()
-        try:
-            case.prepare()
-        except Exception as exc:  # a provider that cannot build or compile here is a skipped row
-            row.update(status="skipped", error=f"{type(exc).__name__}: {exc}"[:500])
-            log(f"  skipped {case.name}: {row['error'].splitlines()[0][:160]}")
-            _release(device)
-            continue
-        case.warmup_s = time.perf_counter() - t0
-        tolerance = common.TOLERANCE[torch.float32]
-        row.update(rel_err=case.rel_err, tolerance=tolerance, warmup_s=case.warmup_s)
-        if not case.rel_err <= tolerance:  # NaN included
-            row.update(status="MISMATCH")
-            case.fn = None
-            log(f"  MISMATCH {case.name}: relative error {case.rel_err:.2e} > {tolerance:.0e}")
-            continue
-        ready.append(case)
-        log(f"  warm {case.name} ({case.warmup_s:.1f} s, err {case.rel_err:.1e})")
-    on_row(list(rows.values()))
-    for case in ready:  # phase 2: time and measure
-        row = rows[case.name]
-        try:
-            timing = common.time_call(case.fn, device, budget_s=time_per_case_s, min_reps=min_reps)
-            memory = common.peak_memory(case.fn, device)
-        except Exception as exc:
-            row.update(status="error", error=f"{type(exc).__name__}: {exc}"[:500])
-            continue
-        finally:
-            case.fn = None
-            _release(device)
-        row.update(status="ok", **timing, **memory, ms_per_sequence=timing["p50_ms"] / case.batch)
-        if row["bytes_model"]:
-            row["GBps"] = row["bytes_model"] / (timing["p50_ms"] * 1e-3) / 1e9
-            row["frac_copy"] = row["GBps"] / copy["copy_GBps"]
+    for compiled in (False, True):
+        ready = []
+        for case in (c for c in cases if (c.provider in COMPILE_PROVIDERS) == compiled):
+            if _warm(case, rows[case.name], device, start, budget_s, len(ready), time_per_case_s, log):
+                ready.append(case)
         on_row(list(rows.values()))
+        for case in ready:
+            _time(case, rows[case.name], device, copy, time_per_case_s, min_reps, log)
+            on_row(list(rows.values()))
     return list(rows.values())
+
+
+def _compile_reserve_s(case: Case) -> float:
+    """Seconds of budget a case must find left to start its warm-up: its compile's, if it compiles."""
+    if case.provider not in COMPILE_PROVIDERS:
+        return 0.0
+    return (TRAIN_COMPILE_RESERVE_S if case.op == "train_step" else COMPILE_RESERVE_S)[case.device.type]
+
+
+def _warm(case, row, device, start, budget_s, waiting, time_per_case_s, log) -> bool:
+    """Build, warm and check ``case`` (its row says how it went); whether it is ready to time. ``waiting``
+    cases of its round are ready already, and their timing needs budget too."""
+    left = budget_s - (time.perf_counter() - start)
+    if left < _compile_reserve_s(case) + (waiting + 1) * (time_per_case_s + 0.3):
+        row.update(status="skipped", error="time budget spent before warm-up")
+        return False
+    t0 = time.perf_counter()
+    try:
+        case.prepare()
+    except Exception as exc:  # a provider that cannot build or compile here is a skipped row
+        row.update(status="skipped", error=f"{type(exc).__name__}: {exc}"[:500])
+        log(f"  skipped {case.name}: {row['error'].splitlines()[0][:160]}")
+        _release(device)
+        return False
+    case.warmup_s = time.perf_counter() - t0
+    tolerance = common.TOLERANCE[torch.float32]
+    row.update(rel_err=case.rel_err, tolerance=tolerance, warmup_s=case.warmup_s)
+    if not case.rel_err <= tolerance:  # NaN included
+        row.update(status="MISMATCH")
+        case.fn = None
+        log(f"  MISMATCH {case.name}: relative error {case.rel_err:.2e} > {tolerance:.0e}")
+        return False
+    log(f"  warm {case.name} ({case.warmup_s:.1f} s, err {case.rel_err:.1e})")
+    return True
+
+
+def _time(case, row, device, copy, time_per_case_s, min_reps, log) -> None:
+    """Time and measure a warmed case into its row."""
+    try:
+        timing = common.time_call(case.fn, device, budget_s=time_per_case_s, min_reps=min_reps)
+        memory = common.peak_memory(case.fn, device)
+    except Exception as exc:
+        row.update(status="error", error=f"{type(exc).__name__}: {exc}"[:500])
+        return
+    finally:
+        case.fn = None
+        _release(device)
+    row.update(status="ok", **timing, **memory, ms_per_sequence=timing["p50_ms"] / case.batch)
+    if row["bytes_model"]:
+        row["GBps"] = row["bytes_model"] / (timing["p50_ms"] * 1e-3) / 1e9
+        row["frac_copy"] = row["GBps"] / copy["copy_GBps"]
+    log(f"  timed {case.name}: p50 {timing['p50_ms']:.3f} ms")
 
 
 def _release(device: torch.device) -> None:

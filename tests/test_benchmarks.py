@@ -119,6 +119,29 @@ def test_a_wrong_provider_gets_no_speed_figure(monkeypatch):
     assert rows[0]["status"] == "MISMATCH" and "p50_ms" not in rows[0]
 
 
+def test_a_compile_cut_short_keeps_the_uncompiled_rows_timed_and_saved(monkeypatch):
+    """The uncompiled cases are warmed, timed and saved before any compile starts: a whole model's compile (about
+    100 s on an H200) stopped by an outer timeout, here an exception that is not an Exception, loses no other row."""
+    device = torch.device("cpu")
+    plain = Case("memory_step.fwd", TINY_OP_SHAPES["tiny-n16"], "reference", device)
+    compiled = Case("memory_step.fwd", TINY_OP_SHAPES["tiny-n16"], "reference-compile", device)
+
+    def prepare_plain():
+        plain.fn, plain.rel_err = (lambda: None), 0.0
+
+    def prepare_compiled():
+        raise KeyboardInterrupt  # as a timeout's signal would end the process
+
+    monkeypatch.setattr(plain, "prepare", prepare_plain)
+    monkeypatch.setattr(compiled, "prepare", prepare_compiled)
+    saved = []
+    with pytest.raises(KeyboardInterrupt):  # the compile's budget (40 s on a CPU) is there: it starts
+        run.run_cases([compiled, plain], device, {"copy_GBps": 1.0}, time_per_case_s=0.01, min_reps=1,
+                      budget_s=100, on_row=lambda rows: saved.append({r["name"]: r.get("status") for r in rows}),
+                      log=lambda *_: None)
+    assert saved[-1] == {plain.name: "ok", compiled.name: None}
+
+
 def test_quantiles_are_ordered():
     t = common.time_call(lambda: sum(range(1000)), torch.device("cpu"), budget_s=0.01, min_reps=7)
     assert t["reps"] >= 7 and t["p20_ms"] <= t["p50_ms"] <= t["p80_ms"]

@@ -198,8 +198,8 @@ class MemoryStep(torch.autograd.Function):
         c = ws.clamp_min(SHARPEN_FLOOR)
         log_c = c.log()
         p = (gamma * log_c).exp_()
-        # Out of place: the forward of a compiled node (torch 2.11) that returned a tensor an in-place op had made
-        # sent that output's incoming gradient to another's slot (pytorch/pytorch#180642; torch 2.13 compiles either).
+        # Out of place: compiled on torch 2.11, a node whose forward returned a tensor an in-place op had made lost
+        # that output's incoming gradient (pytorch/pytorch#180642; torch 2.13 compiles either).
         w = p / p.sum(dim=-1, keepdim=True).add_(SHARPEN_EPS)
 
         w_read, w_write = w[:, :num_reads], w[:, num_reads:]

@@ -8,10 +8,10 @@
 
 Every case (``op/shape/provider``, see ``benchmarks.cases``) is first built,
 warmed (compiled, for ``reference-compile`` and ``compiled``) and checked against the float64
-literal reference; only then is it timed, in two rounds: the uncompiled cases, then
-the compiled ones, each round warmed whole before its timing, and ``results.json``
+literal reference; only then is it timed: the uncompiled cases all warmed before
+any is timed, then each compiled case timed as soon as it is warm, and ``results.json``
 written after every timing (a compile cut short by an outer timeout loses only the
-compiled rows). A case that fails to build or
+compiled rows not yet timed). A case that fails to build or
 compile is a ``skipped`` row with its error; one whose relative error exceeds
 the tolerance is a ``MISMATCH`` row and gets no speed figure.
 
@@ -54,10 +54,10 @@ COMPILE_OPS_QUICK_CPU = {"memory_step.fwd_bwd"}
 TIMING = {("cpu", "tiny"): (0.05, 3), ("cpu", "quick"): (0.4, 5), ("cpu", "full"): (2.0, 10),
           ("cuda", "tiny"): (0.05, 3), ("cuda", "quick"): (0.2, 5), ("cuda", "full"): (1.0, 10)}
 # A compile starts only with this much of the budget left: about one graph of the memory step, forward and
-# backward; for a training step the whole model's (copy-b32: 277 s on the 2-core CPU at stop 37, 90 - 100 s on
-# the H200 at stop 38).
+# backward; for ``reference-compile``'s training step, the whole model's (copy-b32: 277 s on the 2-core CPU at
+# stop 37, 90 - 100 s on the H200 at stop 38; tiny-copy 58 s on the CPU).
 COMPILE_RESERVE_S = {"cpu": 40, "cuda": 30}
-TRAIN_COMPILE_RESERVE_S = {"cpu": 300, "cuda": 120}
+MODEL_COMPILE_RESERVE_S = {"cpu": 300, "cuda": 120}
 LONG_SEQUENCE = "long_sequence"
 
 
@@ -97,21 +97,24 @@ def row_of(case: Case) -> dict:
 
 def run_cases(cases: list[Case], device: torch.device, copy: dict, *, time_per_case_s: float, min_reps: int,
               budget_s: float, on_row=lambda rows: None, log=print) -> list[dict]:
-    """Warm, check and time every case in two rounds: the uncompiled cases, then the compiled ones (a whole
-    model's compile takes minutes on a CPU and about 100 s on an H200). A round warms all its cases before it
-    times any, and ``on_row`` saves the rows after every timing, so a compile that outlasts the caller's patience
-    (an outer ``timeout``) costs only the compiled rows."""
+    """Warm, check and time every case: first the uncompiled cases, all warmed before any is timed; then the
+    compiled ones, each timed as soon as it is warm (a whole model's compile takes minutes on a CPU and about
+    100 s on an H200). ``on_row`` saves the rows after every timing, so a compile that outlasts the caller's
+    patience (an outer ``timeout``) costs only the compiled rows not yet timed; their rows say ``pending``."""
     start = time.perf_counter()
-    rows = {c.name: row_of(c) for c in cases}
-    for compiled in (False, True):
-        ready = []
-        for case in (c for c in cases if (c.provider in COMPILE_PROVIDERS) == compiled):
-            if _warm(case, rows[case.name], device, start, budget_s, len(ready), time_per_case_s, log):
-                ready.append(case)
+    rows = {c.name: {**row_of(c), "status": "pending"} for c in cases}
+    ready = []
+    for case in (c for c in cases if c.provider not in COMPILE_PROVIDERS):
+        if _warm(case, rows[case.name], device, start, budget_s, len(ready), time_per_case_s, log):
+            ready.append(case)
+    on_row(list(rows.values()))
+    for case in ready:
+        _time(case, rows[case.name], device, copy, time_per_case_s, min_reps, log)
         on_row(list(rows.values()))
-        for case in ready:
+    for case in (c for c in cases if c.provider in COMPILE_PROVIDERS):
+        if _warm(case, rows[case.name], device, start, budget_s, 0, time_per_case_s, log):
             _time(case, rows[case.name], device, copy, time_per_case_s, min_reps, log)
-            on_row(list(rows.values()))
+        on_row(list(rows.values()))
     return list(rows.values())
 
 
@@ -119,15 +122,20 @@ def _compile_reserve_s(case: Case) -> float:
     """Seconds of budget a case must find left to start its warm-up: its compile's, if it compiles."""
     if case.provider not in COMPILE_PROVIDERS:
         return 0.0
-    return (TRAIN_COMPILE_RESERVE_S if case.op == "train_step" else COMPILE_RESERVE_S)[case.device.type]
+    whole_model = case.op == "train_step" and case.provider == "reference-compile"
+    return (MODEL_COMPILE_RESERVE_S if whole_model else COMPILE_RESERVE_S)[case.device.type]
 
 
 def _warm(case, row, device, start, budget_s, waiting, time_per_case_s, log) -> bool:
     """Build, warm and check ``case`` (its row says how it went); whether it is ready to time. ``waiting``
-    cases of its round are ready already, and their timing needs budget too."""
+    cases warmed before it wait to be timed, and their timing needs budget too."""
     left = budget_s - (time.perf_counter() - start)
-    if left < _compile_reserve_s(case) + (waiting + 1) * (time_per_case_s + 0.3):
-        row.update(status="skipped", error="time budget spent before warm-up")
+    reserve = _compile_reserve_s(case)
+    if left < reserve + (waiting + 1) * (time_per_case_s + 0.3):
+        why = f", under its compile's {reserve:.0f} s" if reserve else ""
+        row.update(status="skipped", error=f"time budget spent before warm-up ({left:.0f} s left{why})")
+        if reserve:
+            log(f"  skipped {case.name}: {row['error']}")
         return False
     t0 = time.perf_counter()
     try:

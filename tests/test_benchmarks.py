@@ -17,7 +17,7 @@ sys.path.insert(0, str(ROOT))  # benchmarks/ is not part of the installed packag
 
 from benchmarks import common, run, summary  # noqa: E402
 from benchmarks.cases import Case  # noqa: E402
-from benchmarks.shapes import OP_SHAPES, TINY_OP_SHAPES, TINY_TRAIN_SHAPES, OpShape  # noqa: E402
+from benchmarks.shapes import OP_SHAPES, TINY_OP_SHAPES, TINY_TRAIN_SHAPES, TRAIN_SHAPES, OpShape  # noqa: E402
 from helpers import compile_model_steps_cheaply, numba_imports, requires_numba  # noqa: E402
 
 
@@ -119,27 +119,43 @@ def test_a_wrong_provider_gets_no_speed_figure(monkeypatch):
     assert rows[0]["status"] == "MISMATCH" and "p50_ms" not in rows[0]
 
 
-def test_a_compile_cut_short_keeps_the_uncompiled_rows_timed_and_saved(monkeypatch):
-    """The uncompiled cases are warmed, timed and saved before any compile starts: a whole model's compile (about
-    100 s on an H200) stopped by an outer timeout, here an exception that is not an Exception, loses no other row."""
+def test_a_compile_cut_short_keeps_every_row_timed_before_it(monkeypatch):
+    """The uncompiled cases are timed and saved before any compile starts, and each compiled case as soon as it
+    is warm: a compile stopped by an outer timeout (here an exception that is not an Exception, as the signal's
+    would be) loses only its own row and those after it, which say ``pending``."""
     device = torch.device("cpu")
-    plain = Case("memory_step.fwd", TINY_OP_SHAPES["tiny-n16"], "reference", device)
-    compiled = Case("memory_step.fwd", TINY_OP_SHAPES["tiny-n16"], "reference-compile", device)
+    shape = TINY_OP_SHAPES["tiny-n16"]
+    plain = Case("memory_step.fwd", shape, "reference", device)
+    compiled = Case("memory_step.fwd", shape, "reference-compile", device)
+    cut = Case("memory_step.fwd_bwd", shape, "reference-compile", device)
+    after = Case("memory_step.fwd_bwd", TINY_OP_SHAPES["sweep-n32"], "reference-compile", device)
 
-    def prepare_plain():
-        plain.fn, plain.rel_err = (lambda: None), 0.0
+    def ready(case):
+        def prepare():
+            case.fn, case.rel_err = (lambda: None), 0.0
+        return prepare
 
-    def prepare_compiled():
-        raise KeyboardInterrupt  # as a timeout's signal would end the process
+    def interrupted():
+        raise KeyboardInterrupt
 
-    monkeypatch.setattr(plain, "prepare", prepare_plain)
-    monkeypatch.setattr(compiled, "prepare", prepare_compiled)
+    for case, prepare in ((plain, ready(plain)), (compiled, ready(compiled)), (cut, interrupted)):
+        monkeypatch.setattr(case, "prepare", prepare)
     saved = []
-    with pytest.raises(KeyboardInterrupt):  # the compile's budget (40 s on a CPU) is there: it starts
-        run.run_cases([compiled, plain], device, {"copy_GBps": 1.0}, time_per_case_s=0.01, min_reps=1,
-                      budget_s=100, on_row=lambda rows: saved.append({r["name"]: r.get("status") for r in rows}),
+    with pytest.raises(KeyboardInterrupt):  # the compiles' budget (40 s on a CPU) is there: they start
+        run.run_cases([compiled, cut, after, plain], device, {"copy_GBps": 1.0}, time_per_case_s=0.01, min_reps=1,
+                      budget_s=100, on_row=lambda rows: saved.append({r["name"]: r["status"] for r in rows}),
                       log=lambda *_: None)
-    assert saved[-1] == {plain.name: "ok", compiled.name: None}
+    assert saved[-1] == {compiled.name: "ok", cut.name: "pending", after.name: "pending", plain.name: "ok"}
+
+
+def test_only_a_whole_model_compile_reserves_minutes_of_the_budget():
+    cpu = torch.device("cpu")
+    for shape in (TRAIN_SHAPES["copy-b32"], TINY_TRAIN_SHAPES["tiny-copy"]):
+        assert run._compile_reserve_s(Case("train_step", shape, "reference-compile", cpu)) == 300
+    for case in (Case("train_step", TRAIN_SHAPES["copy-b32"], "compiled", cpu),  # the memory step alone
+                 Case("memory_step.fwd_bwd", OP_SHAPES["paper-b32"], "reference-compile", cpu)):
+        assert run._compile_reserve_s(case) == run.COMPILE_RESERVE_S["cpu"], case.name
+    assert run._compile_reserve_s(Case("train_step", TRAIN_SHAPES["copy-b32"], "numba", cpu)) == 0
 
 
 def test_quantiles_are_ordered():

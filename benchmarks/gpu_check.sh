@@ -20,9 +20,10 @@
 # named at the end and the later parts still run; a limit of 0 skips a part. The
 # limits below add up to 550 s
 # (plus 3 s grace each: 580 s at worst), sized from the parts' times in the H100 and H200 logs (bench_kernels
-# 11 - 31 s, kernel_profile 11 - 19, block_sums 13 - 16, sharp_focus 15 - 16, sass_model 11, launch_cost 7;
-# the GPU tests 34 - 79 s before stop 38 added two compiled models, each compiled from an empty cache; the
-# runner's training-step compile, 90 - 100 s on the H200, needs T_RUN of about 200, the default skips it);
+# 11 - 31 s, kernel_profile 11 - 18, block_sums 13 - 16, sharp_focus 15 - 16, sass_model 11, launch_cost 7;
+# the GPU tests 34 - 79 s without the two compiled-model tests of stop 37, which first ran at stop 38 and
+# each compile a model from an empty cache; the runner's training-step compile, 90 - 100 s on the H200,
+# needs T_RUN of about 200, and the default's budget skips it);
 # override them with T_TESTS, T_KERNELS,
 # T_PROFILE, T_SUMS, T_LAUNCH, T_PRECISION, T_RUN, T_LONG, T_SASS, and pass extra runner arguments
 # in RUN_ARGS, split at spaces, no quotes inside (for example
@@ -34,10 +35,8 @@
 # SWEEP=1 also runs the block-size sweep (benchmarks.sweep_blocks --quick, after
 # bench_kernels, whose compiled default kernels it reuses from Triton's cache),
 # writing $OUT/sweep_blocks.json, under its own limit T_SWEEP (default 150 s; its
-# --budget stops it 15 s before). That adds 153 s at worst, 690 s in all: lower
-# T_RUN and T_LONG to keep a margin under the machine's ten minutes (SWEEP=1 with
-# T_TESTS=90 T_KERNELS=30 T_PROFILE=40 T_SWEEP=150 T_RUN=90 T_LONG=20: 545 s, 575 s
-# at worst).
+# --budget stops it 15 s before). That adds 153 s at worst: lower other limits (T_TESTS, T_RUN, T_LONG) to
+# keep the total, and its 3 s of grace a part, under the machine's ten minutes.
 #
 # BASE=<commit> (or a FILE.tar from `git archive -o FILE.tar <commit>`, carried to a machine whose .git may
 # lack the commit) also runs bench_kernels and kernel_profile from that commit's tree, after this
@@ -61,8 +60,8 @@ T_TESTS="${T_TESTS:-160}"
 T_KERNELS="${T_KERNELS:-45}"
 T_PROFILE="${T_PROFILE:-30}"
 T_SUMS="${T_SUMS:-25}"
-T_RUN="${T_RUN:-130}"
-T_LONG="${T_LONG:-45}"
+T_RUN="${T_RUN:-115}"
+T_LONG="${T_LONG:-60}"
 T_SWEEP="${T_SWEEP:-150}"
 T_SASS="${T_SASS:-25}"
 T_LAUNCH="${T_LAUNCH:-15}"

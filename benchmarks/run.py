@@ -92,7 +92,7 @@ def build_cases(device: torch.device, mode: str, providers, pattern: str | None)
 
 def row_of(case: Case) -> dict:
     return {"name": case.name, "op": case.op, "shape": case.shape.name, "shape_params": case.shape.as_dict(),
-            "provider": case.provider, "batch": case.batch, "bytes_model": case.bytes_moved()}
+            "provider": case.provider, "batch": case.batch, "bytes_model": case.bytes_moved(), "status": "pending"}
 
 
 def run_cases(cases: list[Case], device: torch.device, copy: dict, *, time_per_case_s: float, min_reps: int,
@@ -102,7 +102,7 @@ def run_cases(cases: list[Case], device: torch.device, copy: dict, *, time_per_c
     100 s on an H200). ``on_row`` saves the rows after every timing, so a compile that outlasts the caller's
     patience (an outer ``timeout``) costs only the compiled rows not yet timed; their rows say ``pending``."""
     start = time.perf_counter()
-    rows = {c.name: {**row_of(c), "status": "pending"} for c in cases}
+    rows = {c.name: row_of(c) for c in cases}
     ready = []
     for case in (c for c in cases if c.provider not in COMPILE_PROVIDERS):
         if _warm(case, rows[case.name], device, start, budget_s, len(ready), time_per_case_s, log):

@@ -10,7 +10,11 @@ spent in the warm-up, not timed), ``triton`` (``backend="triton"``, CUDA only) a
 (``backend="numba"``, CPU only: what ``auto`` runs on a CPU where numba imports). For
 ``train_step`` alone, on CUDA alone: ``triton-graph`` and ``reference-graph``, the
 same step through ``fastntm.graphs.CapturedStep`` (captured once in a CUDA
-graph, replayed at every call; Adam with ``capturable=True``). Their peak memory
+graph, replayed at every call; Adam with ``capturable=True``), and
+``reference-compile-graph``, the model under ``torch.compile`` (Inductor's default mode) run by the
+same ``CapturedStep``: torch.compile's kernels with no launch overhead, forward, backward and Adam in
+one graph, the fairest rival of ``triton-graph`` (``mode="reduce-overhead"`` graphs the compiled
+forward and backward but launches the loss and Adam eagerly). Their peak memory
 is near zero: the graph's memory is allocated at capture, in the warm-up. For
 ``train_step`` alone, on a CPU: ``compiled``, the model with ``backend="compiled"``
 (its memory step through ``torch.compile``, the rest eager; for the memory step
@@ -46,11 +50,13 @@ from .shapes import OpShape, TrainShape
 OPS = ("memory_step.fwd", "memory_step.fwd_bwd", "train_step")
 PROVIDERS = ("reference", "reference-compile", "triton", "numba")
 DEVICE_PROVIDER = {"cuda": "triton", "cpu": "numba"}  # the kernels of each device, which the other lacks
-GRAPH_PROVIDERS = ("triton-graph", "reference-graph")
+COMPILE_GRAPH = "reference-compile-graph"
+GRAPH_PROVIDERS = ("triton-graph", "reference-graph", COMPILE_GRAPH)
 BASELINE = "baseline"
 COMPILED = "compiled"
 TRAIN_ONLY_PROVIDERS = (*GRAPH_PROVIDERS, COMPILED, BASELINE)
-COMPILE_PROVIDERS = ("reference-compile", COMPILED)  # their warm-up compiles
+COMPILE_PROVIDERS = ("reference-compile", COMPILE_GRAPH, COMPILED)  # their warm-up compiles
+WHOLE_MODEL_COMPILES = ("reference-compile", COMPILE_GRAPH)  # of train_step: the whole model, minutes on a CPU
 
 
 def providers_for(device: torch.device) -> tuple[str, ...]:
@@ -213,19 +219,15 @@ def _train_case(shape: TrainShape, provider: str, device: torch.device):
         task.input_size, task.output_size, memory_slots=shape.N, memory_width=shape.M,
         controller_size=shape.controller_size, num_reads=shape.R, num_writes=shape.W, backend=_backend(provider),
     ).to(device)
-    if provider in GRAPH_PROVIDERS:
-        return _graph_train_case(model, batch)
-    truth = _float64_truth(model)
     if provider in COMPILE_PROVIDERS:
         allow_many_compiles()
+    if provider in GRAPH_PROVIDERS:
+        return _graph_train_case(model, batch, compiled=provider == COMPILE_GRAPH)
+    truth = _float64_truth(model)
     params = list(model.parameters())
     if provider == "reference-compile":
-        # The whole model: its steps call the cell's _step, not its forward, so cell.compile() compiled nothing.
         run = torch.compile(model, dynamic=False)
-        with torch.profiler.profile() as prof:
-            y, _ = run(batch.inputs)
-        if not any(e.name.startswith("Torch-Compiled Region") for e in prof.events()):
-            raise RuntimeError(f"{provider}: no compiled graph ran")
+        y, _ = _run_compiled(lambda: run(batch.inputs), provider)
     else:
         run = model
         y, _ = run(batch.inputs)
@@ -247,17 +249,34 @@ def _train_case(shape: TrainShape, provider: str, device: torch.device):
     return fn, err
 
 
-def _graph_train_case(model, batch):
+def _run_compiled(call: Callable[[], object], provider: str):
+    """``call()``, which runs the model under torch.compile; an error if no compiled graph ran.
+
+    The model is compiled whole, since its steps call the cell's ``_step``, not its forward:
+    ``model.cell.compile()`` compiled nothing, and the row timed eager."""
+    with torch.profiler.profile() as prof:
+        out = call()
+    if not any(e.name.startswith("Torch-Compiled Region") for e in prof.events()):
+        raise RuntimeError(f"{provider}: no compiled graph ran")
+    return out
+
+
+def _graph_train_case(model, batch, *, compiled: bool):
+    """The training step through ``CapturedStep``; with ``compiled``, of the model under torch.compile (the
+    first, eager step compiles it, forward and backward, before any capture)."""
     from fastntm.graphs import CapturedStep
     from fastntm.tasks import Batch
 
-    def loss_fn(model, inputs, targets, mask):
-        logits, _ = model(inputs)
+    def loss_fn(run, inputs, targets, mask):
+        logits, _ = run(inputs)
         return masked_bce(logits, Batch(inputs, targets, mask)), logits
 
     optimiser = torch.optim.Adam(model.parameters(), lr=1e-4, capturable=True)
-    step = CapturedStep(model, optimiser, loss_fn)
-    step(*batch)  # eager: creates Adam's state
+    step = CapturedStep(torch.compile(model, dynamic=False) if compiled else model, optimiser, loss_fn)
+    if compiled:
+        _run_compiled(lambda: step(*batch), COMPILE_GRAPH)  # eager: creates Adam's state, compiles
+    else:
+        step(*batch)  # eager: creates Adam's state
     truth = _float64_truth(model)
     _, logits = step(*batch)  # captured, then replayed
     err = _train_error(truth, batch, logits, [p.grad for p in model.parameters()])

@@ -6,7 +6,7 @@
 # Runs the package from the working tree (PYTHONPATH=.), installs nothing, reaches
 # no network. benchmarks.run times the training step first, eagerly (reference,
 # triton) and replayed from a CUDA graph (triton-graph, reference-graph), in one
-# process. Writes $OUT/log (everything printed), $OUT/results.json and
+# process, then compiled (reference-compile-graph, reference-compile: each compiles the model). Writes $OUT/log (everything printed), $OUT/results.json and
 # $OUT/bench.png (benchmarks.run), $OUT/long_sequence.json,
 # $OUT/bench_kernels.json (when benchmarks/bench_kernels.py exists),
 # $OUT/kernel_profile.json (device time per kernel, benchmarks.kernel_profile),
@@ -23,7 +23,8 @@
 # 11 - 31 s, kernel_profile 11 - 18, block_sums 13 - 16, sharp_focus 15 - 16, sass_model 11, launch_cost 7;
 # the GPU tests 34 - 79 s without the two compiled-model tests of stop 37, which first ran at stop 38 and
 # each compile a model from an empty cache; the runner's training-step compile, 90 - 100 s on the H200,
-# needs T_RUN of about 200, and the default's budget skips it);
+# needs T_RUN of about 200, two of them (reference-compile-graph, reference-compile) about 300, and the
+# default's budget skips them);
 # override them with T_TESTS, T_KERNELS,
 # T_PROFILE, T_SUMS, T_LAUNCH, T_PRECISION, T_RUN, T_LONG, T_SASS, and pass extra runner arguments
 # in RUN_ARGS, split at spaces, no quotes inside (for example

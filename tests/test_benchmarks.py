@@ -15,7 +15,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # benchmarks/ is not part of the installed package
 
-from benchmarks import common, run, summary  # noqa: E402
+from benchmarks import cases, common, run, summary  # noqa: E402
 from benchmarks.cases import Case  # noqa: E402
 from benchmarks.shapes import OP_SHAPES, TINY_OP_SHAPES, TINY_TRAIN_SHAPES, TRAIN_SHAPES, OpShape  # noqa: E402
 from helpers import compile_model_steps_cheaply, numba_imports, requires_numba  # noqa: E402
@@ -106,6 +106,39 @@ def test_the_compiled_reference_training_step_runs_a_compiled_graph(monkeypatch)
         Case("train_step", TINY_TRAIN_SHAPES["tiny-copy"], "reference-compile", torch.device("cpu")).prepare()
 
 
+def test_the_compiled_graph_provider_captures_the_compiled_model(monkeypatch):
+    """``reference-compile-graph`` hands ``CapturedStep`` the model under torch.compile, checks that its first
+    (eager) step ran a compiled graph, and compares the replay with the float64 model. CUDA graphs need a GPU, so
+    here ``CapturedStep`` is a stand-in that runs each step eagerly, without Adam (capturable Adam is CUDA's)."""
+    from fastntm import graphs
+
+    given = []
+
+    class EagerStep:
+        def __init__(self, model, optimizer, loss_fn):
+            given.append(model)
+            self.model, self.loss_fn = model, loss_fn
+
+        def __call__(self, *tensors):
+            self.model.zero_grad(set_to_none=True)
+            out = self.loss_fn(self.model, *tensors)
+            out[0].backward()
+            return out
+
+    monkeypatch.setattr(graphs, "CapturedStep", EagerStep)
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: compile_(model, **{**kw, "backend": "eager"}))
+    torch._dynamo.reset()
+    shape, cpu = TINY_TRAIN_SHAPES["tiny-copy"], torch.device("cpu")
+    fn, rel_err = cases._train_case(shape, "reference-compile-graph", cpu)
+    assert isinstance(given[0], torch._dynamo.eval_frame.OptimizedModule)
+    assert rel_err < 1e-5
+    assert torch.isfinite(fn())
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: model)
+    with pytest.raises(RuntimeError, match="reference-compile-graph: no compiled graph ran"):
+        cases._train_case(shape, "reference-compile-graph", cpu)
+
+
 def test_a_wrong_provider_gets_no_speed_figure(monkeypatch):
     device = torch.device("cpu")
     case = Case("memory_step.fwd", TINY_OP_SHAPES["tiny-n16"], "reference", device)
@@ -148,10 +181,21 @@ def test_a_compile_cut_short_keeps_every_row_timed_before_it(monkeypatch):
     assert saved[-1] == {compiled.name: "ok", cut.name: "pending", after.name: "pending", plain.name: "ok"}
 
 
+def test_a_budget_cuts_the_compiled_rows_first_and_the_compiled_graph_last_of_them():
+    cuda = torch.device("cuda")
+    providers = cases.providers_for(cuda) + cases.train_only_providers_for(cuda)
+    names = [c.provider for c in run.build_cases(cuda, "quick", providers, "train_step/copy-b32/")]
+    assert names[-2:] == ["reference-compile-graph", "reference-compile"]
+    assert {"reference", "triton", "triton-graph", "reference-graph"} == set(names[:-2])
+
+
 def test_only_a_whole_model_compile_reserves_minutes_of_the_budget():
     cpu = torch.device("cpu")
     for shape in (TRAIN_SHAPES["copy-b32"], TINY_TRAIN_SHAPES["tiny-copy"]):
         assert run._compile_reserve_s(Case("train_step", shape, "reference-compile", cpu)) == 300
+    for provider in ("reference-compile", "reference-compile-graph"):
+        assert run._compile_reserve_s(Case("train_step", TRAIN_SHAPES["copy-b32"], provider,
+                                           torch.device("cuda"))) == 120
     for case in (Case("train_step", TRAIN_SHAPES["copy-b32"], "compiled", cpu),  # the memory step alone
                  Case("memory_step.fwd_bwd", OP_SHAPES["paper-b32"], "reference-compile", cpu)):
         assert run._compile_reserve_s(case) == run.COMPILE_RESERVE_S["cpu"], case.name
@@ -189,7 +233,8 @@ def test_summary_gives_each_fast_provider_its_speedup_over_the_eager_reference(t
     rows = [
         dict(name=f"train_step/copy-b32/{provider}", op="train_step", shape="copy-b32", provider=provider, status="ok",
              p50_ms=ms, p20_ms=ms, p80_ms=ms, ms_per_sequence=ms / 32, peak_bytes=0)
-        for provider, ms in (("reference", 66.0), ("triton", 50.0), ("triton-graph", 3.0))
+        for provider, ms in (("reference", 66.0), ("triton", 50.0), ("triton-graph", 3.0),
+                             ("reference-compile", 40.0), ("reference-compile-graph", 4.5))
     ]
     results = dict(environment=dict(device="GPU", torch="2.11", triton="3.6.0", commit="abc"),
                    copy=dict(copy_GBps=4000.0), rows=rows)
@@ -197,6 +242,9 @@ def test_summary_gives_each_fast_provider_its_speedup_over_the_eager_reference(t
     lines = summary.summarise(str(tmp_path))
     assert "  speedup triton vs reference (eager) train_step/copy-b32: 1.3x" in lines
     assert "  speedup triton-graph vs reference (eager) train_step/copy-b32: 22.0x" in lines
+    # and each against torch.compile launched alike: eagerly, or from one CUDA graph
+    assert "  speedup triton vs reference-compile train_step/copy-b32: 0.80x" in lines
+    assert "  speedup triton-graph vs reference-compile-graph train_step/copy-b32: 1.50x" in lines
 
 
 def test_summary_gives_the_kernels_fraction_of_copy_bandwidth_for_each_timing_it_has(tmp_path):

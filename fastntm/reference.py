@@ -26,11 +26,19 @@ def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
 
 
 def content_similarity(mem: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """``K[b, h, n] = dot(k, mem[n]) / (max(|k|, eps) * max(|mem[n]|, eps))``, eps = 1e-8."""
+    """``K[b, h, n] = dot(k, mem[n]) / (max(|k|, eps) * max(|mem[n]|, eps))``, eps = 1e-8.
+
+    ``max(|x|, eps)`` is taken as ``sqrt(max(|x|^2, eps^2))``, the same value: ``vector_norm``'s own
+    backward divides by the norm, so second derivatives at a zero memory row or a zero key were NaN."""
     dots = torch.einsum("bhm,bnm->bhn", k, mem)
-    k_norm = torch.linalg.vector_norm(k, dim=-1).clamp_min(COSINE_EPS)
-    mem_norm = torch.linalg.vector_norm(mem, dim=-1).clamp_min(COSINE_EPS)
+    k_norm = _floored_norm(k)
+    mem_norm = _floored_norm(mem)
     return dots / (k_norm[:, :, None] * mem_norm[:, None, :])
+
+
+def _floored_norm(x: torch.Tensor) -> torch.Tensor:
+    """``max(|x|, eps)`` over the last dimension."""
+    return x.square().sum(-1).clamp_min(COSINE_EPS**2).sqrt()
 
 
 def content_weighting(mem: torch.Tensor, k: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:

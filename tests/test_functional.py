@@ -868,6 +868,29 @@ def test_second_order_gradients_where_inputs_are_made_from_one_another(backend_n
         assert_close(e, g, name)
 
 
+@pytest.mark.parametrize("backend_name", ["reference", "triton", NUMBA])
+def test_second_order_gradients_stay_finite_at_a_zero_memory_row_and_a_zero_key(backend_name):
+    """SPEC.md's zero-row edge, differentiated twice: the norms' floor ``max(|x|, eps)`` was taken through
+    ``vector_norm``, whose backward divides by the norm, so the second derivatives in mem (at a zero row) and
+    in k (at a zero key) were NaN on every backend, the first ones finite."""
+    t = step_inputs(B=2, N=6, M=4, R=1, W=1, S=3, dtype=torch.float32, requires_grad=False)
+    t["mem"][0, 2] = 0
+    t["mem"][1] = 0
+    t["k"][0, 1] = 0
+
+    def answers(memory_step):
+        x = [v.clone().requires_grad_() for v in t.values()]
+        w, r, new = memory_step(*x)
+        first = torch.autograd.grad(w.sum() + r.square().sum() + new.square().sum(), x, create_graph=True)
+        return [*first, *torch.autograd.grad(sum(g.square().sum() for g in first), x)]
+
+    got = answers(lambda *x: F.memory_step(*x, num_reads=1, backend=backend_name))
+    expected = answers(lambda *x: reference.memory_step(*x, 1))
+    for i, (g, e) in enumerate(zip(got, expected)):
+        assert torch.isfinite(g).all(), i
+        assert_close(e, g, f"gradient {i}")
+
+
 def test_jit_trace_of_the_triton_path_records_the_op_and_reruns_on_new_inputs():
     import warnings
 

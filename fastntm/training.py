@@ -244,6 +244,20 @@ class TrainConfig:
         return cls(**data)
 
 
+@contextlib.contextmanager
+def _global_rng_kept_on_error():
+    """torch's global RNG states (CPU, and CUDA where initialised) put back if the block raises."""
+    cpu = torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    try:
+        yield
+    except BaseException:
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+        raise
+
+
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -717,28 +731,29 @@ class Trainer:
             if fixed in overrides and _effective(fixed, overrides[fixed], saved["training"]["task"]) != \
                     _effective(fixed, saved["training"][fixed], saved["training"]["task"]):
                 raise ValueError(f"cannot change {fixed} when resuming: saved {saved['training'][fixed]!r}")
-        trainer = cls(TrainConfig.from_dict(training), folder, progress=progress)
-        try:
-            state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
-        except Exception as error:  # a damaged file fails as EOFError, UnpicklingError, RuntimeError, ...
-            raise ValueError(f"{folder / STATE_FILE} is damaged: {type(error).__name__}: "
-                             f"{' '.join(str(error).split())}") from None
-        weights_step = _load_weights(trainer.model, folder, trainer.device)
-        if weights_step != state["step"]:
-            raise RuntimeError(
-                f"checkpoint in {folder} is inconsistent: weights from step {weights_step}, state from step "
-                f"{state['step']} (a save was interrupted); cannot resume exactly"
-            )
-        if trainer.config.steps < state["step"]:
-            raise ValueError(f"steps={trainer.config.steps} is below the checkpoint's step {state['step']}: steps "
-                             f"counts the whole run, across resumes")
-        _load_optimizer_state(trainer.optimizer, state["optimizer"])
-        for group in trainer.optimizer.param_groups:
-            group["lr"] = trainer.config.lr
-        trainer.generator.set_state(state["data_rng"])
-        torch.set_rng_state(state["torch_rng"])
-        if state["cuda_rng"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        with _global_rng_kept_on_error():  # a trainer seeds torch's RNG; a resume that fails leaves it as it was
+            trainer = cls(TrainConfig.from_dict(training), folder, progress=progress)
+            try:
+                state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+            except Exception as error:  # a damaged file fails as EOFError, UnpicklingError, RuntimeError, ...
+                raise ValueError(f"{folder / STATE_FILE} is damaged: {type(error).__name__}: "
+                                 f"{' '.join(str(error).split())}") from None
+            weights_step = _load_weights(trainer.model, folder, trainer.device)
+            if weights_step != state["step"]:
+                raise RuntimeError(
+                    f"checkpoint in {folder} is inconsistent: weights from step {weights_step}, state from step "
+                    f"{state['step']} (a save was interrupted); cannot resume exactly"
+                )
+            if trainer.config.steps < state["step"]:
+                raise ValueError(f"steps={trainer.config.steps} is below the checkpoint's step {state['step']}: steps "
+                                 f"counts the whole run, across resumes")
+            _load_optimizer_state(trainer.optimizer, state["optimizer"])
+            for group in trainer.optimizer.param_groups:
+                group["lr"] = trainer.config.lr
+            trainer.generator.set_state(state["data_rng"])
+            torch.set_rng_state(state["torch_rng"])
+            if state["cuda_rng"] is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(state["cuda_rng"])
         trainer.step = state["step"]
         trainer.sequences = state["sequences"]
         trainer.elapsed_s = state["elapsed_s"]

@@ -527,6 +527,15 @@ def test_resume_refuses_steps_below_the_checkpoints(trained, capsys):
     assert "steps=2 is below the checkpoint's step 3" in capsys.readouterr().err
 
 
+def test_a_resume_that_fails_leaves_torchs_global_rng_as_it_was(trained):
+    # A trainer seeds torch's RNG as it builds the model; a failed resume had reseeded the caller's.
+    torch.manual_seed(1234)
+    before = torch.get_rng_state()
+    with pytest.raises(ValueError, match="below the checkpoint's step"):
+        Trainer.resume(trained, progress=False, steps=2)
+    assert torch.equal(before, torch.get_rng_state())
+
+
 @pytest.mark.parametrize("argv, message", [
     (["ngrams", "--curriculum"], "curriculum=True (--curriculum) applies to copy, repeat_copy, associative_recall, "
                                  "not to ngrams"),

@@ -19,6 +19,7 @@ import json
 import os
 import shlex
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -193,10 +194,11 @@ def _add_train(commands, common) -> None:
     g.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_const", const=False,
                    help="turn a resumed run's --cuda-graph off (to resume it on a CPU, say)")
     g.add_argument("--backend", choices=BACKENDS,
-                   help="the memory ops' implementation: auto (Triton kernels on CUDA, else the reference path), "
-                        "reference, triton, or compiled (the reference path through torch.compile: tens of seconds "
-                        "of compiling at the start, then on a CPU about 0.6 of the step's time at the paper's size; "
-                        "needs a C++ compiler) [auto]")
+                   help="the memory ops' implementation: auto (the Triton kernels on CUDA, the numba kernels on a "
+                        "CPU where numba imports, else the reference path), reference (plain PyTorch), triton "
+                        "(CUDA), numba (CPU), or compiled (the reference path through torch.compile: tens of "
+                        "seconds of compiling at the start, then on a CPU about the numba kernels' speed; needs a "
+                        "C++ compiler) [auto]")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     m = p.add_argument_group("model")
     for flag, dest, kind, text in MODEL_FLAGS:
@@ -258,11 +260,19 @@ class CommandError(Exception):
 
 
 def _check_folder(folder: Path) -> None:
-    """Raise before any work unless ``folder`` is a folder or can be made one: no file at it or above it."""
+    """Raise before any work unless ``folder`` is a folder or can be made one: no file at it or above it, and
+    its nearest existing folder takes new files (a file made there and removed, which leaves nothing: a
+    permission check passes for root where the file system refuses, as in /proc)."""
     for path in (folder, *folder.parents):
         if path.exists():
             if not path.is_dir():
                 raise CommandError(f"cannot write to {folder}: {path} is a file, not a folder")
+            try:
+                with tempfile.TemporaryFile(dir=path):
+                    pass
+            except OSError as error:
+                raise CommandError(f"cannot write to {folder}: {path} takes no new files "
+                                   f"({error.strerror or type(error).__name__})") from None
             return
 
 
@@ -403,6 +413,8 @@ def run_eval(args) -> int:
             raise CommandError(f"--out {out} is one of the run's own files; give another, such as "
                                f"{folder / 'eval.json'}")
         _check_folder(out.parent)
+        if out.exists() and not os.access(out, os.W_OK):
+            raise CommandError(f"--out {out} cannot be written over (no write permission)")
         model, task, saved = load_model(folder, device)
         lengths = args.lengths or [max_length(task) * k for k in (1, 2, 4)]
         rows_in = [("train", {})] + [(str(n), length_overrides(task, n)) for n in lengths]

@@ -342,6 +342,12 @@ def test_output_paths_blocked_by_a_file_fail_before_any_work(tmp_path, trained, 
     assert "is a file, not a folder" in capsys.readouterr().err
     assert main(["eval", str(trained), "--out", str(tmp_path)]) == 2
     assert "is a folder; give the JSON file to write" in capsys.readouterr().err
+    # A folder that takes no new files (/proc refuses them even to root, who passes every permission check)
+    for argv in (["train", "copy", "--out", "/proc/fastntm-run", "--steps", "1", *TINY_FLAGS, *FAST],
+                 ["eval", str(trained), "--out", "/proc/fastntm-eval.json"],
+                 ["plot", str(trained), "--out", "/proc/fastntm-plots"]):
+        assert main(argv) == 2, argv[0]
+        assert "cannot write to /proc" in capsys.readouterr().err, argv[0]
     out = tmp_path / "new" / "eval.json"
     assert main(["eval", str(trained), "--out", str(out), "--batches", "1", "--batch-size", "2", "--lengths", "2"]) == 0
     assert json.loads(out.read_text())["rows"]

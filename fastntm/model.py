@@ -403,7 +403,8 @@ class FastNTM(nn.Module):
     Example::
 
         ntm = FastNTM(9, 8)                       # the copy task's sizes
-        y, state = ntm(torch.rand(21, 32, 9))     # (21, 32, 8)
+        x = torch.rand(21, 32, 9)                 # (T, B, input_size)
+        y, state = ntm(x)                         # (21, 32, 8)
         with ntm.record() as trace:               # weightings for plots
             ntm(x)
         trace.read_weights                        # (T, B, R, N)

@@ -246,8 +246,9 @@ class TrainConfig:
 
 @contextlib.contextmanager
 def _global_rng_kept_on_error():
-    """torch's global RNG states (CPU, and CUDA where initialised) put back if the block raises."""
-    cpu = torch.get_rng_state()
+    """torch's global RNG states put back if the block raises: the CPU's, and CUDA's (where CUDA was not yet
+    initialised, its generators seeded as its first use would have seeded them, from the caller's seed)."""
+    cpu, seed = torch.get_rng_state(), torch.initial_seed()
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
     try:
         yield
@@ -255,6 +256,8 @@ def _global_rng_kept_on_error():
         torch.set_rng_state(cpu)
         if cuda is not None:
             torch.cuda.set_rng_state_all(cuda)
+        elif torch.cuda.is_available():
+            torch.cuda.manual_seed_all(seed)
         raise
 
 
@@ -754,12 +757,12 @@ class Trainer:
             torch.set_rng_state(state["torch_rng"])
             if state["cuda_rng"] is not None and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(state["cuda_rng"])
-        trainer.step = state["step"]
-        trainer.sequences = state["sequences"]
-        trainer.elapsed_s = state["elapsed_s"]
-        trainer.window_loss, trainer.window_cost, trainer.window_steps = state["window"]
-        trainer.last_eval_cost = state["last_eval_cost"]
-        trainer.evals_below_target = state["evals_below_target"]
+            trainer.step = state["step"]
+            trainer.sequences = state["sequences"]
+            trainer.elapsed_s = state["elapsed_s"]
+            trainer.window_loss, trainer.window_cost, trainer.window_steps = state["window"]
+            trainer.last_eval_cost = state["last_eval_cost"]
+            trainer.evals_below_target = state["evals_below_target"]
         if not 0 < TrainConfig.from_dict(saved["training"]).stop_cost <= trainer.config.stop_cost:
             # The count is of evaluations in a row below the saved target, which says nothing of a
             # lower one (and 0 never stops): the new target starts its own count.

@@ -24,7 +24,7 @@ same batch), the side of the issue's CPU targets; it is checked against its own
 float64 copy.
 
 ``Case.prepare()`` builds the inputs and the timed callable, runs it once (the
-warm-up; for ``reference-compile`` the compile) and measures its relative error
+warm-up; for ``reference-compile`` and ``reference-compile-graph`` the compile) and measures its relative error
 against the literal reference (``fastntm.reference``, or the reference-backed
 model) run in float64 on the same inputs: outputs for ``fwd``; outputs and every
 input's gradient for ``fwd_bwd``; the logits and every parameter's gradient for

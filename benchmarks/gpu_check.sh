@@ -6,7 +6,8 @@
 # Runs the package from the working tree (PYTHONPATH=.), installs nothing, reaches
 # no network. benchmarks.run times the training step first, eagerly (reference,
 # triton) and replayed from a CUDA graph (triton-graph, reference-graph), in one
-# process, then compiled (reference-compile-graph, reference-compile: each compiles the model). Writes $OUT/log (everything printed), $OUT/results.json and
+# process, then compiled (reference-compile-graph, reference-compile: each compiles
+# the model). Writes $OUT/log (everything printed), $OUT/results.json and
 # $OUT/bench.png (benchmarks.run), $OUT/long_sequence.json,
 # $OUT/bench_kernels.json (when benchmarks/bench_kernels.py exists),
 # $OUT/kernel_profile.json (device time per kernel, benchmarks.kernel_profile),

@@ -7,9 +7,11 @@
     python -m benchmarks.run --filter long_sequence      # the long-sequence benchmark
 
 Every case (``op/shape/provider``, see ``benchmarks.cases``) is first built,
-warmed (compiled, for ``reference-compile``, ``reference-compile-graph`` and ``compiled``) and checked against the float64
-literal reference; only then is it timed: the uncompiled cases all warmed before
-any is timed, then each compiled case timed as soon as it is warm, and ``results.json``
+warmed (compiled, for ``reference-compile``, ``reference-compile-graph`` and ``compiled``) and
+checked against the float64 literal reference; only then is it timed: the uncompiled cases all
+warmed before any is timed, then each compiled case timed as soon as it is warm (every
+``reference-compile-graph`` row before any ``reference-compile`` row: a budget that runs out
+skips the less fair rival), and ``results.json``
 written after every timing (a compile cut short by an outer timeout loses only the
 compiled rows not yet timed). A case that fails to build or
 compile is a ``skipped`` row with its error; one whose relative error exceeds

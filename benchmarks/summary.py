@@ -18,7 +18,8 @@ import os
 import sys
 
 KEY_SHAPES = ("paper-b1", "paper-b32", "medium", "large", "copy-b1", "copy-b32")
-FAST_PROVIDERS = ("triton", "triton-graph", "reference-graph", "reference-compile", "reference-compile-graph", "numba")
+FAST_PROVIDERS = ("triton", "triton-graph", "reference-graph", "reference-compile", "reference-compile-graph",
+                  "numba")
 # Each side by its fairest rival: launched alike (eagerly, or replayed from one CUDA graph).
 HEAD_TO_HEAD = (("triton", "reference-compile"), ("triton-graph", "reference-compile-graph"))
 

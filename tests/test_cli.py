@@ -348,9 +348,12 @@ def test_output_paths_blocked_by_a_file_fail_before_any_work(tmp_path, trained, 
                  ["plot", str(trained), "--out", "/proc/fastntm-plots"]):
         assert main(argv) == 2, argv[0]
         assert "cannot write to /proc" in capsys.readouterr().err, argv[0]
+    before = set(tmp_path.iterdir())
     out = tmp_path / "new" / "eval.json"
     assert main(["eval", str(trained), "--out", str(out), "--batches", "1", "--batch-size", "2", "--lengths", "2"]) == 0
     assert json.loads(out.read_text())["rows"]
+    # The folder check's probe file in tmp_path is gone.
+    assert set(tmp_path.iterdir()) - before == {tmp_path / "new"} and list(out.parent.iterdir()) == [out]
 
 
 def test_no_arguments_print_help(capsys):

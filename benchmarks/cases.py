@@ -263,7 +263,8 @@ def _run_compiled(call: Callable[[], object], provider: str):
 
 def _graph_train_case(model, batch, *, compiled: bool):
     """The training step through ``CapturedStep``; with ``compiled``, of the model under torch.compile (the
-    first, eager step compiles it, forward and backward, before any capture)."""
+    first, eager step compiles it, forward and backward, before any capture: dynamo compiling inside a capture
+    fails, as it reads the CUDA RNG's state, pytorch/pytorch#131782; the capture only evaluates its guards)."""
     from fastntm.graphs import CapturedStep
     from fastntm.tasks import Batch
 

@@ -21,7 +21,7 @@ KEY_SHAPES = ("paper-b1", "paper-b32", "medium", "large", "copy-b1", "copy-b32")
 FAST_PROVIDERS = ("triton", "triton-graph", "reference-graph", "reference-compile", "reference-compile-graph",
                   "numba")
 # Each side by its fairest rival: launched alike (eagerly, or replayed from one CUDA graph).
-HEAD_TO_HEAD = (("triton", "reference-compile"), ("triton-graph", "reference-compile-graph"))
+RIVAL = {"triton": "reference-compile", "triton-graph": "reference-compile-graph"}
 
 
 def _load(folder: str, name: str):
@@ -59,12 +59,12 @@ def summarise(folder: str) -> list[str]:
                 if ref:
                     lines.append(f"  speedup {r['provider']} vs reference (eager) {r['op']}/{r['shape']}: "
                                  f"{ref['p50_ms'] / r['p50_ms']:.1f}x")
-        for r in (r for r in by_name.values() if r["shape"] in KEY_SHAPES):
-            for ours, rival in HEAD_TO_HEAD:
-                theirs = by_name.get(r["name"].rsplit("/", 1)[0] + "/" + rival)
-                if r["provider"] == ours and theirs:
-                    lines.append(f"  speedup {ours} vs {rival} {r['op']}/{r['shape']}: "
-                                 f"{theirs['p50_ms'] / r['p50_ms']:.2f}x")
+        for r in (r for r in by_name.values() if r["shape"] in KEY_SHAPES and r["provider"] in RIVAL):
+            rival = RIVAL[r["provider"]]
+            theirs = by_name.get(r["name"].rsplit("/", 1)[0] + "/" + rival)
+            if theirs:
+                lines.append(f"  speedup {r['provider']} vs {rival} {r['op']}/{r['shape']}: "
+                             f"{theirs['p50_ms'] / r['p50_ms']:.2f}x")
         bad = [r["name"] for r in rows if r.get("status") in ("MISMATCH", "error")]
         lines.append(f"rows: {len(rows)}, ok {sum(r.get('status') == 'ok' for r in rows)}, "
                      f"skipped {sum(r.get('status') == 'skipped' for r in rows)}, not ok: {bad or 'none'}")

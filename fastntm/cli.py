@@ -268,8 +268,7 @@ def _check_folder(folder: Path) -> None:
             if not path.is_dir():
                 raise CommandError(f"cannot write to {folder}: {path} is a file, not a folder")
             try:
-                with tempfile.TemporaryFile(dir=path):
-                    pass
+                tempfile.TemporaryFile(dir=path).close()
             except OSError as error:
                 raise CommandError(f"cannot write to {folder}: {path} takes no new files "
                                    f"({error.strerror or type(error).__name__})") from None

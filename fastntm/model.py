@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import operator
 from typing import Iterator, Sequence
 
 import torch
@@ -171,16 +172,16 @@ class NTMCell(nn.Module):
         backend: str = "auto",
     ):
         super().__init__()
-        _check_positive_int("input_size", input_size)
+        input_size = _int_arg("input_size", input_size, 1)
         if output_size is not None:
-            _check_positive_int("output_size", output_size)
-        _check_positive_int("memory_slots", memory_slots)
-        _check_positive_int("memory_width", memory_width)
-        _check_positive_int("controller_size", controller_size)
-        _check_positive_int("controller_layers", controller_layers)
-        _check_nonnegative_int("num_reads", num_reads)
-        _check_nonnegative_int("num_writes", num_writes)
-        _check_nonnegative_int("shift_range", shift_range)
+            output_size = _int_arg("output_size", output_size, 1)
+        memory_slots = _int_arg("memory_slots", memory_slots, 1)
+        memory_width = _int_arg("memory_width", memory_width, 1)
+        controller_size = _int_arg("controller_size", controller_size, 1)
+        controller_layers = _int_arg("controller_layers", controller_layers, 1)
+        num_reads = _int_arg("num_reads", num_reads, 0)
+        num_writes = _int_arg("num_writes", num_writes, 0)
+        shift_range = _int_arg("shift_range", shift_range, 0)
         if num_reads + num_writes < 1:
             raise ValueError(f"num_reads + num_writes must be at least 1, got {num_reads} + {num_writes}")
         _check_choice("controller", controller, CONTROLLERS)
@@ -248,7 +249,7 @@ class NTMCell(nn.Module):
     def initial_state(self, batch_size: int, device=None, dtype=None) -> NTMState:
         """The state before the first step, for ``batch_size`` sequences; memory in
         ``memory_dtype`` when one was given (bf16 storage, fp32 arithmetic)."""
-        _check_positive_int("batch_size", batch_size)
+        batch_size = _int_arg("batch_size", batch_size, 1)
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise TypeError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
         device = device if device is not None else self.initial_memory.device
@@ -431,7 +432,7 @@ class FastNTM(nn.Module):
     ):
         super().__init__()
         if checkpoint_every != "auto":
-            _check_nonnegative_int("checkpoint_every", checkpoint_every)
+            checkpoint_every = _int_arg("checkpoint_every", checkpoint_every, 0)
         if not isinstance(batch_first, bool):
             raise TypeError(f"batch_first must be a bool, got {batch_first!r}")
         self.cell = NTMCell(
@@ -591,14 +592,20 @@ def _memory_dtype(value) -> torch.dtype | None:
     return dtype
 
 
-def _check_positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-
-
-def _check_nonnegative_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+def _int_arg(name: str, value, minimum: int) -> int:
+    """``value`` as a Python int of at least ``minimum``: ints and what ``operator.index`` takes (numpy's
+    ints), not bools. A symbolic size (``torch.SymInt``, a batch dimension under ``torch.export``) passes
+    as it is: the input checks have bounded it already, and a comparison here would add a guard."""
+    if isinstance(value, torch.SymInt):
+        return value
+    kind = "a positive int" if minimum == 1 else "a non-negative int"
+    try:
+        index = operator.index(value)
+    except TypeError:
+        index = None
+    if isinstance(value, bool) or index is None or index < minimum:
+        raise ValueError(f"{name} must be {kind}, got {value!r}")
+    return index
 
 
 def _check_choice(name: str, value, choices: tuple[str, ...]) -> None:

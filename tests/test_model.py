@@ -308,6 +308,23 @@ def test_torch_export_takes_and_returns_a_state(tmp_path):
     torch.testing.assert_close(new_state.memory, state_eager.memory)
 
 
+def test_torch_export_takes_a_dynamic_batch_size_without_a_state():
+    ntm = make()
+    batch = torch.export.Dim("batch", min=2, max=64)
+    exported = torch.export.export(ntm, (torch.rand(3, 4, 3),), dynamic_shapes=({1: batch},))
+    x = torch.rand(3, 7, 3)
+    torch.testing.assert_close(exported.module()(x)[0], ntm(x)[0])
+
+
+def test_sizes_may_be_numpy_ints_and_are_kept_as_python_ints():
+    np = pytest.importorskip("numpy")
+    ntm = FastNTM(np.int64(3), np.int32(2), memory_slots=np.int64(13), memory_width=5, checkpoint_every=np.int8(2))
+    assert type(ntm.cell.memory_slots) is int and type(ntm.checkpoint_every) is int
+    assert ntm.initial_state(np.int64(4)).memory.shape == (4, 13, 5)
+    with pytest.raises(ValueError, match="batch_size must be a positive int, got True"):
+        ntm.initial_state(True)
+
+
 def test_forward_runs_under_cpu_autocast():
     ntm = make()
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -485,7 +485,9 @@ class FastNTM(nn.Module):
             state = self.initial_state(x.shape[1], x.device, x.dtype)
         every = self.checkpoint_every
         if every == "auto":
-            every = default_checkpoint_every(x.shape[0], state)
+            # An exported graph is a forward alone, with nothing to recompute; and a comparison of a dynamic
+            # batch's bytes with the threshold would be a guard on the batch size.
+            every = 0 if torch.compiler.is_exporting() else default_checkpoint_every(x.shape[0], state)
         y, state = unroll(self.cell, x, state, every, self._traces)
         return (y.transpose(0, 1) if self.batch_first else y), state
 

@@ -248,7 +248,10 @@ class NTMCell(nn.Module):
 
     def initial_state(self, batch_size: int, device=None, dtype=None) -> NTMState:
         """The state before the first step, for ``batch_size`` sequences; memory in
-        ``memory_dtype`` when one was given (bf16 storage, fp32 arithmetic)."""
+        ``memory_dtype`` when one was given (bf16 storage, fp32 arithmetic).
+
+        Memory, weightings and reads are copies of the model's, each expanded over the batch (no copy per
+        sequence): ``.clone()`` one before editing it in place."""
         batch_size = _int_arg("batch_size", batch_size, 1)
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise TypeError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
@@ -256,9 +259,10 @@ class NTMCell(nn.Module):
         dtype = dtype if dtype is not None else self.initial_memory.dtype
         B, R, H, N, M = batch_size, self.num_reads, self.num_heads, self.memory_slots, self.memory_width
         return NTMState(
-            memory=self.initial_memory.to(device, self.memory_dtype or dtype).expand(B, N, M),
+            # Copies: at B = 1 an expanded view is the model's own tensor, which an edit would change.
+            memory=self.initial_memory.to(device, self.memory_dtype or dtype, copy=True).expand(B, N, M),
             weights=torch.softmax(self.initial_weight_logits, dim=-1).to(device, dtype).expand(B, H, N),
-            reads=self.initial_reads.to(device, dtype).expand(B, R, M),
+            reads=self.initial_reads.to(device, dtype, copy=True).expand(B, R, M),
             controller=self.controller.initial_state(B, device, dtype),
         )
 

@@ -128,6 +128,21 @@ def test_constant_memory_init_and_focused_initial_weighting():
     torch.testing.assert_close(state.weights.sum(-1), torch.ones(3, 2))
 
 
+@pytest.mark.parametrize("memory_init", ["constant", "learned"])
+def test_editing_an_initial_state_in_place_leaves_the_model_alone(memory_init):
+    ntm = make(memory_init=memory_init)
+    x = torch.rand(3, 1, 3)
+    y, _ = ntm(x)
+    before = {name: t.clone() for name, t in ntm.state_dict().items()}
+    state = ntm.initial_state(1)  # at B = 1 an expanded view of the model's own tensor would alias it
+    with torch.no_grad():
+        state.memory.fill_(5.0)
+        state.reads.fill_(5.0)
+    for name, t in ntm.state_dict().items():
+        assert torch.equal(t, before[name]), name
+    torch.testing.assert_close(ntm(x)[0], y, rtol=0, atol=0)
+
+
 def test_reset_parameters_is_deterministic_under_a_seed():
     a, b = make(), make()
     for (n, p), q in zip(a.named_parameters(), b.parameters()):

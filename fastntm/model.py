@@ -253,8 +253,8 @@ class NTMCell(nn.Module):
         Memory, weightings and reads are copies of the model's, each expanded over the batch (no copy per
         sequence): ``.clone()`` one before editing it in place."""
         batch_size = _int_arg("batch_size", batch_size, 1)
-        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-            raise TypeError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
+        if dtype is not None and not validation.is_float_dtype(dtype):
+            raise TypeError(f"dtype must be one of {validation.FLOAT_DTYPES} or None, got {dtype!r}")
         device = device if device is not None else self.initial_memory.device
         dtype = dtype if dtype is not None else self.initial_memory.dtype
         B, R, H, N, M = batch_size, self.num_reads, self.num_heads, self.memory_slots, self.memory_width
@@ -534,8 +534,8 @@ def _check_x(cell: NTMCell, name: str, x, layout: str) -> None:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != ndim or x.shape[-1] != cell.input_size:
         raise ValueError(f"{name} must have shape {layout} with input_size = {cell.input_size}, got {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must have a floating dtype, got {x.dtype}")
+    if not validation.is_float_dtype(x.dtype):
+        raise TypeError(f"{name} must have a floating dtype, one of {validation.FLOAT_DTYPES}, got {x.dtype}")
     if 0 in x.shape[:-1]:
         needs = "at least one step and one sequence" if ndim == 3 else "at least one sequence"
         raise ValueError(f"{name} must have {needs}, got shape {tuple(x.shape)}")
@@ -579,8 +579,8 @@ def _check_state(cell: NTMCell, state, x: torch.Tensor, B: int) -> None:
             raise ValueError(f"{name} must have shape {shape} for this model and batch {B}, got {tuple(t.shape)}")
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
-        if not t.is_floating_point():
-            raise TypeError(f"{name} must have a floating dtype, got {t.dtype}")
+        if not validation.is_float_dtype(t.dtype):
+            raise TypeError(f"{name} must have a floating dtype, one of {validation.FLOAT_DTYPES}, got {t.dtype}")
         if name == "state.memory":
             continue
         if allowed is None and t.dtype != x.dtype:
@@ -593,8 +593,8 @@ def _check_state(cell: NTMCell, state, x: torch.Tensor, B: int) -> None:
 def _memory_dtype(value) -> torch.dtype | None:
     """A floating ``torch.dtype``, from itself or its name ("bfloat16"), or None."""
     dtype = getattr(torch, value, None) if isinstance(value, str) else value
-    if value is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise TypeError(f"memory_dtype must be a floating torch.dtype (or its name) or None, got {value!r}")
+    if value is not None and not validation.is_float_dtype(dtype):
+        raise TypeError(f"memory_dtype must be one of {validation.FLOAT_DTYPES} (or its name) or None, got {value!r}")
     return dtype
 
 

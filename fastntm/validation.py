@@ -28,6 +28,15 @@ most (1 + 2^-8)^2, and the sharpening's ``ws^gamma`` stays finite up to gamma 11
 it overflows, to inf / inf = NaN. Rows summing to less than 1 are allowed (a zero ``w_prev``, say)."""
 
 
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+"""The dtypes that tensors of the ops and the model may have (float8's are floating too, but no op computes
+in them, and torch's reductions that the checks take refuse them)."""
+
+
+def is_float_dtype(dtype) -> bool:
+    return dtype in FLOAT_DTYPES
+
+
 def _shape(t: torch.Tensor) -> tuple[int, ...]:
     return tuple(t.shape)
 
@@ -35,7 +44,7 @@ def _shape(t: torch.Tensor) -> tuple[int, ...]:
 def check_tensor(name: str, t, ndim: int) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if not t.is_floating_point():
+    if not is_float_dtype(t.dtype):
         raise TypeError(f"{name} must have a floating dtype (float32, float64, bfloat16, float16), got {t.dtype}")
     if t.dim() != ndim:
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {_shape(t)}")

@@ -469,6 +469,8 @@ def test_head_parameters_reject_raw_of_the_wrong_shape_or_dtype():
 BAD_INPUTS = [
     pytest.param(lambda t: t.update(mem=t["mem"][0]), ValueError, "mem must have 3 dimensions", id="mem-2d"),
     pytest.param(lambda t: t.update(mem=t["mem"].long()), TypeError, "mem must have a floating dtype", id="mem-int"),
+    pytest.param(lambda t: t.update(mem=t["mem"].to(torch.float8_e4m3fn)), TypeError, "mem must have a floating dtype",
+                 id="mem-float8"),
     pytest.param(lambda t: t.update(k=t["k"][:, :, :-1]), ValueError, "k must have shape (B, H, M)", id="k-width"),
     pytest.param(lambda t: t.update(k=t["k"][:1]), ValueError, "k must have shape", id="k-batch"),
     pytest.param(lambda t: t.update(beta=t["beta"][:, :1]), ValueError, "beta must have shape (B, H)", id="beta-heads"),

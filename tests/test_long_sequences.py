@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -145,8 +147,14 @@ def test_bf16_memory_stays_bf16_and_close_to_fp32():
 def test_bad_checkpoint_and_memory_dtype_arguments():
     with pytest.raises(ValueError, match="checkpoint_every must be a non-negative int"):
         make(checkpoint_every=-2)
-    with pytest.raises(TypeError, match="memory_dtype must be a floating torch.dtype"):
-        make(memory_dtype=torch.int8)
+    for dtype in (torch.int8, torch.float8_e4m3fn, "float8_e5m2"):  # no op computes in float8
+        with pytest.raises(TypeError, match=r"memory_dtype must be one of \(torch.float32, "):
+            make(memory_dtype=dtype)
+    ntm = make()
+    _, state = ntm(torch.rand(2, 2, 4))
+    state = dataclasses.replace(state, memory=state.memory.to(torch.float8_e4m3fn))
+    with pytest.raises(TypeError, match="state.memory must have a floating dtype, one of"):
+        ntm(torch.rand(2, 2, 4), state)  # it raised torch's "aminmax_cpu not implemented" from the range check
 
 
 def test_memory_dtype_by_name_round_trips_through_a_config():

@@ -244,6 +244,7 @@ class NTMCell(nn.Module):
             f"memory_width={self.memory_width}, controller={self.controller_kind!r}, num_reads={self.num_reads}, "
             f"num_writes={self.num_writes}, shift_range={self.shift_range}, memory_init={self.memory_init!r}"
             + (f", memory_dtype={self.memory_dtype}" if self.memory_dtype is not None else "")
+            + f", backend={self.backend!r}"
         )
 
     def initial_state(self, batch_size: int, device=None, dtype=None) -> NTMState:
@@ -304,9 +305,12 @@ class NTMCell(nn.Module):
         """The output layer on features of any leading shape (identity without one)."""
         return self.output(features) if self.output is not None else features
 
-    def forward(self, x: torch.Tensor, state: NTMState) -> tuple[torch.Tensor, NTMState]:
+    def forward(self, x: torch.Tensor, state: NTMState | None = None) -> tuple[torch.Tensor, NTMState]:
         _check_x(self, "x", x, "(B, input_size)")
-        _check_state(self, state, x, x.shape[0])
+        if state is None:
+            state = self.initial_state(x.shape[0], x.device, x.dtype)
+        else:
+            _check_state(self, state, x, x.shape[0])
         features, state = self._features(x, state)
         return self.readout(features), state
 
@@ -345,7 +349,7 @@ def unroll(cell: NTMCell, x: torch.Tensor, state: NTMState, checkpoint_every: in
     checkpointed = (checkpoint_every > 0 and torch.is_grad_enabled()
                     and not torch._C._are_functorch_transforms_active())
     segment = checkpoint_every if checkpointed else x.shape[0]
-    outputs = []
+    outputs, recorded = [], []
     for start in range(0, x.shape[0], segment):
         x_segment = x[start : start + segment]
         if segment < x.shape[0]:
@@ -359,8 +363,10 @@ def unroll(cell: NTMCell, x: torch.Tensor, state: NTMState, checkpoint_every: in
         else:
             y, weights, state = _run_steps(cell, x_segment, state, bool(traces))
         outputs.append(y)
-        for trace in traces:
-            trace.steps.extend(weights.detach().unbind(0))
+        if traces:
+            recorded.extend(weights.detach().unbind(0))
+    for trace in traces:  # once every segment has run: a call that raises records none of its steps
+        trace.steps.extend(recorded)
     features = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
     return cell.readout(features), state
 
@@ -460,6 +466,23 @@ class FastNTM(nn.Module):
 
     def extra_repr(self) -> str:
         return f"checkpoint_every={self.checkpoint_every!r}, batch_first={self.batch_first}"
+
+    def __getstate__(self):
+        # A copy (deepcopy, pickle) made inside a record() block records nothing: no block of its own is open.
+        return {**super().__getstate__(), "_traces": []}
+
+    @property
+    def input_size(self) -> int:
+        return self.cell.input_size
+
+    @property
+    def output_size(self) -> int | None:
+        return self.cell.output_size
+
+    @property
+    def feature_size(self) -> int:
+        """The width of ``[h_t, r_t]``, what ``y`` holds with ``output_size=None``."""
+        return self.cell.feature_size
 
     def reset_parameters(self) -> None:
         self.cell.reset_parameters()

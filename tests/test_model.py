@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
+import pickle
 import re
 import subprocess
 import sys
@@ -202,6 +204,44 @@ def test_cell_is_exported_and_usable_alone():
     assert isinstance(state, NTMState)
     y, state = cell(torch.rand(2, 3), state)
     assert y.shape == (2, 2)
+    x = torch.rand(2, 3)
+    torch.testing.assert_close(cell(x)[0], cell(x, cell.initial_state(2))[0])  # no state: the initial one, as nn.LSTMCell
+
+
+def test_the_model_names_its_sizes_and_backend_as_nn_lstm_does():
+    ntm = FastNTM(3, None, **SMALL)
+    assert (ntm.input_size, ntm.output_size, ntm.feature_size) == (3, None, 16 + 5)
+    assert ntm(torch.rand(2, 4, 3))[0].shape == (2, 4, ntm.feature_size)
+    assert "backend='auto'" in repr(ntm)
+
+
+@pytest.mark.parametrize("checkpoint_every", [0, 2])
+def test_a_call_that_raises_midway_records_none_of_its_steps(checkpoint_every):
+    ntm = make(checkpoint_every=checkpoint_every)
+    calls = []
+
+    def fail_at_the_fifth_step(module, inputs, output):
+        calls.append(None)
+        if len(calls) == 5:
+            raise RuntimeError("step 5 failed")
+
+    x = torch.rand(6, 2, 3, requires_grad=True)
+    with ntm.record() as trace:
+        ntm(x[:2])
+        handle = ntm.cell.heads.register_forward_hook(fail_at_the_fifth_step)
+        with pytest.raises(RuntimeError, match="step 5 failed"):
+            ntm(x)
+        handle.remove()
+    assert len(trace.steps) == 2  # the first call's; the second's four steps before the error, none
+
+
+def test_a_copy_made_inside_a_record_block_records_nothing():
+    ntm = make()
+    with ntm.record() as trace:
+        copied, pickled = copy.deepcopy(ntm), pickle.loads(pickle.dumps(ntm))
+        copied(torch.rand(2, 2, 3))
+        pickled(torch.rand(2, 2, 3))
+    assert copied._traces == [] and pickled._traces == [] and trace.steps == []
 
 
 def test_forward_rejects_a_controller_state_of_the_wrong_shape_or_kind():
@@ -274,8 +314,8 @@ def test_cell_checks_its_input_and_state_naming_them():
         cell(torch.rand(2, 5), state)
     with pytest.raises(ValueError, match=re.escape("state.memory must have shape (3, 13, 5) for this model and batch 3")):
         cell(torch.rand(3, 3), state)
-    with pytest.raises(TypeError, match="state must be an NTMState, got NoneType"):
-        cell(torch.rand(2, 3), None)
+    with pytest.raises(TypeError, match="state must be an NTMState, got tuple"):
+        cell(torch.rand(2, 3), (state.memory, state.weights))
 
 
 def test_nested_record_blocks_each_keep_their_steps():

@@ -82,6 +82,10 @@ seed_int = _number(int, "an integer in [-2**63, 2**64 - 2]", lambda v: -(2**63) 
 generator_seed = _number(int, "an integer in [-2**63, 2**64 - 1]", lambda v: -(2**63) <= v <= 2**64 - 1)
 
 
+# An empty --out (an unset shell variable, say) would be Path("."), the current folder.
+out_path = _number(lambda text: Path(text) if text.strip() else None, "a path, not an empty string", lambda v: True)
+
+
 def length_list(text: str) -> list[int]:
     """``"20,40,80"`` -> ``[20, 40, 80]``."""
     try:
@@ -164,7 +168,7 @@ def _add_train(commands, common) -> None:
     g.add_argument("--clip", type=nonnegative_float, help=f"gradient norm clip, 0 for none [{d.clip}]")
     g.add_argument("--seed", type=seed_int, help=f"seed of the weights and the training data [{d.seed}]")
     g.add_argument("--device", choices=("cpu", "cuda", "auto"), help=f"[{d.device}]")
-    g.add_argument("--out", type=Path, help="output folder (default: runs/TASK)")
+    g.add_argument("--out", type=out_path, help="output folder (default: runs/TASK)")
     g.add_argument("--resume", action="store_true",
                    help="continue from the checkpoint in --out; training flags given override the saved ones")
     g.add_argument("--eval-every", type=positive_int, help=f"steps between evaluations and log rows [{d.eval_every}]")
@@ -193,12 +197,7 @@ def _add_train(commands, common) -> None:
                         "CUDA only, one process [off]")
     g.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_const", const=False,
                    help="turn a resumed run's --cuda-graph off (to resume it on a CPU, say)")
-    g.add_argument("--backend", choices=BACKENDS,
-                   help="the memory ops' implementation: auto (the Triton kernels on CUDA, the numba kernels on a "
-                        "CPU where numba imports, else the reference path), reference (plain PyTorch), triton "
-                        "(CUDA), numba (CPU), or compiled (the reference path through torch.compile: tens of "
-                        "seconds of compiling at the start, then on a CPU about the numba kernels' speed; needs a "
-                        "C++ compiler) [auto]")
+    g.add_argument("--backend", choices=BACKENDS, help=BACKEND_HELP + " [auto]")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     m = p.add_argument_group("model")
     for flag, dest, kind, text in MODEL_FLAGS:
@@ -233,7 +232,8 @@ def _add_eval(commands, common) -> None:
     p.add_argument("--batch-size", type=positive_int, default=32, help="sequences per batch (default 32)")
     p.add_argument("--seed", type=generator_seed, default=2024, help="seed of the eval sequences (default 2024)")
     p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto", help="(default auto)")
-    p.add_argument("--out", type=Path, help="JSON file to write (default: CHECKPOINT/eval.json)")
+    p.add_argument("--out", type=out_path, help="JSON file to write (default: CHECKPOINT/eval.json)")
+    p.add_argument("--backend", choices=BACKENDS, default="auto", help=BACKEND_HELP + " (default auto)")
     p.set_defaults(run=run_eval)
 
 
@@ -251,8 +251,15 @@ def _add_plot(commands, common) -> None:
     p.add_argument("--length", type=positive_int,
                    help="the task's length knob (as in 'fastntm eval'); default: the training maximum")
     p.add_argument("--seed", type=generator_seed, default=0, help="seed of the sequence (default 0)")
-    p.add_argument("--out", type=Path, help="output folder (default: CHECKPOINT/plots)")
+    p.add_argument("--out", type=out_path, help="output folder (default: CHECKPOINT/plots)")
+    p.add_argument("--backend", choices=BACKENDS, default="auto", help=BACKEND_HELP + " (default auto)")
     p.set_defaults(run=run_plot)
+
+
+BACKEND_HELP = ("the memory ops' implementation: auto (the Triton kernels on CUDA, the numba kernels on a CPU where "
+                "numba imports, else the reference path), reference (plain PyTorch), triton (CUDA), numba (CPU), or "
+                "compiled (the reference path through torch.compile: tens of seconds of compiling at the start, then "
+                "on a CPU about the numba kernels' speed; needs a C++ compiler)")
 
 
 class CommandError(Exception):
@@ -327,8 +334,8 @@ def _task_args(task: str, given: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_train(args) -> int:
-    from .training import (STATE_FILE, TrainConfig, Trainer, checkpoint_folder, finish_interrupted_save,
-                           holds_checkpoint, read_config, shutdown_distributed)
+    from .training import (STATE_FILE, TrainConfig, Trainer, can_resume, checkpoint_folder,
+                           finish_interrupted_save, holds_checkpoint, read_config, shutdown_distributed)
 
     out = args.out if args.out is not None else Path("runs") / args.task
     _check_folder(out)
@@ -344,13 +351,20 @@ def run_train(args) -> int:
             _check_same(args.task, saved, model_args, task_args)
             trainer = Trainer.resume(out, progress=not args.no_progress, **overrides)
         else:
-            if holds_checkpoint(out):
+            if holds_checkpoint(out) and can_resume(out):
                 raise CommandError(f"{out} already holds a checkpoint; pass --resume to continue it or pick "
                                    f"another --out")
+            if holds_checkpoint(out):
+                raise CommandError(f"{out} holds a model's files but not the trainer's state ({STATE_FILE}), so "
+                                   f"it cannot be resumed; pick another --out, or move them away to train there")
             config = TrainConfig(task=args.task, task_args=task_args, model_args=model_args, **overrides)
             trainer = Trainer(config, out, progress=not args.no_progress)
     except (ValueError, FileNotFoundError, RuntimeError) as error:
         raise CommandError(str(error)) from None
+    if trainer.reached_target and trainer.step < trainer.config.steps and trainer.dist.is_main:
+        print(f"the checkpoint in {out} already reached its target (an eval cost below {trainer.config.stop_cost:g} "
+              f"in its last {trainer.config.target_patience} evaluations), so no step runs; --target-cost 0 "
+              f"trains on")
     try:
         result = trainer.fit()
     except KeyboardInterrupt:
@@ -365,11 +379,12 @@ def run_train(args) -> int:
     shutdown_distributed()
     if not trainer.dist.is_main:
         return 0
-    status = "reached" if result.reached_target else "did not reach"
+    target = trainer.config.stop_cost
+    status = f"{'reached' if result.reached_target else 'did not reach'} the target {target:g}" if target else "no target"
     eval_cost = "-" if result.eval_cost is None else f"{result.eval_cost:.4g}"
     print(
         f"step {result.step}, {result.sequences} sequences, {result.elapsed_s:.0f} s: eval cost {eval_cost} "
-        f"bits/sequence ({status} the target {trainer.config.stop_cost:g}); checkpoint in {out}"
+        f"bits/sequence ({status}); checkpoint in {out}"
     )
     return 0
 
@@ -414,7 +429,7 @@ def run_eval(args) -> int:
         _check_folder(out.parent)
         if out.exists() and not os.access(out, os.W_OK):
             raise CommandError(f"--out {out} cannot be written over (no write permission)")
-        model, task, saved = load_model(folder, device)
+        model, task, saved = load_model(folder, device, backend=args.backend)
         lengths = args.lengths or [max_length(task) * k for k in (1, 2, 4)]
         rows_in = [("train", {})] + [(str(n), length_overrides(task, n)) for n in lengths]
         for _, overrides in rows_in:
@@ -447,7 +462,9 @@ def run_eval(args) -> int:
               "length_knob": _knob_name(task.name), "batches": args.batches, "batch_size": args.batch_size,
               "seed": args.seed, "rows": rows}
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    partial = out.with_name(f".{out.name}.tmp")  # renamed into place whole: an interrupted write leaves no half file
+    partial.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(partial, out)
     print(f"wrote {out}")
     return 0
 
@@ -476,8 +493,8 @@ def run_plot(args) -> int:
     try:
         out = args.out if args.out is not None else checkpoint_folder(args.checkpoint) / "plots"
         _check_folder(out)
-        paths = plot_checkpoint(args.checkpoint, length=args.length, seed=args.seed, out=out)
-    except (ValueError, FileNotFoundError) as error:
+        paths = plot_checkpoint(args.checkpoint, length=args.length, seed=args.seed, out=out, backend=args.backend)
+    except (ValueError, FileNotFoundError, RuntimeError) as error:
         raise CommandError(str(error)) from None
     for path in paths:
         print(f"wrote {path}")

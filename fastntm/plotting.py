@@ -95,13 +95,13 @@ def _save(fig, path) -> Path:
 
 @torch.no_grad()
 def plot_checkpoint(checkpoint: str | os.PathLike, *, length: int | None = None, seed: int = 0,
-                    out: str | os.PathLike | None = None) -> list[Path]:
-    """Run the checkpoint on one fresh sequence and write ``io.png`` and ``weights.png`` to ``out``.
+                    out: str | os.PathLike | None = None, backend: str = "auto") -> list[Path]:
+    """Run the checkpoint on one fresh sequence, on the CPU, and write ``io.png`` and ``weights.png`` to ``out``.
 
     ``length`` sets the task's length knob as in ``fastntm eval`` (default: the training
-    maximum); ``out`` defaults to the checkpoint's ``plots`` folder.
+    maximum); ``out`` defaults to the checkpoint's ``plots`` folder; ``backend`` as in ``FastNTM``.
     """
-    model, task, saved = load_model(checkpoint, "cpu")
+    model, task, saved = load_model(checkpoint, "cpu", backend=backend)
     folder = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
     out = Path(out) if out is not None else folder / "plots"
     overrides = length_overrides(task, max_length(task) if length is None else length)

@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 import operator
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import ClassVar, NamedTuple
 
 import torch
@@ -487,4 +487,9 @@ def make_task(name: str, **kwargs) -> Task:
     """Build the task registered as ``name`` with its dataclass fields as ``kwargs``."""
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; valid names: {', '.join(sorted(TASKS))}")
+    names = [field.name for field in fields(TASKS[name])]
+    unknown = [key for key in kwargs if key not in names]
+    if unknown:
+        raise ValueError(f"task {name} takes no argument {', '.join(map(repr, unknown))}; its arguments: "
+                         f"{', '.join(names)}")
     return TASKS[name](**kwargs)

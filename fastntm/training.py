@@ -61,7 +61,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as save_weights
 
 from .backend import BACKENDS, resolve as resolve_backend
 from .graphs import CapturedStep
@@ -219,6 +219,13 @@ class TrainConfig:
         if self.curriculum and self.task not in CURRICULUM_KNOBS:
             raise ValueError(f"curriculum=True (--curriculum) applies to {', '.join(CURRICULUM_KNOBS)}, not to "
                              f"{self.task}")
+        if self.curriculum and self.curriculum_start is not None:
+            task = make_task(self.task, **self.task_args)
+            floor, top = _CURRICULUM_FLOORS[self.task], CURRICULUM_KNOBS[self.task][1]
+            low, high = getattr(task, floor), getattr(task, top)
+            if not low <= self.curriculum_start <= high:
+                raise ValueError(f"curriculum_start must lie within the task's {floor} and {top}, [{low}, {high}], "
+                                 f"got {self.curriculum_start}")
         if not self.curriculum:
             given = [f"{name}={getattr(self, name)!r} (--{name.replace('_', '-')})" for name in CURRICULUM_SETTINGS
                      if getattr(self, name) != _default(name)]
@@ -448,13 +455,23 @@ def model_constructor_args(config: TrainConfig, task: Task) -> dict[str, Any]:
     return {"input_size": task.input_size, "output_size": task.output_size, **config.model_args}
 
 
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[FastNTM, Task, dict[str, Any]]:
-    """The model, task and saved ``config.json`` of a checkpoint (its folder or its ``model.safetensors``)."""
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", *,
+               backend: str = "auto") -> tuple[FastNTM, Task, dict[str, Any]]:
+    """The model, task and saved ``config.json`` of a checkpoint (its folder or its ``model.safetensors``), the
+    model running its memory ops on ``backend`` (a choice of the run, not of the checkpoint: see
+    ``TrainConfig.backend``); one that cannot run on ``device`` fails here, before the weights load."""
+    resolve_backend(backend, torch.device(device))  # and FASTNTM_BACKEND's value, where auto defers to it
     folder = checkpoint_folder(path)
     saved = read_config(folder)
-    task = make_task(saved["task"]["name"], **saved["task"]["args"])
-    model = FastNTM(**saved["model"])
-    _load_weights(model, folder, "cpu")
+    try:  # a config.json of another version, or edited by hand
+        task = make_task(saved["task"]["name"], **saved["task"]["args"])
+        model = FastNTM(**saved["model"], backend=backend)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{folder / CONFIG_FILE} does not describe a model and task that fastntm builds: "
+                         f"{error}") from None
+    step = _load_weights(model, folder, "cpu")
+    if step >= 0:  # the weights' own: config.json may be a save behind them, the save stopped between its renames
+        saved["step"] = step
     return model.to(device).eval(), task, saved
 
 
@@ -507,6 +524,12 @@ def checkpoint_folder(path: str | os.PathLike) -> Path:
 def holds_checkpoint(folder: str | os.PathLike) -> bool:
     """Whether ``folder`` holds a checkpoint, complete or with a save to finish (``finish_interrupted_save``)."""
     return any((Path(folder) / name).exists() for name in SAVE_ORDER)
+
+
+def can_resume(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` holds the trainer's state that ``Trainer.resume`` needs, or a save of it to finish."""
+    folder = Path(folder)
+    return (folder / STATE_FILE).is_file() or _tmp_path(folder, STATE_FILE).is_file()
 
 
 def _tmp_path(folder: Path, name: str) -> Path:
@@ -703,7 +726,8 @@ class Trainer:
             "curriculum_max": self.curriculum_max,
         }
         writers = {
-            MODEL_FILE: lambda p: save_file(weights, p, metadata={"step": str(self.step)}),
+            # Bytes written as the other files are: save_file's file is owner-only (0600) whatever the umask.
+            MODEL_FILE: lambda p: p.write_bytes(save_weights(weights, metadata={"step": str(self.step)})),
             CONFIG_FILE: lambda p: p.write_text(text),
             STATE_FILE: lambda p: torch.save(state, p),
         }
@@ -778,13 +802,15 @@ class Trainer:
         """Drop log rows written after the checkpoint: a run that died past it, or one that died before
         its first checkpoint in the folder that a fresh run now takes."""
         path = self.out / LOG_FILE
-        if not path.is_file() or not self.dist.is_main:
+        if not self.dist.is_main:
             return
-        with open(path, newline="") as f:
-            # A row without a step (a header or line damaged by hand) is dropped rather than stopping the run.
-            rows = [row for row in csv.DictReader(f)
-                    if (row.get("step") or "").isdigit() and int(row["step"]) <= self.step]
-        self._write_log(rows, mode="w")
+        rows = []
+        if path.is_file():
+            with open(path, newline="") as f:
+                # A row without a step (a header or line damaged by hand) is dropped rather than stopping the run.
+                rows = [row for row in csv.DictReader(f)
+                        if (row.get("step") or "").isdigit() and int(row["step"]) <= self.step]
+        self._write_log(rows, mode="w")  # the header at least: a run shorter than eval_every has its log too
 
     def _write_log(self, rows: list[dict[str, Any]], mode: str = "a") -> None:
         if not self.dist.is_main:
@@ -832,6 +858,12 @@ class Trainer:
         return evaluate(self.model, self.task, batches=c.eval_batches, batch_size=c.eval_batch_size, seed=c.eval_seed,
                         device=self.device, **overrides)
 
+    @property
+    def reached_target(self) -> bool:
+        """Whether the eval cost has stayed below the target for ``target_patience`` evaluations: ``fit`` then
+        trains no further, whatever ``steps`` says (``target_cost=0`` trains on)."""
+        return self.evals_below_target >= self.config.target_patience
+
     def fit(self) -> TrainResult:
         """Train until ``config.steps`` or the target cost; checkpoint at the end either way."""
         c = self.config
@@ -841,7 +873,7 @@ class Trainer:
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
         self._truncate_log()
-        reached = self.evals_below_target >= c.target_patience
+        reached = self.reached_target
         bar = None
         if self.progress:
             from tqdm.auto import tqdm
@@ -864,7 +896,7 @@ class Trainer:
                 if self.step % c.eval_every == 0:
                     below = self._end_window() < c.stop_cost
                     self.evals_below_target = self.evals_below_target + 1 if below else 0
-                    reached = self.evals_below_target >= c.target_patience
+                    reached = self.reached_target
                     self.elapsed_s = time.perf_counter() - started
                 elif self.step >= c.steps:
                     # The result and the checkpoint then report the final weights. Off the schedule: no log row,

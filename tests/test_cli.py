@@ -47,6 +47,8 @@ def test_train_smoke_writes_checkpoint_and_log(trained, capsys):
     assert rows[0] == "step,sequences,loss,cost,eval_cost,curriculum,elapsed_s"
     assert rows[1].startswith("2,4,")
     assert not list(trained.glob(".*.tmp"))
+    # safetensors' save_file made the weights owner-only (0600) whatever the umask; each file now takes it alike.
+    assert len({(trained / name).stat().st_mode & 0o777 for name in ("model.safetensors", "config.json")}) == 1
 
 
 def test_checkpoint_round_trip_gives_the_same_outputs(tmp_path):
@@ -269,8 +271,9 @@ def test_threads_default_to_two_of_this_processs_cores(monkeypatch, cores, local
         (["eval", "x", "--lengths", "20,abc"], "comma-separated"),
         (["train", "copy", "--seed", str(2**64 - 1)], "argument --seed: expected an integer in [-2**63, 2**64 - 2]"),
         (["eval", "x", "--seed", str(2**64)], "argument --seed: expected an integer in [-2**63, 2**64 - 1]"),
+        (["train", "copy", "--out", ""], "argument --out: expected a path, not an empty string"),  # was "."
     ],
-    ids=["task", "lr", "steps", "optimizer", "lengths", "train-seed", "eval-seed"],
+    ids=["task", "lr", "steps", "optimizer", "lengths", "train-seed", "eval-seed", "empty-out"],
 )
 def test_bad_arguments_exit_with_a_message(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -586,8 +589,13 @@ def test_triton_on_the_cpu_is_refused_before_any_work(tmp_path, monkeypatch, cap
     (dict(curriculum=True, curriculum_threshold=-1.0), "curriculum_threshold must be >= 0"),
     (dict(model_args={**TINY, "batch_first": True}), "model_args must not hold 'batch_first'"),
     (dict(model_args={"memory_slot": 4}), "model_args has 'memory_slot', not among the FastNTM arguments"),
+    # Clamped to the task's range without a word, which trained without a curriculum:
+    (dict(curriculum=True, curriculum_start=7), r"curriculum_start must lie within the task's min_len and max_len, "
+                                                r"\[1, 6\], got 7"),
+    (dict(task_args={"length": 5}), "task copy takes no argument 'length'; its arguments: bits, min_len, max_len"),
 ], ids=["eval_seed-str", "eval_seed-too-big", "seed-float", "seed-too-big", "lr-str", "curriculum-str",
-        "curriculum_step-float", "curriculum_start-0", "curriculum_threshold-negative", "batch_first", "unknown-arg"])
+        "curriculum_step-float", "curriculum_start-0", "curriculum_threshold-negative", "batch_first", "unknown-arg",
+        "curriculum_start-past-the-task", "unknown-task-arg"])
 def test_bad_config_values_are_refused_naming_the_field(kwargs, message):
     # Each failed late (at the first evaluation, mid-run, in Trainer.__init__) naming no field, or never.
     with pytest.raises(ValueError, match=message):
@@ -614,3 +622,69 @@ def test_a_run_that_ends_between_evaluations_reports_its_final_weights(tmp_path)
     result = trainer.fit()
     assert result.eval_cost == trainer.evaluate()
     assert [line.split(",")[0] for line in (tmp_path / "log.csv").read_text().splitlines()[1:]] == ["2"]
+    Trainer(tiny_config(steps=1), tmp_path / "short", progress=False).fit()  # shorter than eval_every: no log was written
+    assert (tmp_path / "short" / "log.csv").read_text() == "step,sequences,loss,cost,eval_cost,curriculum,elapsed_s\n"
+
+
+def test_a_resume_of_a_run_that_reached_its_target_says_why_no_step_runs(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    target = ["--target-cost", "1000", "--target-patience", "1", "--eval-every", "1"]
+    assert main(["train", "copy", "--steps", "2", "--out", out, *TINY_FLAGS, *FAST, *target]) == 0
+    assert "(reached the target 1000)" in capsys.readouterr().out
+    assert main(["train", "copy", "--out", out, "--resume", "--steps", "4", "--no-progress"]) == 0
+    printed = capsys.readouterr().out  # was the summary line alone, at step 1
+    assert "already reached its target (an eval cost below 1000 in its last 1 evaluations), so no step runs; " \
+           "--target-cost 0 trains on" in printed and "step 1," in printed
+    assert main(["train", "copy", "--out", out, "--resume", "--steps", "4", "--no-progress", "--target-cost", "0"]) == 0
+    printed = capsys.readouterr().out
+    assert "step 4, 8 sequences" in printed and "(no target)" in printed
+
+
+def test_a_run_without_a_target_says_so(tmp_path, capsys):
+    assert main(["train", "ngrams", "--steps", "1", "--length", "12", "--out", str(tmp_path / "run"), *TINY_FLAGS,
+                 *FAST]) == 0
+    assert "(no target)" in capsys.readouterr().out  # was "(did not reach the target 0)"
+
+
+def test_a_folder_with_weights_but_no_trainer_state_is_named_as_such(trained, tmp_path, capsys):
+    # A fresh run said "pass --resume", and --resume then said there was no checkpoint.
+    (trained / "trainer_state.pt").unlink()
+    assert main(["train", "copy", "--steps", "2", "--out", str(trained), *TINY_FLAGS, *FAST]) == 2
+    assert "holds a model's files but not the trainer's state (trainer_state.pt), so it cannot be resumed" in (
+        capsys.readouterr().err)
+
+
+def test_a_config_of_another_version_is_a_one_line_error(trained, capsys):
+    saved = json.loads((trained / "config.json").read_text())
+    saved["model"]["bogus"] = 1  # a TypeError traceback from FastNTM.__init__
+    (trained / "config.json").write_text(json.dumps(saved))
+    for command in (["eval", str(trained), "--batches", "1"], ["plot", str(trained)]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert "config.json does not describe a model and task that fastntm builds" in err and "'bogus'" in err
+        assert len(err.splitlines()) == 1
+
+
+def test_eval_and_plot_take_a_backend_and_refuse_a_bad_one_in_one_line(trained, tmp_path, monkeypatch, capsys):
+    assert main(["eval", str(trained), "--batches", "1", "--batch-size", "2", "--backend", "reference"]) == 0
+    capsys.readouterr()
+    monkeypatch.setenv("FASTNTM_BACKEND", "bogus")  # a traceback from the first step, after loading the model
+    for command in (["eval", str(trained), "--batches", "1"], ["plot", str(trained), "--out", str(tmp_path / "p")]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert "FASTNTM_BACKEND must be one of" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "p").exists()
+
+
+def test_eval_names_the_step_of_the_weights_after_a_save_stopped_between_its_renames(tmp_path, monkeypatch, capsys):
+    Trainer(tiny_config(steps=2), tmp_path, progress=False).fit()
+    trainer = Trainer.resume(tmp_path, progress=False, steps=4)
+    replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: (replace if dst.name == "model.safetensors" else interrupt)(
+        src, dst))
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    monkeypatch.undo()
+    assert json.loads((tmp_path / "config.json").read_text())["step"] == 2  # a save behind the weights
+    assert main(["eval", str(tmp_path), "--batches", "1", "--batch-size", "2", "--lengths", "3"]) == 0
+    assert "copy at step 4," in capsys.readouterr().out  # was step 2, of config.json

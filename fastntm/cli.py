@@ -86,6 +86,12 @@ generator_seed = _number(int, "an integer in [-2**63, 2**64 - 1]", lambda v: -(2
 out_path = _number(lambda text: Path(text) if text.strip() else None, "a path, not an empty string", lambda v: True)
 
 
+BACKEND_HELP = ("the memory ops' implementation: auto (the Triton kernels on CUDA, the numba kernels on a CPU where "
+                "numba imports, else the reference path), reference (plain PyTorch), triton (CUDA), numba (CPU), or "
+                "compiled (the reference path through torch.compile: tens of seconds of compiling at the start, then "
+                "on a CPU about the numba kernels' speed; needs a C++ compiler)")
+
+
 def length_list(text: str) -> list[int]:
     """``"20,40,80"`` -> ``[20, 40, 80]``."""
     try:
@@ -254,12 +260,6 @@ def _add_plot(commands, common) -> None:
     p.add_argument("--out", type=out_path, help="output folder (default: CHECKPOINT/plots)")
     p.add_argument("--backend", choices=BACKENDS, default="auto", help=BACKEND_HELP + " (default auto)")
     p.set_defaults(run=run_plot)
-
-
-BACKEND_HELP = ("the memory ops' implementation: auto (the Triton kernels on CUDA, the numba kernels on a CPU where "
-                "numba imports, else the reference path), reference (plain PyTorch), triton (CUDA), numba (CPU), or "
-                "compiled (the reference path through torch.compile: tens of seconds of compiling at the start, then "
-                "on a CPU about the numba kernels' speed; needs a C++ compiler)")
 
 
 class CommandError(Exception):

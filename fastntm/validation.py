@@ -237,10 +237,14 @@ def check_memory_step(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads) -> Non
     check_ranges([*_addressing_ranges(k, beta, g, s, gamma, w_prev), ("e", e, 0.0, 1.0), ("a", a, None, None)])
 
 
+RAW = "raw (the head layer's output)"
+"""``raw``'s name in its value checks: in a model that went NaN, the tensor a user never passed by that name."""
+
+
 def check_head_parameters(raw, num_reads, num_writes, memory_width, shift_width) -> None:
     """``_check_head_layout``, then ``raw`` finite."""
     _check_head_layout(raw, num_reads, num_writes, memory_width, shift_width)
-    check_ranges([("raw", raw, None, None)])
+    check_ranges([(RAW, raw, None, None)])
 
 
 def _check_head_layout(raw, num_reads, num_writes, memory_width, shift_width) -> None:
@@ -277,4 +281,4 @@ def check_memory_step_from_heads(mem, raw, w_prev, num_reads, num_writes, shift_
     check_shape("w_prev", w_prev, (B, H, N), f"(B, H, N) with H = num_reads + num_writes = {H}")
     check_same_device({"mem": mem, "raw": raw, "w_prev": w_prev})
     check_same_dtype({"raw": raw, "w_prev": w_prev})
-    check_ranges([("raw", raw, None, None), ("w_prev", w_prev, 0.0, WEIGHT)])
+    check_ranges([(RAW, raw, None, None), ("w_prev", w_prev, 0.0, WEIGHT)])

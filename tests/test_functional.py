@@ -418,7 +418,8 @@ BAD_FROM_HEADS = [
                  id="w_prev-dtype"),
     pytest.param(lambda x: x.update(mem=x["mem"][:, :0], w_prev=x["w_prev"][..., :0]), ValueError,
                  "mem must have at least one slot to address", id="mem-no-slots"),
-    pytest.param(lambda x: x["raw"].__setitem__((1, 5), float("nan")), ValueError, "raw contains NaN", id="raw-nan"),
+    pytest.param(lambda x: x["raw"].__setitem__((1, 5), float("nan")), ValueError,
+                 "raw (the head layer's output) contains NaN", id="raw-nan"),
     pytest.param(lambda x: x.update(w_prev=-x["w_prev"]), ValueError, "w_prev must lie in [0.0, 1.0]",
                  id="w_prev-negative"),
     pytest.param(lambda x: x.update(w_prev=x["w_prev"] * 1e3), ValueError, "w_prev must lie in [0.0, 1.0]",
@@ -670,7 +671,8 @@ def test_head_parameters_reject_non_finite_raw():
     sizes, width = head_layout()
     raw = torch.zeros(2, width)
     raw[1, 3] = float("inf")
-    with pytest.raises(ValueError, match="raw must be finite"):  # once inf and NaN parameters, no word
+    # Once inf and NaN parameters, no word:
+    with pytest.raises(ValueError, match=re.escape("raw (the head layer's output) must be finite")):
         F.head_parameters(raw, **sizes)
 
 

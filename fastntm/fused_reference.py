@@ -113,11 +113,11 @@ def _erase_factors(w_write: torch.Tensor, e: torch.Tensor) -> torch.Tensor | Non
 
 
 def _write(mem, w_write, e, a, erase_factors):
-    """``M P + sum_h w_h a_h``; one head as ``M + w (a - e M)``, which is the same sum in
-    two (B, N, M) passes instead of four."""
-    if erase_factors is None:
-        return torch.addcmul(mem, w_write.transpose(1, 2), torch.addcmul(a, e, mem, value=-1))
-    return torch.baddbmm(mem * erase_factors.prod(dim=1), w_write.transpose(1, 2), a)
+    """``M P + sum_h w_h a_h``, rounded in the spec's order: the erase, then the add. (One head as
+    ``M + w (a - e M)`` took fewer passes, but a full erase of a large ``M`` rounded ``a`` away: ``a - M``
+    keeps no digit of an ``a`` below ulp(M).)"""
+    keep = 1 - w_write.transpose(1, 2) * e if erase_factors is None else erase_factors.prod(dim=1)
+    return torch.baddbmm(mem * keep, w_write.transpose(1, 2), a)
 
 
 SAVED = 20  # tensors MemoryStep._forward saves for its own backward

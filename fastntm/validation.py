@@ -140,14 +140,15 @@ def _check_bounds(name: str, lo: float, hi: float, low: float | None, high: floa
     if lo != lo or hi != hi:
         raise ValueError(f"{name} contains NaN")
     if math.isinf(lo) or math.isinf(hi):
-        raise ValueError(f"{name} must be finite, got values in [{lo:g}, {hi:g}]")
+        raise ValueError(f"{name} must be finite, got values in [{lo:.9g}, {hi:.9g}]")
     if high in (WEIGHT, DISTRIBUTION):
         high, limit = 1.0, 1 + ROUNDING_SLACK
     else:
         limit = high
     if (low is not None and lo < low) or (limit is not None and hi > limit):
         interval = f"[{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
-        raise ValueError(f"{name} must lie in {interval}, got values in [{lo:g}, {hi:g}]")
+        # Nine digits: a float32 one ulp outside the interval (g = 1 + 2^-23) would read as inside it at six.
+        raise ValueError(f"{name} must lie in {interval}, got values in [{lo:.9g}, {hi:.9g}]")
 
 
 def check_mem(mem) -> tuple[int, int, int]:

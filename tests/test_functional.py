@@ -547,8 +547,12 @@ def test_weightings_a_rounding_above_one_are_taken():
     w, r, new_mem = F.memory_step(*t.values(), num_reads=1)
     assert all(torch.isfinite(x).all() for x in (w, r, new_mem))
     t["w_prev"][..., 2] = 1 + 2**-7
-    with pytest.raises(ValueError, match=re.escape("w_prev must lie in [0.0, 1.0], got values in [0, 1.00781]")):
+    with pytest.raises(ValueError, match=re.escape("w_prev must lie in [0.0, 1.0], got values in [0, 1.0078125]")):
         F.memory_step(*t.values(), num_reads=1)
+    t["w_prev"][..., 2], t["g"][0, 0] = 0.5, 1 + 2**-23  # one ulp out: was "got values in [..., 1]"
+    with pytest.raises(ValueError, match=re.escape("g must lie in [0.0, 1.0], got values in [")) as error:
+        F.memory_step(*t.values(), num_reads=1)
+    assert str(error.value).endswith("1.00000012]")
 
 
 TRANSFORMS = {
@@ -893,6 +897,27 @@ def test_second_order_gradients_stay_finite_at_a_zero_memory_row_and_a_zero_key(
     for i, (g, e) in enumerate(zip(got, expected)):
         assert torch.isfinite(g).all(), i
         assert_close(e.float(), g, f"gradient {i} against float64")
+
+
+@pytest.mark.parametrize("backend_name", ["reference", "triton", NUMBA])
+@pytest.mark.parametrize("W", [1, 2])
+def test_a_full_erase_of_a_large_memory_leaves_exactly_the_added_vector(backend_name, W):
+    """SPEC.md's order, ``M (1 - w e) + w a``: the reference's one write head took ``M + w (a - e M)``, the same
+    sum, but ``a - M`` kept nothing of an ``a`` below ulp(M) (1e-3 against 1e5 came out 0)."""
+    B, N, M, R = 1, 5, 3, 1
+    H = R + W
+    one_hot = torch.zeros(B, H, N)
+    one_hot[0, torch.arange(H), torch.arange(H) + 1] = 1.0  # head h at row h + 1
+    s = torch.zeros(B, H, 3)
+    s[..., 1] = 1.0
+    mem = torch.full((B, N, M), 1e5)
+    a = torch.full((B, W, M), 1e-3)
+    w, r, new = F.memory_step(mem, torch.randn(B, H, M), torch.ones(B, H), torch.zeros(B, H), s, torch.ones(B, H),
+                              one_hot, torch.ones(B, W, M), a, num_reads=R, backend=backend_name)
+    torch.testing.assert_close(w, one_hot, rtol=0, atol=1e-29)  # 1e-30 off the focus: the sharpening's floor
+    expected = mem.clone()
+    expected[0, R + 1 : H + 1] = a[0]
+    assert torch.equal(new, expected)
 
 
 def test_jit_trace_of_the_triton_path_records_the_op_and_reruns_on_new_inputs():

@@ -35,7 +35,8 @@ def head_parameters(raw, *, num_reads: int, num_writes: int, memory_width: int, 
     then for each write head ``[e (M), a (M)]``. ``k = raw``, ``beta = softplus(raw)``,
     ``g = sigmoid(raw)``, ``s = softmax(raw)`` over S, ``gamma = 1 + softplus(raw)``,
     ``e = sigmoid(raw)``, ``a = raw``. Returns k (B, H, M); beta, g, gamma (B, H); s (B, H, S);
-    e, a (B, W, M); in raw's dtype, ready for ``memory_step``.
+    e, a (B, W, M); in raw's dtype, ready for ``memory_step``. ``k`` and ``a`` may be views of ``raw``, as
+    ``torch.split``'s outputs are: clone one before editing it in place.
     """
     validation.check_head_parameters(raw, num_reads, num_writes, memory_width, shift_width)
     with autocast_off(raw.device):

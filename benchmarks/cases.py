@@ -59,6 +59,11 @@ COMPILE_PROVIDERS = ("reference-compile", COMPILE_GRAPH, COMPILED)  # their warm
 WHOLE_MODEL_COMPILES = ("reference-compile", COMPILE_GRAPH)  # of train_step: the whole model, minutes on a CPU
 
 
+class Unavailable(RuntimeError):
+    """The provider cannot run on this machine (a device it lacks, a library that does not import): a ``skipped``
+    row. Any other failure to build a case is an ``error`` row, which fails the run."""
+
+
 def providers_for(device: torch.device) -> tuple[str, ...]:
     """The providers of every op on ``device``."""
     others = {p for kind, p in DEVICE_PROVIDER.items() if kind != device.type}
@@ -94,6 +99,7 @@ class Case:
     fn: Callable[[], object] | None = None
     rel_err: float | None = None
     warmup_s: float | None = None
+    call_s: float = 0.0  # one call once warm (``benchmarks.run``'s budget judges a case's timing by it)
 
     @property
     def name(self) -> str:
@@ -111,18 +117,26 @@ class Case:
     def prepare(self) -> None:
         """Build, warm (compile) and check; sets ``fn`` and ``rel_err``. May raise."""
         if self.provider == "triton" and self.device.type != "cuda":
-            raise RuntimeError("the Triton kernels run on CUDA only")
+            raise Unavailable("the Triton kernels run on CUDA only")
         if self.provider == "numba" and self.device.type != "cpu":
-            raise RuntimeError("the numba kernels run on a CPU only")
+            raise Unavailable("the numba kernels run on a CPU only")
+        if self.provider == "numba" and not _numba_imports():
+            raise Unavailable("numba does not import here")
         if self.provider in TRAIN_ONLY_PROVIDERS and self.op != "train_step":
             raise ValueError(f"{self.provider} times train_step only, not {self.op}")
         if self.provider in GRAPH_PROVIDERS and self.device.type != "cuda":
-            raise RuntimeError("CUDA graphs need a CUDA device")
+            raise Unavailable("CUDA graphs need a CUDA device")
         if self.op == "train_step":
             self.fn, self.rel_err = _train_case(self.shape, self.provider, self.device)
         else:
             self.fn, self.rel_err = _op_case(self.op, self.shape, self.provider, self.device)
         common.synchronize(self.device)
+
+
+def _numba_imports() -> bool:
+    from fastntm import backend
+
+    return backend._numba_step() is not None
 
 
 def _backend(provider: str) -> str:

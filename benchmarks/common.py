@@ -103,7 +103,7 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def max_rel_err(outs, refs) -> float:
-    return max(rel_err(o, r) for o, r in zip(outs, refs))
+    return max(rel_err(o, r) for o, r in zip(outs, refs, strict=True))  # an output missing is no pass
 
 
 # ---------------------------------------------------------------- timing
@@ -175,10 +175,16 @@ def _cpu_peak_allocated(fn) -> int:
         prof.export_chrome_trace(path)
         with open(path) as f:
             events = json.load(f)["traceEvents"]
-    # "Total Allocated" counts from zero at the profiler's start: its maximum is the peak.
-    totals = [e["args"].get("Total Allocated", 0) for e in events
-              if e.get("name") == "[memory]" and e["args"].get("Device Type", 0) == 0]
-    return max(totals, default=0)
+    # The peak of this call's own allocations less its frees, in the order they happened. Not the events' "Total
+    # Allocated": that carries over from earlier profiled calls whatever they left alive (a training step's .grad),
+    # so each row took the leftovers of the rows before it.
+    changes = sorted(((e["ts"], e["args"].get("Bytes", 0)) for e in events
+                      if e.get("name") == "[memory]" and e["args"].get("Device Type", 0) == 0), key=lambda c: c[0])
+    peak = live = 0
+    for _, change in changes:
+        live += change
+        peak = max(peak, live)
+    return peak
 
 
 @contextlib.contextmanager

@@ -56,7 +56,7 @@ OUT="${OUT:-./gpu_results}"
 mkdir -p "$OUT"
 LOG="$OUT/log"
 : > "$LOG"
-PY="${PYTHON:-python}"
+PY="${PYTHON:-$(command -v python || command -v python3)}"  # a stock image may have python3 alone
 case "$PY" in */*) PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")" ;; esac  # BASE runs elsewhere
 T_TESTS="${T_TESTS:-160}"
 T_KERNELS="${T_KERNELS:-45}"

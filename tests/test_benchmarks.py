@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -57,8 +58,13 @@ def test_tiny_run_writes_every_field(tmp_path):
         (["--filter", "no-such-case"], "matches none of this run's 7 cases (tiny, cpu, providers reference)"),
         (["--filter", "("], "argument --filter: not a regular expression"),
         (["--filter", "tiny-copy", "--out", "{file}"], "cannot be the results folder: a file of that name is there"),
+        (["--providers", ""], "--providers '' must name each provider once"),  # was every provider
+        (["--providers", "reference,reference"], "must name each provider once"),  # two cases, one row
+        (["--budget", "0"], "argument --budget: expected a positive number of seconds, got '0'"),  # all skipped, rc 0
+        (["--budget", "nan"], "argument --budget: expected a positive number of seconds, got 'nan'"),  # no budget
     ],
-    ids=["filter-matches-nothing", "filter-not-a-regex", "out-is-a-file"],
+    ids=["filter-matches-nothing", "filter-not-a-regex", "out-is-a-file", "providers-empty", "providers-twice",
+         "budget-zero", "budget-nan"],
 )
 def test_runner_refuses_bad_flags_before_measuring_anything(tmp_path, capsys, args, message):
     (tmp_path / "file").write_text("")
@@ -82,12 +88,33 @@ def test_byte_model_counts_memory_three_and_six_times():
     assert got["fwd_bwd"] == 6 * mem + 3 * (vectors_in + vectors_out)
 
 
-def test_a_provider_that_fails_to_build_is_a_skipped_row():
+def test_a_provider_this_machine_cannot_run_is_a_skipped_row_and_a_crash_an_error(monkeypatch):
     device = torch.device("cpu")
-    case = Case("memory_step.fwd", TINY_OP_SHAPES["tiny-n16"], "triton", device)
-    rows = run.run_cases([case], device, {"copy_GBps": 1.0}, time_per_case_s=0.01, min_reps=1, budget_s=10,
-                         log=lambda *_: None)
+    shape = TINY_OP_SHAPES["tiny-n16"]
+    crashing = Case("memory_step.fwd", shape, "numba", device)
+    monkeypatch.setattr(cases, "_op_case", lambda *args: [][0])  # a bug in a provider: it was a skipped row, rc 0
+    rows = run.run_cases([Case("memory_step.fwd", shape, "triton", device), crashing], device, {"copy_GBps": 1.0},
+                         time_per_case_s=0.01, min_reps=1, budget_s=10, log=lambda *_: None)
     assert rows[0]["status"] == "skipped" and "CUDA" in rows[0]["error"]
+    assert rows[1]["status"] == "error" and rows[1]["error"].startswith("IndexError")
+
+
+class _SlowCase(Case):
+    def prepare(self):
+        self.fn, self.rel_err = (lambda: time.sleep(0.2)), 0.0
+
+
+def test_the_budget_counts_the_least_calls_of_the_cases_waiting_to_be_timed():
+    # Each waiting case was counted at time_per_case_s, though its five least calls take a second here: a quick
+    # run under load ran past its 90 s, and never reached its compiled row.
+    cpu = torch.device("cpu")
+    slow = [_SlowCase("memory_step.fwd", TINY_OP_SHAPES["tiny-n16"], provider, cpu) for provider in ("a", "b")]
+    common.peak_memory(lambda: None, cpu)  # the profiler's first start, seconds once a process
+    t0 = time.perf_counter()
+    rows = run.run_cases(slow, cpu, {"copy_GBps": 1.0}, time_per_case_s=0.01, min_reps=5, budget_s=2.0,
+                         log=lambda *_: None)
+    assert [r["status"] for r in rows] == ["ok", "skipped"] and "time budget spent" in rows[1]["error"]
+    assert time.perf_counter() - t0 < 2.0
 
 
 def test_the_compiled_reference_training_step_runs_a_compiled_graph(monkeypatch):
@@ -214,6 +241,21 @@ def test_quantiles_are_ordered():
 def test_cpu_peak_memory_sees_a_tensor_made_in_the_call():
     peak = common.peak_memory(lambda: torch.empty(2**20, dtype=torch.float32).fill_(1), torch.device("cpu"))
     assert peak["peak_bytes"] >= 4 * 2**20
+
+
+def test_cpu_peak_memory_counts_one_call_not_what_earlier_calls_left_alive():
+    # The profiler's running total carried every tensor a profiled call kept (4, 8, 12 MiB over three calls),
+    # so each row of a run took the leftovers of the rows before it.
+    kept = []
+
+    def keep_4mib_and_free_1mib():
+        kept.append(torch.ones(2**20))
+        torch.ones(2**18)
+
+    cpu = torch.device("cpu")
+    peaks = [common.peak_memory(keep_4mib_and_free_1mib, cpu)["peak_bytes"] for _ in range(3)]
+    assert peaks[0] == peaks[1] == peaks[2] and 4 * 2**20 <= peaks[0] < 6 * 2**20
+    assert common.peak_memory(lambda: torch.ones(2**18), cpu)["peak_bytes"] < 2 * 2**20
 
 
 def test_long_sequence_ratios_pair_the_right_rows():

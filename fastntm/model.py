@@ -255,7 +255,7 @@ class NTMCell(nn.Module):
         sequence): ``.clone()`` one before editing it in place."""
         batch_size = _int_arg("batch_size", batch_size, 1)
         if dtype is not None and not validation.is_float_dtype(dtype):
-            raise TypeError(f"dtype must be one of {validation.FLOAT_DTYPES} or None, got {dtype!r}")
+            raise TypeError(f"dtype must be a floating torch.dtype ({validation.FLOAT_NAMES}) or None, got {dtype!r}")
         device = device if device is not None else self.initial_memory.device
         dtype = dtype if dtype is not None else self.initial_memory.dtype
         B, R, H, N, M = batch_size, self.num_reads, self.num_heads, self.memory_slots, self.memory_width
@@ -329,6 +329,11 @@ def default_checkpoint_every(steps: int, state: NTMState) -> int:
     step) when every step's memory together takes at most ``AUTO_STORE_BYTES``, where
     recomputing would cost time and save nothing that matters."""
     memory = state.memory
+    if any(isinstance(size, torch.SymInt) for size in memory.shape):
+        # Traced with a dynamic size (torch.export, torch.compile(dynamic=True)): comparing its bytes with the
+        # threshold would be a guard on it, which an unbounded torch.export.Dim refuses. Segments bound the
+        # memory at any size.
+        return max(1, math.isqrt(steps - 1) + 1)
     stored = steps * memory.shape[0] * memory.shape[1] * memory.shape[2] * memory.element_size()
     return 0 if stored <= AUTO_STORE_BYTES else max(1, math.isqrt(steps - 1) + 1)
 
@@ -511,10 +516,8 @@ class FastNTM(nn.Module):
         if state is None:
             state = self.initial_state(x.shape[1], x.device, x.dtype)
         every = self.checkpoint_every
-        if every == "auto":
-            # An exported graph is a forward alone, with nothing to recompute; and a comparison of a dynamic
-            # batch's bytes with the threshold would be a guard on the batch size.
-            every = 0 if torch.compiler.is_exporting() else default_checkpoint_every(x.shape[0], state)
+        if every == "auto":  # sized only where a backward will need the steps (unroll checkpoints nothing else)
+            every = default_checkpoint_every(x.shape[0], state) if torch.is_grad_enabled() else 0
         y, state = unroll(self.cell, x, state, every, self._traces)
         return (y.transpose(0, 1) if self.batch_first else y), state
 
@@ -558,7 +561,7 @@ def _check_x(cell: NTMCell, name: str, x, layout: str) -> None:
     if x.dim() != ndim or x.shape[-1] != cell.input_size:
         raise ValueError(f"{name} must have shape {layout} with input_size = {cell.input_size}, got {tuple(x.shape)}")
     if not validation.is_float_dtype(x.dtype):
-        raise TypeError(f"{name} must have a floating dtype, one of {validation.FLOAT_DTYPES}, got {x.dtype}")
+        raise TypeError(f"{name} must have a floating dtype ({validation.FLOAT_NAMES}), got {x.dtype}")
     if 0 in x.shape[:-1]:
         needs = "at least one step and one sequence" if ndim == 3 else "at least one sequence"
         raise ValueError(f"{name} must have {needs}, got shape {tuple(x.shape)}")
@@ -603,7 +606,7 @@ def _check_state(cell: NTMCell, state, x: torch.Tensor, B: int) -> None:
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
         if not validation.is_float_dtype(t.dtype):
-            raise TypeError(f"{name} must have a floating dtype, one of {validation.FLOAT_DTYPES}, got {t.dtype}")
+            raise TypeError(f"{name} must have a floating dtype ({validation.FLOAT_NAMES}), got {t.dtype}")
         if name == "state.memory":
             continue
         if allowed is None and t.dtype != x.dtype:
@@ -617,7 +620,8 @@ def _memory_dtype(value) -> torch.dtype | None:
     """A floating ``torch.dtype``, from itself or its name ("bfloat16"), or None."""
     dtype = getattr(torch, value, None) if isinstance(value, str) else value
     if value is not None and not validation.is_float_dtype(dtype):
-        raise TypeError(f"memory_dtype must be one of {validation.FLOAT_DTYPES} (or its name) or None, got {value!r}")
+        raise TypeError(f"memory_dtype must be a floating torch.dtype ({validation.FLOAT_NAMES}), its name, or None, "
+                        f"got {value!r}")
     return dtype
 
 

@@ -31,6 +31,7 @@ it overflows, to inf / inf = NaN. Rows summing to less than 1 are allowed (a zer
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 """The dtypes that tensors of the ops and the model may have (float8's are floating too, but no op computes
 in them, and torch's reductions that the checks take refuse them)."""
+FLOAT_NAMES = "float32, float64, bfloat16, float16"  # FLOAT_DTYPES, as errors name them
 
 
 def is_float_dtype(dtype) -> bool:
@@ -45,7 +46,7 @@ def check_tensor(name: str, t, ndim: int) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if not is_float_dtype(t.dtype):
-        raise TypeError(f"{name} must have a floating dtype (float32, float64, bfloat16, float16), got {t.dtype}")
+        raise TypeError(f"{name} must have a floating dtype ({FLOAT_NAMES}), got {t.dtype}")
     if t.dim() != ndim:
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {_shape(t)}")
 

@@ -194,7 +194,7 @@ def test_forward_rejects_bad_input():
         ntm(torch.rand(4, 2, 5))
     with pytest.raises(TypeError, match="batch_first must be a bool, got 'yes'"):
         make(batch_first="yes")
-    with pytest.raises(TypeError, match=r"dtype must be one of \(torch.float32, .*\) or None, got torch.int64"):
+    with pytest.raises(TypeError, match=r"dtype must be a floating torch.dtype \(float32, .*\) or None, got torch.int64"):
         ntm.initial_state(2, dtype=torch.int64)  # once zeros, the 1e-6 memory truncated, and no word
 
 

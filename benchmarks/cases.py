@@ -120,12 +120,14 @@ class Case:
             raise Unavailable("the Triton kernels run on CUDA only")
         if self.provider == "numba" and self.device.type != "cpu":
             raise Unavailable("the numba kernels run on a CPU only")
-        if self.provider == "numba" and not _numba_imports():
-            raise Unavailable("numba does not import here")
         if self.provider in TRAIN_ONLY_PROVIDERS and self.op != "train_step":
             raise ValueError(f"{self.provider} times train_step only, not {self.op}")
         if self.provider in GRAPH_PROVIDERS and self.device.type != "cuda":
             raise Unavailable("CUDA graphs need a CUDA device")
+        if self.provider == "numba" and not _imports("numba"):
+            raise Unavailable("numba does not import here")
+        if self.provider.startswith("triton") and not _imports("triton"):
+            raise Unavailable("the Triton kernels do not import here")
         if self.op == "train_step":
             self.fn, self.rel_err = _train_case(self.shape, self.provider, self.device)
         else:
@@ -133,10 +135,11 @@ class Case:
         common.synchronize(self.device)
 
 
-def _numba_imports() -> bool:
+def _imports(kernels: str) -> bool:
+    """Whether fastntm's ``"numba"`` or ``"triton"`` kernels import here."""
     from fastntm import backend
 
-    return backend._numba_step() is not None
+    return (backend._numba_step() if kernels == "numba" else backend._kernels()) is not None
 
 
 def _backend(provider: str) -> str:

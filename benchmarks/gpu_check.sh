@@ -57,6 +57,7 @@ mkdir -p "$OUT"
 LOG="$OUT/log"
 : > "$LOG"
 PY="${PYTHON:-$(command -v python || command -v python3)}"  # a stock image may have python3 alone
+[ -n "$PY" ] || { echo "gpu_check: neither python nor python3 is on PATH; set PYTHON" >&2; exit 2; }
 case "$PY" in */*) PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")" ;; esac  # BASE runs elsewhere
 T_TESTS="${T_TESTS:-160}"
 T_KERNELS="${T_KERNELS:-45}"

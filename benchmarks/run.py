@@ -154,12 +154,11 @@ def _warm(case, row, device, start, budget_s, waiting_s, time_per_case_s, log) -
     try:
         case.prepare()
     except Exception as exc:
-        # Skipped: a provider this machine cannot run, or a compiler's failure (Inductor without a C++ compiler,
-        # say). Any other failure is fastntm's or the benchmark's: an error row, and the run fails.
-        skipped = isinstance(exc, Unavailable) or case.provider in COMPILE_PROVIDERS
-        row.update(status="skipped" if skipped else "error", error=f"{type(exc).__name__}: {exc}"[:500])
-        log(f"  {row['status']} {case.name}: {row['error'].splitlines()[0][:160]}")
-        _release(device)
+        # Skipped: a provider this machine cannot run, a shape its memory cannot hold, or a compiler's failure
+        # (Inductor without a C++ compiler, say). Any other failure is fastntm's or the benchmark's: an error row,
+        # and the run fails.
+        skipped = isinstance(exc, (Unavailable, torch.OutOfMemoryError)) or case.provider in COMPILE_PROVIDERS
+        _fail(case, row, "skipped" if skipped else "error", exc, device, log)
         return False
     case.warmup_s = time.perf_counter() - t0
     tolerance = common.TOLERANCE[torch.float32]
@@ -169,9 +168,20 @@ def _warm(case, row, device, start, budget_s, waiting_s, time_per_case_s, log) -
         case.fn = None
         log(f"  MISMATCH {case.name}: relative error {case.rel_err:.2e} > {tolerance:.0e}")
         return False
-    case.call_s = _one_call_s(case, device)
+    try:
+        case.call_s = _one_call_s(case, device)
+    except Exception as exc:  # it ran in the check: a call that fails now is an error
+        _fail(case, row, "error", exc, device, log)
+        return False
     log(f"  warm {case.name} ({case.warmup_s:.1f} s, err {case.rel_err:.1e})")
     return True
+
+
+def _fail(case, row, status, exc, device, log) -> None:
+    row.update(status=status, error=f"{type(exc).__name__}: {exc}"[:500])
+    log(f"  {status} {case.name}: {row['error'].splitlines()[0][:160]}")
+    case.fn = None
+    _release(device)
 
 
 def _time(case, row, device, copy, time_per_case_s, min_reps, log) -> None:

@@ -109,12 +109,10 @@ def test_the_budget_counts_the_least_calls_of_the_cases_waiting_to_be_timed():
     # run under load ran past its 90 s, and never reached its compiled row.
     cpu = torch.device("cpu")
     slow = [_SlowCase("memory_step.fwd", TINY_OP_SHAPES["tiny-n16"], provider, cpu) for provider in ("a", "b")]
-    common.peak_memory(lambda: None, cpu)  # the profiler's first start, seconds once a process
-    t0 = time.perf_counter()
     rows = run.run_cases(slow, cpu, {"copy_GBps": 1.0}, time_per_case_s=0.01, min_reps=5, budget_s=2.0,
                          log=lambda *_: None)
     assert [r["status"] for r in rows] == ["ok", "skipped"] and "time budget spent" in rows[1]["error"]
-    assert time.perf_counter() - t0 < 2.0
+    assert rows[0]["reps"] >= 5
 
 
 def test_the_compiled_reference_training_step_runs_a_compiled_graph(monkeypatch):

@@ -82,8 +82,12 @@ seed_int = _number(int, "an integer in [-2**63, 2**64 - 2]", lambda v: -(2**63) 
 generator_seed = _number(int, "an integer in [-2**63, 2**64 - 1]", lambda v: -(2**63) <= v <= 2**64 - 1)
 
 
-# An empty --out (an unset shell variable, say) would be Path("."), the current folder.
-out_path = _number(lambda text: Path(text) if text.strip() else None, "a path, not an empty string", lambda v: True)
+def out_path(text: str) -> Path:
+    """A path, not an empty string: an empty --out (an unset shell variable, say) would be Path("."), the current
+    folder."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"expected a path, not an empty string, got {text!r}")
+    return Path(text)
 
 
 BACKEND_HELP = ("the memory ops' implementation: auto (the Triton kernels on CUDA, the numba kernels on a CPU where "
@@ -462,9 +466,7 @@ def run_eval(args) -> int:
               "length_knob": _knob_name(task.name), "batches": args.batches, "batch_size": args.batch_size,
               "seed": args.seed, "rows": rows}
     out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(f".{out.name}.tmp")  # renamed into place whole: an interrupted write leaves no half file
-    partial.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(partial, out)
+    out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")
     return 0
 

@@ -224,8 +224,9 @@ class TrainConfig:
             floor, top = _CURRICULUM_FLOORS[self.task], CURRICULUM_KNOBS[self.task][1]
             low, high = getattr(task, floor), getattr(task, top)
             if not low <= self.curriculum_start <= high:
-                raise ValueError(f"curriculum_start must lie within the task's {floor} and {top}, [{low}, {high}], "
-                                 f"got {self.curriculum_start}")
+                # A run saved before this check, whose start was clamped, resumes with a --curriculum-start in range.
+                raise ValueError(f"curriculum_start (--curriculum-start) must lie within the task's {floor} and "
+                                 f"{top}, [{low}, {high}], got {self.curriculum_start}")
         if not self.curriculum:
             given = [f"{name}={getattr(self, name)!r} (--{name.replace('_', '-')})" for name in CURRICULUM_SETTINGS
                      if getattr(self, name) != _default(name)]

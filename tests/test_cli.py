@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from fastntm import training
 from fastntm.cli import main
 from fastntm.tasks import TASKS, make_task
 from fastntm.training import TrainConfig, Trainer, evaluate, load_model, masked_bce
@@ -590,8 +591,8 @@ def test_triton_on_the_cpu_is_refused_before_any_work(tmp_path, monkeypatch, cap
     (dict(model_args={**TINY, "batch_first": True}), "model_args must not hold 'batch_first'"),
     (dict(model_args={"memory_slot": 4}), "model_args has 'memory_slot', not among the FastNTM arguments"),
     # Clamped to the task's range without a word, which trained without a curriculum:
-    (dict(curriculum=True, curriculum_start=7), r"curriculum_start must lie within the task's min_len and max_len, "
-                                                r"\[1, 6\], got 7"),
+    (dict(curriculum=True, curriculum_start=7), r"curriculum_start \(--curriculum-start\) must lie within the task's "
+                                                r"min_len and max_len, \[1, 6\], got 7"),
     (dict(task_args={"length": 5}), "task copy takes no argument 'length'; its arguments: bits, min_len, max_len"),
 ], ids=["eval_seed-str", "eval_seed-too-big", "seed-float", "seed-too-big", "lr-str", "curriculum-str",
         "curriculum_step-float", "curriculum_start-0", "curriculum_threshold-negative", "batch_first", "unknown-arg",
@@ -666,7 +667,12 @@ def test_a_config_of_another_version_is_a_one_line_error(trained, capsys):
 
 
 def test_eval_and_plot_take_a_backend_and_refuse_a_bad_one_in_one_line(trained, tmp_path, monkeypatch, capsys):
+    loaded = []
+    monkeypatch.setattr(training, "load_model", lambda *args, **kwargs: loaded.append(load_model(*args, **kwargs))
+                        or loaded[-1])
     assert main(["eval", str(trained), "--batches", "1", "--batch-size", "2", "--backend", "reference"]) == 0
+    assert loaded[0][0].cell.backend == "reference"
+    monkeypatch.undo()
     capsys.readouterr()
     monkeypatch.setenv("FASTNTM_BACKEND", "bogus")  # a traceback from the first step, after loading the model
     for command in (["eval", str(trained), "--batches", "1"], ["plot", str(trained), "--out", str(tmp_path / "p")]):

@@ -185,8 +185,13 @@ class TrainConfig:
             if not isinstance(args, dict):
                 raise ValueError(f"{name} must be a dict, got {args!r}")
             setattr(self, name, {key: _json_ready(name, key, value) for key, value in args.items()})
-        make_task(self.task, **self.task_args)  # names the bad task or argument
+        task = make_task(self.task, **self.task_args)  # names the bad task or argument
         _check_model_args(self.model_args)
+        try:
+            with torch.device("meta"):  # FastNTM's own checks of the values, allocating nothing
+                FastNTM(task.input_size, task.output_size, **self.model_args)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"model_args: {error}") from None
         for name in ("steps", "batch_size", "eval_every", "eval_batches", "eval_batch_size", "checkpoint_every",
                      "target_patience"):
             value = getattr(self, name)

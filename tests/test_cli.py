@@ -594,9 +594,12 @@ def test_triton_on_the_cpu_is_refused_before_any_work(tmp_path, monkeypatch, cap
     (dict(curriculum=True, curriculum_start=7), r"curriculum_start \(--curriculum-start\) must lie within the task's "
                                                 r"min_len and max_len, \[1, 6\], got 7"),
     (dict(task_args={"length": 5}), "task copy takes no argument 'length'; its arguments: bits, min_len, max_len"),
+    # Accepted, then refused by Trainer(...):
+    (dict(model_args={"memory_slots": 8.0}), "model_args: memory_slots must be a positive int, got 8.0"),
+    (dict(model_args={"controller": "gru"}), "model_args: controller must be one of"),
 ], ids=["eval_seed-str", "eval_seed-too-big", "seed-float", "seed-too-big", "lr-str", "curriculum-str",
         "curriculum_step-float", "curriculum_start-0", "curriculum_threshold-negative", "batch_first", "unknown-arg",
-        "curriculum_start-past-the-task", "unknown-task-arg"])
+        "curriculum_start-past-the-task", "unknown-task-arg", "model-size-float", "model-controller"])
 def test_bad_config_values_are_refused_naming_the_field(kwargs, message):
     # Each failed late (at the first evaluation, mid-run, in Trainer.__init__) naming no field, or never.
     with pytest.raises(ValueError, match=message):

@@ -151,8 +151,8 @@ class TrainConfig:
     ``backend``: the model's (``fastntm.backend``); ``"compiled"`` compiles the model's step
     with ``torch.compile`` at the first steps (tens of seconds on a CPU, and again for the
     evaluation's no-grad graph), then runs the copy task's step at the paper's size in about
-    0.6 of the time of ``"auto"`` on a CPU. A training choice, not the model's: checkpoints
-    load with ``"auto"``.
+    0.6 of the time of ``"reference"`` on a CPU (about the numba kernels' time, at stop 32). A
+    training choice, not the model's: checkpoints load with ``"auto"``.
     """
 
     task: str = "copy"

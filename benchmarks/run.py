@@ -157,7 +157,7 @@ def _warm(case, row, device, start, budget_s, waiting_s, time_per_case_s, log) -
         # Skipped: a provider this machine cannot run, a shape its memory cannot hold, or a compiler's failure
         # (Inductor without a C++ compiler, say). Any other failure is fastntm's or the benchmark's: an error row,
         # and the run fails.
-        skipped = isinstance(exc, (Unavailable, torch.OutOfMemoryError)) or case.provider in COMPILE_PROVIDERS
+        skipped = isinstance(exc, (Unavailable, torch.cuda.OutOfMemoryError)) or case.provider in COMPILE_PROVIDERS
         _fail(case, row, "skipped" if skipped else "error", exc, device, log)
         return False
     case.warmup_s = time.perf_counter() - t0

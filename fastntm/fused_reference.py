@@ -118,7 +118,7 @@ def _write(mem, w_write, e, a, erase_factors):
     keeps no digit of an ``a`` below ulp(M).)"""
     w_t = w_write.transpose(1, 2)
     if erase_factors is None:
-        # Broadcast products, not a matmul of inner size 1 (baddbmm: 1.3 - 1.7x the time at B 16, N 4,096,
+        # Broadcast products, not a matmul of inner size 1 (baddbmm: 1.3 - 1.8x the time at B 16, N 4,096,
         # M 64), and the erase in place on a buffer of its own. Not in place on the result: see
         # test_the_hand_derived_nodes_return_no_tensor_an_in_place_op_made.
         keep = torch.addcmul(torch.ones((), dtype=w_t.dtype, device=w_t.device), w_t, e, value=-1)

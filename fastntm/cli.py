@@ -355,10 +355,10 @@ def run_train(args) -> int:
             _check_same(args.task, saved, model_args, task_args)
             trainer = Trainer.resume(out, progress=not args.no_progress, **overrides)
         else:
-            if holds_checkpoint(out) and can_resume(out):
-                raise CommandError(f"{out} already holds a checkpoint; pass --resume to continue it or pick "
-                                   f"another --out")
             if holds_checkpoint(out):
+                if can_resume(out):
+                    raise CommandError(f"{out} already holds a checkpoint; pass --resume to continue it or pick "
+                                       f"another --out")
                 raise CommandError(f"{out} holds a model's files but not the trainer's state ({STATE_FILE}), so "
                                    f"it cannot be resumed; pick another --out, or move them away to train there")
             config = TrainConfig(task=args.task, task_args=task_args, model_args=model_args, **overrides)

@@ -225,7 +225,6 @@ class TrainConfig:
             raise ValueError(f"curriculum=True (--curriculum) applies to {', '.join(CURRICULUM_KNOBS)}, not to "
                              f"{self.task}")
         if self.curriculum and self.curriculum_start is not None:
-            task = make_task(self.task, **self.task_args)
             floor, top = _CURRICULUM_FLOORS[self.task], CURRICULUM_KNOBS[self.task][1]
             low, high = getattr(task, floor), getattr(task, top)
             if not low <= self.curriculum_start <= high:

@@ -31,7 +31,7 @@ it overflows, to inf / inf = NaN. Rows summing to less than 1 are allowed (a zer
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 """The dtypes that tensors of the ops and the model may have (float8's are floating too, but no op computes
 in them, and torch's reductions that the checks take refuse them)."""
-FLOAT_NAMES = "float32, float64, bfloat16, float16"  # FLOAT_DTYPES, as errors name them
+FLOAT_NAMES = ", ".join(str(dtype).removeprefix("torch.") for dtype in FLOAT_DTYPES)  # as errors name them
 
 
 def is_float_dtype(dtype) -> bool:

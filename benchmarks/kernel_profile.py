@@ -55,10 +55,10 @@ KERNEL_TRAFFIC = {
     "_similarity_kernel": (1, 1),  # reads mem; writes the logits K
     "_shift_sharpen_kernel": (0, 3),  # reads K and w_prev; writes ws^gamma
     "_read_write_kernel": (2, 2),  # reads mem, writes new_mem; reads ws^gamma, writes w
-    "_read_write_bwd_kernel": (2, 1),  # reads mem and dL/dnew_mem; writes dL/dw (reads w of the write heads)
+    "_read_write_bwd_kernel": (2, 2),  # reads mem and dL/dnew_mem; reads the given dL/dw, writes the total
+    # (and reads w of the write heads)
     "_mem_bwd_kernel": (3, 2),  # reads mem and dL/dnew_mem, writes dL/dmem; reads w and dL/dK / |k|
-    "_sharpen_bwd_kernel": (0, 6),  # reads dL/dw (from the reads and write, and the given one), K, w_prev;
-    # writes the total dL/dw (in place, where one is given) and gamma p / c
+    "_sharpen_bwd_kernel": (0, 4),  # reads dL/dw (the total), K, w_prev; writes gamma p / c
     "_interp_bwd_kernel": (0, 6),  # reads those two, K, w_prev; writes dL/dw_prev and dL/dwc
     "_softmax_bwd_kernel": (0, 3),  # reads K and dL/dwc; writes dL/dK / |k| (and a (B, N) row sum)
 }

@@ -224,7 +224,8 @@ def test_block_sums_take_their_forced_loads():
 
 
 @pytest.mark.parametrize("BN", [None, 16], ids=["auto", "BN16"])
-@pytest.mark.parametrize("used", [(0,), (1,), (2,), (1, 2)], ids=["w", "r", "new_mem", "r+new_mem"])
+@pytest.mark.parametrize("used", [(0,), (1,), (2,), (1, 2), (0, 2)],
+                         ids=["w", "r", "new_mem", "r+new_mem", "w+new_mem"])
 def test_memory_step_partial_gradients(used, BN):
     with _config.force_block_n(BN):
         check_op(kernels.memory_step, reference.memory_step, kernel_inputs(2, 37, 13, 3, 1, 3), extra=(1,), used=used)

@@ -72,7 +72,7 @@ DTYPES = tuple(os.environ.get("FASTNTM_STATIC_DTYPES", "fp32,bf16").split(","))
 spilled nowhere when last checked), so it is left out by default to keep the run short."""
 # Pointers that are fp32 whatever the tensors' dtype: saved logits and sums, scratch, per-block partials.
 FP32_POINTERS = {"p_K", "p_max", "p_sum", "p_P", "p_pmax", "p_psum", "p_pw", "p_pP", "p_rpart", "p_depart",
-                 "p_dapart", "p_dkpart", "p_scr", "p_dwrw", "p_dot", "p_v", "p_dwc", "p_pdot", "p_psums",
+                 "p_dapart", "p_dkpart", "p_scr", "p_dot", "p_v", "p_dwc", "p_pdot", "p_psums",
                  "p_sums", "p_pdbeta", "p_part", "p_dkrows", "p_ck", "p_cn", "p_x"}
 # A tensor-core instruction taking tf32 operands: mma.sync (sm_80 on) or wgmma (sm_90).
 TF32_MMA = re.compile(r"\b(?:mma\.sync|wgmma\.mma_async)\S*\.tf32\b")
@@ -200,7 +200,9 @@ def launched_configs():
 
 
 def pointer_type(kernel, arg, consts, dtype):
-    fp32 = arg in FP32_POINTERS or (kernel, arg) == ("_read_write_bwd_kernel", "p_dw") or (
+    # dL/dw: fp32 from the read-write backward on (given, the on-chip kernels take it in the parameters' dtype).
+    total_dw = arg == "p_dw" and kernel in ("_read_write_bwd_kernel", "_sharpen_bwd_kernel", "_interp_bwd_kernel")
+    fp32 = arg in FP32_POINTERS or total_dw or (
         (kernel, arg) == ("_read_write_kernel", "p_w") and consts.get("NORMALIZE"))
     return "*fp32" if fp32 else f"*{dtype}"
 

@@ -33,10 +33,10 @@ factors. Large memory, two
 passes over memory with three over (B, H, N) vectors between:
 
 * ``_read_write_bwd_kernel`` (one pass over mem and dnew): dL/dw from the reads
-  and the write, per-block partials of dL/de and dL/da;
+  and the write plus the given dL/dw, per-block partials of dL/de and dL/da;
 * the addressing chain backward (``_address_bwd``), blocks of rows of one head
   a program, as the forward's shift-sharpen pass: ``_sharpen_bwd_kernel`` (the
-  sharpening's sums, and the two factors of dL/dws stored), ``_interp_bwd_kernel``
+  sharpening's sums, and ``v``, dL/dws's factor besides dL/dw, stored), ``_interp_bwd_kernel``
   (dL/dws at the shift's taps, the halo's from the stored factors; dL/dw_prev,
   dL/dwc stored; dL/dgamma, dL/ds, dL/dg); then, blocks of rows of every head a program,
   ``_softmax_bwd_kernel`` (the softmax backward: dL/dK over |k| stored, with
@@ -548,13 +548,16 @@ def _read_write_kernel(p_mem, p_w, p_P, p_e, p_a, p_wout, p_rpart, p_new,
         tl.store(p_rows, b_new.to(p_new.dtype.element_ty), mask=m_nm)
 
 
-@triton.jit(do_not_specialize=("RD", "WD"))
-def _read_write_bwd_kernel(p_mem, p_w, p_e, p_a, p_dr, p_dnew, p_dw, p_depart, p_dapart,
-                           s_mem_b, s_mem_n, s_dnew_b, s_dnew_n, N, M, R, W, NB, RD, WD,
+@triton.jit(do_not_specialize=("RD", "WD", "HAS_DW"))
+def _read_write_bwd_kernel(p_mem, p_w, p_e, p_a, p_dr, p_dnew, p_dwin, p_dw, p_depart, p_dapart,
+                           s_mem_b, s_mem_n, s_dnew_b, s_dnew_n, N, M, R, W, NB, RD, WD, HAS_DW,
                            RG: tl.constexpr, BH: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr):
-    """dL/dw (fp32, all R + W heads) from the reads and the write; dL/de, dL/da as per-block partials (B, NB, W, M).
+    """dL/dw (fp32, all R + W heads): from the reads and the write, plus the given dL/dw ``p_dwin`` (in its
+    dtype) where ``HAS_DW``: the total that the addressing backward takes, so that no vector pass reads and
+    rewrites it. dL/de, dL/da as per-block partials (B, NB, W, M).
 
-    ``RD`` (R or 0) and ``WD`` (W or 0) say whether dL/dr and dL/dnew_mem were given. The write heads'
+    ``RD`` (R or 0) and ``WD`` (W or 0) say whether dL/dr and dL/dnew_mem were given; the ``RG`` products
+    cover all R read heads either way (their dL/dw is at least the given one). The write heads'
     loop runs over W either way (without dL/dnew_mem it loads zeros and stores the zero gradients), so that
     Triton's constant for W = 1 compiles it to straight code: 10% fewer instructions at the large shape
     (sass model, sm_90), where a loop over WD, a runtime value, stayed a loop. The
@@ -582,16 +585,19 @@ def _read_write_bwd_kernel(p_mem, p_w, p_e, p_a, p_dr, p_dnew, p_dw, p_depart, p
         b_mem_hi, b_mem_lo = _tf32_split(b_mem, ROUND=False)
     for g in tl.static_range(RG):
         o_h = g * BH + tl.arange(0, BH)
-        m_h = o_h < RD
-        b_dr = tl.load(p_dr + (i_b * R + o_h[None, :]) * M + o_m[:, None], mask=m_m[:, None] & m_h[None, :],
+        b_dr = tl.load(p_dr + (i_b * R + o_h[None, :]) * M + o_m[:, None], mask=m_m[:, None] & (o_h < RD)[None, :],
                        other=0.0).to(tl.float32)
-        b_dot = _tf32x3_dot(b_mem_hi, b_mem_lo, b_dr, p_mem.dtype.element_ty != tl.float32)
-        tl.store(p_dw + (i_b * H + o_h[None, :]) * N + n0 + o_n[:, None], b_dot, mask=m_n[:, None] & m_h[None, :])
+        o_rdw = (i_b * H + o_h[None, :]) * N + n0 + o_n[:, None]
+        m_rdw = m_n[:, None] & (o_h < R)[None, :]
+        b_rdw = _tf32x3_dot(b_mem_hi, b_mem_lo, b_dr, p_mem.dtype.element_ty != tl.float32)
+        b_rdw += tl.load(p_dwin + o_rdw, mask=m_rdw & (HAS_DW != 0), other=0.0).to(tl.float32)
+        tl.store(p_dw + o_rdw, b_rdw, mask=m_rdw)
     # Loaded once, before the loop (masked off without dL/dnew_mem): its addresses, a tile of 64-bit
     # pointers where rows are not 16-aligned, no longer live through it (2 warps spilled, sm_80 and sm_90).
     b_dnew = tl.load(p_dnew + i_b * s_dnew_b + n0 * s_dnew_n + o_n[:, None] * s_dnew_n + o_m[None, :],
                      mask=m_nm & (WD != 0), other=0.0).to(tl.float32)
-    p_ww = p_w + (i_b * H + R) * N + n0  # the write heads' w at the block
+    o_wb = (i_b * H + R) * N + n0  # the write heads' rows of (B, H, N) vectors at the block
+    p_ww = p_w + o_wb
     for hw in range(W):
         # dnew * mem * (the other heads' erase factors), built in place: no tile of the factors alone.
         b_derase = b_dnew * b_mem
@@ -603,35 +609,29 @@ def _read_write_bwd_kernel(p_mem, p_w, p_e, p_a, p_dr, p_dnew, p_dw, p_depart, p
         b_e = tl.load(p_e + (i_b * W + hw) * M + o_m, mask=m_m, other=0.0).to(tl.float32)
         b_a = tl.load(p_a + (i_b * W + hw) * M + o_m, mask=m_m, other=0.0).to(tl.float32)
         b_dw = tl.sum(b_dnew * b_a[None, :] - b_derase * b_e[None, :], 1)
-        tl.store(p_dw + (i_b * H + R + hw) * N + n0 + o_n, b_dw, mask=m_n)
         o_part = ((i_b * NB + i_n) * W + hw) * M + o_m
         tl.store(p_depart + o_part, -tl.sum(b_derase * b_w[:, None], 0), mask=m_m, eviction_policy="evict_last")
         tl.store(p_dapart + o_part, tl.sum(b_dnew * b_w[:, None], 0), mask=m_m, eviction_policy="evict_last")
+        # The given dL/dw last, where the tiles are no longer held (W = 1): loaded beside them, the large shape's
+        # launch took 138 registers where 127 (fp32, sm_90), past 128, so 7 programs to an SM, not 8.
+        b_dw += tl.load(p_dwin + o_wb + hw * N + o_n, mask=m_n & (HAS_DW != 0), other=0.0).to(tl.float32)
+        tl.store(p_dw + o_wb + hw * N + o_n, b_dw, mask=m_n)
 
 
 @triton.jit
-def _dw_at(p_dwrw, p_dw, o, m_n, HAS_DW):
-    """dL/dw of the addressing chain at offsets ``o``: from the reads and the write (fp32), plus the given
-    dL/dw where ``HAS_DW`` (0 or 1, left unspecialized: one compiled kernel either way; a masked-off load moves
-    no data)."""
-    b_dw = tl.load(p_dwrw + o, mask=m_n, other=0.0)
-    return b_dw + tl.load(p_dw + o, mask=m_n & (HAS_DW != 0), other=0.0).to(tl.float32)
-
-
-@triton.jit(do_not_specialize=("HAS_DW",))
-def _sharpen_bwd_kernel(p_dwrw, p_dw, p_K, p_wp, p_beta, p_g, p_s, p_gamma, p_max, p_sum, p_v, p_psums,
-                        N, K: tl.constexpr, NB, HAS_DW, BN: tl.constexpr):
+def _sharpen_bwd_kernel(p_dw, p_K, p_wp, p_beta, p_g, p_s, p_gamma, p_max, p_sum, p_v, p_psums,
+                        N, K: tl.constexpr, NB, BN: tl.constexpr):
     """Addressing backward, pass 1, head ``i_bh`` on block ``i_n``: the sharpening, up to its sums.
 
     With ``c = max(ws, 1e-30)``, ``p = c^gamma``, ``w = p / Pe`` (``Pe = P + eps``, ``P = sum_n p``) and
     ``dot1 = sum_n dw w``: ``dws = (dw - dot1) gamma w / c = (dw - dot1) v / Pe``, with ``v = gamma p / c``
     where ``ws >= 1e-30``, else 0; and ``dgamma = sum_n (dw - dot1) w log c``. ``P`` and ``dot1`` are sums
-    over every row, so this pass stores what the next needs to finish at any row: ``v`` (fp32), and the
-    total ``dw``, the given dL/dw added in place to ``p_dwrw`` (fp32, from the reads and the write) where
-    ``HAS_DW`` (a program reads and writes only its own rows of it). And block partials (B, H, NB, 4) of
-    ``P``, ``sum_n dw p``, ``sum_n dw p log c`` and ``sum_n p log c``. ``ws`` and ``p`` are recomputed as the
-    forward does (``_shifted_block``, ``_sharpened``), the halo from the stored logits: ``p`` and its block sums are the
-    forward's, bit for bit. One recompute, where a pass for the sums and another for dws took one each.
+    over every row, so this pass stores what the next needs to finish at any row: ``v`` (fp32). From the
+    total ``dw`` (fp32: the reads', the write's and the given, ``_read_write_bwd_kernel``), block partials
+    (B, H, NB, 4) of ``P``, ``sum_n dw p``, ``sum_n dw p log c`` and ``sum_n p log c``. ``ws`` and ``p`` are
+    recomputed as the forward does (``_shifted_block``, ``_sharpened``), the halo from the stored logits: ``p``
+    and its block sums are the forward's, bit for bit. One recompute, where a pass for the sums and another
+    for dws took one each.
 
     Not the saved ``w``: in bf16 its rounding, through ``dot1 = sum_n dw w``, spoils dL/dgamma (a difference
     of nearly equal sums).
@@ -641,8 +641,7 @@ def _sharpen_bwd_kernel(p_dwrw, p_dw, p_K, p_wp, p_beta, p_g, p_s, p_gamma, p_ma
     b_ws, o_n, m_n = _shifted_block(p_K, p_wp, p_beta, p_g, p_s, p_max, p_sum, i_n, i_bh, N, K, BN)
     # Masked rows get p = 0 and load dw = 0, so they add nothing below.
     b_logc, b_p = _sharpened(b_ws, b_gamma, m_n)
-    b_dw = _dw_at(p_dwrw, p_dw, i_bh * N + o_n, m_n, HAS_DW)
-    tl.store(p_dwrw + i_bh * N + o_n, b_dw, mask=m_n & (HAS_DW != 0))
+    b_dw = tl.load(p_dw + i_bh * N + o_n, mask=m_n, other=0.0)
     tl.store(p_v + i_bh * N + o_n, tl.where(b_ws >= 1e-30, b_gamma * b_p / tl.maximum(b_ws, 1e-30), 0.0), mask=m_n)
     b_plogc = b_p * b_logc
     p_blk = p_psums + (i_bh * NB + i_n) * 4
@@ -1107,9 +1106,9 @@ def _forward(mem, k, beta, g, s, gamma, w_prev, e, a, num_reads: int, rw: bool):
     return w, r, new, K, mx, se
 
 
-def _address_bwd(k, beta, g, s, gamma, w_prev, K, mx, se, dw_rw, dw, blk):
-    """The addressing chain backward down to the logits, from dL/dw (``dw_rw`` from the reads and the write,
-    fp32, plus ``dw`` if given; the sum is left in ``dw_rw``): (ck, cn, parts, dw_prev), with ``ck`` and
+def _address_bwd(k, beta, g, s, gamma, w_prev, K, mx, se, dw, blk):
+    """The addressing chain backward down to the logits, from dL/dw (``dw``, fp32, the total: the reads',
+    the write's and the given, from ``_read_write_bwd``): (ck, cn, parts, dw_prev), with ``ck`` and
     ``cn`` the cosine's factors that ``_mem_bwd_kernel`` takes (``_softmax_bwd_kernel``), ``parts`` the block
     partials (B, H, NB, S + 3) of dL/dgamma, dL/ds, dL/dg and dL/dbeta, for ``_head_grads_kernel``, and
     dw_prev in its dtype.
@@ -1128,13 +1127,10 @@ def _address_bwd(k, beta, g, s, gamma, w_prev, K, mx, se, dw_rw, dw, blk):
     BV = blk.BV
     NB = _config.n_blocks(N, BV)
     grid = (NB * B * H,)
-    has_dw = dw is not None
-    # Without a given dL/dw the kernel still gets a real pointer, never read.
-    dw = dw if has_dw else dw_rw
     v = empty((B, H, N), torch.float32, dev)
     psums = empty((B, H, NB, 4), torch.float32, dev)
-    _sharpen_bwd_kernel[grid](dw_rw, dw, K, w_prev, beta, g, s, gamma, mx, se, v, psums, N, (S - 1) // 2, NB,
-                              int(has_dw), BN=BV, num_warps=4)
+    _sharpen_bwd_kernel[grid](dw, K, w_prev, beta, g, s, gamma, mx, se, v, psums, N, (S - 1) // 2, NB,
+                              BN=BV, num_warps=4)
     # All four columns summed, of which pass 2 takes P and sum dw p (the other two it takes a block at a time):
     # torch took 12 us (H100, large shape) to sum the first two alone, a strided view.
     sums = _sum_blocks(psums.view(B * H, NB, 4), torch.float32, empty, blk.sum_rows, blk.sum_warps)
@@ -1142,7 +1138,7 @@ def _address_bwd(k, beta, g, s, gamma, w_prev, K, mx, se, dw_rw, dw, blk):
     parts = empty((B, H, NB, S + 3), torch.float32, dev)  # per block: dgamma, ds (S), dg, dbeta
     pdot = empty((B, H, NB), torch.float32, dev)
     dwc = empty((B, H, N), torch.float32, dev)
-    _interp_bwd_kernel[grid](dw_rw, v, psums, sums, K, w_prev, beta, g, s, mx, se, dwp, dwc, parts, pdot,
+    _interp_bwd_kernel[grid](dw, v, psums, sums, K, w_prev, beta, g, s, mx, se, dwp, dwc, parts, pdot,
                              N, (S - 1) // 2, NB, S + 3, BN=BV, num_warps=4)
     dot = pdot.sum(-1)
     ck = empty((B, H, N), torch.float32, dev)
@@ -1167,8 +1163,10 @@ def _head_grads(k, beta, parts, dk_rows, sum_rows: int):
     return dk, dbeta, dg, ds, dgamma
 
 
-def _read_write_bwd(mem, w, e, a, dr, dnew, R: int, W: int, grad_dtype, blk=None):
-    """dL/dw (fp32, B, R + W, N), dL/de, dL/da (in ``grad_dtype``) from the reads and the write."""
+def _read_write_bwd(mem, w, e, a, dr, dnew, R: int, W: int, grad_dtype, blk=None, dw_given=None):
+    """dL/dw (fp32, B, R + W, N): from the reads and the write, plus ``dw_given`` (B, R + W, N) where given;
+    dL/de, dL/da (in ``grad_dtype``). Without dL/dr and dL/dnew_mem, no pass over memory: dL/dw is the
+    given one in fp32 (itself where it is fp32), or zeros."""
     empty = _config.allocator()
     B, N, M = mem.shape
     blk = blk or _config.choose(N, M)
@@ -1176,18 +1174,19 @@ def _read_write_bwd(mem, w, e, a, dr, dnew, R: int, W: int, grad_dtype, blk=None
     NB = _config.n_blocks(N, BN)
     BH = _config.PRODUCT_HEADS
     has_dr, has_dnew = dr is not None and R > 0, dnew is not None and W > 0
-    full = (has_dr or R == 0) and (has_dnew or W == 0)
-    alloc = empty if full else (lambda shape, dtype, dev: torch.zeros(shape, dtype=dtype, device=dev))
-    dw = alloc((B, R + W, N), torch.float32, mem.device)
     eapart = empty((2, B, NB, W, M), torch.float32, mem.device)  # dL/de's and dL/da's, summed in one launch
-    depart, dapart = eapart
-    if has_dr or has_dnew:
+    if not (has_dr or has_dnew):
+        dw = torch.zeros((B, R + W, N), dtype=torch.float32, device=mem.device) if dw_given is None else \
+            dw_given.to(torch.float32)
+    else:
+        dw = empty((B, R + W, N), torch.float32, mem.device)
+        depart, dapart = eapart
         dn = dnew if has_dnew else mem
         _read_write_bwd_kernel[(NB * B,)](
-            mem, w, _nz(e, mem), _nz(a, mem), dr if has_dr else mem, dn, dw, _nz(depart, mem), _nz(dapart, mem),
-            mem.stride(0), mem.stride(1), dn.stride(0), dn.stride(1), N, M, R, W, NB,
-            R if has_dr else 0, W if has_dnew else 0, RG=_config.n_blocks(R, BH) if has_dr else 0, BH=BH,
-            BN=BN, BM=blk.BM, num_warps=warps, maxnreg=_config.maxnreg(warps))
+            mem, w, _nz(e, mem), _nz(a, mem), dr if has_dr else mem, dn, w if dw_given is None else dw_given, dw,
+            _nz(depart, mem), _nz(dapart, mem), mem.stride(0), mem.stride(1), dn.stride(0), dn.stride(1), N, M,
+            R, W, NB, R if has_dr else 0, W if has_dnew else 0, int(dw_given is not None),
+            RG=_config.n_blocks(R, BH), BH=BH, BN=BN, BM=blk.BM, num_warps=warps, maxnreg=_config.maxnreg(warps))
     if not has_dnew:
         zeros = torch.zeros((2, B, W, M), dtype=grad_dtype, device=mem.device)
         return dw, zeros[0], zeros[1]
@@ -1265,8 +1264,8 @@ def _backward(mem, k, beta, g, s, gamma, w_prev, e, a, w, K, mx, se, dw, dr, dne
     if blk.onchip:
         return _onchip_bwd(mem, k, beta, g, s, gamma, w_prev, e, a, w, K, mx, se, dw, dr, dnew, R, blk)
     pd = k.dtype
-    dw_rw, de, da = _read_write_bwd(mem, w, e, a, dr, dnew, R, W, pd, blk)
-    ck, cn, parts, dwp = _address_bwd(k, beta, g, s, gamma, w_prev, K, mx, se, dw_rw, dw, blk)
+    dw_total, de, da = _read_write_bwd(mem, w, e, a, dr, dnew, R, W, pd, blk, dw_given=dw)
+    ck, cn, parts, dwp = _address_bwd(k, beta, g, s, gamma, w_prev, K, mx, se, dw_total, blk)
     dmem, dk_rows = _mem_bwd(mem, w, e, dr, dnew, k, (ck, cn), R, W, blk)
     dk, dbeta, dg, ds, dgamma = _head_grads(k, beta, parts, dk_rows, blk.sum_rows)
     return dmem, dk, dbeta, dg, ds, dgamma, dwp.to(pd), de, da

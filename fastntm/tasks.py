@@ -17,10 +17,11 @@ Each ``batch()`` takes keyword overrides for generalisation tests, e.g.
 ``CopyTask().batch(32, length=80)`` or ``CopyTask().batch(32, min_len=30, max_len=50)``.
 Bad values raise ``ValueError`` naming the argument and the allowed range.
 
-:meth:`Task.cost` is the paper's "cost per sequence": for the binary tasks the number of
-bit errors per sequence after thresholding ``sigmoid(logits)`` at 0.5 over the scored
-steps; for dynamic N-grams the cross-entropy in bits per sequence. Both are averaged
-over the batch.
+:meth:`Task.cost` is a cost per sequence: for the binary tasks the number of bit errors
+per sequence after thresholding ``sigmoid(logits)`` at 0.5 over the scored steps; for
+dynamic N-grams the cross-entropy in bits per sequence. Both are averaged over the
+batch. The paper reports "bits-per-sequence" without saying which of the two its
+binary tasks' curves count.
 
 Registry: ``TASKS`` maps ``"copy"``, ``"repeat_copy"``, ``"associative_recall"``,
 ``"ngrams"``, ``"priority_sort"`` to the task classes; ``make_task(name, **kwargs)``
@@ -201,6 +202,8 @@ class RepeatCopyTask(Task):
       ``0..bits-1``; step ``L`` carries ``R / max_repeats`` on channel ``bits`` (the
       count channel, which also marks the end of the sequence; ``max_repeats`` is the
       task's training maximum, so counts beyond it read above 1.0); later steps are zero.
+      The paper normalises the count to mean 0 and variance 1 instead, which would leave
+      some counts near 0 and so needs a delimiter channel of its own.
     - targets, ``bits + 1`` channels: steps ``L+1..L+L*R`` hold the sequence ``R`` times
       on channels ``0..bits-1``; the last step ``L+L*R+1`` is the end marker, 1.0 on
       channel ``bits`` (0.0 on that channel at the other scored steps).
@@ -347,7 +350,10 @@ class NGramsTask(Task):
     - inputs, 1 channel: ``b_t`` at step ``t``.
     - targets, 1 channel: ``b_{t+1}`` at step ``t`` (zero where unscored).
     - mask: 1.0 at steps ``t >= context - 1``, i.e. the ``length - context`` bits drawn
-      from the table are scored (a uniform guesser costs ``length - context`` bits).
+      from the table are scored (a uniform guesser costs ``length - context`` bits). The
+      optimal estimator's cost at length 200 is about 128 bits here, where the paper
+      gives 133: 128 plus 1 bit for each of the first ``context`` bits, random and
+      unscored here.
 
     :meth:`cost` is the cross-entropy in bits per sequence; :meth:`optimal_logits` and
     :meth:`optimal_cost` give the paper's optimal Bayesian estimator
@@ -461,7 +467,9 @@ class PrioritySortTask(Task):
     def batch(self, batch_size, generator=None, *, num_items=None, num_outputs=None) -> Batch:
         b = _int("batch_size", batch_size, 1)
         n = _int("num_items", self.num_items if num_items is None else num_items, 1)
-        m = _int("num_outputs", self.num_outputs if num_outputs is None else num_outputs, 1, n)
+        # The task's own num_outputs named as such: the caller who passed num_items alone never gave it.
+        m = _int("num_outputs" if num_outputs is not None else "the task's num_outputs (at most num_items)",
+                 self.num_outputs if num_outputs is None else num_outputs, 1, n)
         bits = self.bits
         vectors = _bits((n, b, bits), generator)
         priority = torch.rand(n, b, generator=generator) * 2 - 1

@@ -201,6 +201,7 @@ def test_ngrams_tables_are_beta_half():
         (lambda: NGramsTask(context=0), "context"),
         (lambda: PrioritySortTask().batch(2, num_outputs=21), "num_outputs"),
         (lambda: PrioritySortTask(num_items=10), "num_outputs"),
+        (lambda: PrioritySortTask().batch(2, num_items=10), "the task's num_outputs"),
     ],
 )
 def test_bad_arguments(call, arg):

@@ -58,7 +58,7 @@ KERNEL_TRAFFIC = {
     "_read_write_bwd_kernel": (2, 2),  # reads mem and dL/dnew_mem; reads the given dL/dw, writes the total
     # (and reads w of the write heads)
     "_mem_bwd_kernel": (3, 2),  # reads mem and dL/dnew_mem, writes dL/dmem; reads w and dL/dK / |k|
-    "_sharpen_bwd_kernel": (0, 4),  # reads dL/dw (the total), K, w_prev; writes gamma p / c
+    "_sharpen_bwd_kernel": (0, 4),  # reads dL/dw (the total), K, w_prev; writes p / c
     "_interp_bwd_kernel": (0, 6),  # reads those two, K, w_prev; writes dL/dw_prev and dL/dwc
     "_softmax_bwd_kernel": (0, 3),  # reads K and dL/dwc; writes dL/dK / |k| (and a (B, N) row sum)
 }

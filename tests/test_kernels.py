@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import fastntm.functional as F
-from fastntm import kernels, reference
+from fastntm import kernels, reference, validation
 from fastntm.kernels import _config
 import interpreter_patch
 from helpers import kernel_inputs, outputs_and_gradients, relative_error
@@ -362,6 +362,27 @@ def test_edge_cases_finite_and_match(BN):
     x["gamma"][:, 1] = 50
     with _config.force_block_n(BN):
         check_op(kernels.memory_step, reference.memory_step, x, extra=(2,), tol=1e-4)
+
+
+@pytest.mark.parametrize("BN", [None, 16], ids=["auto", "BN16"])
+def test_the_largest_gamma_the_checks_allow_keeps_gradients_finite(BN):
+    # A head focused on one slot, w_prev and the shift's weight at the rounding slack the value checks allow
+    # (validation.ROUNDING_SLACK): ws is (1 + 2^-8)^2 there and ws^gamma about 1.8e37 at gamma 11,000. The
+    # sharpening backward's gamma ws^gamma / ws overflowed fp32 (large regime), and every gradient went NaN.
+    # Against the CPU path's hand-derived backward: the literal reference's autograd overflows the same way.
+    x = kernel_inputs(1, 9, 5, 2, 1, 3)
+    slack = 1 + validation.ROUNDING_SLACK
+    x["w_prev"].zero_()
+    x["w_prev"][..., 3] = slack
+    x["g"].zero_()
+    x["s"] = torch.tensor([0.0, slack, 0.0]).expand(1, 2, 3).clone()
+    x["gamma"].fill_(11000.0)
+
+    def cpu_path(*args):
+        return F.memory_step(*args[:-1], num_reads=args[-1], backend="reference")
+
+    with _config.force_block_n(BN):
+        check_op(kernels.memory_step, cpu_path, x, extra=(1,), tol=1e-4)
 
 
 @pytest.mark.parametrize("shift", [[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]], ids=["unshifted", "shifted"])

@@ -624,9 +624,12 @@ def _sharpen_bwd_kernel(p_dw, p_K, p_wp, p_beta, p_g, p_s, p_gamma, p_max, p_sum
     """Addressing backward, pass 1, head ``i_bh`` on block ``i_n``: the sharpening, up to its sums.
 
     With ``c = max(ws, 1e-30)``, ``p = c^gamma``, ``w = p / Pe`` (``Pe = P + eps``, ``P = sum_n p``) and
-    ``dot1 = sum_n dw w``: ``dws = (dw - dot1) gamma w / c = (dw - dot1) v / Pe``, with ``v = gamma p / c``
+    ``dot1 = sum_n dw w``: ``dws = (dw - dot1) gamma w / c = (dw - dot1) gamma (v / Pe)``, with ``v = p / c``
     where ``ws >= 1e-30``, else 0; and ``dgamma = sum_n (dw - dot1) w log c``. ``P`` and ``dot1`` are sums
-    over every row, so this pass stores what the next needs to finish at any row: ``v`` (fp32). From the
+    over every row, so this pass stores what the next needs to finish at any row: ``v`` (fp32), without
+    gamma, which the next pass multiplies in with ``1 / Pe``: ``gamma p / c`` overflowed fp32 where ``p`` is
+    near its largest (gamma 11,000 with ``ws`` at the (1 + 2^-8)^2 that the value checks allow), and made the
+    gradients NaN. From the
     total ``dw`` (fp32: the reads', the write's and the given, ``_read_write_bwd_kernel``), block partials
     (B, H, NB, 4) of ``P``, ``sum_n dw p``, ``sum_n dw p log c`` and ``sum_n p log c``. ``ws`` and ``p`` are
     recomputed as the forward does (``_shifted_block``, ``_sharpened``), the halo from the stored logits: ``p``
@@ -642,7 +645,7 @@ def _sharpen_bwd_kernel(p_dw, p_K, p_wp, p_beta, p_g, p_s, p_gamma, p_max, p_sum
     # Masked rows get p = 0 and load dw = 0, so they add nothing below.
     b_logc, b_p = _sharpened(b_ws, b_gamma, m_n)
     b_dw = tl.load(p_dw + i_bh * N + o_n, mask=m_n, other=0.0)
-    tl.store(p_v + i_bh * N + o_n, tl.where(b_ws >= 1e-30, b_gamma * b_p / tl.maximum(b_ws, 1e-30), 0.0), mask=m_n)
+    tl.store(p_v + i_bh * N + o_n, tl.where(b_ws >= 1e-30, b_p / tl.maximum(b_ws, 1e-30), 0.0), mask=m_n)
     b_plogc = b_p * b_logc
     p_blk = p_psums + (i_bh * NB + i_n) * 4
     tl.store(p_blk, tl.sum(b_p, 0))
@@ -652,14 +655,15 @@ def _sharpen_bwd_kernel(p_dw, p_K, p_wp, p_beta, p_g, p_s, p_gamma, p_max, p_sum
 
 
 @triton.jit
-def _interp_bwd_kernel(p_dw, p_v, p_psums, p_sums, p_K, p_wp, p_beta, p_g, p_s, p_max, p_sum, p_dwp, p_dwc,
-                       p_parts, p_pdot, N, K, NB, SP, BN: tl.constexpr):
+def _interp_bwd_kernel(p_dw, p_v, p_psums, p_sums, p_K, p_wp, p_beta, p_g, p_s, p_gamma, p_max, p_sum, p_dwp,
+                       p_dwc, p_parts, p_pdot, N, K, NB, SP, BN: tl.constexpr):
     """Addressing backward, pass 2, head ``i_bh`` on block ``i_n``: the sharpening's end, the shift and the
     interpolation.
 
     From pass 1's sums over blocks (given, (B, H, 4); the first two, ``P`` and ``sum_n dw p``): ``Pe = P + eps``,
-    ``dot1 = sum_n dw p / Pe``; then at any row ``dws = (dw - dot1) v / Pe`` from the total dL/dw and pass
-    1's ``v``. ``dwg[n] = sum_j s[j + K] dws[(n + j) mod N]`` (the halo from the stored vectors);
+    ``dot1 = sum_n dw p / Pe``; then at any row ``dws = (dw - dot1) (v gamma / Pe)`` from the total dL/dw
+    and pass 1's ``v`` (``v gamma / Pe = gamma w / c``, at most about gamma where ``p`` is large).
+    ``dwg[n] = sum_j s[j + K] dws[(n + j) mod N]`` (the halo from the stored vectors);
     ``dw_prev = (1 - g) dwg`` (stored in its dtype); ``dwc = g dwg`` (stored, fp32). Block partials,
     ``S + 2`` values from ``p_parts`` every ``SP``: dL/dgamma, ``(sum_n dw p log c - dot1 sum_n p log c) / Pe``
     from this block's partials of pass 1; ``ds[j + K] = sum_n dws[n] wg[(n - j) mod N]
@@ -672,6 +676,7 @@ def _interp_bwd_kernel(p_dw, p_v, p_psums, p_sums, p_K, p_wp, p_beta, p_g, p_s, 
     m_n = o_n < N
     b_rPe = 1.0 / (tl.load(p_sums + i_bh * 4) + 1e-16)
     b_dot1 = tl.load(p_sums + i_bh * 4 + 1) * b_rPe
+    b_scale = tl.load(p_gamma + i_bh).to(tl.float32) * b_rPe
     b_g = tl.load(p_g + i_bh).to(tl.float32)
     b_K = tl.load(p_K + i_bh * N + o_n, mask=m_n, other=0.0)
     b_wp = tl.load(p_wp + i_bh * N + o_n, mask=m_n, other=0.0).to(tl.float32)
@@ -685,8 +690,8 @@ def _interp_bwd_kernel(p_dw, p_v, p_psums, p_sums, p_K, p_wp, p_beta, p_g, p_s, 
     _, d = _tap_shifts(K, N)
     for j in range(S):
         o_src = i_bh * N + _circular(o_n, d, N)
-        b_dws = (tl.load(p_dw + o_src, mask=m_n, other=0.0) - b_dot1) * tl.load(p_v + o_src, mask=m_n, other=0.0)
-        b_dws *= b_rPe
+        b_v = tl.load(p_v + o_src, mask=m_n, other=0.0)
+        b_dws = (tl.load(p_dw + o_src, mask=m_n, other=0.0) - b_dot1) * (b_v * b_scale)
         b_dwg += tl.load(p_s + i_bh * S + j).to(tl.float32) * b_dws
         tl.store(p_blk + 1 + j, tl.sum(b_wg * b_dws, 0))
         d = _next_shift(d, -1, N)
@@ -1138,7 +1143,7 @@ def _address_bwd(k, beta, g, s, gamma, w_prev, K, mx, se, dw, blk):
     parts = empty((B, H, NB, S + 3), torch.float32, dev)  # per block: dgamma, ds (S), dg, dbeta
     pdot = empty((B, H, NB), torch.float32, dev)
     dwc = empty((B, H, N), torch.float32, dev)
-    _interp_bwd_kernel[grid](dw, v, psums, sums, K, w_prev, beta, g, s, mx, se, dwp, dwc, parts, pdot,
+    _interp_bwd_kernel[grid](dw, v, psums, sums, K, w_prev, beta, g, s, gamma, mx, se, dwp, dwc, parts, pdot,
                              N, (S - 1) // 2, NB, S + 3, BN=BV, num_warps=4)
     dot = pdot.sum(-1)
     ck = empty((B, H, N), torch.float32, dev)

@@ -232,12 +232,15 @@ def _add_eval(commands, common) -> None:
             "the table as eval.json next to the checkpoint. 'Length' sets: copy and repeat_copy the sequence "
             "length (repeat_copy keeps drawing its repeat count); associative_recall the number of items; "
             "ngrams the sequence length in bits; priority_sort the number of input items (with "
-            "min(num_outputs, length) outputs)."
+            "min(num_outputs, length) outputs). For repeat_copy, --repeats also fixes the repeat count, as the "
+            "paper's Figure 8 does: each length at each count."
         ),
     )
     p.add_argument("checkpoint", type=Path, metavar="CHECKPOINT", help="a run folder or its model.safetensors")
     p.add_argument("--lengths", type=length_list, help="comma-separated lengths (default: 1x, 2x, 4x the task's "
                                                        "training maximum)")
+    p.add_argument("--repeats", type=length_list, help="repeat_copy only: comma-separated repeat counts, each "
+                                                       "length evaluated at each (default: drawn as in training)")
     p.add_argument("--batches", type=positive_int, default=10, help="batches per length (default 10)")
     p.add_argument("--batch-size", type=positive_int, default=32, help="sequences per batch (default 32)")
     p.add_argument("--seed", type=generator_seed, default=2024, help="seed of the eval sequences (default 2024)")
@@ -434,8 +437,12 @@ def run_eval(args) -> int:
         if out.exists() and not os.access(out, os.W_OK):
             raise CommandError(f"--out {out} cannot be written over (no write permission)")
         model, task, saved = load_model(folder, device, backend=args.backend)
+        if args.repeats and task.name != "repeat_copy":
+            raise CommandError(f"--repeats applies to repeat_copy only; this checkpoint's task is {task.name}")
         lengths = args.lengths or [max_length(task) * k for k in (1, 2, 4)]
-        rows_in = [("train", {})] + [(str(n), length_overrides(task, n)) for n in lengths]
+        counts = [{"repeats": r} for r in args.repeats] if args.repeats else [{}]
+        rows_in = [("train", {})] + [(str(n), {**length_overrides(task, n), **count})
+                                     for n in lengths for count in counts]
         for _, overrides in rows_in:
             task.batch(1, None, **overrides)  # a bad length fails here, before any work
     except (ValueError, FileNotFoundError, RuntimeError) as error:
@@ -445,7 +452,7 @@ def run_eval(args) -> int:
     for label, overrides in rows_in:
         cost = evaluate(model, task, batches=args.batches, batch_size=args.batch_size, seed=args.seed,
                         device=device, **overrides)
-        row = {"length": label, "cost": cost}
+        row = {"length": label, **({"repeats": overrides["repeats"]} if "repeats" in overrides else {}), "cost": cost}
         if task.name == "ngrams":
             row["optimal_cost"] = _ngrams_optimal(task, args, overrides)
         rows.append(row)
@@ -453,12 +460,13 @@ def run_eval(args) -> int:
     unit = "bits/seq" if task.name == "ngrams" else "bit errors/seq"
     print(f"{task.name} at step {saved.get('step', '?')}, {args.batches} x {args.batch_size} sequences per row; "
           f"length sets {_knob_name(task.name)}; 'train' is the training distribution")
-    header = f"{'length':>8}  {'cost (' + unit + ')':>24}"
+    header = f"{'length':>8}  " + (f"{'repeats':>7}  " if args.repeats else "") + f"{'cost (' + unit + ')':>24}"
     if task.name == "ngrams":
         header += f"  {'optimal':>10}"
     print(header)
     for row in rows:
-        line = f"{row['length']:>8}  {row['cost']:>24.4f}"
+        repeats = f"{row.get('repeats', '-'):>7}  " if args.repeats else ""
+        line = f"{row['length']:>8}  {repeats}{row['cost']:>24.4f}"
         if "optimal_cost" in row:
             line += f"  {row['optimal_cost']:>10.4f}"
         print(line)

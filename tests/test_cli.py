@@ -220,6 +220,20 @@ def test_eval_prints_a_table_and_writes_json(trained, capsys):
     assert all(row["cost"] >= 0 for row in report["rows"])
 
 
+def test_eval_of_repeat_copy_fixes_the_repeat_counts_given(tmp_path, trained, capsys):
+    run = tmp_path / "repeat"
+    assert main(["train", "repeat_copy", "--steps", "1", "--out", str(run), "--max-len", "3", "--max-repeats", "2",
+                 *TINY_FLAGS, *FAST]) == 0
+    assert main(["eval", str(run), "--lengths", "2,3", "--repeats", "1,4", "--batches", "1", "--batch-size",
+                 "2"]) == 0
+    rows = json.loads((run / "eval.json").read_text())["rows"]
+    assert [(row["length"], row.get("repeats")) for row in rows] == [
+        ("train", None), ("2", 1), ("2", 4), ("3", 1), ("3", 4)]
+    assert "repeats" in capsys.readouterr().out
+    assert main(["eval", str(trained), "--repeats", "2"]) == 2
+    assert "--repeats applies to repeat_copy only" in capsys.readouterr().err
+
+
 def test_eval_of_ngrams_reports_the_optimal_cost(tmp_path, capsys):
     Trainer(tiny_config(task="ngrams", task_args={"length": 12}, steps=1), tmp_path, progress=False).fit()
     assert main(["eval", str(tmp_path), "--lengths", "10", "--batches", "1", "--batch-size", "2"]) == 0

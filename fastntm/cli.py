@@ -97,7 +97,7 @@ BACKEND_HELP = ("the memory ops' implementation: auto (the Triton kernels on CUD
 
 
 def length_list(text: str) -> list[int]:
-    """``"20,40,80"`` -> ``[20, 40, 80]``."""
+    """``"20,40,80"`` -> ``[20, 40, 80]`` (--lengths, --repeats)."""
     try:
         return [positive_int(part) for part in text.split(",") if part.strip()] or _empty(text)
     except argparse.ArgumentTypeError:
@@ -107,7 +107,7 @@ def length_list(text: str) -> list[int]:
 
 
 def _empty(text: str):
-    raise argparse.ArgumentTypeError(f"no lengths in {text!r}")
+    raise argparse.ArgumentTypeError(f"no numbers in {text!r}")
 
 
 _TYPES = {"int": positive_int, "nonneg": nonnegative_int}
@@ -391,7 +391,7 @@ def run_train(args) -> int:
     eval_cost = "-" if result.eval_cost is None else f"{result.eval_cost:.4g}"
     print(
         f"step {result.step}, {result.sequences} sequences, {result.elapsed_s:.0f} s: eval cost {eval_cost} "
-        f"bits/sequence ({status}); checkpoint in {out}"
+        f"{'bits' if trainer.task.name == 'ngrams' else 'bit errors'}/sequence ({status}); checkpoint in {out}"
     )
     return 0
 

@@ -220,12 +220,16 @@ def test_eval_prints_a_table_and_writes_json(trained, capsys):
     assert all(row["cost"] >= 0 for row in report["rows"])
 
 
-def test_eval_of_repeat_copy_fixes_the_repeat_counts_given(tmp_path, trained, capsys):
+def test_eval_of_repeat_copy_fixes_the_repeat_counts_given(tmp_path, trained, capsys, monkeypatch):
     run = tmp_path / "repeat"
     assert main(["train", "repeat_copy", "--steps", "1", "--out", str(run), "--max-len", "3", "--max-repeats", "2",
                  *TINY_FLAGS, *FAST]) == 0
+    overrides, evaluate = [], training.evaluate
+    monkeypatch.setattr(training, "evaluate", lambda *a, **kw: overrides.append(kw) or evaluate(*a, **kw))
     assert main(["eval", str(run), "--lengths", "2,3", "--repeats", "1,4", "--batches", "1", "--batch-size",
                  "2"]) == 0
+    assert [(kw.get("length"), kw.get("repeats")) for kw in overrides] == [
+        (None, None), (2, 1), (2, 4), (3, 1), (3, 4)]
     rows = json.loads((run / "eval.json").read_text())["rows"]
     assert [(row["length"], row.get("repeats")) for row in rows] == [
         ("train", None), ("2", 1), ("2", 4), ("3", 1), ("3", 4)]

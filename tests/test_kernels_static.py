@@ -132,7 +132,7 @@ def kernel_configs():
         # The two-pass backward: large memory (with the cosine's dL/dk), and standalone read and write in
         # both regimes (without).
         bwd_bn, bwd_nw = blk.memory_bwd
-        # The reads' dL/dw in 0 (no dL/dr, or a write alone), 1 or 2 products of 8 heads.
+        # The reads' dL/dw in 0 (a write alone), 1 or 2 products of 8 heads.
         out += [("_read_write_bwd_kernel", dict(RG=rg, BH=_config.PRODUCT_HEADS, BN=bwd_bn, BM=blk.BM), bwd_nw)
                 for rg in (0, 1, 2)]
         for has_dk in (False,) if blk.onchip else (True, False):

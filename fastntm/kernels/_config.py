@@ -66,7 +66,7 @@ held through the product). The on-chip kernels run a few programs per batch item
 head and one for the write heads, the backward one), so the occupancy lost (2 or 3 programs of 4 warps per
 SM instead of 3 or 5; 8-warp programs fit one per SM either way) shows only when B is several times the SM
 count. The read-write backward at the large shape kept its registers (127, fp32, sm_90, as launched); with
-bf16 tensors it took 107 where ptxas chose 95."""
+bf16 tensors it took 107 where ptxas chose 95 (104 since it adds the given dL/dw, stop 41)."""
 
 ONCHIP_BWD_WARPS = 4
 """Warps of the on-chip backward's programs, at every on-chip size. At the paper's size (BN 128, BM 32, the

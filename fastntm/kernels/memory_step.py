@@ -36,7 +36,7 @@ passes over memory with three over (B, H, N) vectors between:
   and the write plus the given dL/dw, per-block partials of dL/de and dL/da;
 * the addressing chain backward (``_address_bwd``), blocks of rows of one head
   a program, as the forward's shift-sharpen pass: ``_sharpen_bwd_kernel`` (the
-  sharpening's sums, and ``v``, dL/dws's factor besides dL/dw, stored), ``_interp_bwd_kernel``
+  sharpening's sums, and ``v = ws^gamma / ws``, stored), ``_interp_bwd_kernel``
   (dL/dws at the shift's taps, the halo's from the stored factors; dL/dw_prev,
   dL/dwc stored; dL/dgamma, dL/ds, dL/dg); then, blocks of rows of every head a program,
   ``_softmax_bwd_kernel`` (the softmax backward: dL/dK over |k| stored, with
@@ -558,7 +558,7 @@ def _read_write_bwd_kernel(p_mem, p_w, p_e, p_a, p_dr, p_dnew, p_dwin, p_dw, p_d
 
     ``RD`` (R or 0) and ``WD`` (W or 0) say whether dL/dr and dL/dnew_mem were given; the ``RG`` products
     cover all R read heads either way (their dL/dw is at least the given one). The write heads'
-    loop runs over W either way (without dL/dnew_mem it loads zeros and stores the zero gradients), so that
+    loop runs over W either way (without dL/dnew_mem it loads zeros, and stores the given dL/dw or 0), so that
     Triton's constant for W = 1 compiles it to straight code: 10% fewer instructions at the large shape
     (sass model, sm_90), where a loop over WD, a runtime value, stayed a loop. The
     erase product without head h is rebuilt from the other heads, never by dividing by
@@ -566,7 +566,8 @@ def _read_write_bwd_kernel(p_mem, p_w, p_e, p_a, p_dr, p_dnew, p_dwin, p_dw, p_d
 
     The reads' ``dw_h[n] = mem[n] dr_h`` are ``RG`` (BN, BM) x (BM, BH) products on the tensor cores, tf32
     three times over as in ``_similarity_kernel``: 875 warp-instructions a warp where a loop over heads took
-    1,170 (two warps, BN 32, BM 64, fp32, sm_90, the large shape's 4 reads; ``benchmarks/sass_model.py``).
+    1,170 (two warps, BN 32, BM 64, fp32, sm_90, the large shape's 4 reads; ``benchmarks/sass_model.py``;
+    935 since the pass adds the given dL/dw, stop 41).
     They come before dL/dnew_mem is loaded, so that its tile is not held through them beside mem's parts
     (after the write heads, ptxas spilled in six configurations), and launch with ``_config.MAXNREG``.
     """
@@ -629,8 +630,8 @@ def _sharpen_bwd_kernel(p_dw, p_K, p_wp, p_beta, p_g, p_s, p_gamma, p_max, p_sum
     over every row, so this pass stores what the next needs to finish at any row: ``v`` (fp32), without
     gamma, which the next pass multiplies in with ``1 / Pe``: ``gamma p / c`` overflowed fp32 where ``p`` is
     near its largest (gamma 11,000 with ``ws`` at the (1 + 2^-8)^2 that the value checks allow), and made the
-    gradients NaN. From the
-    total ``dw`` (fp32: the reads', the write's and the given, ``_read_write_bwd_kernel``), block partials
+    gradients NaN. From the total ``dw`` (fp32: the reads', the write's and the given, from
+    ``_read_write_bwd``), block partials
     (B, H, NB, 4) of ``P``, ``sum_n dw p``, ``sum_n dw p log c`` and ``sum_n p log c``. ``ws`` and ``p`` are
     recomputed as the forward does (``_shifted_block``, ``_sharpened``), the halo from the stored logits: ``p``
     and its block sums are the forward's, bit for bit. One recompute, where a pass for the sums and another

@@ -631,11 +631,10 @@ def _sharpen_bwd_kernel(p_dw, p_K, p_wp, p_beta, p_g, p_s, p_gamma, p_max, p_sum
     gamma, which the next pass multiplies in with ``1 / Pe``: ``gamma p / c`` overflowed fp32 where ``p`` is
     near its largest (gamma 11,000 with ``ws`` at the (1 + 2^-8)^2 that the value checks allow), and made the
     gradients NaN. From the total ``dw`` (fp32: the reads', the write's and the given, from
-    ``_read_write_bwd``), block partials
-    (B, H, NB, 4) of ``P``, ``sum_n dw p``, ``sum_n dw p log c`` and ``sum_n p log c``. ``ws`` and ``p`` are
-    recomputed as the forward does (``_shifted_block``, ``_sharpened``), the halo from the stored logits: ``p``
-    and its block sums are the forward's, bit for bit. One recompute, where a pass for the sums and another
-    for dws took one each.
+    ``_read_write_bwd``), block partials (B, H, NB, 4) of ``P``, ``sum_n dw p``, ``sum_n dw p log c`` and
+    ``sum_n p log c``. ``ws`` and ``p`` are recomputed as the forward does (``_shifted_block``,
+    ``_sharpened``), the halo from the stored logits: ``p`` and its block sums are the forward's, bit for bit.
+    One recompute, where a pass for the sums and another for dws took one each.
 
     Not the saved ``w``: in bf16 its rounding, through ``dot1 = sum_n dw w``, spoils dL/dgamma (a difference
     of nearly equal sums).

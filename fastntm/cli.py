@@ -452,7 +452,9 @@ def run_eval(args) -> int:
     for label, overrides in rows_in:
         cost = evaluate(model, task, batches=args.batches, batch_size=args.batch_size, seed=args.seed,
                         device=device, **overrides)
-        row = {"length": label, **({"repeats": overrides["repeats"]} if "repeats" in overrides else {}), "cost": cost}
+        row = {"length": label, "cost": cost}
+        if "repeats" in overrides:
+            row["repeats"] = overrides["repeats"]
         if task.name == "ngrams":
             row["optimal_cost"] = _ngrams_optimal(task, args, overrides)
         rows.append(row)

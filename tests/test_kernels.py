@@ -368,8 +368,8 @@ def test_edge_cases_finite_and_match(BN):
 def test_gamma_11000_at_the_rounding_slack_keeps_gradients_finite(BN):
     # A head focused on one slot, w_prev and the shift's weight at the rounding slack the value checks allow
     # (validation.ROUNDING_SLACK): ws is (1 + 2^-8)^2 there and ws^gamma about 1.8e37 at gamma 11,000, up to
-    # which validation.py says the sharpening stays finite. The
-    # sharpening backward's gamma ws^gamma / ws overflowed fp32 (large regime), and every gradient went NaN.
+    # which validation.py says the sharpening stays finite. The sharpening backward's gamma ws^gamma / ws
+    # overflowed fp32 (large regime), and every gradient went NaN.
     # Against the CPU path's hand-derived backward: the literal reference's autograd overflows the same way.
     x = kernel_inputs(1, 9, 5, 2, 1, 3)
     slack = 1 + validation.ROUNDING_SLACK

@@ -1179,12 +1179,12 @@ def _read_write_bwd(mem, w, e, a, dr, dnew, R: int, W: int, grad_dtype, blk=None
     NB = _config.n_blocks(N, BN)
     BH = _config.PRODUCT_HEADS
     has_dr, has_dnew = dr is not None and R > 0, dnew is not None and W > 0
-    eapart = empty((2, B, NB, W, M), torch.float32, mem.device)  # dL/de's and dL/da's, summed in one launch
     if not (has_dr or has_dnew):
         dw = torch.zeros((B, R + W, N), dtype=torch.float32, device=mem.device) if dw_given is None else \
             dw_given.to(torch.float32)
     else:
         dw = empty((B, R + W, N), torch.float32, mem.device)
+        eapart = empty((2, B, NB, W, M), torch.float32, mem.device)  # dL/de's and dL/da's, summed in one launch
         depart, dapart = eapart
         dn = dnew if has_dnew else mem
         _read_write_bwd_kernel[(NB * B,)](
